@@ -1,0 +1,32 @@
+"""Loads the compiled extension gapfix._C, which registers torch.ops.gapfix.*.
+
+If it fails to load, the ops fall back to their PyTorch references and this
+module says so once, loudly, with the reason: a missing native build is never
+silent.
+"""
+import warnings
+
+LOAD_ERROR = None
+try:
+    from gapfix import _C  # noqa: F401  (importing registers the ops)
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    _C = None
+    LOAD_ERROR = exc
+    warnings.warn(
+        f"gapfix._C failed to load ({exc}); native ops fall back to their slow "
+        "PyTorch references. Rebuild with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def build_info() -> str:
+    if _C is None:
+        return f"not loaded: {LOAD_ERROR}"
+    import torch
+
+    return torch.ops.gapfix.build_info()

@@ -1,0 +1,1 @@
+"""Data: JSONL loaders, prompt masking, padding/packing and the bundled synthetic math task."""

@@ -1,0 +1,1 @@
+"""The training methods built on the ops: BASH (gapfix.methods.bash) and RAC (gapfix.methods.rac)."""

@@ -1,0 +1,56 @@
+"""Builds gapfix._C from csrc/.
+
+C++ (with OpenMP) always. The CUDA sources are added when CUDA_HOME is set and
+the installed torch was built with CUDA, unless GAPFIX_NO_CUDA=1. Nothing here
+queries a GPU: the build machine need not have one.
+
+Environment:
+  GAPFIX_NO_CUDA=1     skip the CUDA sources even where they could be built
+  GAPFIX_PORTABLE=1    do not tune for the build machine's CPU (no -march=native)
+  TORCH_CUDA_ARCH_LIST the usual torch variable picks the GPU architectures
+"""
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def native_extension():
+    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    with_cuda = bool(CUDA_HOME) and torch.version.cuda is not None and not _flag("GAPFIX_NO_CUDA")
+
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    if not _flag("GAPFIX_PORTABLE"):
+        cxx.append("-march=native")
+    define_macros = []
+    kwargs = dict(
+        name="gapfix._C",
+        extra_link_args=["-fopenmp"],
+        define_macros=define_macros,
+        include_dirs=[os.path.join(HERE, "csrc")],
+    )
+    if with_cuda:
+        define_macros.append(("GAPFIX_WITH_CUDA", "1"))
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        return CUDAExtension(sources=cpp_sources + cuda_sources,
+                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+    return CppExtension(sources=cpp_sources, extra_compile_args={"cxx": cxx}, **kwargs)
+
+
+setup(
+    packages=["gapfix", "gapfix.ops", "gapfix.methods", "gapfix.kernels", "gapfix.data"],
+    package_dir={"gapfix": "gapfix", "gapfix.kernels": "kernels"},
+    package_data={"gapfix.data": ["*.jsonl", "*.json"]},
+    ext_modules=[native_extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,39 @@
+"""Test set-up shared by every test module.
+
+Without a GPU, Triton kernels run under the interpreter on CPU tensors; the
+variable must be set before anything imports triton, hence here.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _has_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAS_TRITON = _has_triton()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def triton_device():
+    """Device on which the Triton kernels run: the GPU, or the CPU under TRITON_INTERPRET=1."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    return "cuda" if HAS_CUDA else "cpu"
