@@ -1,0 +1,368 @@
+"""RAC correction labels: ``gapfix.rac_labels``.
+
+Reference-Answer-based Correction trains on the model's own answer g (input
+x + g) with, after every generated prefix g_<t (t = 0..n, n = len(g)), the
+reference token y_j that a Levenshtein alignment of g to y says is owed there;
+j = m (past the reference) stands for EOS. ``gapfix.align`` picks j (one per
+prefix, or every optimal one for the soft mode "all"); this module turns those
+indices into training labels.
+
+Layers, as for every gapfix op:
+
+* ``rac_labels_reference`` -- pure PyTorch, the readable spec and the oracle;
+  vectorized (one gather), it is also the path for CPU tensors.
+* ``rac_labels_triton`` -- the launcher of ``gapfix.kernels.rac_labels`` behind
+  the ``torch.library.triton_op`` custom ops ``gapfix::rac_labels_hard`` and
+  ``gapfix::rac_labels_soft`` (torch.compile traces into the kernel; explicit
+  fake implementations give shapes without running it), used for CUDA tensors.
+* ``rac_labels`` -- the public function: validates, aligns, builds labels.
+
+Return type: a plain int64 tensor (B, Tg+1) for the hard modes "path",
+"first" and "last" (what a cross-entropy takes); a ``RacTargets`` tuple for
+"all".
+"""
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+MODES = ("path", "first", "last", "all")
+IMPLS = ("auto", "triton", "torch")
+MAX_TARGETS_LIMIT = 64  # the kernel's per-row dedup is (K x K) register work
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class RacTargets(NamedTuple):
+    """Soft RAC targets (mode "all"), all (B, Tg+1, ...) on the input's device.
+
+    labels: int64 (B, Tg+1), the hard "first" label (= target_ids[..., 0]).
+    target_ids: int64 (B, Tg+1, K), the distinct optimal tokens of each prefix,
+        in ascending reference position, then ignore_index.
+    target_weights: float32 (B, Tg+1, K), 1/count on the filled slots, else 0
+        (a padded prefix has no filled slot: all zeros).
+    """
+
+    labels: Tensor
+    target_ids: Tensor
+    target_weights: Tensor
+
+
+# --------------------------------------------------------------------------
+# Reference (the spec), also the CPU path
+# --------------------------------------------------------------------------
+
+
+def rac_labels_reference(
+    ref: Tensor,
+    index: Tensor,
+    ref_lens: Optional[Tensor] = None,
+    *,
+    eos_id: int,
+    ignore_index: int = -100,
+    soft: bool = False,
+):
+    """Labels from alignment indices, in plain PyTorch.
+
+    ref (B, Tr) token ids; ref_lens (B,) or None (= Tr for every row).
+    soft=False: index (B, T) reference positions -> labels (B, T) int64 with
+        labels = ref[b, j] for 0 <= j < m, eos_id for j == m, ignore_index
+        otherwise (j = -1 marks a padded prefix).
+    soft=True: index (B, T, K) candidate positions -> (target_ids, target_weights):
+        the candidates' labels, duplicate ids dropped (keeping the first),
+        compacted to the front, weighted 1/count; ignore_index and 0 elsewhere.
+    """
+    batch, ref_width = ref.shape
+    j = index.long()
+    if ref_lens is None:
+        m = torch.full((batch,), ref_width, dtype=torch.long, device=ref.device)
+    else:
+        m = ref_lens.long()
+    m = m.view((batch,) + (1,) * (j.dim() - 1))
+    in_ref = (j >= 0) & (j < m)
+    at_end = j == m
+    if ref_width == 0:  # nothing to gather from; every valid j is the end
+        tok = torch.zeros_like(j)
+    else:
+        safe_j = torch.where(in_ref, j, 0).reshape(batch, -1)
+        tok = torch.gather(ref.long(), 1, safe_j).view_as(j)
+    ids = torch.where(at_end, eos_id, torch.where(in_ref, tok, ignore_index))
+    if not soft:
+        return ids
+
+    k = j.shape[-1]
+    filled = in_ref | at_end
+    # dup[..., k] = an earlier filled candidate k' < k has the same id
+    earlier = torch.ones(k, k, dtype=torch.bool, device=j.device).tril(-1)  # [k, k']
+    same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)) & filled.unsqueeze(-2) & earlier
+    keep = filled & ~same.any(-1)
+    count = keep.sum(-1, keepdim=True)
+    rank = keep.long().cumsum(-1) - 1
+    # scatter kept ids to their rank; the rest go to a spare column k, dropped
+    packed = torch.full(ids.shape[:-1] + (k + 1,), ignore_index, dtype=torch.long, device=ids.device)
+    packed.scatter_(-1, torch.where(keep, rank, k), torch.where(keep, ids, ignore_index))
+    target_ids = packed[..., :k].contiguous()
+    used = torch.arange(k, device=j.device) < count
+    target_weights = torch.where(used, 1.0 / count.clamp_min(1).float(), 0.0)
+    return target_ids, target_weights
+
+
+# --------------------------------------------------------------------------
+# Triton launcher and custom ops
+# --------------------------------------------------------------------------
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _launch(ref, ref_lens, index3, ids3, weights3, eos_id, ignore_index, block_rows):
+    from torch.library import wrap_triton
+
+    from gapfix.kernels.rac_labels import rac_labels_kernel
+
+    batch, rows_per_batch, k = index3.shape
+    n_rows = batch * rows_per_batch
+    if n_rows == 0 or k == 0:
+        return
+    block_k = _next_pow2(k)
+    soft = weights3 is not None
+    if block_rows is None:
+        # hard: 512 rows of one slot; soft: keep the (rows x K x K) dedup tile ~4K elements
+        block_rows = 512 if not soft else max(1, 4096 // (block_k * block_k))
+    block_rows = _next_pow2(block_rows)  # tl.arange needs a power of two
+    grid = (triton_cdiv(n_rows, block_rows),)
+    wrap_triton(rac_labels_kernel)[grid](
+        ref,
+        ref if ref_lens is None else ref_lens,
+        index3,
+        ids3,
+        ids3 if weights3 is None else weights3,
+        n_rows,
+        rows_per_batch,
+        k,
+        ref.shape[1],
+        ref.stride(0),
+        ref.stride(1),
+        index3.stride(0),
+        index3.stride(1),
+        index3.stride(2),
+        ids3.stride(0),
+        ids3.stride(1),
+        ids3.stride(2),
+        eos_id,
+        ignore_index,
+        HAS_REF_LENS=ref_lens is not None,
+        SOFT=soft,
+        BLOCK_ROWS=block_rows,
+        BLOCK_K=block_k,
+    )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# block_rows < 0 means "the launcher's default"; tests pass small blocks to
+# exercise several programs and a ragged tail at tiny shapes.
+@torch.library.triton_op("gapfix::rac_labels_hard", mutates_args=())
+def _rac_labels_hard_op(
+    ref: Tensor, ref_lens: Optional[Tensor], index: Tensor, eos_id: int, ignore_index: int, block_rows: int
+) -> Tensor:
+    labels = torch.empty(index.shape, dtype=torch.long, device=index.device)
+    _launch(ref, ref_lens, index.unsqueeze(-1), labels.unsqueeze(-1), None, eos_id, ignore_index,
+            None if block_rows < 0 else block_rows)
+    return labels
+
+
+@torch.library.triton_op("gapfix::rac_labels_soft", mutates_args=())
+def _rac_labels_soft_op(
+    ref: Tensor, ref_lens: Optional[Tensor], index: Tensor, eos_id: int, ignore_index: int, block_rows: int
+) -> tuple[Tensor, Tensor]:
+    target_ids = torch.empty(index.shape, dtype=torch.long, device=index.device)
+    target_weights = torch.empty(index.shape, dtype=torch.float32, device=index.device)
+    _launch(ref, ref_lens, index, target_ids, target_weights, eos_id, ignore_index,
+            None if block_rows < 0 else block_rows)
+    return target_ids, target_weights
+
+
+@_rac_labels_hard_op.register_fake
+def _(ref, ref_lens, index, eos_id, ignore_index, block_rows):
+    return index.new_empty(index.shape, dtype=torch.long)
+
+
+@_rac_labels_soft_op.register_fake
+def _(ref, ref_lens, index, eos_id, ignore_index, block_rows):
+    return index.new_empty(index.shape, dtype=torch.long), index.new_empty(index.shape, dtype=torch.float32)
+
+
+def rac_labels_triton(
+    ref: Tensor,
+    index: Tensor,
+    ref_lens: Optional[Tensor] = None,
+    *,
+    eos_id: int,
+    ignore_index: int = -100,
+    soft: bool = False,
+    block_rows: Optional[int] = None,
+):
+    """Same contract as ``rac_labels_reference``, on the Triton kernel
+    (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    br = -1 if block_rows is None else int(block_rows)
+    if soft:
+        return torch.ops.gapfix.rac_labels_soft(ref, ref_lens, index, eos_id, ignore_index, br)
+    return torch.ops.gapfix.rac_labels_hard(ref, ref_lens, index, eos_id, ignore_index, br)
+
+
+# --------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_ids(name: str, value, device=None, batch=None) -> None:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, length), got shape {tuple(value.shape)}")
+    if value.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name} must be int32 or int64, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but gen is on {device}")
+    if batch is not None and value.shape[0] != batch:
+        raise ValueError(f"{name} has batch size {value.shape[0]}, gen has {batch}")
+
+
+def _check_lens(name: str, lens, batch: int, device) -> None:
+    if lens is None:
+        return
+    if not isinstance(lens, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(lens).__name__}")
+    if lens.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), got {tuple(lens.shape)}")
+    if lens.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name} must be int32 or int64, got {lens.dtype}")
+    if lens.device != device:
+        raise ValueError(f"{name} is on {lens.device} but gen is on {device}")
+
+
+def _check_lens_values(name: str, lens, width: int) -> None:
+    # one host sync; rac_labels runs once per batch build, never inside a step
+    if lens is not None and lens.numel() and bool(((lens < 0) | (lens > width)).any()):
+        raise ValueError(f"{name} must lie in [0, {width}]")
+
+
+def _check_alignment(alignment, mode, max_targets, batch, rows, device, ref, ref_lens) -> Tensor:
+    """Validates a caller-supplied alignment; returns the index tensor to use."""
+    field = {"path": "path", "first": "first", "last": "last", "all": "targets"}[mode]
+    index = getattr(alignment, field, None)
+    name = f"alignment.{field}"
+    if index is None:
+        hint = " (compute it with max_targets >= max_targets)" if mode == "all" else ""
+        raise ValueError(f"{name} is missing{hint}")
+    if not isinstance(index, Tensor) or index.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name} must be an int32 or int64 tensor")
+    want = (batch, rows) if mode != "all" else (batch, rows, index.shape[-1] if index.dim() == 3 else -1)
+    if tuple(index.shape) != want:
+        raise ValueError(f"{name} must have shape {want} for gen of shape ({batch}, {rows - 1}), "
+                         f"got {tuple(index.shape)}")
+    if index.device != device:
+        raise ValueError(f"{name} is on {index.device} but gen is on {device}")
+    if mode == "all":
+        if index.shape[-1] < max_targets:
+            raise ValueError(f"{name} holds {index.shape[-1]} candidates per prefix, fewer than "
+                             f"max_targets={max_targets}; align with max_targets >= {max_targets}")
+        index = index[..., :max_targets]
+    # every index must be -1 (padding) or a position 0..m of its reference row
+    m = torch.full((batch,), ref.shape[1], device=device) if ref_lens is None else ref_lens
+    m = m.view((batch,) + (1,) * (index.dim() - 1))
+    if index.numel() and bool(((index < -1) | (index > m)).any()):
+        raise ValueError(f"{name} holds positions outside [-1, ref_len]")
+    return index
+
+
+def rac_labels(
+    gen: Tensor,
+    ref: Tensor,
+    gen_lens: Optional[Tensor] = None,
+    ref_lens: Optional[Tensor] = None,
+    *,
+    eos_id: int,
+    mode: str = "path",
+    ignore_index: int = -100,
+    max_targets: int = 4,
+    alignment=None,
+    impl: str = "auto",
+):
+    """RAC correction labels for generated answers ``gen`` against references ``ref``.
+
+    gen (B, Tg), ref (B, Tr): int32/int64 token ids, right-padded, without EOS
+    (y_m := EOS is implied); gen_lens, ref_lens (B,) or None (= full width).
+    Row t of the result (t = 0..Tg) is the label after the generated prefix
+    g_<t; rows t > gen_len are ignore_index.
+
+    mode: "path" (the canonical optimal alignment, default), "first" / "last"
+    (smallest / largest prefix-optimal reference position), or "all" (soft:
+    uniform over the distinct prefix-optimal tokens, at most ``max_targets``,
+    the first ones by reference position).
+    alignment: a ``gapfix.Alignment`` of (gen, ref) to reuse instead of
+    aligning here (for "all" it must carry targets with >= max_targets slots).
+    impl: "auto" (Triton for CUDA tensors, PyTorch for CPU tensors), "triton",
+    or "torch" (the PyTorch references for both the alignment and the labels).
+
+    Returns labels (B, Tg+1) int64 for the hard modes; ``RacTargets`` for "all".
+    """
+    _check_ids("gen", gen)
+    batch, gen_width = gen.shape
+    device = gen.device
+    _check_ids("ref", ref, device, batch)
+    _check_lens("gen_lens", gen_lens, batch, device)
+    _check_lens("ref_lens", ref_lens, batch, device)
+    if not _is_int(eos_id) or eos_id < 0:
+        raise ValueError(f"eos_id must be a non-negative int, got {eos_id!r}")
+    if not _is_int(ignore_index):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if ignore_index == eos_id:
+        raise ValueError(f"ignore_index must differ from eos_id ({eos_id}): EOS labels would be ignored")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not _is_int(max_targets) or not 1 <= max_targets <= MAX_TARGETS_LIMIT:
+        raise ValueError(f"max_targets must be an int in [1, {MAX_TARGETS_LIMIT}], got {max_targets!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton" and not _triton_usable(device):
+        raise ValueError("impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    soft = mode == "all"
+
+    if alignment is None:
+        from gapfix.ops.align import align
+
+        alignment = align(gen, ref, gen_lens, ref_lens, max_targets=max_targets if soft else 0,
+                          impl="torch" if impl == "torch" else "auto")
+        index = alignment.targets[..., :max_targets] if soft else getattr(alignment, mode)
+    else:
+        _check_lens_values("gen_lens", gen_lens, gen_width)
+        _check_lens_values("ref_lens", ref_lens, ref.shape[1])
+        index = _check_alignment(alignment, mode, max_targets, batch, gen_width + 1, device, ref, ref_lens)
+
+    use_triton = impl == "triton" or (impl == "auto" and device.type == "cuda" and _triton_usable(device))
+    build = rac_labels_triton if use_triton else rac_labels_reference
+    out = build(ref, index, ref_lens, eos_id=eos_id, ignore_index=ignore_index, soft=soft)
+    if not soft:
+        return out
+    target_ids, target_weights = out
+    # slot 0 holds the smallest optimal position's token: the "first" label
+    return RacTargets(target_ids[..., 0].contiguous(), target_ids, target_weights)
