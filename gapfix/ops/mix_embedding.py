@@ -1,0 +1,509 @@
+"""Token-mixing embedding: the input side of BASH (batch-scheduled sampling).
+
+    embeds, mixed = gapfix.mix_embedding(weight, ids, alt_ids, beta=0.1, seed=step,
+                                         eligible=answer_mask)
+
+Each eligible position takes the embedding of the model's own token alt_ids
+instead of the reference token ids, independently with probability beta
+(or where an explicit `mask` says), inside the embedding gather. In soft mode
+(alt_ids with a trailing top-k dimension and alt_probs) a mixed position gets
+sum_k p_k * W[alt_k]. `mixed` is the bool mask actually applied.
+
+Layers, as for every gapfix op:
+  - mix_embedding_reference: the pure-PyTorch spec (given the mask) and oracle;
+  - philox_uint32 / mixing_mask: the counter-based RNG, in PyTorch, bit-equal
+    to the Triton kernel's tl.randint, so a seed gives one mask on all devices;
+  - _forward_cpu / _backward_cpu: the fast path for CPU tensors;
+  - _forward_triton / _backward_triton: launchers of kernels/mix_embedding.py
+    (imported lazily), for CUDA tensors (or CPU under TRITON_INTERPRET=1);
+  - torch.ops.gapfix.mix_embedding / mix_embedding_backward: custom ops with
+    fake (meta) kernels and autograd, so torch.compile traces through;
+  - mix_embedding: the public function (validation, impl choice).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["mix_embedding", "mix_embedding_reference", "mixing_mask", "mixing_threshold",
+           "philox_uint32"]
+
+IMPLS = ("auto", "triton", "cpu", "torch")
+
+# The decision compares the top MASK_BITS bits of a Philox word with
+# round(beta * 2**MASK_BITS); must equal kernels/mix_embedding.py MASK_BITS.
+MASK_BITS = 24
+_MAX_SEED = 2**63  # seeds are split into the two 32-bit Philox key words
+_MAX_POSITIONS = 2**31  # the Philox counter is the int32 flat position
+
+# Philox-4x32 constants (Salmon et al., SC 2011), as in triton.language.random
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUNDS = 10
+_U32 = 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------
+# counter-based RNG
+# ----------------------------------------------------------------------------
+
+def philox_uint32(seed: int, counter: torch.Tensor) -> torch.Tensor:
+    """Word 0 of Philox-4x32-10 at counters (counter, 0, 0, 0), key = seed.
+
+    Bit-equal to `tl.randint(seed, counter)` for int32 counters. Values are
+    returned as int64 in [0, 2**32). Runs on any device; 32x32-bit products
+    are formed in int64 (they wrap modulo 2**64, so the high and low words of
+    the exact product are bits 32..63 and 0..31).
+    """
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    c0 = counter.to(torch.int64) & _U32
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(_PHILOX_ROUNDS):
+        prod_a = c0 * _PHILOX_ROUND_A
+        prod_b = c2 * _PHILOX_ROUND_B
+        c0 = ((prod_b >> 32) & _U32) ^ c1 ^ k0
+        c2 = ((prod_a >> 32) & _U32) ^ c3 ^ k1
+        c1 = prod_b & _U32
+        c3 = prod_a & _U32
+        k0 = (k0 + _PHILOX_KEY_A) & _U32
+        k1 = (k1 + _PHILOX_KEY_B) & _U32
+    return c0
+
+
+def mixing_threshold(beta: float) -> int:
+    """The integer threshold a position's top MASK_BITS random bits are compared with."""
+    return int(round(float(beta) * (1 << MASK_BITS)))
+
+
+def mixing_mask(shape, *, beta: float, seed: int, eligible: Optional[torch.Tensor] = None,
+                device=None) -> torch.Tensor:
+    """The bool mask mix_embedding(..., beta=beta, seed=seed, eligible=eligible) applies.
+
+    For callers that mix at the id level (an embedding module mix_embedding
+    cannot see into): same RNG, same positions (row-major flat index).
+    """
+    shape = tuple(shape)
+    beta = _check_beta(beta)
+    seed = _check_seed(seed)
+    if eligible is not None:
+        device = eligible.device
+        if tuple(eligible.shape) != shape or eligible.dtype != torch.bool:
+            raise ValueError(f"eligible must be a bool tensor of shape {shape}, "
+                             f"got {eligible.dtype} {tuple(eligible.shape)}")
+    numel = math.prod(shape)
+    if numel >= _MAX_POSITIONS:
+        raise ValueError(f"shape: at most 2**31 - 1 positions, got {numel}")
+    bits = philox_uint32(seed, torch.arange(numel, device=device))
+    mixed = (bits >> (32 - MASK_BITS)) < mixing_threshold(beta)
+    mixed = mixed.view(shape)
+    return mixed & eligible if eligible is not None else mixed
+
+
+# ----------------------------------------------------------------------------
+# reference (the spec, given the mask)
+# ----------------------------------------------------------------------------
+
+def mix_embedding_reference(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor,
+                            mixed: torch.Tensor, alt_probs: Optional[torch.Tensor] = None,
+                            padding_idx: Optional[int] = None) -> torch.Tensor:
+    """embeds[n] = W[alt[n]] where mixed[n] else W[ids[n]]; soft: sum_k p[n,k] W[alt[n,k]].
+
+    Plain PyTorch with ordinary autograd (gradient to weight and to
+    alt_probs). The soft sum is taken in fp32 (or the weight's dtype if
+    wider), in order k = 0..K-1, and rounded once.
+    """
+    if alt_probs is None:
+        return F.embedding(torch.where(mixed, alt_ids, ids), weight, padding_idx=padding_idx)
+    plain = F.embedding(ids, weight, padding_idx=padding_idx)
+    acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+    rows = F.embedding(alt_ids, weight, padding_idx=padding_idx).to(acc_dtype)
+    probs = alt_probs.to(acc_dtype)
+    soft = torch.zeros_like(rows[..., 0, :])
+    for k in range(alt_ids.shape[-1]):
+        soft = soft + probs[..., k, None] * rows[..., k, :]
+    return torch.where(mixed[..., None], soft.to(weight.dtype), plain)
+
+
+# ----------------------------------------------------------------------------
+# fast CPU path (flat tensors: ids (N,), alt (N,) or (N, K), weight (V, D))
+# ----------------------------------------------------------------------------
+
+def _draw_mixed(n, mask, eligible, threshold, seed, device):
+    if mask is not None:
+        mixed = mask.clone()
+    else:
+        bits = philox_uint32(seed, torch.arange(n, device=device))
+        mixed = (bits >> (32 - MASK_BITS)) < threshold
+    if eligible is not None:
+        mixed &= eligible
+    return mixed
+
+
+def _forward_cpu(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, seed):
+    mixed = _draw_mixed(ids.shape[0], mask, eligible, threshold, seed, ids.device)
+    if alt_probs is None:
+        return F.embedding(torch.where(mixed, alt_ids, ids), weight), mixed
+    embeds = F.embedding(ids, weight)
+    # only the mixed rows need the K-row gather (beta is small)
+    where = mixed.nonzero().squeeze(1)
+    acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+    alt, probs = alt_ids[where], alt_probs[where].to(acc_dtype)
+    soft = torch.zeros(where.shape[0], weight.shape[1], dtype=acc_dtype, device=weight.device)
+    for k in range(alt_ids.shape[1]):
+        soft.addcmul_(probs[:, k, None], F.embedding(alt[:, k], weight).to(acc_dtype))
+    embeds[where] = soft.to(weight.dtype)
+    return embeds, mixed
+
+
+def _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx):
+    """(rows, coef) of every gradient entry; rows -1 mark entries that add nothing.
+
+    hard: one entry per position (coef None = 1). soft: K per position:
+    entry (n, 0) is ids[n] with weight 1 if not mixed; entries (n, k) are
+    alt[n, k] with weight p[n, k] if mixed.
+    """
+    if alt_probs is None:
+        rows = torch.where(mixed, alt_ids, ids)
+        coef = None
+    else:
+        k = alt_ids.shape[1]
+        plain = torch.full_like(alt_ids, -1)
+        plain[:, 0] = ids
+        rows = torch.where(mixed[:, None], alt_ids, plain)
+        coef = torch.where(mixed[:, None], alt_probs.float(),
+                           (torch.arange(k, device=ids.device) == 0).float().expand(ids.shape[0], k))
+        rows = rows.masked_fill(coef == 0, -1)
+    if padding_idx >= 0:
+        rows = rows.masked_fill(rows == padding_idx, -1)
+    return rows.reshape(-1), (None if coef is None else coef.reshape(-1))
+
+
+def _backward_cpu(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, padding_idx):
+    # index_add_ on the CPU runs in a fixed order: deterministic either way
+    rows, coef = _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx)
+    k = 1 if alt_probs is None else alt_ids.shape[1]
+    keep = (rows >= 0).nonzero().squeeze(1)
+    rows = rows[keep]
+    src = grad[keep // k] if k > 1 else grad[keep]
+    acc_dtype = torch.promote_types(grad.dtype, torch.float32)
+    if coef is not None:
+        src = src.to(acc_dtype) * coef[keep, None].to(acc_dtype)
+    grad_weight = torch.zeros(num_embeddings, grad.shape[1], dtype=grad.dtype, device=grad.device)
+    if grad.dtype == acc_dtype:
+        return grad_weight.index_add_(0, rows, src)
+    # half precision: sum the touched rows in fp32, round each once
+    touched, slot = torch.unique(rows, return_inverse=True)
+    sums = torch.zeros(touched.shape[0], grad.shape[1], dtype=acc_dtype, device=grad.device)
+    sums.index_add_(0, slot, src.to(acc_dtype))
+    grad_weight[touched] = sums.to(grad.dtype)
+    return grad_weight
+
+
+# ----------------------------------------------------------------------------
+# Triton launchers
+# ----------------------------------------------------------------------------
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _next_power_of_2(x):
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _blocks(n, d):
+    """(BLOCK_N, BLOCK_D): tiles of up to 4096 elements, at most 512 wide."""
+    block_d = min(_next_power_of_2(d), 512)
+    block_n = max(1, min(4096 // block_d, _next_power_of_2(n)))
+    return block_n, block_d
+
+
+def _forward_triton(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, seed):
+    from gapfix.kernels.mix_embedding import mix_embedding_fwd_kernel
+
+    n, d = ids.shape[0], weight.shape[1]
+    embeds = torch.empty(n, d, dtype=weight.dtype, device=weight.device)
+    mixed = torch.empty(n, dtype=torch.bool, device=weight.device)
+    if n == 0 or d == 0:  # nothing to gather (Triton grids must be non-empty)
+        return embeds, _draw_mixed(n, mask, eligible, threshold, seed, weight.device)
+    soft = alt_probs is not None
+    block_n, block_d = _blocks(n, d)
+    grid = (_cdiv(n, block_n), _cdiv(d, block_d))
+    mix_embedding_fwd_kernel[grid](
+        weight, ids, alt_ids, alt_probs if soft else ids,
+        mask.view(torch.uint8) if mask is not None else ids,
+        eligible.view(torch.uint8) if eligible is not None else ids,
+        embeds, mixed.view(torch.uint8),
+        n, d, weight.shape[0], threshold, seed,
+        K=alt_ids.shape[1] if soft else 1, SOFT=soft,
+        HAS_MASK=mask is not None, HAS_ELIGIBLE=eligible is not None,
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+    )
+    return embeds, mixed
+
+
+def _backward_triton(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, padding_idx,
+                     deterministic):
+    from gapfix.kernels import mix_embedding as kernels
+
+    n, d = grad.shape
+    soft = alt_probs is not None
+    k = alt_ids.shape[1] if soft else 1
+    if n == 0 or d == 0:
+        return torch.zeros(num_embeddings, d, dtype=grad.dtype, device=grad.device)
+    if grad.dtype == torch.float32 and not deterministic:
+        grad_weight = torch.zeros(num_embeddings, d, dtype=torch.float32, device=grad.device)
+        block_n, block_d = _blocks(n, d)
+        grid = (_cdiv(n, block_n), _cdiv(d, block_d))
+        kernels.mix_embedding_bwd_atomic_kernel[grid](
+            grad, ids, alt_ids, alt_probs if soft else grad, mixed.view(torch.uint8), grad_weight,
+            n, d, padding_idx, K=k, SOFT=soft, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+        )
+        return grad_weight
+    rows, coef = _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx)
+    sorted_rows, order = torch.sort(rows, stable=True)
+    grad_weight = torch.zeros(num_embeddings, d, dtype=grad.dtype, device=grad.device)
+    block_d = min(_next_power_of_2(d), 1024)
+    grid = (rows.shape[0], _cdiv(d, block_d))
+    kernels.mix_embedding_bwd_sorted_kernel[grid](
+        grad, sorted_rows, order, coef if coef is not None else grad, grad_weight,
+        rows.shape[0], d, K=k, HAS_COEF=coef is not None, BLOCK_D=block_d,
+        num_warps=4 if block_d >= 512 else 2,
+    )
+    return grad_weight
+
+
+# ----------------------------------------------------------------------------
+# custom ops (flat, contiguous tensors; validated by mix_embedding)
+# ----------------------------------------------------------------------------
+
+@torch.library.custom_op("gapfix::mix_embedding", mutates_args=())
+def _mix_embedding_op(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor,
+                      alt_probs: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                      eligible: Optional[torch.Tensor], threshold: int, seed: int,
+                      padding_idx: int, deterministic: bool,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds (N, D), mixed (N,)); padding_idx / deterministic are for the backward."""
+    forward = _forward_triton if backend == "triton" else _forward_cpu
+    return forward(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, seed)
+
+
+@_mix_embedding_op.register_fake
+def _(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, seed, padding_idx,
+      deterministic, backend):
+    return (weight.new_empty(ids.shape[0], weight.shape[1]),
+            ids.new_empty(ids.shape[0], dtype=torch.bool))
+
+
+@torch.library.custom_op("gapfix::mix_embedding_backward", mutates_args=())
+def _mix_embedding_backward_op(grad: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor,
+                               alt_probs: Optional[torch.Tensor], mixed: torch.Tensor,
+                               num_embeddings: int, padding_idx: int, deterministic: bool,
+                               backend: str) -> torch.Tensor:
+    """Gradient of the weight, (num_embeddings, D) in grad's dtype."""
+    if backend == "triton":
+        grad_weight = _backward_triton(grad, ids, alt_ids, alt_probs, mixed, num_embeddings,
+                                       padding_idx, deterministic)
+        return grad_weight.to(grad.dtype)
+    return _backward_cpu(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, padding_idx)
+
+
+@_mix_embedding_backward_op.register_fake
+def _(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, padding_idx, deterministic, backend):
+    return grad.new_empty(num_embeddings, grad.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    weight, ids, alt_ids, alt_probs, _, _, _, _, padding_idx, deterministic, backend = inputs
+    ctx.save_for_backward(weight, ids, alt_ids, alt_probs, output[1])
+    ctx.padding_idx, ctx.deterministic, ctx.backend = padding_idx, deterministic, backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_embeds, _grad_mixed):
+    weight, ids, alt_ids, alt_probs, mixed = ctx.saved_tensors
+    grad_weight = grad_probs = None
+    grad_embeds = grad_embeds.contiguous()
+    if ctx.needs_input_grad[0]:
+        grad_weight = _mix_embedding_backward_op(
+            grad_embeds, ids, alt_ids, alt_probs, mixed, weight.shape[0], ctx.padding_idx,
+            ctx.deterministic, ctx.backend)
+    if alt_probs is not None and ctx.needs_input_grad[3]:
+        # d embeds[n] / d p[n, k] = W[alt[n, k]] at mixed n (padding_idx only
+        # stops the weight's gradient, as in F.embedding)
+        rows = F.embedding(alt_ids, weight).float()
+        grad_probs = (rows * grad_embeds.float()[:, None, :]).sum(-1)
+        grad_probs = (grad_probs * mixed[:, None]).to(alt_probs.dtype)
+    return grad_weight, None, None, grad_probs, None, None, None, None, None, None, None
+
+
+_mix_embedding_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# public function
+# ----------------------------------------------------------------------------
+
+def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor, *,
+                  beta: Optional[float] = None, seed: Optional[int] = None,
+                  mask: Optional[torch.Tensor] = None, eligible: Optional[torch.Tensor] = None,
+                  alt_probs: Optional[torch.Tensor] = None, padding_idx: Optional[int] = None,
+                  deterministic: bool = False, check_ids: Optional[bool] = None,
+                  impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Embedding lookup that swaps in alternative tokens at random positions.
+
+    Args:
+        weight: (V, D) embedding matrix (fp32, bf16, fp16 or fp64).
+        ids: (...) int32/int64 reference token ids.
+        alt_ids: (...) alternative ids (hard mode), or (..., K) top-k ids (soft mode).
+        beta: probability that an eligible position is mixed, in [0, 1]. Exactly
+            one of `beta` and `mask` is given.
+        seed: int in [0, 2**63) keying the counter-based RNG (Philox-4x32-10 at
+            counter = row-major flat position); None draws one from torch's
+            global CPU generator. The mask depends only on (seed, position, beta)
+            and is the same on CPU and GPU.
+        mask: (...) bool, the positions to mix (instead of beta).
+        eligible: (...) bool, the positions that may be mixed (answer tokens:
+            never prompt or padding); None = all. Applied to `mask` too.
+        alt_probs: (..., K) weights of the top-k ids (soft mode; each row should
+            sum to 1). It receives a gradient if it requires one.
+        padding_idx: rows equal to it get no gradient (as in F.embedding).
+        deterministic: a fixed-order backward (sorted segmented reduction) on the
+            GPU. The CPU path and half-precision weights are always deterministic;
+            fp32 weights on the GPU otherwise use atomic adds.
+        check_ids: check that ids / alt_ids lie in [0, V). None = check CPU
+            tensors only (free) and skip CUDA tensors, where the check would be a
+            host sync; an id that escapes the check reads a NaN row on the GPU
+            (never out of bounds). Always skipped under torch.compile.
+        impl: "auto" (Triton for CUDA tensors, the CPU path for CPU tensors),
+            "triton", "cpu" (the PyTorch fast path), or "torch" (the reference).
+
+    Returns:
+        embeds (..., D) in weight's dtype, and mixed (...) bool, the mask applied.
+        The gradient flows to `weight` (duplicates summed) and `alt_probs`.
+    """
+    _check_tensor(weight, "weight", floating=True)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (num_embeddings, dim), got shape {tuple(weight.shape)}")
+    device = weight.device
+    _check_tensor(ids, "ids", integer=True, device=device)
+    _check_tensor(alt_ids, "alt_ids", integer=True, device=device)
+    shape = tuple(ids.shape)
+    soft = alt_ids.dim() == ids.dim() + 1
+    if tuple(alt_ids.shape[:ids.dim()]) != shape or alt_ids.dim() not in (ids.dim(), ids.dim() + 1) \
+            or (soft and alt_ids.shape[-1] == 0):
+        raise ValueError(f"alt_ids must have the shape of ids {shape}, or {shape} + (K,) with K >= 1 "
+                         f"in soft mode; got {tuple(alt_ids.shape)}")
+    if soft and alt_probs is None:
+        raise ValueError("alt_probs is required in soft mode (alt_ids with a trailing top-k dimension)")
+    if alt_probs is not None:
+        _check_tensor(alt_probs, "alt_probs", floating=True, device=device)
+        if not soft:
+            raise ValueError(f"alt_probs given but alt_ids {tuple(alt_ids.shape)} has no top-k "
+                             f"dimension; expected alt_ids of shape {shape} + (K,)")
+        if alt_probs.shape != alt_ids.shape:
+            raise ValueError(f"alt_probs must have the shape of alt_ids {tuple(alt_ids.shape)}, "
+                             f"got {tuple(alt_probs.shape)}")
+    if (beta is None) == (mask is None):
+        raise ValueError("pass exactly one of beta (random mixing) and mask (explicit positions)")
+    threshold = 0
+    if mask is not None:
+        _check_tensor(mask, "mask", device=device)
+        if mask.dtype != torch.bool or tuple(mask.shape) != shape:
+            raise ValueError(f"mask must be a bool tensor of shape {shape}, got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
+    else:
+        threshold = mixing_threshold(_check_beta(beta))
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))  # CPU generator: no device sync
+    seed = _check_seed(seed)
+    if eligible is not None:
+        _check_tensor(eligible, "eligible", device=device)
+        if eligible.dtype != torch.bool or tuple(eligible.shape) != shape:
+            raise ValueError(f"eligible must be a bool tensor of shape {shape}, got {eligible.dtype} "
+                             f"{tuple(eligible.shape)}")
+    num_embeddings = weight.shape[0]
+    if padding_idx is not None:
+        if not isinstance(padding_idx, numbers.Integral) or not -num_embeddings <= padding_idx < num_embeddings:
+            raise ValueError(f"padding_idx must be an int in [-{num_embeddings}, {num_embeddings}), "
+                             f"got {padding_idx!r}")
+        padding_idx = int(padding_idx) % num_embeddings
+    if ids.numel() >= _MAX_POSITIONS:
+        raise ValueError(f"ids: at most 2**31 - 1 positions, got {ids.numel()}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if check_ids is None:
+        check_ids = device.type == "cpu"
+    if check_ids and not torch.compiler.is_compiling():
+        _check_range(ids, "ids", num_embeddings)
+        _check_range(alt_ids, "alt_ids", num_embeddings)
+
+    if ids.dtype != alt_ids.dtype:
+        ids, alt_ids = ids.long(), alt_ids.long()
+    if impl == "torch":
+        mixed = _draw_mixed(ids.numel(), None if mask is None else mask.reshape(-1),
+                            None if eligible is None else eligible.reshape(-1),
+                            threshold, seed, device).view(shape)
+        embeds = mix_embedding_reference(weight, ids, alt_ids, mixed, alt_probs, padding_idx)
+        return embeds, mixed
+
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" else "cpu"
+    if impl == "triton" and weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"weight: the Triton path takes fp32, bf16 or fp16, got {weight.dtype} "
+                         "(use impl='cpu' or 'torch')")
+    k = alt_ids.shape[-1] if soft else None
+    flat = lambda t, *tail: None if t is None else t.reshape(-1, *tail).contiguous()  # noqa: E731
+    embeds, mixed = _mix_embedding_op(
+        weight.contiguous(), flat(ids), flat(alt_ids, k) if soft else flat(alt_ids),
+        flat(alt_probs, k), flat(mask), flat(eligible), threshold, seed,
+        -1 if padding_idx is None else padding_idx, bool(deterministic),
+        "triton" if impl == "triton" else "cpu")
+    return embeds.view(*shape, weight.shape[1]), mixed.view(shape)
+
+
+# ----------------------------------------------------------------------------
+# validation helpers
+# ----------------------------------------------------------------------------
+
+def _check_tensor(t, name, *, floating=False, integer=False, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if integer and t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but weight is on {device}")
+
+
+def _check_beta(beta):
+    if isinstance(beta, torch.Tensor) or isinstance(beta, bool) or not isinstance(beta, numbers.Real) \
+            or not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    return float(beta)
+
+
+def _check_seed(seed):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
+def _check_range(ids, name, num_embeddings):
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= num_embeddings:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} must lie in [0, {num_embeddings}) (num_embeddings of weight), "
+                         f"found {bad}")

@@ -1,0 +1,177 @@
+"""Triton kernels of the token-mixing embedding (gapfix.ops.mix_embedding).
+
+Forward, per position n of the flattened ids (N positions, embedding width D):
+
+    mixed[n] = eligible[n] and (mask[n] if a mask is given
+                                else (philox(seed, n) >> 8) < threshold)
+    hard:  out[n] = W[alt[n]] if mixed[n] else W[ids[n]]
+    soft:  out[n] = sum_k p[n, k] * W[alt[n, k]] if mixed[n] else W[ids[n]]
+
+The random draw is word 0 of Philox-4x32-10 (`tl.randint`) with counter
+(n, 0, 0, 0) and key (seed low, seed high); its top 24 bits are compared with
+threshold = round(beta * 2**24), so a position mixes with probability beta
+(quantized to 2**-24) and beta = 0 / 1 give never / always exactly. The same
+integers are computed on the CPU by gapfix.ops.mix_embedding.philox_uint32,
+so a seed gives the same mask on every device.
+
+Memory traffic of the forward (hard): read N ids (+ N alt ids, + N mask
+bytes), read N*D weight elements, write N*D outputs and N mask bytes: the
+same as F.embedding; the RNG is integer arithmetic in registers. Soft mode
+reads K rows (and K probabilities) instead of one at mixed positions only.
+
+Backward (gradient to the weight only): every position scatters its output
+gradient into the rows it read,
+
+    hard:  dW[row[n]] += dout[n],  row[n] = alt[n] if mixed[n] else ids[n]
+    soft:  dW[alt[n, k]] += p[n, k] * dout[n] at mixed n,  dW[ids[n]] += dout[n] else
+
+and rows equal to padding_idx receive nothing. Two kernels: atomic adds into
+an fp32 gradient (fast, order of the sums not fixed), or a segmented
+reduction over the entries sorted by row (deterministic; also the choice for
+half-precision weights since it writes each touched row once in the weight's
+dtype, with the sum kept in fp32, and needs no fp32 copy of the gradient).
+"""
+import triton
+import triton.language as tl
+
+# top bits of the Philox word compared with the threshold
+MASK_BITS = 24
+
+
+@triton.jit
+def _tile(N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's positions and columns, with their in-bounds masks."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return offs_n, offs_n < N, offs_d, offs_d < D
+
+
+@triton.jit
+def _load_mixed(mask_ptr, eligible_ptr, offs_n, in_n, threshold, seed,
+                HAS_MASK: tl.constexpr, HAS_ELIGIBLE: tl.constexpr):
+    """The mixing decision of a block of positions (int1, False past N)."""
+    if HAS_MASK:
+        mixed = tl.load(mask_ptr + offs_n, mask=in_n, other=0) != 0
+    else:
+        # offs_n is int32, so this is philox(seed, (n, 0, 0, 0)), word 0
+        bits = tl.randint(seed, offs_n)
+        mixed = (bits >> 8).to(tl.int32) < threshold
+    if HAS_ELIGIBLE:
+        mixed = mixed & (tl.load(eligible_ptr + offs_n, mask=in_n, other=0) != 0)
+    return mixed & in_n
+
+
+@triton.jit
+def _gather_rows(weight_ptr, rows, take, offs_d, in_d, V, D):
+    """W[rows] for the positions where `take`, as a [BLOCK_N, BLOCK_D] tile.
+
+    An id outside [0, V) is never dereferenced: its row reads as NaN, so a
+    bad id that escaped validation poisons the loss instead of memory.
+    """
+    bad = (rows < 0) | (rows >= V)
+    rows64 = rows.to(tl.int64)
+    ptrs = weight_ptr + rows64[:, None] * D + offs_d[None, :]
+    vals = tl.load(ptrs, mask=(take & ~bad)[:, None] & in_d[None, :], other=0.0)
+    return tl.where((take & bad)[:, None], float("nan"), vals.to(tl.float32))
+
+
+@triton.jit
+def mix_embedding_fwd_kernel(
+    weight_ptr, ids_ptr, alt_ptr, probs_ptr, mask_ptr, eligible_ptr,
+    out_ptr, mixed_ptr,
+    N, D, V, threshold, seed,
+    K: tl.constexpr, SOFT: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_ELIGIBLE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_n, in_n, offs_d, in_d = _tile(N, D, BLOCK_N, BLOCK_D)
+
+    # every D-block redraws the same bits (cheap integer math); one stores them
+    mixed = _load_mixed(mask_ptr, eligible_ptr, offs_n, in_n, threshold, seed,
+                        HAS_MASK, HAS_ELIGIBLE)
+    if tl.program_id(1) == 0:
+        tl.store(mixed_ptr + offs_n, mixed.to(tl.int8), mask=in_n)
+
+    ids = tl.load(ids_ptr + offs_n, mask=in_n, other=0)
+    if SOFT:
+        acc = _gather_rows(weight_ptr, ids, in_n & ~mixed, offs_d, in_d, V, D)
+        for k in tl.static_range(K):
+            alt = tl.load(alt_ptr + offs_n * K + k, mask=mixed, other=0)
+            p = tl.load(probs_ptr + offs_n * K + k, mask=mixed, other=0.0).to(tl.float32)
+            acc += p[:, None] * _gather_rows(weight_ptr, alt, mixed, offs_d, in_d, V, D)
+    else:
+        alt = tl.load(alt_ptr + offs_n, mask=mixed, other=0)
+        rows = tl.where(mixed, alt, ids)
+        acc = _gather_rows(weight_ptr, rows, in_n, offs_d, in_d, V, D)
+
+    out_ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_n[:, None] & in_d[None, :])
+
+
+@triton.jit
+def mix_embedding_bwd_atomic_kernel(
+    grad_ptr, ids_ptr, alt_ptr, probs_ptr, mixed_ptr, grad_weight_ptr,
+    N, D, padding_idx,
+    K: tl.constexpr, SOFT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dW[row] += dout[n] by fp32 atomics (grad_weight_ptr is fp32)."""
+    offs_n, in_n, offs_d, in_d = _tile(N, D, BLOCK_N, BLOCK_D)
+
+    mixed = tl.load(mixed_ptr + offs_n, mask=in_n, other=0) != 0
+    ids = tl.load(ids_ptr + offs_n, mask=in_n, other=0)
+    grad = tl.load(grad_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :],
+                   mask=in_n[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+    if SOFT:
+        keep = in_n & ~mixed & (ids != padding_idx)
+        ptrs = grad_weight_ptr + ids.to(tl.int64)[:, None] * D + offs_d[None, :]
+        tl.atomic_add(ptrs, grad, mask=keep[:, None] & in_d[None, :], sem="relaxed")
+        for k in tl.static_range(K):
+            alt = tl.load(alt_ptr + offs_n * K + k, mask=mixed, other=0)
+            p = tl.load(probs_ptr + offs_n * K + k, mask=mixed, other=0.0).to(tl.float32)
+            keep = mixed & (alt != padding_idx) & (p != 0.0)
+            ptrs = grad_weight_ptr + alt.to(tl.int64)[:, None] * D + offs_d[None, :]
+            tl.atomic_add(ptrs, p[:, None] * grad, mask=keep[:, None] & in_d[None, :], sem="relaxed")
+    else:
+        alt = tl.load(alt_ptr + offs_n, mask=mixed, other=0)
+        rows = tl.where(mixed, alt, ids)
+        keep = in_n & (rows != padding_idx)
+        ptrs = grad_weight_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+        tl.atomic_add(ptrs, grad, mask=keep[:, None] & in_d[None, :], sem="relaxed")
+
+
+@triton.jit
+def mix_embedding_bwd_sorted_kernel(
+    grad_ptr, sorted_rows_ptr, order_ptr, coef_ptr, grad_weight_ptr,
+    E, D,
+    K: tl.constexpr, HAS_COEF: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Segmented sum over entries sorted by row (stable sort: fixed order).
+
+    Entry e stands for position e // K (with weight coef[e] in soft mode);
+    skipped entries carry row -1 and sort first. The program of the first
+    entry of each row's run sums the run in fp32 and writes the row once;
+    the other programs return at once. grad_weight_ptr is pre-zeroed and in
+    the weight's dtype.
+    """
+    i = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    row = tl.load(sorted_rows_ptr + i)
+    prev = tl.load(sorted_rows_ptr + i - 1, mask=i > 0, other=-1)
+    if (row >= 0) & (row != prev):
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        in_d = offs_d < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        j = i
+        cur = row
+        while cur == row:
+            entry = tl.load(order_ptr + j)
+            n = entry // K
+            g = tl.load(grad_ptr + n * D + offs_d, mask=in_d, other=0.0).to(tl.float32)
+            if HAS_COEF:
+                g = g * tl.load(coef_ptr + entry).to(tl.float32)
+            acc += g
+            j += 1
+            cur = tl.load(sorted_rows_ptr + j, mask=j < E, other=-1)
+        out_ptrs = grad_weight_ptr + row.to(tl.int64) * D + offs_d
+        tl.store(out_ptrs, acc.to(grad_weight_ptr.dtype.element_ty), mask=in_d)

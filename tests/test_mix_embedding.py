@@ -1,0 +1,327 @@
+"""gapfix.mix_embedding: fast paths (CPU, Triton under the interpreter) against the reference."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gapfix
+from gapfix.ops.mix_embedding import (mix_embedding_reference, mixing_mask, mixing_threshold,
+                                      philox_uint32)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _case(v=37, d=19, shape=(3, 7), k=None, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, d, generator=gen).to(dtype)
+    ids = torch.randint(0, v, shape, generator=gen)
+    alt_shape = shape if k is None else (*shape, k)
+    alt = torch.randint(0, v, alt_shape, generator=gen)
+    probs = None if k is None else torch.softmax(torch.randn(alt_shape, generator=gen), -1)
+    mask = torch.rand(shape, generator=gen) < 0.5
+    grad_out = torch.randn(*shape, d, generator=gen).to(dtype)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(weight), to(ids), to(alt), to(probs), to(mask), to(grad_out)
+
+
+def _weight_grad(weight, fn, grad_out):
+    w = weight.detach().clone().requires_grad_(True)
+    out = fn(w)
+    (grad,) = torch.autograd.grad(out, w, grad_out.to(out.dtype))
+    return out.detach(), grad
+
+
+def _assert_close_to_fp64(ours, ref_lowp, ref64):
+    """Cut-Cross-Entropy style: ours may err at most a small multiple of the low-precision reference."""
+    ref_err = (ref_lowp.double() - ref64).abs().max().item()
+    our_err = (ours.double() - ref64).abs().max().item()
+    assert our_err <= 2 * ref_err + 1e-6 * (1 + ref64.abs().max().item()), (our_err, ref_err)
+
+
+# ---------------------------------------------------------------------------- RNG
+
+def test_philox_matches_random123_known_answer():
+    # Random123 kat_vectors: philox4x32_10, counter 0, key 0 -> first word 0x6627e8d5
+    assert int(philox_uint32(0, torch.zeros(1, dtype=torch.long))[0]) == 0x6627E8D5
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**32 + 5, 2**63 - 1])
+def test_mask_is_the_same_in_the_triton_kernel(triton_device, seed):
+    weight, ids, alt, _, _, _ = _case(v=11, d=3, shape=(5, 13), device=triton_device)
+    _, mixed_triton = gapfix.mix_embedding(weight, ids, alt, beta=0.37, seed=seed, impl="triton")
+    _, mixed_cpu = gapfix.mix_embedding(weight.cpu(), ids.cpu(), alt.cpu(), beta=0.37, seed=seed,
+                                        impl="cpu")
+    assert torch.equal(mixed_triton.cpu(), mixed_cpu)
+    assert torch.equal(mixed_cpu, mixing_mask(ids.shape, beta=0.37, seed=seed))
+
+
+def test_triton_randint_is_our_philox(triton_device):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def draw(out_ptr, seed, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.randint(seed, offs).to(tl.int64, bitcast=False), mask=offs < n)
+
+    out = torch.zeros(29, dtype=torch.int64, device=triton_device)
+    draw[(1,)](out, 12345, 29, BLOCK=32)
+    ours = philox_uint32(12345, torch.arange(29))
+    assert torch.equal(out.cpu() & 0xFFFFFFFF, ours)
+
+
+def test_seed_reproducible_and_distinct():
+    weight, ids, alt, _, _, _ = _case(shape=(4, 50))
+    a = gapfix.mix_embedding(weight, ids, alt, beta=0.5, seed=3)[1]
+    b = gapfix.mix_embedding(weight, ids, alt, beta=0.5, seed=3)[1]
+    c = gapfix.mix_embedding(weight, ids, alt, beta=0.5, seed=4)[1]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_seed_none_follows_torch_manual_seed():
+    weight, ids, alt, _, _, _ = _case(shape=(4, 50))
+    torch.manual_seed(1)
+    a = gapfix.mix_embedding(weight, ids, alt, beta=0.5)[1]
+    torch.manual_seed(1)
+    b = gapfix.mix_embedding(weight, ids, alt, beta=0.5)[1]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.3, 0.9])
+def test_rate_inside_binomial_interval(beta):
+    n = 40_000
+    weight, ids, alt, _, _, _ = _case(v=5, d=1, shape=(n,))
+    for seed in (0, 1, 2):
+        mixed = gapfix.mix_embedding(weight, ids, alt, beta=beta, seed=seed)[1]
+        rate = mixed.float().mean().item()
+        # 5 standard deviations: a false failure has probability ~6e-7
+        assert abs(rate - beta) <= 5 * math.sqrt(beta * (1 - beta) / n), (seed, rate)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def test_beta_zero_and_one(impl):
+    weight, ids, alt, _, _, _ = _case(shape=(6, 11))
+    embeds, mixed = gapfix.mix_embedding(weight, ids, alt, beta=0.0, seed=1, impl=impl)
+    assert not mixed.any() and torch.equal(embeds, F.embedding(ids, weight))
+    embeds, mixed = gapfix.mix_embedding(weight, ids, alt, beta=1.0, seed=1, impl=impl)
+    assert mixed.all() and torch.equal(embeds, F.embedding(alt, weight))
+    assert mixing_threshold(1.0) == 2**24 and mixing_threshold(0.0) == 0
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch", "triton"])
+def test_ineligible_positions_never_mixed(impl, triton_device):
+    device = triton_device if impl == "triton" else "cpu"
+    weight, ids, alt, _, mask, _ = _case(shape=(4, 9), device=device)
+    eligible = torch.arange(9, device=device).expand(4, 9) >= 5  # the "answer" is the tail
+    for kwargs in ({"beta": 1.0, "seed": 0}, {"mask": torch.ones_like(mask)}):
+        embeds, mixed = gapfix.mix_embedding(weight, ids, alt, eligible=eligible, impl=impl, **kwargs)
+        assert torch.equal(mixed, eligible)
+        assert torch.equal(embeds, F.embedding(torch.where(eligible, alt, ids), weight))
+
+
+# ---------------------------------------------------------------------------- explicit mask
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", ["cpu", "torch", "triton"])
+def test_explicit_mask_equals_where_embedding(impl, dtype, triton_device):
+    device = triton_device if impl == "triton" else "cpu"
+    # vocab larger than positions and a fixed permutation: no duplicate rows, so sums are exact
+    v, shape = 61, (3, 7)
+    weight, _, _, _, mask, grad_out = _case(v=v, shape=shape, dtype=dtype, device=device)
+    perm = torch.randperm(v, generator=torch.Generator().manual_seed(1)).to(device)
+    ids, alt = perm[:21].view(shape), perm[21:42].view(shape)
+    expected, expected_grad = _weight_grad(
+        weight, lambda w: F.embedding(torch.where(mask, alt, ids), w), grad_out)
+    embeds, grad = _weight_grad(
+        weight, lambda w: gapfix.mix_embedding(w, ids, alt, mask=mask, impl=impl)[0], grad_out)
+    mixed = gapfix.mix_embedding(weight, ids, alt, mask=mask, impl=impl)[1]
+    assert embeds.dtype == dtype and grad.dtype == dtype
+    assert torch.equal(mixed, mask)
+    assert torch.equal(embeds, expected)
+    assert torch.equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl,deterministic", [("cpu", False), ("triton", False), ("triton", True)])
+def test_duplicates_summed_in_backward(impl, deterministic, dtype, triton_device):
+    device = triton_device if impl == "triton" else "cpu"
+    weight, ids, alt, _, mask, grad_out = _case(v=5, d=9, shape=(4, 11), dtype=dtype, device=device)
+    ids[0] = 2  # a row hit by a dozen positions
+    rows = torch.where(mask, alt, ids)
+    _, grad = _weight_grad(weight, lambda w: gapfix.mix_embedding(
+        w, ids, alt, mask=mask, impl=impl, deterministic=deterministic)[0], grad_out)
+    grad64 = torch.zeros(5, 9, dtype=torch.float64, device=device).index_add_(
+        0, rows.reshape(-1), grad_out.reshape(-1, 9).double())
+    _, grad_lowp = _weight_grad(weight, lambda w: F.embedding(rows, w), grad_out)
+    _assert_close_to_fp64(grad, grad_lowp, grad64)
+
+
+@pytest.mark.parametrize("impl,deterministic",
+                         [("cpu", False), ("torch", False), ("triton", False), ("triton", True)])
+@pytest.mark.parametrize("padding_idx", [3, -2])
+def test_padding_idx_rows_get_no_gradient(impl, deterministic, padding_idx, triton_device):
+    device = triton_device if impl == "triton" else "cpu"
+    weight, ids, alt, _, mask, grad_out = _case(v=7, shape=(5, 6), device=device)
+    ids[:, 0], alt[:, 1] = 3, 5  # both as reference and as alternative
+    mask[:, 1] = True
+    pad = padding_idx % 7
+    embeds, grad = _weight_grad(weight, lambda w: gapfix.mix_embedding(
+        w, ids, alt, mask=mask, padding_idx=padding_idx, impl=impl, deterministic=deterministic)[0],
+        grad_out)
+    expected, expected_grad = _weight_grad(
+        weight, lambda w: F.embedding(torch.where(mask, alt, ids), w, padding_idx=pad), grad_out)
+    assert torch.equal(embeds, expected)  # the padding row is still read in the forward
+    assert not grad[pad].any()
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_deterministic_backward_is_bitwise_repeatable(triton_device):
+    weight, ids, alt, _, mask, grad_out = _case(v=4, d=33, shape=(6, 9), device=triton_device)
+    grads = [_weight_grad(weight, lambda w: gapfix.mix_embedding(
+        w, ids, alt, mask=mask, impl="triton", deterministic=True)[0], grad_out)[1] for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+    _, cpu_grad = _weight_grad(weight.cpu(), lambda w: gapfix.mix_embedding(
+        w, ids.cpu(), alt.cpu(), mask=mask.cpu(), impl="cpu")[0], grad_out.cpu())
+    torch.testing.assert_close(grads[0].cpu(), cpu_grad)
+
+
+# ---------------------------------------------------------------------------- soft mode
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl,deterministic",
+                         [("cpu", False), ("torch", False), ("triton", False), ("triton", True)])
+def test_soft_mode_against_fp64_reference(impl, deterministic, dtype, triton_device):
+    device = triton_device if impl == "triton" else "cpu"
+    weight, ids, alt, probs, _, grad_out = _case(v=23, d=17, shape=(3, 5), k=3, dtype=dtype,
+                                                 device=device)
+    probs = probs.requires_grad_(True)
+    eligible = torch.ones_like(ids, dtype=torch.bool)
+    eligible[:, 0] = False
+    w = weight.detach().clone().requires_grad_(True)
+    embeds, mixed = gapfix.mix_embedding(w, ids, alt, alt_probs=probs, beta=0.6, seed=11,
+                                         eligible=eligible, impl=impl, deterministic=deterministic,
+                                         padding_idx=4)
+    grad_w, grad_p = torch.autograd.grad(embeds, (w, probs), grad_out)
+    assert mixed.any() and not mixed.all() and not mixed[:, 0].any()
+
+    def reference(dt):
+        w_ref = weight.detach().to(dt).requires_grad_(True)
+        p_ref = probs.detach().to(dt if dt == torch.float64 else probs.dtype).requires_grad_(True)
+        out = mix_embedding_reference(w_ref, ids, alt, mixed, p_ref, padding_idx=4)
+        return (out, *torch.autograd.grad(out, (w_ref, p_ref), grad_out.to(dt)))
+
+    ref64, lowp = reference(torch.float64), reference(dtype)
+    for ours, low, exact in zip((embeds, grad_w, grad_p), lowp, ref64):
+        _assert_close_to_fp64(ours.detach(), low.detach(), exact)
+    assert not grad_w[4].any()
+    assert not grad_p[~mixed].any()
+
+
+def test_soft_mode_one_hot_equals_hard_mode():
+    weight, ids, alt, _, mask, _ = _case(shape=(4, 6))
+    alt_k = torch.stack([alt, ids], -1)
+    probs = torch.tensor([1.0, 0.0]).expand(4, 6, 2)
+    soft = gapfix.mix_embedding(weight, ids, alt_k, alt_probs=probs, mask=mask)[0]
+    hard = gapfix.mix_embedding(weight, ids, alt, mask=mask)[0]
+    assert torch.equal(soft, hard)
+
+
+# ---------------------------------------------------------------------------- tracing
+
+def test_custom_op_passes_opcheck():
+    weight, ids, alt, probs, mask, _ = _case(v=13, d=5, shape=(7,), k=2)
+    op = torch.ops.gapfix.mix_embedding.default
+    for alt_ids, alt_probs in ((alt[:, 0].contiguous(), None), (alt, probs)):
+        args = (weight.requires_grad_(True), ids, alt_ids, alt_probs, None, mask, mixing_threshold(0.5),
+                9, -1, False, "cpu")
+        torch.library.opcheck(op, args)
+
+
+def test_traces_under_torch_compile():
+    weight, ids, alt, _, mask, grad_out = _case(shape=(3, 8))
+
+    def step(w):
+        embeds, mixed = gapfix.mix_embedding(w, ids, alt, beta=0.5, seed=5)
+        return embeds, mixed
+
+    w = weight.clone().requires_grad_(True)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    embeds, mixed = compiled(w)
+    (grad,) = torch.autograd.grad(embeds, w, grad_out)
+    expected, expected_grad = _weight_grad(weight, lambda v: step(v)[0], grad_out)
+    assert torch.equal(embeds, expected) and torch.equal(grad, expected_grad)
+    assert torch.equal(mixed, mixing_mask(ids.shape, beta=0.5, seed=5))
+
+
+def test_int32_ids_and_empty_input():
+    weight, ids, alt, _, mask, _ = _case()
+    a = gapfix.mix_embedding(weight, ids.int(), alt, mask=mask)[0]
+    assert torch.equal(a, gapfix.mix_embedding(weight, ids, alt, mask=mask)[0])
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    embeds, mixed = gapfix.mix_embedding(weight, empty, empty, beta=0.5, seed=0)
+    assert embeds.shape == (2, 0, weight.shape[1]) and mixed.shape == (2, 0)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def _bad_cases():
+    weight, ids, alt, probs, mask, _ = _case(k=None)
+    _, _, alt_k, probs_k, _, _ = _case(k=3)
+    ok = dict(beta=0.5, seed=0)
+    return [
+        ("beta", (weight, ids, alt), dict(beta=1.5, seed=0)),
+        ("beta", (weight, ids, alt), dict(beta=-0.1, seed=0)),
+        ("beta", (weight, ids, alt), dict(beta=float("nan"), seed=0)),
+        ("beta", (weight, ids, alt), {}),
+        ("beta", (weight, ids, alt), dict(beta=0.5, mask=mask)),
+        ("seed", (weight, ids, alt), dict(beta=0.5, seed=-1)),
+        ("seed", (weight, ids, alt), dict(beta=0.5, seed=1.5)),
+        ("ids", (weight, ids - 1 - ids.max(), alt), ok),
+        ("ids", (weight, ids + weight.shape[0], alt), ok),
+        ("alt_ids", (weight, ids, alt.clone().fill_(-3)), ok),
+        ("alt_ids", (weight, ids, alt + weight.shape[0]), ok),
+        ("ids", (weight, ids.float(), alt), ok),
+        ("alt_ids", (weight, ids, alt[:, :5]), ok),
+        ("weight", (weight[0], ids, alt), ok),
+        ("weight", (weight.long(), ids, alt), ok),
+        ("mask", (weight, ids, alt), dict(mask=mask[:, :3])),
+        ("mask", (weight, ids, alt), dict(mask=mask.long())),
+        ("eligible", (weight, ids, alt), dict(eligible=mask[:2], **ok)),
+        ("alt_probs", (weight, ids, alt_k), ok),
+        ("alt_probs", (weight, ids, alt_k), dict(alt_probs=probs_k[..., :2], **ok)),
+        ("alt_probs", (weight, ids, alt), dict(alt_probs=probs_k, **ok)),
+        ("alt_probs", (weight, ids, alt_k), dict(alt_probs=alt_k, **ok)),
+        ("padding_idx", (weight, ids, alt), dict(padding_idx=weight.shape[0], **ok)),
+        ("impl", (weight, ids, alt), dict(impl="cuda", **ok)),
+        ("ids", (weight, ids.to("meta"), alt), ok),
+    ]
+
+
+@pytest.mark.parametrize("name,args,kwargs", _bad_cases(),
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(_bad_cases())])
+def test_bad_input_raises_value_error_naming_argument(name, args, kwargs):
+    snapshot = [a.clone() if a.device.type != "meta" else a for a in args]
+    with pytest.raises(ValueError, match=name):
+        gapfix.mix_embedding(*args, **kwargs)
+    for before, after in zip(snapshot, args):
+        if after.device.type != "meta":
+            assert torch.equal(before, after)
+
+
+# ---------------------------------------------------------------------------- GPU
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_cpu(dtype):
+    weight, ids, alt, probs, mask, grad_out = _case(v=1000, d=300, shape=(8, 257), k=4, dtype=dtype)
+    for alt_ids, alt_probs in ((alt[..., 0], None), (alt, probs)):
+        for deterministic in (False, True):
+            cpu = _weight_grad(weight, lambda w: gapfix.mix_embedding(
+                w, ids, alt_ids, alt_probs=alt_probs, beta=0.3, seed=9)[0], grad_out)
+            gpu = _weight_grad(weight.cuda(), lambda w: gapfix.mix_embedding(
+                w, ids.cuda(), alt_ids.cuda(), alt_probs=None if alt_probs is None else alt_probs.cuda(),
+                beta=0.3, seed=9, deterministic=deterministic)[0], grad_out.cuda())
+            assert torch.equal(gpu[0].cpu(), cpu[0]) or alt_probs is not None
+            torch.testing.assert_close(gpu[0].cpu(), cpu[0])
+            torch.testing.assert_close(gpu[1].cpu(), cpu[1])
