@@ -336,3 +336,48 @@ def test_compile_fullgraph_matches_eager():
     want = rac_labels_reference(ref, index, ref_lens, eos_id=EOS, soft=True)
     got = torch.compile(build, fullgraph=True)(ref, ref_lens, index)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------
+# End to end through gapfix.align
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["torch", "auto", "triton"])
+def test_paper_examples_through_align(impl, triton_device):
+    _, _, gen, gen_lens, ref, ref_lens = _paper_batch()
+    path = rac_labels(gen, ref, gen_lens, ref_lens, eos_id=EOS, impl=impl)
+    assert _decode(path[0]) == list("60/2+34") + ["EOS"]
+    assert _decode(path[1]) == list("abcc") + ["EOS", "-", "-", "-"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_batches_match_python_dp(seed):
+    # small vocabulary: many ties, repeated tokens, several optimal positions per prefix
+    g = torch.Generator().manual_seed(seed)
+    gens = [torch.randint(0, 3, (int(n),), generator=g).tolist() for n in torch.randint(0, 9, (5,), generator=g)]
+    refs = [torch.randint(0, 3, (int(n),), generator=g).tolist() for n in torch.randint(0, 9, (5,), generator=g)]
+    gen, gen_lens = _pad(gens, dtype=torch.int32)
+    ref, ref_lens = _pad(refs)
+    want = python_alignment(gens, refs, width=gen.shape[1], k=3)
+    for mode in ("path", "first", "last"):
+        expected = rac_labels_reference(ref, getattr(want, mode), ref_lens, eos_id=EOS)
+        got = rac_labels(gen, ref, gen_lens, ref_lens, eos_id=EOS, mode=mode, impl="torch")
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=mode)
+    ids, weights = rac_labels_reference(ref, want.targets, ref_lens, eos_id=EOS, soft=True)
+    soft = rac_labels(gen, ref, gen_lens, ref_lens, eos_id=EOS, mode="all", max_targets=3, impl="torch")
+    torch.testing.assert_close(soft.target_ids, ids, rtol=0, atol=0)
+    torch.testing.assert_close(soft.target_weights, weights, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["path", "last", "all"])
+def test_triton_through_align_matches_torch(triton_device, mode):
+    g = torch.Generator().manual_seed(11)
+    gen = torch.randint(0, 4, (3, 6), generator=g)
+    ref = torch.randint(0, 4, (3, 5), generator=g)
+    gen_lens, ref_lens = torch.tensor([6, 0, 3]), torch.tensor([5, 2, 0])
+    want = rac_labels(gen, ref, gen_lens, ref_lens, eos_id=EOS, mode=mode, max_targets=3, impl="torch")
+    dev = [x.to(triton_device) for x in (gen, ref, gen_lens, ref_lens)]
+    got = rac_labels(*dev, eos_id=EOS, mode=mode, max_targets=3, impl="triton")
+    for w, o in zip(want if mode == "all" else [want], got if mode == "all" else [got]):
+        torch.testing.assert_close(o.cpu(), w, rtol=0, atol=0)

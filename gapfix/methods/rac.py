@@ -1,0 +1,238 @@
+"""RAC (Reference-Answer-based Correction): training rows from generated answers.
+
+Each iteration the current model answers every training prompt x with g; RAC
+trains on the model's own tokens, input x + g, and after every generated
+prefix g_<t (t = 0..n, n = len(g)) the label is the correction that the
+alignment of g to the reference y says is owed there (gapfix.rac_labels): the
+next reference token while g follows y, the right token where g went wrong,
+and EOS once g has covered the whole reference.
+
+Row convention (the same as gapfix.data.sft_row, so RAC and SFT rows batch
+together): ``labels[i]`` is the target of input position i, already shifted.
+
+    input_ids = x + g + [e]          e = the generated EOS, or pad_id when g
+                                     was cut at the length limit
+    labels[len(x) - 1 + t] = label after g_<t,   t = 0..n
+    labels[i] = ignore_index         elsewhere (the prompt, the last position)
+
+The label after g_<t sits on the input position of the last token of x + g_<t,
+so t = 0 is on the last prompt token and t = n on the last token of g. The
+extra token e is never a target and nothing is trained on its position; it
+gives RAC rows the shape of SFT rows (x + y + EOS, trained on x[-1] .. y[-1])
+and keeps the input what the model actually emitted.
+
+Soft mode ("all") rows also carry ``target_ids`` / ``target_weights``: one
+K-list per input position (ignore_index / 0.0 where nothing is trained).
+"""
+import math
+import random
+from typing import List, Optional, Sequence
+
+import torch
+
+from gapfix.data import IGNORE_INDEX
+
+__all__ = ["build_rac_rows", "mix_with_sft", "to_soft_row"]
+
+
+def _strip_generated(g: Sequence[int], eos_id: int):
+    """(answer without EOS, whether the model finished): generation stops at the
+    first EOS, so anything after it is not part of the answer."""
+    g = list(g)
+    if eos_id in g:
+        return g[: g.index(eos_id)], True
+    return g, False
+
+
+def _strip_reference(y: Sequence[int], eos_id: int):
+    y = list(y)
+    return y[:-1] if y and y[-1] == eos_id else y  # y_m := EOS is implied
+
+
+def _padded(rows: List[List[int]], device):
+    lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    out = torch.zeros(len(rows), int(lens.max()) if rows else 0, dtype=torch.long)
+    if out.numel():
+        flat = torch.tensor([v for r in rows for v in r], dtype=torch.long)
+        mask = torch.arange(out.shape[1]) < lens[:, None]
+        out[mask] = flat
+    return out.to(device), lens.to(device)
+
+
+def _check_token_lists(name: str, value, count: Optional[int]) -> None:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of token-id lists, got {type(value).__name__}")
+    if count is not None and len(value) != count:
+        raise ValueError(f"{name} has {len(value)} entries, prompts has {count}")
+    for i, row in enumerate(value):
+        if not isinstance(row, (list, tuple)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row):
+            raise ValueError(f"{name}[{i}] must be a list of non-negative int token ids")
+
+
+def build_rac_rows(
+    prompts: Sequence[Sequence[int]],
+    generated: Sequence[Sequence[int]],
+    references: Sequence[Sequence[int]],
+    *,
+    eos_id: int,
+    pad_id: Optional[int] = None,
+    mode: str = "path",
+    ignore_index: int = IGNORE_INDEX,
+    max_targets: int = 4,
+    only_until_divergence: bool = False,
+    impl: str = "auto",
+    device=None,
+):
+    """RAC training rows for (prompt, generated answer, reference answer) triples.
+
+    prompts: token ids of each prompt (non-empty: the first label sits on its
+        last token). generated: the model's answers, each possibly ending with
+        EOS (anything from the first EOS on is dropped) or cut at the length
+        limit. references: the reference answers, a trailing EOS dropped.
+    pad_id: the token appended after an answer that has no EOS (default eos_id).
+    mode: "path" | "first" | "last" | "all", as in gapfix.rac_labels.
+    only_until_divergence: train only the prefixes t <= d, d the first position
+        where g_t is not the label (for "all": not among the targets), i.e. the
+        first correction and everything before it; afterwards the model's own
+        tokens are off the reference and their corrections less certain.
+    impl: passed to gapfix.align and gapfix.rac_labels; device: where the
+        alignment runs (default CPU).
+
+    All pairs go through one gapfix.align and one gapfix.rac_labels call.
+
+    Returns (rows, stats). rows: dicts with input_ids and labels (see the module
+    doc), plus target_ids / target_weights for "all". stats: ``rows``;
+    ``trained_positions``; ``label_agreement``, the fraction of trained
+    positions whose label equals the token the model generated there (for
+    "all": is among the targets; the position after a cut answer has no
+    generated token and is left out); ``mean_edit_distance`` between g and y;
+    ``finished``, the fraction of answers that ended with EOS; ``exact_match``,
+    the fraction that ended with EOS and equal the reference.
+    """
+    from gapfix.ops.align import align
+    from gapfix.ops.rac_labels import MODES, rac_labels
+
+    _check_token_lists("prompts", prompts, None)
+    _check_token_lists("generated", generated, len(prompts))
+    _check_token_lists("references", references, len(prompts))
+    if not isinstance(eos_id, int) or isinstance(eos_id, bool) or eos_id < 0:
+        raise ValueError(f"eos_id must be a non-negative int, got {eos_id!r}")
+    pad_id = eos_id if pad_id is None else pad_id
+    if not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0:
+        raise ValueError(f"pad_id must be a non-negative int or None, got {pad_id!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompts[{i}] is empty: the label after the empty answer prefix "
+                             "sits on the last prompt token (prepend BOS)")
+    if not prompts:
+        return [], dict(rows=0, trained_positions=0, label_agreement=float("nan"),
+                        mean_edit_distance=float("nan"), finished=float("nan"), exact_match=float("nan"))
+
+    soft = mode == "all"
+    answers, finished = zip(*(_strip_generated(g, eos_id) for g in generated))
+    refs = [_strip_reference(y, eos_id) for y in references]
+    device = torch.device("cpu") if device is None else torch.device(device)
+    gen, gen_lens = _padded(list(answers), device)
+    ref, ref_lens = _padded(refs, device)
+    align_impl = "torch" if impl == "torch" else "auto"
+    alignment = align(gen, ref, gen_lens, ref_lens, max_targets=max_targets if soft else 0, impl=align_impl)
+    out = rac_labels(gen, ref, gen_lens, ref_lens, eos_id=eos_id, mode=mode, ignore_index=ignore_index,
+                     max_targets=max_targets, alignment=alignment, impl=impl)
+    labels = out.labels if soft else out
+
+    # which prefixes are trained, and where the label agrees with the model's own next token
+    batch, rows_per = labels.shape
+    t = torch.arange(rows_per, device=device)
+    n = gen_lens[:, None]
+    done = torch.tensor(finished, device=device)[:, None]
+    # the model's token after g_<t: g_t, then its EOS if it finished (-1: none)
+    next_tok = torch.cat([gen, torch.full((batch, 1), -1, dtype=gen.dtype, device=device)], 1)
+    next_tok = torch.where(t < n, next_tok, torch.where((t == n) & done, eos_id, -1))
+    if soft:
+        agree = (out.target_ids == next_tok[..., None]).any(-1)
+    else:
+        agree = labels == next_tok
+    valid = t <= n
+    trained = valid
+    if only_until_divergence:
+        miss = (valid & (t < n) & ~agree).long()
+        trained = valid & ((miss.cumsum(1) - miss) == 0)  # up to and including the first miss
+    known = trained & (next_tok >= 0)
+    num_known = int(known.sum())
+
+    dist = alignment.distance.long()
+    done_all = done[:, 0]
+    stats = dict(
+        rows=batch,
+        trained_positions=int(trained.sum()),
+        label_agreement=(int((agree & known).sum()) / num_known) if num_known else float("nan"),
+        mean_edit_distance=float(dist.float().mean()),
+        finished=float(done_all.float().mean()),
+        exact_match=float(((dist == 0) & done_all).float().mean()),
+    )
+
+    labels = torch.where(trained, labels, ignore_index).tolist()
+    if soft:
+        k = out.target_ids.shape[-1]
+        target_ids = torch.where(trained[..., None], out.target_ids, ignore_index).tolist()
+        target_weights = torch.where(trained[..., None], out.target_weights, 0.0).tolist()
+    rows = []
+    for b in range(batch):
+        prompt, answer = list(prompts[b]), answers[b]
+        n_b, start = len(answer), len(prompt) - 1
+        input_ids = prompt + answer + [eos_id if finished[b] else pad_id]
+        row_labels = [ignore_index] * len(input_ids)
+        row_labels[start:start + n_b + 1] = labels[b][: n_b + 1]
+        row = {"input_ids": input_ids, "labels": row_labels}
+        if soft:
+            row["target_ids"] = [[ignore_index] * k for _ in input_ids]
+            row["target_weights"] = [[0.0] * k for _ in input_ids]
+            row["target_ids"][start:start + n_b + 1] = target_ids[b][: n_b + 1]
+            row["target_weights"][start:start + n_b + 1] = target_weights[b][: n_b + 1]
+        rows.append(row)
+    return rows, stats
+
+
+def to_soft_row(row: dict, max_targets: int, ignore_index: int = IGNORE_INDEX) -> dict:
+    """A hard-label row (SFT) in the soft layout: its label in slot 0 with weight 1,
+    so that it can share a batch with soft RAC rows; the loss is unchanged."""
+    pad = [ignore_index] * (max_targets - 1)
+    ids = [[label] + pad for label in row["labels"]]
+    weights = [[0.0 if label == ignore_index else 1.0] + [0.0] * (max_targets - 1) for label in row["labels"]]
+    return {**row, "target_ids": ids, "target_weights": weights}
+
+
+def mix_with_sft(rac_rows: Sequence, sft_rows: Sequence, ratio: float, seed: int,
+                 ignore_index: int = IGNORE_INDEX) -> list:
+    """Interleaves RAC items with round(ratio * len(rac_rows)) SFT items, shuffled
+    with `seed`.
+
+    ratio: SFT items per RAC item (0 = RAC only). Items are rows (dicts) or
+    whole batches (anything else, passed through). SFT items are drawn without
+    replacement, reshuffled and reused only when more are wanted than exist.
+    Where the RAC rows are soft (target_ids), the SFT rows are converted with
+    ``to_soft_row`` so that every row of a batch has the same fields.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 0:
+        raise ValueError(f"ratio must be a finite number >= 0, got {ratio!r}")
+    wanted = round(ratio * len(rac_rows))
+    if wanted and not sft_rows:
+        raise ValueError(f"sft_rows is empty but ratio={ratio} asks for {wanted} SFT items")
+    rng = random.Random(seed)
+    chosen = []
+    while len(chosen) < wanted:
+        order = list(range(len(sft_rows)))
+        rng.shuffle(order)
+        chosen += order[: wanted - len(chosen)]
+    sft = [sft_rows[i] for i in chosen]
+    soft_rac = next((r for r in rac_rows if isinstance(r, dict) and "target_ids" in r), None)
+    if soft_rac is not None:
+        k = len(soft_rac["target_ids"][0])
+        sft = [to_soft_row(r, k, ignore_index) if isinstance(r, dict) and "target_ids" not in r else r
+               for r in sft]
+    mixed = list(rac_rows) + sft
+    rng.shuffle(mixed)
+    return mixed
