@@ -1,0 +1,322 @@
+"""BASH: batch-scheduled sampling, offline (Cen et al., TMLR 2025).
+
+One iteration:
+
+    alts = predict_alternatives(model, input_ids, attention_mask, answer_mask)   # frozen pass
+    for step, (rows, ...) in enumerate(batches):
+        batch = build_bash_batch(model, input_ids[rows], labels[rows], alts.alt_ids[rows],
+                                 alt_probs=None if alts.alt_probs is None else alts.alt_probs[rows],
+                                 beta=0.1, seed=hash((iteration, step)) % 2**63,
+                                 attention_mask=attention_mask[rows])
+        loss = model(**batch.model_inputs()).loss
+
+predict_alternatives runs the model once, teacher-forced, over prompt+answer
+and records its guess for every answer token; build_bash_batch swaps each
+answer input token for that guess with probability beta inside the embedding
+gather (gapfix.mix_embedding), keeping the reference as the labels.
+
+Position convention: alt_ids[b, t] is the model's prediction for token t,
+i.e. what it predicts from the prefix ending at t - 1. Positions that are not
+answer tokens (and position 0, which has no prefix) hold the original id.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gapfix.ops.mix_embedding import mix_embedding, mixing_mask
+
+__all__ = ["Alternatives", "BashBatch", "build_bash_batch", "mixed_inputs_embeds",
+           "predict_alternatives"]
+
+MODES = ("argmax", "sample", "topk")
+
+
+# ----------------------------------------------------------------------------
+# the model's input embedding
+# ----------------------------------------------------------------------------
+
+def _embedding_plan(embedding: nn.Module):
+    """How to reproduce embedding(ids) from its weight: (weight, scale, padding_idx) or None.
+
+    Recognized: a plain nn.Embedding, and the transformers "ScaledWordEmbedding"
+    modules (Gemma, Gemma 2/3/4, Bart, ...: F.embedding(ids, W) * embed_scale,
+    the scale cast to W's dtype where it is a tensor). Anything else (a norm
+    after the lookup, max_norm renormalization, sparse gradients, a custom
+    module) returns None: mixing then happens at the id level.
+    """
+    if not isinstance(embedding, nn.Embedding) or embedding.max_norm is not None or embedding.sparse:
+        return None
+    padding_idx = embedding.padding_idx
+    if type(embedding).forward is nn.Embedding.forward:
+        return embedding.weight, None, padding_idx
+    if type(embedding).__name__.endswith("ScaledWordEmbedding") and hasattr(embedding, "embed_scale"):
+        scale = embedding.embed_scale
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(embedding.weight.dtype)
+        return embedding.weight, scale, padding_idx
+    return None
+
+
+def mixed_inputs_embeds(model: nn.Module, input_ids: torch.Tensor, alt_ids: torch.Tensor, *,
+                        beta: Optional[float] = None, seed: Optional[int] = None,
+                        mask: Optional[torch.Tensor] = None, eligible: Optional[torch.Tensor] = None,
+                        alt_probs: Optional[torch.Tensor] = None, deterministic: bool = False,
+                        impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs_embeds for `model` with alt_ids mixed in, through the model's own embedding.
+
+    Args:
+        model: a transformers causal LM (anything with get_input_embeddings()),
+            or the input embedding module itself.
+        input_ids: (B, T) reference ids.
+        alt_ids, beta, seed, mask, eligible, alt_probs, deterministic, impl: as
+            in gapfix.mix_embedding (hard alt_ids (B, T), or soft (B, T, K) with
+            alt_probs).
+
+    Returns:
+        (inputs_embeds (B, T, D), mixed (B, T) bool). With nothing mixed,
+        inputs_embeds equals model.get_input_embeddings()(input_ids).
+
+    A plain or scaled (Gemma's sqrt(d)) embedding goes through the fused
+    kernel on its weight, so tied input/output weights receive both gradients.
+    Any other embedding module is called as is on the mixed ids
+    (torch.where(mixed, alt_ids, input_ids)) with the mask drawn by the same
+    RNG; in soft mode it is then called on the K alternatives and the outputs
+    are weighted by alt_probs (mixing after the module, which differs from
+    mixing rows before it when the module is not linear, e.g. a norm).
+    """
+    embedding = model if isinstance(model, nn.Embedding) or not hasattr(model, "get_input_embeddings") \
+        else model.get_input_embeddings()
+    plan = _embedding_plan(embedding)
+    if plan is not None:
+        weight, scale, padding_idx = plan
+        embeds, mixed = mix_embedding(weight, input_ids, alt_ids, beta=beta, seed=seed, mask=mask,
+                                      eligible=eligible, alt_probs=alt_probs, padding_idx=padding_idx,
+                                      deterministic=deterministic, impl=impl)
+        return (embeds if scale is None else embeds * scale), mixed
+
+    # id-level fallback: validate through mix_embedding's own checks on a 0-width proxy
+    proxy = torch.empty(_num_embeddings(embedding, model), 0, device=input_ids.device)
+    _, mixed = mix_embedding(proxy, input_ids, alt_ids, beta=beta, seed=seed, mask=mask,
+                             eligible=eligible, alt_probs=alt_probs, impl="torch")
+    if alt_probs is None:
+        return embedding(torch.where(mixed, alt_ids, input_ids)), mixed
+    plain = embedding(input_ids)
+    soft = (alt_probs.to(plain.dtype)[..., None] * embedding(alt_ids)).sum(-2)
+    return torch.where(mixed[..., None], soft, plain), mixed
+
+
+def _num_embeddings(embedding, model):
+    for owner, attr in ((embedding, "num_embeddings"), (getattr(model, "config", None), "vocab_size")):
+        value = getattr(owner, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError("model: cannot tell the vocabulary size of its input embedding "
+                     "(no num_embeddings or config.vocab_size)")
+
+
+# ----------------------------------------------------------------------------
+# the batch
+# ----------------------------------------------------------------------------
+
+@dataclass
+class BashBatch:
+    """Model inputs of one BASH step.
+
+    inputs_embeds (B, T, D): the mixed embeddings (differentiable w.r.t. the
+    embedding weight); attention_mask (B, T) or None; labels (B, T): the
+    reference, unchanged; mixed (B, T) bool: which inputs were replaced.
+    """
+    inputs_embeds: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    labels: torch.Tensor
+    mixed: torch.Tensor
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for a transformers model: model(**batch.model_inputs())."""
+        inputs = {"inputs_embeds": self.inputs_embeds, "labels": self.labels}
+        if self.attention_mask is not None:
+            inputs["attention_mask"] = self.attention_mask
+        return inputs
+
+
+def build_bash_batch(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                     alt_ids: torch.Tensor, *, beta: float, seed: int,
+                     attention_mask: Optional[torch.Tensor] = None,
+                     eligible: Optional[torch.Tensor] = None,
+                     alt_probs: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                     deterministic: bool = False, impl: str = "auto") -> BashBatch:
+    """Turn (prompt+answer ids, the model's alternatives, beta, seed) into model inputs.
+
+    Args:
+        model: the model being trained (its input embedding is used).
+        input_ids: (B, T) prompt + reference answer (+ padding).
+        labels: (B, T) transformers convention (aligned with input_ids, the
+            model shifts; ignore_index on prompt and padding). Returned as is.
+        alt_ids: (B, T) from predict_alternatives, or (B, T, K) with alt_probs.
+        beta: replacement probability of an answer token, in [0, 1].
+        seed: int in [0, 2**63); one seed per step makes a run reproducible.
+        attention_mask: (B, T), passed through; padding is never mixed.
+        eligible: (B, T) bool positions that may be replaced. Default: the
+            answer tokens, labels != ignore_index (and attention_mask != 0).
+        alt_probs: (B, T, K) for soft mixing.
+    """
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if eligible is None:
+        eligible = labels != ignore_index
+        if attention_mask is not None:
+            eligible = eligible & (attention_mask != 0)
+    inputs_embeds, mixed = mixed_inputs_embeds(
+        model, input_ids, alt_ids, beta=beta, seed=seed, eligible=eligible, alt_probs=alt_probs,
+        deterministic=deterministic, impl=impl)
+    return BashBatch(inputs_embeds, attention_mask, labels, mixed)
+
+
+# ----------------------------------------------------------------------------
+# the prediction pass
+# ----------------------------------------------------------------------------
+
+class Alternatives(NamedTuple):
+    """The model's own tokens: alt_ids (B, T) or (B, T, K); alt_probs (B, T, K) in topk mode, else None."""
+    alt_ids: torch.Tensor
+    alt_probs: Optional[torch.Tensor]
+
+
+def _logit_transform(model):
+    """The transformers logit post-processing the lm head alone misses (softcap, scaling)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)  # Cohere multiplies
+    divide = getattr(config, "logits_scaling", None)  # Granite divides
+
+    def transform(logits):
+        if isinstance(scale, (int, float)) and scale != 1:
+            logits = logits * scale
+        if isinstance(divide, (int, float)) and divide != 1:
+            logits = logits / divide
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return transform
+
+
+@torch.no_grad()
+def predict_alternatives(model: nn.Module, input_ids: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor] = None,
+                         answer_mask: Optional[torch.Tensor] = None, *, mode: str = "argmax",
+                         temperature: float = 1.0, top_k: int = 4, chunk_size: int = 4096,
+                         generator: Optional[torch.Generator] = None,
+                         seed: Optional[int] = None) -> Alternatives:
+    """The frozen model's guess for every answer token, from one teacher-forced pass.
+
+    Args:
+        model: a transformers causal LM; put in eval mode for the pass and its
+            mode restored after; no gradients.
+        input_ids: (B, T) prompt + reference answer (+ padding).
+        attention_mask: (B, T) or None.
+        answer_mask: (B, T) bool, the answer tokens to predict (labels !=
+            -100 in transformers convention). None: every position but 0.
+        mode: "argmax"; "sample" (from softmax(logits / temperature)); or
+            "topk" (the top_k tokens and their probabilities renormalized over
+            the top k, at the temperature).
+        temperature: > 0; used by "sample" and "topk".
+        top_k: K of "topk".
+        chunk_size: positions whose logits are formed at once: the lm head runs
+            on chunks of the final hidden states, so the (B, T, V) logits never
+            exist; only positions that predict an answer token are projected.
+        generator / seed: the randomness of "sample" (a generator on the
+            model's device, or a seed to make one).
+
+    Returns:
+        Alternatives(alt_ids, alt_probs): alt_ids (B, T) long, alt_ids[b, t]
+        the prediction for token t made at position t - 1 (the original id
+        where answer_mask is False and at t = 0); in "topk" mode alt_ids is
+        (B, T, K) and alt_probs (B, T, K) fp32 (non-answer positions: the
+        original id with probability 1, then itself with probability 0).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be a (B, T) integer tensor, got {input_ids.dtype} "
+                         f"{tuple(input_ids.shape)}")
+    if answer_mask is None:
+        answer_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if answer_mask.shape != input_ids.shape or answer_mask.dtype != torch.bool:
+        raise ValueError(f"answer_mask must be a bool tensor of shape {tuple(input_ids.shape)}, "
+                         f"got {answer_mask.dtype} {tuple(answer_mask.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if mode != "argmax" and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if mode == "topk" and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if mode == "sample" and generator is None and seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+
+    input_ids = input_ids.long()
+    # the hidden state at t - 1 predicts token t
+    predicts = answer_mask[:, 1:]
+    head = model.get_output_embeddings()
+    base = getattr(model, "base_model", model)
+    transform = _logit_transform(model)
+    was_training = model.training
+    model.eval()
+    try:
+        if head is not None and base is not model:
+            hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = hidden.last_hidden_state[:, :-1][predicts]
+            chunks = (transform(head(hidden[i:i + chunk_size]).float())
+                      for i in range(0, hidden.shape[0], chunk_size))
+        else:  # no separate trunk: whole-model forwards on micro-batches of rows
+            rows = max(1, chunk_size // max(1, input_ids.shape[1]))
+            chunks = (model(input_ids=input_ids[i:i + rows], use_cache=False,
+                            attention_mask=None if attention_mask is None
+                            else attention_mask[i:i + rows]).logits[:, :-1][predicts[i:i + rows]].float()
+                      for i in range(0, input_ids.shape[0], rows))
+        picks = [_pick(logits, mode, temperature, top_k, generator) for logits in chunks]
+    finally:
+        model.train(was_training)
+
+    if mode == "topk":
+        k = top_k
+        alt_ids = input_ids[..., None].expand(*input_ids.shape, k).clone()
+        alt_probs = torch.zeros(*input_ids.shape, k, dtype=torch.float32, device=input_ids.device)
+        alt_probs[..., 0] = 1.0
+        if picks:
+            alt_ids[:, 1:][predicts] = torch.cat([ids for ids, _ in picks])
+            alt_probs[:, 1:][predicts] = torch.cat([p for _, p in picks])
+        return Alternatives(alt_ids, alt_probs)
+    alt_ids = input_ids.clone()
+    if picks:
+        alt_ids[:, 1:][predicts] = torch.cat(picks)
+    return Alternatives(alt_ids, None)
+
+
+def _pick(logits, mode, temperature, top_k, generator):
+    if mode == "argmax":
+        return logits.argmax(-1)
+    if mode == "sample":
+        probs = F.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    values, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+    probs = F.softmax(values / temperature, dim=-1)
+    if ids.shape[-1] < top_k:  # vocabulary smaller than K: pad with zero-probability copies
+        pad = top_k - ids.shape[-1]
+        ids = torch.cat([ids, ids[:, :1].expand(-1, pad)], dim=-1)
+        probs = torch.cat([probs, probs.new_zeros(probs.shape[0], pad)], dim=-1)
+    return ids, probs
