@@ -1,0 +1,466 @@
+// CPU kernel of the batched prefix alignment (see align.h for the outputs).
+//
+// Bit-parallel Levenshtein (Myers 1999, Hyyro's block form): the reference is
+// the pattern, laid along a column of ceil(m/64) words, and the generated
+// tokens are the text, scanned row by row t = 1..n. Row t of the DP matrix is
+// kept as two bit-vectors, bit j-1 of VP (VN) set when
+// D[t][j] - D[t][j-1] = +1 (-1); the global boundary D[t][0] = t enters as a
+// horizontal +1 into the first word of every row.
+//
+// Banding (Ukkonen). Any path of cost <= k stays within |t - j| <= k, so cells
+// of true value <= k depend only on band cells. We compute, per row, only the
+// words that cover the band; cells just outside the computed words are taken as
+// "+1 per step" from a computed neighbour, which over-estimates them
+// (D[t][j] <= D[t-1][j] + 1 and D[t][j] <= D[t][j-1] + 1), and the min-plus
+// recurrence keeps over-estimates over-estimates. Hence computed values are
+// >= the true ones everywhere and exact on every cell of true value <= k. If the
+// computed D[n][m] <= k it is therefore exact, and so is everything we read:
+// every cell on an optimal path has value <= D[n][m] <= k; the row minimum
+// c_t <= D[n][m] (an optimal path crosses row t), so the argmin set J_t is
+// exact; and in the traceback an optimal predecessor (value < D[t][j] <= k) is
+// exact while a non-optimal one, over-estimated, stays non-optimal. k starts at
+// max(|n - m|, 64) and doubles (distance-only passes) until D[n][m] <= k; the
+// full pass then runs once with that k. k >= max(n, m) is the full matrix.
+//
+// Memory: the traceback reads the stored VP/VN words of each row (16 bytes per
+// word per row, band width only); no integer matrix is ever formed. Work per
+// pair: O(n * band_words) word steps, plus O(band_words) per row for the row
+// minima (a popcount lower bound skips words that cannot hold the minimum; the
+// rest are scanned 8 bits at a time through a 64K-entry table), plus O(n + m)
+// traceback steps with an O(band_words) prefix per row change.
+#include "align.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace gapfix {
+namespace {
+
+constexpr int kInf = 1 << 29;
+
+inline int popcount64(uint64_t x) { return __builtin_popcountll(x); }
+
+// Advances one 64-bit word of the column by one text symbol.
+// eq: bits of the reference positions equal to the symbol; hin: the
+// horizontal delta D[t][j0] - D[t-1][j0] entering at the word's top boundary.
+// Returns the horizontal delta leaving at its bottom (bit 63).
+inline int advance_word(uint64_t& vp, uint64_t& vn, uint64_t eq, int hin) {
+  const uint64_t hin_neg = hin < 0 ? 1 : 0;
+  const uint64_t hin_pos = hin > 0 ? 1 : 0;
+  const uint64_t xv = eq | vn;
+  eq |= hin_neg;
+  const uint64_t xh = (((eq & vp) + vp) ^ vp) | eq;
+  uint64_t hp = vn | ~(xh | vp);
+  uint64_t hn = vp & xh;
+  const int hout = static_cast<int>(hp >> 63) - static_cast<int>(hn >> 63);
+  hp = (hp << 1) | hin_pos;
+  hn = (hn << 1) | hin_neg;
+  vp = hn | ~(xv | hp);
+  vn = hp & xv;
+  return hout;
+}
+
+// Per 8-bit chunk of (VP, VN): total delta, the minimum over its 8 prefix sums,
+// and the first / last position (0..7) reaching that minimum.
+struct ChunkStat {
+  int8_t sum;
+  int8_t min_prefix;
+  uint8_t first;
+  uint8_t last;
+};
+
+const ChunkStat* chunk_table() {
+  static const std::vector<ChunkStat> table = [] {
+    std::vector<ChunkStat> t(1 << 16);
+    for (int vp = 0; vp < 256; ++vp) {
+      for (int vn = 0; vn < 256; ++vn) {
+        int v = 0, best = 1 << 20, first = 0, last = 0;
+        for (int p = 0; p < 8; ++p) {
+          v += ((vp >> p) & 1) - ((vn >> p) & 1);
+          if (v < best) {
+            best = v;
+            first = last = p;
+          } else if (v == best) {
+            last = p;
+          }
+        }
+        t[(vp << 8) | vn] = ChunkStat{static_cast<int8_t>(v), static_cast<int8_t>(best),
+                                      static_cast<uint8_t>(first), static_cast<uint8_t>(last)};
+      }
+    }
+    return t;
+  }();
+  return table.data();
+}
+
+// Words [lo, hi] of row t cover the band |t - j| <= k (see the file comment).
+struct Band {
+  int64_t k;
+  int m;
+  int words;
+  int lo(int t) const {
+    const int64_t x = t - k - 64;
+    return x > 0 ? static_cast<int>((x + 63) / 64) : 0;
+  }
+  int hi(int t) const {
+    const int64_t top = std::min<int64_t>(m, t + k);
+    return top >= 1 ? std::min<int>(words - 1, static_cast<int>((top - 1) / 64)) : 0;
+  }
+  // An upper bound on hi(t) - lo(t) + 1 over all t.
+  int max_width() const {
+    const int64_t w = (2 * k + 63) / 64 + 2;
+    return static_cast<int>(std::min<int64_t>(words, w));
+  }
+};
+
+struct Workspace {
+  std::vector<int32_t> hash_vals;
+  std::vector<int64_t> hash_keys;
+  std::vector<int32_t> ysym, gsym;
+  std::vector<uint64_t> peq, cur_vp, cur_vn, rows_vp, rows_vn;
+  std::vector<int32_t> row_lo, row_hi, row_base;
+  std::vector<int32_t> word_start, word_lb, prev_start;
+  std::vector<int32_t> found;
+};
+
+struct PairOut {
+  int32_t* path;
+  int32_t* cost;
+  int32_t* first;
+  int32_t* last;
+  int32_t* targets;  // (n+1, K) rows of this pair, or nullptr
+  int K;
+};
+
+class PairAligner {
+ public:
+  PairAligner(Workspace& ws, int n, int m) : ws_(ws), n_(n), m_(m), words_((m + 63) / 64) {}
+
+  template <typename Id>
+  void remap(const Id* g, const Id* y) {
+    // Dense symbols: the reference's distinct ids -> 0..u-1 in order of first
+    // occurrence; a generated id absent from the reference -> -1 (matches nothing).
+    int bits = 1;
+    while ((1 << bits) < 2 * std::max(m_, 1)) ++bits;
+    const uint64_t cap = uint64_t{1} << bits;
+    ws_.hash_vals.assign(cap, -1);
+    ws_.hash_keys.resize(cap);
+    ws_.ysym.resize(m_ + 1);
+    ws_.gsym.resize(std::max(n_, 1));
+    auto slot_of = [&](int64_t key) {
+      uint64_t h = (static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull) >> (64 - bits);
+      while (ws_.hash_vals[h] >= 0 && ws_.hash_keys[h] != key) h = (h + 1) & (cap - 1);
+      return h;
+    };
+    int u = 0;
+    for (int j = 0; j < m_; ++j) {
+      const int64_t key = static_cast<int64_t>(y[j]);
+      const uint64_t h = slot_of(key);
+      if (ws_.hash_vals[h] < 0) {
+        ws_.hash_vals[h] = u++;
+        ws_.hash_keys[h] = key;
+      }
+      ws_.ysym[j] = ws_.hash_vals[h];
+    }
+    eos_ = u;
+    ws_.ysym[m_] = eos_;  // y_m: the virtual EOS, distinct from every id
+    for (int t = 0; t < n_; ++t) ws_.gsym[t] = ws_.hash_vals[slot_of(static_cast<int64_t>(g[t]))];
+    // Peq: match bit-vectors, one row of `words_` words per reference symbol.
+    ws_.peq.assign(static_cast<size_t>(u + 1) * words_, 0);  // row u: matches nothing
+    for (int j = 0; j < m_; ++j)
+      ws_.peq[static_cast<size_t>(ws_.ysym[j]) * words_ + (j >> 6)] |= uint64_t{1} << (j & 63);
+  }
+
+  // D[n][m] computed within the band of half-width k (exact when <= k).
+  int banded_distance(int64_t k) { return sweep<false>(k, nullptr); }
+
+  // The full pass: DP rows stored for the traceback, row minima, targets.
+  int full_pass(int64_t k, const PairOut& out) { return sweep<true>(k, &out); }
+
+  // Canonical traceback from (n, m); needs full_pass to have run.
+  void traceback(int distance, int32_t* path) {
+    int t = n_, j = m_, d = distance;
+    if (t > 0) load_prev_row(t - 1);
+    while (t > 0) {
+      if (j > 0) {
+        const int c = (ws_.gsym[t - 1] >= 0 && ws_.gsym[t - 1] == ws_.ysym[j - 1]) ? 0 : 1;
+        if (prev_value(j - 1) + c == d) {  // diagonal: match or substitution
+          path[t] = j;
+          --t;
+          --j;
+          d -= c;
+          if (t > 0) load_prev_row(t - 1);
+          continue;
+        }
+      }
+      if (prev_value(j) + 1 == d) {  // up: g_{t-1} is an extra token
+        path[t] = j;
+        --t;
+        d -= 1;
+        if (t > 0) load_prev_row(t - 1);
+        continue;
+      }
+      d -= delta(t, j);  // left: y_{j-1} is missing
+      --j;
+    }
+    path[0] = 0;
+  }
+
+ private:
+
+  // One row-by-row sweep over the band of half-width k; returns D[n][m]. The
+  // full sweep also stores each row's words and computes the row outputs.
+  template <bool kFull>
+  int sweep(int64_t k, const PairOut* out) {
+    const Band band{k, m_, words_};
+    const int stride = kFull ? band.max_width() : 0;
+    ws_.cur_vp.assign(words_, ~uint64_t{0});  // row 0: D[0][j] = j
+    ws_.cur_vn.assign(words_, 0);
+    uint64_t* vp = ws_.cur_vp.data();
+    uint64_t* vn = ws_.cur_vn.data();
+    if constexpr (kFull) {
+      stride_ = stride;
+      ws_.rows_vp.resize(static_cast<size_t>(n_ + 1) * stride);
+      ws_.rows_vn.resize(static_cast<size_t>(n_ + 1) * stride);
+      ws_.row_lo.resize(n_ + 1);
+      ws_.row_hi.resize(n_ + 1);
+      ws_.row_base.resize(n_ + 1);
+      ws_.word_start.resize(words_ + 1);
+      ws_.word_lb.resize(words_ + 1);
+      ws_.found.resize(std::max(out->K, 1));
+      // Row 0: c_0 = 0 and J_0 = {0}.
+      out->cost[0] = 0;
+      out->first[0] = out->last[0] = 0;
+      if (out->targets) out->targets[0] = 0;
+    }
+    // base = D[t][64 * lo(t)], the value entering the first computed word. A
+    // dropped top word's bottom value is read before it goes stale; either
+    // way the first word takes a horizontal +1 (exact for lo = 0: D[t][0] = t).
+    int base = 0, lo_prev = 0;
+    for (int t = 1; t <= n_; ++t) {
+      const int lo = band.lo(t), hi = band.hi(t);
+      if (lo > lo_prev) base += popcount64(vp[lo_prev]) - popcount64(vn[lo_prev]);
+      base += 1;
+      const uint64_t* eq = eq_row(t);
+      int hin = 1;
+      if constexpr (kFull) {
+        uint64_t* svp = &ws_.rows_vp[static_cast<size_t>(t) * stride];
+        uint64_t* svn = &ws_.rows_vn[static_cast<size_t>(t) * stride];
+        for (int w = lo; w <= hi; ++w) {
+          hin = advance_word(vp[w], vn[w], eq[w], hin);
+          svp[w - lo] = vp[w];
+          svn[w - lo] = vn[w];
+        }
+        ws_.row_lo[t] = lo;
+        ws_.row_hi[t] = hi;
+        ws_.row_base[t] = base;
+        row_minimum(t, lo, hi, base, vp, vn, *out);
+      } else {
+        for (int w = lo; w <= hi; ++w) hin = advance_word(vp[w], vn[w], eq[w], hin);
+      }
+      lo_prev = lo;
+    }
+    int d = base;  // hi(n) = words - 1: the last row reaches j = m
+    for (int w = lo_prev; w < words_; ++w) {
+      const uint64_t mask = valid_mask(w);
+      d += popcount64(vp[w] & mask) - popcount64(vn[w] & mask);
+    }
+    return d;
+  }
+
+  const uint64_t* eq_row(int t) const {
+    const int s = ws_.gsym[t - 1];
+    return &ws_.peq[static_cast<size_t>(s >= 0 ? s : eos_) * words_];
+  }
+
+  uint64_t valid_mask(int w) const {
+    const int r = m_ - 64 * w;
+    return r >= 64 ? ~uint64_t{0} : ((uint64_t{1} << r) - 1);
+  }
+
+  // Row minimum of row t over the computed words. Pass 1: word start values S
+  // and lower bounds S - popcount(VN) (upper bound U: the word end values).
+  // Pass 2: exact 8-bit-chunk scan of the words whose bound can reach it.
+  void row_minimum(int t, int lo, int hi, int base, const uint64_t* vp, const uint64_t* vn,
+                   const PairOut& out) {
+    int* start = ws_.word_start.data();
+    int* lb = ws_.word_lb.data();
+    int s = base, upper = base;
+    for (int w = lo; w <= hi; ++w) {
+      const uint64_t mask = valid_mask(w);
+      const int pn = popcount64(vn[w] & mask);
+      start[w] = s;
+      lb[w] = s - pn;
+      s += popcount64(vp[w] & mask) - pn;
+      upper = std::min(upper, s);
+    }
+    const ChunkStat* table = chunk_table();
+    int best = base, first = 64 * lo, last = 64 * lo;
+    for (int w = lo; w <= hi; ++w) {
+      if (lb[w] > std::min(best, upper)) continue;
+      const uint64_t mask = valid_mask(w);
+      // Bits past m count as +1 steps: they then never reach the minimum.
+      const uint64_t wp = (vp[w] & mask) | ~mask, wn = vn[w] & mask;
+      int v = start[w];
+      for (int c = 0; c < 8; ++c) {
+        const ChunkStat e = table[(((wp >> (8 * c)) & 255) << 8) | ((wn >> (8 * c)) & 255)];
+        const int cand = v + e.min_prefix;
+        if (cand < best) {
+          best = cand;
+          first = 64 * w + 8 * c + e.first + 1;
+          last = 64 * w + 8 * c + e.last + 1;
+        } else if (cand == best) {
+          last = 64 * w + 8 * c + e.last + 1;
+        }
+        v += e.sum;
+      }
+    }
+    out.cost[t] = best;
+    out.first[t] = first;
+    out.last[t] = last;
+    if (out.targets) row_targets(t, lo, hi, base, best, vp, vn, out);
+  }
+
+  // First j (ascending) of each distinct token among {y_j : D[t][j] = c}.
+  void row_targets(int t, int lo, int hi, int base, int c, const uint64_t* vp, const uint64_t* vn,
+                   const PairOut& out) {
+    const int K = out.K;
+    int32_t* row = out.targets + static_cast<size_t>(t) * K;
+    int* found = ws_.found.data();
+    int count = 0;
+    auto emit = [&](int j) {
+      const int sym = ws_.ysym[j];  // ysym[m] is the virtual EOS
+      for (int i = 0; i < count; ++i)
+        if (found[i] == sym) return;
+      found[count] = sym;
+      row[count++] = j;
+    };
+    if (base == c) emit(64 * lo);
+    const ChunkStat* table = chunk_table();
+    for (int w = lo; w <= hi && count < K; ++w) {
+      if (ws_.word_lb[w] > c) continue;
+      const uint64_t mask = valid_mask(w);
+      const uint64_t wp = (vp[w] & mask) | ~mask, wn = vn[w] & mask;
+      int v = ws_.word_start[w];
+      for (int ch = 0; ch < 8 && count < K; ++ch) {
+        const uint64_t bp = (wp >> (8 * ch)) & 255, bn = (wn >> (8 * ch)) & 255;
+        const ChunkStat e = table[(bp << 8) | bn];
+        if (v + e.min_prefix == c) {
+          int x = v;
+          for (int p = 0; p < 8 && count < K; ++p) {
+            x += static_cast<int>((bp >> p) & 1) - static_cast<int>((bn >> p) & 1);
+            if (x == c) emit(64 * w + 8 * ch + p + 1);
+          }
+        }
+        v += e.sum;
+      }
+    }
+  }
+
+  // Traceback helpers: values of row r = t - 1 (r = 0 is D[0][x] = x).
+  void load_prev_row(int r) {
+    prev_row_ = r;
+    if (r == 0) return;
+    const int lo = ws_.row_lo[r], hi = ws_.row_hi[r];
+    const uint64_t* vp = &ws_.rows_vp[static_cast<size_t>(r) * stride_];
+    const uint64_t* vn = &ws_.rows_vn[static_cast<size_t>(r) * stride_];
+    ws_.prev_start.resize(stride_ + 1);
+    int s = ws_.row_base[r];
+    for (int w = lo; w <= hi; ++w) {
+      ws_.prev_start[w - lo] = s;
+      s += popcount64(vp[w - lo]) - popcount64(vn[w - lo]);  // bits past m are never read
+    }
+  }
+
+  int prev_value(int x) const {
+    const int r = prev_row_;
+    if (r == 0) return x;
+    const int lo = ws_.row_lo[r], hi = ws_.row_hi[r];
+    const int jmax = std::min(m_, 64 * hi + 64);
+    if (x < 64 * lo || x > jmax) return kInf;  // not computed: true value > k
+    if (x == 64 * lo) return ws_.row_base[r];
+    const int w = (x - 1) >> 6, b = x - 64 * w;
+    const uint64_t mask = b >= 64 ? ~uint64_t{0} : ((uint64_t{1} << b) - 1);
+    const size_t at = static_cast<size_t>(r) * stride_ + (w - lo);
+    return ws_.prev_start[w - lo] + popcount64(ws_.rows_vp[at] & mask) -
+           popcount64(ws_.rows_vn[at] & mask);
+  }
+
+  // D[t][x] - D[t][x-1] from the stored row t (x in the row's computed range).
+  int delta(int t, int x) const {
+    const int w = (x - 1) >> 6;
+    const size_t at = static_cast<size_t>(t) * stride_ + (w - ws_.row_lo[t]);
+    const uint64_t bit = uint64_t{1} << ((x - 1) & 63);
+    return (ws_.rows_vp[at] & bit) ? 1 : ((ws_.rows_vn[at] & bit) ? -1 : 0);
+  }
+
+  Workspace& ws_;
+  const int n_, m_, words_;
+  int eos_ = 0;
+  int stride_ = 1;
+  int prev_row_ = 0;
+};
+
+template <typename Id>
+void align_pair(const Id* g, const Id* y, int n, int m, Workspace& ws, const PairOut& out,
+                int32_t* distance) {
+  if (m == 0) {  // D[t][0] = t: every row ends at j = 0 = m (the EOS)
+    for (int t = 0; t <= n; ++t) {
+      out.path[t] = 0;
+      out.cost[t] = t;
+      out.first[t] = out.last[t] = 0;
+      if (out.targets) out.targets[static_cast<size_t>(t) * out.K] = 0;
+    }
+    *distance = n;
+    return;
+  }
+  PairAligner aligner(ws, n, m);
+  aligner.remap(g, y);
+  const int64_t full_k = std::max(n, m);
+  int64_t k = std::max<int64_t>(std::abs(n - m), 64);
+  while (k < full_k) {
+    if (aligner.banded_distance(k) <= k) break;
+    k *= 2;
+  }
+  k = std::min(k, full_k);
+  const int d = aligner.full_pass(k, out);
+  aligner.traceback(d, out.path);
+  *distance = d;
+}
+
+}  // namespace
+
+template <typename Id>
+void align_cpu(const Id* gen, const Id* ref, const int64_t* gen_lens, const int64_t* ref_lens,
+               int64_t batch, int64_t gen_width, int64_t ref_width, int64_t max_targets,
+               const AlignOutputs& out, int num_threads) {
+  chunk_table();  // build the table once, outside the parallel region
+  const int64_t rows = gen_width + 1;
+#pragma omp parallel num_threads(num_threads > 0 ? num_threads : 1)
+  {
+    Workspace ws;
+#pragma omp for schedule(dynamic)
+    for (int64_t b = 0; b < batch; ++b) {
+      const int n = static_cast<int>(gen_lens[b]);
+      const int m = static_cast<int>(ref_lens[b]);
+      PairOut po{out.path + b * rows, out.cost + b * rows, out.first + b * rows,
+                 out.last + b * rows,
+                 max_targets > 0 ? out.targets + b * rows * max_targets : nullptr,
+                 static_cast<int>(max_targets)};
+      align_pair(gen + b * gen_width, ref + b * ref_width, n, m, ws, po, out.distance + b);
+    }
+  }
+}
+
+template void align_cpu<int32_t>(const int32_t*, const int32_t*, const int64_t*, const int64_t*,
+                                 int64_t, int64_t, int64_t, int64_t, const AlignOutputs&, int);
+template void align_cpu<int64_t>(const int64_t*, const int64_t*, const int64_t*, const int64_t*,
+                                 int64_t, int64_t, int64_t, int64_t, const AlignOutputs&, int);
+
+}  // namespace gapfix
