@@ -28,6 +28,7 @@ import math
 import random
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from gapfix.data import IGNORE_INDEX
@@ -49,25 +50,33 @@ def _strip_reference(y: Sequence[int], eos_id: int):
     return y[:-1] if y and y[-1] == eos_id else y  # y_m := EOS is implied
 
 
+def _check_ids(name: str, index: int, row) -> None:
+    """A row of token ids: a list of non-negative ints (checked in numpy: per-token
+    Python checks would cost more than the alignment itself)."""
+    if not isinstance(row, (list, tuple)):
+        raise ValueError(f"{name}[{index}] must be a list of token ids, got {type(row).__name__}")
+    if row:
+        arr = np.asarray(row)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.min() < 0:
+            raise ValueError(f"{name}[{index}] must be a list of non-negative int token ids")
+
+
+def _check_rows(name: str, rows, count: Optional[int]) -> None:
+    if not isinstance(rows, (list, tuple)):
+        raise ValueError(f"{name} must be a list of token-id lists, got {type(rows).__name__}")
+    if count is not None and len(rows) != count:
+        raise ValueError(f"{name} has {len(rows)} entries, prompts has {count}")
+    for i, row in enumerate(rows):
+        _check_ids(name, i, row)
+
+
 def _padded(rows: List[List[int]], device):
-    lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    out = torch.zeros(len(rows), int(lens.max()) if rows else 0, dtype=torch.long)
-    if out.numel():
-        flat = torch.tensor([v for r in rows for v in r], dtype=torch.long)
-        mask = torch.arange(out.shape[1]) < lens[:, None]
-        out[mask] = flat
-    return out.to(device), lens.to(device)
-
-
-def _check_token_lists(name: str, value, count: Optional[int]) -> None:
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{name} must be a list of token-id lists, got {type(value).__name__}")
-    if count is not None and len(value) != count:
-        raise ValueError(f"{name} has {len(value)} entries, prompts has {count}")
-    for i, row in enumerate(value):
-        if not isinstance(row, (list, tuple)) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row):
-            raise ValueError(f"{name}[{i}] must be a list of non-negative int token ids")
+    """(B, max len) int64 right-padded with 0, and the lengths."""
+    lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    out = np.zeros((len(rows), int(lens.max(initial=0))), dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return torch.from_numpy(out).to(device), torch.from_numpy(lens).to(device)
 
 
 def build_rac_rows(
@@ -113,9 +122,9 @@ def build_rac_rows(
     from gapfix.ops.align import align
     from gapfix.ops.rac_labels import MODES, rac_labels
 
-    _check_token_lists("prompts", prompts, None)
-    _check_token_lists("generated", generated, len(prompts))
-    _check_token_lists("references", references, len(prompts))
+    _check_rows("prompts", prompts, None)
+    _check_rows("generated", generated, len(prompts))
+    _check_rows("references", references, len(prompts))
     if not isinstance(eos_id, int) or isinstance(eos_id, bool) or eos_id < 0:
         raise ValueError(f"eos_id must be a non-negative int, got {eos_id!r}")
     pad_id = eos_id if pad_id is None else pad_id
@@ -174,24 +183,25 @@ def build_rac_rows(
         exact_match=float(((dist == 0) & done_all).float().mean()),
     )
 
-    labels = torch.where(trained, labels, ignore_index).tolist()
+    # to Python lists through numpy (far faster than per-element work)
+    labels = torch.where(trained, labels, ignore_index).cpu().numpy()
     if soft:
-        k = out.target_ids.shape[-1]
-        target_ids = torch.where(trained[..., None], out.target_ids, ignore_index).tolist()
-        target_weights = torch.where(trained[..., None], out.target_weights, 0.0).tolist()
+        target_ids = torch.where(trained[..., None], out.target_ids, ignore_index).cpu().numpy()
+        target_weights = torch.where(trained[..., None], out.target_weights, 0.0).cpu().numpy()
     rows = []
     for b in range(batch):
         prompt, answer = list(prompts[b]), answers[b]
-        n_b, start = len(answer), len(prompt) - 1
+        start, stop = len(prompt) - 1, len(prompt) + len(answer)  # positions of t = 0 .. n
         input_ids = prompt + answer + [eos_id if finished[b] else pad_id]
-        row_labels = [ignore_index] * len(input_ids)
-        row_labels[start:start + n_b + 1] = labels[b][: n_b + 1]
-        row = {"input_ids": input_ids, "labels": row_labels}
+        row_labels = np.full(len(input_ids), ignore_index, dtype=np.int64)
+        row_labels[start:stop] = labels[b, : stop - start]
+        row = {"input_ids": input_ids, "labels": row_labels.tolist()}
         if soft:
-            row["target_ids"] = [[ignore_index] * k for _ in input_ids]
-            row["target_weights"] = [[0.0] * k for _ in input_ids]
-            row["target_ids"][start:start + n_b + 1] = target_ids[b][: n_b + 1]
-            row["target_weights"][start:start + n_b + 1] = target_weights[b][: n_b + 1]
+            ids = np.full((len(input_ids), max_targets), ignore_index, dtype=np.int64)
+            weights = np.zeros((len(input_ids), max_targets), dtype=np.float32)
+            ids[start:stop] = target_ids[b, : stop - start]
+            weights[start:stop] = target_weights[b, : stop - start]
+            row["target_ids"], row["target_weights"] = ids.tolist(), weights.tolist()
         rows.append(row)
     return rows, stats
 
