@@ -90,6 +90,10 @@ def rac_labels_kernel(
         packed = tl.sum(tl.where(pick, ids[:, None, :], 0), axis=2)
         used = slot[None, :] < count[:, None]
         ids = tl.where(used, packed, ignore_index).to(tl.int64)
-        weight = tl.where(used, 1.0 / tl.maximum(count, 1).to(tl.float32)[:, None], 0.0)
+        # div_rn: the IEEE-rounded 1/count, bit-equal to the PyTorch reference
+        # (plain `/` may lower to the approximate division on GPUs)
+        ones = tl.full([BLOCK_ROWS], 1.0, dtype=tl.float32)
+        inv = tl.math.div_rn(ones, tl.maximum(count, 1).to(tl.float32))
+        weight = tl.where(used, inv[:, None], 0.0)
         tl.store(weights_ptr + out_offs, weight, mask=slot_ok)
     tl.store(ids_ptr + out_offs, ids, mask=slot_ok)

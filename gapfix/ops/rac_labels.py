@@ -131,7 +131,7 @@ def _launch(ref, ref_lens, index3, ids3, weights3, eos_id, ignore_index, block_r
         # hard: 512 rows of one slot; soft: keep the (rows x K x K) dedup tile ~4K elements
         block_rows = 512 if not soft else max(1, 4096 // (block_k * block_k))
     block_rows = _next_pow2(block_rows)  # tl.arange needs a power of two
-    grid = (triton_cdiv(n_rows, block_rows),)
+    grid = (_cdiv(n_rows, block_rows),)
     wrap_triton(rac_labels_kernel)[grid](
         ref,
         ref if ref_lens is None else ref_lens,
@@ -159,7 +159,7 @@ def _launch(ref, ref_lens, index3, ids3, weights3, eos_id, ignore_index, block_r
     )
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
