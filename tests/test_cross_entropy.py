@@ -1,0 +1,512 @@
+"""gapfix.cross_entropy / gapfix.linear_cross_entropy against an fp64 PyTorch reference.
+
+Tolerance scheme (as Cut Cross-Entropy's tests): the fast path and PyTorch in the
+same dtype are both compared with the fp64 reference; the fast path may be off by
+at most a small multiple of PyTorch's own error in that dtype (plus a floor of a
+few fp32 ulps, since the losses are accumulated in fp32).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gapfix
+from gapfix.ops.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
+
+FACTOR = 3.0
+
+
+def _err(a, ref):
+    return (a.double() - ref.double()).abs().max().item()
+
+
+def assert_like_torch(fast, torch_same_dtype, ref64, what):
+    """|fast - fp64| <= FACTOR * |torch in the same dtype - fp64| + floor."""
+    assert torch.isfinite(fast).all(), f"{what}: non-finite values"
+    floor = 8 * torch.finfo(torch.float32).eps * max(1.0, ref64.abs().max().item())
+    err, base = _err(fast, ref64), _err(torch_same_dtype, ref64)
+    assert err <= FACTOR * base + floor, f"{what}: error {err:.3e} vs PyTorch's own {base:.3e} (floor {floor:.1e})"
+
+
+def _make_targets(gen, lead, vocab, kind, ignore_frac=0.2):
+    n = math.prod(lead)
+    if kind == "hard":
+        ids = torch.randint(0, vocab, (n,), generator=gen)
+        ids[torch.rand(n, generator=gen) < ignore_frac] = -100
+        return ids.reshape(lead)
+    k = 3
+    ids = torch.randint(0, vocab, (n, k), generator=gen)
+    ids[torch.rand(n, k, generator=gen) < 0.3] = -100  # some slots unused
+    ids[torch.rand(n, generator=gen) < ignore_frac] = -100  # some rows ignored
+    weights = torch.rand(n, k, generator=gen)
+    weights = weights / weights.sum(-1, keepdim=True)
+    return ids.reshape(*lead, k), weights.reshape(*lead, k)
+
+
+def _to64(target):
+    return target if isinstance(target, torch.Tensor) else (target[0], target[1].double())
+
+
+def _linear_case(dtype, lead=(3, 423), hdim=32, vocab=501, bias=True, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    n = math.prod(lead)
+    hidden = (torch.randn(*lead, hdim, generator=gen) * scale).to(dtype)
+    weight = (torch.randn(vocab, hdim, generator=gen) / math.sqrt(hdim) * 2).to(dtype)
+    b = torch.randn(vocab, generator=gen).to(dtype) if bias else None
+    grad_none = torch.randn(lead, generator=gen)
+    token_weight = torch.rand(lead, generator=gen) * 2
+    return hidden, weight, b, grad_none, token_weight, gen, n
+
+
+def _run_linear(hidden, weight, bias, target, grad_out, fn, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    loss = fn(leaves[0], leaves[1], target, bias=leaves[2] if bias is not None else None, **kw)
+    g = grad_out.to(loss.dtype) if loss.dim() else torch.tensor(1.7, dtype=loss.dtype)
+    grads = torch.autograd.grad(loss, leaves, g)
+    return (loss.detach(),) + tuple(grads)
+
+
+def _reference_fn(hidden, weight, target, bias=None, **kw):
+    kw.pop("impl", None), kw.pop("chunk_size", None)
+    return linear_cross_entropy_reference(hidden, weight, target, bias=bias, **kw)[0]
+
+
+def _check_linear(dtype, target_kind, options, reduction, impl, lead=(3, 423), hdim=32, vocab=501,
+                  chunk_size=97, seed=0):
+    hidden, weight, bias, grad_none, token_weight, gen, n = _linear_case(dtype, lead, hdim, vocab, seed=seed)
+    target = _make_targets(gen, lead, vocab, target_kind)
+    kw = dict(options, reduction=reduction)
+    if kw.pop("token_weight", False):
+        kw["token_weight"] = token_weight
+    fast = _run_linear(hidden, weight, bias, target, grad_none, gapfix.linear_cross_entropy, impl=impl,
+                       chunk_size=chunk_size, **kw)
+    same = _run_linear(hidden, weight, bias, target, grad_none, _reference_fn, **kw)
+    kw64 = dict(kw)
+    if "token_weight" in kw64:
+        kw64["token_weight"] = kw64["token_weight"].double()
+    ref = _run_linear(hidden.double(), weight.double(), bias.double(), _to64(target), grad_none, _reference_fn,
+                      **kw64)
+    for name, f, s, r in zip(("loss", "dhidden", "dweight", "dbias"), fast, same, ref):
+        assert f.shape == r.shape and f.dtype == (s.dtype if name != "loss" else torch.float32), name
+        assert_like_torch(f, s, r, f"{name} ({dtype}, {target_kind}, {options}, {reduction})")
+
+
+OPTION_CASES = [
+    {},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-3},
+    {"softcap": 3.0},
+    {"token_weight": True},
+    {"label_smoothing": 0.05, "z_loss": 1e-2, "softcap": 5.0, "token_weight": True},
+    {"num_tokens": 1000},
+]
+
+
+# ---------------------------------------------------------------- the oracle itself
+
+
+def test_reference_matches_pytorch_hard_targets():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(50, 37, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 37, (50,), generator=gen)
+    target[::7] = -100
+    for reduction in ("mean", "sum", "none"):
+        for eps in (0.0, 0.2):
+            ours, _ = cross_entropy_reference(logits, target, label_smoothing=eps, reduction=reduction)
+            theirs = F.cross_entropy(logits, target, label_smoothing=eps, reduction=reduction)
+            torch.testing.assert_close(ours, theirs)
+
+
+def test_reference_matches_pytorch_soft_targets_and_z_loss():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(40, 29, generator=gen, dtype=torch.float64)
+    ids, weights = _make_targets(gen, (40,), 29, "soft", ignore_frac=0.0)
+    weights = weights.double()
+    dense = torch.zeros_like(logits).scatter_add_(1, ids.clamp_min(0), torch.where(ids >= 0, weights, 0))
+    lse = torch.logsumexp(logits, -1)
+    expected = F.cross_entropy(logits, dense, reduction="none") + 0.01 * lse ** 2
+    expected = torch.where((ids >= 0).any(-1), expected, 0.0)  # a row with every slot unused is ignored
+    ours, _ = cross_entropy_reference(logits, (ids, weights), z_loss=0.01, reduction="none")
+    torch.testing.assert_close(ours, expected)
+
+
+# ---------------------------------------------------------------- chunked (CPU) path
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", OPTION_CASES, ids=lambda o: "-".join(o) or "plain")
+def test_linear_cpu_fp32(options, reduction):
+    if "num_tokens" in options and reduction != "mean":
+        pytest.skip("num_tokens is the denominator of 'mean'")
+    _check_linear(torch.float32, "hard", options, reduction, "cpu")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0}],
+                         ids=["plain", "all"])
+def test_linear_cpu_soft_targets(options, reduction):
+    _check_linear(torch.float32, "soft", options, reduction, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("target_kind", ["hard", "soft"])
+def test_linear_cpu_low_precision(dtype, target_kind):
+    _check_linear(dtype, target_kind, {"z_loss": 1e-3, "softcap": 6.0}, "mean", "cpu", lead=(2, 61), hdim=32,
+                  vocab=333)
+
+
+def test_linear_cpu_single_chunk_and_one_row_chunks():
+    for chunk_size in (1, 10_000):
+        _check_linear(torch.float32, "hard", {"label_smoothing": 0.1}, "sum", "cpu", lead=(13,), hdim=8, vocab=51,
+                      chunk_size=chunk_size)
+
+
+def _logits_case(dtype, n=211, vocab=301, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, vocab, generator=gen) * 3).to(dtype)
+    return logits, gen
+
+
+def _run_ce(logits, target, grad_out, fn, **kw):
+    leaf = logits.detach().clone().requires_grad_()
+    loss = fn(leaf, target, **kw)
+    g = grad_out.to(loss.dtype) if loss.dim() else torch.tensor(0.6, dtype=loss.dtype)
+    return loss.detach(), torch.autograd.grad(loss, leaf, g)[0]
+
+
+def _ref_ce(logits, target, **kw):
+    kw.pop("impl", None), kw.pop("chunk_size", None)
+    return cross_entropy_reference(logits, target, **kw)[0]
+
+
+def _check_ce(dtype, target_kind, options, reduction, impl, n=211, vocab=301, neg_inf=False):
+    logits, gen = _logits_case(dtype, n, vocab)
+    target = _make_targets(gen, (n,), vocab, target_kind)
+    if neg_inf:
+        # a masked vocabulary: the last fifth of the classes at -inf, targets never there
+        logits[:, -(vocab // 5):] = float("-inf")
+        ids = target if isinstance(target, torch.Tensor) else target[0]
+        ids[ids >= vocab - vocab // 5] = 0
+    grad_none = torch.randn(n, generator=gen)
+    kw = dict(options, reduction=reduction)
+    if kw.pop("token_weight", False):
+        kw["token_weight"] = torch.rand(n, generator=gen)
+    fast = _run_ce(logits, target, grad_none, gapfix.cross_entropy, impl=impl, chunk_size=50, **kw)
+    same = _run_ce(logits, target, grad_none, _ref_ce, **kw)
+    kw64 = dict(kw)
+    if "token_weight" in kw64:
+        kw64["token_weight"] = kw64["token_weight"].double()
+    ref = _run_ce(logits.double(), _to64(target), grad_none, _ref_ce, **kw64)
+    for name, f, s, r in zip(("loss", "dlogits"), fast, same, ref):
+        assert f.shape == r.shape, name
+        assert_like_torch(f, s, r, f"{name} ({dtype}, {target_kind}, {options}, {reduction})")
+    assert fast[1].dtype == dtype
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", OPTION_CASES, ids=lambda o: "-".join(o) or "plain")
+def test_ce_cpu_fp32(options, reduction):
+    if "num_tokens" in options and reduction != "mean":
+        pytest.skip("num_tokens is the denominator of 'mean'")
+    _check_ce(torch.float32, "hard", options, reduction, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("target_kind", ["hard", "soft"])
+def test_ce_cpu_dtypes_and_soft(dtype, target_kind):
+    _check_ce(dtype, target_kind, {"label_smoothing": 0.1, "z_loss": 1e-3}, "none", "cpu")
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def test_ce_logits_at_minus_inf(impl):
+    _check_ce(torch.float32, "hard", {"z_loss": 1e-3}, "mean", impl, neg_inf=True)
+    _check_ce(torch.float32, "soft", {"softcap": 4.0}, "none", impl, neg_inf=True)
+
+
+def test_ce_matches_torch_functional():
+    logits, gen = _logits_case(torch.float32)
+    target = _make_targets(gen, (logits.shape[0],), logits.shape[1], "hard")
+    for reduction in ("mean", "sum", "none"):
+        ours = gapfix.cross_entropy(logits, target, label_smoothing=0.1, reduction=reduction, impl="cpu")
+        theirs = F.cross_entropy(logits, target, label_smoothing=0.1, reduction=reduction)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- contracts
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_every_token_ignored_gives_zero_loss_and_zero_grads(impl, soft):
+    hidden, weight, bias, _, _, _, n = _linear_case(torch.float32, (5, 7), 16, 50)
+    target = torch.full((5, 7), -100)
+    if soft:
+        target = (torch.full((5, 7, 2), -100), torch.rand(5, 7, 2))
+    for reduction in ("mean", "sum", "none"):
+        loss, dx, dw, db = _run_linear(hidden, weight, bias, target, torch.randn(5, 7), gapfix.linear_cross_entropy,
+                                       impl=impl, reduction=reduction, z_loss=1e-2, label_smoothing=0.1)
+        for t in (loss, dx, dw, db):
+            assert torch.equal(t, torch.zeros_like(t))
+
+
+def test_ignored_rows_with_all_minus_inf_logits_stay_finite():
+    logits, _ = _logits_case(torch.float32, n=6, vocab=20)
+    logits[2] = float("-inf")
+    target = torch.tensor([1, 2, -100, 3, 4, 5])
+    for impl in ("cpu", "torch"):
+        loss, grad = _run_ce(logits, target, torch.randn(6), gapfix.cross_entropy, impl=impl, z_loss=1e-2)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def test_num_tokens_makes_micro_batches_add_up(impl):
+    hidden, weight, bias, _, _, gen, n = _linear_case(torch.float64, (64,), 12, 70, seed=5)
+    target = _make_targets(gen, (64,), 70, "hard", ignore_frac=0.4)
+    full = _run_linear(hidden, weight, bias, target, None, gapfix.linear_cross_entropy, impl=impl)
+    count = int((target != -100).sum())
+    parts = [
+        _run_linear(hidden[s], weight, bias, target[s], None, gapfix.linear_cross_entropy, impl=impl,
+                    num_tokens=torch.tensor(float(count)) if i else count)
+        for i, s in enumerate((slice(0, 20), slice(20, 64)))
+    ]
+    torch.testing.assert_close(parts[0][0] + parts[1][0], full[0])
+    torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]), full[1])
+    torch.testing.assert_close(parts[0][2] + parts[1][2], full[2])
+    torch.testing.assert_close(parts[0][3] + parts[1][3], full[3])
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def test_return_lse(impl):
+    hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (4, 9), 16, 40)
+    target = _make_targets(gen, (4, 9), 40, "hard")
+    loss, lse = gapfix.linear_cross_entropy(hidden, weight, target, bias=bias, softcap=2.0, return_lse=True,
+                                            reduction="none", impl=impl)
+    logits = F.linear(hidden, weight, bias)
+    torch.testing.assert_close(lse, torch.logsumexp(2.0 * torch.tanh(logits / 2.0), -1))
+    assert loss.shape == lse.shape == (4, 9) and not lse.requires_grad
+
+
+def test_modules():
+    hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (3, 5), 8, 30)
+    target = _make_targets(gen, (3, 5), 30, "hard")
+    lin = gapfix.LinearCrossEntropyLoss(label_smoothing=0.1, reduction="sum")
+    expected = gapfix.linear_cross_entropy(hidden, weight, target, bias=bias, label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(lin(hidden, weight, target, bias), expected)
+    ce = gapfix.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(ce(F.linear(hidden, weight, bias), target), expected, rtol=1e-5, atol=1e-4)
+    assert "label_smoothing=0.1" in repr(lin)
+
+
+def test_no_grad_skips_the_gradient_work():
+    hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (6,), 8, 30)
+    target = _make_targets(gen, (6,), 30, "hard")
+    with torch.no_grad():
+        loss = gapfix.linear_cross_entropy(hidden.requires_grad_(), weight, target, impl="cpu")
+    assert not loss.requires_grad
+
+
+def test_torch_compile_fullgraph_traces_the_cpu_path():
+    hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (3, 11), 16, 45)
+    target = _make_targets(gen, (3, 11), 45, "soft")
+
+    def step(h, w, b):
+        return gapfix.linear_cross_entropy(h, w, target, bias=b, z_loss=1e-3, impl="cpu", reduction="mean")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager = _run_linear(hidden, weight, bias, target, None, lambda h, w, t, bias: step(h, w, bias))
+    traced = _run_linear(hidden, weight, bias, target, None, lambda h, w, t, bias: compiled(h, w, bias))
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(a, b)
+
+
+def test_custom_ops_pass_opcheck():
+    hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (7,), 16, 40)
+    ids = _make_targets(gen, (7,), 40, "hard").reshape(7, 1)
+    args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), ids, None, None, None, 0.0,
+            -100, 0.1, 1e-3, 0.0, "mean", "cpu", 3, None, 0.0, True, True, True)
+    torch.library.opcheck(torch.ops.gapfix.linear_cross_entropy_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _good():
+    hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (6,), 8, 30)
+    return hidden, weight, bias, torch.randint(0, 30, (6,), generator=gen)
+
+
+@pytest.mark.parametrize("change, word", [
+    (lambda a: dict(a, hidden=a["hidden"].long()), "hidden"),
+    (lambda a: dict(a, lm_weight=a["lm_weight"][:, :5]), "lm_weight"),
+    (lambda a: dict(a, lm_weight=a["lm_weight"].double()), "lm_weight"),
+    (lambda a: dict(a, lm_weight=a["lm_weight"].to("meta")), "lm_weight"),
+    (lambda a: dict(a, bias=a["bias"][:4]), "bias"),
+    (lambda a: dict(a, target=a["target"][:5]), "target"),
+    (lambda a: dict(a, target=a["target"].float()), "target"),
+    (lambda a: dict(a, target=a["target"].to("meta")), "target"),
+    (lambda a: dict(a, target=torch.tensor([0, 1, 2, 30, 4, 5])), "target"),
+    (lambda a: dict(a, target=torch.tensor([0, 1, -2, 3, 4, 5])), "target"),
+    (lambda a: dict(a, target=(torch.zeros(6, 3, dtype=torch.long), torch.ones(6, 2))), "target"),
+    (lambda a: dict(a, target=(torch.zeros(6, 2, dtype=torch.long), -torch.ones(6, 2))), "target"),
+    (lambda a: dict(a, token_weight=-torch.ones(6)), "token_weight"),
+    (lambda a: dict(a, token_weight=torch.ones(5)), "token_weight"),
+    (lambda a: dict(a, reduction="avg"), "reduction"),
+    (lambda a: dict(a, label_smoothing=1.5), "label_smoothing"),
+    (lambda a: dict(a, z_loss=-1.0), "z_loss"),
+    (lambda a: dict(a, softcap=0.0), "softcap"),
+    (lambda a: dict(a, num_tokens=0), "num_tokens"),
+    (lambda a: dict(a, num_tokens=5, reduction="sum"), "num_tokens"),
+    (lambda a: dict(a, impl="cuda"), "impl"),
+    (lambda a: dict(a, chunk_size=0), "chunk_size"),
+])
+def test_bad_input_raises_value_error_naming_the_argument(change, word):
+    hidden, weight, bias, target = _good()
+    args = change(dict(hidden=hidden.requires_grad_(), lm_weight=weight, target=target, bias=bias))
+    before = [t.clone() for t in (hidden, weight, bias)]
+    args.setdefault("impl", "cpu")
+    with pytest.raises(ValueError, match=word):
+        gapfix.linear_cross_entropy(args.pop("hidden"), args.pop("lm_weight"), args.pop("target"), **args)
+    for a, b in zip(before, (hidden, weight, bias)):
+        assert torch.equal(a, b)
+    assert hidden.grad is None
+
+
+def test_bad_logits_input():
+    with pytest.raises(ValueError, match="logits"):
+        gapfix.cross_entropy(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="target"):
+        gapfix.cross_entropy(torch.zeros(3, 4), torch.tensor([0, 4, 1]))
+
+
+def test_triton_impl_on_cpu_needs_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    hidden, weight, bias, target = _good()
+    with pytest.raises(ValueError, match="impl"):
+        gapfix.linear_cross_entropy(hidden, weight, target, impl="triton")
+
+
+# ---------------------------------------------------------------- Triton (interpreter on CPU; few, tiny)
+
+
+@pytest.mark.parametrize("dtype, target_kind, options, reduction", [
+    (torch.float32, "hard", {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0, "token_weight": True}, "mean"),
+    (torch.float32, "soft", {}, "none"),
+    (torch.bfloat16, "hard", {}, "sum"),
+    (torch.float16, "soft", {"z_loss": 1e-3}, "mean"),
+])
+def test_linear_triton(triton_device, dtype, target_kind, options, reduction):
+    if triton_device != "cpu":
+        pytest.skip("covered at larger shapes by the cuda tests")
+    _check_linear(dtype, target_kind, options, reduction, "triton", lead=(37,), hdim=24, vocab=77)
+
+
+def test_linear_triton_all_ignored(triton_device):
+    hidden, weight, bias, _, _, _, n = _linear_case(torch.float32, (19,), 16, 40)
+    hidden, weight, bias = hidden.to(triton_device), weight.to(triton_device), bias.to(triton_device)
+    target = torch.full((19,), -100, device=triton_device)
+    loss, dx, dw, db = _run_linear(hidden, weight, bias, target, None, gapfix.linear_cross_entropy, impl="triton")
+    for t in (loss, dx, dw, db):
+        assert torch.equal(t, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("target_kind, options, reduction", [
+    ("hard", {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}, "mean"),
+    ("soft", {"token_weight": True}, "none"),
+])
+def test_ce_triton(triton_device, target_kind, options, reduction):
+    if triton_device != "cpu":
+        pytest.skip("covered at larger shapes by the cuda tests")
+    _check_ce(torch.float32, target_kind, options, reduction, "triton", n=23, vocab=101, neg_inf=True)
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("target_kind", ["hard", "soft"])
+def test_linear_triton_cuda(dtype, target_kind):
+    _check_linear_cuda(dtype, target_kind, {"z_loss": 1e-4, "label_smoothing": 0.1, "token_weight": True}, "mean")
+    _check_linear_cuda(dtype, target_kind, {"softcap": 20.0}, "none")
+
+
+def _check_linear_cuda(dtype, target_kind, options, reduction, **extra):
+    lead, hdim, vocab = (3, 423), 200, 5003
+    hidden, weight, bias, grad_none, token_weight, gen, n = _linear_case(torch.float32, lead, hdim, vocab)
+    target = _make_targets(gen, lead, vocab, target_kind)
+    dev = "cuda"
+    target = target.to(dev) if isinstance(target, torch.Tensor) else (target[0].to(dev), target[1].to(dev))
+    kw = dict(options, reduction=reduction)
+    if kw.pop("token_weight", False):
+        kw["token_weight"] = token_weight.to(dev)
+    h, w, b, g = hidden.to(dev, dtype), weight.to(dev, dtype), bias.to(dev, dtype), grad_none.to(dev)
+    fast = _run_linear(h, w, b, target, g, gapfix.linear_cross_entropy, impl="triton", **kw, **extra)
+    same = _run_linear(h, w, b, target, g, _reference_fn, **kw)
+    kw64 = dict(kw)
+    if "token_weight" in kw64:
+        kw64["token_weight"] = kw64["token_weight"].double()
+    ref = _run_linear(h.double(), w.double(), b.double(), _to64(target), g, _reference_fn, **kw64)
+    for name, f, s, r in zip(("loss", "dhidden", "dweight", "dbias"), fast, same, ref):
+        assert_like_torch(f, s, r, f"{name} ({dtype}, {target_kind}, {options}, {reduction}, {extra})")
+
+
+@pytest.mark.cuda
+def test_linear_triton_cuda_bf16_weight_accumulator():
+    _check_linear_cuda(torch.bfloat16, "hard", {}, "mean", grad_weight_dtype=torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ce_triton_cuda(dtype):
+    n, vocab = 1000, 50_257
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(n, vocab, generator=gen) * 3).to("cuda", dtype)
+    target = _make_targets(gen, (n,), vocab, "hard").cuda()
+    fast = _run_ce(logits, target, torch.randn(n, device="cuda"), gapfix.cross_entropy, impl="triton",
+                   label_smoothing=0.1, z_loss=1e-4)
+    same = _run_ce(logits, target, None, _ref_ce, label_smoothing=0.1, z_loss=1e-4)
+    ref = _run_ce(logits.double(), target, None, _ref_ce, label_smoothing=0.1, z_loss=1e-4)
+    for name, f, s, r in zip(("loss", "dlogits"), fast, same, ref):
+        assert_like_torch(f, s, r, name)
+
+
+@pytest.mark.cuda
+def test_cuda_paths_do_not_synchronize():
+    dev = "cuda"
+    h = torch.randn(300, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(1000, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 1000, (300,), device=dev)
+    logits = torch.randn(300, 1000, device=dev, requires_grad=True)
+    gapfix.linear_cross_entropy(h, w, t).backward()  # warm-up: compile kernels
+    gapfix.cross_entropy(logits, t).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gapfix.linear_cross_entropy(h, w, t, num_tokens=torch.tensor(300.0, device=dev)).backward()
+        gapfix.cross_entropy(logits, t, reduction="none").sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_cuda_invalid_ids_give_nan_not_an_error():
+    h = torch.randn(8, 16, device="cuda")
+    w = torch.randn(10, 16, device="cuda")
+    t = torch.tensor([0, 1, 2, 3, 4, 5, 6, 12], device="cuda")
+    loss = gapfix.linear_cross_entropy(h, w, t, reduction="none")
+    assert torch.isnan(loss[7]) and torch.isfinite(loss[:7]).all()
+
+
+@pytest.mark.cuda
+def test_cuda_64bit_offsets():
+    # (N, V) with N * V > 2**31 elements: offsets into the logits must not wrap
+    n, vocab = 8200, 262_144
+    logits = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16)
+    target = torch.randint(0, vocab, (n,), device="cuda")
+    loss = gapfix.cross_entropy(logits, target, reduction="none", impl="triton")
+    tail = slice(n - 50, n)
+    expected = F.cross_entropy(logits[tail].float(), target[tail], reduction="none")
+    torch.testing.assert_close(loss[tail], expected, rtol=1e-4, atol=1e-4)
