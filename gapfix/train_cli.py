@@ -1,0 +1,116 @@
+"""`gapfix train`: the reference training script on your model and data.
+
+    gapfix train --model path/to/hf_model --train train.jsonl --eval eval.jsonl \\
+                 --method rac --iterations 3 --out runs/rac
+
+--model is a local transformers model folder (nothing is downloaded), or
+"tiny" for a small Llama built from a config with a tokenizer trained locally
+on the training data. Every TrainConfig field is a flag (--beta, --rac-mode,
+--steps-per-iteration, ...). Under torchrun the same command trains with DDP
+(or --distributed fsdp).
+"""
+import dataclasses
+import json
+import os
+import typing
+
+from gapfix.trainer import TrainConfig
+
+_SKIP = {"extra", "out_dir", "method", "iterations"}
+
+
+def _flag_type(field):
+    hint = field.type if not isinstance(field.type, str) else eval(field.type, vars(typing))  # noqa: S307
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[X]
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def configure(parser):
+    parser.add_argument("--model", required=True, help='a local HF model folder, or "tiny"')
+    parser.add_argument("--train", required=True, help="JSONL of prompt/response or chat records")
+    parser.add_argument("--eval", help="held-out JSONL, evaluated by greedy generation after each iteration")
+    parser.add_argument("--method", default="sft", help="sft, bash or rac")
+    parser.add_argument("--iterations", type=int, default=1)
+    parser.add_argument("--out", required=True, help="output folder (metrics, checkpoints, final model)")
+    parser.add_argument("--max-length", type=int, default=None, help="drop examples longer than this")
+    parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                        help="malformed data lines: stop, or skip them with a warning")
+    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, flash_attention_2, eager)")
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in _SKIP:
+            continue
+        kind = _flag_type(field)
+        flag = "--" + field.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, type=_parse_bool, default=field.default, metavar="{true,false}")
+        else:
+            parser.add_argument(flag, type=kind, default=field.default)
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0):
+    """(model, tokenizer) from a local folder, or a tiny Llama for spec == "tiny"."""
+    if spec == "tiny":
+        from gapfix.data import read_jsonl, split_record
+        from gapfix.models import tiny_llama, train_tokenizer
+
+        texts = []
+        for record in read_jsonl(train_path, on_error="skip"):
+            pair = split_record(record)
+            if pair:
+                texts.extend(pair)
+        tokenizer = train_tokenizer(texts, vocab_size=512, add_bos=True)
+        return tiny_llama(tokenizer, seed=seed), tokenizer
+    if not os.path.isdir(spec):
+        raise ValueError(f"--model {spec!r} is neither 'tiny' nor an existing local model folder")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, attn_implementation=attn)
+    tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def run(args) -> int:
+    from gapfix.data import load_examples
+    from gapfix.evaluation import evaluate
+    from gapfix.trainer import train
+
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                            if f.name not in _SKIP},
+                         method=args.method, iterations=args.iterations, out_dir=args.out)
+    config.validate()  # a bad --method or --beta fails before any model is loaded
+    model, tokenizer = load_model_and_tokenizer(args.model, args.train, args.attn, config.seed)
+    examples = load_examples(args.train, tokenizer, max_length=args.max_length, on_error=args.on_error)
+    eval_examples = (load_examples(args.eval, tokenizer, max_length=args.max_length, on_error=args.on_error)
+                     if args.eval else None)
+    evaluations = []
+
+    def on_iteration_end(iteration, trained):
+        if eval_examples is None or int(os.environ.get("RANK", "0")) != 0:
+            return
+        result = evaluate(trained, tokenizer, eval_examples, max_new_tokens=config.max_new_tokens,
+                          backend="hf")
+        result["iteration"] = iteration
+        evaluations.append(result)
+        print(f"iteration {iteration}: eval accuracy {result['accuracy']:.3f} ({result['count']} examples)")
+
+    result = train(model, tokenizer, examples, config, resume=not args.no_resume,
+                   on_iteration_end=on_iteration_end)
+    summary = {"method": config.method, "steps": result.steps, "phase_seconds": result.phase_seconds,
+               "evaluations": evaluations}
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+    return 0

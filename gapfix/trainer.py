@@ -1,0 +1,663 @@
+"""The reference trainer: SFT, BASH and RAC over iterations.
+
+An iteration is an offline phase with the current model frozen, then training:
+
+- sft:  no offline phase; rows are prompt + reference answer.
+- bash: one teacher-forced prediction pass gives the model's own token at every
+        answer position; during training each answer input token is replaced by
+        it with probability beta inside the embedding gather (gapfix.mix_embedding);
+        labels stay the reference.
+- rac:  the model generates an answer per training prompt (gapfix.generate);
+        the answers, labelled with corrections from the alignment to the
+        reference (gapfix.rac_labels), are mixed with plain SFT rows.
+
+The loss is gapfix.linear_cross_entropy on the final hidden states, so the full
+logits never exist; `fused=False` switches every op to its PyTorch reference.
+Gradient accumulation divides by the true number of trained tokens of the
+whole optimizer step (every rank knows the global batch, so no all-reduce is
+needed for it). Under torchrun the model runs under DDP or FSDP2 (gloo on CPU,
+NCCL on GPU); every rank draws the same global batch and takes its share.
+
+Checkpoints are directories written whole and then published by atomically
+replacing a `latest` pointer, so a failed save (disk full) leaves the previous
+checkpoint valid. A checkpoint holds the model, optimizer, scheduler, RNG
+states, the iteration's built rows and the position in them: resume is exact.
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from gapfix.data import IGNORE_INDEX, Example, collate, pack_rows, sft_row
+
+METHODS = ("sft", "bash", "rac")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "sft"
+    iterations: int = 1
+    steps_per_iteration: Optional[int] = None  # None: epochs_per_iteration over the rows
+    epochs_per_iteration: float = 1.0
+    batch_size: int = 32  # rows per optimizer step, over all ranks
+    micro_batch_size: Optional[int] = None  # rows per forward on one rank; None: all of its share
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # BASH
+    beta: float = 0.2
+    bash_mode: str = "sample"  # argmax | sample | topk
+    bash_temperature: float = 1.0
+    bash_top_k: int = 4
+    # RAC
+    rac_mode: str = "path"  # path | first | last | all
+    rac_sft_ratio: float = 1.0  # SFT rows mixed in per RAC row
+    rac_temperature: float = 0.0
+    rac_samples: int = 1
+    rac_prompts: Optional[int] = None  # prompts regenerated each iteration; None: all
+    rac_only_until_divergence: bool = False
+    max_new_tokens: int = 128
+    generation_backend: str = "auto"
+    # ops and runtime
+    fused: bool = True
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True  # autocast on GPU
+    packing: bool = False  # one packed row per micro-batch (FlashAttention varlen only)
+    distributed: str = "ddp"  # ddp | fsdp, under torchrun
+    out_dir: Optional[str] = None
+    save_every: int = 0  # steps; a checkpoint is also written at the end of each iteration
+    keep_checkpoints: int = 1
+    log_every: int = 10
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if self.bash_mode not in ("argmax", "sample", "topk"):
+            raise ValueError(f"bash_mode must be argmax, sample or topk, got {self.bash_mode!r}")
+        if self.rac_mode not in ("path", "first", "last", "all"):
+            raise ValueError(f"rac_mode must be path, first, last or all, got {self.rac_mode!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"distributed must be ddp or fsdp, got {self.distributed!r}")
+        for name in ("iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps_per_iteration is not None and self.steps_per_iteration < 1:
+            raise ValueError(f"steps_per_iteration must be >= 1, got {self.steps_per_iteration}")
+        if self.rac_sft_ratio < 0:
+            raise ValueError(f"rac_sft_ratio must be >= 0, got {self.rac_sft_ratio}")
+
+
+@dataclass
+class TrainResult:
+    model: object
+    steps: int
+    metrics_path: Optional[str]
+    phase_seconds: dict
+
+
+# ---------------------------------------------------------------- distributed
+
+
+class _Dist:
+    """This process's place in a torchrun job (world 1 without torchrun)."""
+
+    def __init__(self, device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def _pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+class CausalLMLoss(torch.nn.Module):
+    """Wraps a causal LM so that one forward returns the summed loss of a micro-batch.
+
+    DDP and FSDP2 hook the wrapped module's forward, so the backbone and the
+    output layer run inside it; the logits are never formed (fused linear CE).
+    """
+
+    def __init__(self, model, fused: bool):
+        super().__init__()
+        self.model = model
+        self.fused = fused
+        self.softcap = getattr(model.config, "final_logit_softcapping", None) or 0.0
+
+    def forward(self, batch, mix_seed: Optional[int] = None, beta: float = 0.0):
+        from gapfix.ops.cross_entropy import linear_cross_entropy
+
+        impl = "auto" if self.fused else "torch"
+        kwargs = {}
+        if "attention_mask" in batch:
+            kwargs["attention_mask"] = batch["attention_mask"]
+        if "position_ids" in batch:
+            kwargs["position_ids"] = batch["position_ids"]
+        if "alt_ids" in batch:
+            from gapfix.methods.bash import mixed_inputs_embeds
+
+            kwargs["inputs_embeds"], mixed = mixed_inputs_embeds(
+                self.model, batch["input_ids"], batch["alt_ids"], beta=beta, seed=mix_seed,
+                eligible=batch["eligible"], alt_probs=batch.get("alt_probs"), impl=impl)
+        else:
+            kwargs["input_ids"] = batch["input_ids"]
+            mixed = None
+        hidden = self.model.base_model(**kwargs).last_hidden_state
+        head = self.model.get_output_embeddings()
+        hidden = hidden.flatten(0, 1)
+        if "target_ids" in batch:
+            target = (batch["target_ids"].flatten(0, 1), batch["target_weights"].flatten(0, 1))
+        else:
+            target = batch["labels"].flatten()
+        loss = linear_cross_entropy(hidden, head.weight, target, bias=head.bias,
+                                    ignore_index=IGNORE_INDEX, softcap=self.softcap or None,
+                                    reduction="sum", impl=impl)
+        return loss, mixed
+
+
+def _count_targets(rows):
+    if "target_ids" in rows[0]:
+        return sum(any(t != IGNORE_INDEX for t in slot) for r in rows for slot in r["target_ids"])
+    return sum(t != IGNORE_INDEX for r in rows for t in r["labels"])
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def _lr_lambda(warmup, total, min_ratio):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def model_fingerprint(model) -> str:
+    config = model.config
+    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "n_embd", "n_layer", "n_head")
+    described = {k: getattr(config, k, None) for k in keys}
+    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+    blob = json.dumps([described, shapes], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir, *, model, tokenizer, optimizer_state, scheduler, position, rows,
+                    config, keep=1, model_state=None):
+    """Writes a checkpoint directory, then publishes it by replacing `latest`.
+
+    model_state: the full state dict where the model's own is sharded (FSDP);
+    None saves the model's parameters as they are.
+
+    Until the pointer moves, the previous checkpoint stays the valid one: a
+    save that fails midway (disk full) leaves a stray temp directory that is
+    removed, and nothing else.
+    """
+    root = os.path.join(out_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"iter{position['iteration']:03d}-step{position['global_step']:07d}"
+    final = os.path.join(root, name)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        model.save_pretrained(os.path.join(tmp, "model"), state_dict=model_state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(tmp, "model"))
+        torch.save({
+            "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "position": position,
+            "rows": rows,
+            "config": dataclasses.asdict(config),
+            "fingerprint": model_fingerprint(model),
+        }, os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer_tmp = os.path.join(root, "latest.tmp")
+        with open(pointer_tmp, "w") as f:
+            f.write(name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, os.path.join(root, "latest"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    kept = sorted(d for d in os.listdir(root) if d.startswith("iter") and not d.endswith(".tmp"))
+    for stale in kept[:-keep] if keep > 0 else []:
+        if stale != name:
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir) -> Optional[str]:
+    pointer = os.path.join(out_dir, "checkpoints", "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(out_dir, "checkpoints", f.read().strip())
+
+
+def load_checkpoint(path, model):
+    """Restores the model weights; returns the trainer state. Refuses a checkpoint
+    saved from a different model."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    if state["fingerprint"] != model_fingerprint(model):
+        raise ValueError(f"checkpoint {path} was saved from another model "
+                         f"(fingerprint {state['fingerprint']} != {model_fingerprint(model)})")
+    from safetensors.torch import load_file
+
+    weights = {}
+    model_dir = os.path.join(path, "model")
+    for file in sorted(os.listdir(model_dir)):
+        if file.endswith(".safetensors"):
+            weights.update(load_file(os.path.join(model_dir, file)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # tied output weights are saved once; anything else missing is a real mismatch
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return state
+
+
+def _is_tied(model, key):
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight and key.endswith(
+        "weight") and "lm_head" in key
+
+
+# ---------------------------------------------------------------- offline phases
+
+
+def build_rows(method, model, tokenizer, examples, config, iteration, device, log):
+    """The iteration's training rows, built with the current model frozen."""
+    rng = random.Random(f"{config.seed}/{iteration}/rows")  # str seeds are hashed stably
+    if method == "sft":
+        return [sft_row(ex) for ex in examples]
+    if method == "bash":
+        return _bash_rows(model, examples, config, iteration, device)
+    return _rac_rows(model, tokenizer, examples, config, iteration, rng, log)
+
+
+def _bash_rows(model, examples, config, iteration, device):
+    from gapfix.methods.bash import predict_alternatives
+
+    rows = [sft_row(ex) for ex in examples]
+    eligible = [[False] * len(ex.prompt_ids) + [True] * len(ex.answer_ids) for ex in examples]
+    for start in range(0, len(rows), 64):
+        chunk = rows[start:start + 64]
+        batch = collate(chunk, pad_id=0)
+        answer_mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        for i, flags in enumerate(eligible[start:start + 64]):
+            answer_mask[i, : len(flags)] = torch.tensor(flags)
+        prediction = predict_alternatives(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+            answer_mask.to(device), mode=config.bash_mode, temperature=config.bash_temperature,
+            top_k=config.bash_top_k, seed=_mix_seed(config.seed, iteration, "predict", start, 0))
+        alt_ids, alt_probs = prediction if isinstance(prediction, tuple) else (prediction, None)
+        for i, row in enumerate(chunk):
+            n = len(row["input_ids"])
+            row["alt_ids"] = alt_ids[i, :n].tolist()
+            row["eligible"] = eligible[start + i]
+            if alt_probs is not None:
+                row["alt_probs"] = alt_probs[i, :n].tolist()
+    return rows
+
+
+def _rac_rows(model, tokenizer, examples, config, iteration, rng, log):
+    from gapfix.generation import generate
+    from gapfix.methods.rac import build_rac_rows, mix_with_sft
+
+    count = min(config.rac_prompts or len(examples), len(examples))
+    chosen = rng.sample(range(len(examples)), count)
+    outputs = generate(model, [examples[i].prompt_ids for i in chosen], tokenizer=tokenizer,
+                       n=config.rac_samples, temperature=config.rac_temperature,
+                       max_new_tokens=config.max_new_tokens,
+                       seed=_mix_seed(config.seed, iteration, "generate", 0, 0),
+                       backend=config.generation_backend)
+    owners = [chosen[output.prompt_index] for output in outputs]
+    rows, stats = build_rac_rows(
+        [examples[i].prompt_ids for i in owners], [list(output.token_ids) for output in outputs],
+        [examples[i].answer_ids for i in owners], eos_id=tokenizer.eos_token_id,
+        pad_id=_pad_id(tokenizer), mode=config.rac_mode,
+        only_until_divergence=config.rac_only_until_divergence,
+        impl="auto" if config.fused else "torch")
+    log(dict(event="rac_offline", iteration=iteration, **stats))
+    return mix_with_sft(rows, [sft_row(ex) for ex in examples], config.rac_sft_ratio,
+                        seed=_mix_seed(config.seed, iteration, "mix", 0, 0))
+
+
+# ---------------------------------------------------------------- training
+
+
+def train(model, tokenizer, train_examples: List[Example], config: Optional[TrainConfig] = None,
+          *, resume: bool = True, on_iteration_end=None, on_step=None, **overrides) -> TrainResult:
+    """Trains `model` (a transformers causal LM) in place with config.method.
+
+    `overrides` set TrainConfig fields (``train(..., method="bash", beta=0.2)``).
+    `on_iteration_end(iteration, model)` runs after each iteration (evaluation);
+    `on_step(record)` after each optimizer step, with the step's metrics.
+    With config.out_dir set, writes metrics.jsonl, checkpoints and the final model,
+    and resumes from the latest checkpoint there when `resume` is true.
+    """
+    config = dataclasses.replace(config or TrainConfig(), **overrides)
+    config.validate()
+    if not train_examples:
+        raise ValueError("train_examples is empty")
+    device = _pick_device(config.device)
+    dist = _Dist(device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model.to(device)
+
+    out = config.out_dir
+    metrics_path = None
+    if out and dist.main:
+        os.makedirs(out, exist_ok=True)
+        metrics_path = os.path.join(out, "metrics.jsonl")
+
+    def log(record):
+        if metrics_path:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    rows_per_rank = config.batch_size // dist.world
+    if rows_per_rank * dist.world != config.batch_size:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the world size {dist.world}")
+    micro = config.micro_batch_size or rows_per_rank
+
+    def steps_for(num_rows):
+        if config.steps_per_iteration:
+            return config.steps_per_iteration
+        return max(1, int(config.epochs_per_iteration * num_rows // config.batch_size))
+
+    expected_rows = len(train_examples)
+    if config.method == "rac":
+        n_rac = min(config.rac_prompts or expected_rows, expected_rows) * config.rac_samples
+        expected_rows = n_rac + round(n_rac * config.rac_sft_ratio)
+    total_steps = config.iterations * steps_for(expected_rows)
+
+    position = {"iteration": 0, "step_in_iteration": 0, "global_step": 0}
+    rows, state = None, None
+    checkpoint = latest_checkpoint(out) if (out and resume) else None
+    if checkpoint:  # weights load before any sharding, on every rank
+        state = load_checkpoint(checkpoint, model)
+    loss_module = CausalLMLoss(model, config.fused)
+    trainable = _wrap_distributed(loss_module, config, dist, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(config.warmup_steps, total_steps, config.min_lr_ratio))
+    if state is not None:
+        _load_optimizer_state(model, optimizer, state["optimizer"], config, dist)
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        position, rows = state["position"], state["rows"]
+        log(dict(event="resume", checkpoint=checkpoint, **position))
+
+    phase_seconds = {"offline": 0.0, "train": 0.0}
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config.bf16
+                else _null_context())
+    while position["iteration"] < config.iterations:
+        iteration = position["iteration"]
+        if rows is None:  # offline phase, with the current model frozen
+            started = time.perf_counter()
+            rows = build_rows(config.method, model, tokenizer, train_examples, config, iteration, device, log)
+            phase_seconds["offline"] += time.perf_counter() - started
+            log(dict(event="offline", iteration=iteration, rows=len(rows),
+                     seconds=time.perf_counter() - started))
+        steps = steps_for(len(rows))
+        order = _row_order(len(rows), steps * config.batch_size, config.seed, iteration)
+        started = time.perf_counter()
+        bar = _progress(steps, position["step_in_iteration"], f"{config.method} iter {iteration}",
+                        config.progress and dist.main)
+        model.train()
+        while position["step_in_iteration"] < steps:
+            step = position["step_in_iteration"]
+            step_started = time.perf_counter()
+            global_rows = [rows[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
+            num_tokens = max(1, _count_targets(global_rows))
+            mine = global_rows[dist.rank::dist.world]
+            optimizer.zero_grad(set_to_none=True)
+            total_loss, mixed_count, eligible_count = 0.0, 0, 0
+            for m_index, start in enumerate(range(0, len(mine), micro)):
+                chunk = mine[start:start + micro]
+                batch = pack_rows(chunk) if config.packing else collate(
+                    chunk, pad_id=_pad_id(tokenizer))
+                batch = {k: v.to(device) for k, v in batch.items()}
+                mix_seed = _mix_seed(config.seed, iteration, step, dist.rank, m_index)
+                with autocast:
+                    loss_sum, mixed = trainable(batch, mix_seed, config.beta)
+                # the loss of the whole step is sum / num_tokens; DDP/FSDP average over ranks
+                (loss_sum * (dist.world / num_tokens)).backward()
+                total_loss += loss_sum.detach()
+                if mixed is not None:  # summed on device; read once per step below
+                    mixed_count = mixed_count + mixed.sum()
+                    eligible_count = eligible_count + batch["eligible"].sum()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            position["step_in_iteration"] += 1
+            position["global_step"] += 1
+            if dist.world > 1:
+                total_loss = total_loss.clone()
+                torch.distributed.all_reduce(total_loss)
+            loss_value = float(total_loss) / num_tokens
+            seconds = time.perf_counter() - step_started
+            record = dict(event="step", iteration=iteration, step=position["global_step"],
+                          loss=loss_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                          tokens=num_tokens, tokens_per_s=num_tokens / seconds,
+                          peak_memory_mb=_peak_memory_mb(device))
+            if torch.is_tensor(eligible_count) and int(eligible_count):
+                record["mixed_fraction"] = int(mixed_count) / int(eligible_count)
+            if position["global_step"] % config.log_every == 0 or step == steps - 1:
+                log(record)
+            bar(f"loss {loss_value:.4f}")
+            if out and config.save_every and position["global_step"] % config.save_every == 0:
+                _save(out, model, tokenizer, optimizer, scheduler, position, rows, config, dist)
+            if on_step is not None:
+                on_step(record)
+        bar(None)
+        phase_seconds["train"] += time.perf_counter() - started
+        position = {"iteration": iteration + 1, "step_in_iteration": 0,
+                    "global_step": position["global_step"]}
+        rows = None
+        if out:
+            _save(out, model, tokenizer, optimizer, scheduler, position, rows, config, dist)
+        if on_iteration_end is not None:
+            on_iteration_end(iteration, model)
+    summary = dict(event="summary", method=config.method, steps=position["global_step"],
+                   offline_seconds=phase_seconds["offline"], train_seconds=phase_seconds["train"])
+    log(summary)
+    if out:
+        final_state = None
+        if _sharded(config, dist):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            final_state = get_model_state_dict(
+                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.main:
+            model.save_pretrained(os.path.join(out, "final"), state_dict=final_state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(os.path.join(out, "final"))
+    return TrainResult(model, position["global_step"], metrics_path, phase_seconds)
+
+
+def _sharded(config, dist):
+    return dist.world > 1 and config.distributed == "fsdp"
+
+
+def _save(out, model, tokenizer, optimizer, scheduler, position, rows, config, dist):
+    model_state, optimizer_state = None, None
+    if _sharded(config, dist):  # gathering full state dicts is collective: every rank joins
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=options)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if dist.main:
+        save_checkpoint(out, model=model, tokenizer=tokenizer,
+                        optimizer_state=optimizer_state or optimizer.state_dict(),
+                        scheduler=scheduler, position=dict(position), rows=rows, config=config,
+                        keep=config.keep_checkpoints, model_state=model_state)
+    dist.barrier()
+
+
+def _load_optimizer_state(model, optimizer, optimizer_state, config, dist):
+    if _sharded(config, dist):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(optimizer_state)
+
+
+def _wrap_distributed(loss_module, config, dist, device):
+    if dist.world == 1:
+        return loss_module
+    if config.distributed == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(loss_module, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in _decoder_layers(loss_module.model):
+        fully_shard(layer)
+    fully_shard(loss_module)
+    return loss_module
+
+
+def _decoder_layers(model):
+    base = model.base_model
+    for name in ("layers", "h"):
+        if hasattr(base, name):
+            return list(getattr(base, name))
+    return []
+
+
+def _row_order(num_rows, needed, seed, iteration):
+    """Row indices for an iteration: reshuffled epochs, as many as the steps need.
+    A pure function of (seed, iteration), so a resumed run sees the same order."""
+    generator = torch.Generator().manual_seed(seed * 7919 + iteration)
+    order = []
+    while len(order) < needed:
+        order += torch.randperm(num_rows, generator=generator).tolist()
+    return order
+
+
+def _mix_seed(seed, iteration, step, rank, micro):
+    key = f"{seed}/{iteration}/{step}/{rank}/{micro}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "little")
+
+
+def _pad_id(tokenizer):
+    if tokenizer is None or tokenizer.pad_token_id is None:
+        return 0
+    return tokenizer.pad_token_id
+
+
+def _peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except ImportError:  # pragma: no cover
+        return None
+
+
+class _null_context:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(total, done, label, enabled):
+    """A progress callback: bar(text) advances one step, bar(None) closes."""
+    if not enabled:
+        return lambda text: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        bar = tqdm(total=total, initial=done, desc=label, leave=False, dynamic_ncols=True)
+
+        def advance(text):
+            if text is None:
+                bar.close()
+            else:
+                bar.set_postfix_str(text, refresh=False)
+                bar.update(1)
+
+        return advance
+    state = {"done": done}
+
+    def advance(text):
+        import sys
+
+        if text is None:
+            sys.stderr.write("\n")
+            return
+        state["done"] += 1
+        sys.stderr.write(f"\r{label} {state['done']}/{total} {text}")
+        sys.stderr.flush()
+
+    return advance

@@ -1,0 +1,182 @@
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+from gapfix.data import encode_example
+from gapfix.data import math_task
+from gapfix.trainer import TrainConfig, latest_checkpoint, train
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return math_task.math_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    return [encode_example(tokenizer, p["prompt"], p["response"], p)
+            for p in math_task.make_split("train", 96, seed=5)]
+
+
+def tiny_model(tokenizer, seed=0, **kwargs):
+    from gapfix.models import tiny_llama
+
+    return tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2,
+                      max_position_embeddings=128, seed=seed, **kwargs).train()
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_params(a, b, **tol):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], **tol, msg=lambda m: f"{key}: {m}")
+
+
+FAST = dict(batch_size=8, lr=3e-3, progress=False, max_new_tokens=40, generation_backend="hf")
+
+
+def test_sft_converges(tokenizer, examples):
+    model = tiny_model(tokenizer)
+    losses = []
+    train(model, tokenizer, examples, method="sft", steps_per_iteration=60, batch_size=16, lr=1e-2,
+          progress=False, on_step=lambda r: losses.append(r["loss"]))
+    assert len(losses) == 60
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_fused_and_reference_ops_train_alike(tokenizer, examples):
+    results = []
+    for fused in (True, False):
+        model = tiny_model(tokenizer)
+        losses = []
+        train(model, tokenizer, examples, method="sft", steps_per_iteration=3, fused=fused,
+              on_step=lambda r: losses.append(r["loss"]), **FAST)
+        results.append((losses, params(model)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    assert_same_params(results[0][1], results[1][1], rtol=1e-3, atol=1e-4)
+
+
+def test_gradient_accumulation_matches_one_batch(tokenizer, examples):
+    """Micro-batches of uneven token counts, normalised by the step's true count."""
+    results = []
+    for micro in (None, 3):
+        model = tiny_model(tokenizer)
+        losses = []
+        train(model, tokenizer, examples, method="sft", steps_per_iteration=2, micro_batch_size=micro,
+              on_step=lambda r: losses.append(r["loss"]), **FAST)
+        results.append((losses, params(model)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    assert_same_params(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sft", "bash", "rac"])
+def test_resume_is_exact(tokenizer, examples, tmp_path, method):
+    """A run killed after a checkpoint and resumed ends with the weights of an uninterrupted run."""
+    config = dict(method=method, iterations=2, steps_per_iteration=3, beta=0.5, rac_prompts=12,
+                  rac_temperature=1.0, **FAST)
+    reference = tiny_model(tokenizer)
+    train(reference, tokenizer, examples, out_dir=str(tmp_path / "straight"), **config)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_5(record):
+        if record["step"] == 5:
+            raise Killed
+
+    interrupted = tiny_model(tokenizer)
+    with pytest.raises(Killed):
+        train(interrupted, tokenizer, examples, out_dir=str(tmp_path / "resumed"), save_every=2,
+              on_step=kill_at_step_5, **config)
+    assert latest_checkpoint(str(tmp_path / "resumed")).endswith("step0000004")
+    resumed = tiny_model(tokenizer, seed=123)  # weights come from the checkpoint
+    train(resumed, tokenizer, examples, out_dir=str(tmp_path / "resumed"), save_every=2, **config)
+    assert_same_params(params(reference), params(resumed), rtol=0, atol=0)
+
+
+def test_bash_mixes_at_rate_beta_and_rac_logs_agreement(tokenizer, examples, tmp_path):
+    model = tiny_model(tokenizer)
+    records = []
+    train(model, tokenizer, examples, method="bash", steps_per_iteration=6, beta=0.5,
+          bash_mode="sample", on_step=records.append, **FAST)
+    fractions = [r["mixed_fraction"] for r in records]
+    assert 0.35 < sum(fractions) / len(fractions) < 0.65
+    train(model, tokenizer, examples, method="rac", steps_per_iteration=2, rac_prompts=8,
+          out_dir=str(tmp_path), **FAST)
+    events = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    offline = [e for e in events if e["event"] == "rac_offline"]
+    assert offline and 0.0 <= offline[0]["label_agreement"] <= 1.0
+    assert os.path.exists(tmp_path / "final" / "config.json")
+
+
+def test_rac_soft_targets_train(tokenizer, examples):
+    model = tiny_model(tokenizer)
+    losses = []
+    train(model, tokenizer, examples, method="rac", rac_mode="all", steps_per_iteration=2,
+          rac_prompts=8, on_step=lambda r: losses.append(r["loss"]), **FAST)
+    assert len(losses) == 2 and all(l == l and l > 0 for l in losses)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(method="dpo"), "method"),
+    (dict(beta=1.5), "beta"),
+    (dict(beta=-0.1), "beta"),
+    (dict(rac_mode="nearest"), "rac_mode"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_bad_config(tokenizer, examples, bad, match):
+    with pytest.raises(ValueError, match=match):
+        train(tiny_model(tokenizer), tokenizer, examples, **{**FAST, **bad})
+
+
+def test_no_examples(tokenizer):
+    with pytest.raises(ValueError, match="train_examples"):
+        train(tiny_model(tokenizer), tokenizer, [], **FAST)
+
+
+def test_checkpoint_from_another_model_is_refused(tokenizer, examples, tmp_path):
+    train(tiny_model(tokenizer), tokenizer, examples, method="sft", steps_per_iteration=1,
+          out_dir=str(tmp_path), **FAST)
+    from gapfix.models import tiny_llama
+
+    other = tiny_llama(tokenizer, hidden_size=64, num_layers=1, num_heads=2, seed=0)
+    with pytest.raises(ValueError, match="another model"):
+        train(other, tokenizer, examples, method="sft", iterations=2, steps_per_iteration=1,
+              out_dir=str(tmp_path), **FAST)
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(tokenizer, examples, tmp_path, monkeypatch):
+    out = str(tmp_path)
+    model = tiny_model(tokenizer)
+    train(model, tokenizer, examples, method="sft", steps_per_iteration=2, out_dir=out, **FAST)
+    before = latest_checkpoint(out)
+    saved = params(model)
+
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if str(path).endswith("trainer_state.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        train(model, tokenizer, examples, method="sft", iterations=2, steps_per_iteration=2,
+              out_dir=out, **FAST)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert latest_checkpoint(out) == before
+    assert not [d for d in os.listdir(os.path.join(out, "checkpoints")) if d.endswith(".tmp")]
+    fresh = tiny_model(tokenizer, seed=9)
+    from gapfix.trainer import load_checkpoint
+
+    state = load_checkpoint(before, fresh)
+    assert state["position"]["global_step"] == 2
+    assert_same_params(saved, params(fresh), rtol=0, atol=0)
