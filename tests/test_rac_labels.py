@@ -316,13 +316,36 @@ def test_bad_alignment_positions():
 def test_opcheck(triton_device):
     ref, ref_lens, index = _random_case(4, batch=2, ref_width=4, rows=3, k=2, index_dtype=torch.int32)
     ref, ref_lens, index = ref.to(triton_device), ref_lens.to(triton_device), index.to(triton_device)
-    # AOT tracing reaches data pointers under the CPU interpreter: checked on CUDA only
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if triton_device == "cuda":
-        utils += ("test_aot_dispatch_dynamic",)
-    torch.library.opcheck(torch.ops.gapfix.rac_labels_soft, (ref, ref_lens, index, EOS, IGN, -1), test_utils=utils)
-    torch.library.opcheck(torch.ops.gapfix.rac_labels_hard, (ref, None, index[..., 0].clamp(max=4), EOS, IGN, -1),
-                          test_utils=utils)
+    torch.library.opcheck(torch.ops.gapfix.rac_labels_soft, (ref, ref_lens, index, EOS, IGN, -1))
+    torch.library.opcheck(torch.ops.gapfix.rac_labels_hard, (ref, None, index[..., 0].clamp(max=4), EOS, IGN, -1))
+
+
+@pytest.mark.parametrize("mode", ["path", "all"])
+def test_torch_compile_traces_without_breaks(triton_device, mode):
+    # aot_eager: dynamo + AOT tracing through align's native op, the label op's
+    # fake implementation and the reference, with no graph break
+    g = torch.Generator().manual_seed(9)
+    gen, ref = torch.randint(0, 5, (3, 7), generator=g), torch.randint(0, 5, (3, 6), generator=g)
+    lens = (torch.tensor([7, 2, 0]), torch.tensor([6, 6, 1]))
+    args = [x.to(triton_device) for x in (gen, ref, *lens)]
+
+    def build(*a):
+        return rac_labels(*a, eos_id=EOS, mode=mode, impl="triton")
+
+    want = build(*args)
+    got = torch.compile(build, backend="aot_eager", fullgraph=True)(*args)
+    for w, o in zip(want if mode == "all" else [want], got if mode == "all" else [got]):
+        torch.testing.assert_close(o, w, rtol=0, atol=0)
+
+
+def test_reference_compiles_without_breaks():
+    ref, ref_lens, index = _random_case(6, batch=3, ref_width=5, rows=6, k=3, index_dtype=torch.int64)
+    compiled = torch.compile(rac_labels_reference, backend="aot_eager", fullgraph=True)
+    for idx, soft in ((index[..., 0], False), (index, True)):
+        want = rac_labels_reference(ref, idx, ref_lens, eos_id=EOS, soft=soft)
+        got = compiled(ref, idx, ref_lens, eos_id=EOS, soft=soft)
+        for w, o in zip(want if soft else [want], got if soft else [got]):
+            torch.testing.assert_close(o, w, rtol=0, atol=0)
 
 
 @pytest.mark.cuda
@@ -368,6 +391,8 @@ def test_random_batches_match_python_dp(seed):
     soft = rac_labels(gen, ref, gen_lens, ref_lens, eos_id=EOS, mode="all", max_targets=3, impl="torch")
     torch.testing.assert_close(soft.target_ids, ids, rtol=0, atol=0)
     torch.testing.assert_close(soft.target_weights, weights, rtol=0, atol=0)
+    first = rac_labels(gen, ref, gen_lens, ref_lens, eos_id=EOS, mode="first", impl="torch")
+    torch.testing.assert_close(soft.labels, first, rtol=0, atol=0)  # the hard label of "all"
 
 
 @pytest.mark.parametrize("mode", ["path", "last", "all"])

@@ -12,9 +12,12 @@ Layers, as for every gapfix op:
 * ``rac_labels_reference`` -- pure PyTorch, the readable spec and the oracle;
   vectorized (one gather), it is also the path for CPU tensors.
 * ``rac_labels_triton`` -- the launcher of ``gapfix.kernels.rac_labels`` behind
-  the ``torch.library.triton_op`` custom ops ``gapfix::rac_labels_hard`` and
-  ``gapfix::rac_labels_soft`` (torch.compile traces into the kernel; explicit
-  fake implementations give shapes without running it), used for CUDA tensors.
+  the custom ops ``gapfix::rac_labels_hard`` and ``gapfix::rac_labels_soft``
+  (torch.library.custom_op with register_fake, so torch.compile and export
+  see shapes without running it), used for CUDA tensors. custom_op rather than
+  triton_op: registering a triton_op imports torch._inductor (and Triton),
+  seconds at import, for an op that runs once per batch build, outside the
+  compiled training step.
 * ``rac_labels`` -- the public function: validates, aligns, builds labels.
 
 Return type: a plain int64 tensor (B, Tg+1) for the hard modes "path",
@@ -117,8 +120,6 @@ def _next_pow2(n: int) -> int:
 
 
 def _launch(ref, ref_lens, index3, ids3, weights3, eos_id, ignore_index, block_rows):
-    from torch.library import wrap_triton
-
     from gapfix.kernels.rac_labels import rac_labels_kernel
 
     batch, rows_per_batch, k = index3.shape
@@ -132,7 +133,7 @@ def _launch(ref, ref_lens, index3, ids3, weights3, eos_id, ignore_index, block_r
         block_rows = 512 if not soft else max(1, 4096 // (block_k * block_k))
     block_rows = _next_pow2(block_rows)  # tl.arange needs a power of two
     grid = (_cdiv(n_rows, block_rows),)
-    wrap_triton(rac_labels_kernel)[grid](
+    rac_labels_kernel[grid](
         ref,
         ref if ref_lens is None else ref_lens,
         index3,
@@ -165,7 +166,7 @@ def _cdiv(a: int, b: int) -> int:
 
 # block_rows < 0 means "the launcher's default"; tests pass small blocks to
 # exercise several programs and a ragged tail at tiny shapes.
-@torch.library.triton_op("gapfix::rac_labels_hard", mutates_args=())
+@torch.library.custom_op("gapfix::rac_labels_hard", mutates_args=())
 def _rac_labels_hard_op(
     ref: Tensor, ref_lens: Optional[Tensor], index: Tensor, eos_id: int, ignore_index: int, block_rows: int
 ) -> Tensor:
@@ -175,7 +176,7 @@ def _rac_labels_hard_op(
     return labels
 
 
-@torch.library.triton_op("gapfix::rac_labels_soft", mutates_args=())
+@torch.library.custom_op("gapfix::rac_labels_soft", mutates_args=())
 def _rac_labels_soft_op(
     ref: Tensor, ref_lens: Optional[Tensor], index: Tensor, eos_id: int, ignore_index: int, block_rows: int
 ) -> tuple[Tensor, Tensor]:
