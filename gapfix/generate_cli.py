@@ -1,0 +1,53 @@
+"""`gapfix generate`: answers for a JSONL file of prompts, written as JSONL.
+
+    gapfix generate --model ckpt/ --prompts prompts.jsonl --out answers.jsonl \\
+        --n 4 --temperature 0.7 --max-new-tokens 256 --seed 0
+
+Each prompt line is {"prompt": "text"} or {"prompt_ids": [ids]} (or a bare
+string / list); each output line is one answer (see generate_to_jsonl). An
+interrupted run resumes when the same command is run again.
+"""
+
+
+def configure(parser):
+    parser.add_argument("--model", required=True, help="local model folder (save_pretrained)")
+    parser.add_argument("--prompts", required=True, help="JSONL file of prompts")
+    parser.add_argument("--out", required=True, help="JSONL file of answers to write")
+    parser.add_argument("--n", type=int, default=1, help="answers per prompt (default 1)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--backend", choices=("auto", "vllm", "hf"), default="auto",
+                        help="auto = vLLM where installed, else transformers")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="prompts per batch, the unit of checkpointing")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    parser.add_argument("--logprobs", action="store_true", help="record each token's log-probability")
+    parser.add_argument("--field", default=None, help="the prompt key in each JSON line")
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                        help="malformed prompt lines: stop (default) or skip them")
+    parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+    parser.add_argument("--overwrite", action="store_true", help="replace a complete output file")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    import sys
+
+    from gapfix.generation import generate_to_jsonl, read_prompts_jsonl
+
+    try:
+        prompts = read_prompts_jsonl(args.prompts, on_error=args.on_error, field=args.field)
+        out = generate_to_jsonl(
+            args.model, prompts, args.out,
+            n=args.n, temperature=args.temperature, top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend,
+            logprobs=args.logprobs, batch_size=args.batch_size, dtype=args.dtype,
+            resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress,
+        )
+    except (ValueError, FileExistsError) as err:
+        print(f"gapfix generate: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(out)
+    return 0

@@ -1,0 +1,239 @@
+"""Small models and tokenizers built locally, for the tests, the benchmarks and the demo.
+
+Nothing here downloads anything: tokenizers are trained on the caller's texts
+with the `tokenizers` library, models are built from a config with random
+weights, and saving/loading only touches local folders.
+
+    tok = train_tokenizer(texts, vocab_size=300)            # byte-level BPE
+    tok = train_tokenizer(texts, kind="word")               # one token per word / number
+    model = tiny_llama(tok, seed=0)                         # 2 layers, hidden 128
+    save_model(model, tok, "ckpt/")                         # a folder vLLM can load
+    model, tok = load_model("ckpt/")
+
+transformers and tokenizers are imported inside the functions, so that
+`import gapfix` stays light.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+
+# The word-level pre-tokenizer: a whole number, a whole word (letters), a run
+# of whitespace, or any other single character is one token. Nothing is
+# dropped, so decoding is plain concatenation: "60/2+4=34" -> 60 / 2 + 4 = 34
+# (seven tokens) and "is 12" -> is, " ", 12 round-trip exactly, and a number
+# has one token whatever stands before it.
+_WORD_PATTERN = r"[0-9]+|[^\W\d_]+|\s+|\S"
+
+
+def train_tokenizer(
+    texts,
+    *,
+    vocab_size: int = 512,
+    kind: str = "bpe",
+    pad_token: str = PAD,
+    bos_token: str = BOS,
+    eos_token: str = EOS,
+    unk_token: str = UNK,
+    add_bos: bool = False,
+    min_frequency: int = 1,
+    chat_template: str | None = None,
+    model_max_length: int = 512,
+):
+    """Train a tokenizer on `texts` (an iterable of str) and wrap it as a
+    `transformers.PreTrainedTokenizerFast`.
+
+    kind="bpe": byte-level BPE (every string encodes, nothing maps to unk);
+        vocab_size must leave room for the 256 byte symbols and the specials.
+    kind="word": word level: each whole number, word, whitespace run and
+        other character is one token; unseen ones map to unk_token.
+        vocab_size caps the vocabulary (most frequent first).
+
+    The special tokens take ids 0..3 in the order pad, bos, eos, unk.
+    add_bos=True prepends bos_token when encoding with add_special_tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(texts, (str, bytes)):
+        raise ValueError("texts must be an iterable of strings, not a single string")
+    texts = list(texts)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be a non-empty iterable of strings")
+    specials = [pad_token, bos_token, eos_token, unk_token]
+    if len(set(specials)) != 4:
+        raise ValueError(f"pad/bos/eos/unk tokens must be distinct, got {specials}")
+    if kind == "bpe":
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        if vocab_size < len(alphabet) + len(specials):
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small for a byte-level BPE: "
+                f"it needs at least {len(alphabet) + len(specials)} (256 bytes + 4 specials)"
+            )
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=specials,
+            initial_alphabet=alphabet,
+            show_progress=False,
+        )
+    elif kind == "word":
+        if vocab_size < len(specials) + 1:
+            raise ValueError(f"vocab_size={vocab_size} is too small: it needs at least 5")
+        from tokenizers import Regex
+
+        tokenizer = Tokenizer(models.WordLevel(unk_token=unk_token))
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")
+        tokenizer.decoder = decoders.Fuse()
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=specials,
+            show_progress=False,
+        )
+    else:
+        raise ValueError(f"kind must be 'bpe' or 'word', got {kind!r}")
+    tokenizer.train_from_iterator(texts, trainer)
+    if add_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A",
+            pair=f"{bos_token} $A {bos_token} $B",
+            special_tokens=[(bos_token, tokenizer.token_to_id(bos_token))],
+        )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=pad_token,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        unk_token=unk_token,
+        model_max_length=model_max_length,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    if chat_template is not None:
+        wrapped.chat_template = chat_template
+    return wrapped
+
+
+def tiny_llama(
+    tokenizer_or_vocab_size,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 512,
+    rope_theta: float = 10000.0,
+    tie_word_embeddings: bool = False,
+    seed: int | None = None,
+    dtype=None,
+):
+    """A randomly initialised `LlamaForCausalLM` for a tokenizer (its vocab
+    size and special token ids) or for a plain vocab size.
+
+    vLLM's CPU attention needs head_dim = hidden_size / num_heads in
+    {32, 64, 80, 96, 112, 128, ...}; the default (128 / 4 = 32) runs there.
+    seed makes the initial weights reproducible without touching the caller's
+    random state. dtype defaults to float32 (exact comparisons between
+    backends hold in float32 only).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    special = {}
+    if isinstance(tokenizer_or_vocab_size, int) and not isinstance(tokenizer_or_vocab_size, bool):
+        vocab_size = tokenizer_or_vocab_size
+    elif hasattr(tokenizer_or_vocab_size, "__len__") and hasattr(tokenizer_or_vocab_size, "convert_tokens_to_ids"):
+        vocab_size = len(tokenizer_or_vocab_size)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(tokenizer_or_vocab_size, name, None)
+            if value is not None:
+                special[name] = value
+    else:
+        raise ValueError(
+            "tokenizer_or_vocab_size must be a tokenizer or an int, "
+            f"got {type(tokenizer_or_vocab_size).__name__}"
+        )
+    if vocab_size < 1:
+        raise ValueError(f"vocab size must be >= 1, got {vocab_size}")
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers),
+                        ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                        ("max_position_embeddings", max_position_embeddings)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads}")
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=rope_theta,
+        tie_word_embeddings=tie_word_embeddings,
+        **special,
+    )
+    dtype = torch.float32 if dtype is None else dtype
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model = model.to(dtype)
+    # generate() reads its defaults from here: make them match the tokenizer.
+    for name, value in special.items():
+        setattr(model.generation_config, name, value)
+    return model.eval()
+
+
+def save_model(model, tokenizer, path) -> Path:
+    """Save `model` (and `tokenizer`, if not None) to the local folder `path`
+    with save_pretrained (safetensors); returns the folder as a Path."""
+    if model is None or not hasattr(model, "save_pretrained"):
+        raise ValueError("model must be a transformers model (it has no save_pretrained)")
+    path = Path(os.fspath(path))
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"path {str(path)!r} exists and is not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def load_model(path, *, dtype=None, device=None):
+    """Load (model, tokenizer) from a local folder written by save_model (or
+    any save_pretrained folder). tokenizer is None when the folder has none.
+    Never reaches a model hub. dtype defaults to the checkpoint's own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(os.fspath(path))
+    if not path.is_dir():
+        raise ValueError(f"path {str(path)!r} is not an existing model folder")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"path {str(path)!r} has no config.json: not a saved model folder")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype="auto" if dtype is None else dtype
+    )
+    if device is not None:
+        model = model.to(device)
+    tokenizer = None
+    if has_tokenizer(path):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def has_tokenizer(path) -> bool:
+    """Whether the folder holds tokenizer files that AutoTokenizer can load."""
+    path = Path(os.fspath(path))
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
