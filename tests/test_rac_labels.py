@@ -187,6 +187,12 @@ def test_triton_empty(triton_device):
     ref = torch.zeros(2, 0, dtype=torch.int64, device=triton_device)
     index = torch.zeros(2, 0, dtype=torch.int64, device=triton_device)
     assert rac_labels_triton(ref, index, eos_id=EOS).shape == (2, 0)
+    # empty references: position 0 is the end (EOS), -1 padding
+    index = torch.tensor([[0, -1], [0, 0]], device=triton_device)
+    assert rac_labels_triton(ref, index, eos_id=EOS).tolist() == [[EOS, IGN], [EOS, EOS]]
+    ids, weights = rac_labels_triton(ref, index[..., None], torch.zeros(2, dtype=torch.int32, device=triton_device),
+                                     eos_id=EOS, soft=True)
+    assert ids[..., 0].tolist() == [[EOS, IGN], [EOS, EOS]] and weights.sum().item() == 3
 
 
 def test_fake_tensor_shapes():

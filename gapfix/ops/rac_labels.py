@@ -24,6 +24,7 @@ Return type: a plain int64 tensor (B, Tg+1) for the hard modes "path",
 "first" and "last" (what a cross-entropy takes); a ``RacTargets`` tuple for
 "all".
 """
+import contextlib
 import os
 from typing import NamedTuple, Optional
 
@@ -132,32 +133,37 @@ def _launch(ref, ref_lens, index3, ids3, weights3, eos_id, ignore_index, block_r
         # hard: 512 rows of one slot; soft: keep the (rows x K x K) dedup tile ~4K elements
         block_rows = 512 if not soft else max(1, 4096 // (block_k * block_k))
     block_rows = _next_pow2(block_rows)  # tl.arange needs a power of two
+    ref_width = ref.shape[1]
+    if ref.numel() == 0:  # nothing is read from it; hand the kernel a real pointer
+        ref = ref.new_zeros(1, 1)
     grid = (_cdiv(n_rows, block_rows),)
-    rac_labels_kernel[grid](
-        ref,
-        ref if ref_lens is None else ref_lens,
-        index3,
-        ids3,
-        ids3 if weights3 is None else weights3,
-        n_rows,
-        rows_per_batch,
-        k,
-        ref.shape[1],
-        ref.stride(0),
-        ref.stride(1),
-        index3.stride(0),
-        index3.stride(1),
-        index3.stride(2),
-        ids3.stride(0),
-        ids3.stride(1),
-        ids3.stride(2),
-        eos_id,
-        ignore_index,
-        HAS_REF_LENS=ref_lens is not None,
-        SOFT=soft,
-        BLOCK_ROWS=block_rows,
-        BLOCK_K=block_k,
-    )
+    device_guard = torch.cuda.device(index3.device) if index3.is_cuda else contextlib.nullcontext()
+    with device_guard:  # Triton launches on the current device
+        rac_labels_kernel[grid](
+            ref,
+            ref if ref_lens is None else ref_lens,
+            index3,
+            ids3,
+            ids3 if weights3 is None else weights3,
+            n_rows,
+            rows_per_batch,
+            k,
+            ref_width,
+            ref.stride(0),
+            ref.stride(1),
+            index3.stride(0),
+            index3.stride(1),
+            index3.stride(2),
+            ids3.stride(0),
+            ids3.stride(1),
+            ids3.stride(2),
+            eos_id,
+            ignore_index,
+            HAS_REF_LENS=ref_lens is not None,
+            SOFT=soft,
+            BLOCK_ROWS=block_rows,
+            BLOCK_K=block_k,
+        )
 
 
 def _cdiv(a: int, b: int) -> int:
