@@ -130,8 +130,10 @@ def _launch(ref, ref_lens, index3, ids3, weights3, eos_id, ignore_index, block_r
     block_k = _next_pow2(k)
     soft = weights3 is not None
     if block_rows is None:
-        # hard: 512 rows of one slot; soft: keep the (rows x K x K) dedup tile ~4K elements
-        block_rows = 512 if not soft else max(1, 4096 // (block_k * block_k))
+        # hard: 512 rows of one slot (40 registers on sm_90); soft: a (rows x K x K)
+        # dedup tile of 2K elements (K=4: 128 rows, ~110 registers, no spills;
+        # 4K elements took ~180 registers)
+        block_rows = 512 if not soft else max(1, 2048 // (block_k * block_k))
     block_rows = _next_pow2(block_rows)  # tl.arange needs a power of two
     ref_width = ref.shape[1]
     if ref.numel() == 0:  # nothing is read from it; hand the kernel a real pointer
