@@ -95,6 +95,15 @@ def test_soft_rows():
     assert tuple(batch["target_ids"].shape) == (2, 11, 3)
 
 
+def test_soft_agreement_counts_any_target():
+    # after "X" (reference "ab") both "a" and "b" are optimal; the model said "b"
+    kwargs = dict(eos_id=EOS, impl="torch")
+    _, first = build_rac_rows([[1]], [_chars("Xb") + [EOS]], [_chars("ab")], mode="first", **kwargs)
+    _, soft = build_rac_rows([[1]], [_chars("Xb") + [EOS]], [_chars("ab")], mode="all", **kwargs)
+    assert first["label_agreement"] == pytest.approx(1 / 3)  # only EOS after "Xb"
+    assert soft["label_agreement"] == pytest.approx(2 / 3)
+
+
 def test_one_alignment_and_label_call(monkeypatch):
     import gapfix.ops.rac_labels as module
 
