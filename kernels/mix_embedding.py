@@ -144,34 +144,38 @@ def mix_embedding_bwd_atomic_kernel(
 def mix_embedding_bwd_sorted_kernel(
     grad_ptr, sorted_rows_ptr, order_ptr, coef_ptr, grad_weight_ptr,
     E, D,
-    K: tl.constexpr, HAS_COEF: tl.constexpr, BLOCK_D: tl.constexpr,
+    K: tl.constexpr, HAS_COEF: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Segmented sum over entries sorted by row (stable sort: fixed order).
 
     Entry e stands for position e // K (with weight coef[e] in soft mode);
     skipped entries carry row -1 and sort first. The program of the first
-    entry of each row's run sums the run in fp32 and writes the row once;
-    the other programs return at once. grad_weight_ptr is pre-zeroed and in
-    the weight's dtype.
+    entry of each row's run sums the run in fp32, CHUNK entries per step (a
+    frequent token's long run is CHUNK times fewer dependent steps), and
+    writes the row once; the other programs return at once. grad_weight_ptr
+    is pre-zeroed and in the weight's dtype.
     """
     i = tl.program_id(0)
-    pid_d = tl.program_id(1)
     row = tl.load(sorted_rows_ptr + i)
     prev = tl.load(sorted_rows_ptr + i - 1, mask=i > 0, other=-1)
     if (row >= 0) & (row != prev):
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         in_d = offs_d < D
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        j = i
-        cur = row
-        while cur == row:
-            entry = tl.load(order_ptr + j)
+        start = i
+        full = row >= 0  # True, as an int1 tensor: loop-carried types must not change
+        while full:
+            offs_e = start + tl.arange(0, CHUNK)
+            # the run is a prefix of the chunk (sorted); past E reads as another row
+            same = tl.load(sorted_rows_ptr + offs_e, mask=offs_e < E, other=-1) == row
+            entry = tl.load(order_ptr + offs_e, mask=same, other=0)
             n = entry // K
-            g = tl.load(grad_ptr + n * D + offs_d, mask=in_d, other=0.0).to(tl.float32)
+            g = tl.load(grad_ptr + n[:, None] * D + offs_d[None, :],
+                        mask=same[:, None] & in_d[None, :], other=0.0).to(tl.float32)
             if HAS_COEF:
-                g = g * tl.load(coef_ptr + entry).to(tl.float32)
-            acc += g
-            j += 1
-            cur = tl.load(sorted_rows_ptr + j, mask=j < E, other=-1)
+                g = g * tl.load(coef_ptr + entry, mask=same, other=0.0).to(tl.float32)[:, None]
+            acc += tl.sum(g, axis=0)
+            start += CHUNK
+            full = tl.sum(same.to(tl.int32), axis=0) == CHUNK
         out_ptrs = grad_weight_ptr + row.to(tl.int64) * D + offs_d
         tl.store(out_ptrs, acc.to(grad_weight_ptr.dtype.element_ty), mask=in_d)

@@ -146,9 +146,10 @@ def test_explicit_mask_equals_where_embedding(impl, dtype, triton_device):
 @pytest.mark.parametrize("impl,deterministic", [("cpu", False), ("triton", False), ("triton", True)])
 def test_duplicates_summed_in_backward(impl, deterministic, dtype, triton_device):
     device = triton_device if impl == "triton" else "cpu"
-    weight, ids, alt, _, mask, grad_out = _case(v=5, d=9, shape=(4, 11), dtype=dtype, device=device)
-    ids[0] = 2  # a row hit by a dozen positions
+    weight, ids, alt, _, mask, grad_out = _case(v=5, d=9, shape=(5, 11), dtype=dtype, device=device)
+    ids[:2] = 2  # a row hit by more positions than the sorted kernel's CHUNK (16)
     rows = torch.where(mask, alt, ids)
+    assert torch.bincount(rows.reshape(-1)).max() > 16
     _, grad = _weight_grad(weight, lambda w: gapfix.mix_embedding(
         w, ids, alt, mask=mask, impl=impl, deterministic=deterministic)[0], grad_out)
     grad64 = torch.zeros(5, 9, dtype=torch.float64, device=device).index_add_(

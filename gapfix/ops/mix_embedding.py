@@ -187,24 +187,25 @@ def _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx):
 
 
 def _backward_cpu(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, padding_idx):
-    # index_add_ on the CPU runs in a fixed order: deterministic either way
-    rows, coef = _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx)
-    k = 1 if alt_probs is None else alt_ids.shape[1]
-    keep = (rows >= 0).nonzero().squeeze(1)
-    rows = rows[keep]
-    src = grad[keep // k] if k > 1 else grad[keep]
+    """Deterministic: the CPU embedding backward adds in position order.
+
+    Hard mode is F.embedding's own backward on the mixed ids, bit for bit (in
+    half precision that backward accumulates in the weight's dtype; an fp32
+    accumulation here cost 3x on the CPU). Soft mode sums the weighted entries
+    in fp32 per touched row, then rounds each touched row once.
+    """
+    dense_backward = torch.ops.aten.embedding_dense_backward
+    if alt_probs is None:
+        rows = torch.where(mixed, alt_ids, ids)
+        return dense_backward(grad, rows, num_embeddings, padding_idx, False)
     acc_dtype = torch.promote_types(grad.dtype, torch.float32)
-    if coef is not None:
-        src = src.to(acc_dtype) * coef[keep, None].to(acc_dtype)
+    rows, coef = _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx)
+    keep = (rows >= 0).nonzero().squeeze(1)
+    src = grad[keep // alt_ids.shape[1]].to(acc_dtype) * coef[keep, None].to(acc_dtype)
+    touched, slot = torch.unique(rows[keep], return_inverse=True)
+    sums = dense_backward(src, slot, touched.shape[0], -1, False)
     grad_weight = torch.zeros(num_embeddings, grad.shape[1], dtype=grad.dtype, device=grad.device)
-    if grad.dtype == acc_dtype:
-        return grad_weight.index_add_(0, rows, src)
-    # half precision: sum the touched rows in fp32, round each once
-    touched, slot = torch.unique(rows, return_inverse=True)
-    sums = torch.zeros(touched.shape[0], grad.shape[1], dtype=acc_dtype, device=grad.device)
-    sums.index_add_(0, slot, src.to(acc_dtype))
-    grad_weight[touched] = sums.to(grad.dtype)
-    return grad_weight
+    return grad_weight.index_copy_(0, touched, sums.to(grad.dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -271,12 +272,12 @@ def _backward_triton(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, paddi
     rows, coef = _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx)
     sorted_rows, order = torch.sort(rows, stable=True)
     grad_weight = torch.zeros(num_embeddings, d, dtype=grad.dtype, device=grad.device)
-    block_d = min(_next_power_of_2(d), 1024)
+    block_d = min(_next_power_of_2(d), 256)
     grid = (rows.shape[0], _cdiv(d, block_d))
     kernels.mix_embedding_bwd_sorted_kernel[grid](
         grad, sorted_rows, order, coef if coef is not None else grad, grad_weight,
-        rows.shape[0], d, K=k, HAS_COEF=coef is not None, BLOCK_D=block_d,
-        num_warps=4 if block_d >= 512 else 2,
+        rows.shape[0], d, K=k, HAS_COEF=coef is not None, CHUNK=16, BLOCK_D=block_d,
+        num_warps=4,
     )
     return grad_weight
 
@@ -378,7 +379,9 @@ def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor
         padding_idx: rows equal to it get no gradient (as in F.embedding).
         deterministic: a fixed-order backward (sorted segmented reduction) on the
             GPU. The CPU path and half-precision weights are always deterministic;
-            fp32 weights on the GPU otherwise use atomic adds.
+            fp32 weights on the GPU otherwise use atomic adds. Sums are fp32 on the
+            GPU; on the CPU the hard-mode backward is F.embedding's own (which
+            accumulates half-precision gradients in their dtype), soft mode fp32.
         check_ids: check that ids / alt_ids lie in [0, V). None = check CPU
             tensors only (free) and skip CUDA tensors, where the check would be a
             host sync; an id that escapes the check reads a NaN row on the GPU
