@@ -126,7 +126,7 @@ struct Workspace {
   std::vector<uint64_t> peq, cur_vp, cur_vn, rows_vp, rows_vn;
   std::vector<int32_t> row_lo, row_hi, row_base;
   std::vector<int32_t> word_start, word_lb, prev_start;
-  std::vector<int32_t> found;
+  std::vector<int32_t> found, counts;
 };
 
 struct PairOut {
@@ -171,11 +171,28 @@ class PairAligner {
     eos_ = u;
     ws_.ysym[m_] = eos_;  // y_m: the virtual EOS, distinct from every id
     for (int t = 0; t < n_; ++t) ws_.gsym[t] = ws_.hash_vals[slot_of(static_cast<int64_t>(g[t]))];
+    // Bag distance max(n, m) - |g and y as multisets|: a lower bound on
+    // D[n][m] (one edit changes each multiset by at most one token), and close
+    // to it for large vocabularies; it picks the first band.
+    ws_.counts.assign(u, 0);
+    for (int j = 0; j < m_; ++j) ++ws_.counts[ws_.ysym[j]];
+    int common = 0;
+    for (int t = 0; t < n_; ++t) {
+      const int s = ws_.gsym[t];
+      if (s >= 0 && ws_.counts[s] > 0) {
+        --ws_.counts[s];
+        ++common;
+      }
+    }
+    bag_distance_ = std::max(n_, m_) - common;
     // Peq: match bit-vectors, one row of `words_` words per reference symbol.
     ws_.peq.assign(static_cast<size_t>(u + 1) * words_, 0);  // row u: matches nothing
     for (int j = 0; j < m_; ++j)
       ws_.peq[static_cast<size_t>(ws_.ysym[j]) * words_ + (j >> 6)] |= uint64_t{1} << (j & 63);
   }
+
+  int bag_distance() const { return bag_distance_; }
+  int words() const { return words_; }
 
   // D[n][m] computed within the band of half-width k (exact when <= k).
   int banded_distance(int64_t k) { return sweep<false>(k, nullptr); }
@@ -403,6 +420,7 @@ class PairAligner {
   Workspace& ws_;
   const int n_, m_, words_;
   int eos_ = 0;
+  int bag_distance_ = 0;
   int stride_ = 1;
   int prev_row_ = 0;
 };
@@ -422,14 +440,30 @@ void align_pair(const Id* g, const Id* y, int n, int m, Workspace& ws, const Pai
   }
   PairAligner aligner(ws, n, m);
   aligner.remap(g, y);
+  // First band: D[n][m] >= max(|n - m|, bag distance), and for realistic pairs
+  // D is near the bag distance (between 1x for substitutions only and about
+  // 1.5x for an even mix with insertions and deletions), so the full pass runs
+  // directly on a band of 1.5x the bag distance. Should it come out above k (not exact), cheaper
+  // distance-only passes double k until D <= k, and the full pass reruns. A
+  // band covering most of the matrix is run as the full matrix.
   const int64_t full_k = std::max(n, m);
-  int64_t k = std::max<int64_t>(std::abs(n - m), 64);
-  while (k < full_k) {
-    if (aligner.banded_distance(k) <= k) break;
-    k *= 2;
+  auto near_full = [&](int64_t k) {
+    return k >= full_k || 4 * ((2 * k + 63) / 64 + 1) >= 3 * int64_t{aligner.words()};
+  };
+  const int64_t bag = aligner.bag_distance();
+  int64_t k = std::max<int64_t>({std::abs(n - m), bag + bag / 2 + 16, 64});
+  if (near_full(k)) k = full_k;
+  int d = aligner.full_pass(k, out);
+  if (d > k) {
+    do {
+      k *= 2;
+      if (near_full(k)) {
+        k = full_k;
+        break;
+      }
+    } while (aligner.banded_distance(k) > k);
+    d = aligner.full_pass(k, out);
   }
-  k = std::min(k, full_k);
-  const int d = aligner.full_pass(k, out);
   aligner.traceback(d, out.path);
   *distance = d;
 }
