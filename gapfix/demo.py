@@ -43,6 +43,9 @@ def configure(parser):
     parser.add_argument("--fused", type=lambda s: s.lower() != "false", default=True,
                         help="false: every op's PyTorch reference")
     parser.add_argument("--backend", default="hf", help="generation backend: hf, vllm or auto")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the demo's model is too small to gain "
+                             "from more, and extra threads only contend)")
     for key, value in RECIPE.items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
                             help=f"default {value}")
@@ -211,6 +214,9 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the demo prints its own progress
+    import torch
+
+    torch.set_num_threads(args.threads)
     recipe = recipe_from_args(args)
     started = time.perf_counter()
     run_demo(args.out, recipe=recipe, seeds=args.seeds, fused=args.fused, backend=args.backend)

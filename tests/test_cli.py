@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gapfix.cli import build_parser, main
+from gapfix.data import math_task
+
+pytest.importorskip("transformers")
+
+
+def test_env_reports_native_extension(capsys):
+    assert main(["env", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["torch"] and "native_extension" in report and "native_build" in report
+
+
+def test_import_gapfix_stays_light():
+    code = ("import sys, gapfix; heavy = [m for m in ('triton', 'transformers', 'vllm') if m in sys.modules];"
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_every_command_has_help():
+    parser = build_parser()
+    for command in ("train", "demo", "env", "generate"):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([command, "--help"])
+        assert exit_info.value.code == 0
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    paths = math_task.write_splits(str(tmp_path / "data"), train=64, test=8, hard=4)
+    return paths
+
+
+def test_train_command_runs_tiny_model(tmp_path, data_files, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--model", "tiny", "--train", data_files["train"], "--eval", data_files["test"],
+                 "--method", "bash", "--iterations", "1", "--steps-per-iteration", "2",
+                 "--batch-size", "8", "--max-new-tokens", "16", "--progress", "false", "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["evaluations"][0]["count"] == 8
+    assert (out / "final" / "config.json").exists()
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "step" and "mixed_fraction" in e for e in events)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--method", "dpo"], "method"),
+    (["--beta", "2"], "beta"),
+    (["--model", "/nonexistent/model"], "model"),
+])
+def test_train_command_bad_input(tmp_path, data_files, args, match):
+    base = {"--model": "tiny", "--train": data_files["train"], "--out": str(tmp_path / "x")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = ["train"] + [item for pair in base.items() for item in pair]
+    with pytest.raises(ValueError, match=match):
+        main(argv)
