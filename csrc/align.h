@@ -41,17 +41,21 @@ void align_cpu(const Id* gen, const Id* ref, const int64_t* gen_lens, const int6
 }  // namespace gapfix
 
 // CUDA launcher (csrc/cuda/align_cuda.cu), callable without torch headers.
-// Inputs are device pointers. gen_sym/ref_sym are dense per-pair symbols
-// (ref_sym[b, j] in [0, ref_width), equal ids <-> equal symbols; gen_sym is
-// the symbol of the same id in ref, or -1 when the id does not occur there).
-// Scratch: `peq_words` uint64 words (>= batch * ref_width * words), and
-// `bits_words` uint64 words (>= 2 * batch * gen_width * words), where
-// words = ceil(ref_width / 64). Outputs pre-filled with -1 by the caller.
-// Returns 0, or a cudaError_t value.
+// Inputs are device pointers, row-major. gen_sym/ref_sym are dense per-pair
+// symbols: ref_sym[b, j] in [0, ref_width) with equal ids <-> equal symbols,
+// gen_sym[b, t] the symbol of the same id in ref[b, :m], or -1 when the id
+// does not occur there. With words = ceil(ref_width / 64), the caller provides
+// scratch of at least
+//   peq_scratch     batch * ref_width * words  uint64 (match bit-vectors)
+//   bits_scratch    batch * gen_width * words * 2  uint64 (rows' VP/VN)
+//   starts_scratch  batch * gen_width * words  int32 (D at each word start)
+// and outputs pre-filled with -1. Lengths are clamped to [0, width].
+// Returns 0, or the cudaError_t of the first failed launch.
 extern "C" int gapfix_align_cuda_launch(const int32_t* gen_sym, const int32_t* ref_sym,
                                         const int64_t* gen_lens, const int64_t* ref_lens,
                                         int64_t batch, int64_t gen_width, int64_t ref_width,
                                         int64_t max_targets, uint64_t* peq_scratch,
-                                        uint64_t* bits_scratch, int32_t* distance, int32_t* path,
-                                        int32_t* cost, int32_t* first, int32_t* last,
-                                        int32_t* targets, void* stream);
+                                        uint64_t* bits_scratch, int32_t* starts_scratch,
+                                        int32_t* distance, int32_t* path, int32_t* cost,
+                                        int32_t* first, int32_t* last, int32_t* targets,
+                                        void* stream);

@@ -1,0 +1,394 @@
+// CUDA kernels of the batched prefix alignment (outputs: see csrc/align.h).
+// Compiles without torch headers; csrc/cuda/align_cuda_binding.cpp computes
+// the dense symbols, allocates the scratch and calls the launcher below.
+//
+// Same bit-parallel formulation as the CPU kernel (csrc/align_cpu.cpp): row t
+// of D is two bit-vectors over the reference, VP/VN bit j-1 set when
+// D[t][j] - D[t][j-1] = +1 / -1, advanced one generated token at a time. The
+// GPU runs the full matrix (no band); outputs are exact, hence identical to
+// the CPU's. Four launches per chunk of pairs:
+//   1. peq_kernel: match bit-vectors Peq[b][sym][word] (after a memset).
+//   2. dp_kernel: one warp per pair; lane l owns q = ceil(words/32) consecutive
+//      words of the column and runs row t = s - l + 1 at step s, so the
+//      horizontal carry of row t reaches lane l+1 through one shuffle per
+//      step (a software pipeline of n + 31 steps). Each row's (VP, VN) words
+//      go to global scratch: 16 bytes per word per row, written once.
+//      Traffic per pair ~ n * words * (16 written + one 32-byte Peq sector).
+//   3. rows_kernel: one thread per (pair, row): word start values by
+//      popcount prefix sums (stored for the traceback), c_t / first / last by
+//      an exact 4-bit-chunk scan of only the words whose lower bound
+//      start - popcount(VN) can reach the minimum, then the targets.
+//   4. traceback_kernel: one thread per pair, O(1) per step from the stored
+//      words and starts.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "align.h"
+
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kDpWarpsPerBlock = 4;
+constexpr int kThreads = 128;
+constexpr int kEosSym = -2;  // y_m: distinct from every symbol (>= 0) and from "absent" (-1)
+
+__device__ __forceinline__ int clamp_len(int64_t v, int64_t width) {
+  return static_cast<int>(v < 0 ? 0 : (v > width ? width : v));
+}
+
+// One 64-bit word of the column advanced by one text symbol (Hyyro's block
+// step): eq = match bits, hin = D[t][j0] - D[t-1][j0] entering at the top.
+// Returns the horizontal delta leaving at bit 63.
+__device__ __forceinline__ int advance_word(uint64_t& vp, uint64_t& vn, uint64_t eq, int hin) {
+  const uint64_t hin_neg = hin < 0 ? 1ull : 0ull;
+  const uint64_t hin_pos = hin > 0 ? 1ull : 0ull;
+  const uint64_t xv = eq | vn;
+  eq |= hin_neg;
+  const uint64_t xh = (((eq & vp) + vp) ^ vp) | eq;
+  uint64_t hp = vn | ~(xh | vp);
+  uint64_t hn = vp & xh;
+  const int hout = static_cast<int>(hp >> 63) - static_cast<int>(hn >> 63);
+  hp = (hp << 1) | hin_pos;
+  hn = (hn << 1) | hin_neg;
+  vp = hn | ~(xv | hp);
+  vn = hp & xv;
+  return hout;
+}
+
+__device__ __forceinline__ uint64_t low_mask(int bits) {
+  return bits >= 64 ? ~0ull : ((1ull << bits) - 1ull);
+}
+
+// ---------------------------------------------------------------------------
+// 1. Peq
+
+__global__ void peq_kernel(const int32_t* __restrict__ ref_sym, const int64_t* __restrict__ ref_lens,
+                           int64_t batch, int64_t ref_width, int64_t words, uint64_t* __restrict__ peq) {
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= batch * ref_width) return;
+  const int64_t b = idx / ref_width;
+  const int j = static_cast<int>(idx - b * ref_width);
+  if (j >= clamp_len(ref_lens[b], ref_width)) return;
+  const int64_t sym = ref_sym[idx];
+  atomicOr(reinterpret_cast<unsigned long long*>(&peq[(b * ref_width + sym) * words + (j >> 6)]),
+           1ull << (j & 63));
+}
+
+// ---------------------------------------------------------------------------
+// 2. DP, one warp per pair. Q > 0: each lane keeps its (at most Q) words in
+// registers; Q == 0: any width, the lane re-reads its previous row from the
+// scratch it wrote one step earlier.
+
+template <int Q>
+__global__ void __launch_bounds__(kDpWarpsPerBlock * kWarp)
+dp_kernel(const int32_t* __restrict__ gen_sym, const int64_t* __restrict__ gen_lens,
+          const int64_t* __restrict__ ref_lens, int64_t batch, int64_t gen_width, int64_t ref_width,
+          int64_t words, const uint64_t* __restrict__ peq, ulonglong2* __restrict__ bits) {
+  const int lane = threadIdx.x & (kWarp - 1);
+  const int64_t b = blockIdx.x * static_cast<int64_t>(kDpWarpsPerBlock) + (threadIdx.x / kWarp);
+  if (b >= batch) return;  // the whole warp leaves together
+  const int n = clamp_len(gen_lens[b], gen_width);
+  const int m = clamp_len(ref_lens[b], ref_width);
+  if (n == 0 || m == 0) return;
+  const int pair_words = (m + 63) >> 6;
+  const int q = (pair_words + kWarp - 1) / kWarp;
+  const int w0 = lane * q;
+  const int own = max(0, min(q, pair_words - w0));  // words owned by this lane
+  const int32_t* gs = gen_sym + b * gen_width;
+  const uint64_t* pq = peq + b * ref_width * words;
+  ulonglong2* out = bits + b * gen_width * words;
+
+  uint64_t vp[Q > 0 ? Q : 1], vn[Q > 0 ? Q : 1];
+#pragma unroll
+  for (int i = 0; i < (Q > 0 ? Q : 1); ++i) {
+    vp[i] = ~0ull;  // row 0: D[0][j] = j
+    vn[i] = 0ull;
+  }
+  int hout = 0;
+  for (int s = 0; s < n + kWarp - 1; ++s) {
+    int hin = __shfl_up_sync(0xffffffffu, hout, 1);
+    if (lane == 0) hin = 1;  // global boundary: D[t][0] - D[t-1][0] = 1
+    const int t = s - lane + 1;
+    if (t >= 1 && t <= n && own > 0) {
+      const int sym = gs[t - 1];
+      const uint64_t* eq = pq + static_cast<int64_t>(sym < 0 ? 0 : sym) * words + w0;
+      ulonglong2* row = out + static_cast<int64_t>(t - 1) * words + w0;
+      if constexpr (Q > 0) {
+#pragma unroll
+        for (int i = 0; i < Q; ++i) {
+          if (i < own) {
+            const uint64_t e = sym < 0 ? 0ull : eq[i];
+            hin = advance_word(vp[i], vn[i], e, hin);
+            row[i] = make_ulonglong2(vp[i], vn[i]);
+          }
+        }
+      } else {
+        const ulonglong2* prev = row - words;
+        for (int i = 0; i < own; ++i) {
+          uint64_t p = ~0ull, v = 0ull;
+          if (t > 1) {
+            const ulonglong2 x = prev[i];
+            p = x.x;
+            v = x.y;
+          }
+          const uint64_t e = sym < 0 ? 0ull : eq[i];
+          hin = advance_word(p, v, e, hin);
+          row[i] = make_ulonglong2(p, v);
+        }
+      }
+    }
+    hout = hin;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 3. Row outputs, one thread per (pair, row).
+
+// 4-bit chunk of (VP, VN): total, min prefix sum over its 4 positions, first
+// and last position (0..3) reaching it; packed (sum+8, min+8, first, last).
+__device__ uint32_t nibble_stat(int vp, int vn) {
+  int v = 0, best = 100, first = 0, last = 0;
+  for (int p = 0; p < 4; ++p) {
+    v += ((vp >> p) & 1) - ((vn >> p) & 1);
+    if (v < best) {
+      best = v;
+      first = last = p;
+    } else if (v == best) {
+      last = p;
+    }
+  }
+  return static_cast<uint32_t>(v + 8) | (static_cast<uint32_t>(best + 8) << 8) |
+         (static_cast<uint32_t>(first) << 16) | (static_cast<uint32_t>(last) << 24);
+}
+
+__global__ void __launch_bounds__(kThreads)
+rows_kernel(const int32_t* __restrict__ ref_sym, const int64_t* __restrict__ gen_lens,
+            const int64_t* __restrict__ ref_lens, int64_t batch, int64_t gen_width, int64_t ref_width,
+            int64_t words, int64_t max_targets, const ulonglong2* __restrict__ bits,
+            int32_t* __restrict__ starts, int32_t* __restrict__ distance, int32_t* __restrict__ path,
+            int32_t* __restrict__ cost, int32_t* __restrict__ first_out, int32_t* __restrict__ last_out,
+            int32_t* __restrict__ targets) {
+  __shared__ uint32_t table[256];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) table[i] = nibble_stat(i >> 4, i & 15);
+  __syncthreads();
+
+  const int64_t rows = gen_width + 1;
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= batch * rows) return;
+  const int64_t b = idx / rows;
+  const int t = static_cast<int>(idx - b * rows);
+  const int n = clamp_len(gen_lens[b], gen_width);
+  const int m = clamp_len(ref_lens[b], ref_width);
+  if (t > n) return;
+  int32_t* trow = max_targets > 0 ? targets + idx * max_targets : nullptr;
+  const int32_t* ys = ref_sym + b * ref_width;
+
+  if (t == 0) path[idx] = 0;
+  if (t == 0 || m == 0) {  // row 0 (D[0][j] = j) or an empty reference (D[t][0] = t)
+    cost[idx] = t;
+    first_out[idx] = last_out[idx] = 0;
+    if (trow) trow[0] = 0;
+    if (t == n) distance[b] = m == 0 ? n : m;  // D[n][0] = n; D[0][m] = m
+    return;
+  }
+  const int pair_words = (m + 63) >> 6;
+  const ulonglong2* row = bits + (b * gen_width + (t - 1)) * words;
+  int32_t* srow = starts + (b * gen_width + (t - 1)) * words;
+
+  // Pass 1: start value of every word (kept for the traceback), D[t][m], and
+  // an upper bound on the row minimum (the word end values).
+  int s = t, upper = t;
+  for (int w = 0; w < pair_words; ++w) {
+    const ulonglong2 x = row[w];
+    const uint64_t mask = low_mask(m - 64 * w);
+    srow[w] = s;
+    s += __popcll(x.x & mask) - __popcll(x.y & mask);
+    upper = min(upper, s);
+  }
+  if (t == n) distance[b] = s;
+
+  // Pass 2: exact minimum over the words whose lower bound can reach it.
+  int best = t, first = 0, last = 0;
+  s = t;
+  for (int w = 0; w < pair_words; ++w) {
+    const ulonglong2 x = row[w];
+    const uint64_t mask = low_mask(m - 64 * w);
+    const int pn = __popcll(x.y & mask);
+    if (s - pn <= min(best, upper)) {
+      // Bits past m count as +1 steps, so they never reach the minimum.
+      const uint64_t wp = (x.x & mask) | ~mask, wn = x.y & mask;
+      int v = s;
+#pragma unroll
+      for (int c = 0; c < 16; ++c) {
+        const uint32_t e = table[(((wp >> (4 * c)) & 15) << 4) | ((wn >> (4 * c)) & 15)];
+        const int cand = v + static_cast<int>((e >> 8) & 255) - 8;
+        const int at = 64 * w + 4 * c + 1;
+        if (cand < best) {
+          best = cand;
+          first = at + static_cast<int>((e >> 16) & 255);
+          last = at + static_cast<int>(e >> 24);
+        } else if (cand == best) {
+          last = at + static_cast<int>(e >> 24);
+        }
+        v += static_cast<int>(e & 255) - 8;
+      }
+    }
+    s += __popcll(x.x & mask) - pn;
+  }
+  cost[idx] = best;
+  first_out[idx] = first;
+  last_out[idx] = last;
+
+  // Pass 3: the first j of each distinct token of {y_j : D[t][j] = c_t}.
+  if (trow) {
+    int count = 0;
+    auto emit = [&](int j) {
+      const int sym = j == m ? kEosSym : ys[j];
+      for (int i = 0; i < count; ++i) {
+        const int k = trow[i];
+        if ((k == m ? kEosSym : ys[k]) == sym) return;
+      }
+      trow[count++] = j;
+    };
+    if (t == best) emit(0);
+    s = t;
+    for (int w = 0; w < pair_words && count < max_targets; ++w) {
+      const ulonglong2 x = row[w];
+      const uint64_t mask = low_mask(m - 64 * w);
+      const int pn = __popcll(x.y & mask);
+      if (s - pn <= best) {
+        const uint64_t wp = (x.x & mask) | ~mask, wn = x.y & mask;
+        int v = s;
+        for (int c = 0; c < 16 && count < max_targets; ++c) {
+          const int bp = static_cast<int>((wp >> (4 * c)) & 15), bn = static_cast<int>((wn >> (4 * c)) & 15);
+          const uint32_t e = table[(bp << 4) | bn];
+          if (v + static_cast<int>((e >> 8) & 255) - 8 == best) {
+            int x2 = v;
+            for (int p = 0; p < 4 && count < max_targets; ++p) {
+              x2 += ((bp >> p) & 1) - ((bn >> p) & 1);
+              if (x2 == best) emit(64 * w + 4 * c + p + 1);
+            }
+          }
+          v += static_cast<int>(e & 255) - 8;
+        }
+      }
+      s += __popcll(x.x & mask) - pn;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 4. Canonical traceback, one thread per pair: diagonal, else up, else left.
+
+__global__ void __launch_bounds__(kThreads)
+traceback_kernel(const int32_t* __restrict__ gen_sym, const int32_t* __restrict__ ref_sym,
+                 const int64_t* __restrict__ gen_lens, const int64_t* __restrict__ ref_lens,
+                 int64_t batch, int64_t gen_width, int64_t ref_width, int64_t words,
+                 const ulonglong2* __restrict__ bits, const int32_t* __restrict__ starts,
+                 const int32_t* __restrict__ distance, int32_t* __restrict__ path) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= batch) return;
+  const int n = clamp_len(gen_lens[b], gen_width);
+  const int m = clamp_len(ref_lens[b], ref_width);
+  const int32_t* gs = gen_sym + b * gen_width;
+  const int32_t* ys = ref_sym + b * ref_width;
+  const ulonglong2* pbits = bits + b * gen_width * words;
+  const int32_t* pstarts = starts + b * gen_width * words;
+  int32_t* prow = path + b * (gen_width + 1);
+
+  // D[r][x] from the stored row r >= 1 (row 0: x; column 0: r).
+  auto value = [&](int r, int x) -> int {
+    if (r == 0) return x;
+    if (x == 0) return r;
+    const int w = (x - 1) >> 6;
+    const int64_t at = static_cast<int64_t>(r - 1) * words + w;
+    const ulonglong2 v = pbits[at];
+    const uint64_t mask = low_mask(x - 64 * w);
+    return pstarts[at] + __popcll(v.x & mask) - __popcll(v.y & mask);
+  };
+
+  int t = n, j = m, d = distance[b];
+  while (t > 0) {
+    if (j > 0) {
+      const int sym = gs[t - 1];
+      const int c = (sym >= 0 && sym == ys[j - 1]) ? 0 : 1;
+      if (value(t - 1, j - 1) + c == d) {
+        prow[t] = j;
+        --t;
+        --j;
+        d -= c;
+        continue;
+      }
+    }
+    if (value(t - 1, j) + 1 == d) {
+      prow[t] = j;
+      --t;
+      d -= 1;
+      continue;
+    }
+    // Left: D[t][j-1] = D[t][j] - (bit j-1 of row t).
+    const ulonglong2 v = pbits[static_cast<int64_t>(t - 1) * words + ((j - 1) >> 6)];
+    const uint64_t bit = 1ull << ((j - 1) & 63);
+    d -= (v.x & bit) ? 1 : ((v.y & bit) ? -1 : 0);
+    --j;
+  }
+  prow[0] = 0;
+}
+
+template <int Q>
+void launch_dp(const int32_t* gen_sym, const int64_t* gen_lens, const int64_t* ref_lens, int64_t batch,
+               int64_t gen_width, int64_t ref_width, int64_t words, const uint64_t* peq,
+               ulonglong2* bits, cudaStream_t stream) {
+  const int64_t blocks = (batch + kDpWarpsPerBlock - 1) / kDpWarpsPerBlock;
+  dp_kernel<Q><<<static_cast<unsigned>(blocks), kDpWarpsPerBlock * kWarp, 0, stream>>>(
+      gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, peq, bits);
+}
+
+}  // namespace
+
+extern "C" int gapfix_align_cuda_launch(const int32_t* gen_sym, const int32_t* ref_sym,
+                                        const int64_t* gen_lens, const int64_t* ref_lens,
+                                        int64_t batch, int64_t gen_width, int64_t ref_width,
+                                        int64_t max_targets, uint64_t* peq_scratch,
+                                        uint64_t* bits_scratch, int32_t* starts_scratch,
+                                        int32_t* distance, int32_t* path, int32_t* cost,
+                                        int32_t* first, int32_t* last, int32_t* targets,
+                                        void* stream_ptr) {
+  if (batch <= 0) return 0;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const int64_t words = (ref_width + 63) / 64;
+  ulonglong2* bits = reinterpret_cast<ulonglong2*>(bits_scratch);
+  cudaError_t err;
+  if (words > 0 && gen_width > 0) {
+    err = cudaMemsetAsync(peq_scratch, 0, sizeof(uint64_t) * batch * ref_width * words, stream);
+    if (err != cudaSuccess) return static_cast<int>(err);
+    const int64_t peq_blocks = (batch * ref_width + kThreads - 1) / kThreads;
+    peq_kernel<<<static_cast<unsigned>(peq_blocks), kThreads, 0, stream>>>(ref_sym, ref_lens, batch,
+                                                                           ref_width, words, peq_scratch);
+    const int64_t per_lane = (words + kWarp - 1) / kWarp;
+    if (per_lane <= 1) {
+      launch_dp<1>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, peq_scratch, bits, stream);
+    } else if (per_lane <= 2) {
+      launch_dp<2>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, peq_scratch, bits, stream);
+    } else if (per_lane <= 4) {
+      launch_dp<4>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, peq_scratch, bits, stream);
+    } else if (per_lane <= 8) {
+      launch_dp<8>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, peq_scratch, bits, stream);
+    } else {
+      launch_dp<0>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, peq_scratch, bits, stream);
+    }
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  const int64_t row_blocks = (batch * (gen_width + 1) + kThreads - 1) / kThreads;
+  rows_kernel<<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(
+      ref_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, max_targets, bits,
+      starts_scratch, distance, path, cost, first, last, targets);
+  const int64_t pair_blocks = (batch + kThreads - 1) / kThreads;
+  traceback_kernel<<<static_cast<unsigned>(pair_blocks), kThreads, 0, stream>>>(
+      gen_sym, ref_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, bits,
+      starts_scratch, distance, path);
+  err = cudaGetLastError();
+  return static_cast<int>(err);
+}
