@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import gapfix
-from gapfix.ops.mix_embedding import (mix_embedding_reference, mixing_mask, mixing_threshold,
-                                      philox_uint32)
+from gapfix.ops.mix_embedding import (_philox_numpy, _philox_torch, mix_embedding_reference,
+                                      mixing_mask, mixing_threshold, philox_uint32)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -44,6 +44,12 @@ def _assert_close_to_fp64(ours, ref_lowp, ref64):
 def test_philox_matches_random123_known_answer():
     # Random123 kat_vectors: philox4x32_10, counter 0, key 0 -> first word 0x6627e8d5
     assert int(philox_uint32(0, torch.zeros(1, dtype=torch.long))[0]) == 0x6627E8D5
+
+
+@pytest.mark.parametrize("seed", [0, 3, 2**40 + 17])
+def test_philox_numpy_and_torch_agree(seed):
+    counter = torch.arange(2**31 - 300, 2**31 - 1, 7)
+    assert torch.equal(_philox_numpy(seed, counter), _philox_torch(seed, counter))
 
 
 @pytest.mark.parametrize("seed", [0, 7, 2**32 + 5, 2**63 - 1])
@@ -230,13 +236,17 @@ def test_soft_mode_one_hot_equals_hard_mode():
 
 # ---------------------------------------------------------------------------- tracing
 
-def test_custom_op_passes_opcheck():
-    weight, ids, alt, probs, mask, _ = _case(v=13, d=5, shape=(7,), k=2)
-    op = torch.ops.gapfix.mix_embedding.default
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_custom_ops_pass_opcheck(backend, triton_device):
+    device = triton_device if backend == "triton" else "cpu"
+    weight, ids, alt, probs, mask, grad_out = _case(v=13, d=5, shape=(7,), k=2, device=device)
     for alt_ids, alt_probs in ((alt[:, 0].contiguous(), None), (alt, probs)):
         args = (weight.requires_grad_(True), ids, alt_ids, alt_probs, None, mask, mixing_threshold(0.5),
-                9, -1, False, "cpu")
-        torch.library.opcheck(op, args)
+                9, -1, False, backend)
+        torch.library.opcheck(torch.ops.gapfix.mix_embedding.default, args)
+        mixed = torch.ops.gapfix.mix_embedding(*args)[1]
+        torch.library.opcheck(torch.ops.gapfix.mix_embedding_backward.default,
+                              (grad_out, ids, alt_ids, alt_probs, mixed, 13, 2, True, backend))
 
 
 def test_traces_under_torch_compile():

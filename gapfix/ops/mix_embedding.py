@@ -57,10 +57,44 @@ def philox_uint32(seed: int, counter: torch.Tensor) -> torch.Tensor:
     """Word 0 of Philox-4x32-10 at counters (counter, 0, 0, 0), key = seed.
 
     Bit-equal to `tl.randint(seed, counter)` for int32 counters. Values are
-    returned as int64 in [0, 2**32). Runs on any device; 32x32-bit products
-    are formed in int64 (they wrap modulo 2**64, so the high and low words of
-    the exact product are bits 32..63 and 0..31).
+    returned as int64 in [0, 2**32), on counter's device. CPU tensors go
+    through NumPy (native wrapping uint64 arithmetic, ~2.5x fewer passes than
+    emulating it in torch int64); other devices through torch.
     """
+    if counter.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _philox_numpy(seed, counter)
+    return _philox_torch(seed, counter)
+
+
+def _philox_numpy(seed, counter):
+    import numpy as np
+
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    c0 = counter.numpy().astype(np.uint64) & np.uint64(_U32)
+    c1, c2, c3 = np.zeros_like(c0), np.zeros_like(c0), np.zeros_like(c0)
+    prod_a, prod_b = np.empty_like(c0), np.empty_like(c0)
+    round_a, round_b = np.uint64(_PHILOX_ROUND_A), np.uint64(_PHILOX_ROUND_B)
+    low, shift = np.uint64(_U32), np.uint64(32)
+    for _ in range(_PHILOX_ROUNDS):
+        # 32 x 32-bit products are exact in uint64: high word = >> 32, low = & 0xffffffff
+        np.multiply(c0, round_a, out=prod_a)
+        np.multiply(c2, round_b, out=prod_b)
+        np.right_shift(prod_b, shift, out=c0)
+        c0 ^= c1
+        c0 ^= np.uint64(k0)
+        np.right_shift(prod_a, shift, out=c2)
+        c2 ^= c3
+        c2 ^= np.uint64(k1)
+        np.bitwise_and(prod_b, low, out=c1)
+        np.bitwise_and(prod_a, low, out=c3)
+        k0 = (k0 + _PHILOX_KEY_A) & _U32
+        k1 = (k1 + _PHILOX_KEY_B) & _U32
+    return torch.from_numpy(c0.view(np.int64))
+
+
+def _philox_torch(seed, counter):
+    # 32 x 32-bit products formed in int64 wrap modulo 2**64, so the high and
+    # low words of the exact product are still bits 32..63 and 0..31
     k0, k1 = seed & _U32, (seed >> 32) & _U32
     c0 = counter.to(torch.int64) & _U32
     c1 = torch.zeros_like(c0)
