@@ -29,6 +29,7 @@
 // rest are scanned 8 bits at a time through a 64K-entry table), plus O(n + m)
 // traceback steps with an O(band_words) prefix per row change.
 #include "align.h"
+#include "align_bits.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -45,26 +46,6 @@ namespace {
 constexpr int kInf = 1 << 29;
 
 inline int popcount64(uint64_t x) { return __builtin_popcountll(x); }
-
-// Advances one 64-bit word of the column by one text symbol.
-// eq: bits of the reference positions equal to the symbol; hin: the
-// horizontal delta D[t][j0] - D[t-1][j0] entering at the word's top boundary.
-// Returns the horizontal delta leaving at its bottom (bit 63).
-inline int advance_word(uint64_t& vp, uint64_t& vn, uint64_t eq, int hin) {
-  const uint64_t hin_neg = hin < 0 ? 1 : 0;
-  const uint64_t hin_pos = hin > 0 ? 1 : 0;
-  const uint64_t xv = eq | vn;
-  eq |= hin_neg;
-  const uint64_t xh = (((eq & vp) + vp) ^ vp) | eq;
-  uint64_t hp = vn | ~(xh | vp);
-  uint64_t hn = vp & xh;
-  const int hout = static_cast<int>(hp >> 63) - static_cast<int>(hn >> 63);
-  hp = (hp << 1) | hin_pos;
-  hn = (hn << 1) | hin_neg;
-  vp = hn | ~(xv | hp);
-  vn = hp & xv;
-  return hout;
-}
 
 // Per 8-bit chunk of (VP, VN): total delta, the minimum over its 8 prefix sums,
 // and the first / last position (0..7) reaching that minimum.

@@ -8,17 +8,12 @@
 #include <tuple>
 
 #include "align.h"
+#include "align_torch.h"
 
 #define GAPFIX_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor")
-#define GAPFIX_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
-#define GAPFIX_CHECK_SHAPE(x, ...)                                                   \
-  TORCH_CHECK_VALUE((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" \
-                    #__VA_ARGS__ "), got ", (x).sizes())
 
 namespace gapfix {
 namespace {
-
-using AlignResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 AlignResult align_cpu_op(const at::Tensor& gen, const at::Tensor& ref, const at::Tensor& gen_lens,
                          const at::Tensor& ref_lens, int64_t max_targets) {
@@ -26,20 +21,8 @@ AlignResult align_cpu_op(const at::Tensor& gen, const at::Tensor& ref, const at:
   GAPFIX_CHECK_CPU(ref);
   GAPFIX_CHECK_CPU(gen_lens);
   GAPFIX_CHECK_CPU(ref_lens);
-  TORCH_CHECK_VALUE(gen.dim() == 2, "gen must be 2-D (batch, width), got ", gen.dim(), " dims");
-  TORCH_CHECK_VALUE(ref.dim() == 2, "ref must be 2-D (batch, width), got ", ref.dim(), " dims");
-  TORCH_CHECK_VALUE(gen.scalar_type() == ref.scalar_type(), "gen and ref must share a dtype");
-  TORCH_CHECK_VALUE(gen.scalar_type() == at::kInt || gen.scalar_type() == at::kLong,
-                    "gen and ref must be int32 or int64");
-  TORCH_CHECK_VALUE(max_targets >= 0, "max_targets must be >= 0");
+  check_align_args(gen, ref, gen_lens, ref_lens, max_targets);
   const int64_t batch = gen.size(0), gen_width = gen.size(1), ref_width = ref.size(1);
-  TORCH_CHECK_VALUE(ref.size(0) == batch, "ref batch size ", ref.size(0), " != gen batch size ", batch);
-  TORCH_CHECK_VALUE(gen_width < (int64_t{1} << 28) && ref_width < (int64_t{1} << 28),
-                    "widths must be < 2^28");
-  GAPFIX_CHECK_SHAPE(gen_lens, batch);
-  GAPFIX_CHECK_SHAPE(ref_lens, batch);
-  TORCH_CHECK_VALUE(gen_lens.scalar_type() == at::kLong && ref_lens.scalar_type() == at::kLong,
-                    "gen_lens and ref_lens must be int64");
 
   const at::Tensor g = gen.contiguous(), r = ref.contiguous();
   const at::Tensor gl = gen_lens.contiguous(), rl = ref_lens.contiguous();
@@ -52,13 +35,8 @@ AlignResult align_cpu_op(const at::Tensor& gen, const at::Tensor& ref, const at:
                       " outside [0, ", ref_width, "]");
   }
 
-  const auto opts = gen.options().dtype(at::kInt);
-  at::Tensor distance = at::full({batch}, -1, opts);
-  at::Tensor path = at::full({batch, gen_width + 1}, -1, opts);
-  at::Tensor cost = at::full({batch, gen_width + 1}, -1, opts);
-  at::Tensor first = at::full({batch, gen_width + 1}, -1, opts);
-  at::Tensor last = at::full({batch, gen_width + 1}, -1, opts);
-  at::Tensor targets = at::full({batch, gen_width + 1, max_targets}, -1, opts);
+  AlignResult result = make_align_outputs(gen, max_targets);
+  auto& [distance, path, cost, first, last, targets] = result;
   const AlignOutputs out{distance.data_ptr<int32_t>(), path.data_ptr<int32_t>(),
                          cost.data_ptr<int32_t>(),     first.data_ptr<int32_t>(),
                          last.data_ptr<int32_t>(),
@@ -71,7 +49,7 @@ AlignResult align_cpu_op(const at::Tensor& gen, const at::Tensor& ref, const at:
     align_cpu<int64_t>(g.data_ptr<int64_t>(), r.data_ptr<int64_t>(), glp, rlp, batch, gen_width,
                        ref_width, max_targets, out, threads);
   }
-  return {distance, path, cost, first, last, targets};
+  return result;
 }
 
 }  // namespace

@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "align.h"
+#include "align_bits.h"
 
 namespace {
 
@@ -35,25 +36,6 @@ constexpr int kEosSym = -2;  // y_m: distinct from every symbol (>= 0) and from 
 
 __device__ __forceinline__ int clamp_len(int64_t v, int64_t width) {
   return static_cast<int>(v < 0 ? 0 : (v > width ? width : v));
-}
-
-// One 64-bit word of the column advanced by one text symbol (Hyyro's block
-// step): eq = match bits, hin = D[t][j0] - D[t-1][j0] entering at the top.
-// Returns the horizontal delta leaving at bit 63.
-__device__ __forceinline__ int advance_word(uint64_t& vp, uint64_t& vn, uint64_t eq, int hin) {
-  const uint64_t hin_neg = hin < 0 ? 1ull : 0ull;
-  const uint64_t hin_pos = hin > 0 ? 1ull : 0ull;
-  const uint64_t xv = eq | vn;
-  eq |= hin_neg;
-  const uint64_t xh = (((eq & vp) + vp) ^ vp) | eq;
-  uint64_t hp = vn | ~(xh | vp);
-  uint64_t hn = vp & xh;
-  const int hout = static_cast<int>(hp >> 63) - static_cast<int>(hn >> 63);
-  hp = (hp << 1) | hin_pos;
-  hn = (hn << 1) | hin_neg;
-  vp = hn | ~(xv | hp);
-  vn = hp & xv;
-  return hout;
 }
 
 __device__ __forceinline__ uint64_t low_mask(int bits) {
@@ -119,7 +101,7 @@ dp_kernel(const int32_t* __restrict__ gen_sym, const int64_t* __restrict__ gen_l
         for (int i = 0; i < Q; ++i) {
           if (i < own) {
             const uint64_t e = sym < 0 ? 0ull : eq[i];
-            hin = advance_word(vp[i], vn[i], e, hin);
+            hin = gapfix::advance_word(vp[i], vn[i], e, hin);
             row[i] = make_ulonglong2(vp[i], vn[i]);
           }
         }
@@ -133,7 +115,7 @@ dp_kernel(const int32_t* __restrict__ gen_sym, const int64_t* __restrict__ gen_l
             v = x.y;
           }
           const uint64_t e = sym < 0 ? 0ull : eq[i];
-          hin = advance_word(p, v, e, hin);
+          hin = gapfix::advance_word(p, v, e, hin);
           row[i] = make_ulonglong2(p, v);
         }
       }

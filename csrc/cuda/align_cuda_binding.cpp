@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "align.h"
+#include "align_torch.h"
 
 #define GAPFIX_CHECK_CUDA(x) TORCH_CHECK_VALUE((x).is_cuda(), #x " must be a CUDA tensor")
 
@@ -21,8 +22,6 @@ namespace {
 
 // Scratch per chunk of pairs (Peq + row bit-vectors + word starts).
 constexpr int64_t kScratchBudgetBytes = int64_t{2} << 30;
-
-using AlignResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // ref_sym[b, j]: rank of ref[b, j] among the distinct ids of ref[b, :m];
 // gen_sym[b, t]: the rank of gen[b, t] in ref[b, :m], or -1 when absent.
@@ -64,33 +63,13 @@ AlignResult align_cuda_op(const at::Tensor& gen, const at::Tensor& ref, const at
   GAPFIX_CHECK_CUDA(ref);
   GAPFIX_CHECK_CUDA(gen_lens);
   GAPFIX_CHECK_CUDA(ref_lens);
-  TORCH_CHECK_VALUE(ref.device() == gen.device() && gen_lens.device() == gen.device() &&
-                        ref_lens.device() == gen.device(),
-                    "gen, ref, gen_lens and ref_lens must be on one device");
-  TORCH_CHECK_VALUE(gen.dim() == 2 && ref.dim() == 2, "gen and ref must be 2-D (batch, width)");
-  TORCH_CHECK_VALUE(gen.scalar_type() == ref.scalar_type() &&
-                        (gen.scalar_type() == at::kInt || gen.scalar_type() == at::kLong),
-                    "gen and ref must both be int32 or both int64");
-  TORCH_CHECK_VALUE(max_targets >= 0, "max_targets must be >= 0");
+  check_align_args(gen, ref, gen_lens, ref_lens, max_targets);
   const int64_t batch = gen.size(0), gen_width = gen.size(1), ref_width = ref.size(1);
-  TORCH_CHECK_VALUE(ref.size(0) == batch, "ref batch size ", ref.size(0), " != gen batch size ", batch);
-  TORCH_CHECK_VALUE(gen_width < (int64_t{1} << 28) && ref_width < (int64_t{1} << 28),
-                    "widths must be < 2^28");
-  TORCH_CHECK_VALUE(gen_lens.dim() == 1 && gen_lens.size(0) == batch && ref_lens.dim() == 1 &&
-                        ref_lens.size(0) == batch,
-                    "gen_lens and ref_lens must have shape (batch,)");
-  TORCH_CHECK_VALUE(gen_lens.scalar_type() == at::kLong && ref_lens.scalar_type() == at::kLong,
-                    "gen_lens and ref_lens must be int64");
   const c10::cuda::CUDAGuard guard(gen.device());
 
-  const auto opts = gen.options().dtype(at::kInt);
-  at::Tensor distance = at::full({batch}, -1, opts);
-  at::Tensor path = at::full({batch, gen_width + 1}, -1, opts);
-  at::Tensor cost = at::full({batch, gen_width + 1}, -1, opts);
-  at::Tensor first = at::full({batch, gen_width + 1}, -1, opts);
-  at::Tensor last = at::full({batch, gen_width + 1}, -1, opts);
-  at::Tensor targets = at::full({batch, gen_width + 1, max_targets}, -1, opts);
-  if (batch == 0) return {distance, path, cost, first, last, targets};
+  AlignResult result = make_align_outputs(gen, max_targets);
+  auto& [distance, path, cost, first, last, targets] = result;
+  if (batch == 0) return result;
 
   const at::Tensor gl = gen_lens.contiguous(), rl = ref_lens.contiguous();
   auto [gen_sym, ref_sym] = dense_symbols(gen, ref, rl);
@@ -98,6 +77,7 @@ AlignResult align_cuda_op(const at::Tensor& gen, const at::Tensor& ref, const at
   const int64_t words = (ref_width + 63) / 64;
   const int64_t per_pair = ref_width * words * 8 + gen_width * words * 20;
   const int64_t chunk = per_pair == 0 ? batch : std::clamp<int64_t>(kScratchBudgetBytes / per_pair, 1, batch);
+  const auto opts = gen.options().dtype(at::kInt);
   const auto long_opts = gen.options().dtype(at::kLong);
   at::Tensor peq = at::empty({std::max<int64_t>(1, chunk * ref_width * words)}, long_opts);
   at::Tensor bits = at::empty({std::max<int64_t>(1, chunk * gen_width * words * 2)}, long_opts);
@@ -118,7 +98,7 @@ AlignResult align_cuda_op(const at::Tensor& gen, const at::Tensor& ref, const at
     TORCH_CHECK(rc == 0, "gapfix.align CUDA launch failed: ",
                 cudaGetErrorString(static_cast<cudaError_t>(rc)));
   }
-  return {distance, path, cost, first, last, targets};
+  return result;
 }
 
 }  // namespace

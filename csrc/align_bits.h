@@ -1,0 +1,35 @@
+// The bit-parallel column step shared by the CPU and CUDA kernels (no torch).
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define GAPFIX_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define GAPFIX_HOST_DEVICE inline
+#endif
+
+namespace gapfix {
+
+// Advances one 64-bit word of the column (VP/VN bit i set when
+// D[t][j0+i+1] - D[t][j0+i] = +1 / -1) by one text symbol: Myers' step in
+// Hyyro's block form. eq: match bits of the symbol in this word; hin: the
+// horizontal delta D[t][j0] - D[t-1][j0] entering at the word's top boundary
+// (+1 for the first word: D[t][0] = t). Returns the delta leaving at bit 63.
+GAPFIX_HOST_DEVICE int advance_word(uint64_t& vp, uint64_t& vn, uint64_t eq, int hin) {
+  const uint64_t hin_neg = hin < 0 ? 1 : 0;
+  const uint64_t hin_pos = hin > 0 ? 1 : 0;
+  const uint64_t xv = eq | vn;
+  eq |= hin_neg;
+  const uint64_t xh = (((eq & vp) + vp) ^ vp) | eq;
+  uint64_t hp = vn | ~(xh | vp);
+  uint64_t hn = vp & xh;
+  const int hout = static_cast<int>(hp >> 63) - static_cast<int>(hn >> 63);
+  hp = (hp << 1) | hin_pos;
+  hn = (hn << 1) | hin_neg;
+  vp = hn | ~(xv | hp);
+  vn = hp & xv;
+  return hout;
+}
+
+}  // namespace gapfix
