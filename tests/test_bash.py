@@ -64,15 +64,14 @@ def test_nothing_mixed_equals_model_embedding(family):
     assert torch.equal(embeds, model.get_input_embeddings()(input_ids))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_mixed_embeds_train_like_mixed_ids(family):
+def _assert_mixed_embeds_train_like_mixed_ids(family, device):
     """Loss and every gradient (tied weights included) equal those of model(input_ids=where(...))."""
-    input_ids, attention_mask, labels, alt_ids = batch()
-    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(2)) < 0.5
+    input_ids, attention_mask, labels, alt_ids = (t.to(device) for t in batch())
+    mask = (torch.rand(B, T, generator=torch.Generator().manual_seed(2)) < 0.5).to(device)
     eligible = labels != -100
     runs = []
     for use_embeds in (True, False):
-        model = tiny_model(family)
+        model = tiny_model(family).to(device)
         if use_embeds:
             embeds, mixed = mixed_inputs_embeds(model, input_ids, alt_ids, mask=mask, eligible=eligible)
             assert torch.equal(mixed, mask & eligible)
@@ -87,6 +86,12 @@ def test_mixed_embeds_train_like_mixed_ids(family):
     assert grad.keys() == grad_ref.keys()
     for name in grad:
         torch.testing.assert_close(grad[name], grad_ref[name], msg=name)
+    return model, input_ids, attention_mask, eligible
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_embeds_train_like_mixed_ids(family):
+    _assert_mixed_embeds_train_like_mixed_ids(family, "cpu")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -272,23 +277,7 @@ def test_batch_builder_bad_input():
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_cuda_model_integration(family):
     """On the GPU: the Triton path inside a real model matches id-level mixing; the pass matches argmax."""
-    input_ids, attention_mask, labels, alt_ids = (t.cuda() for t in batch())
-    eligible = labels != -100
-    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(2)).cuda() < 0.5
-    runs = []
-    for use_embeds in (True, False):
-        model = tiny_model(family).cuda()
-        if use_embeds:
-            embeds, _ = mixed_inputs_embeds(model, input_ids, alt_ids, mask=mask, eligible=eligible)
-            out = model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
-        else:
-            out = model(input_ids=torch.where(mask & eligible, alt_ids, input_ids),
-                        attention_mask=attention_mask, labels=labels)
-        out.loss.backward()
-        runs.append((out.loss.detach(), grads(model)))
-    torch.testing.assert_close(runs[0][0], runs[1][0])
-    for name in runs[0][1]:
-        torch.testing.assert_close(runs[0][1][name], runs[1][1][name], msg=name)
+    model, input_ids, attention_mask, eligible = _assert_mixed_embeds_train_like_mixed_ids(family, "cuda")
     model.eval()
     alts = predict_alternatives(model, input_ids, attention_mask, eligible, chunk_size=7)
     with torch.no_grad():
