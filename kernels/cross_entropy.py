@@ -41,8 +41,11 @@ def linear_config(dtype, n_rows, vocab, hdim, on_gpu, backward=False):
             dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16)
     small = dtype.itemsize == 4  # fp32 tiles take twice the shared memory
     if backward:
-        return dict(BLOCK_N=64, BLOCK_V=64 if small else 128, BLOCK_H=64, GROUP_N=8,
-                    num_warps=8, num_stages=2)
+        # atomics per tile: (BLOCK_N + BLOCK_V) * H for 6 * BLOCK_N * BLOCK_V * H FLOPs,
+        # so big square tiles keep the atomic traffic (to L2) below the tensor-core rate
+        if small:
+            return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=8, num_warps=8, num_stages=2)
+        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=2)
     return dict(BLOCK_N=64 if small else 128, BLOCK_V=128, BLOCK_H=32 if small else 64,
                 num_warps=8, num_stages=3)
 
@@ -130,7 +133,7 @@ def linear_ce_forward_kernel(
 
 @triton.jit
 def linear_ce_backward_kernel(
-    x_ptr, w_ptr, b_ptr, ids_ptr, slot_w_ptr, lse_ptr, coef_p_ptr, coef_t_ptr, coef_s_ptr,
+    x_ptr, w_ptr, b_ptr, ids_ptr, slot_w_ptr, lse_ptr, coef_p_ptr, coef_t_ptr, coef_s_ptr, row_scale_ptr,
     dx_ptr, dw_ptr, db_ptr,
     N, V, H, stride_x, stride_w, softcap, filter_eps,
     NUM_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
@@ -179,7 +182,10 @@ def linear_ce_backward_kernel(
         g = g * (1.0 - t * t)
     g = tl.where(live, g, 0.0)
     if FILTER:
-        if tl.max(tl.max(tl.abs(g), axis=1), axis=0) < filter_eps:
+        # drop the tile when every |dL/dx| / r < filter_eps (the per-token gradient, before
+        # the upstream scale r): its products would change dhidden and dW by less than that
+        r = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
+        if tl.max(tl.max(tl.abs(g) - filter_eps * tl.abs(r)[:, None], axis=1), axis=0) <= 0.0:
             return
     if NEED_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask)

@@ -298,6 +298,18 @@ def test_modules():
     assert "label_smoothing=0.1" in repr(lin)
 
 
+def test_autocast_casts_the_projection_like_f_linear():
+    hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (9,), 16, 40)
+    target = _make_targets(gen, (9,), 40, "hard")
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = gapfix.linear_cross_entropy(hidden.bfloat16(), w, target, impl="cpu")
+        theirs = F.cross_entropy(F.linear(hidden.bfloat16(), weight).float(), target)
+    torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
+    ours.backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
 def test_no_grad_skips_the_gradient_work():
     hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (6,), 8, 30)
     target = _make_targets(gen, (6,), 30, "hard")
@@ -324,7 +336,7 @@ def test_custom_ops_pass_opcheck():
     hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (7,), 16, 40)
     ids = _make_targets(gen, (7,), 40, "hard").reshape(7, 1)
     args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), ids, None, None, None, 0.0,
-            -100, 0.1, 1e-3, 0.0, "mean", "cpu", 3, None, 0.0, True, True, True)
+            -100, 0.1, 1e-3, 0.0, "mean", "cpu", 3, None, 0.0, True, True, True, False)
     torch.library.opcheck(torch.ops.gapfix.linear_cross_entropy_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -410,6 +422,19 @@ def test_linear_triton_all_ignored(triton_device):
     loss, dx, dw, db = _run_linear(hidden, weight, bias, target, None, gapfix.linear_cross_entropy, impl="triton")
     for t in (loss, dx, dw, db):
         assert torch.equal(t, torch.zeros_like(t))
+
+
+def test_linear_triton_gradient_filter(triton_device):
+    hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (21,), 16, 70)
+    hidden, weight, bias = hidden.to(triton_device), weight.to(triton_device), bias.to(triton_device)
+    target = _make_targets(gen, (21,), 70, "hard").to(triton_device)
+    run = lambda eps: _run_linear(hidden, weight, bias, target, None, gapfix.linear_cross_entropy,  # noqa: E731
+                                  impl="triton", filter_eps=eps)
+    exact, tiny, huge = run(None), run(1e-30), run(1e9)
+    for a, b in zip(exact[1:], tiny[1:]):
+        torch.testing.assert_close(a, b)  # nothing under 1e-30: nothing dropped
+    for t in huge[1:]:
+        assert torch.equal(t, torch.zeros_like(t))  # every tile under 1e9: all dropped
 
 
 @pytest.mark.parametrize("target_kind, options, reduction", [

@@ -336,60 +336,74 @@ def _default_chunk_rows(n_rows, vocab):
     return max(16, min(n_rows, _CHUNK_ELEMENTS // max(vocab, 1)))
 
 
-def _chunked_pass(fill_logits, n_rows, vocab, chunk_rows, compute_dtype, device, rows: _Rows,
+def _rows_to_visit(rows: _Rows, all_rows: bool):
+    """None (every row, in order) or the index of the counted rows. On CPU, ignored rows
+    (prompt tokens, padding) are dropped before any matmul; finding them reads the mask
+    on the host, which a GPU stream must not wait for, so other devices visit every row."""
+    if all_rows or rows.counted.device.type != "cpu":
+        return None
+    keep = rows.counted.nonzero().squeeze(1)
+    return None if keep.numel() == rows.counted.numel() else keep
+
+
+def _chunked_pass(fill_logits, visit, n_rows, vocab, chunk_rows, compute_dtype, device, rows: _Rows,
                   label_smoothing, z_loss, softcap, row_scale=None, on_grad=None):
     """One pass over the rows in chunks.
 
-    fill_logits(start, end, out) writes the logits of rows [start, end) into `out`.
-    Returns (lse, target_logit, logit_sum or None). With row_scale, also turns each
-    chunk into dL/dx (the formula in the module docstring) and calls
-    on_grad(start, end, grad_chunk) while the chunk is live.
+    visit: None (all rows) or an index of the rows to visit (the others get lse 0).
+    fill_logits(sel, out) writes the logits of rows `sel` (a slice or an index) into
+    `out`. Returns (lse, target_logit, logit_sum or None). With row_scale, also turns
+    each chunk into dL/dx (the formula in the module docstring) and calls
+    on_grad(sel, grad_chunk) while the chunk is live.
     """
-    lse = torch.empty(n_rows, dtype=compute_dtype, device=device)
-    target_logit = torch.empty(n_rows, dtype=compute_dtype, device=device)
-    logit_sum = torch.empty(n_rows, dtype=compute_dtype, device=device) if label_smoothing else None
-    chunk_rows = max(1, min(chunk_rows, n_rows))
+    alloc = torch.empty if visit is None else torch.zeros
+    lse = alloc(n_rows, dtype=compute_dtype, device=device)
+    target_logit = alloc(n_rows, dtype=compute_dtype, device=device)
+    logit_sum = alloc(n_rows, dtype=compute_dtype, device=device) if label_smoothing else None
+    n_visit = n_rows if visit is None else visit.numel()
+    chunk_rows = max(1, min(chunk_rows, n_visit))
     buf = torch.empty(chunk_rows, vocab, dtype=compute_dtype, device=device)
     cap_buf = torch.empty_like(buf) if (softcap is not None and row_scale is not None) else None
-    for start in range(0, n_rows, chunk_rows):
-        end = min(n_rows, start + chunk_rows)
+    zero = torch.zeros((), dtype=compute_dtype, device=device)
+    for start in range(0, n_visit, chunk_rows):
+        end = min(n_visit, start + chunk_rows)
+        sel = slice(start, end) if visit is None else visit[start:end]
         z = buf[: end - start]
-        fill_logits(start, end, z)
+        fill_logits(sel, z)
         if softcap is not None:
             z.div_(softcap).tanh_()
             if cap_buf is not None:
                 tanh = cap_buf[: end - start]
                 tanh.copy_(z)
             z.mul_(softcap)
-        ids = rows.safe_ids[start:end]
-        slot_w = rows.slot_w[start:end]
+        ids = rows.safe_ids[sel]
+        slot_w = rows.slot_w[sel]
         # an unused slot (weight 0) may point at a -inf logit: 0 * -inf must not give NaN
         picked = z.gather(1, ids)
-        target_logit[start:end] = torch.where(slot_w != 0, picked * slot_w, picked.new_zeros(())).sum(dim=1)
+        target_logit[sel] = torch.where(slot_w != 0, picked * slot_w, zero).sum(dim=1)
         if logit_sum is not None:
-            logit_sum[start:end] = z.sum(dim=1)
+            logit_sum[sel] = z.sum(dim=1)
         row_max = z.amax(dim=1)
         # an all -inf row: shift by 0 so that exp gives 0 and lse = -inf (no NaN)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros((), dtype=z.dtype, device=device))
+        row_max = torch.where(torch.isfinite(row_max), row_max, zero)
         z.sub_(row_max[:, None]).exp_()
         sumexp = z.sum(dim=1)
         chunk_lse = row_max + sumexp.log()
-        lse[start:end] = chunk_lse
+        lse[sel] = chunk_lse
         if row_scale is None:
             continue
-        r = row_scale[start:end]
-        mass = rows.mass[start:end]
+        r = row_scale[sel]
+        mass = rows.mass[sel]
         # z holds exp(x - max); p = z / sumexp
         coef = r * (mass + 2.0 * z_loss * chunk_lse) / sumexp if z_loss else r * mass / sumexp
-        coef = torch.where(r != 0, coef, torch.zeros((), dtype=z.dtype, device=device))
-        z.mul_(coef[:, None])
+        z.mul_(torch.where(r != 0, coef, zero)[:, None])
         z.scatter_add_(1, ids, slot_w * (-(1.0 - label_smoothing) * r)[:, None])
         if label_smoothing:
             z.sub_(((label_smoothing / vocab) * r * mass)[:, None])
         if cap_buf is not None:
             tanh = cap_buf[: end - start]
             z.mul_(tanh.mul_(tanh).neg_().add_(1.0))
-        on_grad(start, end, z)
+        on_grad(sel, z)
     return lse, target_logit, logit_sum
 
 
@@ -398,16 +412,17 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _linear_chunked(hidden, weight, bias, rows, params, row_scale, need_dx, need_dw, need_db):
+def _linear_chunked(hidden, weight, bias, rows, params, row_scale, need_dx, need_dw, need_db, all_rows=False):
     """-> (lse, target_logit, logit_sum, dx, dw, db); the gradients only with row_scale."""
     n_rows, _ = hidden.shape
     vocab = weight.shape[0]
     cdt = _compute_dtype(hidden.dtype)
     same = hidden.dtype == cdt
     weight_t = weight.t()
+    visit = _rows_to_visit(rows, all_rows)
 
-    def fill(start, end, out):
-        x = hidden[start:end]
+    def fill(sel, out):
+        x = hidden[sel]
         if same:
             if bias is None:
                 torch.mm(x, weight_t, out=out)
@@ -419,26 +434,28 @@ def _linear_chunked(hidden, weight, bias, rows, params, row_scale, need_dx, need
     dx = dw = db = None
     on_grad = None
     if row_scale is not None:
-        dx = torch.empty_like(hidden) if need_dx else None
+        if need_dx:  # rows never visited (ignored) get zeros
+            dx = torch.empty_like(hidden) if visit is None else torch.zeros_like(hidden)
         # dW and dbias accumulate over chunks: in fp32 (fp64 for fp64 inputs) always
         dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_dw else None
         db = torch.zeros(vocab, dtype=cdt, device=weight.device) if need_db else None
 
-        def on_grad(start, end, g):
+        def on_grad(sel, g):
             if dx is not None:
-                if same:
-                    torch.mm(g, weight, out=dx[start:end])
+                if same and visit is None:
+                    torch.mm(g, weight, out=dx[sel])
                 else:
-                    dx[start:end] = g.to(weight.dtype) @ weight
+                    dx[sel] = g.to(weight.dtype) @ weight
             if dw is not None:
-                x = hidden[start:end]
+                x = hidden[sel]
                 dw.addmm_(g.t(), x if same else x.to(cdt))
             if db is not None:
                 db.add_(g.sum(dim=0))
 
-    lse, tl_, ls = _chunked_pass(fill, n_rows, vocab, params["chunk_rows"] or _default_chunk_rows(n_rows, vocab),
-                                 cdt, hidden.device, rows, params["label_smoothing"], params["z_loss"],
-                                 params["softcap"], row_scale, on_grad)
+    lse, tl_, ls = _chunked_pass(fill, visit, n_rows, vocab,
+                                 params["chunk_rows"] or _default_chunk_rows(n_rows, vocab), cdt, hidden.device,
+                                 rows, params["label_smoothing"], params["z_loss"], params["softcap"], row_scale,
+                                 on_grad)
     if dw is not None:
         dw = dw.to(weight.dtype)
     if db is not None:
@@ -446,24 +463,27 @@ def _linear_chunked(hidden, weight, bias, rows, params, row_scale, need_dx, need
     return lse, tl_, ls, dx, dw, db
 
 
-def _logits_chunked(logits, rows, params, row_scale):
+def _logits_chunked(logits, rows, params, row_scale, all_rows=False):
     n_rows, vocab = logits.shape
     cdt = _compute_dtype(logits.dtype)
+    visit = _rows_to_visit(rows, all_rows)
 
-    def fill(start, end, out):
-        out.copy_(logits[start:end])
+    def fill(sel, out):
+        out.copy_(logits[sel])
 
     dlogits = None
     on_grad = None
     if row_scale is not None:
-        dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        alloc = torch.empty_like if visit is None else torch.zeros_like
+        dlogits = alloc(logits, memory_format=torch.contiguous_format)
 
-        def on_grad(start, end, g):
-            dlogits[start:end] = g
+        def on_grad(sel, g):
+            dlogits[sel] = g.to(dlogits.dtype)
 
-    lse, tl_, ls = _chunked_pass(fill, n_rows, vocab, params["chunk_rows"] or _default_chunk_rows(n_rows, vocab),
-                                 cdt, logits.device, rows, params["label_smoothing"], params["z_loss"],
-                                 params["softcap"], row_scale, on_grad)
+    lse, tl_, ls = _chunked_pass(fill, visit, n_rows, vocab,
+                                 params["chunk_rows"] or _default_chunk_rows(n_rows, vocab), cdt, logits.device,
+                                 rows, params["label_smoothing"], params["z_loss"], params["softcap"], row_scale,
+                                 on_grad)
     return lse, tl_, ls, dlogits
 
 
@@ -547,7 +567,7 @@ def _linear_triton_backward(hidden, weight, bias, rows: _Rows, lse, r, params, n
     softcap = params["softcap"]
     K.linear_ce_backward_kernel[grid](
         hidden, weight, bias if bias is not None else hidden,
-        rows.safe_ids, rows.slot_w, lse, coef_p, coef_t, coef_s,
+        rows.safe_ids, rows.slot_w, lse, coef_p, coef_t, coef_s, r,
         dx_acc, dw_acc, db_acc,
         n_rows, vocab, hdim, hidden.stride(0), weight.stride(0),
         float(softcap or 1.0), float(params["filter_eps"] or 0.0),
@@ -634,11 +654,12 @@ def _linear_ce_fwd_op(
     token_weight: Optional[Tensor], num_tokens: Optional[Tensor], num_tokens_value: float,
     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, reduction: str, impl: str,
     chunk_rows: int, grad_weight_dtype: Optional[torch.dtype], filter_eps: float,
-    need_dx: bool, need_dw: bool, need_db: bool,
+    need_dx: bool, need_dw: bool, need_db: bool, all_rows: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss, lse, denominator, dx, dw, db). The chunked path with a scalar reduction
     computes the gradients here (for grad_out = 1; the backward scales them); otherwise
-    they are empty and the backward recomputes."""
+    they are empty and the backward recomputes. all_rows: the lse of ignored rows is
+    wanted too (else the chunked path may skip those rows and leave their lse at 0)."""
     vocab = weight.shape[0]
     params = _params(label_smoothing, z_loss, softcap, chunk_rows, grad_weight_dtype, filter_eps)
     rows = _make_rows(ids, target_weight, token_weight, vocab, ignore_index, hidden.device, hidden.dtype)
@@ -651,7 +672,7 @@ def _linear_ce_fwd_op(
         row_scale = _row_scale(rows, torch.ones((), dtype=rows.mass.dtype, device=hidden.device), reduction,
                                denom) if precompute else None
         lse, target_logit, logit_sum, dx, dw, db = _linear_chunked(
-            hidden, weight, bias, rows, params, row_scale, need_dx, need_dw, need_db)
+            hidden, weight, bias, rows, params, row_scale, need_dx, need_dw, need_db, all_rows)
     loss = _assemble_loss(rows, lse, target_logit, logit_sum, vocab, params["label_smoothing"], params["z_loss"],
                           reduction, denom)
     return (loss, lse, denom) + _or_empty(hidden, dx, dw, db)
@@ -664,7 +685,7 @@ def _precomputes(hidden, reduction, impl, need):
 @_linear_ce_fwd_op.register_fake
 def _(hidden, weight, bias, ids, target_weight, token_weight, num_tokens, num_tokens_value, ignore_index,
       label_smoothing, z_loss, softcap, reduction, impl, chunk_rows, grad_weight_dtype, filter_eps,
-      need_dx, need_dw, need_db):
+      need_dx, need_dw, need_db, all_rows):
     n_rows, ldt = hidden.shape[0], _compute_dtype(hidden.dtype)
     loss = hidden.new_empty((n_rows,) if reduction == "none" else (), dtype=ldt)
     lse = hidden.new_empty((n_rows,), dtype=ldt)
@@ -707,7 +728,7 @@ def _(grad_loss, hidden, weight, bias, ids, target_weight, token_weight, lse, de
 
 _LINEAR_ARGS = ("hidden", "weight", "bias", "ids", "target_weight", "token_weight", "num_tokens",
                 "num_tokens_value", "ignore_index", "label_smoothing", "z_loss", "softcap", "reduction", "impl",
-                "chunk_rows", "grad_weight_dtype", "filter_eps", "need_dx", "need_dw", "need_db")
+                "chunk_rows", "grad_weight_dtype", "filter_eps", "need_dx", "need_dw", "need_db", "all_rows")
 
 
 def _linear_setup_context(ctx, inputs, output):
@@ -750,7 +771,7 @@ _linear_ce_fwd_op.register_autograd(_linear_backward, setup_context=_linear_setu
 def _ce_fwd_op(
     logits: Tensor, ids: Tensor, target_weight: Optional[Tensor], token_weight: Optional[Tensor],
     num_tokens: Optional[Tensor], num_tokens_value: float, ignore_index: int, label_smoothing: float,
-    z_loss: float, softcap: float, reduction: str, impl: str, chunk_rows: int, need_grad: bool,
+    z_loss: float, softcap: float, reduction: str, impl: str, chunk_rows: int, need_grad: bool, all_rows: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (loss, lse, denominator, dlogits for grad_out = 1 or empty)."""
     vocab = logits.shape[1]
@@ -763,7 +784,7 @@ def _ce_fwd_op(
     else:
         row_scale = _row_scale(rows, torch.ones((), dtype=rows.mass.dtype, device=logits.device), reduction,
                                denom) if (need_grad and reduction != "none") else None
-        lse, target_logit, logit_sum, dlogits = _logits_chunked(logits, rows, params, row_scale)
+        lse, target_logit, logit_sum, dlogits = _logits_chunked(logits, rows, params, row_scale, all_rows)
     loss = _assemble_loss(rows, lse, target_logit, logit_sum, vocab, params["label_smoothing"], params["z_loss"],
                           reduction, denom)
     return loss, lse, denom, logits.new_empty(_EMPTY) if dlogits is None else dlogits
@@ -771,7 +792,7 @@ def _ce_fwd_op(
 
 @_ce_fwd_op.register_fake
 def _(logits, ids, target_weight, token_weight, num_tokens, num_tokens_value, ignore_index, label_smoothing,
-      z_loss, softcap, reduction, impl, chunk_rows, need_grad):
+      z_loss, softcap, reduction, impl, chunk_rows, need_grad, all_rows):
     n_rows, ldt = logits.shape[0], _compute_dtype(logits.dtype)
     loss = logits.new_empty((n_rows,) if reduction == "none" else (), dtype=ldt)
     pre = impl != "triton" and reduction != "none" and need_grad
@@ -801,7 +822,7 @@ def _(grad_loss, logits, ids, target_weight, token_weight, lse, denom, ignore_in
 
 
 _CE_ARGS = ("logits", "ids", "target_weight", "token_weight", "num_tokens", "num_tokens_value", "ignore_index",
-            "label_smoothing", "z_loss", "softcap", "reduction", "impl", "chunk_rows", "need_grad")
+            "label_smoothing", "z_loss", "softcap", "reduction", "impl", "chunk_rows", "need_grad", "all_rows")
 
 
 def _ce_setup_context(ctx, inputs, output):
@@ -851,6 +872,18 @@ def _torch_impl_result(loss, lse, lead_shape, reduction, return_lse):
     return (loss, lse.detach().reshape(lead_shape)) if return_lse else loss
 
 
+def _autocast_inputs(hidden, lm_weight, bias):
+    """Under autocast the projection runs in the autocast dtype, as F.linear would (custom
+    ops are not autocast-aware): a bf16 hidden with an fp32 head under torch.autocast
+    works, and the casts carry the gradients back to the fp32 parameters."""
+    device_type = hidden.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return hidden, lm_weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t if t is None or not t.is_floating_point() else t.to(dtype) for t in (hidden, lm_weight, bias)]
+    return tuple(cast)
+
+
 def cross_entropy(
     logits: Tensor,
     target: Target,
@@ -897,7 +930,7 @@ def cross_entropy(
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, lse, _, _ = torch.ops.gapfix.cross_entropy_fwd(
         flat, ids, target_weight, token_weight, nt_tensor, nt_value, ignore_index, float(label_smoothing),
-        float(z_loss), float(softcap or 0.0), reduction, impl, int(chunk_size or 0), need_grad)
+        float(z_loss), float(softcap or 0.0), reduction, impl, int(chunk_size or 0), need_grad, bool(return_lse))
     if reduction == "none":
         loss = loss.reshape(lead_shape)
     return (loss, lse.detach().reshape(lead_shape)) if return_lse else loss
@@ -931,14 +964,17 @@ def linear_cross_entropy(
                          atomically in that dtype instead (half the memory of the fp32
                          accumulator, at bf16 rounding per partial sum).
       filter_eps         Triton path only: skip the dhidden/dlm_weight products of a
-                         (rows x vocab) tile whose every |dL/dx| is below filter_eps. Off by
-                         default: it is exact only when the softmax is peaked.
+                         (rows x vocab) tile where every per-token |dL/dx| (before the upstream
+                         scale) is below filter_eps, as Cut Cross-Entropy does (its default is
+                         finfo(dtype).eps / 32). Off by default: the skipped terms add up to
+                         a wrong gradient when the softmax is flat (an untrained model).
     """
     _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction, num_tokens, impl)
     if not isinstance(hidden, Tensor) or hidden.dim() < 1 or hidden.dtype not in _FLOAT_DTYPES:
         raise ValueError("hidden must be a floating-point tensor of shape (..., H)")
     if not isinstance(lm_weight, Tensor) or lm_weight.dim() != 2:
         raise ValueError("lm_weight must be a tensor of shape (V, H)")
+    hidden, lm_weight, bias = _autocast_inputs(hidden, lm_weight, bias)
     if lm_weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"lm_weight has shape {tuple(lm_weight.shape)}; its second dimension must equal "
                          f"hidden's last dimension {hidden.shape[-1]}")
@@ -984,7 +1020,7 @@ def linear_cross_entropy(
     loss, lse, _, _, _, _ = torch.ops.gapfix.linear_cross_entropy_fwd(
         flat, weight, bias, ids, target_weight, token_weight, nt_tensor, nt_value, ignore_index,
         float(label_smoothing), float(z_loss), float(softcap or 0.0), reduction, impl, int(chunk_size or 0),
-        grad_weight_dtype, float(filter_eps or 0.0), need_dx, need_dw, need_db)
+        grad_weight_dtype, float(filter_eps or 0.0), need_dx, need_dw, need_db, bool(return_lse))
     if reduction == "none":
         loss = loss.reshape(lead_shape)
     return (loss, lse.detach().reshape(lead_shape)) if return_lse else loss
