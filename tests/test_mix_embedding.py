@@ -239,8 +239,8 @@ def test_soft_mode_one_hot_equals_hard_mode():
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_custom_ops_pass_opcheck(backend, triton_device):
     device = triton_device if backend == "triton" else "cpu"
-    weight, ids, alt, probs, mask, grad_out = _case(v=13, d=5, shape=(7,), k=2, device=device)
-    for alt_ids, alt_probs in ((alt[:, 0].contiguous(), None), (alt, probs)):
+    weight, ids, alt, probs, mask, grad_out = _case(v=13, d=5, shape=(2, 7), k=2, device=device)
+    for alt_ids, alt_probs in ((alt[..., 0].contiguous(), None), (alt, probs)):
         args = (weight.requires_grad_(True), ids, alt_ids, alt_probs, None, mask, mixing_threshold(0.5),
                 9, -1, False, backend)
         torch.library.opcheck(torch.ops.gapfix.mix_embedding.default, args)
