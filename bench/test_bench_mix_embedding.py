@@ -37,12 +37,13 @@ BETA = 0.2
 
 
 def _inputs(num_tokens, vocab, dim, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(vocab, dim, generator=gen).to(dtype=dtype, device=device)
-    ids = torch.randint(0, vocab, (num_tokens,), generator=gen).to(device)
-    alt = torch.randint(0, vocab, (num_tokens,), generator=gen).to(device)
-    mask = (torch.rand(num_tokens, generator=gen) < BETA).to(device)
-    grad = torch.randn(num_tokens, dim, generator=gen).to(dtype=dtype, device=device)
+    # drawn on the device: a 128k x 4096 table drawn on the host would take seconds
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weight = torch.randn(vocab, dim, generator=gen, device=device).to(dtype)
+    ids = torch.randint(0, vocab, (num_tokens,), generator=gen, device=device)
+    alt = torch.randint(0, vocab, (num_tokens,), generator=gen, device=device)
+    mask = torch.rand(num_tokens, generator=gen, device=device) < BETA
+    grad = torch.randn(num_tokens, dim, generator=gen, device=device).to(dtype)
     return weight, ids, alt, mask, grad
 
 
@@ -147,13 +148,13 @@ def _tiny_llama(hidden, layers, vocab, dtype, device):
                                       num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
                                       intermediate_size=4 * hidden, max_position_embeddings=4096)
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).to(dtype=dtype, device=device).eval()
+    with torch.device(device):  # initialized where it runs
+        return transformers.LlamaForCausalLM(config).to(dtype=dtype).eval()
 
 
 def _prediction_pass(benchmark, model, batch, seq, device, rounds):
     vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     answer_mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
     answer_mask[:, seq // 4:] = True  # the last three quarters are the answer
 

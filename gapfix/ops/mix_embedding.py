@@ -11,13 +11,15 @@ sum_k p_k * W[alt_k]. `mixed` is the bool mask actually applied.
 
 Layers, as for every gapfix op:
   - mix_embedding_reference: the pure-PyTorch spec (given the mask) and oracle;
-  - philox_uint32 / mixing_mask: the counter-based RNG, in PyTorch, bit-equal
-    to the Triton kernel's tl.randint, so a seed gives one mask on all devices;
+  - philox_uint32 / mixing_mask: the counter-based RNG (NumPy for CPU tensors,
+    torch elsewhere), bit-equal to the Triton kernel's tl.randint, so a seed
+    gives one mask on all devices;
   - _forward_cpu / _backward_cpu: the fast path for CPU tensors;
   - _forward_triton / _backward_triton: launchers of kernels/mix_embedding.py
     (imported lazily), for CUDA tensors (or CPU under TRITON_INTERPRET=1);
   - torch.ops.gapfix.mix_embedding / mix_embedding_backward: custom ops with
-    fake (meta) kernels and autograd, so torch.compile traces through;
+    fake (meta) kernels and autograd, so torch.compile traces through (eager
+    calls use an autograd.Function twin, skipping the op dispatch);
   - mix_embedding: the public function (validation, impl choice).
 """
 from __future__ import annotations
@@ -317,7 +319,7 @@ def _backward_triton(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, paddi
 
 
 # ----------------------------------------------------------------------------
-# custom ops (flat, contiguous tensors; validated by mix_embedding)
+# custom ops (contiguous tensors in the caller's shapes; validated by mix_embedding)
 # ----------------------------------------------------------------------------
 
 def _mix_embedding_forward(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor,
