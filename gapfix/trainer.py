@@ -321,38 +321,41 @@ def _is_tied(model, key):
 # ---------------------------------------------------------------- offline phases
 
 
-def build_rows(method, model, tokenizer, examples, config, iteration, device, log):
-    """The iteration's training rows, built with the current model frozen."""
+def build_rows(method, model, tokenizer, examples, config, iteration, device, log, scheduled=None):
+    """The iteration's training rows, built with the current model frozen.
+
+    scheduled: the row indices this iteration trains on (SFT and BASH rows are
+    one per example); BASH predicts only those, so its offline pass costs at
+    most one forward over the rows actually trained.
+    """
     rng = random.Random(f"{config.seed}/{iteration}/rows")  # str seeds are hashed stably
     if method == "sft":
         return [sft_row(ex) for ex in examples]
     if method == "bash":
-        return _bash_rows(model, examples, config, iteration, device)
+        return _bash_rows(model, examples, config, iteration, device, scheduled)
     return _rac_rows(model, tokenizer, examples, config, iteration, rng, log)
 
 
-def _bash_rows(model, examples, config, iteration, device):
+def _bash_rows(model, examples, config, iteration, device, scheduled, chunk_rows=64):
     from gapfix.methods.bash import predict_alternatives
 
     rows = [sft_row(ex) for ex in examples]
-    eligible = [[False] * len(ex.prompt_ids) + [True] * len(ex.answer_ids) for ex in examples]
-    for start in range(0, len(rows), 64):
-        chunk = rows[start:start + 64]
-        batch = collate(chunk, pad_id=0)
-        answer_mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-        for i, flags in enumerate(eligible[start:start + 64]):
-            answer_mask[i, : len(flags)] = torch.tensor(flags)
+    todo = sorted(scheduled) if scheduled is not None else range(len(rows))
+    for start in range(0, len(todo), chunk_rows):
+        chunk = [rows[i] for i in todo[start:start + chunk_rows]]
+        for row, index in zip(chunk, todo[start:start + chunk_rows]):
+            prompt_len = len(examples[index].prompt_ids)
+            row["eligible"] = [False] * prompt_len + [True] * (len(row["input_ids"]) - prompt_len)
+        batch = collate(chunk, pad_id=0)  # eligible pads with False
         prediction = predict_alternatives(
             model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-            answer_mask.to(device), mode=config.bash_mode, temperature=config.bash_temperature,
+            batch["eligible"].to(device), mode=config.bash_mode, temperature=config.bash_temperature,
             top_k=config.bash_top_k, seed=_mix_seed(config.seed, iteration, "predict", start, 0))
-        alt_ids, alt_probs = prediction if isinstance(prediction, tuple) else (prediction, None)
         for i, row in enumerate(chunk):
             n = len(row["input_ids"])
-            row["alt_ids"] = alt_ids[i, :n].tolist()
-            row["eligible"] = eligible[start + i]
-            if alt_probs is not None:
-                row["alt_probs"] = alt_probs[i, :n].tolist()
+            row["alt_ids"] = prediction.alt_ids[i, :n].tolist()
+            if prediction.alt_probs is not None:
+                row["alt_probs"] = prediction.alt_probs[i, :n].tolist()
     return rows
 
 
@@ -453,7 +456,12 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
         iteration = position["iteration"]
         if rows is None:  # offline phase, with the current model frozen
             started = time.perf_counter()
-            rows = build_rows(config.method, model, tokenizer, train_examples, config, iteration, device, log)
+            scheduled = None
+            if config.method == "bash":
+                n = len(train_examples)
+                scheduled = set(_row_order(n, steps_for(n) * config.batch_size, config.seed, iteration))
+            rows = build_rows(config.method, model, tokenizer, train_examples, config, iteration, device,
+                              log, scheduled)
             phase_seconds["offline"] += time.perf_counter() - started
             log(dict(event="offline", iteration=iteration, rows=len(rows),
                      seconds=time.perf_counter() - started))
