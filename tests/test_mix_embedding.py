@@ -149,6 +149,21 @@ def test_explicit_mask_equals_where_embedding(impl, dtype, triton_device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_backward_is_f_embedding_backward_with_duplicates(dtype):
+    weight, ids, alt, _, mask, grad_out = _case(v=5, d=9, shape=(5, 11), dtype=dtype)
+    _, grad = _weight_grad(weight, lambda w: gapfix.mix_embedding(w, ids, alt, mask=mask)[0], grad_out)
+    _, expected = _weight_grad(weight, lambda w: F.embedding(torch.where(mask, alt, ids), w), grad_out)
+    assert torch.equal(grad, expected)
+
+
+def test_explicit_mask_leaves_the_global_generator_alone():
+    weight, ids, alt, _, mask, _ = _case()
+    state = torch.get_rng_state()
+    gapfix.mix_embedding(weight, ids, alt, mask=mask)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl,deterministic", [("cpu", False), ("triton", False), ("triton", True)])
 def test_duplicates_summed_in_backward(impl, deterministic, dtype, triton_device):
     device = triton_device if impl == "triton" else "cpu"

@@ -216,7 +216,7 @@ def _logit_transform(model):
 def predict_alternatives(model: nn.Module, input_ids: torch.Tensor,
                          attention_mask: Optional[torch.Tensor] = None,
                          answer_mask: Optional[torch.Tensor] = None, *, mode: str = "argmax",
-                         temperature: float = 1.0, top_k: int = 4, chunk_size: int = 4096,
+                         temperature: float = 1.0, top_k: int = 4, chunk_size: int = 2048,
                          generator: Optional[torch.Generator] = None,
                          seed: Optional[int] = None) -> Alternatives:
     """The frozen model's guess for every answer token, from one teacher-forced pass.
@@ -233,9 +233,11 @@ def predict_alternatives(model: nn.Module, input_ids: torch.Tensor,
             the top k, at the temperature).
         temperature: > 0; used by "sample" and "topk".
         top_k: K of "topk".
-        chunk_size: positions whose logits are formed at once: the lm head runs
-            on chunks of the final hidden states, so the (B, T, V) logits never
-            exist; only positions that predict an answer token are projected.
+        chunk_size: positions whose logits are formed at once (chunk_size x V
+            fp32 values): the lm head runs on chunks of the final hidden states,
+            so the (B, T, V) logits never exist; only positions that predict an
+            answer token are projected. Models without a separate trunk and
+            head run whole forwards on micro-batches of chunk_size // T rows.
         generator / seed: the randomness of "sample" (a generator on the
             model's device, or a seed to make one).
 

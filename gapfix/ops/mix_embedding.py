@@ -438,8 +438,8 @@ def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor
             one of `beta` and `mask` is given.
         seed: int in [0, 2**63) keying the counter-based RNG (Philox-4x32-10 at
             counter = row-major flat position); None draws one from torch's
-            global CPU generator. The mask depends only on (seed, position, beta)
-            and is the same on CPU and GPU.
+            global CPU generator (beta mode only). The mask depends only on
+            (seed, position, beta) and is the same on CPU and GPU.
         mask: (...) bool, the positions to mix (instead of beta).
         eligible: (...) bool, the positions that may be mixed (answer tokens:
             never prompt or padding); None = all. Applied to `mask` too.
@@ -494,8 +494,8 @@ def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor
                              f"{tuple(mask.shape)}")
     else:
         threshold = mixing_threshold(_check_beta(beta))
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()))  # CPU generator: no device sync
+    if seed is None:  # the CPU generator: no device sync; not consumed with an explicit mask
+        seed = int(torch.randint(0, 2**62, ())) if mask is None else 0
     seed = _check_seed(seed)
     if eligible is not None:
         _check_tensor(eligible, "eligible", device=device)
