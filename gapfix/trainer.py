@@ -399,6 +399,12 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
     config.validate()
     if not train_examples:
         raise ValueError("train_examples is empty")
+    attention = getattr(model.config, "_attn_implementation", None)
+    if config.packing and attention not in ("flash_attention_2", "flash_attention_3"):
+        raise ValueError(
+            f"packing needs an attention implementation that reads sequence boundaries from "
+            f"position_ids (flash_attention_2/3); the model uses {attention!r}, under which packed "
+            "examples would attend to each other")
     device = _pick_device(config.device)
     dist = _Dist(device)
     torch.manual_seed(config.seed)

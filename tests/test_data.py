@@ -120,10 +120,12 @@ def test_collate_pads_and_carries_extra_fields():
     assert batch["target_ids"].shape == (2, 4, 2) and batch["target_ids"][1, 1].tolist() == [-100, -100]
 
 
-def test_pack_rows_restarts_positions():
-    packed = pack_rows([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [5, -100]}])
+def test_pack_rows_restarts_positions_and_keeps_every_field():
+    packed = pack_rows([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "eligible": [False, True, True]},
+                        {"input_ids": [4, 5], "labels": [5, -100], "eligible": [False, True]}])
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert packed["labels"].tolist() == [[-100, 2, 3, 5, -100]]
+    assert packed["eligible"].tolist() == [[False, True, True, False, True]]
 
 
 def test_token_budget_batches():

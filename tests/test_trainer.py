@@ -131,6 +131,7 @@ def test_rac_soft_targets_train(tokenizer, examples):
     (dict(beta=-0.1), "beta"),
     (dict(rac_mode="nearest"), "rac_mode"),
     (dict(batch_size=0), "batch_size"),
+    (dict(packing=True), "packing"),
 ])
 def test_bad_config(tokenizer, examples, bad, match):
     with pytest.raises(ValueError, match=match):

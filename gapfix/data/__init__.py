@@ -162,7 +162,7 @@ def _collate_extra(rows, batch, width, ignore_index):
         batch[key] = out
 
 
-def pack_rows(rows: List[dict], *, ignore_index: int = IGNORE_INDEX):
+def pack_rows(rows: List[dict]):
     """Packs rows into one row with position_ids restarting at 0 for each example.
 
     transformers' FlashAttention path reads the restarts as sequence boundaries
@@ -172,16 +172,16 @@ def pack_rows(rows: List[dict], *, ignore_index: int = IGNORE_INDEX):
     """
     import torch
 
-    input_ids, labels, position_ids = [], [], []
+    fields = [k for k, v in rows[0].items() if isinstance(v, list)]  # input_ids, labels, BASH/RAC extras
+    packed = {k: [] for k in fields}
+    position_ids = []
     for row in rows:
-        input_ids += row["input_ids"]
-        labels += row["labels"]
+        for key in fields:
+            packed[key] += row[key]
         position_ids += list(range(len(row["input_ids"])))
-    return {
-        "input_ids": torch.tensor([input_ids]),
-        "labels": torch.tensor([labels]),
-        "position_ids": torch.tensor([position_ids]),
-    }
+    batch = {k: torch.tensor([v]) for k, v in packed.items()}
+    batch["position_ids"] = torch.tensor([position_ids])
+    return batch
 
 
 def token_budget_batches(rows: List[dict], max_tokens: int, *, max_rows: Optional[int] = None,
