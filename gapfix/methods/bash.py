@@ -6,7 +6,7 @@ One iteration:
     for step, (rows, ...) in enumerate(batches):
         batch = build_bash_batch(model, input_ids[rows], labels[rows], alts.alt_ids[rows],
                                  alt_probs=None if alts.alt_probs is None else alts.alt_probs[rows],
-                                 beta=0.1, seed=hash((iteration, step)) % 2**63,
+                                 beta=0.1, seed=iteration * 1_000_003 + step,
                                  attention_mask=attention_mask[rows])
         loss = model(**batch.model_inputs()).loss
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gapfix.ops.mix_embedding import mix_embedding, mixing_mask
+from gapfix.ops.mix_embedding import mix_embedding
 
 __all__ = ["Alternatives", "BashBatch", "build_bash_batch", "mixed_inputs_embeds",
            "predict_alternatives"]

@@ -22,7 +22,6 @@ Layers, as for every gapfix op:
     calls use an autograd.Function twin, skipping the op dispatch);
   - mix_embedding: the public function (validation, impl choice).
 """
-from __future__ import annotations
 
 import math
 import numbers
