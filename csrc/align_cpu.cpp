@@ -100,9 +100,13 @@ struct Band {
   }
 };
 
+struct HashSlot {
+  int64_t key;
+  int32_t sym;  // -1: empty
+};
+
 struct Workspace {
-  std::vector<int32_t> hash_vals;
-  std::vector<int64_t> hash_keys;
+  std::vector<HashSlot> hash;
   std::vector<int32_t> ysym, gsym;
   std::vector<uint64_t> peq, cur_vp, cur_vn, rows_vp, rows_vn;
   std::vector<int32_t> row_lo, row_hi, row_base;
@@ -121,7 +125,9 @@ struct PairOut {
 
 class PairAligner {
  public:
-  PairAligner(Workspace& ws, int n, int m) : ws_(ws), n_(n), m_(m), words_((m + 63) / 64) {}
+  PairAligner(Workspace& ws, int n, int m)
+      : ws_(ws), n_(n), m_(m), words_((m + 63) / 64),
+        tail_mask_(m % 64 == 0 ? ~uint64_t{0} : (uint64_t{1} << (m % 64)) - 1) {}
 
   template <typename Id>
   void remap(const Id* g, const Id* y) {
@@ -130,38 +136,39 @@ class PairAligner {
     int bits = 1;
     while ((1 << bits) < 2 * std::max(m_, 1)) ++bits;
     const uint64_t cap = uint64_t{1} << bits;
-    ws_.hash_vals.assign(cap, -1);
-    ws_.hash_keys.resize(cap);
+    ws_.hash.assign(cap, HashSlot{0, -1});
     ws_.ysym.resize(m_ + 1);
     ws_.gsym.resize(std::max(n_, 1));
-    auto slot_of = [&](int64_t key) {
+    HashSlot* table = ws_.hash.data();
+    auto slot_of = [&](int64_t key) -> HashSlot& {
       uint64_t h = (static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull) >> (64 - bits);
-      while (ws_.hash_vals[h] >= 0 && ws_.hash_keys[h] != key) h = (h + 1) & (cap - 1);
-      return h;
+      while (table[h].sym >= 0 && table[h].key != key) h = (h + 1) & (cap - 1);
+      return table[h];
     };
+    // Symbols, with how often each occurs in y (for the bag distance below).
+    ws_.counts.resize(std::max(m_, 1));
     int u = 0;
     for (int j = 0; j < m_; ++j) {
       const int64_t key = static_cast<int64_t>(y[j]);
-      const uint64_t h = slot_of(key);
-      if (ws_.hash_vals[h] < 0) {
-        ws_.hash_vals[h] = u++;
-        ws_.hash_keys[h] = key;
+      HashSlot& slot = slot_of(key);
+      if (slot.sym < 0) {
+        slot = HashSlot{key, u};
+        ws_.counts[u++] = 0;
       }
-      ws_.ysym[j] = ws_.hash_vals[h];
+      ws_.ysym[j] = slot.sym;
+      ++ws_.counts[slot.sym];
     }
     eos_ = u;
     ws_.ysym[m_] = eos_;  // y_m: the virtual EOS, distinct from every id
-    for (int t = 0; t < n_; ++t) ws_.gsym[t] = ws_.hash_vals[slot_of(static_cast<int64_t>(g[t]))];
     // Bag distance max(n, m) - |g and y as multisets|: a lower bound on
     // D[n][m] (one edit changes each multiset by at most one token), and close
     // to it for large vocabularies; it picks the first band.
-    ws_.counts.assign(u, 0);
-    for (int j = 0; j < m_; ++j) ++ws_.counts[ws_.ysym[j]];
     int common = 0;
     for (int t = 0; t < n_; ++t) {
-      const int s = ws_.gsym[t];
-      if (s >= 0 && ws_.counts[s] > 0) {
-        --ws_.counts[s];
+      const int sym = slot_of(static_cast<int64_t>(g[t])).sym;
+      ws_.gsym[t] = sym;
+      if (sym >= 0 && ws_.counts[sym] > 0) {
+        --ws_.counts[sym];
         ++common;
       }
     }
@@ -240,7 +247,7 @@ class PairAligner {
     // base = D[t][64 * lo(t)], the value entering the first computed word. A
     // dropped top word's bottom value is read before it goes stale; either
     // way the first word takes a horizontal +1 (exact for lo = 0: D[t][0] = t).
-    int base = 0, lo_prev = 0;
+    int base = 0, lo_prev = 0, prev_cost = 0;
     for (int t = 1; t <= n_; ++t) {
       const int lo = band.lo(t), hi = band.hi(t);
       if (lo > lo_prev) base += popcount64(vp[lo_prev]) - popcount64(vn[lo_prev]);
@@ -250,15 +257,27 @@ class PairAligner {
       if constexpr (kFull) {
         uint64_t* svp = &ws_.rows_vp[static_cast<size_t>(t) * stride];
         uint64_t* svn = &ws_.rows_vn[static_cast<size_t>(t) * stride];
+        // With the step, pass 1 of the row minimum: each word's start value
+        // and lower bound start - popcount(VN); the word ends bound the
+        // minimum from above. Only the last word has bits past m.
+        int* start = ws_.word_start.data();
+        int* lb = ws_.word_lb.data();
+        int value = base, upper = base;
         for (int w = lo; w <= hi; ++w) {
           hin = advance_word(vp[w], vn[w], eq[w], hin);
           svp[w - lo] = vp[w];
           svn[w - lo] = vn[w];
+          const uint64_t mask = w == words_ - 1 ? tail_mask_ : ~uint64_t{0};
+          const int pn = popcount64(vn[w] & mask);
+          start[w] = value;
+          lb[w] = value - pn;
+          value += popcount64(vp[w] & mask) - pn;
+          upper = std::min(upper, value);
         }
         ws_.row_lo[t] = lo;
         ws_.row_hi[t] = hi;
         ws_.row_base[t] = base;
-        row_minimum(t, lo, hi, base, vp, vn, *out);
+        prev_cost = row_minimum(t, lo, hi, base, upper, prev_cost, vp, vn, *out);
       } else {
         for (int w = lo; w <= hi; ++w) hin = advance_word(vp[w], vn[w], eq[w], hin);
       }
@@ -282,47 +301,57 @@ class PairAligner {
     return r >= 64 ? ~uint64_t{0} : ((uint64_t{1} << r) - 1);
   }
 
-  // Row minimum of row t over the computed words. Pass 1: word start values S
-  // and lower bounds S - popcount(VN) (upper bound U: the word end values).
-  // Pass 2: exact 8-bit-chunk scan of the words whose bound can reach it.
-  void row_minimum(int t, int lo, int hi, int base, const uint64_t* vp, const uint64_t* vn,
-                   const PairOut& out) {
-    int* start = ws_.word_start.data();
-    int* lb = ws_.word_lb.data();
-    int s = base, upper = base;
-    for (int w = lo; w <= hi; ++w) {
-      const uint64_t mask = valid_mask(w);
-      const int pn = popcount64(vn[w] & mask);
-      start[w] = s;
-      lb[w] = s - pn;
-      s += popcount64(vp[w] & mask) - pn;
-      upper = std::min(upper, s);
-    }
+  // Exact minimum of one word's values (start value v at bit 0), 8 bits at a
+  // time; updates (best, first, last) with ties extending `last`.
+  void scan_word(int w, uint64_t vp, uint64_t vn, int v, int& best, int& first, int& last) const {
+    const uint64_t mask = w == words_ - 1 ? tail_mask_ : ~uint64_t{0};
+    // Bits past m count as +1 steps: they then never reach the minimum.
+    const uint64_t wp = (vp & mask) | ~mask, wn = vn & mask;
     const ChunkStat* table = chunk_table();
+    for (int c = 0; c < 8; ++c) {
+      const ChunkStat e = table[(((wp >> (8 * c)) & 255) << 8) | ((wn >> (8 * c)) & 255)];
+      const int cand = v + e.min_prefix;
+      if (cand < best) {
+        best = cand;
+        first = 64 * w + 8 * c + e.first + 1;
+        last = 64 * w + 8 * c + e.last + 1;
+      } else if (cand == best) {
+        last = 64 * w + 8 * c + e.last + 1;
+      }
+      v += e.sum;
+    }
+  }
+
+  // Row minimum of row t over the computed words, given pass 1 (word starts,
+  // lower bounds, the upper bound `upper`). Words are scanned exactly only
+  // where their bound can reach the minimum, ascending; since c_t is c_{t-1}
+  // or c_{t-1} + 1, reaching c_{t-1} settles c_t and `first`, and `last` is
+  // then found scanning candidates down from the right. Returns c_t.
+  int row_minimum(int t, int lo, int hi, int base, int upper, int prev_cost, const uint64_t* vp,
+                  const uint64_t* vn, const PairOut& out) {
+    const int* start = ws_.word_start.data();
+    const int* lb = ws_.word_lb.data();
     int best = base, first = 64 * lo, last = 64 * lo;
-    for (int w = lo; w <= hi; ++w) {
-      if (lb[w] > std::min(best, upper)) continue;
-      const uint64_t mask = valid_mask(w);
-      // Bits past m count as +1 steps: they then never reach the minimum.
-      const uint64_t wp = (vp[w] & mask) | ~mask, wn = vn[w] & mask;
-      int v = start[w];
-      for (int c = 0; c < 8; ++c) {
-        const ChunkStat e = table[(((wp >> (8 * c)) & 255) << 8) | ((wn >> (8 * c)) & 255)];
-        const int cand = v + e.min_prefix;
-        if (cand < best) {
-          best = cand;
-          first = 64 * w + 8 * c + e.first + 1;
-          last = 64 * w + 8 * c + e.last + 1;
-        } else if (cand == best) {
-          last = 64 * w + 8 * c + e.last + 1;
+    int w = lo;
+    for (; w <= hi && best > prev_cost; ++w) {
+      if (lb[w] <= std::min(best, upper)) scan_word(w, vp[w], vn[w], start[w], best, first, last);
+    }
+    if (w <= hi) {  // settled early: the last argmin lies in words w..hi, if not before
+      for (int x = hi; x >= w; --x) {
+        if (lb[x] > best) continue;
+        int word_best = best + 1, word_first = 0, word_last = 0;
+        scan_word(x, vp[x], vn[x], start[x], word_best, word_first, word_last);
+        if (word_best == best) {
+          last = word_last;
+          break;
         }
-        v += e.sum;
       }
     }
     out.cost[t] = best;
     out.first[t] = first;
     out.last[t] = last;
     if (out.targets) row_targets(t, lo, hi, base, best, vp, vn, out);
+    return best;
   }
 
   // First j (ascending) of each distinct token among {y_j : D[t][j] = c}.
@@ -400,6 +429,7 @@ class PairAligner {
 
   Workspace& ws_;
   const int n_, m_, words_;
+  const uint64_t tail_mask_;  // valid bits of the last word
   int eos_ = 0;
   int bag_distance_ = 0;
   int stride_ = 1;
