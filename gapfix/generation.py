@@ -361,6 +361,7 @@ _VLLM_CPU_ENV = {
 }
 
 _ENGINES: dict = {}  # key -> _Engine
+_VLLM_REFUSED: set = set()  # model folders that vLLM failed to start on ("auto" skips them)
 # In-memory models handed to the vLLM backend are saved to one temporary
 # folder per model object, rewritten on each call (the engine then reloads).
 _SAVED_MODELS: dict = {}  # id(model) -> (weakref, TemporaryDirectory)
@@ -464,6 +465,11 @@ class _Engine:
             else:
                 options["enforce_eager"] = True
             options.update(self.engine_kwargs)
+            # Without a tokenizer vLLM's chat-template warm-up fails and logs
+            # a traceback; nothing here uses chat templates.
+            import logging
+
+            logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
             self.llm = LLM(**options)
         self.weights = _weights_fingerprint(path)
         self.config = _config_fingerprint(path)
@@ -509,11 +515,14 @@ def release_engines() -> int:
     for _, tmp in list(_SAVED_MODELS.values()):
         tmp.cleanup()
     _SAVED_MODELS.clear()
+    _VLLM_REFUSED.clear()
     gc.collect()
     return count
 
 
-def _engine_for(path: Path, dtype, engine_kwargs, reload: bool) -> "_Engine":
+def _engine_for(path: Path, dtype, engine_kwargs, reload: bool):
+    """(cache key, engine) for a model folder: the cached engine, refreshed
+    to the folder's current weights, or a new one."""
     key = (str(path), None if dtype is None else str(dtype),
            json.dumps(engine_kwargs or {}, sort_keys=True, default=str))
     engine = _ENGINES.get(key)
@@ -526,7 +535,17 @@ def _engine_for(path: Path, dtype, engine_kwargs, reload: bool) -> "_Engine":
 
         gc.collect()
         engine = _ENGINES[key] = _Engine(path, dtype, engine_kwargs or {})
-    return engine
+    return key, engine
+
+
+def _refusal_key(model):
+    """What vLLM's refusal of a model is remembered by: its folder, or for an
+    in-memory model its config (the architecture is what vLLM refuses)."""
+    if _is_model_path(model):
+        return str(_model_dir(model))
+    config = getattr(model, "config", None)
+    to_json = getattr(config, "to_json_string", None)
+    return hashlib.sha256(to_json().encode()).hexdigest() if callable(to_json) else None
 
 
 def _saved_copy(model, tokenizer) -> Path:
@@ -562,7 +581,13 @@ class _VLLMBackend:
                 raise ValueError(f"model must be a local model folder or a transformers model, "
                                  f"got {type(model).__name__}")
             path = _saved_copy(model, tokenizer)
-        self.engine = _engine_for(path, dtype, engine_kwargs, reload)
+        self.engine_key, self.engine = _engine_for(path, dtype, engine_kwargs, reload)
+
+    def discard(self):
+        """Drop this backend's engine from the cache (after it failed)."""
+        if _ENGINES.get(self.engine_key) is self.engine:
+            del _ENGINES[self.engine_key]
+        self.engine.close()
 
     def generate(self, prompt_ids, first_index, *, n, temperature, top_p, max_new_tokens,
                  seed, logprobs, eos_ids, pad_id):
@@ -642,19 +667,43 @@ class _Run:
         self.options = dict(n=n, temperature=temperature, top_p=top_p,
                             max_new_tokens=max_new_tokens, seed=seed, logprobs=logprobs)
         self.backend_name = _resolve_backend(backend, model)
-        self._backend_args = (model, dict(dtype=dtype, tokenizer=self.tokenizer,
-                                          engine_kwargs=engine_kwargs, reload=reload))
-        self._backend = None
+        self.backend = None
+        if self.prompt_ids:
+            self.backend = self._make_backend(model, backend, dict(
+                dtype=dtype, tokenizer=self.tokenizer, engine_kwargs=engine_kwargs, reload=reload))
         cls = _VLLMBackend if self.backend_name == "vllm" else _HFBackend
         self.batch_size = batch_size or cls.default_batch_size
 
-    @property
-    def backend(self):
-        if self._backend is None:
-            model, kwargs = self._backend_args
-            cls = _VLLMBackend if self.backend_name == "vllm" else _HFBackend
-            self._backend = cls(model, **kwargs)
-        return self._backend
+    def _make_backend(self, model, requested, kwargs):
+        self._requested, self._model, self._backend_kwargs = requested, model, kwargs
+        if self.backend_name == "hf":
+            return _HFBackend(model, **kwargs)
+        if requested == "auto" and _refusal_key(model) in _VLLM_REFUSED:
+            self.backend_name = "hf"
+            return _HFBackend(model, **kwargs)
+        try:
+            return _VLLMBackend(model, **kwargs)
+        except Exception as err:
+            if requested != "auto":
+                raise
+            return self._fall_back(err)
+
+    def _fall_back(self, err):
+        """backend="auto" means the best backend that can serve this model:
+        vLLM refuses some (a head_dim its CPU attention lacks fails on the
+        first batch), and then transformers serves it, with a warning."""
+        import warnings
+
+        if isinstance(self.backend, _VLLMBackend):
+            self.backend.discard()
+        key = _refusal_key(self._model)
+        if key is not None:
+            _VLLM_REFUSED.add(key)
+        warnings.warn(f"backend='auto': vLLM could not serve this model "
+                      f"({type(err).__name__}: {str(err)[:300]}); using transformers",
+                      RuntimeWarning, stacklevel=4)
+        self.backend_name = "hf"
+        return _HFBackend(self._model, **self._backend_kwargs)
 
     def batches(self, start_prompt=0):
         """(first prompt index, prompt ids) per batch; batch k always starts at
@@ -663,8 +712,15 @@ class _Run:
             yield first, self.prompt_ids[first:first + self.batch_size]
 
     def run_batch(self, first, prompt_ids):
-        raw = self.backend.generate(prompt_ids, first, eos_ids=self.eos_ids, pad_id=self.pad_id,
-                                    **self.options)
+        try:
+            raw = self.backend.generate(prompt_ids, first, eos_ids=self.eos_ids,
+                                        pad_id=self.pad_id, **self.options)
+        except Exception as err:
+            if self._requested != "auto" or self.backend_name != "vllm":
+                raise
+            self.backend = self._fall_back(err)
+            raw = self.backend.generate(prompt_ids, first, eos_ids=self.eos_ids,
+                                        pad_id=self.pad_id, **self.options)
         n = self.options["n"]
         out = []
         for k, (tokens, reason, lp) in enumerate(raw):

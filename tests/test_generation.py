@@ -520,3 +520,22 @@ def test_vllm_in_memory_model_and_jsonl_resume(need_vllm, model, tok, tmp_path, 
         generate_to_jsonl(folder, prompts, tmp_path / "out.jsonl", **options)
     restore()
     assert generate_to_jsonl(folder, prompts, tmp_path / "out.jsonl", **options).read_bytes() == reference
+
+
+def test_auto_falls_back_to_hf_when_vllm_refuses_the_model(need_vllm, tok, tmp_path):
+    # head_dim 16: vLLM's CPU attention has no kernel for it
+    odd = tiny_llama(tok, hidden_size=64, num_heads=4, seed=0, max_position_embeddings=CONTEXT)
+    folder = save_model(odd, tok, tmp_path / "odd")
+    prompts = make_prompts(tok, 3, seed=14)
+    expected = generate(folder, prompts, backend="hf", max_new_tokens=6)
+    if torch.cuda.is_available():
+        pytest.skip("the head_dim limit is vLLM-CPU's")
+    with pytest.warns(RuntimeWarning, match="vLLM could not serve"):
+        assert generate(folder, prompts, backend="auto", max_new_tokens=6) == expected
+    assert generate(folder, prompts, backend="auto", max_new_tokens=6) == expected  # remembered
+    with pytest.raises(Exception):
+        generate(folder, prompts, backend="vllm", max_new_tokens=6)
+    # the process can still start engines for models vLLM serves
+    good = save_model(tiny_llama(tok, seed=0, max_position_embeddings=CONTEXT), tok, tmp_path / "good")
+    assert generate(good, prompts, backend="vllm", max_new_tokens=6) == \
+        generate(good, prompts, backend="hf", max_new_tokens=6)
