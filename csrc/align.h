@@ -46,7 +46,8 @@ void align_cpu(const Id* gen, const Id* ref, const int64_t* gen_lens, const int6
 // gen_sym[b, t] the symbol of the same id in ref[b, :m], or -1 when the id
 // does not occur there. With words = ceil(ref_width / 64), the caller provides
 // scratch of at least
-//   peq_scratch     batch * ref_width * words  uint64 (match bit-vectors)
+//   peq_scratch     batch * ref_width * (words + 1)  uint64 (match bit-vectors
+//                   and per-symbol summaries)
 //   bits_scratch    batch * gen_width * words * 2  uint64 (rows' VP/VN)
 //   starts_scratch  batch * gen_width * words  int32 (D at each word start)
 // and outputs pre-filled with -1. Lengths are clamped to [0, width].

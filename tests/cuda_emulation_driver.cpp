@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
   read(in, gen_lens.data(), B);
   read(in, ref_lens.data(), B);
   fclose(in);
-  std::vector<uint64_t> peq(B * Tr * words + 1), bits(2 * B * Tg * words + 2);
+  std::vector<uint64_t> peq(B * Tr * (words + 1) + 1), bits(2 * B * Tg * words + 2);
   std::vector<int32_t> starts(B * Tg * words + 1);
   std::vector<int32_t> distance(B, -1), path(B * (Tg + 1), -1), cost(path), first(path), last(path),
       targets(B * (Tg + 1) * K, -1);

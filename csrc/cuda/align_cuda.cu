@@ -7,13 +7,19 @@
 // D[t][j] - D[t][j-1] = +1 / -1, advanced one generated token at a time. The
 // GPU runs the full matrix (no band); outputs are exact, hence identical to
 // the CPU's. Four launches per chunk of pairs:
-//   1. peq_kernel: match bit-vectors Peq[b][sym][word] (after a memset).
+//   1. peq_kernel: match bit-vectors Peq[b][sym][word] (after a memset), and
+//      per symbol a 64-bit summary of the words where it occurs at all
+//      (bit w / group, group = ceil(words / 64)). The DP reads the small,
+//      L2-resident summary first and loads a Peq word only where the symbol
+//      occurs: with large vocabularies most match words are zero, and each
+//      Peq load is a scattered 32-byte sector for 8 useful bytes.
 //   2. dp_kernel: one warp per pair; lane l owns q = ceil(words/32) consecutive
 //      words of the column and runs row t = s - l + 1 at step s, so the
 //      horizontal carry of row t reaches lane l+1 through one shuffle per
 //      step (a software pipeline of n + 31 steps). Each row's (VP, VN) words
 //      go to global scratch: 16 bytes per word per row, written once.
-//      Traffic per pair ~ n * words * (16 written + one 32-byte Peq sector).
+//      Traffic per pair ~ n * words * 16 bytes written, plus one summary
+//      read per row and lane, plus the Peq words that are non-zero.
 //   3. rows_kernel: one thread per (pair, row): word start values by
 //      popcount prefix sums (stored for the traceback), c_t / first / last by
 //      an exact 4-bit-chunk scan of only the words whose lower bound
@@ -46,15 +52,18 @@ __device__ __forceinline__ uint64_t low_mask(int bits) {
 // 1. Peq
 
 __global__ void peq_kernel(const int32_t* __restrict__ ref_sym, const int64_t* __restrict__ ref_lens,
-                           int64_t batch, int64_t ref_width, int64_t words, uint64_t* __restrict__ peq) {
+                           int64_t batch, int64_t ref_width, int64_t words, uint64_t* __restrict__ occ,
+                           uint64_t* __restrict__ peq) {
   const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (idx >= batch * ref_width) return;
   const int64_t b = idx / ref_width;
   const int j = static_cast<int>(idx - b * ref_width);
   if (j >= clamp_len(ref_lens[b], ref_width)) return;
   const int64_t sym = ref_sym[idx];
+  const int64_t group = (words + 63) / 64;
   atomicOr(reinterpret_cast<unsigned long long*>(&peq[(b * ref_width + sym) * words + (j >> 6)]),
            1ull << (j & 63));
+  atomicOr(reinterpret_cast<unsigned long long*>(&occ[b * ref_width + sym]), 1ull << ((j >> 6) / group));
 }
 
 // ---------------------------------------------------------------------------
@@ -66,7 +75,8 @@ template <int Q>
 __global__ void __launch_bounds__(kDpWarpsPerBlock * kWarp)
 dp_kernel(const int32_t* __restrict__ gen_sym, const int64_t* __restrict__ gen_lens,
           const int64_t* __restrict__ ref_lens, int64_t batch, int64_t gen_width, int64_t ref_width,
-          int64_t words, const uint64_t* __restrict__ peq, ulonglong2* __restrict__ bits) {
+          int64_t words, const uint64_t* __restrict__ occ, const uint64_t* __restrict__ peq,
+          ulonglong2* __restrict__ bits) {
   const int lane = threadIdx.x & (kWarp - 1);
   const int64_t b = blockIdx.x * static_cast<int64_t>(kDpWarpsPerBlock) + (threadIdx.x / kWarp);
   if (b >= batch) return;  // the whole warp leaves together
@@ -79,6 +89,8 @@ dp_kernel(const int32_t* __restrict__ gen_sym, const int64_t* __restrict__ gen_l
   const int own = max(0, min(q, pair_words - w0));  // words owned by this lane
   const int32_t* gs = gen_sym + b * gen_width;
   const uint64_t* pq = peq + b * ref_width * words;
+  const uint64_t* pocc = occ + b * ref_width;
+  const int group = static_cast<int>((words + 63) / 64);
   ulonglong2* out = bits + b * gen_width * words;
 
   uint64_t vp[Q > 0 ? Q : 1], vn[Q > 0 ? Q : 1];
@@ -95,12 +107,13 @@ dp_kernel(const int32_t* __restrict__ gen_sym, const int64_t* __restrict__ gen_l
     if (t >= 1 && t <= n && own > 0) {
       const int sym = gs[t - 1];
       const uint64_t* eq = pq + static_cast<int64_t>(sym < 0 ? 0 : sym) * words + w0;
+      const uint64_t where = sym < 0 ? 0ull : pocc[sym];  // groups of words holding sym
       ulonglong2* row = out + static_cast<int64_t>(t - 1) * words + w0;
       if constexpr (Q > 0) {
 #pragma unroll
         for (int i = 0; i < Q; ++i) {
           if (i < own) {
-            const uint64_t e = sym < 0 ? 0ull : eq[i];
+            const uint64_t e = ((where >> ((w0 + i) / group)) & 1ull) ? eq[i] : 0ull;
             hin = gapfix::advance_word(vp[i], vn[i], e, hin);
             row[i] = make_ulonglong2(vp[i], vn[i]);
           }
@@ -114,7 +127,7 @@ dp_kernel(const int32_t* __restrict__ gen_sym, const int64_t* __restrict__ gen_l
             p = x.x;
             v = x.y;
           }
-          const uint64_t e = sym < 0 ? 0ull : eq[i];
+          const uint64_t e = ((where >> ((w0 + i) / group)) & 1ull) ? eq[i] : 0ull;
           hin = gapfix::advance_word(p, v, e, hin);
           row[i] = make_ulonglong2(p, v);
         }
@@ -320,11 +333,11 @@ traceback_kernel(const int32_t* __restrict__ gen_sym, const int32_t* __restrict_
 
 template <int Q>
 void launch_dp(const int32_t* gen_sym, const int64_t* gen_lens, const int64_t* ref_lens, int64_t batch,
-               int64_t gen_width, int64_t ref_width, int64_t words, const uint64_t* peq,
-               ulonglong2* bits, cudaStream_t stream) {
+               int64_t gen_width, int64_t ref_width, int64_t words, const uint64_t* occ,
+               const uint64_t* peq, ulonglong2* bits, cudaStream_t stream) {
   const int64_t blocks = (batch + kDpWarpsPerBlock - 1) / kDpWarpsPerBlock;
   dp_kernel<Q><<<static_cast<unsigned>(blocks), kDpWarpsPerBlock * kWarp, 0, stream>>>(
-      gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, peq, bits);
+      gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, occ, peq, bits);
 }
 
 }  // namespace
@@ -343,22 +356,24 @@ extern "C" int gapfix_align_cuda_launch(const int32_t* gen_sym, const int32_t* r
   ulonglong2* bits = reinterpret_cast<ulonglong2*>(bits_scratch);
   cudaError_t err;
   if (words > 0 && gen_width > 0) {
-    err = cudaMemsetAsync(peq_scratch, 0, sizeof(uint64_t) * batch * ref_width * words, stream);
+    uint64_t* occ = peq_scratch;                   // batch * ref_width summaries
+    uint64_t* peq = peq_scratch + batch * ref_width;  // batch * ref_width * words
+    err = cudaMemsetAsync(peq_scratch, 0, sizeof(uint64_t) * batch * ref_width * (words + 1), stream);
     if (err != cudaSuccess) return static_cast<int>(err);
     const int64_t peq_blocks = (batch * ref_width + kThreads - 1) / kThreads;
-    peq_kernel<<<static_cast<unsigned>(peq_blocks), kThreads, 0, stream>>>(ref_sym, ref_lens, batch,
-                                                                           ref_width, words, peq_scratch);
+    peq_kernel<<<static_cast<unsigned>(peq_blocks), kThreads, 0, stream>>>(ref_sym, ref_lens, batch, ref_width,
+                                                                           words, occ, peq);
     const int64_t per_lane = (words + kWarp - 1) / kWarp;
     if (per_lane <= 1) {
-      launch_dp<1>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, peq_scratch, bits, stream);
+      launch_dp<1>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, occ, peq, bits, stream);
     } else if (per_lane <= 2) {
-      launch_dp<2>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, peq_scratch, bits, stream);
+      launch_dp<2>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, occ, peq, bits, stream);
     } else if (per_lane <= 4) {
-      launch_dp<4>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, peq_scratch, bits, stream);
+      launch_dp<4>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, occ, peq, bits, stream);
     } else if (per_lane <= 8) {
-      launch_dp<8>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, peq_scratch, bits, stream);
+      launch_dp<8>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, occ, peq, bits, stream);
     } else {
-      launch_dp<0>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, peq_scratch, bits, stream);
+      launch_dp<0>(gen_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, occ, peq, bits, stream);
     }
     err = cudaGetLastError();
     if (err != cudaSuccess) return static_cast<int>(err);

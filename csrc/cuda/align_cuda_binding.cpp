@@ -75,11 +75,11 @@ AlignResult align_cuda_op(const at::Tensor& gen, const at::Tensor& ref, const at
   auto [gen_sym, ref_sym] = dense_symbols(gen, ref, rl);
 
   const int64_t words = (ref_width + 63) / 64;
-  const int64_t per_pair = ref_width * words * 8 + gen_width * words * 20;
+  const int64_t per_pair = ref_width * (words + 1) * 8 + gen_width * words * 20;
   const int64_t chunk = per_pair == 0 ? batch : std::clamp<int64_t>(kScratchBudgetBytes / per_pair, 1, batch);
   const auto opts = gen.options().dtype(at::kInt);
   const auto long_opts = gen.options().dtype(at::kLong);
-  at::Tensor peq = at::empty({std::max<int64_t>(1, chunk * ref_width * words)}, long_opts);
+  at::Tensor peq = at::empty({std::max<int64_t>(1, chunk * ref_width * (words + 1))}, long_opts);
   at::Tensor bits = at::empty({std::max<int64_t>(1, chunk * gen_width * words * 2)}, long_opts);
   at::Tensor starts = at::empty({std::max<int64_t>(1, chunk * gen_width * words)}, opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
