@@ -18,16 +18,20 @@
 // every cell on an optimal path has value <= D[n][m] <= k; the row minimum
 // c_t <= D[n][m] (an optimal path crosses row t), so the argmin set J_t is
 // exact; and in the traceback an optimal predecessor (value < D[t][j] <= k) is
-// exact while a non-optimal one, over-estimated, stays non-optimal. k starts at
-// max(|n - m|, 64) and doubles (distance-only passes) until D[n][m] <= k; the
-// full pass then runs once with that k. k >= max(n, m) is the full matrix.
+// exact while a non-optimal one, over-estimated, stays non-optimal. The first
+// k is 1.5x the bag distance (a lower bound on D, and close to it for large
+// vocabularies; see align_pair); should the full pass come out with
+// D[n][m] > k, distance-only passes double k until D[n][m] <= k and the full
+// pass reruns. k >= max(n, m), or a band covering most words, is the full
+// matrix.
 //
 // Memory: the traceback reads the stored VP/VN words of each row (16 bytes per
 // word per row, band width only); no integer matrix is ever formed. Work per
 // pair: O(n * band_words) word steps, plus O(band_words) per row for the row
-// minima (a popcount lower bound skips words that cannot hold the minimum; the
-// rest are scanned 8 bits at a time through a 64K-entry table), plus O(n + m)
-// traceback steps with an O(band_words) prefix per row change.
+// minima (popcount bounds computed with the step skip the words that cannot
+// hold the minimum; the few others are scanned 8 bits at a time through a
+// 64K-entry table), plus O(n + m) traceback steps with an O(band_words)
+// prefix per row change.
 #include "align.h"
 #include "align_bits.h"
 
@@ -267,7 +271,7 @@ class PairAligner {
           hin = advance_word(vp[w], vn[w], eq[w], hin);
           svp[w - lo] = vp[w];
           svn[w - lo] = vn[w];
-          const uint64_t mask = w == words_ - 1 ? tail_mask_ : ~uint64_t{0};
+          const uint64_t mask = valid_mask(w);
           const int pn = popcount64(vn[w] & mask);
           start[w] = value;
           lb[w] = value - pn;
@@ -296,15 +300,12 @@ class PairAligner {
     return &ws_.peq[static_cast<size_t>(s >= 0 ? s : eos_) * words_];
   }
 
-  uint64_t valid_mask(int w) const {
-    const int r = m_ - 64 * w;
-    return r >= 64 ? ~uint64_t{0} : ((uint64_t{1} << r) - 1);
-  }
+  uint64_t valid_mask(int w) const { return w == words_ - 1 ? tail_mask_ : ~uint64_t{0}; }
 
   // Exact minimum of one word's values (start value v at bit 0), 8 bits at a
   // time; updates (best, first, last) with ties extending `last`.
   void scan_word(int w, uint64_t vp, uint64_t vn, int v, int& best, int& first, int& last) const {
-    const uint64_t mask = w == words_ - 1 ? tail_mask_ : ~uint64_t{0};
+    const uint64_t mask = valid_mask(w);
     // Bits past m count as +1 steps: they then never reach the minimum.
     const uint64_t wp = (vp & mask) | ~mask, wn = vn & mask;
     const ChunkStat* table = chunk_table();
