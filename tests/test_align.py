@@ -1,5 +1,6 @@
 """gapfix.align against the plain-Python oracle (tests/align_oracle.py), the
 PyTorch reference against the native kernels, and argument checking."""
+import os
 import random
 
 import pytest
@@ -367,3 +368,28 @@ def test_cuda_long_rows_and_examples():
     assert cuda.path[-1, :8].tolist() == [0, 1, 2, 3, 4, 7, 8, 9]
     with pytest.raises(ValueError, match="device"):
         gapfix.align(gen.cuda(), ref)
+
+
+@pytest.mark.cuda
+def test_cuda_chunked_scratch_matches_cpu():
+    """A scratch budget of 1 MiB forces one launch per few pairs."""
+    import subprocess
+    import sys
+
+    if not native_available("cuda"):
+        pytest.skip("gapfix._C was built without CUDA")
+    code = """
+import torch, gapfix
+torch.manual_seed(4)
+gen = torch.randint(0, 30, (37, 300), dtype=torch.int64)
+ref = torch.where(torch.rand(37, 290) < 0.2, torch.randint(0, 30, (37, 290)), gen[:, :290])
+gl = torch.randint(0, 301, (37,)); rl = torch.randint(0, 291, (37,))
+cpu = gapfix.align(gen, ref, gl, rl, max_targets=2)
+cuda = gapfix.align(gen.cuda(), ref.cuda(), gl.cuda(), rl.cuda(), max_targets=2)
+for a, b in zip(cpu, cuda):
+    assert torch.equal(a, b.cpu())
+print("ok")
+"""
+    env = dict(os.environ, GAPFIX_ALIGN_SCRATCH_MB="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 
@@ -20,8 +21,16 @@
 namespace gapfix {
 namespace {
 
-// Scratch per chunk of pairs (Peq + row bit-vectors + word starts).
-constexpr int64_t kScratchBudgetBytes = int64_t{2} << 30;
+// Scratch per chunk of pairs (Peq + row bit-vectors + word starts): 2 GiB, or
+// GAPFIX_ALIGN_SCRATCH_MB (read once; the tests use it to force chunking).
+int64_t scratch_budget_bytes() {
+  static const int64_t budget = [] {
+    const char* mb = std::getenv("GAPFIX_ALIGN_SCRATCH_MB");
+    const long long value = mb ? std::atoll(mb) : 0;
+    return value > 0 ? int64_t{value} << 20 : int64_t{2} << 30;
+  }();
+  return budget;
+}
 
 // ref_sym[b, j]: rank of ref[b, j] among the distinct ids of ref[b, :m];
 // gen_sym[b, t]: the rank of gen[b, t] in ref[b, :m], or -1 when absent.
@@ -76,7 +85,7 @@ AlignResult align_cuda_op(const at::Tensor& gen, const at::Tensor& ref, const at
 
   const int64_t words = (ref_width + 63) / 64;
   const int64_t per_pair = ref_width * (words + 1) * 8 + gen_width * words * 20;
-  const int64_t chunk = per_pair == 0 ? batch : std::clamp<int64_t>(kScratchBudgetBytes / per_pair, 1, batch);
+  const int64_t chunk = per_pair == 0 ? batch : std::clamp<int64_t>(scratch_budget_bytes() / per_pair, 1, batch);
   const auto opts = gen.options().dtype(at::kInt);
   const auto long_opts = gen.options().dtype(at::kLong);
   at::Tensor peq = at::empty({std::max<int64_t>(1, chunk * ref_width * (words + 1))}, long_opts);
