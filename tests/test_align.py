@@ -276,6 +276,19 @@ def test_torch_compile_fullgraph():
         assert torch.equal(got, want)
 
 
+@needs_native
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_opcheck(device):
+    """Schema, fake (meta) kernel and dynamic-shape tracing of gapfix::align."""
+    if not native_available(device):
+        pytest.skip(f"no native {device} kernel")
+    gen = torch.randint(0, 5, (3, 17), device=device)
+    ref = torch.randint(0, 5, (3, 11), device=device)
+    lens = torch.tensor([17, 3, 0], device=device), torch.tensor([11, 0, 5], device=device)
+    result = torch.library.opcheck(torch.ops.gapfix.align.default, (gen, ref, *lens, 2))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
 # ---------------------------------------------------------------------------
 # Bad input
 
