@@ -22,6 +22,8 @@ _EXPORTS = {
     "CrossEntropyLoss": "gapfix.ops.cross_entropy",
     "LinearCrossEntropyLoss": "gapfix.ops.cross_entropy",
     "generate": "gapfix.generation",
+    "generate_to_jsonl": "gapfix.generation",
+    "Generation": "gapfix.generation",
     "train": "gapfix.trainer",
 }
 

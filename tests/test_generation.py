@@ -195,6 +195,19 @@ def test_hf_restores_training_mode(model, tok):
         model.eval()
 
 
+def test_public_names_and_progress_without_tqdm(monkeypatch, capsys):
+    import gapfix
+
+    assert gapfix.generate is generate and gapfix.generate_to_jsonl is generate_to_jsonl
+    assert gapfix.Generation is Generation
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails: the plain bar
+    bar = generation._progress(4, enabled=True)
+    bar.update(3)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "3/4 prompts" in err and err.endswith("\n")
+
+
 def test_empty_prompt_list():
     assert generate(tiny_llama(64, seed=0), [], backend="hf", max_new_tokens=3) == []
 
