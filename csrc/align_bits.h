@@ -32,4 +32,26 @@ GAPFIX_HOST_DEVICE int advance_word(uint64_t& vp, uint64_t& vn, uint64_t eq, int
   return hout;
 }
 
+// Prefix statistics of the first `bits` positions of a (VP, VN) chunk: the
+// total delta, the minimum over its prefix sums (lengths 1..bits) and the
+// first / last position reaching it. The kernels tabulate it per 8-bit (CPU)
+// or 4-bit (CUDA) chunk to scan a word's values without a per-bit loop.
+struct ChunkStats {
+  int sum, min_prefix, first, last;
+};
+
+GAPFIX_HOST_DEVICE ChunkStats chunk_stats(unsigned vp, unsigned vn, int bits) {
+  ChunkStats s{0, 1 << 20, 0, 0};
+  for (int p = 0; p < bits; ++p) {
+    s.sum += static_cast<int>((vp >> p) & 1u) - static_cast<int>((vn >> p) & 1u);
+    if (s.sum < s.min_prefix) {
+      s.min_prefix = s.sum;
+      s.first = s.last = p;
+    } else if (s.sum == s.min_prefix) {
+      s.last = p;
+    }
+  }
+  return s;
+}
+
 }  // namespace gapfix

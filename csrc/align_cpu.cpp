@@ -65,18 +65,9 @@ const ChunkStat* chunk_table() {
     std::vector<ChunkStat> t(1 << 16);
     for (int vp = 0; vp < 256; ++vp) {
       for (int vn = 0; vn < 256; ++vn) {
-        int v = 0, best = 1 << 20, first = 0, last = 0;
-        for (int p = 0; p < 8; ++p) {
-          v += ((vp >> p) & 1) - ((vn >> p) & 1);
-          if (v < best) {
-            best = v;
-            first = last = p;
-          } else if (v == best) {
-            last = p;
-          }
-        }
-        t[(vp << 8) | vn] = ChunkStat{static_cast<int8_t>(v), static_cast<int8_t>(best),
-                                      static_cast<uint8_t>(first), static_cast<uint8_t>(last)};
+        const ChunkStats c = chunk_stats(vp, vn, 8);
+        t[(vp << 8) | vn] = ChunkStat{static_cast<int8_t>(c.sum), static_cast<int8_t>(c.min_prefix),
+                                      static_cast<uint8_t>(c.first), static_cast<uint8_t>(c.last)};
       }
     }
     return t;

@@ -143,18 +143,9 @@ dp_kernel(const int32_t* __restrict__ gen_sym, const int64_t* __restrict__ gen_l
 // 4-bit chunk of (VP, VN): total, min prefix sum over its 4 positions, first
 // and last position (0..3) reaching it; packed (sum+8, min+8, first, last).
 __device__ uint32_t nibble_stat(int vp, int vn) {
-  int v = 0, best = 100, first = 0, last = 0;
-  for (int p = 0; p < 4; ++p) {
-    v += ((vp >> p) & 1) - ((vn >> p) & 1);
-    if (v < best) {
-      best = v;
-      first = last = p;
-    } else if (v == best) {
-      last = p;
-    }
-  }
-  return static_cast<uint32_t>(v + 8) | (static_cast<uint32_t>(best + 8) << 8) |
-         (static_cast<uint32_t>(first) << 16) | (static_cast<uint32_t>(last) << 24);
+  const gapfix::ChunkStats c = gapfix::chunk_stats(vp, vn, 4);
+  return static_cast<uint32_t>(c.sum + 8) | (static_cast<uint32_t>(c.min_prefix + 8) << 8) |
+         (static_cast<uint32_t>(c.first) << 16) | (static_cast<uint32_t>(c.last) << 24);
 }
 
 __global__ void __launch_bounds__(kThreads)
