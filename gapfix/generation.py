@@ -281,8 +281,6 @@ class _HFBackend:
             input_ids[row, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt):] = 1
         sample = temperature > 0
-        # A fresh config: the model's own defaults (top_k=50, repetition
-        # penalty, ...) would make this backend differ from vLLM's.
         options = dict(
             max_new_tokens=max_new_tokens,
             min_new_tokens=0,
@@ -298,6 +296,11 @@ class _HFBackend:
             options.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
         config = GenerationConfig(**options)
         was_training = model.training
+        # generate() fills every option left at its default from the model's
+        # own generation_config (a checkpoint's top_p, repetition penalty,
+        # ...): hide it for the call, so that only the options above apply.
+        model_config = model.generation_config
+        model.generation_config = GenerationConfig()
         model.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(
@@ -312,6 +315,7 @@ class _HFBackend:
                 )
         finally:
             model.train(was_training)
+            model.generation_config = model_config
         new_tokens = out.sequences[:, width:].cpu()
         token_logprobs = None
         if logprobs:
@@ -369,12 +373,13 @@ _SAVED_MODELS: dict = {}  # id(model) -> (weakref, TemporaryDirectory)
 
 def _weights_fingerprint(path: Path):
     """What changes when a checkpoint is rewritten: the weight files' names,
-    sizes and modification times."""
+    sizes, inodes and modification / change times (save_pretrained replaces
+    or rewrites the files; pass reload=True where that cannot be relied on)."""
     entries = []
     for entry in sorted(path.iterdir()):
         if entry.suffix in (".safetensors", ".bin", ".pt", ".pth") or entry.name.endswith(".index.json"):
             st = entry.stat()
-            entries.append((entry.name, st.st_size, st.st_mtime_ns))
+            entries.append((entry.name, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
     return tuple(entries)
 
 
@@ -558,15 +563,20 @@ def _saved_copy(model, tokenizer) -> Path:
         key = id(model)
         _SAVED_MODELS[key] = (weakref.ref(model, lambda _ref: _forget_saved(key)), tmp)
         entry = _SAVED_MODELS[key]
-    path = Path(entry[1].name)
+    path = Path(entry[1].name).resolve()
     save_model(model, tokenizer, path)
     return path
 
 
 def _forget_saved(key):
+    """The in-memory model is gone: free its engines and its folder."""
     entry = _SAVED_MODELS.pop(key, None)
-    if entry is not None:
-        entry[1].cleanup()
+    if entry is None:
+        return
+    folder = str(Path(entry[1].name).resolve())
+    for engine_key in [k for k in _ENGINES if k[0] == folder]:
+        _ENGINES.pop(engine_key).close()
+    entry[1].cleanup()
 
 
 class _VLLMBackend:

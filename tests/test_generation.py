@@ -186,6 +186,21 @@ def test_hf_path_and_text_prompts_give_text(model, tok, model_dir):
     assert generate(model_dir, ids, backend="hf", max_new_tokens=2, tokenizer=False)[0].text is None
 
 
+def test_hf_ignores_the_models_own_generation_defaults(model, tok):
+    # vLLM is given explicit sampling parameters; the hf backend must not pick
+    # up a checkpoint's generation_config (here: settings that change greedy)
+    prompts = make_prompts(tok, 4, seed=15)
+    twin = model_with_eos(model, tok, tok.eos_token_id)
+    plain = generate(twin, prompts, backend="hf", max_new_tokens=12)
+    twin.generation_config.repetition_penalty = 50.0
+    twin.generation_config.no_repeat_ngram_size = 1
+    twin.generation_config.top_k = 1
+    assert generate(twin, prompts, backend="hf", max_new_tokens=12) == plain
+    assert generate(twin, prompts, backend="hf", max_new_tokens=12, temperature=1.0, seed=0) == \
+        generate(model, prompts, backend="hf", max_new_tokens=12, temperature=1.0, seed=0)
+    assert twin.generation_config.repetition_penalty == 50.0  # put back
+
+
 def test_hf_restores_training_mode(model, tok):
     model.train()
     try:
@@ -533,6 +548,24 @@ def test_vllm_in_memory_model_and_jsonl_resume(need_vllm, model, tok, tmp_path, 
         generate_to_jsonl(folder, prompts, tmp_path / "out.jsonl", **options)
     restore()
     assert generate_to_jsonl(folder, prompts, tmp_path / "out.jsonl", **options).read_bytes() == reference
+
+
+def test_vllm_engine_of_a_dropped_in_memory_model_is_freed(need_vllm, tok):
+    import gc
+
+    prompts = make_prompts(tok, 2, seed=16)
+    temporary = tiny_llama(tok, seed=2, max_position_embeddings=CONTEXT)
+    first = generate(temporary, prompts, backend="vllm", max_new_tokens=5)
+    with torch.no_grad():
+        temporary.lm_head.weight.mul_(-1)  # new weights: the next call must see them
+    second = generate(temporary, prompts, backend="vllm", max_new_tokens=5)
+    assert second == generate(temporary, prompts, backend="hf", max_new_tokens=5) != first
+    engines = len(generation._ENGINES)
+    folders = [e.path for e in generation._ENGINES.values()]
+    del temporary
+    gc.collect()
+    assert len(generation._ENGINES) == engines - 1
+    assert not all(f.exists() for f in folders)
 
 
 def test_auto_falls_back_to_hf_when_vllm_refuses_the_model(need_vllm, tok, tmp_path):
