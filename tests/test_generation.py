@@ -428,7 +428,7 @@ def test_resume_after_sigkill_at_a_random_point(model_dir, tok, tmp_path):
     reference = generate_to_jsonl(model_dir, prompts_file, tmp_path / "ref.jsonl", backend="hf", n=2,
                                   temperature=1.0, seed=5, max_new_tokens=24, batch_size=2,
                                   progress=False)
-    assert out.read_bytes() == reference.read_bytes()
+    assert out.read_bytes() == reference.read_bytes(), f"killed after {kill_after} records"
     records = read_generations_jsonl(out)
     assert [(r.prompt_index, r.sample_index) for r in records] == [(i, s) for i in range(16) for s in range(2)]
 
