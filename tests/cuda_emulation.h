@@ -97,6 +97,16 @@ inline int __shfl_up_sync(unsigned, int value, int delta) {
   return out;
 }
 
+inline int __shfl_sync(unsigned, int value, int src_lane) {
+  const int warp = threadIdx.x / 32;
+  Barrier& barrier = *emu_block->warp_barriers[warp];
+  emu_block->slots[threadIdx.x] = value;
+  barrier.wait();
+  const int out = emu_block->slots[32 * warp + (src_lane & 31)];
+  barrier.wait();
+  return out;
+}
+
 template <typename Kernel, typename... Args>
 void emu_launch(Kernel kernel, unsigned grid, unsigned block, Args... args) {
   for (unsigned b = 0; b < grid; ++b) {

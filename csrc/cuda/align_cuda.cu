@@ -24,8 +24,8 @@
 //      popcount prefix sums (stored for the traceback), c_t / first / last by
 //      an exact 4-bit-chunk scan of only the words whose lower bound
 //      start - popcount(VN) can reach the minimum, then the targets.
-//   4. traceback_kernel: one thread per pair, O(1) per step from the stored
-//      words and starts.
+//   4. traceback_kernel: one warp per pair; the lanes prefetch the next 32
+//      diagonal steps' cells in parallel (see the kernel).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -265,16 +265,27 @@ rows_kernel(const int32_t* __restrict__ ref_sym, const int64_t* __restrict__ gen
 }
 
 // ---------------------------------------------------------------------------
-// 4. Canonical traceback, one thread per pair: diagonal, else up, else left.
+// 4. Canonical traceback (diagonal, else up, else left), one warp per pair.
+// A thread walking alone would wait one memory latency per step. Instead the
+// 32 lanes fetch, in parallel, what the next 32 steps need if the path stays
+// diagonal: lane l reads D[t-l-1][j-l-1], D[t-l-1][j-l] and the match flag of
+// cell (t-l, j-l). The walk then advances through the lanes with shuffles (all
+// lanes take the same decisions) until a step is not diagonal; that step (up,
+// with lane l's D[t-1][j], or left, with one bit of row t) is taken directly
+// and the window is refilled from the new cell. Long diagonal runs, the common
+// case, cost one latency per 32 steps.
 
-__global__ void __launch_bounds__(kThreads)
+constexpr int kTracebackWarpsPerBlock = 4;
+
+__global__ void __launch_bounds__(kTracebackWarpsPerBlock * kWarp)
 traceback_kernel(const int32_t* __restrict__ gen_sym, const int32_t* __restrict__ ref_sym,
                  const int64_t* __restrict__ gen_lens, const int64_t* __restrict__ ref_lens,
                  int64_t batch, int64_t gen_width, int64_t ref_width, int64_t words,
                  const ulonglong2* __restrict__ bits, const int32_t* __restrict__ starts,
                  const int32_t* __restrict__ distance, int32_t* __restrict__ path) {
-  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (b >= batch) return;
+  const int lane = threadIdx.x & (kWarp - 1);
+  const int64_t b = blockIdx.x * static_cast<int64_t>(kTracebackWarpsPerBlock) + (threadIdx.x / kWarp);
+  if (b >= batch) return;  // the whole warp leaves together
   const int n = clamp_len(gen_lens[b], gen_width);
   const int m = clamp_len(ref_lens[b], ref_width);
   const int32_t* gs = gen_sym + b * gen_width;
@@ -282,6 +293,7 @@ traceback_kernel(const int32_t* __restrict__ gen_sym, const int32_t* __restrict_
   const ulonglong2* pbits = bits + b * gen_width * words;
   const int32_t* pstarts = starts + b * gen_width * words;
   int32_t* prow = path + b * (gen_width + 1);
+  constexpr int kNever = 1 << 29;  // a value no cell reaches
 
   // D[r][x] from the stored row r >= 1 (row 0: x; column 0: r).
   auto value = [&](int r, int x) -> int {
@@ -296,30 +308,41 @@ traceback_kernel(const int32_t* __restrict__ gen_sym, const int32_t* __restrict_
 
   int t = n, j = m, d = distance[b];
   while (t > 0) {
-    if (j > 0) {
-      const int sym = gs[t - 1];
-      const int c = (sym >= 0 && sym == ys[j - 1]) ? 0 : 1;
-      if (value(t - 1, j - 1) + c == d) {
-        prow[t] = j;
-        --t;
-        --j;
-        d -= c;
-        continue;
+    // Window: lane l holds the data of cell (t - l, j - l).
+    const int tl = t - lane, jl = j - lane;
+    int diag_value = kNever, up_value = kNever, mismatch = 1;
+    if (tl >= 1 && jl >= 0) {
+      up_value = value(tl - 1, jl);
+      if (jl >= 1) {
+        diag_value = value(tl - 1, jl - 1);
+        const int sym = gs[tl - 1];
+        mismatch = (sym >= 0 && sym == ys[jl - 1]) ? 0 : 1;
       }
     }
-    if (value(t - 1, j) + 1 == d) {
-      prow[t] = j;
+    int l = 0;
+    for (; l < kWarp; ++l) {
+      const int vd = __shfl_sync(0xffffffffu, diag_value, l);
+      const int c = __shfl_sync(0xffffffffu, mismatch, l);
+      if (t == 0 || j == 0 || vd + c != d) break;
+      if (lane == 0) prow[t] = j;  // diagonal: match or substitution
+      --t;
+      --j;
+      d -= c;
+    }
+    if (t == 0 || l == kWarp) continue;  // done, or a full window of diagonal steps
+    const int vu = __shfl_sync(0xffffffffu, up_value, l);
+    if (vu + 1 == d) {  // up: g_{t-1} is an extra token
+      if (lane == 0) prow[t] = j;
       --t;
       d -= 1;
-      continue;
+    } else {  // left: y_{j-1} is missing; D[t][j-1] = D[t][j] - (bit j-1 of row t)
+      const ulonglong2 v = pbits[static_cast<int64_t>(t - 1) * words + ((j - 1) >> 6)];
+      const uint64_t bit = 1ull << ((j - 1) & 63);
+      d -= (v.x & bit) ? 1 : ((v.y & bit) ? -1 : 0);
+      --j;
     }
-    // Left: D[t][j-1] = D[t][j] - (bit j-1 of row t).
-    const ulonglong2 v = pbits[static_cast<int64_t>(t - 1) * words + ((j - 1) >> 6)];
-    const uint64_t bit = 1ull << ((j - 1) & 63);
-    d -= (v.x & bit) ? 1 : ((v.y & bit) ? -1 : 0);
-    --j;
   }
-  prow[0] = 0;
+  if (lane == 0) prow[0] = 0;
 }
 
 template <int Q>
@@ -373,8 +396,8 @@ extern "C" int gapfix_align_cuda_launch(const int32_t* gen_sym, const int32_t* r
   rows_kernel<<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(
       ref_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, max_targets, bits,
       starts_scratch, distance, path, cost, first, last, targets);
-  const int64_t pair_blocks = (batch + kThreads - 1) / kThreads;
-  traceback_kernel<<<static_cast<unsigned>(pair_blocks), kThreads, 0, stream>>>(
+  const int64_t pair_blocks = (batch + kTracebackWarpsPerBlock - 1) / kTracebackWarpsPerBlock;
+  traceback_kernel<<<static_cast<unsigned>(pair_blocks), kTracebackWarpsPerBlock * kWarp, 0, stream>>>(
       gen_sym, ref_sym, gen_lens, ref_lens, batch, gen_width, ref_width, words, bits,
       starts_scratch, distance, path);
   err = cudaGetLastError();
