@@ -255,7 +255,8 @@ class _HFBackend:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(
-                _model_dir(model), local_files_only=True, dtype="auto" if dtype is None else dtype
+                _model_dir(model), local_files_only=True,
+                dtype="auto" if dtype is None else _torch_dtype(dtype),
             )
         elif dtype is not None and next(model.parameters()).dtype != _torch_dtype(dtype):
             raise ValueError(f"dtype={dtype!r} differs from the in-memory model's "

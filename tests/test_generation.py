@@ -239,6 +239,9 @@ def test_empty_prompt_list():
     (dict(batch_size=0), "batch_size"),
     (dict(seed="x"), "seed"),
     (dict(max_new_tokens=CONTEXT), "context length"),
+    (dict(dtype="int8"), "dtype"),
+    (dict(dtype="bfloat16"), "dtype"),  # an in-memory float32 model is not cast behind one's back
+    (dict(engine_kwargs=["x"]), "engine_kwargs"),
 ])
 def test_bad_arguments_raise_value_errors(model, tok, kwargs, match):
     options = dict(backend="hf", max_new_tokens=4)
