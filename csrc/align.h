@@ -45,7 +45,7 @@ void align_cpu(const Id* gen, const Id* ref, const int64_t* gen_lens, const int6
 // symbols: ref_sym[b, j] in [0, ref_width) with equal ids <-> equal symbols,
 // gen_sym[b, t] the symbol of the same id in ref[b, :m], or -1 when the id
 // does not occur there. With words = ceil(ref_width / 64), the caller provides
-// scratch of at least
+// scratch (any contents) of at least
 //   peq_scratch     batch * ref_width * (words + 1)  uint64 (match bit-vectors
 //                   and per-symbol summaries)
 //   bits_scratch    batch * gen_width * words * 2  uint64 (rows' VP/VN)

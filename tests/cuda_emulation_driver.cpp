@@ -32,8 +32,10 @@ int main(int argc, char** argv) {
   read(in, gen_lens.data(), B);
   read(in, ref_lens.data(), B);
   fclose(in);
-  std::vector<uint64_t> peq(B * Tr * (words + 1) + 1), bits(2 * B * Tg * words + 2);
-  std::vector<int32_t> starts(B * Tg * words + 1);
+  // Scratch starts as garbage, as device memory does: no kernel may rely on zeros.
+  std::vector<uint64_t> peq(B * Tr * (words + 1) + 1, 0xA5A5A5A5A5A5A5A5ull);
+  std::vector<uint64_t> bits(2 * B * Tg * words + 2, 0x5A5A5A5A5A5A5A5Aull);
+  std::vector<int32_t> starts(B * Tg * words + 1, 0x5A5A5A5A);
   std::vector<int32_t> distance(B, -1), path(B * (Tg + 1), -1), cost(path), first(path), last(path),
       targets(B * (Tg + 1) * K, -1);
   const int rc = gapfix_align_cuda_launch(gen_sym.data(), ref_sym.data(), gen_lens.data(), ref_lens.data(),

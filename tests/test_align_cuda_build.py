@@ -76,7 +76,7 @@ def emulator(tmp_path_factory):
         r"emu_launch(\1, \2, \3, ",
         KERNEL.read_text(),
     )
-    assert launches == 4, "expected the 4 launches of align_cuda.cu"
+    assert launches == 5, "expected the 5 launches of align_cuda.cu"
     (work / "align_cuda_emulated.inc").write_text(source)
     (work / "cuda_runtime.h").write_text('#pragma once\n#include "cuda_emulation.h"\n')
     binary = work / "align_emulated"

@@ -7,7 +7,8 @@
 // D[t][j] - D[t][j-1] = +1 / -1, advanced one generated token at a time. The
 // GPU runs the full matrix (no band); outputs are exact, hence identical to
 // the CPU's. Four launches per chunk of pairs:
-//   1. peq_kernel: match bit-vectors Peq[b][sym][word] (after a memset), and
+//   1. peq_kernel: match bit-vectors Peq[b][sym][word] (after clearing the
+//      words it sets: peq_clear_kernel, or a memset past 4096 columns), and
 //      per symbol a 64-bit summary of the words where it occurs at all
 //      (bit w / group, group = ceil(words / 64)). The DP reads the small,
 //      L2-resident summary first and loads a Peq word only where the symbol
@@ -64,6 +65,22 @@ __global__ void peq_kernel(const int32_t* __restrict__ ref_sym, const int64_t* _
   atomicOr(reinterpret_cast<unsigned long long*>(&peq[(b * ref_width + sym) * words + (j >> 6)]),
            1ull << (j & 63));
   atomicOr(reinterpret_cast<unsigned long long*>(&occ[b * ref_width + sym]), 1ull << ((j >> 6) / group));
+}
+
+// Clears exactly the Peq words and summaries that peq_kernel will set (for
+// words <= 64, where a summary bit is one word): the DP reads no other, so
+// the scratch needs no memset of its whole batch * ref_width * words.
+__global__ void peq_clear_kernel(const int32_t* __restrict__ ref_sym, const int64_t* __restrict__ ref_lens,
+                                 int64_t batch, int64_t ref_width, int64_t words, uint64_t* __restrict__ occ,
+                                 uint64_t* __restrict__ peq) {
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= batch * ref_width) return;
+  const int64_t b = idx / ref_width;
+  const int j = static_cast<int>(idx - b * ref_width);
+  if (j >= clamp_len(ref_lens[b], ref_width)) return;
+  const int64_t sym = ref_sym[idx];
+  peq[(b * ref_width + sym) * words + (j >> 6)] = 0ull;
+  occ[b * ref_width + sym] = 0ull;
 }
 
 // ---------------------------------------------------------------------------
@@ -372,9 +389,14 @@ extern "C" int gapfix_align_cuda_launch(const int32_t* gen_sym, const int32_t* r
   if (words > 0 && gen_width > 0) {
     uint64_t* occ = peq_scratch;                   // batch * ref_width summaries
     uint64_t* peq = peq_scratch + batch * ref_width;  // batch * ref_width * words
-    err = cudaMemsetAsync(peq_scratch, 0, sizeof(uint64_t) * batch * ref_width * (words + 1), stream);
-    if (err != cudaSuccess) return static_cast<int>(err);
     const int64_t peq_blocks = (batch * ref_width + kThreads - 1) / kThreads;
+    if (words <= 64) {
+      peq_clear_kernel<<<static_cast<unsigned>(peq_blocks), kThreads, 0, stream>>>(ref_sym, ref_lens, batch,
+                                                                                 ref_width, words, occ, peq);
+    } else {  // a summary bit covers several words, which must all read as zero
+      err = cudaMemsetAsync(peq_scratch, 0, sizeof(uint64_t) * batch * ref_width * (words + 1), stream);
+      if (err != cudaSuccess) return static_cast<int>(err);
+    }
     peq_kernel<<<static_cast<unsigned>(peq_blocks), kThreads, 0, stream>>>(ref_sym, ref_lens, batch, ref_width,
                                                                            words, occ, peq);
     const int64_t per_lane = (words + kWarp - 1) / kWarp;
