@@ -259,6 +259,12 @@ def align(gen, ref, gen_lens=None, ref_lens=None, *, max_targets: int = 0, impl:
     ref_lens (B,): the lengths (default: the full widths). impl: "auto" (the
     native kernel for the tensors' device, else the PyTorch reference), "native"
     (the native kernel; "cpu" / "cuda" also assert the device) or "torch".
+
+    Lengths outside [0, width] and negative ids within the lengths raise
+    ValueError; on CUDA that check costs one host sync (skipped under
+    torch.compile). Memory: CPU O(Tg * band) bits per thread; CUDA scratch of
+    ~(Tr + 2.5 Tg) * Tr / 8 bytes per pair, in chunks of at most 2 GiB
+    (GAPFIX_ALIGN_SCRATCH_MB).
     """
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
