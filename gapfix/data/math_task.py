@@ -12,7 +12,7 @@ substitution of one token, never a change of format. Each step copies the
 previous result, so one wrong intermediate value is carried forward unless
 the model recomputes it: the task rewards recovering after an error, which is
 what training on self-generated tokens is meant to teach. Splits: "train" and
-"test" with 2-4 steps, "hard" with 5-6 steps (longer than anything trained on).
+"test" with 2-5 steps, "hard" with 6 steps (longer than anything trained on).
 
 `corrupt_prefix` builds the self-correction probe: the answer's first step with
 a wrong result, which the model must continue from.
@@ -23,9 +23,9 @@ import random
 import re
 
 MAX_VALUE = 99
-MAX_OPERAND = 9
+MAX_OPERAND = 19
 
-SPLIT_STEPS = {"train": (2, 4), "test": (2, 4), "hard": (5, 6)}
+SPLIT_STEPS = {"train": (2, 5), "test": (2, 5), "hard": (6, 6)}
 SPLIT_SEEDS = {"train": 1, "test": 2, "hard": 3}
 
 # The word-level vocabulary: every token of every problem is one of these.
