@@ -3,6 +3,7 @@
     python -m pytest bench/test_bench_cross_entropy.py --benchmark-only              # CPU, N=8192 H=512 V=32768
     GAPFIX_BENCH_LARGE=1 python -m pytest bench/test_bench_cross_entropy.py --benchmark-only
                                       # CPU, all of H in {512, 2048} x V in {32768, 131072} (~20 GB free RAM)
+    GAPFIX_BENCH_CPU_CASES=2048x32768 python -m pytest ...   # chosen CPU cases, HxV
     python -m pytest bench/test_bench_cross_entropy.py --benchmark-only -m cuda      # GPU (published settings)
 
 Every test runs all implementations in the same process, interleaved round by
@@ -41,9 +42,12 @@ import gapfix
 LARGE = os.environ.get("GAPFIX_BENCH_LARGE", "0") == "1"
 CPU_TOKENS = 8192
 CPU_CASES = [(512, 32768)] + ([(2048, 32768), (512, 131072), (2048, 131072)] if LARGE else [])
+if os.environ.get("GAPFIX_BENCH_CPU_CASES"):  # e.g. "2048x32768,512x131072"
+    CPU_CASES = [tuple(int(v) for v in case.split("x")) for case in os.environ["GAPFIX_BENCH_CPU_CASES"].split(",")]
 
 
 # ---------------------------------------------------------------------------- measuring
+# (steps are _Step objects, defined below)
 
 
 class _PeakRss:
@@ -87,7 +91,9 @@ class _PeakCuda:
 
 
 def _run_all(steps, rounds, device, warmup=1):
-    """Interleaved rounds; -> {name: (median seconds, peak bytes)} (None for a failed one)."""
+    """Interleaved rounds; -> {name: (median wall seconds, peak bytes, median process CPU seconds)}
+    (None for a failed one). On a shared CPU machine the process CPU time (all threads) is the
+    steadier figure: other jobs stretch the wall time, not the work done."""
     meter = _PeakCuda if device == "cuda" else _PeakRss
     results = {}
     live = dict(steps)
@@ -102,46 +108,65 @@ def _run_all(steps, rounds, device, warmup=1):
             if device == "cuda":
                 torch.cuda.empty_cache()
     times = {name: [] for name in live}
+    cpu_times = {name: [] for name in live}
     peaks = {name: 0 for name in live}
     for _ in range(rounds):
         for name, step in live.items():
+            for other in live.values():
+                other.clear()
             with meter() as m:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 step()
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
             peaks[name] = max(peaks[name], m.delta)
     for name in live:
-        results[name] = (statistics.median(times[name]), peaks[name])
+        results[name] = (statistics.median(times[name]), peaks[name], statistics.median(cpu_times[name]))
     return results
 
 
 def _record(benchmark, results, label):
     info = benchmark.extra_info
-    ours_t, ours_m = results["gapfix"]
-    lines = [f"{label}: implementation, median ms, peak MiB, gapfix time ratio, gapfix memory ratio"]
+    ours_t, ours_m, ours_c = results["gapfix"]
+    lines = [f"{label}: implementation, median wall ms, median process-CPU ms, peak MiB, "
+             "gapfix/it wall, gapfix/it CPU, gapfix/it memory"]
     for name, res in results.items():
         if res is None:
             info[name] = "failed (out of memory?)"
-            lines.append(f"  {name:28s} failed")
+            lines.append(f"  {name:26s} failed")
             continue
-        t, m = res
+        t, m, c = res
         info[f"{name}_ms"] = round(t * 1e3, 1)
+        info[f"{name}_cpu_ms"] = round(c * 1e3, 1)
         info[f"{name}_peak_MiB"] = round(m / 2**20, 1)
         if name != "gapfix":
             info[f"time_ratio_vs_{name}"] = round(ours_t / t, 3)
+            info[f"cpu_time_ratio_vs_{name}"] = round(ours_c / c, 3)
             info[f"memory_ratio_vs_{name}"] = round(ours_m / max(m, 1), 4)
-        lines.append(f"  {name:28s} {t * 1e3:10.1f} {m / 2**20:10.1f} {ours_t / t:8.3f} {ours_m / max(m, 1):8.4f}")
+        lines.append(f"  {name:26s} {t * 1e3:9.0f} {c * 1e3:9.0f} {m / 2**20:9.1f} {ours_t / t:7.3f} {ours_c / c:7.3f}"
+                     f" {ours_m / max(m, 1):8.4f}")
     print("\n".join(lines))
 
 
-def _grads_step(loss_fn, *params):
-    def step():
-        for p in params:
+class _Step:
+    """loss_fn().backward(); the previous step's gradients are dropped by clear(), which
+    _run_all calls before it starts measuring (so they are not in the baseline)."""
+
+    def __init__(self, loss_fn, *params):
+        self.loss_fn, self.params = loss_fn, params
+
+    def clear(self):
+        for p in self.params:
             p.grad = None
-        loss_fn().backward()
-    return step
+
+    def __call__(self):
+        self.clear()
+        self.loss_fn().backward()
+
+
+_grads_step = _Step
 
 
 def _inputs(n, hdim, vocab, dtype, device, seed=0):
@@ -180,7 +205,7 @@ def test_linear_cross_entropy_cpu(benchmark, hdim, vocab):
     cce = _cce_torch_compile()
     if cce is not None:
         steps["cce_torch_compile"] = _grads_step(lambda: cce(hidden, weight, target), hidden, weight)
-    results = _run_all(steps, rounds=2, device="cpu")
+    results = _run_all(steps, rounds=3, device="cpu")
     benchmark.group = "linear_cross_entropy cpu fp32"
     _record(benchmark, results, f"cpu fp32 N={CPU_TOKENS} H={hdim} V={vocab} ({torch.get_num_threads()} threads)")
     benchmark.pedantic(steps["gapfix"], rounds=1, iterations=1)
@@ -200,8 +225,13 @@ GPU_CASES = [
 def _gpu_steps(hidden, weight, target):
     steps = {
         "gapfix": lambda: gapfix.linear_cross_entropy(hidden, weight, target, impl="triton"),
+        # dW accumulated in bf16 (CCE's precision and memory)
         "gapfix_bf16_dw": lambda: gapfix.linear_cross_entropy(hidden, weight, target, impl="triton",
                                                               grad_weight_dtype=torch.bfloat16),
+        # and also with CCE's default gradient filter (finfo(bf16).eps / 32)
+        "gapfix_bf16_dw_filtered": lambda: gapfix.linear_cross_entropy(
+            hidden, weight, target, impl="triton", grad_weight_dtype=torch.bfloat16,
+            filter_eps=torch.finfo(torch.bfloat16).eps / 32),
         "eager": lambda: _eager(hidden, weight, target),
         "torch_compile": torch.compile(_eager, fullgraph=True, dynamic=False),
     }
