@@ -517,10 +517,11 @@ def test_cuda_paths_do_not_synchronize():
     logits = torch.randn(300, 1000, device=dev, requires_grad=True)
     gapfix.linear_cross_entropy(h, w, t).backward()  # warm-up: compile kernels
     gapfix.cross_entropy(logits, t).backward()
+    num_tokens = torch.tensor(300.0, device=dev)  # (a host-to-device copy: made before the check)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        gapfix.linear_cross_entropy(h, w, t, num_tokens=torch.tensor(300.0, device=dev)).backward()
+        gapfix.linear_cross_entropy(h, w, t, num_tokens=num_tokens).backward()
         gapfix.cross_entropy(logits, t, reduction="none").sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

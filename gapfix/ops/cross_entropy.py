@@ -35,7 +35,10 @@ Implementations (`impl=`):
             accumulates dhidden and dlm_weight with atomics. Logits never exist.
   "cpu"     (alias "chunked") chunks of rows: logits of a chunk, its lse, loss and
             gradient, computed once in the forward (mean/sum) or recomputed in the
-            backward ("none"). Plain torch ops: runs on any device.
+            backward ("none"). On CPU tensors ignored rows are dropped before any matmul;
+            without a soft cap the chunk is softmaxed in place and the rest of the
+            gradient (one-hots, smoothing) goes through the matmuls in factored form.
+            Plain torch ops: runs on any device (on CUDA, every row is visited).
   "torch"   the pure-PyTorch reference (materializes the logits): the oracle.
   "auto"    "triton" on CUDA tensors, "cpu" elsewhere.
 
