@@ -16,27 +16,16 @@ thread count and at one thread (the baselines are single-threaded).
 GPU (marked cuda): 4096 pairs of 1024 x 1024, GCUPS, against the CPU kernel on
 the same pairs.
 """
-import statistics
-import time
 
 import numpy as np
 import pytest
 import torch
 
 import gapfix
+from _timing import median_seconds
 
 VOCAB = 256_000
 PAIRS = 256
-
-
-def median_seconds(fn, repeat=3):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def make_pairs(pairs, length, edit_rate, seed=0):

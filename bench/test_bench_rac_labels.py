@@ -10,27 +10,16 @@ the same run, and records both and their ratio in extra_info:
 - the Triton label kernel vs the PyTorch reference on the same CUDA tensors
   (hard and soft layouts; GPU only).
 """
-import statistics
-import time
 
 import pytest
 import torch
 
 from gapfix.methods.rac import build_rac_rows
 from gapfix.ops.rac_labels import rac_labels_reference, rac_labels_triton
+from _timing import median_seconds
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 EOS = 2
-
-
-def _median_seconds(fn, repeat=5):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _answers(count, length, vocab=500, edit_rate=0.1, seed=0):
@@ -64,7 +53,7 @@ def test_bench_build_rows_batched_vs_per_pair(benchmark, mode):
     def per_pair():
         return [build_rac_rows([p], [g], [y], **kwargs) for p, g, y in zip(prompts, generated, references)]
 
-    baseline = _median_seconds(per_pair)
+    baseline = median_seconds(per_pair)
     rows, _ = benchmark(batched)
     assert [r for one in per_pair() for r in one[0]] == rows
     benchmark.extra_info.update(pairs=64, length=96, baseline_per_pair_s=baseline,
@@ -87,7 +76,7 @@ def _cuda_seconds(fn):
         fn()
         torch.cuda.synchronize()
 
-    return _median_seconds(timed, repeat=20)
+    return median_seconds(timed, repeat=20)
 
 
 @pytest.mark.cuda

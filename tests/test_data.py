@@ -2,7 +2,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from gapfix.data import (IGNORE_INDEX, DataError, Example, collate, load_examples, pack_rows,
                          read_jsonl, sft_row, token_budget_batches)

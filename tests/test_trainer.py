@@ -7,7 +7,7 @@ import torch
 
 from gapfix.data import encode_example
 from gapfix.data import math_task
-from gapfix.trainer import TrainConfig, latest_checkpoint, train
+from gapfix.trainer import latest_checkpoint, train
 
 pytest.importorskip("transformers")
 
