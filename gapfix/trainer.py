@@ -59,6 +59,7 @@ class TrainConfig:
     bash_mode: str = "sample"  # argmax | sample | topk
     bash_temperature: float = 1.0
     bash_top_k: int = 4
+    bash_rows: Optional[int] = None  # examples predicted and trained per iteration; None: all the steps draw
     # RAC
     rac_mode: str = "path"  # path | first | last | all
     rac_sft_ratio: float = 1.0  # SFT rows mixed in per RAC row
@@ -98,6 +99,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps_per_iteration is not None and self.steps_per_iteration < 1:
             raise ValueError(f"steps_per_iteration must be >= 1, got {self.steps_per_iteration}")
+        for name in ("bash_rows", "rac_prompts"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if self.rac_sft_ratio < 0:
             raise ValueError(f"rac_sft_ratio must be >= 0, got {self.rac_sft_ratio}")
 
@@ -332,6 +336,9 @@ def build_rows(method, model, tokenizer, examples, config, iteration, device, lo
     if method == "sft":
         return [sft_row(ex) for ex in examples]
     if method == "bash":
+        if config.bash_rows:  # a fresh subset each iteration, trained for as many epochs as the steps take
+            subset = rng.sample(range(len(examples)), min(config.bash_rows, len(examples)))
+            return _bash_rows(model, [examples[i] for i in subset], config, iteration, device, None)
         return _bash_rows(model, examples, config, iteration, device, scheduled)
     return _rac_rows(model, tokenizer, examples, config, iteration, rng, log)
 
@@ -433,6 +440,8 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
         return max(1, int(config.epochs_per_iteration * num_rows // config.batch_size))
 
     expected_rows = len(train_examples)
+    if config.method == "bash" and config.bash_rows:
+        expected_rows = min(config.bash_rows, expected_rows)
     if config.method == "rac":
         n_rac = min(config.rac_prompts or expected_rows, expected_rows) * config.rac_samples
         expected_rows = n_rac + round(n_rac * config.rac_sft_ratio)
@@ -463,7 +472,7 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
         if rows is None:  # offline phase, with the current model frozen
             started = time.perf_counter()
             scheduled = None
-            if config.method == "bash":
+            if config.method == "bash" and not config.bash_rows:
                 n = len(train_examples)
                 scheduled = set(_row_order(n, steps_for(n) * config.batch_size, config.seed, iteration))
             rows = build_rows(config.method, model, tokenizer, train_examples, config, iteration, device,

@@ -117,6 +117,15 @@ def test_bash_mixes_at_rate_beta_and_rac_logs_agreement(tokenizer, examples, tmp
     assert os.path.exists(tmp_path / "final" / "config.json")
 
 
+def test_bash_rows_predicts_a_subset_trained_for_several_epochs(tokenizer, examples, tmp_path):
+    model = tiny_model(tokenizer)
+    train(model, tokenizer, examples, method="bash", steps_per_iteration=4, bash_rows=16,
+          out_dir=str(tmp_path), **FAST)
+    events = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    offline = [e for e in events if e["event"] == "offline"]
+    assert offline[0]["rows"] == 16  # 4 steps x 8 rows = 2 epochs over the 16 predicted rows
+
+
 def test_rac_soft_targets_train(tokenizer, examples):
     model = tiny_model(tokenizer)
     losses = []
@@ -132,6 +141,7 @@ def test_rac_soft_targets_train(tokenizer, examples):
     (dict(rac_mode="nearest"), "rac_mode"),
     (dict(batch_size=0), "batch_size"),
     (dict(packing=True), "packing"),
+    (dict(bash_rows=0), "bash_rows"),
 ])
 def test_bad_config(tokenizer, examples, bad, match):
     with pytest.raises(ValueError, match=match):
