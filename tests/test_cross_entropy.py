@@ -425,6 +425,24 @@ def test_linear_triton(triton_device, dtype, target_kind, options, reduction):
     _check_linear(dtype, target_kind, options, reduction, "triton", lead=(37,), hdim=24, vocab=77)
 
 
+def test_linear_triton_half_precision_weight_accumulator(triton_device):
+    # grad_weight_dtype: dW accumulated atomically in fp16 (bf16 needs a GPU: no bf16 atomics
+    # in the interpreter); the loss is unchanged and dW is within fp16 rounding of fp32's
+    hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (21,), 16, 40)
+    hidden, weight = hidden.to(triton_device), weight.to(triton_device)
+    target = _make_targets(gen, (21,), 40, "hard").to(triton_device)
+    exact = _run_linear(hidden, weight, None, target, None, gapfix.linear_cross_entropy, impl="triton")
+    half = _run_linear(hidden, weight, None, target, None, gapfix.linear_cross_entropy, impl="triton",
+                       grad_weight_dtype=torch.float16)
+    torch.testing.assert_close(half[0], exact[0])
+    torch.testing.assert_close(half[1], exact[1])
+    torch.testing.assert_close(half[2], exact[2], rtol=4e-3, atol=4e-3)
+    assert not torch.equal(half[2], exact[2])  # it did accumulate in fp16
+    if triton_device == "cpu":
+        with pytest.raises(ValueError, match="grad_weight_dtype"):
+            gapfix.linear_cross_entropy(hidden, weight, target, impl="triton", grad_weight_dtype=torch.bfloat16)
+
+
 def test_linear_triton_all_ignored(triton_device):
     hidden, weight, bias, _, _, _, n = _linear_case(torch.float32, (19,), 16, 40)
     hidden, weight, bias = hidden.to(triton_device), weight.to(triton_device), bias.to(triton_device)

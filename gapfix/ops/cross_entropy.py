@@ -1098,6 +1098,8 @@ def linear_cross_entropy(
     ids, target_weight = _check_target(target, n_rows, hidden.device, lead_shape)
     token_weight = _check_token_weight(token_weight, n_rows, hidden.device, lead_shape)
     impl = _resolve_impl(impl, hidden.device, hidden.dtype)
+    if impl == "triton" and hidden.device.type != "cuda" and grad_weight_dtype == torch.bfloat16:
+        raise ValueError("grad_weight_dtype=torch.bfloat16 needs a GPU: Triton's interpreter has no bf16 atomics")
     flat = hidden.reshape(n_rows, hdim)
     if impl == "torch":
         tgt = ids.reshape(n_rows) if target_weight is None else (ids, target_weight)
