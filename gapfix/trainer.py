@@ -619,7 +619,7 @@ def _row_order(num_rows, needed, seed, iteration):
     order = []
     while len(order) < needed:
         order += torch.randperm(num_rows, generator=generator).tolist()
-    return order
+    return order[:needed]
 
 
 def _mix_seed(seed, iteration, step, rank, micro):

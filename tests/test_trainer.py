@@ -191,3 +191,18 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tokenizer, examples, t
     state = load_checkpoint(before, fresh)
     assert state["position"]["global_step"] == 2
     assert_same_params(saved, params(fresh), rtol=0, atol=0)
+
+
+def test_bash_predicts_only_the_rows_the_steps_draw(tokenizer, examples, monkeypatch):
+    import gapfix.methods.bash as bash
+
+    predicted = []
+    real = bash.predict_alternatives
+
+    def counting(model, input_ids, *args, **kwargs):
+        predicted.append(input_ids.shape[0])
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(bash, "predict_alternatives", counting)
+    train(tiny_model(tokenizer), tokenizer, examples, method="bash", steps_per_iteration=2, **FAST)
+    assert 0 < sum(predicted) <= 2 * FAST["batch_size"] < len(examples)
