@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("gapfix.train_cli", "train a causal LM with SFT, BASH or RAC on JSONL data"),
     "demo": ("gapfix.demo", "SFT, then equal-compute SFT/BASH/RAC on the bundled math task (CPU, minutes)"),
     "generate": ("gapfix.generate_cli", "generate answers for a JSONL file of prompts (vLLM or transformers), resumable"),
+    "bench": ("gapfix.bench_cli", "run the benchmark suite (a source checkout's bench/) on this machine"),
     "env": ("gapfix.env", "report versions, devices and whether the native extension loaded"),
 }
 

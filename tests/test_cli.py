@@ -25,7 +25,7 @@ def test_import_gapfix_stays_light():
 
 def test_every_command_has_help():
     parser = build_parser()
-    for command in ("train", "demo", "env", "generate"):
+    for command in ("train", "demo", "env", "generate", "bench"):
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args([command, "--help"])
         assert exit_info.value.code == 0
@@ -62,3 +62,10 @@ def test_train_command_bad_input(tmp_path, data_files, args, match):
     argv = ["train"] + [item for pair in base.items() for item in pair]
     with pytest.raises(ValueError, match=match):
         main(argv)
+
+
+def test_bench_command_runs_a_selected_benchmark(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "-k", "build_rows_batched_vs_per_pair and path", "--json", str(out)]) == 0
+    names = [b["name"] for b in json.loads(out.read_text())["benchmarks"]]
+    assert names and all("path" in n for n in names)
