@@ -202,9 +202,12 @@ def _reference_impl(gen, ref, gen_lens, ref_lens, max_targets):
     t, j = gen_lens.clone(), ref_lens.clone()
     d = distance.clone()
     active = t > 0
+    # one spare column, so the gathers below stay in range for zero-width tensors
+    g_pad = torch.nn.functional.pad(g, (0, 1))
+    y_pad = torch.nn.functional.pad(y, (0, 1))
     while bool(active.any()):
         tp, jp = (t - 1).clamp(min=0), (j - 1).clamp(min=0)
-        mismatch = (g[b_idx, tp] != y[b_idx, jp]).long()
+        mismatch = (g_pad[b_idx, tp] != y_pad[b_idx, jp]).long()
         diag = active & (j > 0) & (D[b_idx, tp, jp] + mismatch == d)
         up = active & ~diag & (D[b_idx, tp, j] + 1 == d)
         left = active & ~diag & ~up
