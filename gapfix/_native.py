@@ -6,6 +6,8 @@ silent.
 """
 import warnings
 
+import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
+
 LOAD_ERROR = None
 try:
     from gapfix import _C  # noqa: F401  (importing registers the ops)
@@ -27,6 +29,4 @@ def available() -> bool:
 def build_info() -> str:
     if _C is None:
         return f"not loaded: {LOAD_ERROR}"
-    import torch
-
     return torch.ops.gapfix.build_info()

@@ -69,3 +69,12 @@ def test_bench_command_runs_a_selected_benchmark(tmp_path):
     assert main(["bench", "-k", "build_rows_batched_vs_per_pair and path", "--json", str(out)]) == 0
     names = [b["name"] for b in json.loads(out.read_text())["benchmarks"]]
     assert names and all("path" in n for n in names)
+
+
+def test_native_extension_loads_on_its_own():
+    """gapfix._native imported first thing in a fresh process still finds torch's libraries."""
+    code = "import gapfix._native as n; assert n.available(), n.LOAD_ERROR; print(n.build_info())"
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "cpu_features=" in out.stdout
