@@ -52,29 +52,27 @@ def test_sft_converges(tokenizer, examples):
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
+def losses_and_params(tokenizer, examples, **config):
+    """A fresh tiny model trained with `config`: its per-step losses and final weights."""
+    model = tiny_model(tokenizer)
+    losses = []
+    train(model, tokenizer, examples, on_step=lambda r: losses.append(r["loss"]), **{**FAST, **config})
+    return losses, params(model)
+
+
 def test_fused_and_reference_ops_train_alike(tokenizer, examples):
-    results = []
-    for fused in (True, False):
-        model = tiny_model(tokenizer)
-        losses = []
-        train(model, tokenizer, examples, method="sft", steps_per_iteration=3, fused=fused,
-              on_step=lambda r: losses.append(r["loss"]), **FAST)
-        results.append((losses, params(model)))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
-    assert_same_params(results[0][1], results[1][1], rtol=1e-3, atol=1e-4)
+    fused = losses_and_params(tokenizer, examples, method="sft", steps_per_iteration=3, fused=True)
+    reference = losses_and_params(tokenizer, examples, method="sft", steps_per_iteration=3, fused=False)
+    torch.testing.assert_close(fused[0], reference[0], rtol=1e-4, atol=1e-5)
+    assert_same_params(fused[1], reference[1], rtol=1e-3, atol=1e-4)
 
 
 def test_gradient_accumulation_matches_one_batch(tokenizer, examples):
     """Micro-batches of uneven token counts, normalised by the step's true count."""
-    results = []
-    for micro in (None, 3):
-        model = tiny_model(tokenizer)
-        losses = []
-        train(model, tokenizer, examples, method="sft", steps_per_iteration=2, micro_batch_size=micro,
-              on_step=lambda r: losses.append(r["loss"]), **FAST)
-        results.append((losses, params(model)))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-    assert_same_params(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+    whole = losses_and_params(tokenizer, examples, method="sft", steps_per_iteration=2)
+    micro = losses_and_params(tokenizer, examples, method="sft", steps_per_iteration=2, micro_batch_size=3)
+    torch.testing.assert_close(whole[0], micro[0], rtol=1e-5, atol=1e-6)
+    assert_same_params(whole[1], micro[1], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["sft", "bash", "rac"])
