@@ -25,7 +25,7 @@ import time
 RECIPE = dict(
     train_problems=20000, test_problems=500, hard_problems=500,
     hidden_size=128, num_layers=2, num_heads=4,
-    batch_size=64, base_steps=1000, base_lr=3e-3,
+    batch_size=64, base_steps=2000, base_lr=3e-3,
     extra_steps=300, iterations=2, extra_lr=1e-3,
     # BASH: predictions sampled at temperature 2, so that a mixed-in token is often a
     # plausible wrong value (at temperature 1 the converged model's samples are
@@ -206,7 +206,7 @@ def plot(runs, path):
     axes[0].set_xticks(range(len(methods)), methods)
     axes[0].set_ylabel("% correct")
     axes[0].set_title("greedy accuracy (mean over seeds)")
-    axes[0].legend()
+    axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     if with_distances:
         data = [sum((r["_distances"] for r in runs if r["method"] == m), []) for m in methods]
         axes[1].violinplot(data, showmedians=True)
