@@ -3,9 +3,11 @@
     gapfix train --model path/to/hf_model --train train.jsonl --eval eval.jsonl \\
                  --method rac --iterations 3 --out runs/rac
 
---model is a local transformers model folder (nothing is downloaded), or
-"tiny" for a small Llama built from a config with a tokenizer trained locally
-on the training data. Every TrainConfig field is a flag (--beta, --rac-mode,
+--model is a local transformers model folder (nothing is downloaded), a
+config.json to build a randomly initialised model from, or "tiny" for a small
+Llama; the last two get a byte-level BPE tokenizer trained locally on the
+training data. --attn auto (the default) uses FlashAttention-2 with packed
+micro-batches on a GPU where flash-attn is installed, else sdpa. Every TrainConfig field is a flag (--beta, --rac-mode,
 --steps-per-iteration, ...). Under torchrun the same command trains with DDP
 (or --distributed fsdp).
 """
@@ -28,7 +30,7 @@ def _flag_type(field):
 
 
 def configure(parser):
-    parser.add_argument("--model", required=True, help='a local HF model folder, or "tiny"')
+    parser.add_argument("--model", required=True, help='a local HF model folder, a config.json, or "tiny"')
     parser.add_argument("--train", required=True, help="JSONL of prompt/response or chat records")
     parser.add_argument("--eval", help="held-out JSONL, evaluated by greedy generation after each iteration")
     parser.add_argument("--method", default="sft", help="sft, bash or rac")
@@ -38,7 +40,8 @@ def configure(parser):
     parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                         help="malformed data lines: stop, or skip them with a warning")
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
-    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, flash_attention_2, eager)")
+    parser.add_argument("--attn", default="auto",
+                        help="attention implementation: auto, sdpa, flash_attention_2, eager")
     for field in dataclasses.fields(TrainConfig):
         if field.name in _SKIP:
             continue
@@ -58,21 +61,51 @@ def _parse_bool(text):
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0):
-    """(model, tokenizer) from a local folder, or a tiny Llama for spec == "tiny"."""
-    if spec == "tiny":
-        from gapfix.data import read_jsonl, split_record
-        from gapfix.models import tiny_llama, train_tokenizer
+def resolve_attention(attn):
+    """"auto": FlashAttention-2 where it can run (a GPU and flash-attn installed), else sdpa."""
+    if attn != "auto":
+        return attn
+    import importlib.util
 
-        texts = []
-        for record in read_jsonl(train_path, on_error="skip"):
-            pair = split_record(record)
-            if pair:
-                texts.extend(pair)
-        tokenizer = train_tokenizer(texts, vocab_size=512, add_bos=True)
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _tokenizer_from_data(train_path, vocab_size):
+    from gapfix.data import read_jsonl, split_record
+    from gapfix.models import train_tokenizer
+
+    texts = []
+    for record in read_jsonl(train_path, on_error="skip"):
+        pair = split_record(record)
+        if pair:
+            texts.extend(pair)
+    return train_tokenizer(texts, vocab_size=vocab_size, add_bos=True)
+
+
+def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0):
+    """(model, tokenizer) from a local folder, a config.json, or a tiny Llama for "tiny"."""
+    if spec == "tiny":
+        from gapfix.models import tiny_llama
+
+        tokenizer = _tokenizer_from_data(train_path, 512)
         return tiny_llama(tokenizer, seed=seed), tokenizer
+    if os.path.isfile(spec) and spec.endswith(".json"):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(spec)
+        tokenizer = _tokenizer_from_data(train_path, getattr(config, "vocab_size", 512))
+        config.vocab_size = len(tokenizer)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            setattr(config, name, getattr(tokenizer, name))
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn), tokenizer
     if not os.path.isdir(spec):
-        raise ValueError(f"--model {spec!r} is neither 'tiny' nor an existing local model folder")
+        raise ValueError(f"--model {spec!r} is not 'tiny', a config.json or an existing local model folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, attn_implementation=attn)
@@ -90,8 +123,11 @@ def run(args) -> int:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                             if f.name not in _SKIP},
                          method=args.method, iterations=args.iterations, out_dir=args.out)
+    attention = resolve_attention(args.attn)
+    if attention in ("flash_attention_2", "flash_attention_3") and args.attn == "auto":
+        config.packing = True  # varlen attention: packed micro-batches compute no padding
     config.validate()  # a bad --method or --beta fails before any model is loaded
-    model, tokenizer = load_model_and_tokenizer(args.model, args.train, args.attn, config.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.train, attention, config.seed)
     examples = load_examples(args.train, tokenizer, max_length=args.max_length, on_error=args.on_error)
     eval_examples = (load_examples(args.eval, tokenizer, max_length=args.max_length, on_error=args.on_error)
                      if args.eval else None)

@@ -54,6 +54,7 @@ def test_train_command_runs_tiny_model(tmp_path, data_files, capsys):
     (["--method", "dpo"], "method"),
     (["--beta", "2"], "beta"),
     (["--model", "/nonexistent/model"], "model"),
+    (["--attn", "flash_attention_2", "--packing", "true"], "packing"),
 ])
 def test_train_command_bad_input(tmp_path, data_files, args, match):
     base = {"--model": "tiny", "--train": data_files["train"], "--out": str(tmp_path / "x")}
@@ -78,3 +79,16 @@ def test_native_extension_loads_on_its_own():
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "cpu_features=" in out.stdout
+
+
+def test_train_command_builds_a_model_from_a_config_file(tmp_path, data_files):
+    config = {"model_type": "llama", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 128}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(path), "--train", data_files["train"], "--method", "sft",
+                 "--steps-per-iteration", "2", "--batch-size", "4", "--progress", "false",
+                 "--out", str(out)]) == 0
+    saved = json.loads((out / "final" / "config.json").read_text())
+    assert saved["hidden_size"] == 32 and saved["num_hidden_layers"] == 1
