@@ -133,6 +133,12 @@ def run(args) -> int:
                      if args.eval else None)
     evaluations = []
 
+    sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1 and config.distributed == "fsdp"
+    if sharded and eval_examples is not None:
+        # generating on rank 0 alone would wait forever on the other ranks' shards
+        print("--eval is skipped under FSDP: evaluate the saved final model instead")
+        eval_examples = None
+
     def on_iteration_end(iteration, trained):
         if eval_examples is None or int(os.environ.get("RANK", "0")) != 0:
             return
