@@ -41,6 +41,7 @@ def main(out_path, strategy, iterations="1", checkpoints="", stop_at="0"):
         with open(out_path, "w") as f:
             json.dump(losses, f)
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears down while another still has collectives in flight
         torch.distributed.destroy_process_group()
 
 
