@@ -69,8 +69,6 @@ def recipe_from_args(args) -> dict:
 
 
 def run_demo(out, *, recipe=RECIPE, seeds=1, fused=True, backend="hf", log=print) -> dict:
-    import torch
-
     from gapfix.data import load_examples, read_jsonl
     from gapfix.data.math_task import math_tokenizer, write_splits
     from gapfix.evaluation import embedding_model, evaluate, evaluate_recovery
@@ -137,7 +135,6 @@ def run_demo(out, *, recipe=RECIPE, seeds=1, fused=True, backend="hf", log=print
             log(f"seed {seed}: {method:<4} offline {result.phase_seconds['offline']:5.1f} s, "
                 f"train {result.phase_seconds['train']:5.1f} s: " + _format(scores))
             runs.append({"seed": seed, "method": method, "seconds": dict(result.phase_seconds), **scores})
-        torch.manual_seed(seed)  # leave the global generator as a fresh run would
     summary = summarize(runs)
     results = {"recipe": recipe, "seeds": seeds, "fused": fused, "summary": summary,
                "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]}

@@ -18,7 +18,7 @@ import typing
 
 from gapfix.trainer import TrainConfig
 
-_SKIP = {"extra", "out_dir", "method", "iterations"}
+_SKIP = {"out_dir", "method", "iterations"}
 
 
 def _flag_type(field):

@@ -23,6 +23,7 @@ replacing a `latest` pointer, so a failed save (disk full) leaves the previous
 checkpoint valid. A checkpoint holds the model, optimizer, scheduler, RNG
 states, the iteration's built rows and the position in them: resume is exact.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,7 +32,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -81,7 +82,6 @@ class TrainConfig:
     keep_checkpoints: int = 1
     log_every: int = 10
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def validate(self):
         if self.method not in METHODS:
@@ -466,7 +466,7 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
 
     phase_seconds = {"offline": 0.0, "train": 0.0}
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config.bf16
-                else _null_context())
+                else contextlib.nullcontext())
     while position["iteration"] < config.iterations:
         iteration = position["iteration"]
         if rows is None:  # offline phase, with the current model frozen
@@ -544,12 +544,7 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
                    offline_seconds=phase_seconds["offline"], train_seconds=phase_seconds["train"])
     log(summary)
     if out:
-        final_state = None
-        if _sharded(config, dist):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            final_state = get_model_state_dict(
-                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        final_state = _full_model_state(model, config, dist)
         if dist.main:
             model.save_pretrained(os.path.join(out, "final"), state_dict=final_state)
             if tokenizer is not None:
@@ -561,15 +556,27 @@ def _sharded(config, dist):
     return dist.world > 1 and config.distributed == "fsdp"
 
 
-def _save(out, model, tokenizer, optimizer, scheduler, position, rows, config, dist):
-    model_state, optimizer_state = None, None
-    if _sharded(config, dist):  # gathering full state dicts is collective: every rank joins
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(model, options=options)
-        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _full_model_state(model, config, dist):
+    """The gathered state dict under FSDP (collective: every rank calls it); None otherwise."""
+    if not _sharded(config, dist):
+        return None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_state_options())
+
+
+def _save(out, model, tokenizer, optimizer, scheduler, position, rows, config, dist):
+    model_state, optimizer_state = _full_model_state(model, config, dist), None
+    if _sharded(config, dist):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=_full_state_options())
     if dist.main:
         save_checkpoint(out, model=model, tokenizer=tokenizer,
                         optimizer_state=optimizer_state or optimizer.state_dict(),
@@ -642,14 +649,6 @@ def _peak_memory_mb(device):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except ImportError:  # pragma: no cover
         return None
-
-
-class _null_context:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _progress(total, done, label, enabled):
