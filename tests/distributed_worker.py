@@ -3,9 +3,10 @@
     distributed_worker.py OUT STRATEGY [ITERATIONS [CHECKPOINT_DIR [STOP_AT_STEP]]]
 
 With STOP_AT_STEP the job stops after that optimizer step, as if killed
-(checkpoints are written every 2 steps).
+(checkpoints are written every 2 steps). GAPFIX_WORKER_METHOD picks the method (default sft).
 """
 import json
+import os
 import sys
 
 import torch
@@ -32,7 +33,7 @@ def main(out_path, strategy, iterations="1", checkpoints="", stop_at="0"):
             raise Stop
 
     try:
-        train(model, tokenizer, examples, method="sft", iterations=int(iterations), steps_per_iteration=3,
+        train(model, tokenizer, examples, method=os.environ.get("GAPFIX_WORKER_METHOD", "sft"), iterations=int(iterations), steps_per_iteration=3,
               batch_size=8, lr=1e-2, progress=False, distributed=strategy, out_dir=checkpoints or None,
               save_every=2, on_step=on_step)
     except Stop:
