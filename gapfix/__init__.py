@@ -8,7 +8,7 @@ Public names are resolved lazily, so `import gapfix` loads neither Triton,
 transformers nor vLLM; each loads where it is used.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only copy: pyproject.toml reads it (setuptools dynamic version)
 
 # public name -> module that defines it
 _EXPORTS = {
