@@ -8,7 +8,7 @@ Public names are resolved lazily, so `import gapfix` loads neither Triton,
 transformers nor vLLM; each loads where it is used.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only copy: pyproject.toml reads it (setuptools dynamic version)
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -30,7 +30,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> object:
     module_name = _EXPORTS.get(name)
     if module_name is None:
         raise AttributeError(f"module 'gapfix' has no attribute {name!r}")
@@ -41,5 +41,5 @@ def __getattr__(name):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return __all__

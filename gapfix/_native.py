@@ -8,7 +8,7 @@ import warnings
 
 import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
 
-LOAD_ERROR = None
+LOAD_ERROR: ImportError | None = None
 try:
     from gapfix import _C  # noqa: F401  (importing registers the ops)
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs

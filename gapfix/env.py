@@ -1,17 +1,18 @@
 """`gapfix env`: what this installation can run on."""
+import argparse
 import importlib.metadata
 import json
 import platform
 
 
-def _version(dist):
+def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def collect() -> dict:
+def collect() -> dict[str, object]:
     import torch
 
     from gapfix import _native
@@ -34,11 +35,11 @@ def collect() -> dict:
     return report
 
 
-def configure(parser):
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     report = collect()
     if args.json:
         print(json.dumps(report, indent=2))

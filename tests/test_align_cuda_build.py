@@ -30,6 +30,7 @@ def find_nvcc():
     return None
 
 
+@pytest.mark.slow
 def test_nvcc_compiles_align_kernel_for_sm90(tmp_path):
     nvcc = find_nvcc()
     if nvcc is None:

@@ -631,6 +631,7 @@ for dt in ("bf16", "fp32"):  # fp16 lowers like bf16
 '''
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """Lowers every kernel variant (dtypes, options, the bf16/fp16 dW accumulator) to PTX
     for an H100 with the GPU tile configs: catches what the interpreter accepts but the

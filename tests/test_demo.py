@@ -20,5 +20,10 @@ def test_demo_quick_writes_table_results_and_plot(tmp_path, capsys):
             assert 0.0 <= entry[metric]["mean"] <= 1.0
     runs = {r["method"]: r for r in results["runs"]}
     assert runs["bash"]["seconds"]["offline"] > 0 and runs["rac"]["seconds"]["offline"] > 0
-    assert (out / "results.png").stat().st_size > 1000
     assert (out / "data" / "math_train.jsonl").exists()
+    try:
+        import matplotlib  # noqa: F401  (the demo extra's plot library: optional)
+    except ImportError:
+        assert not (out / "results.png").exists()
+        pytest.skip("matplotlib is not installed: the demo writes no results.png (the rest was checked)")
+    assert (out / "results.png").stat().st_size > 1000

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # torchrun processes: minutes of CPU
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
 

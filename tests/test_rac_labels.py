@@ -490,6 +490,7 @@ for soft, block_k, has_lens in ((False, 1, True), (True, 1, False), (True, 4, Tr
 """
 
 
+@pytest.mark.slow
 def test_kernel_compiles_for_sm90():
     """Lowers every kernel variant to PTX for an H100 without a GPU: catches what
     the interpreter accepts but the compiler rejects. In a fresh process, since
