@@ -39,8 +39,10 @@ def run(args) -> int:
                          "from a source checkout (pip install -e .)")
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    # -P: the current directory stays off sys.path (a stray module there is not imported)
-    command = [sys.executable, "-P", "-m", "pytest", folder, "--benchmark-only", "-q",
+    # run from the checkout's root, and with -P (3.11+) off sys.path altogether: a module in
+    # the user's current directory never shadows pytest or gapfix
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    command = [sys.executable, *safe_path, "-m", "pytest", folder, "--benchmark-only", "-q",
                "-p", "no:cacheprovider", "--rootdir", os.path.dirname(folder),
                "-m", "cuda" if args.gpu else "not cuda"]
     if args.select:
