@@ -895,6 +895,11 @@ def read_prompts_jsonl(path, *, on_error: str = "raise", field: str | None = Non
                 continue
             value = value[found[0]]
         if isinstance(value, str) and value:
+            try:
+                value.encode("utf-8")  # a lone surrogate escape ("\\ud800") would fail the tokenizer
+            except UnicodeEncodeError:
+                bad.append((number, "prompt holds a lone surrogate escape (not encodable text)"))
+                continue
             prompts.append(value)
         elif isinstance(value, list) and value and all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value

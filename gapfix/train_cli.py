@@ -80,7 +80,7 @@ def resolve_attention(attn):
 def _tokenizer_from_data(train_path, vocab_size, on_error="skip"):
     import warnings
 
-    from gapfix.data import DataError, read_jsonl, split_record
+    from gapfix.data import DataError, read_jsonl, record_problem, split_record
     from gapfix.models import train_tokenizer
 
     texts = []
@@ -88,7 +88,7 @@ def _tokenizer_from_data(train_path, vocab_size, on_error="skip"):
         warnings.simplefilter("ignore")
         records = read_jsonl(train_path, on_error=on_error)
     for record in records:
-        pair = split_record(record)
+        pair = split_record(record) if record_problem(record) is None else None  # load_examples names it
         if pair:
             texts.extend(pair)
     if not texts:

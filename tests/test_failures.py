@@ -192,7 +192,8 @@ def test_a_killed_runs_model_copy_is_removed_by_the_next_run(tmp_path, monkeypat
 # ---------------------------------------------------------------- item 17: generate's files
 
 
-@pytest.mark.parametrize("case", ["out-is-a-directory", "prompts-is-a-directory", "empty-prompts"])
+@pytest.mark.parametrize("case", ["out-is-a-directory", "prompts-is-a-directory", "empty-prompts",
+                                  "unencodable-prompt"])
 def test_generate_names_bad_files(tmp_path, capsys, case):
     prompts = write(tmp_path / "prompts.jsonl", ['{"prompt": "1 + 2 ="}'])
     out = str(tmp_path / "answers.jsonl")
@@ -200,8 +201,10 @@ def test_generate_names_bad_files(tmp_path, capsys, case):
         out, expected = str(tmp_path), "is a directory"
     elif case == "prompts-is-a-directory":
         prompts, expected = str(tmp_path), "is a directory"
-    else:
+    elif case == "empty-prompts":
         prompts, expected = write(tmp_path / "empty.jsonl", []), "holds no prompts"
+    else:
+        prompts, expected = write(tmp_path / "odd.jsonl", ['{"prompt": "\\udc00"}']), "line 1: prompt"
     code = main(["generate", "--model", str(tmp_path), "--prompts", prompts, "--out", out])
     assert code == 2
     line = one_line_error(capsys, "generate")
@@ -289,16 +292,26 @@ def fuzz_inputs(count=300, seed=1234):
             number = rng.choice([b"9" * digits, b"1e" + b"9" * 6, b"-0." + b"1" * digits])
             lines.append(b'{"prompt": "x", "response": "y", "n": ' + number + b"}")
             lines.append(b"[" + number + b"]")
-        elif kind == 4:  # odd text: NULs, surrogate escapes, BOMs, bare CRs
+        elif kind == 4:  # odd text (NULs, surrogate escapes, BOMs, bare CRs) and odd records
             lines.append(rng.choice([b'{"prompt": "a\x00b"}', b'"\\ud800"', b"\xef\xbb\xbf[1]",
-                                     b'{"prompt": "a"}\r{"prompt": "b"}', b'{"prompt": "\\u0000"}']))
+                                     b'{"prompt": "a"}\r{"prompt": "b"}', b'{"prompt": "\\u0000"}',
+                                     b'{"prompt": "\\ud800", "response": "y"}', b'{"messages": "abc"}',
+                                     b'{"messages": [1, {"role": "assistant", "content": "x"}]}',
+                                     b'{"prompt": 5, "response": []}', b'{"prompt": {"a": [1]}}']))
         else:  # a good file with a blank line
             lines.append(b"   ")
         rng.shuffle(lines)
         yield b"\n".join(lines) + (b"\n" if rng.random() < 0.7 else b"")
 
 
+def load_math_examples(path, on_error):
+    from gapfix.data import load_examples, math_task
+
+    return load_examples(path, math_task.math_tokenizer(), on_error=on_error)
+
+
 READERS = {
+    "load_examples": load_math_examples,
     "read_jsonl": lambda path, on_error: read_jsonl(path, on_error=on_error),
     "read_prompts_jsonl": lambda path, on_error: read_prompts_jsonl(path, on_error=on_error),
     "read_generations_jsonl": lambda path, on_error: read_generations_jsonl(path),

@@ -129,6 +129,33 @@ def encode_example(tokenizer, prompt: str, response: str, record=None) -> Exampl
     return Example(list(prompt_ids), list(answer_ids) + [tokenizer.eos_token_id], record)
 
 
+def record_problem(record: dict) -> Optional[str]:
+    """What makes a record unusable before it reaches a tokenizer (which would fail with no
+    file or line), or None: chat messages that are not {role, content} objects, text that
+    is not encodable (a lone surrogate escape such as "\\ud800")."""
+    messages = record.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list):
+            return f"messages is a {type(messages).__name__}, not a list"
+        for i, message in enumerate(messages):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                return f"messages[{i}] is not an object with a string role and content"
+    for key in ("prompt", *RESPONSE_KEYS):
+        if isinstance(record.get(key), str):
+            texts = [record[key]]
+        elif key == "prompt" and messages is not None:
+            texts = [m["content"] for m in messages]
+        else:
+            continue
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return f"{key} holds text that is not encodable ({err.reason} at {err.start})"
+    return None
+
+
 def load_examples(path: str, tokenizer, *, max_length: Optional[int] = None,
                   max_prompt_length: Optional[int] = None, on_error: str = "raise",
                   limit: Optional[int] = None, report: Optional[dict] = None) -> List[Example]:
@@ -144,10 +171,11 @@ def load_examples(path: str, tokenizer, *, max_length: Optional[int] = None,
     counts = {"unusable_records": 0, "too_long": 0, "prompt_too_long": 0}
     examples = []
     for line, record in read_jsonl_lines(path, on_error=on_error, skipped=skipped):
-        pair = split_record(record, tokenizer)
+        problem = record_problem(record)
+        pair = split_record(record, tokenizer) if problem is None else None
         if pair is None:
             if on_error == "raise":
-                raise DataError(f"{path}:{line}: record has neither prompt/response nor messages")
+                raise DataError(f"{path}:{line}: {problem or 'record has neither prompt/response nor messages'}")
             counts["unusable_records"] += 1
             continue
         example = encode_example(tokenizer, *pair, record=record)
