@@ -15,8 +15,8 @@ nothing is trained (the prompt, padding).
 """
 import json
 import os
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import List, Optional
 
 IGNORE_INDEX = -100
