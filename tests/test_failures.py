@@ -219,6 +219,7 @@ def test_generate_names_bad_files(tmp_path, capsys, case):
     (["generate", "--model", ".", "--prompts", "missing.jsonl", "--out", "o.jsonl"], "does not exist"),
     (["bench", "--threads", "0"], "--threads"),
     (["demo", "--out", "a-file", "--quick"], "a-file"),
+    (["demo", "--threads", "0"], "--threads"),
 ])
 def test_a_configuration_error_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, needle):
     monkeypatch.chdir(tmp_path)
