@@ -5,8 +5,10 @@
     gapfix bench --gpu                 the CUDA ones (what bench/gpu_check.sh runs)
     gapfix bench --json out.json       pytest-benchmark's JSON as well
 
-The benchmarks live in the repository, not the installed package: run from a
-checkout (`pip install -e .` keeps them beside the code).
+The benchmarks live in the repository, not the installed package: install from a
+checkout (`pip install -e .` keeps them beside the code). The suite run is always the
+one beside the installed gapfix, by absolute path and from the checkout's root, never
+a `bench/` (or a module) of the current directory, which could be anyone's code.
 """
 import os
 import subprocess
@@ -14,10 +16,11 @@ import sys
 
 
 def bench_dir():
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for candidate in (os.path.join(os.getcwd(), "bench"), os.path.join(here, "bench")):
-        if os.path.isfile(os.path.join(candidate, "test_bench_align.py")):
-            return candidate
+    """The absolute path of the installed checkout's bench/, or None (installed from a wheel)."""
+    checkout = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    candidate = os.path.join(checkout, "bench")
+    if os.path.isfile(os.path.join(candidate, "test_bench_align.py")):
+        return candidate
     return None
 
 
@@ -32,12 +35,19 @@ def configure(parser):
 def run(args) -> int:
     folder = bench_dir()
     if folder is None:
-        raise ValueError("bench/ not found: run `gapfix bench` from a gapfix source checkout")
-    command = [sys.executable, "-m", "pytest", folder, "--benchmark-only", "-q",
+        raise ValueError("the benchmark suite is not installed: `gapfix bench` needs gapfix installed "
+                         "from a source checkout (pip install -e .)")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    # run from the checkout's root, and with -P (3.11+) off sys.path altogether: a module in
+    # the user's current directory never shadows pytest or gapfix
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    command = [sys.executable, *safe_path, "-m", "pytest", folder, "--benchmark-only", "-q",
+               "-p", "no:cacheprovider", "--rootdir", os.path.dirname(folder),
                "-m", "cuda" if args.gpu else "not cuda"]
     if args.select:
         command += ["-k", args.select]
     if args.json:
-        command += [f"--benchmark-json={args.json}"]
+        command += [f"--benchmark-json={os.path.abspath(args.json)}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    return subprocess.call(command, env=env)
+    return subprocess.call(command, env=env, cwd=os.path.dirname(folder))

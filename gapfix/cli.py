@@ -3,9 +3,15 @@
 Each subcommand lives in its own module, which exposes `configure(parser)` and
 `run(args) -> int`; the module is imported only when its command runs, so
 `gapfix env` never loads transformers or vLLM.
+
+A problem with the command line, a data file, a model folder or the disk (ValueError,
+OSError, a missing optional package) is printed as one line naming it, with exit
+status 2; a traceback is printed for anything else (a bug), and for everything with
+--debug (or GAPFIX_DEBUG=1).
 """
 import argparse
 import importlib
+import os
 import sys
 
 # command -> (module, one-line help)
@@ -20,18 +26,38 @@ COMMANDS = {
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="gapfix", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="print tracebacks for every error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         command = sub.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="print tracebacks for every error")
         module.configure(command)
         command.set_defaults(_module=module)
     return parser
 
 
+# what a user can fix (arguments, files, disk, installation): one line, not a traceback
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args._module.run(args) or 0
+    debug = args.debug or os.environ.get("GAPFIX_DEBUG", "") not in ("", "0")
+    try:
+        return args._module.run(args) or 0
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"gapfix {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"gapfix {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

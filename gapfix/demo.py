@@ -216,6 +216,9 @@ def plot(runs, path):
 
 
 def run(args) -> int:
+    for flag, value in (("--threads", args.threads), ("--seeds", args.seeds)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the demo prints its own progress

@@ -7,6 +7,7 @@ Each prompt line is {"prompt": "text"} or {"prompt_ids": [ids]} (or a bare
 string / list); each output line is one answer (see generate_to_jsonl). An
 interrupted run resumes when the same command is run again.
 """
+import os
 
 
 def configure(parser):
@@ -33,21 +34,20 @@ def configure(parser):
 
 
 def run(args) -> int:
-    import sys
-
+    """Errors (bad arguments or files) reach gapfix.cli.main, which prints them in one line."""
     from gapfix.generation import generate_to_jsonl, read_prompts_jsonl
 
-    try:
-        prompts = read_prompts_jsonl(args.prompts, on_error=args.on_error, field=args.field)
-        out = generate_to_jsonl(
-            args.model, prompts, args.out,
-            n=args.n, temperature=args.temperature, top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend,
-            logprobs=args.logprobs, batch_size=args.batch_size, dtype=args.dtype,
-            resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress,
-        )
-    except (ValueError, FileExistsError) as err:
-        print(f"gapfix generate: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a directory: name the JSONL file to write")
+    if not os.path.isdir(args.model):
+        raise ValueError(f"--model {args.model!r} is not a local model folder")
+    prompts = read_prompts_jsonl(args.prompts, on_error=args.on_error, field=args.field)
+    out = generate_to_jsonl(
+        args.model, prompts, args.out,
+        n=args.n, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend,
+        logprobs=args.logprobs, batch_size=args.batch_size, dtype=args.dtype,
+        resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress,
+    )
     print(out)
     return 0

@@ -554,13 +554,77 @@ def _refusal_key(model):
     return hashlib.sha256(to_json().encode()).hexdigest() if callable(to_json) else None
 
 
+MODEL_COPY_PREFIX = "gapfix-vllm-"
+_COPY_OWNER = "gapfix-owner.json"
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` (Linux /proc), which tells its owner from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(owner: dict) -> bool:
+    import socket
+
+    if owner.get("host") != socket.gethostname():
+        return True  # a temp folder shared between machines: cannot tell, keep it
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return owner.get("start") is None or _process_start(pid) in (None, owner["start"])
+
+
+def remove_stale_model_copies(folder: str | None = None) -> list:
+    """Removes the model copies for vLLM ($TMPDIR/gapfix-vllm-*) whose owning process is
+    gone (killed before it could clean up); returns their paths. A copy without an owner
+    record (being created, or from an older gapfix) or of another user is left alone."""
+    import shutil
+
+    folder = folder or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(MODEL_COPY_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            with open(os.path.join(entry.path, _COPY_OWNER), encoding="utf-8") as handle:
+                owner = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        if isinstance(owner, dict) and not _owner_alive(owner):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
 def _saved_copy(model, tokenizer) -> Path:
-    """A folder holding the current weights of in-memory `model`."""
+    """A folder holding the current weights of in-memory `model`. It lives in $TMPDIR and
+    records its owner process, so that the next run removes it if this one is killed."""
     from gapfix.models import save_model
 
     entry = _SAVED_MODELS.get(id(model))
     if entry is None or entry[0]() is not model:
-        tmp = tempfile.TemporaryDirectory(prefix="gapfix-vllm-")
+        import socket
+
+        remove_stale_model_copies()
+        tmp = tempfile.TemporaryDirectory(prefix=MODEL_COPY_PREFIX)
+        owner = {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname()}
+        Path(tmp.name, _COPY_OWNER).write_text(json.dumps(owner), encoding="utf-8")
         key = id(model)
         _SAVED_MODELS[key] = (weakref.ref(model, lambda _ref: _forget_saved(key)), tmp)
         entry = _SAVED_MODELS[key]
@@ -809,39 +873,40 @@ def read_prompts_jsonl(path, *, on_error: str = "raise", field: str | None = Non
     """Prompts from a JSONL file, one per line: an object with "prompt" (text)
     or "prompt_ids" / "input_ids" / "token_ids" (a list of ints), a bare JSON
     string, or a bare JSON list of ints. Blank lines are skipped. `field`
-    names the key to read instead. Bad lines: on_error="raise" raises a
-    ValueError listing their line numbers (1-based); "skip" leaves them out
-    with a warning that lists them."""
+    names the key to read instead. Bad lines (bad bytes, bad JSON, no prompt):
+    on_error="raise" raises a ValueError listing their line numbers (1-based);
+    "skip" leaves them out with a warning that lists them. A file that holds no
+    prompt is an error."""
+    from gapfix.data import check_input_file, parse_jsonl_lines
+
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    path = Path(os.fspath(path))
-    if not path.is_file():
-        raise ValueError(f"prompts file {str(path)!r} does not exist")
+    path = Path(check_input_file(path, "prompts file"))
     keys = (field,) if field else ("prompt", "prompt_ids", "input_ids", "token_ids")
     prompts, bad = [], []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    for number, value, why in parse_jsonl_lines(path):
+        if why is not None:
+            bad.append((number, why))
+            continue
+        if isinstance(value, dict):
+            found = [k for k in keys if k in value]
+            if not found:
+                bad.append((number, f"no {' / '.join(repr(k) for k in keys)} key"))
                 continue
+            value = value[found[0]]
+        if isinstance(value, str) and value:
             try:
-                value = json.loads(line)
-            except ValueError as err:
-                bad.append((number, f"not JSON ({err.msg})"))
+                value.encode("utf-8")  # a lone surrogate escape ("\\ud800") would fail the tokenizer
+            except UnicodeEncodeError:
+                bad.append((number, "prompt holds a lone surrogate escape (not encodable text)"))
                 continue
-            if isinstance(value, dict):
-                found = [k for k in keys if k in value]
-                if not found:
-                    bad.append((number, f"no {' / '.join(repr(k) for k in keys)} key"))
-                    continue
-                value = value[found[0]]
-            if isinstance(value, str) and value:
-                prompts.append(value)
-            elif isinstance(value, list) and value and all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
-            ):
-                prompts.append(value)
-            else:
-                bad.append((number, "prompt is not a non-empty string or list of token ids"))
+            prompts.append(value)
+        elif isinstance(value, list) and value and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+        ):
+            prompts.append(value)
+        else:
+            bad.append((number, "prompt is not a non-empty string or list of token ids"))
     if bad:
         listing = "; ".join(f"line {n}: {why}" for n, why in bad[:20])
         more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
@@ -851,15 +916,29 @@ def read_prompts_jsonl(path, *, on_error: str = "raise", field: str | None = Non
         import warnings
 
         warnings.warn(message + " (skipped)", stacklevel=2)
-    if prompts and len({isinstance(p, str) for p in prompts}) > 1:
+    if not prompts:
+        raise ValueError(f"prompts file {str(path)!r} holds no prompts"
+                         + (f" (its {len(bad)} line(s) were malformed)" if bad else " (it is empty)"))
+    if len({isinstance(p, str) for p in prompts}) > 1:
         raise ValueError(f"prompts file {str(path)!r} mixes text prompts and token-id prompts")
     return prompts
 
 
 def read_generations_jsonl(path) -> list:
-    """The `Generation` records of a complete output file."""
-    with open(os.fspath(path), encoding="utf-8") as handle:
-        return [Generation.from_record(json.loads(line)) for line in handle if line.strip()]
+    """The `Generation` records of a complete output file; a bad line raises a ValueError
+    naming the file and line."""
+    from gapfix.data import check_input_file, parse_jsonl_lines
+
+    path = check_input_file(path, "generations file")
+    records = []
+    for number, value, why in parse_jsonl_lines(path):
+        try:
+            if why is not None:
+                raise ValueError(why)
+            records.append(Generation.from_record(value))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: not a generation record ({err})") from None
+    return records
 
 
 def _partial_paths(out_path: Path):
@@ -944,11 +1023,11 @@ def generate_to_jsonl(
     An existing complete `out_path` raises FileExistsError unless overwrite.
     """
     out_path = Path(os.fspath(out_path))
+    if out_path.is_dir():
+        raise ValueError(f"out_path {str(out_path)!r} is a directory: name the JSONL file to write")
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"out_path {str(out_path)!r} already exists (a complete run); "
                               "pass overwrite=True to replace it")
-    if out_path.exists() and out_path.is_dir():
-        raise ValueError(f"out_path {str(out_path)!r} is a folder")
     prompts_source = None
     if _is_model_path(prompts):
         prompts_source = str(Path(os.fspath(prompts)).resolve())

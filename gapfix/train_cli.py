@@ -40,6 +40,9 @@ def configure(parser):
     parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                         help="malformed data lines: stop, or skip them with a warning")
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    parser.add_argument("--resume-with-changed-config", action="store_true",
+                        help="resume a checkpoint in --out even though it was written with other "
+                             "settings (refused by default, naming the settings that differ)")
     parser.add_argument("--attn", default="auto",
                         help="attention implementation: auto, sdpa, flash_attention_2, eager")
     for field in dataclasses.fields(TrainConfig):
@@ -74,31 +77,39 @@ def resolve_attention(attn):
     return "sdpa"
 
 
-def _tokenizer_from_data(train_path, vocab_size):
-    from gapfix.data import read_jsonl, split_record
+def _tokenizer_from_data(train_path, vocab_size, on_error="skip"):
+    import warnings
+
+    from gapfix.data import DataError, read_jsonl, record_problem, split_record
     from gapfix.models import train_tokenizer
 
     texts = []
-    for record in read_jsonl(train_path, on_error="skip"):
-        pair = split_record(record)
+    with warnings.catch_warnings():  # skipped lines are reported once, by load_examples
+        warnings.simplefilter("ignore")
+        records = read_jsonl(train_path, on_error=on_error)
+    for record in records:
+        pair = split_record(record) if record_problem(record) is None else None  # load_examples names it
         if pair:
             texts.extend(pair)
+    if not texts:
+        raise DataError(f"{train_path}: no prompt/response or chat records to build a tokenizer from"
+                        + ("" if records else " (the file holds no records)"))
     return train_tokenizer(texts, vocab_size=vocab_size, add_bos=True)
 
 
-def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0):
+def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0, on_error="skip"):
     """(model, tokenizer) from a local folder, a config.json, or a tiny Llama for "tiny"."""
     if spec == "tiny":
         from gapfix.models import tiny_llama
 
-        tokenizer = _tokenizer_from_data(train_path, 512)
+        tokenizer = _tokenizer_from_data(train_path, 512, on_error)
         return tiny_llama(tokenizer, seed=seed), tokenizer
     if os.path.isfile(spec) and spec.endswith(".json"):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(spec)
-        tokenizer = _tokenizer_from_data(train_path, getattr(config, "vocab_size", 512))
+        tokenizer = _tokenizer_from_data(train_path, getattr(config, "vocab_size", 512), on_error)
         config.vocab_size = len(tokenizer)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             setattr(config, name, getattr(tokenizer, name))
@@ -115,8 +126,55 @@ def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0):
     return model, tokenizer
 
 
-def run(args) -> int:
+def _load_data(path, tokenizer, *, max_length, max_length_source, max_prompt_length, on_error):
+    """Examples of a data file, and a report of what was dropped and why (also printed)."""
+    import sys
+
     from gapfix.data import load_examples
+
+    report = {"file": path, "max_length": max_length, "max_length_from": max_length_source,
+              "max_prompt_length": max_prompt_length}
+    try:
+        return load_examples(path, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                             on_error=on_error, report=report), report
+    finally:
+        if report.get("too_long"):
+            print(f"{path}: dropped {report['too_long']} example(s) longer than {max_length} tokens "
+                  f"({max_length_source})", file=sys.stderr)
+        if report.get("prompt_too_long"):
+            print(f"{path}: dropped {report['prompt_too_long']} example(s) whose prompt is longer than "
+                  f"{max_prompt_length} tokens (the context less --max-new-tokens)", file=sys.stderr)
+        if report.get("skipped_lines"):
+            print(f"{path}: skipped malformed line(s) {report['skipped_lines'][:20]}", file=sys.stderr)
+
+
+def _length_limits(model, max_length):
+    """(max_length, where it comes from, the model's context): the context bounds the
+    length, so that an overlong example is dropped, never allocated."""
+    from gapfix.generation import _context_length
+
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"--max-length must be >= 2, got {max_length}")
+    context = _context_length(model.config)
+    source = "--max-length"
+    if context is not None and (max_length is None or max_length > context):
+        source = "the model's context length" + (" (--max-length is larger)" if max_length else "")
+        max_length = context
+    return max_length, source, context
+
+
+def _prompt_limit(context, max_new_tokens):
+    """The longest prompt that leaves room for --max-new-tokens generated tokens."""
+    if context is None:
+        return None
+    if max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
+                         f"model's context of {context} tokens")
+    return context - max_new_tokens
+
+
+def run(args) -> int:
+    from gapfix.data import check_input_file
     from gapfix.evaluation import evaluate
     from gapfix.trainer import train
 
@@ -127,10 +185,20 @@ def run(args) -> int:
     if attention in ("flash_attention_2", "flash_attention_3") and args.attn == "auto":
         config.packing = True  # varlen attention: packed micro-batches compute no padding
     config.validate()  # a bad --method or --beta fails before any model is loaded
-    model, tokenizer = load_model_and_tokenizer(args.model, args.train, attention, config.seed)
-    examples = load_examples(args.train, tokenizer, max_length=args.max_length, on_error=args.on_error)
-    eval_examples = (load_examples(args.eval, tokenizer, max_length=args.max_length, on_error=args.on_error)
-                     if args.eval else None)
+    check_input_file(args.train, "--train")
+    if args.eval:
+        check_input_file(args.eval, "--eval")
+    model, tokenizer = load_model_and_tokenizer(args.model, args.train, attention, config.seed,
+                                                on_error=args.on_error)
+    max_length, max_length_source, context = _length_limits(model, args.max_length)
+    limits = {"max_length": max_length, "max_length_source": max_length_source, "on_error": args.on_error}
+    generated = config.method == "rac"  # RAC generates from the training prompts
+    examples, train_report = _load_data(
+        args.train, tokenizer, **limits,
+        max_prompt_length=_prompt_limit(context, config.max_new_tokens) if generated else None)
+    eval_examples, eval_report = (
+        _load_data(args.eval, tokenizer, **limits, max_prompt_length=_prompt_limit(context, config.max_new_tokens))
+        if args.eval else (None, None))
     evaluations = []
 
     sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1 and config.distributed == "fsdp"
@@ -149,9 +217,10 @@ def run(args) -> int:
         print(f"iteration {iteration}: eval accuracy {result['accuracy']:.3f} ({result['count']} examples)")
 
     result = train(model, tokenizer, examples, config, resume=not args.no_resume,
+                   resume_with_changed_config=args.resume_with_changed_config,
                    on_iteration_end=on_iteration_end)
     summary = {"method": config.method, "steps": result.steps, "phase_seconds": result.phase_seconds,
-               "evaluations": evaluations}
+               "evaluations": evaluations, "data": {"train": train_report, "eval": eval_report}}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary))

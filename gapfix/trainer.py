@@ -18,10 +18,11 @@ whole optimizer step (every rank knows the global batch, so no all-reduce is
 needed for it). Under torchrun the model runs under DDP or FSDP2 (gloo on CPU,
 NCCL on GPU); every rank draws the same global batch and takes its share.
 
-Checkpoints are directories written whole and then published by atomically
-replacing a `latest` pointer, so a failed save (disk full) leaves the previous
-checkpoint valid. A checkpoint holds the model, optimizer, scheduler, RNG
-states, the iteration's built rows and the position in them: resume is exact.
+Checkpoints (gapfix.checkpoint) are directories written whole and then published
+by atomically replacing a `latest` pointer, so a failed save (disk full) leaves the
+previous checkpoint valid. A checkpoint holds the model, optimizer, scheduler, RNG
+states, the iteration's built rows and the position in them, as data only (JSON
+and safetensors): resume is exact, and never runs code from a file.
 """
 import contextlib
 import dataclasses
@@ -30,13 +31,14 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
+from gapfix import checkpoint as ckpt
+from gapfix.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint  # noqa: F401 (API)
 from gapfix.data import IGNORE_INDEX, Example, collate, pack_rows, sft_row
 
 METHODS = ("sft", "bash", "rac")
@@ -209,119 +211,6 @@ def _lr_lambda(warmup, total, min_ratio):
     return factor
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def model_fingerprint(model) -> str:
-    config = model.config
-    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "intermediate_size", "n_embd", "n_layer", "n_head")
-    described = {k: getattr(config, k, None) for k in keys}
-    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
-    blob = json.dumps([described, shapes], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(out_dir, *, model, tokenizer, optimizer_state, scheduler, position, rows,
-                    config, keep=1, model_state=None):
-    """Writes a checkpoint directory, then publishes it by replacing `latest`.
-
-    model_state: the full state dict where the model's own is sharded (FSDP);
-    None saves the model's parameters as they are.
-
-    Until the pointer moves, the previous checkpoint stays the valid one: a
-    save that fails midway (disk full) leaves a stray temp directory that is
-    removed, and nothing else.
-    """
-    root = os.path.join(out_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
-    name = f"iter{position['iteration']:03d}-step{position['global_step']:07d}"
-    final = os.path.join(root, name)
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        model.save_pretrained(os.path.join(tmp, "model"), state_dict=model_state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(os.path.join(tmp, "model"))
-        torch.save({
-            "optimizer": optimizer_state,
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-            "position": position,
-            "rows": rows,
-            "config": dataclasses.asdict(config),
-            "fingerprint": model_fingerprint(model),
-        }, os.path.join(tmp, "trainer_state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer_tmp = os.path.join(root, "latest.tmp")
-        with open(pointer_tmp, "w") as f:
-            f.write(name)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer_tmp, os.path.join(root, "latest"))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    kept = sorted(d for d in os.listdir(root) if d.startswith("iter") and not d.endswith(".tmp"))
-    for stale in kept[:-keep] if keep > 0 else []:
-        if stale != name:
-            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out_dir) -> Optional[str]:
-    pointer = os.path.join(out_dir, "checkpoints", "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        return os.path.join(out_dir, "checkpoints", f.read().strip())
-
-
-def load_checkpoint(path, model):
-    """Restores the model weights; returns the trainer state. Refuses a checkpoint
-    saved from a different model."""
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    if state["fingerprint"] != model_fingerprint(model):
-        raise ValueError(f"checkpoint {path} was saved from another model "
-                         f"(fingerprint {state['fingerprint']} != {model_fingerprint(model)})")
-    from safetensors.torch import load_file
-
-    weights = {}
-    model_dir = os.path.join(path, "model")
-    for file in sorted(os.listdir(model_dir)):
-        if file.endswith(".safetensors"):
-            weights.update(load_file(os.path.join(model_dir, file)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # tied output weights are saved once; anything else missing is a real mismatch
-    missing = [k for k in missing if not _is_tied(model, k)]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    return state
-
-
-def _is_tied(model, key):
-    head = model.get_output_embeddings()
-    return head is not None and head.weight is model.get_input_embeddings().weight and key.endswith(
-        "weight") and "lm_head" in key
-
-
 # ---------------------------------------------------------------- offline phases
 
 
@@ -393,14 +282,16 @@ def _rac_rows(model, tokenizer, examples, config, iteration, rng, log):
 
 
 def train(model, tokenizer, train_examples: List[Example], config: Optional[TrainConfig] = None,
-          *, resume: bool = True, on_iteration_end=None, on_step=None, **overrides) -> TrainResult:
+          *, resume: bool = True, resume_with_changed_config: bool = False, on_iteration_end=None,
+          on_step=None, **overrides) -> TrainResult:
     """Trains `model` (a transformers causal LM) in place with config.method.
 
     `overrides` set TrainConfig fields (``train(..., method="bash", beta=0.2)``).
     `on_iteration_end(iteration, model)` runs after each iteration (evaluation);
     `on_step(record)` after each optimizer step, with the step's metrics.
     With config.out_dir set, writes metrics.jsonl, checkpoints and the final model,
-    and resumes from the latest checkpoint there when `resume` is true.
+    and resumes from the latest checkpoint there when `resume` is true (see gapfix.checkpoint;
+    a checkpoint of a run with other settings is refused unless resume_with_changed_config).
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     config.validate()
@@ -451,7 +342,10 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
     rows, state = None, None
     checkpoint = latest_checkpoint(out) if (out and resume) else None
     if checkpoint:  # weights load before any sharding, on every rank
-        state = load_checkpoint(checkpoint, model)
+        state = load_checkpoint(checkpoint, model, config=config,
+                                allow_config_change=resume_with_changed_config)
+    # a resumed run's log continues from the checkpoint; a run that starts over starts it over
+    ckpt.rewind_metrics(metrics_path, state.get("metrics_bytes", 0) if state else 0)
     loss_module = CausalLMLoss(model, config.fused)
     trainable = _wrap_distributed(loss_module, config, dist, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -460,9 +354,10 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
     if state is not None:
         _load_optimizer_state(model, optimizer, state["optimizer"], config, dist)
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rng"])
         position, rows = state["position"], state["rows"]
-        log(dict(event="resume", checkpoint=checkpoint, **position))
+        log(dict(event="resume", checkpoint=checkpoint, **position,
+                 **({"config_changes": state["config_changes"]} if state["config_changes"] else {})))
 
     phase_seconds = {"offline": 0.0, "train": 0.0}
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config.bf16
@@ -578,10 +473,11 @@ def _save(out, model, tokenizer, optimizer, scheduler, position, rows, config, d
 
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=_full_state_options())
     if dist.main:
-        save_checkpoint(out, model=model, tokenizer=tokenizer,
-                        optimizer_state=optimizer_state or optimizer.state_dict(),
-                        scheduler=scheduler, position=dict(position), rows=rows, config=config,
-                        keep=config.keep_checkpoints, model_state=model_state)
+        ckpt.save_checkpoint(out, model=model, tokenizer=tokenizer,
+                             optimizer_state=optimizer_state or optimizer.state_dict(),
+                             scheduler=scheduler, position=dict(position), rows=rows, config=config,
+                             keep=config.keep_checkpoints, model_state=model_state,
+                             metrics_bytes=ckpt.metrics_size(os.path.join(out, "metrics.jsonl")))
     dist.barrier()
 
 

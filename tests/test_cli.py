@@ -56,13 +56,15 @@ def test_train_command_runs_tiny_model(tmp_path, data_files, capsys):
     (["--model", "/nonexistent/model"], "model"),
     (["--attn", "flash_attention_2", "--packing", "true"], "packing"),
 ])
-def test_train_command_bad_input(tmp_path, data_files, args, match):
+def test_train_command_bad_input(tmp_path, data_files, args, match, capsys):
     base = {"--model": "tiny", "--train": data_files["train"], "--out": str(tmp_path / "x")}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value
     argv = ["train"] + [item for pair in base.items() for item in pair]
+    assert main(argv) == 2  # one line, no traceback (tests/test_failures.py)
+    assert match in capsys.readouterr().err
     with pytest.raises(ValueError, match=match):
-        main(argv)
+        main(["--debug"] + argv)
 
 
 def test_bench_command_runs_a_selected_benchmark(tmp_path):

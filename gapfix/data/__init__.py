@@ -14,6 +14,8 @@ is the target for input position i (already shifted), `ignore_index` where
 nothing is trained (the prompt, padding).
 """
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -32,32 +34,72 @@ class DataError(ValueError):
     """A data file that cannot be used; the message names the file and line."""
 
 
-def read_jsonl(path: str, *, on_error: str = "raise") -> List[dict]:
-    """JSON objects of a JSONL file. Malformed lines raise (on_error="raise") or are
-    skipped with a warning that lists their line numbers (on_error="skip")."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    records, bad = [], []
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
+def check_input_file(path, argument: str) -> str:
+    """`path` as a string, if it is an existing regular file; else a DataError naming `argument`."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"{argument} {path!r} is a directory, not a JSONL file")
+    if not os.path.exists(path):
+        raise DataError(f"{argument} {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise DataError(f"{argument} {path!r} is not a regular file")
+    return path
+
+
+def parse_jsonl_lines(path) -> Iterator[tuple]:
+    """(line number, value, None) for each non-blank line of a JSONL file that is UTF-8 JSON,
+    (line number, None, why) for each that is not (bad bytes, bad JSON, nesting too deep,
+    a number too long to convert). Line numbers start at 1. Reads bytes, so that one bad
+    byte costs its line only."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            value, why = None, None
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                yield number, None, f"not UTF-8 (byte {err.start + 1} of the line is {raw[err.start]:#04x})"
+                continue
+            if not text.strip():
                 continue
             try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                if on_error == "raise":
-                    raise DataError(f"{path}:{line_number}: malformed JSONL line ({exc})") from None
-                bad.append(line_number)
-                continue
-            records.append(record)
+                value = json.loads(text)
+            except RecursionError:
+                why = "JSON nested too deeply"
+            except ValueError as err:  # also ints past Python's digit limit
+                why = f"not JSON ({str(err)[:120]})"
+            yield number, value, why
+
+
+def read_jsonl_lines(path: str, *, on_error: str = "raise", skipped: list | None = None) -> list:
+    """(line number, record) for the JSON objects of a JSONL file (see read_jsonl)."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    path = check_input_file(path, "data file")
+    records, bad = [], []
+    for line_number, record, why in parse_jsonl_lines(path):
+        if why is None and not isinstance(record, dict):
+            why = f"not a JSON object (a {type(record).__name__})"
+        if why is not None:
+            if on_error == "raise":
+                raise DataError(f"{path}:{line_number}: malformed JSONL line: {why}")
+            bad.append(line_number)
+            continue
+        records.append((line_number, record))
     if bad:
         import warnings
 
         shown = ", ".join(map(str, bad[:20])) + (" ..." if len(bad) > 20 else "")
-        warnings.warn(f"{path}: skipped {len(bad)} malformed line(s): {shown}", stacklevel=2)
+        warnings.warn(f"{path}: skipped {len(bad)} malformed line(s): {shown}", stacklevel=3)
+        if skipped is not None:
+            skipped.extend(bad)
     return records
+
+
+def read_jsonl(path: str, *, on_error: str = "raise") -> List[dict]:
+    """JSON objects of a JSONL file. Malformed lines (bad bytes, bad JSON, not an object)
+    raise a DataError naming the file and line (on_error="raise") or are skipped with a
+    warning that lists their line numbers (on_error="skip")."""
+    return [record for _line, record in read_jsonl_lines(path, on_error=on_error)]
 
 
 def split_record(record: dict, tokenizer=None):
@@ -87,31 +129,71 @@ def encode_example(tokenizer, prompt: str, response: str, record=None) -> Exampl
     return Example(list(prompt_ids), list(answer_ids) + [tokenizer.eos_token_id], record)
 
 
+def record_problem(record: dict) -> Optional[str]:
+    """What makes a record unusable before it reaches a tokenizer (which would fail with no
+    file or line), or None: chat messages that are not {role, content} objects, text that
+    is not encodable (a lone surrogate escape such as "\\ud800")."""
+    messages = record.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list):
+            return f"messages is a {type(messages).__name__}, not a list"
+        for i, message in enumerate(messages):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                return f"messages[{i}] is not an object with a string role and content"
+    for key in ("prompt", *RESPONSE_KEYS):
+        if isinstance(record.get(key), str):
+            texts = [record[key]]
+        elif key == "prompt" and messages is not None:
+            texts = [m["content"] for m in messages]
+        else:
+            continue
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return f"{key} holds text that is not encodable ({err.reason} at {err.start})"
+    return None
+
+
 def load_examples(path: str, tokenizer, *, max_length: Optional[int] = None,
-                  on_error: str = "raise", limit: Optional[int] = None) -> List[Example]:
+                  max_prompt_length: Optional[int] = None, on_error: str = "raise",
+                  limit: Optional[int] = None, report: Optional[dict] = None) -> List[Example]:
     """Tokenized examples of a JSONL file of prompt/response or chat records.
 
-    Records of neither form are errors (or skipped, with on_error="skip"); an
-    example longer than max_length tokens is dropped. A file with no usable
-    example is an error either way.
+    Records of neither form are errors (or skipped, with on_error="skip"); an example
+    longer than max_length tokens, or whose prompt is longer than max_prompt_length, is
+    dropped. A file with no usable example is an error either way. `report`, when given,
+    is filled with what was kept and dropped: examples, skipped_lines (malformed lines),
+    unusable_records, too_long, prompt_too_long.
     """
-    examples, unusable = [], 0
-    for index, record in enumerate(read_jsonl(path, on_error=on_error)):
-        pair = split_record(record, tokenizer)
+    skipped = []
+    counts = {"unusable_records": 0, "too_long": 0, "prompt_too_long": 0}
+    examples = []
+    for line, record in read_jsonl_lines(path, on_error=on_error, skipped=skipped):
+        problem = record_problem(record)
+        pair = split_record(record, tokenizer) if problem is None else None
         if pair is None:
             if on_error == "raise":
-                raise DataError(f"{path}: record {index} has neither prompt/response nor messages")
-            unusable += 1
+                raise DataError(f"{path}:{line}: {problem or 'record has neither prompt/response nor messages'}")
+            counts["unusable_records"] += 1
             continue
         example = encode_example(tokenizer, *pair, record=record)
         if max_length is not None and len(example.prompt_ids) + len(example.answer_ids) > max_length:
-            unusable += 1
+            counts["too_long"] += 1
+            continue
+        if max_prompt_length is not None and len(example.prompt_ids) > max_prompt_length:
+            counts["prompt_too_long"] += 1
             continue
         examples.append(example)
         if limit is not None and len(examples) >= limit:
             break
+    if report is not None:
+        report.update(examples=len(examples), skipped_lines=skipped, **counts)
     if not examples:
-        raise DataError(f"{path}: no usable examples ({unusable} unusable records)")
+        dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v)
+        raise DataError(f"{path}: no usable examples ({dropped or 'the file holds no records'}"
+                        f"{f'; {len(skipped)} malformed lines skipped' if skipped else ''})")
     return examples
 
 

@@ -1,0 +1,393 @@
+"""Checkpoints of the reference trainer: written whole, published atomically, read as data.
+
+A checkpoint is a folder `<out>/checkpoints/iterNNN-stepNNNNNNN/` holding
+
+    model/                      save_pretrained: safetensors weights, config, tokenizer
+    trainer_state.json          the rest of the trainer's state as JSON (position, rows,
+                                configuration, optimizer hyper-parameters, RNG states)
+    trainer_state.safetensors   the tensors of that state (optimizer moments, RNG states)
+
+Nothing is unpickled: a checkpoint holds data only, so a crafted file in `--out` cannot
+run code. A pickled `trainer_state.pt` (older gapfix) is refused with an error naming it.
+
+Writing: every file goes to `<name>.tmp/`, is fsynced, the folder is renamed to `<name>`,
+and only then does `checkpoints/latest` (a file holding the bare name) move to it. A save
+that fails midway (disk full, kill) leaves the previous checkpoint the valid one.
+Reading: `latest` must name a checkpoint folder directly under `<out>/checkpoints/`; a
+path, `..`, an absolute name or a symlink leading elsewhere is refused.
+"""
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+
+import torch
+
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+LEGACY_PICKLE = "trainer_state.pt"
+FORMAT = 2  # 1 was the pickled trainer_state.pt
+CHECKPOINT_NAME = re.compile(r"iter\d{3,}-step\d{7,}")
+# TrainConfig fields that do not change what is trained: a resume may change them freely
+RESUME_FREE_FIELDS = frozenset({"out_dir", "progress", "log_every", "save_every", "keep_checkpoints"})
+_TAGS = ("__tensor__", "__tuple__", "__items__")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+# ---------------------------------------------------------------- state <-> JSON + tensors
+
+
+def encode_state(state) -> tuple:
+    """(JSON-able object, {key: tensor}) for a state made of tensors, None, bool, int,
+    float, str, lists, tuples and dicts; anything else raises TypeError naming where."""
+    tensors, storages = {}, set()
+
+    def encode(value, where):
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensor = value.detach().to("cpu").contiguous()
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer in storages:  # safetensors refuses tensors that share memory
+                tensor = tensor.clone()
+            storages.add(pointer)
+            tensors[key] = tensor
+            return {"__tensor__": key}
+        if isinstance(value, tuple):
+            return {"__tuple__": [encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            if all(isinstance(k, str) and k not in _TAGS for k in value):
+                return {k: encode(v, f"{where}.{k}") for k, v in value.items()}
+            return {"__items__": [[encode(k, f"{where} key"), encode(v, f"{where}[{k!r}]")]
+                                  for k, v in value.items()]}
+        raise TypeError(f"trainer state {where} is a {type(value).__name__}: checkpoints hold "
+                        "only tensors and plain JSON types")
+
+    return encode(state, "state"), tensors
+
+
+def decode_state(encoded, tensors: dict, source: str):
+    """The inverse of encode_state; a malformed structure raises CheckpointError naming `source`."""
+
+    def fail(why):
+        raise CheckpointError(f"{source}: malformed trainer state ({why})")
+
+    def decode(value):
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        if len(value) == 1:
+            (tag, payload), = value.items()
+            if tag == "__tensor__":
+                if not isinstance(payload, str) or payload not in tensors:
+                    fail(f"tensor {payload!r} is not in {STATE_TENSORS}")
+                return tensors[payload]
+            if tag == "__tuple__":
+                if not isinstance(payload, list):
+                    fail("a tuple that is not a list")
+                return tuple(decode(v) for v in payload)
+            if tag == "__items__":
+                if not isinstance(payload, list) or not all(
+                        isinstance(p, list) and len(p) == 2 for p in payload):
+                    fail("a dict whose items are not [key, value] pairs")
+                items = [(decode(k), decode(v)) for k, v in payload]
+                try:
+                    return dict(items)
+                except TypeError:  # a list as a key
+                    fail("a dict key that is not a plain value")
+        return {k: decode(v) for k, v in value.items()}
+
+    return decode(encoded)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _no_space(err: OSError, path: str) -> OSError:
+    """Disk full, said in words and naming the file (torch/safetensors say 'iostream error')."""
+    return OSError(errno.ENOSPC, f"no space left on device while writing {path}")
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    text = str(err)
+    return "No space left on device" in text or "os error 28" in text or "code: 28" in text
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Writes `data` to `path` and fsyncs it; disk full raises OSError(ENOSPC) naming the file."""
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise _no_space(err, path) from err
+        raise
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str) -> None:
+    """fsyncs every file and folder under `folder` (itself included), so that a rename
+    that publishes it can never expose a folder whose contents are still in flight."""
+    for parent, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            _fsync_path(os.path.join(parent, name))
+        _fsync_path(parent)
+
+
+def model_fingerprint(model) -> str:
+    config = model.config
+    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "n_embd", "n_layer", "n_head")
+    described = {k: getattr(config, k, None) for k in keys}
+    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+    blob = json.dumps([described, shapes], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def metrics_size(metrics_path: str | None) -> int:
+    """The length of metrics.jsonl now: where a resume from the checkpoint written now rewinds it to."""
+    if metrics_path and os.path.isfile(metrics_path):
+        return os.path.getsize(metrics_path)
+    return 0
+
+
+def rewind_metrics(metrics_path: str | None, size: int) -> None:
+    """Cuts metrics.jsonl back to `size` bytes (its length when the checkpoint being resumed
+    was written; 0 for a run that starts over), so that the steps replayed since then are not
+    logged twice and a resumed run's log reads like an uninterrupted one's."""
+    if not metrics_path or not os.path.isfile(metrics_path):
+        return
+    if os.path.getsize(metrics_path) > size:
+        with open(metrics_path, "r+b") as handle:
+            handle.truncate(size)
+
+
+def save_checkpoint(out_dir, *, model, tokenizer, optimizer_state, scheduler, position, rows,
+                    config, keep=1, model_state=None, metrics_bytes: int = 0) -> str:
+    """Writes a checkpoint folder, then publishes it by replacing `latest`.
+
+    model_state: the full state dict where the model's own is sharded (FSDP);
+    None saves the model's parameters as they are. metrics_bytes: the length of
+    metrics.jsonl, to which a resume from this checkpoint rewinds it.
+
+    Until the pointer moves, the previous checkpoint stays the valid one: a save that
+    fails midway (disk full) removes its temp folder and raises, naming the file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save as safetensors_bytes
+
+    root = os.path.join(out_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"iter{position['iteration']:03d}-step{position['global_step']:07d}"
+    final = os.path.join(root, name)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoded, tensors = encode_state({
+        "optimizer": optimizer_state,
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "position": position,
+        "rows": rows,
+        "config": dataclasses.asdict(config),
+        "fingerprint": model_fingerprint(model),
+        "metrics_bytes": metrics_bytes,
+    })
+    try:
+        os.makedirs(tmp)
+        try:
+            model.save_pretrained(os.path.join(tmp, "model"), state_dict=model_state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(os.path.join(tmp, "model"))
+        except (OSError, SafetensorError) as err:  # safetensors reports a full disk its own way
+            if _is_disk_full(err):
+                raise _no_space(err, getattr(err, "filename", None) or os.path.join(tmp, "model")) from err
+            raise
+        write_file(os.path.join(tmp, STATE_TENSORS), safetensors_bytes(tensors))
+        write_file(os.path.join(tmp, STATE_JSON),
+                   json.dumps({"format": FORMAT, "state": encoded}).encode("utf-8"))
+        fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_path(root)
+        pointer_tmp = os.path.join(root, "latest.tmp")
+        write_file(pointer_tmp, name.encode("ascii"))
+        os.replace(pointer_tmp, os.path.join(root, "latest"))
+        _fsync_path(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    kept = sorted(d for d in os.listdir(root) if CHECKPOINT_NAME.fullmatch(d))
+    for stale in kept[:-keep] if keep > 0 else []:
+        if stale != name:
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _inside(path: str, folder: str) -> bool:
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, base]) == base and not os.path.islink(path)
+
+
+def latest_checkpoint(out_dir) -> str | None:
+    """The folder `<out>/checkpoints/latest` names, or None when there is no pointer.
+
+    The pointer must hold a checkpoint name (iterNNN-stepNNNNNNN) of a real folder directly
+    under `<out>/checkpoints/`: anything else (a path, `..`, a symlink) raises CheckpointError."""
+    root = os.path.join(out_dir, "checkpoints")
+    pointer = os.path.join(root, "latest")
+    if not os.path.lexists(pointer):
+        return None
+    if not _inside(pointer, out_dir) or not os.path.isfile(pointer):
+        raise CheckpointError(f"{pointer}: not a regular file inside {out_dir}")
+    with open(pointer, "rb") as handle:
+        raw = handle.read(257)
+    try:
+        name = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not CHECKPOINT_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer}: {raw[:80]!r} is not the name of a checkpoint folder "
+                              f"(iterNNN-stepNNNNNNN) directly under {root}")
+    path = os.path.join(root, name)
+    if not _inside(path, out_dir) or not os.path.isdir(path):
+        raise CheckpointError(f"{pointer}: {path} is not a checkpoint folder inside {out_dir} "
+                              "(missing, or a symlink leading elsewhere)")
+    return path
+
+
+def _checked_file(path: str, checkpoint: str) -> str:
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path}: missing from checkpoint {checkpoint}")
+    if not _inside(path, checkpoint) or not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not a regular file inside checkpoint {checkpoint}")
+    return path
+
+
+def read_trainer_state(path: str) -> dict:
+    """The trainer state of checkpoint folder `path`, read as data (JSON + safetensors)."""
+    json_path = os.path.join(path, STATE_JSON)
+    legacy = os.path.join(path, LEGACY_PICKLE)
+    if not os.path.lexists(json_path) and os.path.lexists(legacy):
+        raise CheckpointError(
+            f"{legacy}: a pickled trainer state (gapfix before checkpoint format {FORMAT}) is never "
+            "loaded, since unpickling a file can run code; start over (gapfix train --no-resume, "
+            f"train(resume=False)) or delete {path}")
+    _checked_file(json_path, path)
+    try:
+        with open(json_path, "rb") as handle:
+            document = json.loads(handle.read().decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{json_path}: not a readable trainer state ({type(err).__name__}: "
+                              f"{str(err)[:200]})") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT or "state" not in document:
+        raise CheckpointError(f"{json_path}: not a gapfix trainer state of format {FORMAT}")
+    tensor_path = _checked_file(os.path.join(path, STATE_TENSORS), path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(tensor_path)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{tensor_path}: not a readable safetensors file ({err})") from None
+    state = decode_state(document["state"], tensors, json_path)
+    required = ("optimizer", "scheduler", "rng", "position", "rows", "config", "fingerprint")
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{json_path}: trainer state lacks {', '.join(missing)}")
+    return state
+
+
+def config_differences(saved: dict, current: dict) -> list:
+    """'field: old -> new' for every TrainConfig field that differs and changes what is trained."""
+    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+            for key in sorted(set(saved) | set(current))
+            if key not in RESUME_FREE_FIELDS and saved.get(key) != current.get(key)]
+
+
+def load_checkpoint(path, model, *, config=None, allow_config_change: bool = False) -> dict:
+    """Restores the model weights; returns the trainer state.
+
+    Refuses (CheckpointError) a checkpoint saved from a different model, one that is not
+    data only, and, when `config` is given, one saved by a run whose configuration differs
+    (naming the fields) unless allow_config_change; then state["config_changes"] lists them.
+    """
+    state = read_trainer_state(path)
+    if state["fingerprint"] != model_fingerprint(model):
+        raise CheckpointError(f"checkpoint {path} was saved from another model "
+                              f"(fingerprint {state['fingerprint']} != {model_fingerprint(model)})")
+    changes = []
+    if config is not None:
+        changes = config_differences(state["config"], dataclasses.asdict(config))
+        if changes and not allow_config_change:
+            raise CheckpointError(
+                f"checkpoint {path} was written by a run with other settings "
+                f"({'; '.join(changes)}): rerun with the same settings, start over "
+                "(gapfix train --no-resume), or continue with the new settings "
+                "(gapfix train --resume-with-changed-config)")
+    state["config_changes"] = changes
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = {}
+    model_dir = os.path.join(path, "model")
+    if not _inside(model_dir, path) or not os.path.isdir(model_dir):
+        raise CheckpointError(f"{model_dir}: missing from checkpoint {path}")
+    for file in sorted(os.listdir(model_dir)):
+        if file.endswith(".safetensors"):
+            file_path = _checked_file(os.path.join(model_dir, file), path)
+            try:
+                weights.update(load_file(file_path))
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{file_path}: not a readable safetensors file ({err})") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # tied output weights are saved once; anything else missing is a real mismatch
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return state
+
+
+def _is_tied(model, key):
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight and key.endswith(
+        "weight") and "lm_head" in key
