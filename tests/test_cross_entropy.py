@@ -382,12 +382,21 @@ def _good():
     (lambda a: dict(a, num_tokens=5, reduction="sum"), "num_tokens"),
     (lambda a: dict(a, impl="cuda"), "impl"),
     (lambda a: dict(a, chunk_size=0), "chunk_size"),
+    (lambda a: dict(a, chunk_size=-1), "chunk_size"),
+    (lambda a: dict(a, num_tokens=float("inf")), "num_tokens"),
+    (lambda a: dict(a, num_tokens=torch.tensor(0.0)), "num_tokens"),
+    (lambda a: dict(a, num_tokens=torch.tensor(-5)), "num_tokens"),
+    (lambda a: dict(a, num_tokens=torch.tensor([3.0, 3.0])), "num_tokens"),
+    (lambda a: dict(a, num_tokens=torch.tensor(True)), "num_tokens"),
+    (lambda a: dict(a, num_tokens=torch.tensor(6.0, requires_grad=True)), "num_tokens"),
+    (lambda a: dict(a, num_tokens=torch.tensor(6.0, device="meta")), "num_tokens"),
 ])
-def test_bad_input_raises_value_error_naming_the_argument(change, word):
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def test_bad_input_raises_value_error_naming_the_argument(change, word, impl):
     hidden, weight, bias, target = _good()
     args = change(dict(hidden=hidden.requires_grad_(), lm_weight=weight, target=target, bias=bias))
     before = [t.clone() for t in (hidden, weight, bias)]
-    args.setdefault("impl", "cpu")
+    args.setdefault("impl", impl)
     with pytest.raises(ValueError, match=word):
         gapfix.linear_cross_entropy(args.pop("hidden"), args.pop("lm_weight"), args.pop("target"), **args)
     for a, b in zip(before, (hidden, weight, bias)):
@@ -400,6 +409,120 @@ def test_bad_logits_input():
         gapfix.cross_entropy(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="target"):
         gapfix.cross_entropy(torch.zeros(3, 4), torch.tensor([0, 4, 1]))
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("change, word", [
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(chunk_size=-1), "chunk_size"),
+    (dict(num_tokens=torch.tensor(0.0)), "num_tokens"),
+    (dict(num_tokens=torch.tensor(-5.0)), "num_tokens"),
+    (dict(target=torch.tensor([0, 1, 2, 30, 4, 5])), "target"),
+    (dict(target=(torch.zeros(6, 2, dtype=torch.long), -torch.ones(6, 2))), "target"),
+    (dict(token_weight=-torch.ones(6)), "token_weight"),
+])
+def test_bad_logits_options_raise_for_every_impl(impl, change, word):
+    # issue 11 items 4, 9, 10: impl="torch" validates like the fast path; chunk_size <= 0
+    # and a count num_tokens <= 0 are refused (a zero count gave inf, a negative one a
+    # negative loss)
+    logits = torch.randn(6, 30, requires_grad=True)
+    args = dict(dict(target=torch.randint(0, 30, (6,)), impl=impl), **change)
+    with pytest.raises(ValueError, match=word):
+        gapfix.cross_entropy(logits, args.pop("target"), **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def test_num_tokens_tensor_in_every_dtype(impl, dtype):
+    # issue 11 item 4: a tensor count in fp32/bf16/fp16 raised "may not alias" (only fp64 worked)
+    hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (2, 9), 8, 30)
+    target = _make_targets(gen, (2, 9), 30, "hard")
+    by_number = _run_linear(hidden, weight, bias, target, None, gapfix.linear_cross_entropy, impl=impl,
+                            num_tokens=40)
+    by_tensor = _run_linear(hidden, weight, bias, target, None, gapfix.linear_cross_entropy, impl=impl,
+                            num_tokens=torch.tensor([40], dtype=dtype))
+    for a, b in zip(by_number, by_tensor):
+        torch.testing.assert_close(a, b)
+    logits = F.linear(hidden, weight, bias)
+    by_number = _run_ce(logits, target, None, gapfix.cross_entropy, impl=impl, num_tokens=40)
+    by_tensor = _run_ce(logits, target, None, gapfix.cross_entropy, impl=impl,
+                        num_tokens=torch.tensor(40, dtype=dtype))
+    for a, b in zip(by_number, by_tensor):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_num_tokens_tensor_triton(triton_device, dtype):
+    hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (11,), 16, 40)
+    hidden, weight, bias = hidden.to(triton_device), weight.to(triton_device), bias.to(triton_device)
+    target = _make_targets(gen, (11,), 40, "hard").to(triton_device)
+    by_number = _run_linear(hidden, weight, bias, target, None, gapfix.linear_cross_entropy, impl="triton",
+                            num_tokens=20)
+    by_tensor = _run_linear(hidden, weight, bias, target, None, gapfix.linear_cross_entropy, impl="triton",
+                            num_tokens=torch.tensor(20, dtype=dtype, device=triton_device))
+    for a, b in zip(by_number, by_tensor):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def test_invalid_values_give_nan_where_they_cannot_be_read(monkeypatch, impl):
+    # on a GPU (and in a trace) a check would be a host sync: a count <= 0 or an
+    # out-of-range id makes the loss NaN instead, on every impl alike; here the CPU takes
+    # the device route by pretending to trace
+    from gapfix.ops import cross_entropy as ce
+
+    monkeypatch.setattr(ce, "_tracing", lambda: True)
+    monkeypatch.setattr(ce, "_make_rows", lambda *a: ce._Rows(*a[:5], ce._compute_dtype(a[6])))
+    logits = torch.randn(6, 30)
+    good = torch.tensor([0, 1, 2, 3, 4, 5])
+    assert torch.isnan(gapfix.cross_entropy(logits, good, num_tokens=torch.tensor(0.0), impl=impl))
+    assert torch.isnan(gapfix.cross_entropy(logits, good, num_tokens=torch.tensor(-5), impl=impl))
+    loss = gapfix.cross_entropy(logits, torch.tensor([0, 1, 2, 30, 4, 5]), reduction="none", impl=impl)
+    assert torch.isnan(loss[3]) and torch.isfinite(loss[[0, 1, 2, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_order_gradients_are_refused_not_zero(dtype, reduction):
+    # issue 11 item 5: create_graph=True through the fast path gave a second-order gradient of 0
+    logits = torch.randn(5, 7, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, 7, (5,))
+    ref = F.cross_entropy(logits.float(), target, reduction=reduction).sum()
+    (g_ref,) = torch.autograd.grad(ref, logits, create_graph=True)
+    assert g_ref.pow(2).sum().requires_grad  # the reference is differentiable twice
+    loss = gapfix.cross_entropy(logits, target, impl="torch", reduction=reduction).sum()
+    (g,) = torch.autograd.grad(loss, logits, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), logits)
+    assert gg.abs().sum() > 0
+    hidden = torch.randn(5, 4, dtype=dtype, requires_grad=True)
+    weight = torch.randn(7, 4, dtype=dtype, requires_grad=True)
+    for fn, leaf in ((lambda: gapfix.cross_entropy(logits, target, impl="cpu", reduction=reduction), logits),
+                     (lambda: gapfix.linear_cross_entropy(hidden, weight, target, impl="cpu", reduction=reduction),
+                      hidden)):
+        with pytest.raises(NotImplementedError, match="create_graph"):
+            torch.autograd.grad(fn().sum(), leaf, create_graph=True)
+        (first,) = torch.autograd.grad(fn().sum(), leaf)  # first order: unchanged
+        assert torch.isfinite(first).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("which", ["target weights", "token_weight"])
+def test_weights_that_require_grad_are_refused_on_the_fast_path(dtype, which):
+    # issue 11 item 6: their .grad stayed None on the fast path; the reference differentiates them
+    hidden, weight, bias, _, token_weight, gen, n = _linear_case(dtype, (6,), 8, 30)
+    ids, soft_w = _make_targets(gen, (6,), 30, "soft", ignore_frac=0.0)
+    soft_w, token_weight = soft_w.requires_grad_(), token_weight.requires_grad_()
+    kw = dict(token_weight=token_weight) if which == "token_weight" else {}
+    target = (ids, soft_w) if which == "target weights" else ids[:, 0]
+    with pytest.raises(ValueError, match=which):
+        gapfix.linear_cross_entropy(hidden, weight, target, impl="cpu", **kw)
+    with pytest.raises(ValueError, match=which):
+        gapfix.cross_entropy(F.linear(hidden, weight), target, impl="cpu", **kw)
+    leaf = soft_w if which == "target weights" else token_weight
+    gapfix.linear_cross_entropy(hidden, weight, target, impl="torch", **kw).backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    with torch.no_grad():  # nothing to differentiate: accepted
+        gapfix.linear_cross_entropy(hidden, weight, target, impl="cpu", **kw)
 
 
 def test_triton_impl_on_cpu_needs_the_interpreter(monkeypatch):

@@ -160,7 +160,8 @@ def linear_cross_entropy_reference(hidden, lm_weight, target, *, bias=None, **kw
 # --------------------------------------------------------------------------------------
 
 
-def _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction, num_tokens, impl):
+def _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction, num_tokens, impl,
+                   chunk_size=None):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if not (0.0 <= float(label_smoothing) <= 1.0):
@@ -177,10 +178,19 @@ def _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction, nu
         if reduction != "mean":
             raise ValueError(f"num_tokens is the denominator of reduction='mean'; got reduction={reduction!r}")
         if isinstance(num_tokens, Tensor):
-            if num_tokens.numel() != 1:
-                raise ValueError(f"num_tokens must hold one number, got shape {tuple(num_tokens.shape)}")
-        elif isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, float)) or not num_tokens > 0:
-            raise ValueError(f"num_tokens must be a number > 0 or a tensor, got {num_tokens!r}")
+            if num_tokens.numel() != 1 or num_tokens.dim() > 1:
+                raise ValueError(f"num_tokens must hold one number (shape () or (1,)), "
+                                 f"got shape {tuple(num_tokens.shape)}")
+            if num_tokens.dtype == torch.bool or num_tokens.is_complex():
+                raise ValueError(f"num_tokens must be a real number tensor, got dtype {num_tokens.dtype}")
+            if num_tokens.requires_grad:
+                raise ValueError("num_tokens is a count: it must not require grad")
+        elif (isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, float))
+              or not (num_tokens > 0 and math.isfinite(num_tokens))):
+            raise ValueError(f"num_tokens must be a finite number > 0 or a tensor, got {num_tokens!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
 def _check_target(target, n_rows, device, lead_shape):
@@ -291,13 +301,20 @@ class _Rows:
             raise ValueError("token_weight must be >= 0")
 
 
+def _num_tokens_denominator(num_tokens: Tensor, dtype: torch.dtype) -> Tensor:
+    """A fresh scalar of `dtype` (never a view of num_tokens: a custom op's output may not
+    alias its input), NaN where num_tokens <= 0 or NaN: decided on the device, no host read."""
+    count = num_tokens.reshape(()).to(dtype, copy=True)
+    return torch.where(count > 0, count, torch.full((), float("nan"), dtype=dtype, device=count.device))
+
+
 def _denominator(rows: _Rows, reduction: str, num_tokens: Optional[Tensor], num_tokens_value: float,
                  dtype) -> Tensor:
     device = rows.counted.device
     if reduction != "mean":
         return torch.ones((), dtype=dtype, device=device)
     if num_tokens is not None:
-        return num_tokens.reshape(()).to(dtype)
+        return _num_tokens_denominator(num_tokens, dtype)
     if num_tokens_value > 0:
         return torch.full((), num_tokens_value, dtype=dtype, device=device)
     return rows.counted.sum().to(dtype).clamp_min(1.0)
@@ -770,8 +787,7 @@ def _scale_precomputed(grad_loss, *grads):
     passes exactly 1: on CPU, outside tracing, that is checked and the (V x H) multiply
     skipped (the check would be a host sync on a GPU, and is data-dependent in a trace)."""
     g = grad_loss.reshape(())
-    tracing = torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-    if g.device.type == "cpu" and type(g) is torch.Tensor and not tracing and g.item() == 1.0:
+    if g.device.type == "cpu" and type(g) is torch.Tensor and not _tracing() and g.item() == 1.0:
         return grads
     return tuple(None if t is None else t * g.to(t.dtype) for t in grads)
 
@@ -845,6 +861,7 @@ def _linear_setup_context(ctx, inputs, output):
 
 
 def _linear_backward(ctx, grad_loss, *unused):
+    _refuse_double_backward()
     need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if ctx.precomputed:
         dx, dw, db = ctx.saved_tensors
@@ -934,6 +951,7 @@ def _ce_setup_context(ctx, inputs, output):
 
 
 def _ce_backward(ctx, grad_loss, *unused):
+    _refuse_double_backward()
     if ctx.precomputed:
         (dlogits,) = ctx.saved_tensors
         (dlogits,) = _scale_precomputed(grad_loss, dlogits)
@@ -952,14 +970,66 @@ _ce_fwd_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 # --------------------------------------------------------------------------------------
 
 
-def _num_tokens_args(num_tokens, device):
+def _num_tokens_args(num_tokens, device) -> Tuple[Optional[Tensor], float]:
+    """-> (num_tokens as a tensor or None, num_tokens as a number or 0). A tensor count must
+    be on the inputs' device. Its value is checked where reading it costs nothing: on CPU
+    (outside a trace) a count <= 0 is a ValueError; on a GPU it is not read (that would be a
+    host sync) and a count <= 0 makes the loss and the gradients NaN instead."""
     if num_tokens is None:
         return None, 0.0
     if isinstance(num_tokens, Tensor):
         if num_tokens.device != device:
             raise ValueError(f"num_tokens is on {num_tokens.device}, expected {device}")
-        return num_tokens.reshape(()).float(), 0.0
+        if num_tokens.device.type == "cpu" and not _tracing() and not bool(num_tokens.reshape(()) > 0):
+            raise ValueError(f"num_tokens must be > 0, got {num_tokens.reshape(()).item()!r}")
+        return num_tokens.detach().reshape(()), 0.0
     return None, float(num_tokens)
+
+
+def _tracing() -> bool:
+    """Inside torch.compile or a dispatch-mode trace, where tensor values cannot be read."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def _reference_inputs(ids, target_weight, token_weight, num_tokens, vocab, ignore_index, device, dtype):
+    """impl="torch" validates like the fast paths: on CPU an out-of-range id, a negative
+    target weight, a negative token_weight or a count num_tokens <= 0 is a ValueError; on
+    other devices (where a check would be a host sync) such a token's loss, and with it
+    the reduced loss and the gradients, is NaN. -> (ids, token_weight, num_tokens) for
+    cross_entropy_reference."""
+    nt_tensor, nt_value = _num_tokens_args(num_tokens, device)
+    cdt = _compute_dtype(dtype)
+    num_tokens = _num_tokens_denominator(nt_tensor, cdt) if nt_tensor is not None else (nt_value or None)
+    rows = _Rows(ids, target_weight, token_weight, vocab, ignore_index, cdt)
+    if device.type == "cpu" and not _tracing():
+        rows.raise_if_invalid()
+        return ids, token_weight, num_tokens
+    # out-of-range ids would index out of bounds: read slot 0 instead, and NaN the token
+    ids = torch.where((ids != ignore_index) & ~rows.valid_slot, 0, ids)
+    base = token_weight if token_weight is not None else torch.ones((), dtype=cdt, device=device)
+    token_weight = torch.where(rows.invalid, torch.full((), float("nan"), dtype=base.dtype, device=device), base)
+    return ids, token_weight.expand(rows.invalid.shape), num_tokens
+
+
+def _refuse_weight_grads(target_weight, token_weight, impl):
+    """The fast paths give no gradient to target weights or token_weight: refuse rather
+    than leave their .grad silently None."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in (("target weights", target_weight), ("token_weight", token_weight)):
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{name} require grad, but impl={impl!r} computes no gradient for them: "
+                             f"detach them, or use impl='torch' (the reference) to differentiate them")
+
+
+def _refuse_double_backward():
+    """The backward of the fast paths is not itself differentiable. It runs with grad mode on
+    only under create_graph=True: refuse there, rather than return a gradient whose own
+    gradient would be silently 0."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            "second-order gradients (backward with create_graph=True) through gapfix's fused "
+            "cross-entropy are not supported by impl='cpu' or impl='triton'; use impl='torch'")
 
 
 def _torch_impl_result(loss, lse, lead_shape, reduction, return_lse):
@@ -1002,7 +1072,7 @@ def cross_entropy(
     every row, ignored or not, without gradient. See the module docstring for the
     exact formula, the reductions and the handling of invalid values.
     """
-    _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction, num_tokens, impl)
+    _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction, num_tokens, impl, chunk_size)
     if not isinstance(logits, Tensor) or logits.dim() < 1 or logits.dtype not in _FLOAT_DTYPES:
         raise ValueError("logits must be a floating-point tensor of shape (..., V)")
     if logits.shape[-1] < 1:
@@ -1015,11 +1085,14 @@ def cross_entropy(
     impl = _resolve_impl(impl, logits.device, logits.dtype)
     flat = logits.reshape(n_rows, vocab)
     if impl == "torch":
+        ids, token_weight, num_tokens = _reference_inputs(ids, target_weight, token_weight, num_tokens, vocab,
+                                                          ignore_index, logits.device, logits.dtype)
         tgt = ids.reshape(n_rows) if target_weight is None else (ids, target_weight)
         loss, lse = cross_entropy_reference(
             flat, tgt, ignore_index=ignore_index, token_weight=token_weight, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap, reduction=reduction, num_tokens=num_tokens)
         return _torch_impl_result(loss, lse, lead_shape, reduction, return_lse)
+    _refuse_weight_grads(target_weight, token_weight, impl)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     nt_tensor, nt_value = _num_tokens_args(num_tokens, logits.device)
@@ -1065,7 +1138,7 @@ def linear_cross_entropy(
                          finfo(dtype).eps / 32). Off by default: the skipped terms add up to
                          a wrong gradient when the softmax is flat (an untrained model).
     """
-    _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction, num_tokens, impl)
+    _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction, num_tokens, impl, chunk_size)
     if not isinstance(hidden, Tensor) or hidden.dim() < 1 or hidden.dtype not in _FLOAT_DTYPES:
         raise ValueError("hidden must be a floating-point tensor of shape (..., H)")
     if not isinstance(lm_weight, Tensor) or lm_weight.dim() != 2:
@@ -1090,9 +1163,6 @@ def linear_cross_entropy(
         raise ValueError(f"grad_weight_dtype must be a floating dtype, got {grad_weight_dtype!r}")
     if filter_eps is not None and not (float(filter_eps) >= 0.0):
         raise ValueError(f"filter_eps must be None or >= 0, got {filter_eps!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     lead_shape = hidden.shape[:-1]
     n_rows = math.prod(lead_shape)
     ids, target_weight = _check_target(target, n_rows, hidden.device, lead_shape)
@@ -1102,12 +1172,15 @@ def linear_cross_entropy(
         raise ValueError("grad_weight_dtype=torch.bfloat16 needs a GPU: Triton's interpreter has no bf16 atomics")
     flat = hidden.reshape(n_rows, hdim)
     if impl == "torch":
+        ids, token_weight, num_tokens = _reference_inputs(ids, target_weight, token_weight, num_tokens, vocab,
+                                                          ignore_index, hidden.device, hidden.dtype)
         tgt = ids.reshape(n_rows) if target_weight is None else (ids, target_weight)
         loss, lse = linear_cross_entropy_reference(
             flat, lm_weight, tgt, bias=bias, ignore_index=ignore_index, token_weight=token_weight,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
             num_tokens=num_tokens)
         return _torch_impl_result(loss, lse, lead_shape, reduction, return_lse)
+    _refuse_weight_grads(target_weight, token_weight, impl)
     flat = flat.contiguous()
     weight = lm_weight.contiguous()
     grad_on = torch.is_grad_enabled()
