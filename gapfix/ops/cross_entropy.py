@@ -49,6 +49,7 @@ reduced loss and the gradients) is NaN: never a silently wrong number.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -337,6 +338,15 @@ def _assemble_loss(rows: _Rows, lse, target_logit, logit_sum, vocab, label_smoot
     return loss.sum() / denom
 
 
+def _grad_coefficients(rows: _Rows, lse: Tensor, r: Tensor, params, vocab: int):
+    """-> (coef_p, coef_t, coef_s) per row, with dL/dz_v = coef_p p_v - coef_t sum_k w_k [v = id_k] - coef_s
+    (the module docstring's gradient): coef_p = r (S + 2 zl lse), coef_t = r (1 - eps),
+    coef_s = r eps S / V. Both are exactly 0 on rows with r = 0 (ignored)."""
+    eps, zl = params["label_smoothing"], params["z_loss"]
+    coef_p = r * (rows.mass + 2.0 * zl * lse) if zl else r * rows.mass
+    return coef_p, r * (1.0 - eps), r * (eps / vocab) * rows.mass
+
+
 def _row_scale(rows: _Rows, grad_loss: Tensor, reduction: str, denom: Tensor) -> Tensor:
     """r = grad_out * token_weight / denominator per token; 0 for ignored tokens, NaN for invalid."""
     dtype = rows.mass.dtype
@@ -597,6 +607,12 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _on_device(tensor: Tensor):
+    """Launch inside the tensor's device context: Triton launches on the current CUDA
+    device, which is not the tensors' one when a model is spread over GPUs."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _dot_fp32(tensor):
     """bf16 tiles are widened before tl.dot under the interpreter (see the kernels' docstring)."""
     return tensor.device.type != "cuda" and tensor.dtype == torch.bfloat16
@@ -614,6 +630,10 @@ def _linear_triton_forward(hidden, weight, bias, rows: _Rows, params):
 
     n_rows, hdim = hidden.shape
     vocab = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    if n_rows == 0:  # no program to launch (and no row block to split the vocabulary for)
+        empty = torch.empty(0, **f32)
+        return empty, empty.clone(), empty.clone() if params["label_smoothing"] else None
     cfg = K.linear_config(hidden.dtype, n_rows, vocab, hdim, hidden.device.type == "cuda")
     n_blocks = -(-n_rows // cfg["BLOCK_N"])
     v_blocks = -(-vocab // cfg["BLOCK_V"])
@@ -624,22 +644,22 @@ def _linear_triton_forward(hidden, weight, bias, rows: _Rows, params):
     v_per_split = -(-v_blocks // splits) * cfg["BLOCK_V"]
     splits = -(-vocab // v_per_split)
     smooth = bool(params["label_smoothing"])
-    f32 = dict(dtype=torch.float32, device=hidden.device)
     part_max = torch.empty((splits, n_rows), **f32)
     part_sum = torch.empty((splits, n_rows), **f32)
     part_target = torch.empty((splits, n_rows), **f32)
     part_logit_sum = torch.empty((splits, n_rows), **f32) if smooth else part_target
     softcap = params["softcap"]
-    K.linear_ce_forward_kernel[(n_blocks, splits)](
-        hidden, weight, bias if bias is not None else hidden,
-        rows.safe_ids, rows.slot_w,
-        part_max, part_sum, part_target, part_logit_sum,
-        n_rows, vocab, hdim, hidden.stride(0), weight.stride(0), v_per_split,
-        float(softcap or 1.0),
-        NUM_SLOTS=rows.safe_ids.shape[1], HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
-        SMOOTH=smooth, DOT_PRECISION=_dot_precision(hidden.dtype), DOT_FP32=_dot_fp32(hidden),
-        **cfg,
-    )
+    with _on_device(hidden):
+        K.linear_ce_forward_kernel[(n_blocks, splits)](
+            hidden, weight, bias if bias is not None else hidden,
+            rows.safe_ids, rows.slot_w,
+            part_max, part_sum, part_target, part_logit_sum,
+            n_rows, vocab, hdim, hidden.stride(0), weight.stride(0), v_per_split,
+            float(softcap or 1.0),
+            NUM_SLOTS=rows.safe_ids.shape[1], HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+            SMOOTH=smooth, DOT_PRECISION=_dot_precision(hidden.dtype), DOT_FP32=_dot_fp32(hidden),
+            **cfg,
+        )
     top = part_max.amax(dim=0)
     top = torch.where(torch.isfinite(top), top, torch.zeros((), **f32))
     lse = top + (part_sum * torch.exp(part_max - top)).sum(dim=0).log()
@@ -651,29 +671,32 @@ def _linear_triton_backward(hidden, weight, bias, rows: _Rows, lse, r, params, n
 
     n_rows, hdim = hidden.shape
     vocab = weight.shape[0]
-    eps, zl = params["label_smoothing"], params["z_loss"]
-    # per-row coefficients of dL/dz (module docstring); r = 0 rows are skipped by the kernel
-    coef_p = r * (rows.mass + 2.0 * zl * lse) if zl else r * rows.mass
-    coef_t = r * (1.0 - eps)
-    coef_s = r * (eps / vocab) * rows.mass
-    dw_dtype = params["grad_weight_dtype"] or torch.float32
-    dx_acc = torch.zeros((n_rows, hdim), dtype=torch.float32, device=hidden.device)
-    dw_acc = torch.zeros((vocab, hdim), dtype=dw_dtype, device=hidden.device) if need_dw else dx_acc
-    db_acc = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_db else dx_acc
-    cfg = K.linear_config(hidden.dtype, n_rows, vocab, hdim, hidden.device.type == "cuda", backward=True)
-    grid = (-(-n_rows // cfg["BLOCK_N"]) * -(-vocab // cfg["BLOCK_V"]),)
-    softcap = params["softcap"]
-    K.linear_ce_backward_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden,
-        rows.safe_ids, rows.slot_w, lse, coef_p, coef_t, coef_s, r,
-        dx_acc, dw_acc, db_acc,
-        n_rows, vocab, hdim, hidden.stride(0), weight.stride(0),
-        float(softcap or 1.0), float(params["filter_eps"] or 0.0),
-        NUM_SLOTS=rows.safe_ids.shape[1], HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
-        SMOOTH=bool(eps), NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-        FILTER=bool(params["filter_eps"]), DOT_PRECISION=_dot_precision(hidden.dtype), DOT_FP32=_dot_fp32(hidden),
-        **cfg,
-    )
+    coef_p, coef_t, coef_s = _grad_coefficients(rows, lse, r, params, vocab)
+    # fp32 accumulators, only those asked for (dW in grad_weight_dtype when given); a
+    # gradient not asked for gets no buffer, its pointer argument is any tensor (unused)
+    dev = hidden.device
+    dx_acc = torch.zeros((n_rows, hdim), dtype=torch.float32, device=dev) if need_dx else None
+    dw_acc = torch.zeros((vocab, hdim), dtype=params["grad_weight_dtype"] or torch.float32,
+                         device=dev) if need_dw else None
+    db_acc = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
+    if n_rows > 0:
+        cfg = K.linear_config(hidden.dtype, n_rows, vocab, hdim, dev.type == "cuda", backward=True)
+        grid = (-(-n_rows // cfg["BLOCK_N"]) * -(-vocab // cfg["BLOCK_V"]),)
+        softcap = params["softcap"]
+        unused = coef_p
+        with _on_device(hidden):
+            K.linear_ce_backward_kernel[grid](
+                hidden, weight, bias if bias is not None else hidden,
+                rows.safe_ids, rows.slot_w, lse, coef_p, coef_t, coef_s, r,
+                unused if dx_acc is None else dx_acc, unused if dw_acc is None else dw_acc,
+                unused if db_acc is None else db_acc,
+                n_rows, vocab, hdim, hidden.stride(0), weight.stride(0),
+                float(softcap or 1.0), float(params["filter_eps"] or 0.0),
+                NUM_SLOTS=rows.safe_ids.shape[1], HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+                SMOOTH=bool(params["label_smoothing"]), NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
+                FILTER=bool(params["filter_eps"]), DOT_PRECISION=_dot_precision(hidden.dtype),
+                DOT_FP32=_dot_fp32(hidden), **cfg,
+            )
     dx = dx_acc.to(hidden.dtype) if need_dx else None
     dw = dw_acc.to(weight.dtype) if need_dw else None
     db = db_acc.to(bias.dtype) if need_db else None
@@ -695,13 +718,16 @@ def _logits_triton_forward(logits, rows: _Rows, params):
     target_logit = torch.empty(n_rows, **f32)
     smooth = bool(params["label_smoothing"])
     logit_sum = torch.empty(n_rows, **f32) if smooth else target_logit
+    if n_rows == 0:
+        return lse, target_logit, logit_sum if smooth else None
     softcap = params["softcap"]
-    K.ce_forward_kernel[(n_rows,)](
-        logits, rows.safe_ids, rows.slot_w, lse, target_logit, logit_sum,
-        vocab, logits.stride(0), float(softcap or 1.0),
-        NUM_SLOTS=rows.safe_ids.shape[1], SOFTCAP=softcap is not None, SMOOTH=smooth,
-        BLOCK_V=K.row_block(vocab), **_row_launch(logits),
-    )
+    with _on_device(logits):
+        K.ce_forward_kernel[(n_rows,)](
+            logits, rows.safe_ids, rows.slot_w, lse, target_logit, logit_sum,
+            vocab, logits.stride(0), float(softcap or 1.0),
+            NUM_SLOTS=rows.safe_ids.shape[1], SOFTCAP=softcap is not None, SMOOTH=smooth,
+            BLOCK_V=K.row_block(vocab), **_row_launch(logits),
+        )
     return lse, target_logit, logit_sum if smooth else None
 
 
@@ -709,19 +735,20 @@ def _logits_triton_backward(logits, rows: _Rows, lse, r, params):
     from gapfix.kernels import cross_entropy as K
 
     n_rows, vocab = logits.shape
-    eps, zl = params["label_smoothing"], params["z_loss"]
-    coef_p = r * (rows.mass + 2.0 * zl * lse) if zl else r * rows.mass
-    coef_t = r * (1.0 - eps)
-    coef_s = r * (eps / vocab) * rows.mass
+    coef_p, coef_t, coef_s = _grad_coefficients(rows, lse, r, params, vocab)
     dlogits = torch.empty((n_rows, vocab), dtype=logits.dtype, device=logits.device)
+    if n_rows == 0:
+        return dlogits
     block_v = K.row_block(vocab)
     softcap = params["softcap"]
-    K.ce_backward_kernel[(n_rows, -(-vocab // block_v))](
-        logits, rows.safe_ids, rows.slot_w, lse, coef_p, coef_t, coef_s, dlogits,
-        vocab, logits.stride(0), dlogits.stride(0), float(softcap or 1.0),
-        NUM_SLOTS=rows.safe_ids.shape[1], SOFTCAP=softcap is not None, SMOOTH=bool(eps),
-        BLOCK_V=block_v, **_row_launch(logits),
-    )
+    eps = params["label_smoothing"]
+    with _on_device(logits):
+        K.ce_backward_kernel[(n_rows, -(-vocab // block_v))](
+            logits, rows.safe_ids, rows.slot_w, lse, coef_p, coef_t, coef_s, dlogits,
+            vocab, logits.stride(0), dlogits.stride(0), float(softcap or 1.0),
+            NUM_SLOTS=rows.safe_ids.shape[1], SOFTCAP=softcap is not None, SMOOTH=bool(eps),
+            BLOCK_V=block_v, **_row_launch(logits),
+        )
     return dlogits
 
 
