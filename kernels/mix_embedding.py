@@ -3,7 +3,7 @@
 Forward, per position n of the flattened ids (N positions, embedding width D):
 
     mixed[n] = eligible[n] and (mask[n] if a mask is given
-                                else (philox(seed, n) >> 8) < threshold)
+                                else (philox(seed, n) >> (32 - MASK_BITS)) < threshold)
     hard:  out[n] = W[alt[n]] if mixed[n] else W[ids[n]]
     soft:  out[n] = sum_k p[n, k] * W[alt[n, k]] if mixed[n] else W[ids[n]]
 
@@ -25,7 +25,8 @@ gradient into the rows it read,
     hard:  dW[row[n]] += dout[n],  row[n] = alt[n] if mixed[n] else ids[n]
     soft:  dW[alt[n, k]] += p[n, k] * dout[n] at mixed n,  dW[ids[n]] += dout[n] else
 
-and rows equal to padding_idx receive nothing. Two kernels: atomic adds into
+and rows equal to padding_idx receive nothing, nor do rows outside [0, V) (which the
+forward reads as NaN): an id that escaped validation never writes past dW. Two kernels: atomic adds into
 an fp32 gradient (fast, order of the sums not fixed), or a segmented
 reduction over the entries sorted by row (deterministic; also the choice for
 half-precision weights since it writes each touched row once in the weight's
@@ -34,8 +35,30 @@ dtype, with the sum kept in fp32, and needs no fp32 copy of the gradient).
 import triton
 import triton.language as tl
 
-# top bits of the Philox word compared with the threshold
-MASK_BITS = 24
+from gapfix.ops._common import next_pow2
+from gapfix.ops.mix_embedding import MASK_BITS
+
+# the decision keeps the top MASK_BITS bits of the Philox word (defined once, by the op,
+# whose CPU path draws the same bits)
+_MASK_SHIFT = tl.constexpr(32 - MASK_BITS)
+
+# launch configuration
+NUM_WARPS = 4
+SORTED_BLOCK_D = 256  # columns per program of the sorted backward
+SORTED_CHUNK = 16  # run entries summed per step of the sorted backward
+
+
+def launch_config(n: int, d: int) -> tuple:
+    """(BLOCK_N, BLOCK_D) of the forward and the atomic backward: tiles of up to 4096
+    elements, at most 512 wide."""
+    block_d = min(next_pow2(d), 512)
+    block_n = max(1, min(4096 // block_d, next_pow2(n)))
+    return block_n, block_d
+
+
+def sorted_block_d(d: int) -> int:
+    """BLOCK_D of the sorted backward."""
+    return min(next_pow2(d), SORTED_BLOCK_D)
 
 
 @triton.jit
@@ -55,7 +78,7 @@ def _load_mixed(mask_ptr, eligible_ptr, offs_n, in_n, threshold, seed,
     else:
         # offs_n is int32, so this is philox(seed, (n, 0, 0, 0)), word 0
         bits = tl.randint(seed, offs_n)
-        mixed = (bits >> 8).to(tl.int32) < threshold
+        mixed = (bits >> _MASK_SHIFT).to(tl.int32) < threshold
     if HAS_ELIGIBLE:
         mixed = mixed & (tl.load(eligible_ptr + offs_n, mask=in_n, other=0) != 0)
     return mixed & in_n
@@ -111,11 +134,11 @@ def mix_embedding_fwd_kernel(
 @triton.jit
 def mix_embedding_bwd_atomic_kernel(
     grad_ptr, ids_ptr, alt_ptr, probs_ptr, mixed_ptr, grad_weight_ptr,
-    N, D, padding_idx,
+    N, D, V, padding_idx,
     K: tl.constexpr, SOFT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dW[row] += dout[n] by fp32 atomics (grad_weight_ptr is fp32)."""
+    """dW[row] += dout[n] by fp32 atomics (grad_weight_ptr is fp32), rows in [0, V) only."""
     offs_n, in_n, offs_d, in_d = _tile(N, D, BLOCK_N, BLOCK_D)
 
     mixed = tl.load(mixed_ptr + offs_n, mask=in_n, other=0) != 0
@@ -123,19 +146,19 @@ def mix_embedding_bwd_atomic_kernel(
     grad = tl.load(grad_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :],
                    mask=in_n[:, None] & in_d[None, :], other=0.0).to(tl.float32)
     if SOFT:
-        keep = in_n & ~mixed & (ids != padding_idx)
+        keep = in_n & ~mixed & (ids != padding_idx) & (ids >= 0) & (ids < V)
         ptrs = grad_weight_ptr + ids.to(tl.int64)[:, None] * D + offs_d[None, :]
         tl.atomic_add(ptrs, grad, mask=keep[:, None] & in_d[None, :], sem="relaxed")
         for k in tl.static_range(K):
             alt = tl.load(alt_ptr + offs_n * K + k, mask=mixed, other=0)
             p = tl.load(probs_ptr + offs_n * K + k, mask=mixed, other=0.0).to(tl.float32)
-            keep = mixed & (alt != padding_idx) & (p != 0.0)
+            keep = mixed & (alt != padding_idx) & (p != 0.0) & (alt >= 0) & (alt < V)
             ptrs = grad_weight_ptr + alt.to(tl.int64)[:, None] * D + offs_d[None, :]
             tl.atomic_add(ptrs, p[:, None] * grad, mask=keep[:, None] & in_d[None, :], sem="relaxed")
     else:
         alt = tl.load(alt_ptr + offs_n, mask=mixed, other=0)
         rows = tl.where(mixed, alt, ids)
-        keep = in_n & (rows != padding_idx)
+        keep = in_n & (rows != padding_idx) & (rows >= 0) & (rows < V)
         ptrs = grad_weight_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
         tl.atomic_add(ptrs, grad, mask=keep[:, None] & in_d[None, :], sem="relaxed")
 
@@ -143,13 +166,14 @@ def mix_embedding_bwd_atomic_kernel(
 @triton.jit
 def mix_embedding_bwd_sorted_kernel(
     grad_ptr, sorted_rows_ptr, order_ptr, coef_ptr, grad_weight_ptr,
-    E, D,
+    E, D, V,
     K: tl.constexpr, HAS_COEF: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Segmented sum over entries sorted by row (stable sort: fixed order).
 
     Entry e stands for position e // K (with weight coef[e] in soft mode);
-    skipped entries carry row -1 and sort first. The program of the first
+    skipped entries carry row -1 and sort first; rows >= V (never produced by the
+    launcher, which masks them) are skipped too. The program of the first
     entry of each row's run sums the run in fp32, CHUNK entries per step (a
     frequent token's long run is CHUNK times fewer dependent steps), and
     writes the row once; the other programs return at once. grad_weight_ptr
@@ -158,7 +182,7 @@ def mix_embedding_bwd_sorted_kernel(
     i = tl.program_id(0)
     row = tl.load(sorted_rows_ptr + i)
     prev = tl.load(sorted_rows_ptr + i - 1, mask=i > 0, other=-1)
-    if (row >= 0) & (row != prev):
+    if (row >= 0) & (row < V) & (row != prev):
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         in_d = offs_d < D
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)

@@ -18,10 +18,25 @@ slots, 0 on the rest (whose id is ignore_index). A padded row has no filled slot
 One program handles BLOCK_ROWS flattened (b, t) rows. Pure gather, no reuse:
 per slot it reads one index (4 or 8 B) and one reference token, writes one
 int64 id (+ one float32 weight when SOFT), so it runs at memory bandwidth; the
-(BLOCK_K x BLOCK_K) dedup compare is register work on K <= 16 candidates.
+(BLOCK_K x BLOCK_K) dedup compare is register work on K <= 64 candidates (the op's MAX_TARGETS_LIMIT).
 """
 import triton
 import triton.language as tl
+
+from gapfix.ops._common import next_pow2
+
+
+def launch_config(k: int, soft: bool, block_rows=None) -> tuple:
+    """(BLOCK_ROWS, BLOCK_K) for K slots per row; block_rows overrides the default (tests pass
+    small blocks to get several programs and a ragged tail at tiny shapes).
+
+    hard: 512 rows of one slot (40 registers on sm_90); soft: a (rows x K x K) dedup tile of
+    2K elements (K=4: 128 rows, ~110 registers, no spills; 4K elements took ~180 registers).
+    """
+    block_k = next_pow2(k)
+    if block_rows is None:
+        block_rows = 512 if not soft else max(1, 2048 // (block_k * block_k))
+    return next_pow2(block_rows), block_k  # tl.arange needs powers of two
 
 
 @triton.jit

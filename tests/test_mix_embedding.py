@@ -57,7 +57,7 @@ def test_mask_is_the_same_in_the_triton_kernel(triton_device, seed):
     weight, ids, alt, _, _, _ = _case(v=11, d=3, shape=(5, 13), device=triton_device)
     _, mixed_triton = gapfix.mix_embedding(weight, ids, alt, beta=0.37, seed=seed, impl="triton")
     _, mixed_cpu = gapfix.mix_embedding(weight.cpu(), ids.cpu(), alt.cpu(), beta=0.37, seed=seed,
-                                        impl="cpu")
+                                        impl="torch_fast")
     assert torch.equal(mixed_triton.cpu(), mixed_cpu)
     assert torch.equal(mixed_cpu, mixing_mask(ids.shape, beta=0.37, seed=seed))
 
@@ -105,7 +105,7 @@ def test_rate_inside_binomial_interval(beta):
         assert abs(rate - beta) <= 5 * math.sqrt(beta * (1 - beta) / n), (seed, rate)
 
 
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("impl", ["torch_fast", "torch"])
 def test_beta_zero_and_one(impl):
     weight, ids, alt, _, _, _ = _case(shape=(6, 11))
     embeds, mixed = gapfix.mix_embedding(weight, ids, alt, beta=0.0, seed=1, impl=impl)
@@ -115,7 +115,7 @@ def test_beta_zero_and_one(impl):
     assert mixing_threshold(1.0) == 2**24 and mixing_threshold(0.0) == 0
 
 
-@pytest.mark.parametrize("impl", ["cpu", "torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch_fast", "torch", "triton"])
 def test_ineligible_positions_never_mixed(impl, triton_device):
     device = triton_device if impl == "triton" else "cpu"
     weight, ids, alt, _, mask, _ = _case(shape=(4, 9), device=device)
@@ -129,7 +129,7 @@ def test_ineligible_positions_never_mixed(impl, triton_device):
 # ---------------------------------------------------------------------------- explicit mask
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", ["cpu", "torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch_fast", "torch", "triton"])
 def test_explicit_mask_equals_where_embedding(impl, dtype, triton_device):
     device = triton_device if impl == "triton" else "cpu"
     # vocab larger than positions and a fixed permutation: no duplicate rows, so sums are exact
@@ -164,7 +164,7 @@ def test_explicit_mask_leaves_the_global_generator_alone():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl,deterministic", [("cpu", False), ("triton", False), ("triton", True)])
+@pytest.mark.parametrize("impl,deterministic", [("torch_fast", False), ("triton", False), ("triton", True)])
 def test_duplicates_summed_in_backward(impl, deterministic, dtype, triton_device):
     device = triton_device if impl == "triton" else "cpu"
     weight, ids, alt, _, mask, grad_out = _case(v=5, d=9, shape=(5, 11), dtype=dtype, device=device)
@@ -180,7 +180,7 @@ def test_duplicates_summed_in_backward(impl, deterministic, dtype, triton_device
 
 
 @pytest.mark.parametrize("impl,deterministic",
-                         [("cpu", False), ("torch", False), ("triton", False), ("triton", True)])
+                         [("torch_fast", False), ("torch", False), ("triton", False), ("triton", True)])
 @pytest.mark.parametrize("padding_idx", [3, -2])
 def test_padding_idx_rows_get_no_gradient(impl, deterministic, padding_idx, triton_device):
     device = triton_device if impl == "triton" else "cpu"
@@ -204,7 +204,7 @@ def test_deterministic_backward_is_bitwise_repeatable(triton_device):
         w, ids, alt, mask=mask, impl="triton", deterministic=True)[0], grad_out)[1] for _ in range(2)]
     assert torch.equal(grads[0], grads[1])
     _, cpu_grad = _weight_grad(weight.cpu(), lambda w: gapfix.mix_embedding(
-        w, ids.cpu(), alt.cpu(), mask=mask.cpu(), impl="cpu")[0], grad_out.cpu())
+        w, ids.cpu(), alt.cpu(), mask=mask.cpu(), impl="torch_fast")[0], grad_out.cpu())
     torch.testing.assert_close(grads[0].cpu(), cpu_grad)
 
 
@@ -212,7 +212,7 @@ def test_deterministic_backward_is_bitwise_repeatable(triton_device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl,deterministic",
-                         [("cpu", False), ("torch", False), ("triton", False), ("triton", True)])
+                         [("torch_fast", False), ("torch", False), ("triton", False), ("triton", True)])
 def test_soft_mode_against_fp64_reference(impl, deterministic, dtype, triton_device):
     device = triton_device if impl == "triton" else "cpu"
     weight, ids, alt, probs, _, grad_out = _case(v=23, d=17, shape=(3, 5), k=3, dtype=dtype,
@@ -251,7 +251,7 @@ def test_soft_mode_one_hot_equals_hard_mode():
 
 # ---------------------------------------------------------------------------- tracing
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["torch_fast", "triton"])
 def test_custom_ops_pass_opcheck(backend, triton_device):
     device = triton_device if backend == "triton" else "cpu"
     weight, ids, alt, probs, mask, grad_out = _case(v=13, d=5, shape=(2, 7), k=2, device=device)

@@ -23,6 +23,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from gapfix.ops._common import check_ids, check_int, check_lengths, resolve_impl
+
 __all__ = ["Alignment", "align", "align_reference"]
 
 
@@ -35,7 +37,11 @@ class Alignment(NamedTuple):
     targets: Optional[torch.Tensor] = None
 
 
-_IMPLS = ("auto", "native", "cpu", "cuda", "torch")
+IMPLS = ("auto", "native", "torch")
+# max_targets slots are allocated for every prefix (B * (Tg+1) * K int32) whatever the
+# inputs hold: a bound keeps a mistyped K from asking for gigabytes. Prefixes with more
+# distinct optimal tokens than this keep the first MAX_TARGETS_LIMIT (by position).
+MAX_TARGETS_LIMIT = 1024
 
 
 # ----------------------------------------------------------------------------
@@ -69,6 +75,10 @@ def _has_native_kernel(device_type: str) -> bool:
     return device_type in _NATIVE_KERNELS
 
 
+def _auto_impl(device: torch.device) -> str:
+    return "native" if _has_native_kernel(device.type) else "torch"
+
+
 def _register_fake():
     if _native_op() is None:
         return
@@ -94,29 +104,6 @@ _register_fake()
 # Validation
 # ----------------------------------------------------------------------------
 
-def _check_ids(name, x):
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (batch, width), got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must hold int32 or int64 token ids, got {x.dtype}")
-
-
-def _lengths(name, lens, batch, width, device):
-    if lens is None:
-        return torch.full((batch,), width, dtype=torch.int64, device=device)
-    if not isinstance(lens, torch.Tensor):
-        lens = torch.as_tensor(lens, device=device)
-    if lens.device != device:
-        raise ValueError(f"{name} is on {lens.device} but gen is on {device}")
-    if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer lengths, got {lens.dtype}")
-    if tuple(lens.shape) != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},), got {tuple(lens.shape)}")
-    return lens.to(torch.int64).contiguous()
-
-
 def _check_values(gen, ref, gen_lens, ref_lens):
     """Length ranges and negative ids (inside the lengths only: padding is free).
     One host sync on CUDA, none under torch.compile (the native CPU op re-checks
@@ -141,17 +128,13 @@ def _check_values(gen, ref, gen_lens, ref_lens):
 
 
 def _prepare(gen, ref, gen_lens, ref_lens, max_targets):
-    _check_ids("gen", gen)
-    _check_ids("ref", ref)
-    if gen.device != ref.device:
-        raise ValueError(f"gen and ref must be on one device, got gen on {gen.device} and ref on {ref.device}")
-    if gen.shape[0] != ref.shape[0]:
-        raise ValueError(f"gen and ref must have the same batch size, got gen {gen.shape[0]} and ref {ref.shape[0]}")
-    if isinstance(max_targets, bool) or not isinstance(max_targets, int) or max_targets < 0:
-        raise ValueError(f"max_targets must be an int >= 0, got {max_targets!r}")
+    """Validation shared by every impl; -> (gen, ref, gen_lens, ref_lens) ready for either."""
+    check_ids("gen", gen)
+    check_ids("ref", ref, device=gen.device, batch=gen.shape[0])
+    check_int("max_targets", max_targets, low=0, high=MAX_TARGETS_LIMIT)
     batch = gen.shape[0]
-    gen_lens = _lengths("gen_lens", gen_lens, batch, gen.shape[1], gen.device)
-    ref_lens = _lengths("ref_lens", ref_lens, batch, ref.shape[1], gen.device)
+    gen_lens = check_lengths("gen_lens", gen_lens, batch=batch, width=gen.shape[1], device=gen.device)
+    ref_lens = check_lengths("ref_lens", ref_lens, batch=batch, width=ref.shape[1], device=gen.device)
     if not torch.compiler.is_compiling():
         _check_values(gen, ref, gen_lens, ref_lens)
     if gen.dtype != ref.dtype:
@@ -259,9 +242,10 @@ def align(gen, ref, gen_lens=None, ref_lens=None, *, max_targets: int = 0, impl:
     """Aligns each generated row to its reference row (see the module docstring).
 
     gen (B, Tg), ref (B, Tr): int32/int64 token ids >= 0, right-padded; gen_lens,
-    ref_lens (B,): the lengths (default: the full widths). impl: "auto" (the
-    native kernel for the tensors' device, else the PyTorch reference), "native"
-    (the native kernel; "cpu" / "cuda" also assert the device) or "torch".
+    ref_lens (B,): the lengths (default: the full widths). max_targets: K in
+    [0, MAX_TARGETS_LIMIT]. impl (docs/ops.md): "auto" (the native kernel for the
+    tensors' device, else the PyTorch reference), "native" (gapfix._C; ValueError
+    where it has no kernel for the device) or "torch" (the reference).
 
     Lengths outside [0, width] and negative ids within the lengths raise
     ValueError; on CUDA that check costs one host sync (skipped under
@@ -269,21 +253,16 @@ def align(gen, ref, gen_lens=None, ref_lens=None, *, max_targets: int = 0, impl:
     ~(Tr + 2.5 Tg) * Tr / 8 bytes per pair, in chunks of at most 2 GiB
     (GAPFIX_ALIGN_SCRATCH_MB).
     """
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     gen, ref, gen_lens, ref_lens = _prepare(gen, ref, gen_lens, ref_lens, max_targets)
-    device_type = gen.device.type
-    if impl in ("cpu", "cuda") and device_type != impl:
-        raise ValueError(f'impl="{impl}" needs {impl} tensors, got gen on {gen.device}')
-    use_native = impl != "torch" and _has_native_kernel(device_type)
-    if impl in ("native", "cpu", "cuda") and not use_native:
+    impl = resolve_impl(impl, op="align", device=gen.device, supported=IMPLS, auto=_auto_impl)
+    if impl == "torch":
+        return _reference_impl(gen, ref, gen_lens, ref_lens, max_targets)
+    if not _has_native_kernel(gen.device.type):
         from gapfix import _native
 
         raise ValueError(
-            f"impl={impl!r}: no native gapfix.align kernel for {device_type} tensors "
+            f"align: impl='native' has no gapfix._C kernel for {gen.device.type} tensors "
             f"({_native.build_info()}); use impl='torch' or rebuild the extension"
         )
-    if not use_native:
-        return _reference_impl(gen, ref, gen_lens, ref_lens, max_targets)
     distance, path, cost, first, last, targets = torch.ops.gapfix.align(gen, ref, gen_lens, ref_lens, max_targets)
     return Alignment(distance, path, cost, first, last, targets if max_targets > 0 else None)

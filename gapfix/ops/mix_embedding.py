@@ -14,7 +14,8 @@ Layers, as for every gapfix op:
   - philox_uint32 / mixing_mask: the counter-based RNG (NumPy for CPU tensors,
     torch elsewhere), bit-equal to the Triton kernel's tl.randint, so a seed
     gives one mask on all devices;
-  - _forward_cpu / _backward_cpu: the fast path for CPU tensors;
+  - _forward_cpu / _backward_cpu: impl="torch_fast", the fast plain-PyTorch path
+    (any device; "auto" picks it for CPU tensors);
   - _forward_triton / _backward_triton: launchers of kernels/mix_embedding.py
     (imported lazily), for CUDA tensors (or CPU under TRITON_INTERPRET=1);
   - torch.ops.gapfix.mix_embedding / mix_embedding_backward: custom ops with
@@ -30,13 +31,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from gapfix.ops import _common
+from gapfix.ops._common import cdiv, launch, resolve_impl, triton_runs_on
+
 __all__ = ["mix_embedding", "mix_embedding_reference", "mixing_mask", "mixing_threshold",
            "philox_uint32"]
 
-IMPLS = ("auto", "triton", "cpu", "torch")
+IMPLS = ("auto", "torch", "torch_fast", "triton")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The decision compares the top MASK_BITS bits of a Philox word with
-# round(beta * 2**MASK_BITS); must equal kernels/mix_embedding.py MASK_BITS.
+# round(beta * 2**MASK_BITS); kernels/mix_embedding.py imports it from here.
 MASK_BITS = 24
 _MAX_SEED = 2**63  # seeds are split into the two 32-bit Philox key words
 _MAX_POSITIONS = 2**31  # the Philox counter is the int32 flat position
@@ -198,8 +203,10 @@ def _forward_cpu(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, see
     return embeds, mixed
 
 
-def _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx):
-    """(rows, coef) of every gradient entry; rows -1 mark entries that add nothing.
+def _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx, num_embeddings):
+    """(rows, coef) of every gradient entry; rows -1 mark entries that add nothing
+    (padding_idx, and ids outside [0, num_embeddings), which the Triton forward reads as
+    NaN rows: they must never index the gradient).
 
     hard: one entry per position (coef None = 1). soft: K per position:
     entry (n, 0) is ids[n] with weight 1 if not mixed; entries (n, k) are
@@ -218,6 +225,7 @@ def _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx):
         rows = rows.masked_fill(coef == 0, -1)
     if padding_idx >= 0:
         rows = rows.masked_fill(rows == padding_idx, -1)
+    rows = rows.masked_fill(rows >= num_embeddings, -1)  # negative ids are < 0 already
     return rows.reshape(-1), (None if coef is None else coef.reshape(-1))
 
 
@@ -234,7 +242,7 @@ def _backward_cpu(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, padding_
         rows = torch.where(mixed, alt_ids, ids)
         return dense_backward(grad, rows, num_embeddings, padding_idx, False)
     acc_dtype = torch.promote_types(grad.dtype, torch.float32)
-    rows, coef = _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx)
+    rows, coef = _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx, num_embeddings)
     keep = (rows >= 0).nonzero().squeeze(1)
     src = grad[keep // alt_ids.shape[1]].to(acc_dtype) * coef[keep, None].to(acc_dtype)
     touched, slot = torch.unique(rows[keep], return_inverse=True)
@@ -247,23 +255,8 @@ def _backward_cpu(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, padding_
 # Triton launchers
 # ----------------------------------------------------------------------------
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def _next_power_of_2(x):
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _blocks(n, d):
-    """(BLOCK_N, BLOCK_D): tiles of up to 4096 elements, at most 512 wide."""
-    block_d = min(_next_power_of_2(d), 512)
-    block_n = max(1, min(4096 // block_d, _next_power_of_2(n)))
-    return block_n, block_d
-
-
 def _forward_triton(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, seed):
-    from gapfix.kernels.mix_embedding import mix_embedding_fwd_kernel
+    from gapfix.kernels import mix_embedding as kernels
 
     n, d = ids.shape[0], weight.shape[1]
     embeds = torch.empty(n, d, dtype=weight.dtype, device=weight.device)
@@ -271,17 +264,19 @@ def _forward_triton(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, 
     if n == 0 or d == 0:  # nothing to gather (Triton grids must be non-empty)
         return embeds, _draw_mixed(n, mask, eligible, threshold, seed, weight.device)
     soft = alt_probs is not None
-    block_n, block_d = _blocks(n, d)
-    grid = (_cdiv(n, block_n), _cdiv(d, block_d))
-    mix_embedding_fwd_kernel[grid](
+    block_n, block_d = kernels.launch_config(n, d)
+    grid = (cdiv(n, block_n), cdiv(d, block_d))
+    launch(
+        kernels.mix_embedding_fwd_kernel, grid,
         weight, ids, alt_ids, alt_probs if soft else ids,
         mask.view(torch.uint8) if mask is not None else ids,
         eligible.view(torch.uint8) if eligible is not None else ids,
         embeds, mixed.view(torch.uint8),
         n, d, weight.shape[0], threshold, seed,
         K=alt_ids.shape[1] if soft else 1, SOFT=soft,
+        device=weight.device,
         HAS_MASK=mask is not None, HAS_ELIGIBLE=eligible is not None,
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=kernels.NUM_WARPS,
     )
     return embeds, mixed
 
@@ -296,25 +291,33 @@ def _backward_triton(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, paddi
     if n == 0 or d == 0:
         return torch.zeros(num_embeddings, d, dtype=grad.dtype, device=grad.device)
     if grad.dtype == torch.float32 and not deterministic:
-        grad_weight = torch.zeros(num_embeddings, d, dtype=torch.float32, device=grad.device)
-        block_n, block_d = _blocks(n, d)
-        grid = (_cdiv(n, block_n), _cdiv(d, block_d))
-        kernels.mix_embedding_bwd_atomic_kernel[grid](
+        grad_weight = _new_grad_weight(num_embeddings, d, torch.float32, grad.device)
+        block_n, block_d = kernels.launch_config(n, d)
+        grid = (cdiv(n, block_n), cdiv(d, block_d))
+        launch(
+            kernels.mix_embedding_bwd_atomic_kernel, grid,
             grad, ids, alt_ids, alt_probs if soft else grad, mixed.view(torch.uint8), grad_weight,
-            n, d, padding_idx, K=k, SOFT=soft, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+            n, d, num_embeddings, padding_idx, device=grad.device,
+            K=k, SOFT=soft, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=kernels.NUM_WARPS,
         )
         return grad_weight
-    rows, coef = _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx)
+    rows, coef = _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx, num_embeddings)
     sorted_rows, order = torch.sort(rows, stable=True)
-    grad_weight = torch.zeros(num_embeddings, d, dtype=grad.dtype, device=grad.device)
-    block_d = min(_next_power_of_2(d), 256)
-    grid = (rows.shape[0], _cdiv(d, block_d))
-    kernels.mix_embedding_bwd_sorted_kernel[grid](
+    grad_weight = _new_grad_weight(num_embeddings, d, grad.dtype, grad.device)
+    block_d = kernels.sorted_block_d(d)
+    launch(
+        kernels.mix_embedding_bwd_sorted_kernel, (rows.shape[0], cdiv(d, block_d)),
         grad, sorted_rows, order, coef if coef is not None else grad, grad_weight,
-        rows.shape[0], d, K=k, HAS_COEF=coef is not None, CHUNK=16, BLOCK_D=block_d,
-        num_warps=4,
+        rows.shape[0], d, num_embeddings, device=grad.device,
+        K=k, HAS_COEF=coef is not None, CHUNK=kernels.SORTED_CHUNK, BLOCK_D=block_d,
+        num_warps=kernels.NUM_WARPS,
     )
     return grad_weight
+
+
+def _new_grad_weight(num_embeddings, d, dtype, device):
+    """The zeroed gradient the backward kernels add into (a seam for the bounds tests)."""
+    return torch.zeros(num_embeddings, d, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------
@@ -331,7 +334,7 @@ def _mix_embedding_forward(weight: torch.Tensor, ids: torch.Tensor, alt_ids: tor
     Tensors arrive contiguous in the caller's shapes and are flattened here
     (free), so no view of an autograd output is needed outside.
     """
-    forward = _forward_triton if backend == "triton" else _forward_cpu
+    forward = _forward_triton if backend == "triton" else _forward_cpu  # else "torch_fast"
     embeds, mixed = forward(weight, *_flat(ids, alt_ids, alt_probs, mask, eligible), threshold, seed)
     return embeds.view(*ids.shape, weight.shape[1]), mixed.view(ids.shape)
 
@@ -451,11 +454,13 @@ def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor
             GPU; on the CPU the hard-mode backward is F.embedding's own (which
             accumulates half-precision gradients in their dtype), soft mode fp32.
         check_ids: check that ids / alt_ids lie in [0, V). None = check CPU
-            tensors only (free) and skip CUDA tensors, where the check would be a
-            host sync; an id that escapes the check reads a NaN row on the GPU
+            tensors and impl="torch" only, skipping CUDA tensors on the fast paths,
+            where the check would be a host sync; an id that escapes the check reads a NaN row on the GPU
             (never out of bounds). Always skipped under torch.compile.
-        impl: "auto" (Triton for CUDA tensors, the CPU path for CPU tensors),
-            "triton", "cpu" (the PyTorch fast path), or "torch" (the reference).
+        impl (docs/ops.md): "auto" (Triton for CUDA tensors, "torch_fast" for the
+            rest), "triton" (ValueError on CPU tensors unless TRITON_INTERPRET=1),
+            "torch_fast" (the fast plain-PyTorch path, any device), or "torch" (the
+            reference; it always checks the ids, having no NaN-row guard).
 
     Returns:
         embeds (..., D) in weight's dtype, and mixed (...) bool, the mask applied.
@@ -465,8 +470,9 @@ def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (num_embeddings, dim), got shape {tuple(weight.shape)}")
     device = weight.device
-    _check_tensor(ids, "ids", integer=True, device=device)
-    _check_tensor(alt_ids, "alt_ids", integer=True, device=device)
+    # (_common.check_ids: the name check_ids is this function's flag)
+    _common.check_ids("ids", ids, dim=None, device=device, device_of="weight")
+    _common.check_ids("alt_ids", alt_ids, dim=None, device=device, device_of="weight")
     shape = tuple(ids.shape)
     soft = alt_ids.dim() == ids.dim() + 1
     if tuple(alt_ids.shape[:ids.dim()]) != shape or alt_ids.dim() not in (ids.dim(), ids.dim() + 1) \
@@ -509,10 +515,13 @@ def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor
         padding_idx = int(padding_idx) % num_embeddings
     if ids.numel() >= _MAX_POSITIONS:
         raise ValueError(f"ids: at most 2**31 - 1 positions, got {ids.numel()}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    impl = resolve_impl(impl, op="mix_embedding", device=device, supported=IMPLS, auto=_auto_impl)
+    if impl == "triton" and weight.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"weight: the Triton path takes fp32, bf16 or fp16, got {weight.dtype} "
+                         "(use impl='torch_fast' or 'torch')")
     if check_ids is None:
-        check_ids = device.type == "cpu"
+        # the reference gathers with F.embedding, which has no NaN-row guard: always checked
+        check_ids = device.type == "cpu" or impl == "torch"
     if check_ids and not torch.compiler.is_compiling():
         _check_range(ids, "ids", num_embeddings)
         _check_range(alt_ids, "alt_ids", num_embeddings)
@@ -526,30 +535,26 @@ def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor
         embeds = mix_embedding_reference(weight, ids, alt_ids, mixed, alt_probs, padding_idx)
         return embeds, mixed
 
-    if impl == "auto":
-        impl = "triton" if device.type == "cuda" else "cpu"
-    if impl == "triton" and weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"weight: the Triton path takes fp32, bf16 or fp16, got {weight.dtype} "
-                         "(use impl='cpu' or 'torch')")
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
     apply = _mix_embedding_op if torch.compiler.is_compiling() else _MixEmbeddingFunction.apply
     return apply(weight.contiguous(), ids.contiguous(), alt_ids.contiguous(), contiguous(alt_probs),
                  contiguous(mask), contiguous(eligible), threshold, seed,
-                 -1 if padding_idx is None else padding_idx, bool(deterministic),
-                 "triton" if impl == "triton" else "cpu")
+                 -1 if padding_idx is None else padding_idx, bool(deterministic), impl)
 
 
 # ----------------------------------------------------------------------------
 # validation helpers
 # ----------------------------------------------------------------------------
 
-def _check_tensor(t, name, *, floating=False, integer=False, device=None):
+def _auto_impl(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" and triton_runs_on(device) else "torch_fast"
+
+
+def _check_tensor(t, name, *, floating=False, device=None):
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if floating and not t.dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if integer and t.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but weight is on {device}")
 

@@ -24,17 +24,29 @@ Return type: a plain int64 tensor (B, Tg+1) for the hard modes "path",
 "first" and "last" (what a cross-entropy takes); a ``RacTargets`` tuple for
 "all".
 """
-import contextlib
-import os
+import math
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from gapfix.ops._common import (
+    INDEX_DTYPES,
+    INT64_MAX,
+    INT64_MIN,
+    cdiv,
+    check_ids,
+    check_int,
+    check_length_values,
+    check_lengths,
+    launch,
+    resolve_impl,
+    triton_runs_on,
+)
+
 MODES = ("path", "first", "last", "all")
-IMPLS = ("auto", "triton", "torch")
+IMPLS = ("auto", "torch", "triton")
 MAX_TARGETS_LIMIT = 64  # the kernel's per-row dedup is (K x K) register work
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 class RacTargets(NamedTuple):
@@ -88,7 +100,8 @@ def rac_labels_reference(
     if ref_width == 0:  # nothing to gather from; every valid j is the end
         tok = torch.zeros_like(j)
     else:
-        safe_j = torch.where(in_ref, j, 0).reshape(batch, -1)
+        # explicit width: reshape(0, -1) is ambiguous for an empty batch
+        safe_j = torch.where(in_ref, j, 0).reshape(batch, math.prod(j.shape[1:]))
         tok = torch.gather(ref.long(), 1, safe_j).view_as(j)
     ids = torch.where(at_end, eos_id, torch.where(in_ref, tok, ignore_index))
     if not soft:
@@ -116,60 +129,46 @@ def rac_labels_reference(
 # --------------------------------------------------------------------------
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _launch(ref, ref_lens, index3, ids3, weights3, eos_id, ignore_index, block_rows):
-    from gapfix.kernels.rac_labels import rac_labels_kernel
+    from gapfix.kernels.rac_labels import launch_config, rac_labels_kernel
 
     batch, rows_per_batch, k = index3.shape
     n_rows = batch * rows_per_batch
     if n_rows == 0 or k == 0:
         return
-    block_k = _next_pow2(k)
     soft = weights3 is not None
-    if block_rows is None:
-        # hard: 512 rows of one slot (40 registers on sm_90); soft: a (rows x K x K)
-        # dedup tile of 2K elements (K=4: 128 rows, ~110 registers, no spills;
-        # 4K elements took ~180 registers)
-        block_rows = 512 if not soft else max(1, 2048 // (block_k * block_k))
-    block_rows = _next_pow2(block_rows)  # tl.arange needs a power of two
+    block_rows, block_k = launch_config(k, soft, block_rows)
     ref_width = ref.shape[1]
     if ref.numel() == 0:  # nothing is read from it; hand the kernel a real pointer
         ref = ref.new_zeros(1, 1)
-    grid = (_cdiv(n_rows, block_rows),)
-    device_guard = torch.cuda.device(index3.device) if index3.is_cuda else contextlib.nullcontext()
-    with device_guard:  # Triton launches on the current device
-        rac_labels_kernel[grid](
-            ref,
-            ref if ref_lens is None else ref_lens,
-            index3,
-            ids3,
-            ids3 if weights3 is None else weights3,
-            n_rows,
-            rows_per_batch,
-            k,
-            ref_width,
-            ref.stride(0),
-            ref.stride(1),
-            index3.stride(0),
-            index3.stride(1),
-            index3.stride(2),
-            ids3.stride(0),
-            ids3.stride(1),
-            ids3.stride(2),
-            eos_id,
-            ignore_index,
-            HAS_REF_LENS=ref_lens is not None,
-            SOFT=soft,
-            BLOCK_ROWS=block_rows,
-            BLOCK_K=block_k,
-        )
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    launch(
+        rac_labels_kernel,
+        (cdiv(n_rows, block_rows),),
+        ref,
+        ref if ref_lens is None else ref_lens,
+        index3,
+        ids3,
+        ids3 if weights3 is None else weights3,
+        n_rows,
+        rows_per_batch,
+        k,
+        ref_width,
+        ref.stride(0),
+        ref.stride(1),
+        index3.stride(0),
+        index3.stride(1),
+        index3.stride(2),
+        ids3.stride(0),
+        ids3.stride(1),
+        ids3.stride(2),
+        eos_id,
+        ignore_index,
+        device=index3.device,
+        HAS_REF_LENS=ref_lens is not None,
+        SOFT=soft,
+        BLOCK_ROWS=block_rows,
+        BLOCK_K=block_k,
+    )
 
 
 # block_rows < 0 means "the launcher's default"; tests pass small blocks to
@@ -228,50 +227,18 @@ def rac_labels_triton(
 # --------------------------------------------------------------------------
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _auto_impl(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
 
 
-def _triton_usable(device: torch.device) -> bool:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _check_ids(name: str, value, device=None, batch=None) -> None:
-    if not isinstance(value, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (batch, length), got shape {tuple(value.shape)}")
-    if value.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"{name} must be int32 or int64, got {value.dtype}")
-    if device is not None and value.device != device:
-        raise ValueError(f"{name} is on {value.device} but gen is on {device}")
-    if batch is not None and value.shape[0] != batch:
-        raise ValueError(f"{name} has batch size {value.shape[0]}, gen has {batch}")
-
-
-def _check_lens(name: str, lens, batch: int, device) -> None:
-    if lens is None:
+def _check_ref_values(ref: Tensor, ref_lens: Tensor) -> None:
+    """Negative ids within ref_lens (a label that could collide with ignore_index);
+    one host sync, as for align's own check."""
+    if torch.compiler.is_compiling() or ref.numel() == 0:
         return
-    if not isinstance(lens, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(lens).__name__}")
-    if lens.shape != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},), got {tuple(lens.shape)}")
-    if lens.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"{name} must be int32 or int64, got {lens.dtype}")
-    if lens.device != device:
-        raise ValueError(f"{name} is on {lens.device} but gen is on {device}")
-
-
-def _check_lens_values(name: str, lens, width: int) -> None:
-    # one host sync; rac_labels runs once per batch build, never inside a step
-    if lens is not None and lens.numel() and bool(((lens < 0) | (lens > width)).any()):
-        raise ValueError(f"{name} must lie in [0, {width}]")
+    inside = torch.arange(ref.shape[1], device=ref.device) < ref_lens[:, None]
+    if bool(((ref < 0) & inside).any()):
+        raise ValueError("ref holds negative token ids within ref_lens")
 
 
 def _check_alignment(alignment, mode, max_targets, batch, rows, device, ref, ref_lens) -> Tensor:
@@ -280,9 +247,9 @@ def _check_alignment(alignment, mode, max_targets, batch, rows, device, ref, ref
     index = getattr(alignment, field, None)
     name = f"alignment.{field}"
     if index is None:
-        hint = " (compute it with max_targets >= max_targets)" if mode == "all" else ""
+        hint = f" (compute it with align(..., max_targets >= {max_targets}))" if mode == "all" else ""
         raise ValueError(f"{name} is missing{hint}")
-    if not isinstance(index, Tensor) or index.dtype not in _INDEX_DTYPES:
+    if not isinstance(index, Tensor) or index.dtype not in INDEX_DTYPES:
         raise ValueError(f"{name} must be an int32 or int64 tensor")
     want = (batch, rows) if mode != "all" else (batch, rows, index.shape[-1] if index.dim() == 3 else -1)
     if tuple(index.shape) != want:
@@ -296,8 +263,7 @@ def _check_alignment(alignment, mode, max_targets, batch, rows, device, ref, ref
                              f"max_targets={max_targets}; align with max_targets >= {max_targets}")
         index = index[..., :max_targets]
     # every index must be -1 (padding) or a position 0..m of its reference row
-    m = torch.full((batch,), ref.shape[1], device=device) if ref_lens is None else ref_lens
-    m = m.view((batch,) + (1,) * (index.dim() - 1))
+    m = ref_lens.view((batch,) + (1,) * (index.dim() - 1))
     if index.numel() and bool(((index < -1) | (index > m)).any()):
         raise ValueError(f"{name} holds positions outside [-1, ref_len]")
     return index
@@ -329,46 +295,44 @@ def rac_labels(
     the first ones by reference position).
     alignment: a ``gapfix.Alignment`` of (gen, ref) to reuse instead of
     aligning here (for "all" it must carry targets with >= max_targets slots).
-    impl: "auto" (Triton for CUDA tensors, PyTorch for CPU tensors), "triton",
-    or "torch" (the PyTorch references for both the alignment and the labels).
+    impl (docs/ops.md): "auto" (Triton for CUDA tensors, the reference for CPU
+    tensors; the alignment by align's "auto"), "triton", or "torch" (the PyTorch
+    references for both the alignment and the labels). Every impl validates the
+    same way, before anything runs.
 
     Returns labels (B, Tg+1) int64 for the hard modes; ``RacTargets`` for "all".
     """
-    _check_ids("gen", gen)
+    check_ids("gen", gen)
     batch, gen_width = gen.shape
     device = gen.device
-    _check_ids("ref", ref, device, batch)
-    _check_lens("gen_lens", gen_lens, batch, device)
-    _check_lens("ref_lens", ref_lens, batch, device)
-    if not _is_int(eos_id) or eos_id < 0:
-        raise ValueError(f"eos_id must be a non-negative int, got {eos_id!r}")
-    if not _is_int(ignore_index):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_ids("ref", ref, device=device, batch=batch)
+    gen_lens = check_lengths("gen_lens", gen_lens, batch=batch, width=gen_width, device=device)
+    ref_lens = check_lengths("ref_lens", ref_lens, batch=batch, width=ref.shape[1], device=device)
+    eos_id = check_int("eos_id", eos_id, low=0, high=INT64_MAX)
+    # labels are int64: an ignore_index outside it could never be stored
+    ignore_index = check_int("ignore_index", ignore_index, low=INT64_MIN, high=INT64_MAX)
     if ignore_index == eos_id:
         raise ValueError(f"ignore_index must differ from eos_id ({eos_id}): EOS labels would be ignored")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not _is_int(max_targets) or not 1 <= max_targets <= MAX_TARGETS_LIMIT:
-        raise ValueError(f"max_targets must be an int in [1, {MAX_TARGETS_LIMIT}], got {max_targets!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "triton" and not _triton_usable(device):
-        raise ValueError("impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    check_int("max_targets", max_targets, low=1, high=MAX_TARGETS_LIMIT)
+    impl = resolve_impl(impl, op="rac_labels", device=device, supported=IMPLS, auto=_auto_impl)
     soft = mode == "all"
 
     if alignment is None:
         from gapfix.ops.align import align
 
+        # align validates the lengths' values and the ids (one host sync)
         alignment = align(gen, ref, gen_lens, ref_lens, max_targets=max_targets if soft else 0,
                           impl="torch" if impl == "torch" else "auto")
         index = alignment.targets[..., :max_targets] if soft else getattr(alignment, mode)
     else:
-        _check_lens_values("gen_lens", gen_lens, gen_width)
-        _check_lens_values("ref_lens", ref_lens, ref.shape[1])
+        check_length_values("gen_lens", gen_lens, gen_width)
+        check_length_values("ref_lens", ref_lens, ref.shape[1])
+        _check_ref_values(ref, ref_lens)
         index = _check_alignment(alignment, mode, max_targets, batch, gen_width + 1, device, ref, ref_lens)
 
-    use_triton = impl == "triton" or (impl == "auto" and device.type == "cuda" and _triton_usable(device))
-    build = rac_labels_triton if use_triton else rac_labels_reference
+    build = rac_labels_triton if impl == "triton" else rac_labels_reference
     out = build(ref, index, ref_lens, eos_id=eos_id, ignore_index=ignore_index, soft=soft)
     if not soft:
         return out
