@@ -1,6 +1,6 @@
-"""Triton kernels of the fused cross-entropy (launched from gapfix.ops.cross_entropy).
+"""Triton kernels of the fused cross-entropy (launched from gapfix/ops/cross_entropy/triton_launch.py).
 
-Notation as in gapfix/ops/cross_entropy.py: x = hidden @ W^T (+ bias) are the raw
+Notation as in the gapfix.ops.cross_entropy docstring: x = hidden @ W^T (+ bias) are the raw
 logits, z = c * tanh(x / c) with a soft cap (else z = x), lse = logsumexp(z),
 and per row the coefficients computed by the launcher,
     coef_p = r * (S + 2 * zl * lse),  coef_t = r * (1 - eps),  coef_s = r * eps * S / V,

@@ -140,26 +140,26 @@ def test_reference_matches_pytorch_soft_targets_and_z_loss():
 def test_linear_cpu_fp32(options, reduction):
     if "num_tokens" in options and reduction != "mean":
         pytest.skip("num_tokens is the denominator of 'mean'")
-    _check_linear(torch.float32, "hard", options, reduction, "cpu")
+    _check_linear(torch.float32, "hard", options, reduction, "torch_fast")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0}],
                          ids=["plain", "all"])
 def test_linear_cpu_soft_targets(options, reduction):
-    _check_linear(torch.float32, "soft", options, reduction, "cpu")
+    _check_linear(torch.float32, "soft", options, reduction, "torch_fast")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("target_kind", ["hard", "soft"])
 def test_linear_cpu_low_precision(dtype, target_kind):
-    _check_linear(dtype, target_kind, {"z_loss": 1e-3, "softcap": 6.0}, "mean", "cpu", lead=(2, 61), hdim=32,
+    _check_linear(dtype, target_kind, {"z_loss": 1e-3, "softcap": 6.0}, "mean", "torch_fast", lead=(2, 61), hdim=32,
                   vocab=333)
 
 
 def test_linear_cpu_single_chunk_and_one_row_chunks():
     for chunk_size in (1, 10_000):
-        _check_linear(torch.float32, "hard", {"label_smoothing": 0.1}, "sum", "cpu", lead=(13,), hdim=8, vocab=51,
+        _check_linear(torch.float32, "hard", {"label_smoothing": 0.1}, "sum", "torch_fast", lead=(13,), hdim=8, vocab=51,
                       chunk_size=chunk_size)
 
 
@@ -211,16 +211,16 @@ def _check_ce(dtype, target_kind, options, reduction, impl, n=211, vocab=301, ne
 def test_ce_cpu_fp32(options, reduction):
     if "num_tokens" in options and reduction != "mean":
         pytest.skip("num_tokens is the denominator of 'mean'")
-    _check_ce(torch.float32, "hard", options, reduction, "cpu")
+    _check_ce(torch.float32, "hard", options, reduction, "torch_fast")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("target_kind", ["hard", "soft"])
 def test_ce_cpu_dtypes_and_soft(dtype, target_kind):
-    _check_ce(dtype, target_kind, {"label_smoothing": 0.1, "z_loss": 1e-3}, "none", "cpu")
+    _check_ce(dtype, target_kind, {"label_smoothing": 0.1, "z_loss": 1e-3}, "none", "torch_fast")
 
 
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("impl", ["torch_fast", "torch"])
 def test_ce_logits_at_minus_inf(impl):
     _check_ce(torch.float32, "hard", {"z_loss": 1e-3}, "mean", impl, neg_inf=True)
     _check_ce(torch.float32, "soft", {"softcap": 4.0}, "none", impl, neg_inf=True)
@@ -230,7 +230,7 @@ def test_ce_matches_torch_functional():
     logits, gen = _logits_case(torch.float32)
     target = _make_targets(gen, (logits.shape[0],), logits.shape[1], "hard")
     for reduction in ("mean", "sum", "none"):
-        ours = gapfix.cross_entropy(logits, target, label_smoothing=0.1, reduction=reduction, impl="cpu")
+        ours = gapfix.cross_entropy(logits, target, label_smoothing=0.1, reduction=reduction, impl="torch_fast")
         theirs = F.cross_entropy(logits, target, label_smoothing=0.1, reduction=reduction)
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
@@ -238,7 +238,7 @@ def test_ce_matches_torch_functional():
 # ---------------------------------------------------------------- contracts
 
 
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("impl", ["torch_fast", "torch"])
 @pytest.mark.parametrize("soft", [False, True])
 def test_every_token_ignored_gives_zero_loss_and_zero_grads(impl, soft):
     hidden, weight, bias, _, _, _, n = _linear_case(torch.float32, (5, 7), 16, 50)
@@ -256,12 +256,12 @@ def test_ignored_rows_with_all_minus_inf_logits_stay_finite():
     logits, _ = _logits_case(torch.float32, n=6, vocab=20)
     logits[2] = float("-inf")
     target = torch.tensor([1, 2, -100, 3, 4, 5])
-    for impl in ("cpu", "torch"):
+    for impl in ("torch_fast", "torch"):
         loss, grad = _run_ce(logits, target, torch.randn(6), gapfix.cross_entropy, impl=impl, z_loss=1e-2)
         assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad[2].abs().max() == 0
 
 
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("impl", ["torch_fast", "torch"])
 def test_num_tokens_makes_micro_batches_add_up(impl):
     hidden, weight, bias, _, _, gen, n = _linear_case(torch.float64, (64,), 12, 70, seed=5)
     target = _make_targets(gen, (64,), 70, "hard", ignore_frac=0.4)
@@ -278,7 +278,7 @@ def test_num_tokens_makes_micro_batches_add_up(impl):
     torch.testing.assert_close(parts[0][3] + parts[1][3], full[3])
 
 
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("impl", ["torch_fast", "torch"])
 def test_return_lse(impl):
     hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (4, 9), 16, 40)
     target = _make_targets(gen, (4, 9), 40, "hard")
@@ -313,7 +313,7 @@ def test_autocast_casts_the_projection_like_f_linear():
     target = _make_targets(gen, (9,), 40, "hard")
     w = weight.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = gapfix.linear_cross_entropy(hidden.bfloat16(), w, target, impl="cpu")
+        ours = gapfix.linear_cross_entropy(hidden.bfloat16(), w, target, impl="torch_fast")
         theirs = F.cross_entropy(F.linear(hidden.bfloat16(), weight).float(), target)
     torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
     ours.backward()
@@ -324,7 +324,7 @@ def test_no_grad_skips_the_gradient_work():
     hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (6,), 8, 30)
     target = _make_targets(gen, (6,), 30, "hard")
     with torch.no_grad():
-        loss = gapfix.linear_cross_entropy(hidden.requires_grad_(), weight, target, impl="cpu")
+        loss = gapfix.linear_cross_entropy(hidden.requires_grad_(), weight, target, impl="torch_fast")
     assert not loss.requires_grad
 
 
@@ -333,7 +333,7 @@ def test_torch_compile_fullgraph_traces_the_cpu_path():
     target = _make_targets(gen, (3, 11), 45, "soft")
 
     def step(h, w, b):
-        return gapfix.linear_cross_entropy(h, w, target, bias=b, z_loss=1e-3, impl="cpu", reduction="mean")
+        return gapfix.linear_cross_entropy(h, w, target, bias=b, z_loss=1e-3, impl="torch_fast", reduction="mean")
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     eager = _run_linear(hidden, weight, bias, target, None, lambda h, w, t, bias: step(h, w, bias))
@@ -346,7 +346,7 @@ def test_custom_ops_pass_opcheck():
     hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (7,), 16, 40)
     ids = _make_targets(gen, (7,), 40, "hard").reshape(7, 1)
     args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), ids, None, None, None, 0.0,
-            -100, 0.1, 1e-3, 0.0, "mean", "cpu", 3, None, 0.0, True, True, True, False)
+            -100, 0.1, 1e-3, None, "mean", "torch_fast", 3, None, 0.0, True, True, True, False)
     torch.library.opcheck(torch.ops.gapfix.linear_cross_entropy_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -391,7 +391,7 @@ def _good():
     (lambda a: dict(a, num_tokens=torch.tensor(6.0, requires_grad=True)), "num_tokens"),
     (lambda a: dict(a, num_tokens=torch.tensor(6.0, device="meta")), "num_tokens"),
 ])
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("impl", ["torch_fast", "torch"])
 def test_bad_input_raises_value_error_naming_the_argument(change, word, impl):
     hidden, weight, bias, target = _good()
     args = change(dict(hidden=hidden.requires_grad_(), lm_weight=weight, target=target, bias=bias))
@@ -411,8 +411,9 @@ def test_bad_logits_input():
         gapfix.cross_entropy(torch.zeros(3, 4), torch.tensor([0, 4, 1]))
 
 
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("impl", ["torch_fast", "torch"])
 @pytest.mark.parametrize("change, word", [
+    (dict(impl="native"), "impl"),
     (dict(chunk_size=0), "chunk_size"),
     (dict(chunk_size=-1), "chunk_size"),
     (dict(num_tokens=torch.tensor(0.0)), "num_tokens"),
@@ -426,13 +427,14 @@ def test_bad_logits_options_raise_for_every_impl(impl, change, word):
     # and a count num_tokens <= 0 are refused (a zero count gave inf, a negative one a
     # negative loss)
     logits = torch.randn(6, 30, requires_grad=True)
-    args = dict(dict(target=torch.randint(0, 30, (6,)), impl=impl), **change)
+    args = dict(target=torch.randint(0, 30, (6,)), impl=impl)
+    args.update(change)
     with pytest.raises(ValueError, match=word):
         gapfix.cross_entropy(logits, args.pop("target"), **args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("impl", ["torch_fast", "torch"])
 def test_num_tokens_tensor_in_every_dtype(impl, dtype):
     # issue 11 item 4: a tensor count in fp32/bf16/fp16 raised "may not alias" (only fp64 worked)
     hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (2, 9), 8, 30)
@@ -464,15 +466,14 @@ def test_num_tokens_tensor_triton(triton_device, dtype):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("impl", ["torch_fast", "torch"])
 def test_invalid_values_give_nan_where_they_cannot_be_read(monkeypatch, impl):
     # on a GPU (and in a trace) a check would be a host sync: a count <= 0 or an
     # out-of-range id makes the loss NaN instead, on every impl alike; here the CPU takes
     # the device route by pretending to trace
-    from gapfix.ops import cross_entropy as ce
+    from gapfix.ops.cross_entropy import validation
 
-    monkeypatch.setattr(ce, "_tracing", lambda: True)
-    monkeypatch.setattr(ce, "_make_rows", lambda *a: ce._Rows(*a[:5], ce._compute_dtype(a[6])))
+    monkeypatch.setattr(validation, "tracing", lambda: True)
     logits = torch.randn(6, 30)
     good = torch.tensor([0, 1, 2, 3, 4, 5])
     assert torch.isnan(gapfix.cross_entropy(logits, good, num_tokens=torch.tensor(0.0), impl=impl))
@@ -496,8 +497,8 @@ def test_second_order_gradients_are_refused_not_zero(dtype, reduction):
     assert gg.abs().sum() > 0
     hidden = torch.randn(5, 4, dtype=dtype, requires_grad=True)
     weight = torch.randn(7, 4, dtype=dtype, requires_grad=True)
-    for fn, leaf in ((lambda: gapfix.cross_entropy(logits, target, impl="cpu", reduction=reduction), logits),
-                     (lambda: gapfix.linear_cross_entropy(hidden, weight, target, impl="cpu", reduction=reduction),
+    for fn, leaf in ((lambda: gapfix.cross_entropy(logits, target, impl="torch_fast", reduction=reduction), logits),
+                     (lambda: gapfix.linear_cross_entropy(hidden, weight, target, impl="torch_fast", reduction=reduction),
                       hidden)):
         with pytest.raises(NotImplementedError, match="create_graph"):
             torch.autograd.grad(fn().sum(), leaf, create_graph=True)
@@ -515,14 +516,23 @@ def test_weights_that_require_grad_are_refused_on_the_fast_path(dtype, which):
     kw = dict(token_weight=token_weight) if which == "token_weight" else {}
     target = (ids, soft_w) if which == "target weights" else ids[:, 0]
     with pytest.raises(ValueError, match=which):
-        gapfix.linear_cross_entropy(hidden, weight, target, impl="cpu", **kw)
+        gapfix.linear_cross_entropy(hidden, weight, target, impl="torch_fast", **kw)
     with pytest.raises(ValueError, match=which):
-        gapfix.cross_entropy(F.linear(hidden, weight), target, impl="cpu", **kw)
+        gapfix.cross_entropy(F.linear(hidden, weight), target, impl="torch_fast", **kw)
     leaf = soft_w if which == "target weights" else token_weight
     gapfix.linear_cross_entropy(hidden, weight, target, impl="torch", **kw).backward()
     assert leaf.grad is not None and leaf.grad.abs().sum() > 0
     with torch.no_grad():  # nothing to differentiate: accepted
-        gapfix.linear_cross_entropy(hidden, weight, target, impl="cpu", **kw)
+        gapfix.linear_cross_entropy(hidden, weight, target, impl="torch_fast", **kw)
+
+
+def test_deprecated_impl_spellings_run_the_chunked_path():
+    # docs/ops.md: "cpu" and "chunked" are the old names of "torch_fast"
+    hidden, weight, bias, target = _good()
+    expected = gapfix.linear_cross_entropy(hidden, weight, target, bias=bias, impl="torch_fast")
+    for old in ("cpu", "chunked"):
+        torch.testing.assert_close(gapfix.linear_cross_entropy(hidden, weight, target, bias=bias, impl=old), expected,
+                                   rtol=0, atol=0)
 
 
 def test_triton_impl_on_cpu_needs_the_interpreter(monkeypatch):
@@ -579,7 +589,7 @@ def test_linear_triton_all_ignored(triton_device):
 def test_zero_rows(triton_device, reduction):
     # issue 14: N = 0 raised ZeroDivisionError in the vocabulary-split heuristic
     dev = triton_device
-    for impl in ("triton", "cpu", "torch"):
+    for impl in ("triton", "torch_fast", "torch"):
         hidden = torch.randn(0, 16, device=dev, requires_grad=True)
         weight = torch.randn(40, 16, device=dev, requires_grad=True)
         bias = torch.randn(40, device=dev, requires_grad=True)
@@ -696,7 +706,7 @@ def test_accumulation_bound_holds_for_a_simulated_low_precision_sum():
     bound = accumulation_bound(g_logits, hidden, 32, torch.float16)
     parts = [(g_logits[s:s + 32].t() @ hidden[s:s + 32]).half() for s in range(0, 300, 32)]
     worst = torch.zeros_like(bound)
-    for trial in range(20):
+    for _ in range(20):
         acc = torch.zeros(7, 5, dtype=torch.float16)
         for i in torch.randperm(len(parts), generator=gen).tolist():
             acc = acc + parts[i]
@@ -878,32 +888,32 @@ def test_softcap_tanh_is_accurate_near_zero(triton_device):
 
 def test_every_launch_enters_the_tensors_device_context(monkeypatch, triton_device):
     # issue 14: Triton launches on the current CUDA device; with a model spread over GPUs the
-    # tensors may be on another one. Every kernel launch happens inside _on_device(tensor),
-    # which enters torch.cuda.device(tensor.device) (faked here where there is no GPU)
+    # tensors may be on another one. Every kernel launch happens inside
+    # _common.device_guard(the tensors' device), which enters torch.cuda.device(that device)
+    # (faked here where there is no GPU)
     import contextlib
-    import types
 
     from gapfix.kernels import cross_entropy as K
-    from gapfix.ops import cross_entropy as ce
+    from gapfix.ops import _common
 
     entered = []
     monkeypatch.setattr(torch.cuda, "device", lambda dev: entered.append(dev) or contextlib.nullcontext())
-    fake_gpu_tensor = types.SimpleNamespace(device=torch.device("cuda", 1))
-    with ce._on_device(fake_gpu_tensor):
+    with _common.device_guard(torch.device("cuda", 1)):
         pass
     assert entered == [torch.device("cuda", 1)]
 
     depth, launches = [0], []
-    real_on_device = ce._on_device
+    real_guard = _common.device_guard
 
     @contextlib.contextmanager
-    def counting(tensor):
+    def counting(device):
+        assert device == torch.device(triton_device) or device.type == triton_device
         depth[0] += 1
-        with real_on_device(tensor):
+        with real_guard(device):
             yield
         depth[0] -= 1
 
-    monkeypatch.setattr(ce, "_on_device", counting)
+    monkeypatch.setattr(_common, "device_guard", counting)
     for name in ("linear_ce_forward_kernel", "linear_ce_backward_kernel", "ce_forward_kernel", "ce_backward_kernel"):
         monkeypatch.setattr(K, name, _LaunchSpy(name, getattr(K, name), depth, launches))
     hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (9,), 16, 40)
