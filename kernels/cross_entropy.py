@@ -22,7 +22,11 @@ Linear form, N rows, V vocabulary, H hidden; (N, V) never exists in memory:
               dbias[cols]    += sum_rows G
             with atomic adds into fp32 accumulators (order of additions, hence the
             last bits, is not deterministic). 3 matmuls' FLOPs; tiles whose rows are
-            all ignored are skipped before any matmul.
+            all ignored are skipped before any matmul. The atomics are relaxed
+            (sem="relaxed"): they are pure sums that nothing reads before the kernel
+            ends, so no ordering is needed, and acquire-release would add a fence to
+            each. An accumulator whose gradient is not needed is not allocated (NEED_*
+            off: its pointer is never dereferenced).
 
 DOT_FP32 (the interpreter only, for bf16): Triton's CPU interpreter multiplies bf16
 tiles wrongly, so there the tiles are widened to fp32 before tl.dot; on a GPU the
@@ -210,7 +214,7 @@ def linear_ce_backward_kernel(
         if tl.max(tl.max(tl.abs(g) - filter_eps * tl.abs(r)[:, None], axis=1), axis=0) <= 0.0:
             return
     if NEED_DB:
-        tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask)
+        tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
     g_in = g.to(tl.float32 if DOT_FP32 else x_ptr.dtype.element_ty)
 
     hs = tl.arange(0, BLOCK_H).to(tl.int64)
@@ -224,7 +228,7 @@ def linear_ce_backward_kernel(
                 wt = wt.to(tl.float32)
             dx = tl.dot(g_in, wt, input_precision=DOT_PRECISION)
             tl.atomic_add(dx_ptr + rows[:, None] * H + h[None, :], dx,
-                          mask=row_mask[:, None] & h_mask[None, :])
+                          mask=row_mask[:, None] & h_mask[None, :], sem="relaxed")
         if NEED_DW:
             xt = tl.load(x_ptr + rows[:, None] * stride_x + h[None, :],
                          mask=row_mask[:, None] & h_mask[None, :], other=0.0)
@@ -232,7 +236,7 @@ def linear_ce_backward_kernel(
                 xt = xt.to(tl.float32)
             dw = tl.dot(tl.trans(g_in), xt, input_precision=DOT_PRECISION)
             tl.atomic_add(dw_ptr + cols[:, None] * H + h[None, :], dw.to(dw_ptr.dtype.element_ty),
-                          mask=col_mask[:, None] & h_mask[None, :])
+                          mask=col_mask[:, None] & h_mask[None, :], sem="relaxed")
 
 
 # ---- cross-entropy on given logits: one row per program, streamed over V ----
