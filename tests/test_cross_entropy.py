@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import gapfix
-from gapfix.ops.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
+from gapfix.ops.cross_entropy import (
+    cross_entropy_reference,
+    linear_cross_entropy_reference,
+)
 
 FACTOR = 3.0
 
@@ -159,8 +162,8 @@ def test_linear_cpu_low_precision(dtype, target_kind):
 
 def test_linear_cpu_single_chunk_and_one_row_chunks():
     for chunk_size in (1, 10_000):
-        _check_linear(torch.float32, "hard", {"label_smoothing": 0.1}, "sum", "torch_fast", lead=(13,), hdim=8, vocab=51,
-                      chunk_size=chunk_size)
+        _check_linear(torch.float32, "hard", {"label_smoothing": 0.1}, "sum", "torch_fast", lead=(13,), hdim=8,
+                      vocab=51, chunk_size=chunk_size)
 
 
 def _logits_case(dtype, n=211, vocab=301, seed=3):
@@ -497,33 +500,60 @@ def test_second_order_gradients_are_refused_not_zero(dtype, reduction):
     assert gg.abs().sum() > 0
     hidden = torch.randn(5, 4, dtype=dtype, requires_grad=True)
     weight = torch.randn(7, 4, dtype=dtype, requires_grad=True)
-    for fn, leaf in ((lambda: gapfix.cross_entropy(logits, target, impl="torch_fast", reduction=reduction), logits),
-                     (lambda: gapfix.linear_cross_entropy(hidden, weight, target, impl="torch_fast", reduction=reduction),
-                      hidden)):
+    fast = dict(impl="torch_fast", reduction=reduction)
+    for fn, leaf in ((lambda: gapfix.cross_entropy(logits, target, **fast), logits),
+                     (lambda: gapfix.linear_cross_entropy(hidden, weight, target, **fast), hidden)):
         with pytest.raises(NotImplementedError, match="create_graph"):
             torch.autograd.grad(fn().sum(), leaf, create_graph=True)
         (first,) = torch.autograd.grad(fn().sum(), leaf)  # first order: unchanged
         assert torch.isfinite(first).all()
 
 
+def _weight_grads(fn, inputs, ids, soft_w, token_weight, grad_none, **kw):
+    soft_w, token_weight = soft_w.detach().clone().requires_grad_(), token_weight.detach().clone().requires_grad_()
+    loss = fn(*inputs, (ids, soft_w), token_weight=token_weight, **kw)
+    g = grad_none.to(loss.device, loss.dtype) if loss.dim() else torch.tensor(1.7, dtype=loss.dtype, device=loss.device)
+    return (loss.detach(),) + torch.autograd.grad(loss, (soft_w, token_weight), g)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("which", ["target weights", "token_weight"])
-def test_weights_that_require_grad_are_refused_on_the_fast_path(dtype, which):
-    # issue 11 item 6: their .grad stayed None on the fast path; the reference differentiates them
-    hidden, weight, bias, _, token_weight, gen, n = _linear_case(dtype, (6,), 8, 30)
-    ids, soft_w = _make_targets(gen, (6,), 30, "soft", ignore_frac=0.0)
-    soft_w, token_weight = soft_w.requires_grad_(), token_weight.requires_grad_()
-    kw = dict(token_weight=token_weight) if which == "token_weight" else {}
-    target = (ids, soft_w) if which == "target weights" else ids[:, 0]
-    with pytest.raises(ValueError, match=which):
-        gapfix.linear_cross_entropy(hidden, weight, target, impl="torch_fast", **kw)
-    with pytest.raises(ValueError, match=which):
-        gapfix.cross_entropy(F.linear(hidden, weight), target, impl="torch_fast", **kw)
-    leaf = soft_w if which == "target weights" else token_weight
-    gapfix.linear_cross_entropy(hidden, weight, target, impl="torch", **kw).backward()
-    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
-    with torch.no_grad():  # nothing to differentiate: accepted
-        gapfix.linear_cross_entropy(hidden, weight, target, impl="torch_fast", **kw)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0}],
+                         ids=["plain", "all"])
+def test_target_and_token_weight_gradients_match_the_reference(dtype, reduction, options):
+    # issue 11 item 6: soft-target weights and token_weight that require grad got no
+    # gradient on the fast path (.grad None); now as the reference's, linear and logits forms
+    hidden, weight, bias, grad_none, token_weight, gen, n = _linear_case(dtype, (3, 17), 16, 50)
+    ids, soft_w = _make_targets(gen, (3, 17), 50, "soft")
+    kw = dict(options, reduction=reduction)
+    lin = (hidden, weight)
+    fast = _weight_grads(gapfix.linear_cross_entropy, lin, ids, soft_w, token_weight, grad_none, bias=bias,
+                         impl="torch_fast", **kw)
+    same = _weight_grads(_reference_fn, lin, ids, soft_w, token_weight, grad_none, bias=bias, **kw)
+    ref = _weight_grads(_reference_fn, (hidden.double(), weight.double()), ids, soft_w.double(),
+                        token_weight.double(), grad_none, bias=bias.double(), **kw)
+    for name, f, s, r in zip(("loss", "d target weights", "d token_weight"), fast, same, ref):
+        assert f.grad_fn is None and f.shape == r.shape
+        assert_like_torch(f, s, r, f"linear {name} ({dtype}, {options}, {reduction})")
+    logits = F.linear(hidden, weight, bias)
+    fast = _weight_grads(gapfix.cross_entropy, (logits,), ids, soft_w, token_weight, grad_none, impl="torch_fast",
+                         **kw)
+    same = _weight_grads(_ref_ce, (logits,), ids, soft_w, token_weight, grad_none, **kw)
+    ref = _weight_grads(_ref_ce, (logits.double(),), ids, soft_w.double(), token_weight.double(), grad_none, **kw)
+    for name, f, s, r in zip(("loss", "d target weights", "d token_weight"), fast, same, ref):
+        assert_like_torch(f, s, r, f"logits {name} ({dtype}, {options}, {reduction})")
+
+
+def test_target_and_token_weight_gradients_triton(triton_device):
+    hidden, weight, bias, grad_none, token_weight, gen, n = _linear_case(torch.float32, (19,), 16, 40)
+    ids, soft_w = _make_targets(gen, (19,), 40, "soft")
+    dev = triton_device
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, reduction="mean")
+    fast = _weight_grads(gapfix.linear_cross_entropy, (hidden.to(dev), weight.to(dev)), ids.to(dev), soft_w.to(dev),
+                         token_weight.to(dev), grad_none.to(dev), bias=bias.to(dev), impl="triton", **kw)
+    ref = _weight_grads(_reference_fn, (hidden, weight), ids, soft_w, token_weight, grad_none, bias=bias, **kw)
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f.cpu(), r, rtol=1e-4, atol=1e-5)
 
 
 def test_deprecated_impl_spellings_run_the_chunked_path():
@@ -864,7 +894,6 @@ def test_kernels_compile_for_sm90():
 try:
     import triton
     import triton.language as tl
-
     from gapfix.kernels.cross_entropy import _tanh
 
     @triton.jit
@@ -897,6 +926,7 @@ def test_every_launch_enters_the_tensors_device_context(monkeypatch, triton_devi
     import contextlib
 
     from gapfix.kernels import cross_entropy as K
+
     from gapfix.ops import _common
 
     entered = []

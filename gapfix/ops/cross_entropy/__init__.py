@@ -44,9 +44,12 @@ ValueError. On CUDA tensors checking would need a host synchronization, so inste
 token's loss (for num_tokens: every loss), hence the reduced loss and the gradients, is NaN:
 never a silently wrong number.
 
-Not supported by the fast paths, refused rather than silently wrong: second-order gradients
-(backward with create_graph=True: NotImplementedError) and target weights or token_weight
-that require grad (ValueError); impl="torch" supports both.
+Gradients: every impl differentiates hidden, lm_weight, bias (or the logits), and also the
+target weights and token_weight when they require grad (the fast paths from the row terms of
+their forward: dL/dtoken_weight_i = s_i * loss_i before weighting, dL/dw_k = s_i *
+token_weight_i * (lse - (1 - eps) z_{id_k} - eps * mean(z)), s_i the reduction's scale).
+Second-order gradients (backward with create_graph=True) are supported by impl="torch" only;
+the fast paths raise NotImplementedError there rather than return a silent 0.
 
 Layout: reference.py (the oracle), validation.py, rows.py (options, row terms, the
 gradient's coefficients), chunked.py, triton_launch.py, registration.py (custom ops and

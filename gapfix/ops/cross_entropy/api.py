@@ -10,7 +10,7 @@ from torch import Tensor
 
 from gapfix.ops.cross_entropy import registration  # noqa: F401  (registers the torch.ops.gapfix ops)
 from gapfix.ops.cross_entropy.reference import cross_entropy_reference, linear_cross_entropy_reference
-from gapfix.ops.cross_entropy.rows import LinearOptions, Options
+from gapfix.ops.cross_entropy.rows import LinearOptions, Options, Rows, compute_dtype, weight_gradient_terms
 from gapfix.ops.cross_entropy.validation import (
     FLOAT_DTYPES,
     Target,
@@ -19,11 +19,41 @@ from gapfix.ops.cross_entropy.validation import (
     check_token_weight,
     num_tokens_args,
     reference_inputs,
-    refuse_weight_grads,
     resolve_impl,
 )
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
+
+
+def _weights_needing_grad(target_weight, token_weight):
+    """-> (target weights, token_weight) for the custom op (detached: it does not
+    differentiate them) and whether either requires a gradient."""
+    wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (target_weight, token_weight))
+    return tuple(None if t is None else t.detach() for t in (target_weight, token_weight)), wanted
+
+
+def _attach_weight_grads(loss, outputs, slot_logits_fn, ids, target_weight, token_weight, vocab, opts: Options):
+    """loss plus a term that is exactly 0 in value and carries the gradients of the target
+    weights and token_weight, from the op's row terms (the custom op differentiates its
+    tensor inputs, not the weights):
+        dL/d token_weight_i = s_i row_loss_i,  dL/d w_ik = s_i token_weight_i d row_loss_i / d w_ik
+    with s_i the reduction's scale (1/denominator, 1, or per token for "none")."""
+    denom, lse, row_loss, logit_sum = (t.detach() for t in outputs)
+    cdt = row_loss.dtype
+    term = torch.zeros_like(row_loss)
+    if token_weight is not None and token_weight.requires_grad:
+        term = term + (token_weight - token_weight.detach()).to(cdt) * row_loss
+    if target_weight is not None and target_weight.requires_grad:
+        rows = Rows(ids, None, None, vocab, opts.ignore_index, cdt)
+        with torch.no_grad():
+            d = weight_gradient_terms(rows, lse, logit_sum if opts.label_smoothing else None,
+                                      slot_logits_fn(rows.safe_ids).to(cdt), vocab, opts)
+            if token_weight is not None:
+                d = d * token_weight.detach().to(cdt)[:, None]
+        term = term + ((target_weight - target_weight.detach()).to(cdt) * d).sum(dim=1)
+    if opts.reduction == "none":
+        return loss + term
+    return loss + term.sum() / denom
 
 
 def _torch_impl_result(loss, lse, lead_shape, reduction, return_lse):
@@ -86,15 +116,23 @@ def cross_entropy(
             flat, tgt, ignore_index=ignore_index, token_weight=token_weight, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap, reduction=reduction, num_tokens=num_tokens)
         return _torch_impl_result(loss, lse, lead_shape, reduction, return_lse)
-    refuse_weight_grads(target_weight, token_weight, impl)
+    (op_target_weight, op_token_weight), weights_need_grad = _weights_needing_grad(target_weight, token_weight)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     nt_tensor, nt_value = num_tokens_args(num_tokens, logits.device)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     opts = Options(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
                    reduction, impl, int(chunk_size or 0))
-    loss, lse, _, _ = torch.ops.gapfix.cross_entropy_fwd(
-        flat, ids, target_weight, token_weight, nt_tensor, nt_value, *opts.values(), need_grad, bool(return_lse))
+    loss, lse, denom, _, row_loss, logit_sum = torch.ops.gapfix.cross_entropy_fwd(
+        flat, ids, op_target_weight, op_token_weight, nt_tensor, nt_value, *opts.values(), need_grad,
+        bool(return_lse))
+    if weights_need_grad:
+        def slot_logits(safe_ids):
+            z = flat.detach().gather(1, safe_ids).to(compute_dtype(flat.dtype))
+            return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+        loss = _attach_weight_grads(loss, (denom, lse, row_loss, logit_sum), slot_logits, ids, target_weight,
+                                    token_weight, vocab, opts)
     if reduction == "none":
         loss = loss.reshape(lead_shape)
     return (loss, lse.detach().reshape(lead_shape)) if return_lse else loss
@@ -175,7 +213,7 @@ def linear_cross_entropy(
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
             num_tokens=num_tokens)
         return _torch_impl_result(loss, lse, lead_shape, reduction, return_lse)
-    refuse_weight_grads(target_weight, token_weight, impl)
+    (op_target_weight, op_token_weight), weights_need_grad = _weights_needing_grad(target_weight, token_weight)
     flat = flat.contiguous()
     weight = lm_weight.contiguous()
     grad_on = torch.is_grad_enabled()
@@ -186,9 +224,20 @@ def linear_cross_entropy(
     opts = LinearOptions(ignore_index, float(label_smoothing), float(z_loss),
                          None if softcap is None else float(softcap), reduction, impl, int(chunk_size or 0),
                          grad_weight_dtype, float(filter_eps or 0.0))
-    loss, lse, _, _, _, _ = torch.ops.gapfix.linear_cross_entropy_fwd(
-        flat, weight, bias, ids, target_weight, token_weight, nt_tensor, nt_value, *opts.values(),
+    loss, lse, denom, _, _, _, row_loss, logit_sum = torch.ops.gapfix.linear_cross_entropy_fwd(
+        flat, weight, bias, ids, op_target_weight, op_token_weight, nt_tensor, nt_value, *opts.values(),
         need_dx, need_dw, need_db, bool(return_lse))
+    if weights_need_grad:
+        def slot_logits(safe_ids):
+            # the logits of the target slots only: (N, K) dot products of length H
+            cdt = compute_dtype(flat.dtype)
+            z = torch.einsum("nh,nkh->nk", flat.detach().to(cdt), weight.detach()[safe_ids].to(cdt))
+            if bias is not None:
+                z = z + bias.detach()[safe_ids].to(cdt)
+            return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+        loss = _attach_weight_grads(loss, (denom, lse, row_loss, logit_sum), slot_logits, ids, target_weight,
+                                    token_weight, vocab, opts)
     if reduction == "none":
         loss = loss.reshape(lead_shape)
     return (loss, lse.detach().reshape(lead_shape)) if return_lse else loss

@@ -90,10 +90,11 @@ def _linear_fwd(
     ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str, impl: str,
     chunk_rows: int, grad_weight_dtype: Optional[torch.dtype], filter_eps: float,
     need_dx: bool, need_dw: bool, need_db: bool, all_rows: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss, lse, denominator, dx, dw, db); the gradients are empty unless precomputed.
-    all_rows: the lse of ignored rows is wanted too (else the chunked path may skip those
-    rows and leave their lse at 0)."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss, lse, denominator, dx, dw, db, row_loss, logit_sum); the gradients are empty
+    unless precomputed; row_loss (before token_weight) and logit_sum (empty without label
+    smoothing) serve the gradients of the weights (api.py). all_rows: the lse of ignored
+    rows is wanted too (else the chunked path may skip those rows and leave their lse at 0)."""
     opts = LinearOptions(ignore_index, label_smoothing, z_loss, softcap, reduction, impl, chunk_rows,
                          grad_weight_dtype, filter_eps)
     vocab = weight.shape[0]
@@ -106,8 +107,8 @@ def _linear_fwd(
         scale = _unit_scale(rows, opts, denom) if opts.precomputes_grads(need_dx or need_dw or need_db) else None
         lse, target_logit, logit_sum, dx, dw, db = linear_chunked(
             hidden, weight, bias, rows, opts, scale, need_dx, need_dw, need_db, all_rows)
-    loss = assemble_loss(rows, lse, target_logit, logit_sum, vocab, opts, denom)
-    return (loss, lse, denom) + _or_empty(hidden, dx, dw, db)
+    loss, row_loss = assemble_loss(rows, lse, target_logit, logit_sum, vocab, opts, denom)
+    return (loss, lse, denom) + _or_empty(hidden, dx, dw, db) + (row_loss,) + _or_empty(lse, logit_sum)
 
 
 _LINEAR_FWD_INPUTS = tuple(inspect.signature(_linear_fwd).parameters)
@@ -128,7 +129,8 @@ def _(hidden, weight, bias, ids, target_weight, token_weight, num_tokens, num_to
     dx = torch.empty_like(hidden) if pre and need_dx else hidden.new_empty(_EMPTY)
     dw = torch.empty_like(weight) if pre and need_dw else hidden.new_empty(_EMPTY)
     db = torch.empty_like(bias) if pre and need_db else hidden.new_empty(_EMPTY)
-    return loss, lse, denom, dx, dw, db
+    logit_sum = hidden.new_empty((n_rows,) if label_smoothing else _EMPTY, dtype=ldt)
+    return loss, lse, denom, dx, dw, db, hidden.new_empty((n_rows,), dtype=ldt), logit_sum
 
 
 @torch.library.custom_op("gapfix::linear_cross_entropy_bwd", mutates_args=())
@@ -162,7 +164,7 @@ def _(grad_loss, hidden, weight, bias, ids, target_weight, token_weight, lse, de
 
 def _linear_setup_context(ctx, inputs, output):
     args = dict(zip(_LINEAR_FWD_INPUTS, inputs, strict=True))
-    _, lse, denom, dx, dw, db = output
+    _, lse, denom, dx, dw, db, _, _ = output
     ctx.opts = LinearOptions.from_args(args)
     ctx.precomputed = ctx.opts.precomputes_grads(args["need_dx"] or args["need_dw"] or args["need_db"])
     ctx.has_bias = args["bias"] is not None
@@ -203,8 +205,9 @@ def _logits_fwd(
     num_tokens: Optional[Tensor], num_tokens_value: float, ignore_index: int, label_smoothing: float,
     z_loss: float, softcap: Optional[float], reduction: str, impl: str, chunk_rows: int, need_grad: bool,
     all_rows: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss, lse, denominator, dlogits for grad_out = 1 or empty)."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss, lse, denominator, dlogits for grad_out = 1 or empty, row_loss, logit_sum), as
+    the linear form's."""
     opts = Options(ignore_index, label_smoothing, z_loss, softcap, reduction, impl, chunk_rows)
     vocab = logits.shape[1]
     rows = _make_rows(ids, target_weight, token_weight, vocab, ignore_index, logits.dtype)
@@ -215,8 +218,8 @@ def _logits_fwd(
     else:
         scale = _unit_scale(rows, opts, denom) if opts.precomputes_grads(need_grad) else None
         lse, target_logit, logit_sum, dlogits = logits_chunked(logits, rows, opts, scale, all_rows)
-    loss = assemble_loss(rows, lse, target_logit, logit_sum, vocab, opts, denom)
-    return loss, lse, denom, logits.new_empty(_EMPTY) if dlogits is None else dlogits
+    loss, row_loss = assemble_loss(rows, lse, target_logit, logit_sum, vocab, opts, denom)
+    return (loss, lse, denom) + _or_empty(logits, dlogits) + (row_loss,) + _or_empty(lse, logit_sum)
 
 
 _LOGITS_FWD_INPUTS = tuple(inspect.signature(_logits_fwd).parameters)
@@ -231,7 +234,9 @@ def _(logits, ids, target_weight, token_weight, num_tokens, num_tokens_value, ig
     pre = Options(ignore_index, label_smoothing, z_loss, softcap, reduction, impl, chunk_rows).precomputes_grads(
         need_grad)
     return (loss, logits.new_empty((n_rows,), dtype=ldt), logits.new_empty((), dtype=ldt),
-            torch.empty_like(logits, memory_format=torch.contiguous_format) if pre else logits.new_empty(_EMPTY))
+            torch.empty_like(logits, memory_format=torch.contiguous_format) if pre else logits.new_empty(_EMPTY),
+            logits.new_empty((n_rows,), dtype=ldt),
+            logits.new_empty((n_rows,) if label_smoothing else _EMPTY, dtype=ldt))
 
 
 @torch.library.custom_op("gapfix::cross_entropy_bwd", mutates_args=())
@@ -256,7 +261,7 @@ def _(grad_loss, logits, ids, target_weight, token_weight, lse, denom, ignore_in
 
 def _logits_setup_context(ctx, inputs, output):
     args = dict(zip(_LOGITS_FWD_INPUTS, inputs, strict=True))
-    _, lse, denom, dlogits = output
+    _, lse, denom, dlogits, _, _ = output
     ctx.opts = Options.from_args(args)
     ctx.precomputed = ctx.opts.precomputes_grads(args["need_grad"])
     if ctx.precomputed:

@@ -127,19 +127,34 @@ def denominator(rows: Rows, reduction: str, num_tokens: Optional[Tensor], num_to
 
 
 def assemble_loss(rows: Rows, lse, target_logit, logit_sum, vocab, opts: Options, denom):
-    """Per-token loss from the row terms, then the reduction (device-side, no host sync)."""
-    loss = rows.mass * lse - (1.0 - opts.label_smoothing) * target_logit
+    """-> (loss, row_loss): the loss (per token weighted, then reduced; device-side, no host
+    sync) and the per-token loss before token_weight (0 for ignored tokens, NaN for invalid
+    ones), which is the gradient of the loss with respect to token_weight before the
+    reduction's scale."""
+    row_loss = rows.mass * lse - (1.0 - opts.label_smoothing) * target_logit
     if opts.label_smoothing:
-        loss = loss - (opts.label_smoothing / vocab) * rows.mass * logit_sum
+        row_loss = row_loss - (opts.label_smoothing / vocab) * rows.mass * logit_sum
     if opts.z_loss:
-        loss = loss + opts.z_loss * lse * lse
-    loss = torch.where(rows.counted, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
-    if rows.token_weight is not None:
-        loss = loss * rows.token_weight
-    loss = torch.where(rows.invalid, torch.full((), float("nan"), dtype=loss.dtype, device=loss.device), loss)
+        row_loss = row_loss + opts.z_loss * lse * lse
+    row_loss = torch.where(rows.counted, row_loss, torch.zeros((), dtype=row_loss.dtype, device=row_loss.device))
+    row_loss = torch.where(rows.invalid, torch.full((), float("nan"), dtype=row_loss.dtype, device=row_loss.device),
+                           row_loss)
+    # a fresh tensor: a custom op's outputs may not alias each other
+    loss = row_loss * rows.token_weight if rows.token_weight is not None else row_loss.clone()
     if opts.reduction == "none":
-        return loss
-    return loss.sum() / denom
+        return loss, row_loss
+    return loss.sum() / denom, row_loss
+
+
+def weight_gradient_terms(rows: Rows, lse: Tensor, logit_sum: Optional[Tensor], slot_logits: Tensor, vocab: int,
+                          opts: Options) -> Tensor:
+    """d row_loss / d w_k per slot (N, K): lse - (1 - eps) z_{id_k} - eps mean(z) on the
+    counted slots, 0 on ignored ones (the package docstring's loss, differentiated by the
+    target weights; S = sum_k w_k contributes lse and eps mean(z))."""
+    d = lse[:, None] - (1.0 - opts.label_smoothing) * slot_logits
+    if opts.label_smoothing:
+        d = d - (opts.label_smoothing / vocab) * logit_sum[:, None]
+    return torch.where(rows.valid_slot, d, torch.zeros((), dtype=d.dtype, device=d.device))
 
 
 # The gradient (package docstring), per row with upstream scale r:

@@ -164,14 +164,3 @@ def reference_inputs(ids, target_weight, token_weight, num_tokens, vocab, ignore
     base = token_weight if token_weight is not None else torch.ones((), dtype=cdt, device=device)
     token_weight = torch.where(rows.invalid, torch.full((), float("nan"), dtype=base.dtype, device=device), base)
     return ids, token_weight.expand(rows.invalid.shape), num_tokens
-
-
-def refuse_weight_grads(target_weight, token_weight, impl) -> None:
-    """The fast paths give no gradient to target weights or token_weight: refuse rather
-    than leave their .grad silently None."""
-    if not torch.is_grad_enabled():
-        return
-    for name, t in (("target weights", target_weight), ("token_weight", token_weight)):
-        if t is not None and t.requires_grad:
-            raise ValueError(f"{name} require grad, but impl={impl!r} computes no gradient for them: "
-                             f"detach them, or use impl='torch' (the reference) to differentiate them")
