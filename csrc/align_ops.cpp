@@ -10,7 +10,8 @@
 #include "align.h"
 #include "align_torch.h"
 
-#define GAPFIX_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor")
+// ValueError in Python, as the CUDA binding's device checks and every argument check
+#define GAPFIX_CHECK_CPU(x) TORCH_CHECK_VALUE((x).device().is_cpu(), #x " must be a CPU tensor")
 
 namespace gapfix {
 namespace {

@@ -1,5 +1,5 @@
 """Plain-Python oracle for gapfix.align: the full DP matrix and an explicit
-traceback, written straight from DESIGN.md with no cleverness. O(n*m) per pair:
+traceback, written straight from docs/design.md ("The alignment") with no cleverness. O(n*m) per pair:
 use it on short rows only."""
 
 EOS = object()  # y_m: a virtual EOS distinct from every id

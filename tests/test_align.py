@@ -346,6 +346,18 @@ def test_native_op_checks_lengths_itself():
         torch.ops.gapfix.align(gen, gen, torch.tensor([4]), torch.tensor([3]), 0)
 
 
+@needs_native
+def test_native_cpu_kernel_device_check_is_a_value_error():
+    """The CPU binding's device checks raise ValueError, like the CUDA binding's (they raised
+    RuntimeError). The CPU kernel is called by redispatch: a mixed-device call would
+    otherwise be routed to the other device's kernel."""
+    gen = torch.zeros(1, 3, dtype=torch.long)
+    lens = torch.tensor([3])
+    cpu_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    with pytest.raises(ValueError, match="ref_lens must be a CPU tensor"):
+        torch.ops.gapfix.align.default.redispatch(cpu_only, gen, gen, lens, lens.to("meta"), 0)
+
+
 # ---------------------------------------------------------------------------
 # CUDA: identical to the CPU kernel
 
@@ -412,3 +424,25 @@ print("ok")
     env = dict(os.environ, GAPFIX_ALIGN_SCRATCH_MB="1")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_max_targets_is_bounded(impl):
+    """K slots are allocated for every prefix: max_targets=10**9 on a 1x4 input asked for
+    20 GB; it is refused by name, and the limit itself works."""
+    from gapfix.ops.align import MAX_TARGETS_LIMIT
+
+    gen, ref = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[2, 3]])
+    for bad in (10**9, MAX_TARGETS_LIMIT + 1, 2**70):
+        with pytest.raises(ValueError, match=rf"max_targets must be an int in \[0, {MAX_TARGETS_LIMIT}\]"):
+            gapfix.align(gen, ref, max_targets=bad, impl=impl)
+    out = gapfix.align(gen, ref, max_targets=MAX_TARGETS_LIMIT, impl=impl)
+    assert out.targets.shape == (1, 5, MAX_TARGETS_LIMIT)
+    assert torch.equal(out.targets[..., :2], gapfix.align(gen, ref, max_targets=2, impl=impl).targets)
+
+
+def test_old_device_spellings_are_refused():
+    gen = torch.tensor([[1, 2]])
+    for old in ("cpu", "cuda", "triton"):
+        with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'native', 'torch'\)"):
+            gapfix.align(gen, gen, impl=old)

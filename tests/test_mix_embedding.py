@@ -359,3 +359,72 @@ def test_cuda_matches_cpu(dtype):
                 assert torch.equal(embeds.cpu(), lowp[0])
             _assert_close_to_fp64(embeds.cpu(), lowp[0], exact[0])
             _assert_close_to_fp64(grad.cpu(), lowp[1], exact[1])
+
+
+@pytest.mark.parametrize("impl", ["torch", "torch_fast", "triton"])
+@pytest.mark.parametrize("name,args,kwargs", _bad_cases(),
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(_bad_cases())])
+def test_every_impl_refuses_the_same_bad_input(name, args, kwargs, impl, triton_device):
+    """Validation happens once, before the impl is chosen: the reference refuses what the
+    fast paths refuse (an explicit impl in the case wins)."""
+    if impl == "triton" and triton_device != "cpu":
+        pytest.skip("the cases are CPU tensors")
+    with pytest.raises(ValueError, match=name):
+        gapfix.mix_embedding(*args, **{"impl": impl, **kwargs})
+
+
+def test_triton_on_cpu_tensors_without_the_interpreter_is_a_value_error(monkeypatch):
+    weight, ids, alt, _, _, _ = _case()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        gapfix.mix_embedding(weight, ids, alt, beta=0.5, seed=0, impl="triton")
+
+
+def test_old_cpu_spelling_is_refused():
+    weight, ids, alt, _, _, _ = _case()
+    with pytest.raises(ValueError, match="torch_fast"):
+        gapfix.mix_embedding(weight, ids, alt, beta=0.5, seed=0, impl="cpu")
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_never_writes_past_grad_weight(monkeypatch, triton_device, soft, deterministic):
+    """An id outside [0, V) that escaped validation (check_ids=False) reads a NaN row in the
+    forward; the backward must skip it, in the atomic and in the sorted kernel, and add
+    exactly the other positions' gradients."""
+    import gapfix.ops.mix_embedding as op
+
+    v, d, guard = 9, 6, 4
+    weight, ids, alt, probs, mask, grad_out = _case(v=v, d=d, shape=(3, 5), k=3 if soft else None,
+                                                    device=triton_device)
+    ids[0, 1], ids[2, 3] = v + 1, -3  # past the end, before the start
+    mask[0, 1] = mask[2, 3] = False  # these positions read ids
+    alt[1, 2], alt[2, 0] = v, -1  # the same through alt_ids, where mixed
+    mask[1, 2] = mask[2, 0] = True
+    # rows guard..guard+V of a larger zeroed buffer: a stray write lands in the guard rows
+    buffers = []
+
+    def padded_grad_weight(num_embeddings, dim, dtype, device):
+        buffers.append(torch.zeros(num_embeddings + 2 * guard, dim, dtype=dtype, device=device))
+        return buffers[-1][guard:guard + num_embeddings]
+
+    monkeypatch.setattr(op, "_new_grad_weight", padded_grad_weight)
+    w = weight.clone().requires_grad_(True)
+    embeds, mixed = gapfix.mix_embedding(w, ids, alt, mask=mask, alt_probs=probs, check_ids=False,
+                                         impl="triton", deterministic=deterministic)
+    assert embeds[0, 1].isnan().all() and embeds[2, 3].isnan().all()
+    embeds.backward(grad_out)
+    assert len(buffers) == 1
+    assert not buffers[0][:guard].any() and not buffers[0][guard + v:].any()
+    # expected: every valid (row, coefficient) entry, in fp64
+    g = grad_out.reshape(-1, d).double()
+    rows, coef = (torch.where(mixed, alt, ids), None) if not soft else (
+        torch.where(mixed[..., None], alt, ids[..., None]),
+        torch.where(mixed[..., None], probs.double(), torch.tensor([1.0, 0, 0], dtype=torch.float64,
+                                                                    device=triton_device)))
+    k = 1 if not soft else rows.shape[-1]
+    rows = rows.reshape(-1)
+    src = g.repeat_interleave(k, 0) * (1.0 if coef is None else coef.reshape(-1, 1))
+    valid = (rows >= 0) & (rows < v)
+    want = torch.zeros(v, d, dtype=torch.float64, device=triton_device).index_add_(0, rows[valid], src[valid])
+    torch.testing.assert_close(w.grad.double(), want, rtol=1e-5, atol=1e-5)

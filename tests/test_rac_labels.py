@@ -1,9 +1,9 @@
 """gapfix.rac_labels: label construction (reference vs Triton kernel), the
 paper's examples end to end, bad inputs.
 
-A small pure-Python Levenshtein DP written from DESIGN.md stands in for
-gapfix.align where a hand-made alignment is wanted; the end-to-end tests
-through gapfix.align itself are at the bottom.
+A small pure-Python Levenshtein DP written from docs/design.md ("The alignment",
+"Label convention") stands in for gapfix.align where a hand-made alignment is
+wanted; the end-to-end tests through gapfix.align itself are at the bottom.
 """
 from typing import NamedTuple, Optional
 
@@ -297,11 +297,60 @@ def _good():
         (dict(alignment=PyAlignment(*[None] * 6)), "alignment.path"),
     ],
 )
-def test_bad_inputs(change, name):
-    kwargs = {**_good(), **change}
+@pytest.mark.parametrize("impl", ["auto", "torch", pytest.param("triton", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the cases are CPU tensors"))])
+def test_bad_inputs(change, name, impl):
+    kwargs = {"impl": impl, **_good(), **change}
     gen, ref, gen_lens, ref_lens = (kwargs.pop(k) for k in ("gen", "ref", "gen_lens", "ref_lens"))
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         rac_labels(gen, ref, gen_lens, ref_lens, **kwargs)
+
+
+@pytest.mark.parametrize("value", [2**70, -(2**70), 2**63])
+def test_huge_ignore_index_or_eos_id_is_a_value_error(value):
+    """Labels are int64: a value outside it is refused by name, never an OverflowError."""
+    kwargs = _good()
+    with pytest.raises(ValueError, match="ignore_index"):
+        rac_labels(**{**kwargs, "ignore_index": value})
+    with pytest.raises(ValueError, match="eos_id"):
+        rac_labels(**{**kwargs, "eos_id": abs(value)})
+
+
+def test_missing_targets_message_names_the_count():
+    kwargs = _good()
+    kwargs["alignment"] = kwargs["alignment"]._replace(targets=None)
+    with pytest.raises(ValueError, match=r"alignment\.targets is missing .*max_targets >= 3\)"):
+        rac_labels(**kwargs, mode="all", max_targets=3)
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", pytest.param("triton", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the cases are CPU tensors"))])
+def test_negative_reference_ids_with_an_alignment_are_refused(impl):
+    """A negative id inside ref_lens would become a label (maybe equal to ignore_index);
+    align refuses it, and so does the path that reuses a caller's alignment."""
+    kwargs = _good()
+    ref = kwargs["ref"].clone()
+    ref[1, 0] = IGN
+    with pytest.raises(ValueError, match="ref holds negative"):
+        rac_labels(**{**kwargs, "ref": ref, "impl": impl})
+    ref[1, 0], ref[1, -1] = 5, IGN  # in the padding: allowed
+    rac_labels(**{**kwargs, "ref": ref, "impl": impl})
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("mode", ["path", "all"])
+def test_empty_batch(impl, mode, triton_device):
+    """B = 0 (align handles it): empty labels, not 'cannot reshape tensor of 0 elements'."""
+    gen = torch.zeros(0, 4, dtype=torch.long, device=triton_device)
+    ref = torch.zeros(0, 3, dtype=torch.long, device=triton_device)
+    out = rac_labels(gen, ref, eos_id=EOS, mode=mode, max_targets=2, impl=impl)
+    if mode == "all":
+        assert out.labels.shape == (0, 5) and out.target_ids.shape == out.target_weights.shape == (0, 5, 2)
+    else:
+        assert out.shape == (0, 5) and out.dtype == torch.long
+    for soft, index in ((False, torch.zeros(0, 5, dtype=torch.long)), (True, torch.zeros(0, 5, 2, dtype=torch.long))):
+        got = rac_labels_reference(ref.cpu(), index, eos_id=EOS, soft=soft)
+        assert (got[0] if soft else got).shape == index.shape
 
 
 def test_bad_alignment_positions():
