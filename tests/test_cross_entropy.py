@@ -915,7 +915,10 @@ def test_softcap_tanh_is_accurate_near_zero(triton_device):
     _tanh_kernel[(-(-u.numel() // 1024),)](u, out, u.numel(), BLOCK=1024)
     exact = torch.tanh(u.double())
     rel = ((out.double() - exact).abs() / exact.abs().clamp_min(1e-300)).nan_to_num(0.0)
-    assert rel.max() <= 4 * torch.finfo(torch.float32).eps, rel.max()
+    # 8 eps: compiled, exp is ex2.approx (~2 ulp) of a rounded argument 2u log2(e) (relative
+    # error up to ~2|u| ulp of exp(2u), damped by 2 exp(2u) / (exp(2u) + 1)^2 in tanh), plus
+    # three roundings; the cancelling form was ~100 eps off at u = 1e-3
+    assert rel.max() <= 8 * torch.finfo(torch.float32).eps, rel.max()
 
 
 def test_every_launch_enters_the_tensors_device_context(monkeypatch, triton_device):
