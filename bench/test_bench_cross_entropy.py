@@ -10,7 +10,7 @@ Every test runs all implementations in the same process, interleaved round by
 round (the machine may be shared: all see the same load), and records in
 extra_info each one's median time, its peak memory and the ratios to gapfix.
 
-CPU: gapfix (impl="cpu", chunked) vs eager PyTorch (F.linear + F.cross_entropy)
+CPU: gapfix (impl="torch_fast", chunked) vs eager PyTorch (F.linear + F.cross_entropy)
 and Cut Cross-Entropy's torch_compile implementation (torch.compile of the same,
 on CPU through inductor's C++ backend). Memory is the peak RSS delta of one
 forward+backward: a thread samples the process's resident set (/proc/self/statm)
@@ -198,7 +198,7 @@ def _cce_torch_compile():
 def test_linear_cross_entropy_cpu(benchmark, hdim, vocab):
     hidden, weight, target = _inputs(CPU_TOKENS, hdim, vocab, torch.float32, "cpu")
     steps = {
-        "gapfix": _grads_step(lambda: gapfix.linear_cross_entropy(hidden, weight, target, impl="cpu"),
+        "gapfix": _grads_step(lambda: gapfix.linear_cross_entropy(hidden, weight, target, impl="torch_fast"),
                               hidden, weight),
         "eager": _grads_step(lambda: _eager(hidden, weight, target), hidden, weight),
     }
