@@ -11,6 +11,7 @@ import sys
 # command -> (module, one-line help)
 COMMANDS = {
     "train": ("gapfix.train_cli", "train a causal LM with SFT, BASH or RAC on JSONL data"),
+    "eval": ("gapfix.eval_cli", "accuracy and exposure-bias diagnostics of a model on JSONL data"),
     "demo": ("gapfix.demo", "SFT, then equal-compute SFT/BASH/RAC on the bundled math task (CPU, minutes)"),
     "generate": ("gapfix.generate_cli", "generate answers for a JSONL file of prompts (vLLM or transformers), resumable"),
     "bench": ("gapfix.bench_cli", "run the benchmark suite (a source checkout's bench/) on this machine"),
