@@ -43,15 +43,20 @@ def apply_threads(threads):
         torch.set_num_threads(threads)
 
 
-def run(args) -> int:
+def quiet_third_party():
+    """No third-party progress bars (transformers' loading and saving bars)."""
     from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+
+
+def run(args) -> int:
     from gapfix.data import load_examples
     from gapfix.evaluation import evaluate_model, summary_line, write_report
     from gapfix.models import load_model
 
     apply_threads(args.threads)
-    hf_logging.disable_progress_bar()
+    quiet_third_party()
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise ValueError(f"--model {args.model!r} has no tokenizer files: save the tokenizer beside the model")
