@@ -148,3 +148,45 @@ def test_eval_command_writes_report(copy_setup, tmp_path, capsys):
     assert all(v is None or math.isfinite(v) for v in report["per_example"]["recovery_distance"])
     assert (out / "report.png").stat().st_size > 1000
     assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method, options, match", [
+    ("bash", dict(bash_mode="argmax", beta=0.5), "BASH iteration 0: every predicted token equals"),
+    ("rac", dict(rac_temperature=0.0, rac_prompts=16), "RAC iteration 0: all 16 generated answers equal"),
+])
+def test_trainer_warns_when_an_iteration_is_sft(copy_setup, tmp_path, method, options, match):
+    """On a model that copies perfectly, greedy RAC answers and argmax BASH predictions are the
+    references: the trainer says so, and its offline log counts what was predicted/generated."""
+    import copy
+
+    from gapfix.trainer import TrainConfig, train
+
+    model, tokenizer, examples = copy_setup
+    model = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=match):
+        train(model, tokenizer, examples[:32], TrainConfig(
+            method=method, steps_per_iteration=1, batch_size=8, lr=1e-6, progress=False,
+            max_new_tokens=8, generation_backend="hf", bash_rows=12, out_dir=str(tmp_path), **options))
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    if method == "bash":
+        offline = next(e for e in events if e["event"] == "bash_offline")
+        assert offline["predicted_rows"] == 12 and offline["equal_to_input"] == 1.0
+    else:
+        offline = next(e for e in events if e["event"] == "rac_offline")
+        assert offline["generated"] == 16 and offline["mean_edit_distance"] == 0.0
+
+
+def test_bash_noise_control_mixes_random_tokens(copy_setup, tmp_path):
+    import copy
+
+    from gapfix.trainer import TrainConfig, train
+
+    model, tokenizer, examples = copy_setup
+    train(copy.deepcopy(model), tokenizer, examples[:32], TrainConfig(
+        method="bash", bash_mode="random", beta=0.5, steps_per_iteration=1, batch_size=8, lr=1e-6,
+        progress=False, bash_rows=16, out_dir=str(tmp_path)))
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    offline = next(e for e in events if e["event"] == "bash_offline")
+    # uniform random tokens hit the reference about 1/V of the time, the copying model's argmax always
+    assert offline["equal_to_input"] < 0.4
+    assert any(e.get("mixed_fraction", 0) > 0.2 for e in events if e["event"] == "step")
