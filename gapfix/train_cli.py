@@ -103,8 +103,17 @@ def configure(parser):
     parser.add_argument("--vocab-size", type=int, default=512,
                         help="for --model tiny / config.json: tokenizer vocabulary cap (default 512)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_config_flags(parser)
+
+
+def add_config_flags(parser, skip=()):
+    """A flag per TrainConfig field (but `skip`), with its meaning and default; default None
+    in argparse, so that config_values() can tell a given flag from a recipe's default."""
+    from gapfix.recipes import RECIPES
+
+    demo = RECIPES["demo"]
     for field in dataclasses.fields(TrainConfig):
-        if field.name in _SKIP:
+        if field.name in _SKIP or field.name in skip:
             continue
         kind = _flag_type(field)
         flag = "--" + field.name.replace("_", "-")
@@ -119,7 +128,7 @@ def configure(parser):
             parser.add_argument(flag, type=kind, default=None, help=text)
 
 
-def config_from_args(args) -> TrainConfig:
+def config_values(args) -> dict:
     """TrainConfig defaults, then the --recipe's values, then the flags given."""
     from gapfix.recipes import recipe
 
@@ -131,6 +140,11 @@ def config_from_args(args) -> TrainConfig:
             values[field.name] = given
     if getattr(args, "iterations", None) is not None:
         values["iterations"] = args.iterations
+    return values
+
+
+def config_from_args(args) -> TrainConfig:
+    values = config_values(args)
     values["method"], values["out_dir"] = args.method, args.out
     return TrainConfig(**values)
 
