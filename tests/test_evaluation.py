@@ -190,3 +190,36 @@ def test_bash_noise_control_mixes_random_tokens(copy_setup, tmp_path):
     # uniform random tokens hit the reference about 1/V of the time, the copying model's argmax always
     assert offline["equal_to_input"] < 0.4
     assert any(e.get("mixed_fraction", 0) > 0.2 for e in events if e["event"] == "step")
+
+
+def test_generate_command_continues_a_response_prefix(copy_setup, tmp_path):
+    """{"prompt", "prefix"}: the prefix is tokenized apart from the prompt, as in training, and the
+    answer is the continuation after it; it equals generating from the hand-built token ids."""
+    from gapfix.cli import main
+    from gapfix.generation import generate, read_generations_jsonl
+    from gapfix.models import save_model
+
+    model, tokenizer, examples = copy_setup
+    folder = save_model(model, tokenizer, tmp_path / "model")
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": "abcd=", "prefix": "ab"}, {"prompt": "cafe="}, {"prompt": "bead=", "prefix": "be"}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "answers.jsonl"
+    assert main(["generate", "--model", str(folder), "--prompts", str(prompts), "--out", str(out),
+                 "--backend", "hf", "--max-new-tokens", "6", "--no-progress", "--threads", "1"]) == 0
+    answers = read_generations_jsonl(out)
+    hand_built = [tokenizer("abcd=")["input_ids"] + tokenizer("ab", add_special_tokens=False)["input_ids"],
+                  tokenizer("cafe=")["input_ids"],
+                  tokenizer("bead=")["input_ids"] + tokenizer("be", add_special_tokens=False)["input_ids"]]
+    expected = generate(model, hand_built, tokenizer=tokenizer, max_new_tokens=6, backend="hf")
+    assert [a.token_ids for a in answers] == [e.token_ids for e in expected]
+    assert [a.text for a in answers] == ["cd", "cafe", "ad"]
+
+
+def test_generate_command_rejects_a_bad_prefix(tmp_path):
+    from gapfix.generation import read_prompts_jsonl
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "x", "prefix": 3}) + "\n")
+    with pytest.raises(ValueError, match="line 1: prefix is not a string"):
+        read_prompts_jsonl(path, prefixes=[])
