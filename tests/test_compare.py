@@ -133,3 +133,86 @@ def test_compare_command_bad_input(tmp_path, args, match):
         base[flag] = value
     with pytest.raises(ValueError, match=match):
         main(["compare"] + [item for pair in base.items() for item in pair])
+
+
+# ----------------------------------------------------------------------------- CLI flags
+
+
+def test_every_computing_command_takes_threads():
+    from gapfix.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["train", "--model", "tiny", "--train", "t", "--out", "o"], ["eval", "--model", "m", "--data", "d"],
+                 ["compare", "--model", "m", "--train", "t", "--eval", "e", "--extra-steps", "2"], ["demo"],
+                 ["generate", "--model", "m", "--prompts", "p", "--out", "o"], ["bench"]):
+        assert parser.parse_args(argv + ["--threads", "3"]).threads == 3, argv[0]
+
+
+def test_train_help_shows_every_flag_with_a_meaning_and_default(capsys):
+    import dataclasses
+
+    from gapfix.cli import build_parser
+    from gapfix.trainer import TrainConfig
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    raw = capsys.readouterr().out
+    entries = {}  # flag -> its help entry (argparse starts each with two spaces and the flag)
+    for chunk in raw.split("\n  --")[1:]:
+        entries["--" + chunk.split()[0]] = " ".join(chunk.split())
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in ("method", "out_dir"):
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        assert "(default" in entries[flag] and len(entries[flag].split()) > 4, flag
+    text = " ".join(raw.split())
+    assert "demo recipe 0.3" in text and "demo recipe 2.0" in text  # beta, bash temperature
+
+
+def test_train_recipe_demo_and_explicit_flags():
+    from gapfix.cli import build_parser
+    from gapfix.recipes import RECIPES
+    from gapfix.train_cli import config_from_args
+
+    parser = build_parser()
+    base = ["train", "--model", "tiny", "--train", "t", "--out", "o"]
+    plain = config_from_args(parser.parse_args(base))
+    assert plain.beta == 0.2 and plain.rac_temperature == 0.0 and plain.iterations == 1
+    demo = config_from_args(parser.parse_args(base + ["--recipe", "demo"]))
+    for key, value in RECIPES["demo"].items():
+        assert getattr(demo, key) == value, key
+    override = config_from_args(parser.parse_args(base + ["--recipe", "demo", "--beta", "0.1",
+                                                          "--iterations", "5", "--fused", "false"]))
+    assert override.beta == 0.1 and override.iterations == 5 and override.fused is False
+    assert override.bash_temperature == RECIPES["demo"]["bash_temperature"]
+
+
+@pytest.mark.parametrize("kind, expected", [("word", ["12", " ", "+", " ", "7"]), ("char", ["1", "2", " ", "+"])])
+def test_train_tokenizer_flag_for_a_tiny_model(tmp_path, kind, expected):
+    pytest.importorskip("transformers")
+    from gapfix.train_cli import load_model_and_tokenizer
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "12 + 7", "response": "19"}) + "\n")
+    model, tokenizer = load_model_and_tokenizer("tiny", str(data), tokenizer=kind)
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer("12 + 7", add_special_tokens=False)["input_ids"])
+    assert pieces[:len(expected)] == expected
+    assert model.config.vocab_size == len(tokenizer)
+
+
+def test_train_progress_false_prints_no_third_party_bars(tmp_path, capfd):
+    pytest.importorskip("transformers")
+    from transformers.utils import logging as hf_logging
+
+    from gapfix.cli import main
+
+    files = _copy_files(tmp_path)
+    hf_logging.enable_progress_bar()  # as in a fresh process
+    try:
+        assert main(["train", "--model", "tiny", "--tokenizer", "char", "--train", str(files["train"]),
+                     "--steps-per-iteration", "1", "--batch-size", "4", "--progress", "false",
+                     "--out", str(tmp_path / "run")]) == 0
+        err = capfd.readouterr().err
+        assert "Writing model shards" not in err and "it/s]" not in err, err[-500:]
+    finally:
+        hf_logging.enable_progress_bar()
