@@ -176,7 +176,8 @@ def analyse(runs: List[dict], *, reference: str = "sft", draws: int = 2000) -> d
 
 
 def run_compare(make_base: Callable[[int], object], tokenizer, train_examples, *,
-                evaluate: Callable[[object], Dict[str, list]], methods: Sequence[str] = ("sft", "bash", "rac"),
+                evaluate: Callable[[object], Dict[str, list]],
+                methods: Sequence[str] = ("sft", "bash", "rac"),
                 seeds: int = 3, extra_steps: int = 300, config=None, base_steps: int = 0,
                 base_config=None, select_base: Optional[Callable[[object], float]] = None,
                 base_checkpoints: int = 4, out: Optional[str] = None, log=print, draws: int = 2000) -> dict:
@@ -203,7 +204,8 @@ def run_compare(make_base: Callable[[int], object], tokenizer, train_examples, *
     if isinstance(extra_steps, bool) or not isinstance(extra_steps, int) or extra_steps < 1:
         raise ValueError(f"extra_steps must be an int >= 1, got {extra_steps!r}")
     if extra_steps % config.iterations:
-        raise ValueError(f"extra_steps ({extra_steps}) must be a multiple of iterations ({config.iterations}), "
+        raise ValueError(f"extra_steps ({extra_steps}) must be a multiple of iterations "
+                         f"({config.iterations}), "
                          "so that every method takes exactly the same number of optimizer steps")
     runs_to_do = [("base", None)] + [(m, m) for m in methods]
     if "bash" in methods:
@@ -236,7 +238,8 @@ def run_compare(make_base: Callable[[int], object], tokenizer, train_examples, *
                 run["base_checkpoint"] = picked
             runs.append(run)
             means = ", ".join(f"{k} {_nanmean(v):.3f}" for k, v in per_example.items())
-            log(f"seed {seed}: {name:<10} offline {seconds['offline']:6.1f} s, train {seconds['train']:6.1f} s: "
+            log(f"seed {seed}: {name:<10} offline {seconds['offline']:6.1f} s, "
+                f"train {seconds['train']:6.1f} s: "
                 + means)
     analysis = analyse(runs, draws=draws)
     analysis["runs"] = runs
@@ -313,7 +316,8 @@ def markdown(analysis: dict) -> str:
                 cells = ("reference", "") if method == reference else ("-", "")
             else:
                 scale = 100 if percent else 1
-                cells = (f"{scale * diff['mean']:+.2f} [{scale * diff['low']:+.2f}, {scale * diff['high']:+.2f}]",
+                cells = (f"{scale * diff['mean']:+.2f} "
+                         f"[{scale * diff['low']:+.2f}, {scale * diff['high']:+.2f}]",
                          diff["verdict"])
             lines.append(f"| {_label(method)} | {_cell(entry['metrics'].get(metric), percent)} | "
                          f"{cells[0]} | {cells[1]} |")
@@ -345,7 +349,8 @@ def plot(analysis: dict, path: str) -> Optional[str]:
             if diff is None or not math.isfinite(diff["low"]):
                 continue
             color = "tab:gray" if diff["verdict"] == "no difference detected" else "tab:blue"
-            ax.errorbar([diff["mean"]], [y], xerr=[[diff["mean"] - diff["low"]], [diff["high"] - diff["mean"]]],
+            error = [[diff["mean"] - diff["low"]], [diff["high"] - diff["mean"]]]
+            ax.errorbar([diff["mean"]], [y], xerr=error,
                         fmt="o", color=color, capsize=3)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(range(len(methods)), methods)
@@ -455,10 +460,12 @@ def run(args) -> int:
         quiet_third_party()
     built = args.model == "tiny" or (os.path.isfile(args.model) and args.model.endswith(".json"))
     if built and not args.base_steps:
-        raise ValueError(f"--model {args.model}: a randomly initialised base needs --base-steps N (SFT first)")
+        raise ValueError(f"--model {args.model}: a randomly initialised base needs --base-steps N "
+                         "(SFT first)")
 
     picked_path = None
-    if not built and os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
+    is_run_folder = os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "config.json"))
+    if not built and is_run_folder:
         candidates = _checkpoint_candidates(args.model)
         if not candidates:
             raise ValueError(f"--model {args.model!r} holds neither config.json nor gapfix train checkpoints")

@@ -93,7 +93,8 @@ def run_demo(out, *, recipe=RECIPE, seeds=1, fused=True, backend="hf", log=print
     budget = recipe["max_new_tokens"]
 
     def evaluate_all(model):
-        report = evaluate_model(model, tokenizer, test_examples, answer_regex=ANSWER_REGEX, max_new_tokens=budget,
+        report = evaluate_model(model, tokenizer, test_examples, answer_regex=ANSWER_REGEX,
+                                max_new_tokens=budget,
                                 backend=backend, embed=embed, recovery=False, labels=False)
         hard = evaluate(model, tokenizer, hard_examples, max_new_tokens=budget, backend=backend,
                         return_answers=True)
@@ -101,7 +102,8 @@ def run_demo(out, *, recipe=RECIPE, seeds=1, fused=True, backend="hf", log=print
                                      return_per_example=True)
         per = report["per_example"]
         scores = {"test": per["accuracy"], "hard": [float(c) for c in hard["correct"]],
-                  "recovery": recovery["per_example"]["recovery"], "carried": recovery["per_example"]["carried"],
+                  "recovery": recovery["per_example"]["recovery"],
+                  "carried": recovery["per_example"]["carried"],
                   "teacher_forced": per["teacher_forced"], "free_running": per["free_running"]}
         if "embedding_distance" in per:
             scores["embedding_distance"] = per["embedding_distance"]
@@ -110,7 +112,8 @@ def run_demo(out, *, recipe=RECIPE, seeds=1, fused=True, backend="hf", log=print
     config = TrainConfig(
         method="sft", iterations=recipe["iterations"], lr=recipe["extra_lr"], warmup_steps=0,
         batch_size=recipe["batch_size"], max_new_tokens=budget, beta=recipe["beta"],
-        bash_mode=recipe["bash_mode"], bash_temperature=recipe["bash_temperature"], bash_rows=recipe["bash_rows"],
+        bash_mode=recipe["bash_mode"], bash_temperature=recipe["bash_temperature"],
+        bash_rows=recipe["bash_rows"],
         rac_mode=recipe["rac_mode"], rac_temperature=recipe["rac_temperature"],
         rac_prompts=recipe["rac_prompts"], rac_sft_ratio=recipe["rac_sft_ratio"],
         fused=fused, progress=False, generation_backend=backend, log_every=20)
@@ -188,7 +191,8 @@ def difference_table(analysis) -> str:
 
 
 def table(summary) -> str:
-    header = f"{'method':<12}{'test':>14}{'hard':>14}{'recovery':>14}{'carried':>14}{'offline s':>11}{'train s':>9}"
+    header = (f"{'method':<12}{'test':>14}{'hard':>14}{'recovery':>14}{'carried':>14}"
+              f"{'offline s':>11}{'train s':>9}")
     lines = [header, "-" * len(header)]
     for method, entry in summary.items():
         cells = []

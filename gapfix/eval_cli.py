@@ -9,18 +9,23 @@ one-line summary.
 
 
 def configure(parser):
-    parser.add_argument("--model", required=True, help="a local model folder (save_pretrained, with its tokenizer)")
+    parser.add_argument("--model", required=True,
+                        help="a local model folder (save_pretrained, with its tokenizer)")
     parser.add_argument("--data", required=True, help="JSONL of prompt/response or chat records")
     parser.add_argument("--answer-regex", default=None,
                         help="score the answer this regex captures (group 1, else the whole match; the last "
-                             "match counts) instead of exact match of the whole response (default: exact match)")
+                             "match counts) instead of exact match of the whole response "
+                             "(default: exact match)")
     parser.add_argument("--out", default="gapfix-eval", help="output folder for report.json and report.png "
                                                              "(default %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="generation budget (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="generation budget (default %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     parser.add_argument("--top-k", type=int, default=5,
-                        help="recovery: the wrong token is drawn from the model's top-k (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="recovery positions and tokens (default %(default)s)")
+                        help="recovery: the wrong token is drawn from the model's top-k "
+                             "(default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="recovery positions and tokens (default %(default)s)")
     parser.add_argument("--backend", choices=("auto", "vllm", "hf"), default="hf",
                         help="generation backend (default %(default)s)")
     parser.add_argument("--max-length", type=int, default=None, help="drop examples longer than this")
@@ -59,7 +64,8 @@ def run(args) -> int:
     quiet_third_party()
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
-        raise ValueError(f"--model {args.model!r} has no tokenizer files: save the tokenizer beside the model")
+        raise ValueError(f"--model {args.model!r} has no tokenizer files: "
+                         "save the tokenizer beside the model")
     examples = load_examples(args.data, tokenizer, max_length=args.max_length, on_error=args.on_error,
                              limit=args.limit)
     report = evaluate_model(model, tokenizer, examples, answer_regex=args.answer_regex,

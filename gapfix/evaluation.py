@@ -414,7 +414,8 @@ def evaluate_model(model, tokenizer, examples: List[Example], *, answer_regex=No
     greedy = _greedy(model, tokenizer, [ex.prompt_ids for ex in examples], max_new_tokens, backend)
     answers = [text for text, _ in greedy]
     generated = [ids for _, ids in greedy]
-    correct = [float(_correct_text(ex, a, ref, regex)) for ex, a, ref in zip(examples, answers, references_text)]
+    correct = [float(_correct_text(ex, a, ref, regex))
+               for ex, a, ref in zip(examples, answers, references_text)]
 
     # recovery positions: any answer token but the final EOS
     positions = [rng.randrange(len(ex.answer_ids) - 1) if len(ex.answer_ids) > 1 else None for ex in examples]
@@ -423,7 +424,8 @@ def evaluate_model(model, tokenizer, examples: List[Example], *, answer_regex=No
     per_example = {
         "accuracy": correct,
         "teacher_forced": [statistics.fmean(map(float, h)) for h in hits],
-        "free_running": [statistics.fmean(float(k < len(g) and g[k] == t) for k, t in enumerate(ex.answer_ids))
+        "free_running": [statistics.fmean(float(k < len(g) and g[k] == t)
+                                          for k, t in enumerate(ex.answer_ids))
                          for g, ex in zip(generated, examples)],
     }
     report = {
@@ -432,7 +434,8 @@ def evaluate_model(model, tokenizer, examples: List[Example], *, answer_regex=No
         "answer_regex": regex.pattern if regex is not None else None,
         "teacher_forced_accuracy": curve["teacher_forced_mean"],
         "free_running_agreement": curve["free_running_mean"],
-        "divergence": {k: curve[k] for k in ("count", "teacher_forced", "free_running", "still_on_reference")},
+        "divergence": {k: curve[k]
+                       for k in ("count", "teacher_forced", "free_running", "still_on_reference")},
         "notes": [],
         "answers": answers,
     }
@@ -567,7 +570,8 @@ def summary_line(report: dict) -> str:
              f"free-running {report['free_running_agreement']:.3f}"]
     rec = report.get("recovery") or {}
     if rec.get("count"):
-        parts.append(f"recovery distance {rec['distance']:.2f} (unperturbed {rec['unperturbed_distance']:.2f})")
+        parts.append(f"recovery distance {rec['distance']:.2f} "
+                     f"(unperturbed {rec['unperturbed_distance']:.2f})")
         if "ends_right" in rec:
             parts.append(f"ends right after an error {rec['ends_right']:.3f}")
     if "embedding_distance" in report:

@@ -32,7 +32,8 @@ def configure(parser):
     parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete output file")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
 
 
 def run(args) -> int:
@@ -44,7 +45,8 @@ def run(args) -> int:
     try:
         apply_threads(args.threads)
         prefixes = []
-        prompts = read_prompts_jsonl(args.prompts, on_error=args.on_error, field=args.field, prefixes=prefixes)
+        prompts = read_prompts_jsonl(args.prompts, on_error=args.on_error, field=args.field,
+                                     prefixes=prefixes)
         if any(p is not None for p in prefixes):
             prompts = with_prefixes(prompts, prefixes, _resolve_tokenizer(args.model, None))
         out = generate_to_jsonl(

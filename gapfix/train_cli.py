@@ -91,7 +91,8 @@ def configure(parser):
     parser.add_argument("--iterations", type=int, default=None,
                         help=f"offline phase + training rounds (default 1; demo recipe {demo['iterations']})")
     parser.add_argument("--out", required=True, help="output folder (metrics, checkpoints, final model)")
-    parser.add_argument("--max-length", type=int, default=None, help="drop examples longer than this (default: keep all)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="drop examples longer than this (default: keep all)")
     parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                         help="malformed data lines: stop, or skip them with a warning (default raise)")
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
@@ -102,7 +103,8 @@ def configure(parser):
                              "BPE, word level (one token per number / word) or characters (default bpe)")
     parser.add_argument("--vocab-size", type=int, default=512,
                         help="for --model tiny / config.json: tokenizer vocabulary cap (default 512)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     add_config_flags(parser)
 
 

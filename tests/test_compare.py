@@ -54,7 +54,8 @@ def _runs(effect, seeds=3, examples=80):
         for method, p in (("base", 0.6), ("sft", 0.6), ("bash", 0.6 + effect), ("bash_noise", 0.6)):
             runs.append({"seed": seed, "method": method, "seconds": {"offline": 1.0, "train": 2.0},
                          "per_example": {"accuracy": [float(rng.random() < p) for _ in range(examples)],
-                                         "recovery_distance": [float(rng.randint(0, 3)) for _ in range(examples)]}})
+                                         "recovery_distance": [float(rng.randint(0, 3))
+                                                               for _ in range(examples)]}})
     return runs
 
 
@@ -64,7 +65,8 @@ def test_analyse_reports_means_differences_and_controls():
     acc = analysis["differences"]["bash - sft"]["accuracy"]
     assert acc["verdict"] == "better than continued SFT" and acc["low"] > 0
     assert "bash - bash_noise" in analysis["differences"] and "bash - base" in analysis["differences"]
-    assert analysis["differences"]["bash_noise - sft"]["recovery_distance"]["verdict"] == "no difference detected"
+    noise = analysis["differences"]["bash_noise - sft"]
+    assert noise["recovery_distance"]["verdict"] == "no difference detected"
     table = markdown(analysis)
     assert "| bash | " in table and "base (no extra steps)" in table and "bash_noise (random tokens)" in table
     assert "(lower is better)" in table and "better than continued SFT" in table
@@ -108,7 +110,8 @@ def test_compare_command_end_to_end(tmp_path, capsys):
         assert all(r["seconds"]["offline"] > 0 for r in runs if r["method"] == method)
     # equal extra steps: every continued run trained exactly --extra-steps
     for method in ("sft", "bash", "rac", "bash_noise"):
-        events = [json.loads(line) for line in (out / "seed0" / method / "metrics.jsonl").read_text().splitlines()]
+        lines = (out / "seed0" / method / "metrics.jsonl").read_text().splitlines()
+        events = [json.loads(line) for line in lines]
         assert next(e for e in events if e["event"] == "summary")["steps"] == 2
     assert (out / "results.png").stat().st_size > 1000
     assert "### accuracy (%)" in (out / "results.md").read_text()
@@ -142,7 +145,8 @@ def test_every_computing_command_takes_threads():
     from gapfix.cli import build_parser
 
     parser = build_parser()
-    for argv in (["train", "--model", "tiny", "--train", "t", "--out", "o"], ["eval", "--model", "m", "--data", "d"],
+    for argv in (["train", "--model", "tiny", "--train", "t", "--out", "o"],
+                 ["eval", "--model", "m", "--data", "d"],
                  ["compare", "--model", "m", "--train", "t", "--eval", "e", "--extra-steps", "2"], ["demo"],
                  ["generate", "--model", "m", "--prompts", "p", "--out", "o"], ["bench"]):
         assert parser.parse_args(argv + ["--threads", "3"]).threads == 3, argv[0]
@@ -187,7 +191,8 @@ def test_train_recipe_demo_and_explicit_flags():
     assert override.bash_temperature == RECIPES["demo"]["bash_temperature"]
 
 
-@pytest.mark.parametrize("kind, expected", [("word", ["12", " ", "+", " ", "7"]), ("char", ["1", "2", " ", "+"])])
+@pytest.mark.parametrize("kind, expected", [("word", ["12", " ", "+", " ", "7"]),
+                                            ("char", ["1", "2", " ", "+"])])
 def test_train_tokenizer_flag_for_a_tiny_model(tmp_path, kind, expected):
     pytest.importorskip("transformers")
     from gapfix.train_cli import load_model_and_tokenizer

@@ -32,7 +32,8 @@ def test_demo_quick_writes_table_results_and_plot(tmp_path, capsys):
 
 
 def test_demo_recipe_is_the_shared_named_recipe():
-    """One set of values: the demo's training recipe is gapfix.recipes' "demo" (gapfix train --recipe demo)."""
+    """One set of values: the demo's training recipe is gapfix.recipes' "demo"
+    (what gapfix train --recipe demo uses)."""
     from gapfix.demo import RECIPE
     from gapfix.recipes import RECIPES
 
