@@ -341,12 +341,18 @@ def label_diagnostic(generated: Sequence[Sequence[int]], references: Sequence[Se
 
 
 def _teacher_forced(model, examples: List[Example], positions: List[Optional[int]], top_k: int,
-                    batch_size: int = 16):
+                    batch_size: int = 16, logits_budget: int = 2**28):
     """Per example: the argmax hits over its answer tokens, and the top-k (ids, probs) after
-    ref[:k] for its recovery position k (None where it has none)."""
+    ref[:k] for its recovery position k (None where it has none).
+
+    A batch's full logits hold at most `logits_budget` values (1 GiB in fp32): fewer
+    rows per forward for long examples or a large vocabulary."""
     import torch
 
     device = next(model.parameters()).device
+    vocab = max(1, int(getattr(model.config, "vocab_size", 1) or 1))
+    longest = max(len(ex.prompt_ids) + len(ex.answer_ids) for ex in examples)
+    batch_size = max(1, min(batch_size, logits_budget // (longest * vocab)))
     hits, tops = [], []
     was_training = model.training
     model.eval()

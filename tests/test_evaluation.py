@@ -223,3 +223,15 @@ def test_generate_command_rejects_a_bad_prefix(tmp_path):
     path.write_text(json.dumps({"prompt": "x", "prefix": 3}) + "\n")
     with pytest.raises(ValueError, match="line 1: prefix is not a string"):
         read_prompts_jsonl(path, prefixes=[])
+
+
+def test_teacher_forced_pass_is_the_same_in_small_batches(copy_setup):
+    """The logits budget cuts batches down (one row at a time here); results do not change."""
+    from gapfix.evaluation import _teacher_forced
+
+    model, _, examples = copy_setup
+    positions = [1] * 10
+    big = _teacher_forced(model, examples[:10], positions, top_k=3)
+    small = _teacher_forced(model, examples[:10], positions, top_k=3, logits_budget=1)
+    assert big[0] == small[0]
+    assert [t[0] for t in big[1]] == [t[0] for t in small[1]]
