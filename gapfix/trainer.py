@@ -512,7 +512,8 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
             rows = build_rows(config.method, model, tokenizer, train_examples, config, iteration, device,
                               log, scheduled)
             phase_seconds["offline"] += time.perf_counter() - started
-            log(dict(event="offline", iteration=iteration, rows=len(rows),
+            counted = {"predicted_rows": len(scheduled)} if scheduled is not None else {}  # not all rows
+            log(dict(event="offline", iteration=iteration, rows=len(rows), **counted,
                      seconds=time.perf_counter() - started))
         steps = steps_for(len(rows))
         order = _row_order(len(rows), steps * config.batch_size, config.seed, iteration)

@@ -235,3 +235,19 @@ def test_teacher_forced_pass_is_the_same_in_small_batches(copy_setup):
     small = _teacher_forced(model, examples[:10], positions, top_k=3, logits_budget=1)
     assert big[0] == small[0]
     assert [t[0] for t in big[1]] == [t[0] for t in small[1]]
+
+
+def test_bash_offline_log_counts_only_the_scheduled_rows(copy_setup, tmp_path):
+    """Without bash_rows BASH predicts only the rows its steps draw: the log says how many."""
+    import copy
+
+    from gapfix.trainer import TrainConfig, train
+
+    model, tokenizer, examples = copy_setup
+    train(copy.deepcopy(model), tokenizer, examples[:40], TrainConfig(
+        method="bash", steps_per_iteration=1, batch_size=8, lr=1e-6, progress=False, bash_mode="random",
+        out_dir=str(tmp_path)))
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    offline = next(e for e in events if e["event"] == "offline")
+    assert offline["rows"] == 40 and offline["predicted_rows"] == 8
+    assert next(e for e in events if e["event"] == "bash_offline")["predicted_rows"] == 8
