@@ -41,7 +41,8 @@ FIELD_HELP = {
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping norm",
     "beta": "BASH: probability that an answer input token is replaced by the model's own",
-    "bash_mode": "BASH: how the model's token is picked: argmax, sample or topk (soft mix)",
+    "bash_mode": "BASH: the mixed-in token: the model's argmax, a sample, its topk (soft mix), or random "
+                 "(uniform random tokens: the noise control of gapfix compare)",
     "bash_temperature": "BASH: sampling temperature of the predictions (sample, topk)",
     "bash_top_k": "BASH: K of topk mode",
     "bash_rows": "BASH: examples predicted and trained per iteration (unset: those the steps draw)",
