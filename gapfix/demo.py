@@ -1,46 +1,49 @@
-"""`gapfix demo`: the methods compared on the bundled math task, on a CPU, in minutes.
+"""`gapfix demo`: `gapfix compare` on the bundled math task and a tiny model, on a CPU.
 
 1. Writes the task's train/test/hard splits (gapfix.data.math_task) into --out.
 2. Builds a tiny Llama (RoPE) and a word-level tokenizer locally, and trains it
    with SFT until its loss has flattened: the base every method continues from.
 3. Continues from that base with equal extra training steps as
-   (a) more SFT, (b) BASH, (c) RAC; each method's offline phase (prediction
-   pass, generation) is extra wall time, reported per phase.
+   (a) more SFT, (b) BASH, (c) RAC, and the BASH noise control (random tokens
+   mixed in at the same beta); each method's offline phase (prediction pass,
+   generation) is extra wall time, reported per phase. The recipe is
+   gapfix.recipes' "demo" (`gapfix train --recipe demo` trains with it).
 4. Evaluates each by greedy generation: accuracy on test and on the harder
-   split (more steps than training), and recovery after an injected error
-   (the first step's result made wrong; does the model still reach the right
-   final answer?). Embedding distances to the references where a local
-   sentence-embedding model is installed.
+   split (more steps than training), recovery after an injected error (the
+   first step's result made wrong; does the model still reach the right final
+   answer?), teacher-forced vs free-running agreement, and embedding distances
+   to the references where a local sentence-embedding model is installed.
 
-Prints a table, writes results.json and results.png into --out. --seeds N
-repeats everything with N seeds and reports mean and standard deviation.
+Prints the table and each method's difference to continued SFT with its 95%
+bootstrap interval (gapfix.compare), writes results.json, results.md and
+results.png into --out. --seeds N repeats everything with N seeds.
 """
-import copy
 import json
 import os
-import statistics
 import time
 
-# The demo's recipe. Each method gets the same number of extra optimizer steps.
+from gapfix.recipes import RECIPES
+
+_SHARED = RECIPES["demo"]
+# The demo's recipe: the task and model sizes here, the training values shared with
+# `gapfix train --recipe demo` (gapfix.recipes). Each method gets the same extra steps.
 RECIPE = dict(
     train_problems=20000, test_problems=500, hard_problems=500,
     hidden_size=128, num_layers=2, num_heads=4,
-    batch_size=64, base_steps=2000, base_lr=3e-3,
-    extra_steps=300, iterations=2, extra_lr=1e-3,
-    # BASH: predictions sampled at temperature 2, so that a mixed-in token is often a
-    # plausible wrong value (at temperature 1 the converged model's samples are
-    # almost always the reference token and nothing changes)
-    beta=0.3, bash_mode="sample", bash_temperature=2.0,
-    # BASH predicts 4096 examples per iteration and trains ~2.3 epochs on them (fresh masks
-    # every step): the prediction pass stays near a fifth of the iteration
-    bash_rows=4096,
-    rac_mode="path", rac_temperature=1.0, rac_prompts=1500, rac_sft_ratio=1.0,
-    max_new_tokens=48,
+    batch_size=_SHARED["batch_size"], base_steps=2000, base_lr=3e-3,
+    extra_steps=300, iterations=_SHARED["iterations"], extra_lr=_SHARED["lr"],
+    beta=_SHARED["beta"], bash_mode=_SHARED["bash_mode"], bash_temperature=_SHARED["bash_temperature"],
+    bash_rows=_SHARED["bash_rows"],
+    rac_mode=_SHARED["rac_mode"], rac_temperature=_SHARED["rac_temperature"],
+    rac_prompts=_SHARED["rac_prompts"], rac_sft_ratio=_SHARED["rac_sft_ratio"],
+    max_new_tokens=_SHARED["max_new_tokens"],
 )
 QUICK = dict(train_problems=400, test_problems=24, hard_problems=12, base_steps=12,
              extra_steps=4, iterations=2, rac_prompts=16, bash_rows=16, batch_size=16, hidden_size=32,
              num_heads=2)
 METHODS = ("sft", "bash", "rac")
+ROWS = ("base",) + METHODS + ("bash_noise",)
+ANSWER_REGEX = r"answer (\d+)\s*$"
 
 
 def configure(parser):
@@ -68,12 +71,15 @@ def recipe_from_args(args) -> dict:
     return recipe
 
 
-def run_demo(out, *, recipe=RECIPE, seeds=1, fused=True, backend="hf", log=print) -> dict:
+def run_demo(out, *, recipe=RECIPE, seeds=1, fused=True, backend="hf", log=print, draws=2000) -> dict:
+    import dataclasses
+
+    from gapfix.compare import run_compare, write_results
     from gapfix.data import load_examples, read_jsonl
     from gapfix.data.math_task import math_tokenizer, write_splits
-    from gapfix.evaluation import embedding_model, evaluate, evaluate_recovery
+    from gapfix.evaluation import embedding_model, evaluate, evaluate_model, evaluate_recovery
     from gapfix.models import tiny_llama
-    from gapfix.trainer import TrainConfig, train
+    from gapfix.trainer import TrainConfig
 
     os.makedirs(out, exist_ok=True)
     paths = write_splits(os.path.join(out, "data"), train=recipe["train_problems"],
@@ -84,147 +90,128 @@ def run_demo(out, *, recipe=RECIPE, seeds=1, fused=True, backend="hf", log=print
     hard_examples = load_examples(paths["hard"], tokenizer)
     test_problems = read_jsonl(paths["test"])
     embed = embedding_model()
+    budget = recipe["max_new_tokens"]
 
     def evaluate_all(model):
-        test = evaluate(model, tokenizer, test_examples, max_new_tokens=recipe["max_new_tokens"],
-                        backend=backend, return_answers=True)
-        hard = evaluate(model, tokenizer, hard_examples, max_new_tokens=recipe["max_new_tokens"],
-                        backend=backend)
-        recovery = evaluate_recovery(model, tokenizer, test_problems,
-                                     max_new_tokens=recipe["max_new_tokens"], backend=backend)
-        scores = {"test": test["accuracy"], "hard": hard["accuracy"],
-                  "recovery": recovery["recovery"], "carried": recovery["carried"]}
-        if embed is not None:
-            from gapfix.evaluation import embedding_distances
-
-            distances = embedding_distances(test["answers"], [p["response"] for p in test_problems], embed)
-            scores["embedding_distance"] = statistics.fmean(distances)
-            scores["_distances"] = distances
+        report = evaluate_model(model, tokenizer, test_examples, answer_regex=ANSWER_REGEX,
+                                max_new_tokens=budget,
+                                backend=backend, embed=embed, recovery=False, labels=False)
+        hard = evaluate(model, tokenizer, hard_examples, max_new_tokens=budget, backend=backend,
+                        return_answers=True)
+        recovery = evaluate_recovery(model, tokenizer, test_problems, max_new_tokens=budget, backend=backend,
+                                     return_per_example=True)
+        per = report["per_example"]
+        scores = {"test": per["accuracy"], "hard": [float(c) for c in hard["correct"]],
+                  "recovery": recovery["per_example"]["recovery"],
+                  "carried": recovery["per_example"]["carried"],
+                  "teacher_forced": per["teacher_forced"], "free_running": per["free_running"]}
+        if "embedding_distance" in per:
+            scores["embedding_distance"] = per["embedding_distance"]
         return scores
 
-    common = dict(batch_size=recipe["batch_size"], max_new_tokens=recipe["max_new_tokens"],
-                  fused=fused, progress=False, generation_backend=backend, log_every=20)
-    runs = []
-    for seed in range(seeds):
-        seed_dir = os.path.join(out, f"seed{seed}")
-        model = tiny_llama(tokenizer, hidden_size=recipe["hidden_size"], num_layers=recipe["num_layers"],
-                           num_heads=recipe["num_heads"], max_position_embeddings=256, seed=seed)
-        started = time.perf_counter()
-        train(model, tokenizer, train_examples, TrainConfig(
-            method="sft", steps_per_iteration=recipe["base_steps"], lr=recipe["base_lr"],
-            warmup_steps=min(100, recipe["base_steps"] // 10), seed=seed,
-            out_dir=os.path.join(seed_dir, "base"), **common), resume=False)
-        base_seconds = time.perf_counter() - started
-        base_scores = evaluate_all(model)
-        log(f"seed {seed}: SFT base in {base_seconds:.0f} s: " + _format(base_scores))
-        runs.append({"seed": seed, "method": "base", "seconds": {"train": base_seconds}, **base_scores})
-        base_state = copy.deepcopy(model.state_dict())
-        for method in METHODS:
-            model.load_state_dict(base_state)
-            config = TrainConfig(
-                method=method, iterations=recipe["iterations"],
-                steps_per_iteration=max(1, recipe["extra_steps"] // recipe["iterations"]),
-                lr=recipe["extra_lr"], warmup_steps=0, seed=seed,
-                beta=recipe["beta"], bash_mode=recipe["bash_mode"],
-                bash_temperature=recipe["bash_temperature"], bash_rows=recipe["bash_rows"],
-                rac_mode=recipe["rac_mode"],
-                rac_temperature=recipe["rac_temperature"], rac_prompts=recipe["rac_prompts"],
-                rac_sft_ratio=recipe["rac_sft_ratio"], out_dir=os.path.join(seed_dir, method), **common)
-            result = train(model, tokenizer, train_examples, config, resume=False)
-            scores = evaluate_all(model)
-            log(f"seed {seed}: {method:<4} offline {result.phase_seconds['offline']:5.1f} s, "
-                f"train {result.phase_seconds['train']:5.1f} s: " + _format(scores))
-            runs.append({"seed": seed, "method": method, "seconds": dict(result.phase_seconds), **scores})
-    summary = summarize(runs)
-    results = {"recipe": recipe, "seeds": seeds, "fused": fused, "summary": summary,
-               "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    config = TrainConfig(
+        method="sft", iterations=recipe["iterations"], lr=recipe["extra_lr"], warmup_steps=0,
+        batch_size=recipe["batch_size"], max_new_tokens=budget, beta=recipe["beta"],
+        bash_mode=recipe["bash_mode"], bash_temperature=recipe["bash_temperature"],
+        bash_rows=recipe["bash_rows"],
+        rac_mode=recipe["rac_mode"], rac_temperature=recipe["rac_temperature"],
+        rac_prompts=recipe["rac_prompts"], rac_sft_ratio=recipe["rac_sft_ratio"],
+        fused=fused, progress=False, generation_backend=backend, log_every=20)
+    base_config = dataclasses.replace(config, lr=recipe["base_lr"],
+                                      warmup_steps=min(100, recipe["base_steps"] // 10))
+
+    def make_base(seed):
+        return tiny_llama(tokenizer, hidden_size=recipe["hidden_size"], num_layers=recipe["num_layers"],
+                          num_heads=recipe["num_heads"], max_position_embeddings=256, seed=seed)
+
+    analysis = run_compare(make_base, tokenizer, train_examples, evaluate=evaluate_all, methods=METHODS,
+                           seeds=seeds, extra_steps=recipe["extra_steps"], config=config,
+                           base_steps=recipe["base_steps"], base_config=base_config, out=out, log=log,
+                           draws=draws)
+    summary = summarize(analysis)
+    runs = [{"seed": r["seed"], "method": r["method"], "seconds": r["seconds"],
+             **{k: _mean(v) for k, v in r["per_example"].items()}} for r in analysis["runs"]]
+    write_results(analysis, out, {"recipe": recipe, "seeds": seeds, "fused": fused})
+    # results.json in the demo's own form: summary[method][metric] = {mean, std}, runs with means
+    from gapfix.evaluation import _finite
+
+    path = os.path.join(out, "results.json")
+    with open(path) as f:
+        document = json.load(f)
+    document.update(summary=_finite(summary), runs=_finite(runs), comparison=document.pop("differences"))
+    with open(path + ".tmp", "w") as f:
+        json.dump(document, f, indent=2)
+    os.replace(path + ".tmp", path)
     log(table(summary))
-    plot(runs, os.path.join(out, "results.png"))
-    return results
+    log("")
+    log(difference_table(analysis))
+    return {"recipe": recipe, "seeds": seeds, "fused": fused, "summary": summary, "runs": runs,
+            "comparison": analysis["differences"]}
 
 
-_METRICS = ("test", "hard", "recovery", "carried", "embedding_distance")
+_METRICS = ("test", "hard", "recovery", "carried", "teacher_forced", "free_running", "embedding_distance")
 
 
-def summarize(runs) -> dict:
+def _mean(values):
+    import math
+    import statistics
+
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else None
+
+
+def summarize(analysis) -> dict:
+    """summary[method] = {metric: {mean, std}, offline_seconds, train_seconds} (the demo's form)."""
     summary = {}
-    for method in ("base",) + METHODS:
-        mine = [r for r in runs if r["method"] == method]
-        entry = {}
-        for metric in _METRICS:
-            values = [r[metric] for r in mine if metric in r]
-            if values:
-                entry[metric] = {"mean": statistics.fmean(values),
-                                 "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-        for phase in ("offline", "train"):
-            values = [r["seconds"].get(phase, 0.0) for r in mine]
-            entry[f"{phase}_seconds"] = statistics.fmean(values)
-        summary[method] = entry
+    for method, entry in analysis["summary"].items():
+        summary[method] = {m: entry["metrics"][m] for m in _METRICS if m in entry["metrics"]}
+        summary[method]["offline_seconds"] = entry["offline_seconds"]
+        summary[method]["train_seconds"] = entry["train_seconds"]
     return summary
 
 
-def _format(scores):
-    return ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if not k.startswith("_"))
+def difference_table(analysis) -> str:
+    """Each run's difference to continued SFT (points), with its 95% interval, per task metric."""
+    metrics = ("test", "hard", "recovery", "carried")
+    header = f"{'vs sft':<12}" + "".join(f"{m:>26}" for m in metrics)
+    lines = [header, "-" * len(header)]
+    for method in analysis["summary"]:
+        diffs = analysis["differences"].get(f"{method} - sft")
+        if not diffs:
+            continue
+        cells = []
+        for metric in metrics:
+            d = diffs.get(metric)
+            cells.append("-" if d is None else
+                         f"{100 * d['mean']:+5.1f} [{100 * d['low']:+5.1f},{100 * d['high']:+5.1f}]"
+                         + ("  " if d["verdict"] == "no difference detected" else " *"))
+        lines.append(f"{method:<12}" + "".join(f"{c:>26}" for c in cells))
+    lines.append("95% bootstrap intervals over seeds and test problems; * the interval excludes 0")
+    return "\n".join(lines)
 
 
 def table(summary) -> str:
-    header = f"{'method':<8}{'test':>14}{'hard':>14}{'recovery':>14}{'carried':>14}{'offline s':>11}{'train s':>9}"
+    header = (f"{'method':<12}{'test':>14}{'hard':>14}{'recovery':>14}{'carried':>14}"
+              f"{'offline s':>11}{'train s':>9}")
     lines = [header, "-" * len(header)]
     for method, entry in summary.items():
         cells = []
         for metric in ("test", "hard", "recovery", "carried"):
             m = entry.get(metric)
             cells.append(f"{100 * m['mean']:7.1f} ±{100 * m['std']:4.1f}" if m else f"{'-':>12}")
-        lines.append(f"{method:<8}" + "".join(f"{c:>14}" for c in cells)
+        lines.append(f"{method:<12}" + "".join(f"{c:>14}" for c in cells)
                      + f"{entry['offline_seconds']:>11.1f}{entry['train_seconds']:>9.1f}")
     return "\n".join(lines)
-
-
-def plot(runs, path):
-    """Accuracy bars per method and, where embeddings exist, the violin of distances."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    methods = ("base",) + METHODS
-    with_distances = any("_distances" in r for r in runs)
-    fig, axes = plt.subplots(1, 2 if with_distances else 1, figsize=(11 if with_distances else 6, 4))
-    axes = axes if with_distances else [axes]
-    width = 0.2
-    for i, metric in enumerate(("test", "hard", "recovery")):
-        means = [statistics.fmean([r[metric] for r in runs if r["method"] == m]) for m in methods]
-        axes[0].bar([x + (i - 1) * width for x in range(len(methods))], [100 * v for v in means],
-                    width, label=metric)
-    axes[0].set_xticks(range(len(methods)), methods)
-    axes[0].set_ylabel("% correct")
-    axes[0].set_title("greedy accuracy (mean over seeds)")
-    axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
-    if with_distances:
-        data = [sum((r["_distances"] for r in runs if r["method"] == m), []) for m in methods]
-        axes[1].violinplot(data, showmedians=True)
-        axes[1].set_xticks(range(1, len(methods) + 1), methods)
-        axes[1].set_title("embedding distance to the reference answer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def run(args) -> int:
     for flag, value in (("--threads", args.threads), ("--seeds", args.seeds)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    from transformers.utils import logging as hf_logging
+    from gapfix.eval_cli import apply_threads, quiet_third_party
 
-    hf_logging.disable_progress_bar()  # the demo prints its own progress
-    import torch
-
-    torch.set_num_threads(args.threads)
+    quiet_third_party()  # the demo prints its own progress
+    apply_threads(args.threads)
     recipe = recipe_from_args(args)
     started = time.perf_counter()
     run_demo(args.out, recipe=recipe, seeds=args.seeds, fused=args.fused, backend=args.backend)

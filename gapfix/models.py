@@ -50,6 +50,7 @@ def train_tokenizer(
     kind="word": word level: each whole number, word, whitespace run and
         other character is one token; unseen ones map to unk_token.
         vocab_size caps the vocabulary (most frequent first).
+    kind="char": every character is one token (unseen ones map to unk_token).
 
     The special tokens take ids 0..3 in the order pad, bos, eos, unk.
     add_bos=True prepends bos_token when encoding with add_special_tokens.
@@ -82,13 +83,14 @@ def train_tokenizer(
             initial_alphabet=alphabet,
             show_progress=False,
         )
-    elif kind == "word":
+    elif kind in ("word", "char"):
         if vocab_size < len(specials) + 1:
             raise ValueError(f"vocab_size={vocab_size} is too small: it needs at least 5")
         from tokenizers import Regex
 
         tokenizer = Tokenizer(models.WordLevel(unk_token=unk_token))
-        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")
+        pattern = _WORD_PATTERN if kind == "word" else r"[\s\S]"  # char: every character a token
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
         tokenizer.decoder = decoders.Fuse()
         trainer = trainers.WordLevelTrainer(
             vocab_size=vocab_size,
@@ -97,7 +99,7 @@ def train_tokenizer(
             show_progress=False,
         )
     else:
-        raise ValueError(f"kind must be 'bpe' or 'word', got {kind!r}")
+        raise ValueError(f"kind must be 'bpe', 'word' or 'char', got {kind!r}")
     tokenizer.train_from_iterator(texts, trainer)
     if add_bos:
         tokenizer.post_processor = processors.TemplateProcessing(

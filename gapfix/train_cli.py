@@ -5,8 +5,8 @@
 
 --model is a local transformers model folder (nothing is downloaded), a
 config.json to build a randomly initialised model from, or "tiny" for a small
-Llama; the last two get a byte-level BPE tokenizer trained locally on the
-training data. --attn auto (the default) uses FlashAttention-2 with packed
+Llama; the last two get a tokenizer trained locally on the training data
+(--tokenizer bpe, word or char). --attn auto (the default) uses FlashAttention-2 with packed
 micro-batches on a GPU where flash-attn is installed, else sdpa. Every TrainConfig field is a flag (--beta, --rac-mode,
 --steps-per-iteration, ...). Under torchrun the same command trains with DDP
 (or --distributed fsdp).
@@ -29,31 +29,130 @@ def _flag_type(field):
     return hint
 
 
+# Every TrainConfig field's flag and what it means (shown by `gapfix train --help`).
+FIELD_HELP = {
+    "steps_per_iteration": "optimizer steps per iteration (unset: --epochs-per-iteration over the rows)",
+    "epochs_per_iteration": "passes over the iteration's rows when --steps-per-iteration is unset",
+    "batch_size": "rows per optimizer step, over all ranks",
+    "micro_batch_size": "rows per forward on one rank (unset: the rank's whole share)",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "the cosine schedule decays to lr * this",
+    "warmup_steps": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm",
+    "beta": "BASH: probability that an answer input token is replaced by the model's own",
+    "bash_mode": "BASH: the mixed-in token: the model's argmax, a sample, its topk (soft mix), or random "
+                 "(uniform random tokens: the noise control of gapfix compare)",
+    "bash_temperature": "BASH: sampling temperature of the predictions (sample, topk)",
+    "bash_top_k": "BASH: K of topk mode",
+    "bash_rows": "BASH: examples predicted and trained per iteration (unset: those the steps draw)",
+    "rac_mode": "RAC: labels: path, first, last (one optimal reference position) or all (soft)",
+    "rac_sft_ratio": "RAC: SFT rows mixed in per RAC row",
+    "rac_temperature": "RAC: sampling temperature of the model's answers (0: greedy)",
+    "rac_samples": "RAC: answers per prompt",
+    "rac_prompts": "RAC: prompts regenerated per iteration (unset: all)",
+    "rac_only_until_divergence": "RAC: train only the prefixes up to the first divergence",
+    "max_new_tokens": "generation budget of RAC answers and of --eval",
+    "generation_backend": "RAC generation backend: auto, vllm or hf",
+    "fused": "false: every op's pure-PyTorch reference instead of the fused kernels",
+    "seed": "seed of the initial weights, the row order, BASH masks and RAC sampling",
+    "device": "auto (the GPU where there is one), cpu, cuda, cuda:N",
+    "bf16": "bf16 autocast on a GPU",
+    "packing": "one packed row per micro-batch (FlashAttention varlen only)",
+    "distributed": "under torchrun: ddp or fsdp",
+    "save_every": "checkpoint every N steps (0: only at the end of each iteration)",
+    "keep_checkpoints": "checkpoints kept in --out",
+    "log_every": "metrics.jsonl gets a step record every N steps",
+    "progress": "progress bars (false also silences transformers' loading/saving bars)",
+}
+
+
+def _show(value):
+    return "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def configure(parser):
+    import argparse
+
+    from gapfix.recipes import RECIPES
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (parser.description or "") + (
+        "\n\nDefaults: TrainConfig's, or the named --recipe's (gapfix.recipes); an explicit flag "
+        "overrides either.")
+    demo = RECIPES["demo"]
     parser.add_argument("--model", required=True, help='a local HF model folder, a config.json, or "tiny"')
     parser.add_argument("--train", required=True, help="JSONL of prompt/response or chat records")
     parser.add_argument("--eval", help="held-out JSONL, evaluated by greedy generation after each iteration")
-    parser.add_argument("--method", default="sft", help="sft, bash or rac")
-    parser.add_argument("--iterations", type=int, default=1)
+    parser.add_argument("--answer-regex", default=None,
+                        help="--eval scores the answer this regex captures (group 1; default: exact match)")
+    parser.add_argument("--method", default="sft", help="sft, bash or rac (default sft)")
+    parser.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+                        help="named defaults: 'default' (TrainConfig's) or 'demo' (the demo's recipe)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help=f"offline phase + training rounds (default 1; demo recipe {demo['iterations']})")
     parser.add_argument("--out", required=True, help="output folder (metrics, checkpoints, final model)")
-    parser.add_argument("--max-length", type=int, default=None, help="drop examples longer than this")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="drop examples longer than this (default: keep all)")
     parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
-                        help="malformed data lines: stop, or skip them with a warning")
+                        help="malformed data lines: stop, or skip them with a warning (default raise)")
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
     parser.add_argument("--resume-with-changed-config", action="store_true",
                         help="resume a checkpoint in --out even though it was written with other "
                              "settings (refused by default, naming the settings that differ)")
     parser.add_argument("--attn", default="auto",
-                        help="attention implementation: auto, sdpa, flash_attention_2, eager")
+                        help="attention implementation: auto, sdpa, flash_attention_2, eager (default auto)")
+    parser.add_argument("--tokenizer", default="bpe", choices=["bpe", "word", "char"],
+                        help="for --model tiny / config.json: the tokenizer trained on --train: byte-level "
+                             "BPE, word level (one token per number / word) or characters (default bpe)")
+    parser.add_argument("--vocab-size", type=int, default=512,
+                        help="for --model tiny / config.json: tokenizer vocabulary cap (default 512)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    add_config_flags(parser)
+
+
+def add_config_flags(parser, skip=()):
+    """A flag per TrainConfig field (but `skip`), with its meaning and default; default None
+    in argparse, so that config_values() can tell a given flag from a recipe's default."""
+    from gapfix.recipes import RECIPES
+
+    demo = RECIPES["demo"]
     for field in dataclasses.fields(TrainConfig):
-        if field.name in _SKIP:
+        if field.name in _SKIP or field.name in skip:
             continue
         kind = _flag_type(field)
         flag = "--" + field.name.replace("_", "-")
+        text = FIELD_HELP.get(field.name, field.name.replace("_", " "))
+        text += f" (default {_show(field.default)}"
+        if field.name in demo and demo[field.name] != field.default:
+            text += f"; demo recipe {_show(demo[field.name])}"
+        text = (text + ")").replace("%", "%%")
         if kind is bool:
-            parser.add_argument(flag, type=_parse_bool, default=field.default, metavar="{true,false}")
+            parser.add_argument(flag, type=_parse_bool, default=None, metavar="{true,false}", help=text)
         else:
-            parser.add_argument(flag, type=kind, default=field.default)
+            parser.add_argument(flag, type=kind, default=None, help=text)
+
+
+def config_values(args) -> dict:
+    """TrainConfig defaults, then the --recipe's values, then the flags given."""
+    from gapfix.recipes import recipe
+
+    values = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    values.update(recipe(getattr(args, "recipe", "default")))
+    for field in dataclasses.fields(TrainConfig):
+        given = getattr(args, field.name, None)
+        if field.name not in _SKIP and given is not None:
+            values[field.name] = given
+    if getattr(args, "iterations", None) is not None:
+        values["iterations"] = args.iterations
+    return values
+
+
+def config_from_args(args) -> TrainConfig:
+    values = config_values(args)
+    values["method"], values["out_dir"] = args.method, args.out
+    return TrainConfig(**values)
 
 
 def _parse_bool(text):
@@ -77,7 +176,7 @@ def resolve_attention(attn):
     return "sdpa"
 
 
-def _tokenizer_from_data(train_path, vocab_size, on_error="skip"):
+def _tokenizer_from_data(train_path, vocab_size, kind="bpe", on_error="skip"):
     import warnings
 
     from gapfix.data import DataError, read_jsonl, record_problem, split_record
@@ -94,22 +193,26 @@ def _tokenizer_from_data(train_path, vocab_size, on_error="skip"):
     if not texts:
         raise DataError(f"{train_path}: no prompt/response or chat records to build a tokenizer from"
                         + ("" if records else " (the file holds no records)"))
-    return train_tokenizer(texts, vocab_size=vocab_size, add_bos=True)
+    if kind == "bpe":
+        vocab_size = max(vocab_size, 260)  # a byte-level BPE needs its 256 bytes and 4 specials
+    return train_tokenizer(texts, vocab_size=vocab_size, kind=kind, add_bos=True)
 
 
-def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0, on_error="skip"):
+def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0, tokenizer="bpe", vocab_size=512,
+                             on_error="skip"):
     """(model, tokenizer) from a local folder, a config.json, or a tiny Llama for "tiny"."""
     if spec == "tiny":
         from gapfix.models import tiny_llama
 
-        tokenizer = _tokenizer_from_data(train_path, 512, on_error)
+        tokenizer = _tokenizer_from_data(train_path, vocab_size, tokenizer, on_error)
         return tiny_llama(tokenizer, seed=seed), tokenizer
     if os.path.isfile(spec) and spec.endswith(".json"):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(spec)
-        tokenizer = _tokenizer_from_data(train_path, getattr(config, "vocab_size", 512), on_error)
+        tokenizer = _tokenizer_from_data(train_path, getattr(config, "vocab_size", vocab_size), tokenizer,
+                                         on_error)
         config.vocab_size = len(tokenizer)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             setattr(config, name, getattr(tokenizer, name))
@@ -178,9 +281,12 @@ def run(args) -> int:
     from gapfix.evaluation import evaluate
     from gapfix.trainer import train
 
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                            if f.name not in _SKIP},
-                         method=args.method, iterations=args.iterations, out_dir=args.out)
+    from gapfix.eval_cli import apply_threads, quiet_third_party
+
+    config = config_from_args(args)
+    apply_threads(args.threads)
+    if not config.progress:
+        quiet_third_party()
     attention = resolve_attention(args.attn)
     if attention in ("flash_attention_2", "flash_attention_3") and args.attn == "auto":
         config.packing = True  # varlen attention: packed micro-batches compute no padding
@@ -189,7 +295,7 @@ def run(args) -> int:
     if args.eval:
         check_input_file(args.eval, "--eval")
     model, tokenizer = load_model_and_tokenizer(args.model, args.train, attention, config.seed,
-                                                on_error=args.on_error)
+                                                args.tokenizer, args.vocab_size, on_error=args.on_error)
     max_length, max_length_source, context = _length_limits(model, args.max_length)
     limits = {"max_length": max_length, "max_length_source": max_length_source, "on_error": args.on_error}
     generated = config.method == "rac"  # RAC generates from the training prompts
@@ -211,7 +317,7 @@ def run(args) -> int:
         if eval_examples is None or int(os.environ.get("RANK", "0")) != 0:
             return
         result = evaluate(trained, tokenizer, eval_examples, max_new_tokens=config.max_new_tokens,
-                          backend="hf")
+                          backend="hf", answer_regex=args.answer_regex)
         result["iteration"] = iteration
         evaluations.append(result)
         print(f"iteration {iteration}: eval accuracy {result['accuracy']:.3f} ({result['count']} examples)")

@@ -59,7 +59,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # BASH
     beta: float = 0.2
-    bash_mode: str = "sample"  # argmax | sample | topk
+    bash_mode: str = "sample"  # argmax | sample | topk | random (a noise control: uniform random tokens)
     bash_temperature: float = 1.0
     bash_top_k: int = 4
     bash_rows: Optional[int] = None  # examples predicted and trained per iteration; None: all the steps draw
@@ -90,8 +90,8 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")
-        if self.bash_mode not in ("argmax", "sample", "topk"):
-            raise ValueError(f"bash_mode must be argmax, sample or topk, got {self.bash_mode!r}")
+        if self.bash_mode not in ("argmax", "sample", "topk", "random"):
+            raise ValueError(f"bash_mode must be argmax, sample, topk or random, got {self.bash_mode!r}")
         if self.rac_mode not in ("path", "first", "last", "all"):
             raise ValueError(f"rac_mode must be path, first, last or all, got {self.rac_mode!r}")
         if self.distributed not in ("ddp", "fsdp"):
@@ -227,32 +227,60 @@ def build_rows(method, model, tokenizer, examples, config, iteration, device, lo
     if method == "bash":
         if config.bash_rows:  # a fresh subset each iteration, trained for as many epochs as the steps take
             subset = rng.sample(range(len(examples)), min(config.bash_rows, len(examples)))
-            return _bash_rows(model, [examples[i] for i in subset], config, iteration, device, None)
-        return _bash_rows(model, examples, config, iteration, device, scheduled)
+            return _bash_rows(model, [examples[i] for i in subset], config, iteration, device, None, log)
+        return _bash_rows(model, examples, config, iteration, device, scheduled, log)
     return _rac_rows(model, tokenizer, examples, config, iteration, rng, log)
 
 
-def _bash_rows(model, examples, config, iteration, device, scheduled, chunk_rows=64):
+def _bash_rows(model, examples, config, iteration, device, scheduled, log=None, chunk_rows=64):
     from gapfix.methods.bash import predict_alternatives
 
     rows = [sft_row(ex) for ex in examples]
     todo = sorted(scheduled) if scheduled is not None else range(len(rows))
+    predicted_tokens = same_tokens = 0
     for start in range(0, len(todo), chunk_rows):
         chunk = [rows[i] for i in todo[start:start + chunk_rows]]
         for row, index in zip(chunk, todo[start:start + chunk_rows]):
             prompt_len = len(examples[index].prompt_ids)
             row["eligible"] = [False] * prompt_len + [True] * (len(row["input_ids"]) - prompt_len)
         batch = collate(chunk, pad_id=0)  # eligible pads with False
-        prediction = predict_alternatives(
-            model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-            batch["eligible"].to(device), mode=config.bash_mode, temperature=config.bash_temperature,
-            top_k=config.bash_top_k, seed=_mix_seed(config.seed, iteration, "predict", start, 0))
+        if config.bash_mode == "random":  # the noise control: random tokens in place of predictions
+            prediction = _random_alternatives(model, batch, _mix_seed(config.seed, iteration, "noise", start, 0))
+        else:
+            prediction = predict_alternatives(
+                model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                batch["eligible"].to(device), mode=config.bash_mode, temperature=config.bash_temperature,
+                top_k=config.bash_top_k, seed=_mix_seed(config.seed, iteration, "predict", start, 0))
+        eligible = batch["eligible"]
+        alt = prediction.alt_ids if prediction.alt_ids.dim() == 2 else prediction.alt_ids[..., 0]
+        predicted_tokens += int(eligible.sum())
+        same_tokens += int(((alt.cpu() == batch["input_ids"]) & eligible).sum())
         for i, row in enumerate(chunk):
             n = len(row["input_ids"])
             row["alt_ids"] = prediction.alt_ids[i, :n].tolist()
             if prediction.alt_probs is not None:
                 row["alt_probs"] = prediction.alt_probs[i, :n].tolist()
+    same = same_tokens / predicted_tokens if predicted_tokens else float("nan")
+    if log is not None:  # counts what was predicted, not the rows built
+        log(dict(event="bash_offline", iteration=iteration, predicted_rows=len(todo),
+                 predicted_tokens=predicted_tokens, equal_to_input=same))
+    if predicted_tokens and same_tokens == predicted_tokens and config.beta > 0 and config.bash_mode != "topk":
+        import warnings
+
+        warnings.warn(f"BASH iteration {iteration}: every predicted token equals the reference input "
+                      f"({predicted_tokens} tokens), so mixing changes nothing and the iteration is SFT; "
+                      "raise --bash-temperature or use --bash-mode sample/topk", stacklevel=2)
     return rows
+
+
+def _random_alternatives(model, batch, seed):
+    """Uniform random tokens at the answer positions (BASH's noise control)."""
+    from gapfix.methods.bash import Alternatives
+
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.get_input_embeddings().num_embeddings
+    noise = torch.randint(0, vocab, batch["input_ids"].shape, generator=generator)
+    return Alternatives(torch.where(batch["eligible"], noise, batch["input_ids"]), None)
 
 
 def _rac_rows(model, tokenizer, examples, config, iteration, rng, log):
@@ -273,7 +301,13 @@ def _rac_rows(model, tokenizer, examples, config, iteration, rng, log):
         pad_id=_pad_id(tokenizer), mode=config.rac_mode,
         only_until_divergence=config.rac_only_until_divergence,
         impl="auto" if config.fused else "torch")
-    log(dict(event="rac_offline", iteration=iteration, **stats))
+    log(dict(event="rac_offline", iteration=iteration, prompts=count, generated=len(outputs), **stats))
+    if outputs and stats.get("mean_edit_distance") == 0.0:  # every answer is its reference
+        import warnings
+
+        warnings.warn(f"RAC iteration {iteration}: all {len(outputs)} generated answers equal their "
+                      "references, so every RAC row is an SFT row and the iteration is SFT on fewer rows; "
+                      "sample them (--rac-temperature > 0)", stacklevel=2)
     return mix_with_sft(rows, [sft_row(ex) for ex in examples], config.rac_sft_ratio,
                         seed=_mix_seed(config.seed, iteration, "mix", 0, 0))
 
@@ -373,7 +407,8 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
             rows = build_rows(config.method, model, tokenizer, train_examples, config, iteration, device,
                               log, scheduled)
             phase_seconds["offline"] += time.perf_counter() - started
-            log(dict(event="offline", iteration=iteration, rows=len(rows),
+            counted = {"predicted_rows": len(scheduled)} if scheduled is not None else {}  # not all rows
+            log(dict(event="offline", iteration=iteration, rows=len(rows), **counted,
                      seconds=time.perf_counter() - started))
         steps = steps_for(len(rows))
         order = _row_order(len(rows), steps * config.batch_size, config.seed, iteration)

@@ -1,0 +1,80 @@
+"""`gapfix eval`: accuracy and exposure-bias diagnostics of a model on JSONL data.
+
+    gapfix eval --model runs/sft/final --data test.jsonl --answer-regex '#### (\\S+)' --out eval/
+
+--data holds prompt/response or chat records. Writes report.json and report.png
+into --out (see gapfix.evaluation for what each number means) and prints a
+one-line summary.
+"""
+
+
+def configure(parser):
+    parser.add_argument("--model", required=True,
+                        help="a local model folder (save_pretrained, with its tokenizer)")
+    parser.add_argument("--data", required=True, help="JSONL of prompt/response or chat records")
+    parser.add_argument("--answer-regex", default=None,
+                        help="score the answer this regex captures (group 1, else the whole match; the last "
+                             "match counts) instead of exact match of the whole response "
+                             "(default: exact match)")
+    parser.add_argument("--out", default="gapfix-eval", help="output folder for report.json and report.png "
+                                                             "(default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="generation budget (default %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    parser.add_argument("--top-k", type=int, default=5,
+                        help="recovery: the wrong token is drawn from the model's top-k "
+                             "(default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="recovery positions and tokens (default %(default)s)")
+    parser.add_argument("--backend", choices=("auto", "vllm", "hf"), default="hf",
+                        help="generation backend (default %(default)s)")
+    parser.add_argument("--max-length", type=int, default=None, help="drop examples longer than this")
+    parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                        help="malformed data lines: stop, or skip them with a warning (default %(default)s)")
+    add_threads_flag(parser)
+
+
+def add_threads_flag(parser):
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own choice)")
+
+
+def apply_threads(threads):
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def quiet_third_party():
+    """No third-party progress bars (transformers' loading and saving bars)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def run(args) -> int:
+    from gapfix.data import load_examples
+    from gapfix.evaluation import evaluate_model, summary_line, write_report
+    from gapfix.models import load_model
+
+    apply_threads(args.threads)
+    quiet_third_party()
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise ValueError(f"--model {args.model!r} has no tokenizer files: "
+                         "save the tokenizer beside the model")
+    examples = load_examples(args.data, tokenizer, max_length=args.max_length, on_error=args.on_error,
+                             limit=args.limit)
+    report = evaluate_model(model, tokenizer, examples, answer_regex=args.answer_regex,
+                            max_new_tokens=args.max_new_tokens, backend=args.backend, seed=args.seed,
+                            top_k=args.top_k)
+    report["model"], report["data"] = args.model, args.data
+    paths = write_report(report, args.out)
+    print(summary_line(report))
+    for note in report["notes"]:
+        print("note:", note)
+    print("wrote", ", ".join(paths.values()))
+    return 0
