@@ -135,7 +135,7 @@ def test_compare_command_bad_input(tmp_path, args, match):
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value
     with pytest.raises(ValueError, match=match):
-        main(["compare"] + [item for pair in base.items() for item in pair])
+        main(["--debug", "compare"] + [item for pair in base.items() for item in pair])
 
 
 # ----------------------------------------------------------------------------- CLI flags

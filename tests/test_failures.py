@@ -239,7 +239,8 @@ def required_arguments(command):
     values = []
     for action in subparsers.choices[command]._actions:
         if action.option_strings and action.required:
-            values += [action.option_strings[0], "x"]
+            placeholder = {int: "1", float: "1.0"}.get(action.type, "x")  # argparse converts these
+            values += [action.option_strings[0], placeholder]
         elif not action.option_strings and action.nargs not in ("?", "*"):
             values.append("x")
     return values
