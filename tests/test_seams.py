@@ -72,9 +72,8 @@ def test_training_loss_uses_the_models_own_logits(family, fused):
     rows, prompts = prompt_answer_rows()
     input_ids, attention_mask, answer = padded(rows, prompts)
     labels = torch.where(answer, input_ids, -100)
-    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
     loss, _ = CausalLMLoss(model, fused)({"input_ids": input_ids, "attention_mask": attention_mask,
-                                          "labels": shifted})
+                                          "labels": labels})
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
@@ -133,3 +132,100 @@ def test_prediction_pass_through_a_peft_model():
     where = answer[:, 1:]
     assert not torch.equal(logits.argmax(-1)[where], without.argmax(-1)[where])  # the adapter matters
     assert torch.equal(alts.alt_ids[:, 1:][where], logits.topk(2, dim=-1).indices[where])
+
+
+# ------------------------------------------------------------------ (b) one label convention
+
+def sft_rows(count=6, seed=0):
+    from gapfix.data import Example, sft_row
+
+    rows, prompts = prompt_answer_rows(tuple((2 + i % 3, 3 + i % 4) for i in range(count)), seed)
+    return [sft_row(Example(r[:p], r[p:] + [2])) for r, p in zip(rows, prompts)]
+
+
+def rac_rows():
+    from gapfix.methods.rac import build_rac_rows
+
+    rows, prompts = prompt_answer_rows(((3, 6), (4, 5), (2, 7)), seed=3)
+    generated = [r[p:-2] + [r[-1]] + [2] for r, p in zip(rows, prompts)]  # a token dropped, one wrong
+    generated[1] = generated[1][:-1]  # cut at the length limit
+    out, _ = build_rac_rows([r[:p] for r, p in zip(rows, prompts)], generated,
+                            [r[p:] for r, p in zip(rows, prompts)], eos_id=2, pad_id=0, impl="torch")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sft", "rac"])
+def test_rows_train_what_a_transformers_trainer_trains(tmp_path, kind):
+    """gapfix's rows, collated by gapfix, give a real transformers Trainer's loss the same
+    value as gapfix's own loss: both read labels in the Hugging Face convention."""
+    from gapfix.data import collate
+
+    model = tiny_family("llama")
+    rows = sft_rows() if kind == "sft" else rac_rows()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                                          per_device_train_batch_size=len(rows))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
+                                   data_collator=lambda items: collate(items, pad_id=0))
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        theirs = trainer.compute_loss(model, dict(batch))
+        ours, _ = CausalLMLoss(model, fused=True)(batch)
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(ours / trained, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_bash_batch_and_trainer_loss_agree():
+    """build_bash_batch's labels (HF convention) and the trainer's loss on the same rows."""
+    from gapfix.data import collate
+    from gapfix.methods.bash import build_bash_batch
+
+    model = tiny_family("llama")
+    batch = collate(sft_rows(), pad_id=0)
+    step = build_bash_batch(model, batch["input_ids"], batch["labels"], batch["input_ids"], beta=0.0,
+                            seed=0, attention_mask=batch["attention_mask"])
+    with torch.no_grad():
+        theirs = model(**step.model_inputs()).loss
+        ours, _ = CausalLMLoss(model, fused=True)(batch)
+    torch.testing.assert_close(ours / int((batch["labels"][:, 1:] != -100).sum()), theirs,
+                               rtol=1e-5, atol=1e-5)
+
+
+def shifted_like_before(row):
+    """A row in the other convention: labels[i] the target of position i (pre-shifted)."""
+    return {**row, "labels": row["labels"][1:] + [-100]}
+
+
+def test_rows_in_the_shifted_convention_are_refused():
+    from gapfix.data import collate, pack_rows
+    from gapfix.methods.bash import build_bash_batch
+
+    rows = sft_rows()
+    old = [shifted_like_before(r) for r in rows]
+    with pytest.raises(ValueError, match="shifted convention"):
+        collate(old, pad_id=0)
+    with pytest.raises(ValueError, match="shifted convention"):
+        pack_rows(old)
+    batch = collate(rows, pad_id=0)
+    shifted = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], 1)
+    with pytest.raises(ValueError, match="shifted convention"):
+        build_bash_batch(tiny_family("llama"), batch["input_ids"], shifted, batch["input_ids"], beta=0.1,
+                         seed=0, attention_mask=batch["attention_mask"])
+    with pytest.raises(ValueError, match="exactly one"):  # both conventions in one row
+        collate([{**rows[0], "shift_labels": old[0]["labels"]}], pad_id=0)
+    collate(rac_rows(), pad_id=0)  # corrections (labels unlike their inputs) are not mistaken for shifted
+
+
+def test_shift_labels_are_the_explicit_other_convention():
+    """Already shifted targets pass under transformers' name for them, shift_labels, and train
+    the same loss as the aligned labels they came from."""
+    from gapfix.data import collate
+
+    model = tiny_family("llama")
+    rows = sft_rows()
+    aligned = collate(rows, pad_id=0)
+    explicit = collate([{"input_ids": r["input_ids"], "shift_labels": shifted_like_before(r)["labels"]}
+                        for r in rows], pad_id=0)
+    with torch.no_grad():
+        a, _ = CausalLMLoss(model, fused=True)(aligned)
+        b, _ = CausalLMLoss(model, fused=True)(explicit)
+    torch.testing.assert_close(a, b)

@@ -9,9 +9,16 @@ A chat record's last assistant message is the response; everything before it is
 the prompt, rendered with the tokenizer's chat template where it has one.
 
 Examples are token ids: `Example(prompt_ids, answer_ids)`, the answer ending
-with EOS. Training rows follow one convention throughout gapfix: `labels[i]`
-is the target for input position i (already shifted), `ignore_index` where
-nothing is trained (the prompt, padding).
+with EOS. Training rows and batches follow one label convention at every public
+boundary of gapfix, the Hugging Face one: `labels` is aligned with `input_ids`
+(`labels[i]` is the target for the token at position i, predicted from the
+prefix before it), `ignore_index` (-100) where nothing is trained (the prompt,
+padding), and the loss shifts. Soft targets (`target_ids` / `target_weights`,
+one K-list per position) are aligned the same way. Targets that are already
+shifted travel under transformers' own name for them, `shift_labels`
+(`shift_labels[i]` is the target predicted at position i); a row or batch with
+both is refused, and `labels` whose content is recognisably shifted (see
+`check_labels`) are refused too, never trained on silently.
 """
 import json
 from dataclasses import dataclass
@@ -116,33 +123,98 @@ def load_examples(path: str, tokenizer, *, max_length: Optional[int] = None,
 
 
 def sft_row(example: Example, ignore_index: int = IGNORE_INDEX) -> dict:
-    """Input prompt+answer; labels train every answer token, the prompt masked."""
+    """Input prompt+answer; labels (HF convention, aligned with input_ids) are the
+    answer tokens, the prompt masked."""
     input_ids = example.prompt_ids + example.answer_ids
-    labels = [ignore_index] * len(input_ids)
-    start = len(example.prompt_ids) - 1  # this position predicts the first answer token
-    labels[start:len(input_ids) - 1] = example.answer_ids
+    labels = [ignore_index] * len(example.prompt_ids) + list(example.answer_ids)
     return {"input_ids": input_ids, "labels": labels}
+
+
+LABEL_FIELDS = ("labels", "shift_labels")
+
+
+def label_field(fields, where: str = "batch") -> str:
+    """Which label convention a row or batch carries: "labels" (aligned with input_ids,
+    the loss shifts) or "shift_labels" (already shifted). Exactly one must be present."""
+    present = [name for name in LABEL_FIELDS if name in fields]
+    if len(present) != 1:
+        raise ValueError(
+            f"{where} must carry exactly one of 'labels' (aligned with input_ids, the loss shifts: the "
+            f"Hugging Face convention) or 'shift_labels' (already shifted), got {present or 'neither'}")
+    return present[0]
+
+
+def check_labels(input_ids, labels, *, attention_mask=None, position_ids=None,
+                 ignore_index: int = IGNORE_INDEX, where: str = "labels") -> None:
+    """Refuses `labels` that are recognisably in the shifted convention.
+
+    input_ids, labels: (B, T) tensors (labels aligned with input_ids expected).
+    attention_mask / position_ids mark where each row (or packed example) ends.
+
+    A row is refused when every trained label equals the *next* input token
+    (labels[i] == input_ids[i + 1], within the same example) while not every one
+    equals its own token: that is what prompt-masked targets shifted by one look
+    like. Rows in the aligned convention never look so: SFT-style labels equal
+    their own tokens, and rows that train their last token (gapfix's SFT and RAC
+    rows: the answer's EOS, RAC's label after the whole answer) have nothing after
+    it to equal. Shifted correction targets cannot be told apart by content: pass
+    them as `shift_labels`.
+    """
+    import torch
+
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"{where} must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    trained = labels != ignore_index
+    has_next = torch.zeros_like(trained)
+    has_next[:, :-1] = True
+    if attention_mask is not None:
+        has_next[:, :-1] &= attention_mask[:, 1:] != 0
+    if position_ids is not None:
+        has_next[:, :-1] &= position_ids[:, 1:] != 0
+    next_ids = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], 1)
+    matches_next = has_next & (labels == next_ids)
+    matches_own = labels == input_ids
+    shifted = trained.any(1) & (matches_next | ~trained).all(1) & ~(matches_own | ~trained).all(1)
+    if bool(shifted.any()):
+        row = int(shifted.nonzero()[0, 0])
+        raise ValueError(
+            f"{where}: row {row} is in the shifted convention (every trained label is the next input "
+            "token); gapfix takes labels aligned with input_ids (the Hugging Face convention: -100 "
+            "ignored, the loss shifts), or already shifted targets as 'shift_labels'")
 
 
 def collate(rows: List[dict], *, pad_id: int, ignore_index: int = IGNORE_INDEX,
             pad_to_multiple_of: Optional[int] = None):
-    """Right-pads rows to one tensor batch: input_ids, attention_mask, labels, and
-    any per-position list field (e.g. RAC's target_ids/target_weights, BASH's alt_ids)."""
+    """Right-pads rows to one tensor batch: input_ids, attention_mask, labels (or
+    shift_labels), and any per-position list field (e.g. RAC's target_ids /
+    target_weights, BASH's alt_ids). Rows must all carry the same label field;
+    `labels` in the shifted convention are refused (check_labels)."""
     import torch
 
+    key = label_field(rows[0], "rows[0]")
+    for index, row in enumerate(rows):
+        if label_field(row, f"rows[{index}]") != key:
+            raise ValueError(f"rows[{index}] carries {label_field(row)!r}, rows[0] {key!r}: "
+                             "one batch holds one label convention")
     width = max(len(r["input_ids"]) for r in rows)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     batch = {
         "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
         "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-        "labels": torch.full((len(rows), width), ignore_index, dtype=torch.long),
+        key: torch.full((len(rows), width), ignore_index, dtype=torch.long),
     }
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
+        if len(row[key]) != n:
+            raise ValueError(f"rows[{i}]: {key} has {len(row[key])} entries, input_ids {n}")
         batch["input_ids"][i, :n] = torch.tensor(row["input_ids"])
         batch["attention_mask"][i, :n] = 1
-        batch["labels"][i, :n] = torch.tensor(row["labels"])
+        batch[key][i, :n] = torch.tensor(row[key])
+    if key == "labels":
+        check_labels(batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"],
+                     ignore_index=ignore_index, where="rows' labels")
     _collate_extra(rows, batch, width, ignore_index)
     return batch
 
@@ -150,7 +222,7 @@ def collate(rows: List[dict], *, pad_id: int, ignore_index: int = IGNORE_INDEX,
 def _collate_extra(rows, batch, width, ignore_index):
     import torch
 
-    extra = [k for k in rows[0] if k not in ("input_ids", "labels", "attention_mask")
+    extra = [k for k in rows[0] if k not in ("input_ids", "attention_mask") + LABEL_FIELDS
              and isinstance(rows[0][k], list)]
     for key in extra:
         sample = torch.tensor(rows[0][key])
@@ -162,25 +234,40 @@ def _collate_extra(rows, batch, width, ignore_index):
         batch[key] = out
 
 
-def pack_rows(rows: List[dict]):
+def pack_rows(rows: List[dict], *, ignore_index: int = IGNORE_INDEX):
     """Packs rows into one row with position_ids restarting at 0 for each example.
 
-    transformers' FlashAttention path reads the restarts as sequence boundaries
-    (varlen attention), so packed examples never attend to each other and no
-    padding is computed. Only for attention implementations that honour
-    position_ids boundaries (flash_attention_2/3).
+    Attention that reads the restarts as sequence boundaries (FlashAttention's
+    varlen path; transformers' sdpa path given position_ids and no attention
+    mask, see gapfix.trainer.packing_supported) keeps packed examples apart and
+    computes no padding. The label at each example's first position is set to
+    ignore_index, so that the loss's shift never trains one example's first
+    token from the previous example's last.
     """
     import torch
 
+    key = label_field(rows[0], "rows[0]")
     fields = [k for k, v in rows[0].items() if isinstance(v, list)]  # input_ids, labels, BASH/RAC extras
     packed = {k: [] for k in fields}
     position_ids = []
-    for row in rows:
-        for key in fields:
-            packed[key] += row[key]
+    for index, row in enumerate(rows):
+        if label_field(row, f"rows[{index}]") != key:
+            raise ValueError(f"rows[{index}] carries a different label field than rows[0] ({key!r})")
+        start = len(position_ids)
+        for name in fields:
+            packed[name] += row[name]
         position_ids += list(range(len(row["input_ids"])))
+        if key == "labels":
+            packed["labels"][start] = ignore_index
+            if "target_ids" in packed:
+                width = len(packed["target_ids"][start])
+                packed["target_ids"][start] = [ignore_index] * width
+                packed["target_weights"][start] = [0.0] * width
     batch = {k: torch.tensor([v]) for k, v in packed.items()}
     batch["position_ids"] = torch.tensor([position_ids])
+    if key == "labels":
+        check_labels(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"],
+                     ignore_index=ignore_index, where="rows' labels")
     return batch
 
 

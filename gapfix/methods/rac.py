@@ -7,22 +7,25 @@ alignment of g to the reference y says is owed there (gapfix.rac_labels): the
 next reference token while g follows y, the right token where g went wrong,
 and EOS once g has covered the whole reference.
 
-Row convention (the same as gapfix.data.sft_row, so RAC and SFT rows batch
-together): ``labels[i]`` is the target of input position i, already shifted.
+Row convention: the Hugging Face one, as gapfix.data.sft_row (so RAC and SFT
+rows batch together): ``labels`` is aligned with ``input_ids`` and the loss
+shifts, i.e. ``labels[i]`` is the target predicted from input positions < i.
 
     input_ids = x + g + [e]          e = the generated EOS, or pad_id when g
                                      was cut at the length limit
-    labels[len(x) - 1 + t] = label after g_<t,   t = 0..n
-    labels[i] = ignore_index         elsewhere (the prompt, the last position)
+    labels[len(x) + t] = label after g_<t,   t = 0..n
+    labels[i] = ignore_index         elsewhere (the prompt)
 
-The label after g_<t sits on the input position of the last token of x + g_<t,
-so t = 0 is on the last prompt token and t = n on the last token of g. The
-extra token e is never a target and nothing is trained on its position; it
-gives RAC rows the shape of SFT rows (x + y + EOS, trained on x[-1] .. y[-1])
-and keeps the input what the model actually emitted.
+The label after g_<t is predicted from the last token of x + g_<t, so it sits
+at the next position: t = 0 on the first answer position, t = n on e. The
+label may differ from the input token there (a correction), and the extra
+token e is never fed to the model as a prefix of anything trained; it gives
+RAC rows the shape of SFT rows (x + y + EOS, labels on y + EOS) and keeps the
+input what the model actually emitted.
 
 Soft mode ("all") rows also carry ``target_ids`` / ``target_weights``: one
-K-list per input position (ignore_index / 0.0 where nothing is trained).
+K-list per position, aligned like labels (ignore_index / 0.0 where nothing is
+trained).
 """
 import math
 import random
@@ -110,8 +113,8 @@ def build_rac_rows(
 
     All pairs go through one gapfix.align and one gapfix.rac_labels call.
 
-    Returns (rows, stats). rows: dicts with input_ids and labels (see the module
-    doc), plus target_ids / target_weights for "all". stats: ``rows``;
+    Returns (rows, stats). rows: dicts with input_ids and labels (aligned with
+    input_ids, the Hugging Face convention; see the module doc), plus target_ids / target_weights for "all". stats: ``rows``;
     ``trained_positions``; ``label_agreement``, the fraction of trained
     positions whose label equals the token the model generated there (for
     "all": is among the targets; the position after a cut answer has no
@@ -191,8 +194,8 @@ def build_rac_rows(
     rows = []
     for b in range(batch):
         prompt, answer = list(prompts[b]), answers[b]
-        start, stop = len(prompt) - 1, len(prompt) + len(answer)  # positions of t = 0 .. n
         input_ids = prompt + answer + [eos_id if finished[b] else pad_id]
+        start, stop = len(prompt), len(input_ids)  # positions of t = 0 .. n
         row_labels = np.full(len(input_ids), ignore_index, dtype=np.int64)
         row_labels[start:stop] = labels[b, : stop - start]
         row = {"input_ids": input_ids, "labels": row_labels.tolist()}
