@@ -402,8 +402,9 @@ def _rac_rows(model, tokenizer, examples, config, iteration, rng, log):
                        seed=_mix_seed(config.seed, iteration, "generate", 0, 0),
                        backend=config.generation_backend)
     owners = [chosen[output.prompt_index] for output in outputs]
+    # Generation objects: their finish_reason says which answers ended with EOS
     rows, stats = build_rac_rows(
-        [examples[i].prompt_ids for i in owners], [list(output.token_ids) for output in outputs],
+        [examples[i].prompt_ids for i in owners], outputs,
         [examples[i].answer_ids for i in owners], eos_id=tokenizer.eos_token_id,
         pad_id=_pad_id(tokenizer), mode=config.rac_mode,
         only_until_divergence=config.rac_only_until_divergence,

@@ -229,3 +229,80 @@ def test_shift_labels_are_the_explicit_other_convention():
         a, _ = CausalLMLoss(model, fused=True)(aligned)
         b, _ = CausalLMLoss(model, fused=True)(explicit)
     torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ (c) EOS in generated answers
+
+def test_generation_records_its_stop_token():
+    from gapfix.generation import Generation
+
+    done = Generation(0, 0, [5, 6], "eos", stop_token_id=7)
+    cut = Generation(0, 0, [5, 6], "length")
+    assert done.finished and not cut.finished
+    assert done.token_ids_with_stop() == [5, 6, 7] and cut.token_ids_with_stop() == [5, 6]
+    assert Generation.from_record(done.to_record()) == done
+
+
+@pytest.fixture(scope="module")
+def finishing_model():
+    """A tiny model trained on the math task until it ends every answer with EOS."""
+    from gapfix.data import encode_example, math_task
+    from gapfix.models import tiny_llama
+    from gapfix.trainer import train
+
+    tokenizer = math_task.math_tokenizer()
+    examples = [encode_example(tokenizer, p["prompt"], p["response"], p)
+                for p in math_task.make_split("train", 96, seed=5)]
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=128,
+                       seed=0).train()
+    train(model, tokenizer, examples, method="sft", steps_per_iteration=300, batch_size=16, lr=1e-2,
+          progress=False)
+    return model, tokenizer, examples
+
+
+def test_rac_statistics_see_finished_answers(finishing_model, tmp_path):
+    """`gapfix train --method rac`'s offline statistics: finished and exact_match counted from
+    what the model really generated (before the fix: 0.0 and 0.0, every answer taken as cut)."""
+    import copy
+    import json
+
+    from gapfix.generation import generate
+    from gapfix.methods.rac import build_rac_rows
+    from gapfix.trainer import train
+
+    model, tokenizer, examples = finishing_model
+    outputs = generate(model, [e.prompt_ids for e in examples], tokenizer=tokenizer, max_new_tokens=40,
+                       backend="hf")
+    finished = sum(o.finish_reason == "eos" for o in outputs) / len(outputs)
+    exact = sum(o.finish_reason == "eos" and o.token_ids == e.answer_ids[:-1]
+                for o, e in zip(outputs, examples)) / len(outputs)
+    assert finished > 0.9 and exact > 0.2  # the model finishes its answers, and is often right
+    train(copy.deepcopy(model), tokenizer, examples, method="rac", steps_per_iteration=1, batch_size=8,
+          progress=False, max_new_tokens=40, generation_backend="hf", out_dir=str(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    stats = next(r for r in records if r.get("event") == "rac_offline")
+    assert stats["finished"] == pytest.approx(finished)
+    assert stats["exact_match"] == pytest.approx(exact)
+    assert all(o.stop_token_id == tokenizer.eos_token_id for o in outputs if o.finished)
+    rows, _ = build_rac_rows([e.prompt_ids for e in examples], outputs, [e.answer_ids for e in examples],
+                             eos_id=tokenizer.eos_token_id, impl="torch")
+    eos = tokenizer.eos_token_id
+    for row, output, example in zip(rows, outputs, examples):  # a finished answer's row ends in its EOS
+        assert (row["input_ids"][-1] == eos) == output.finished
+        if output.finished and output.token_ids == example.answer_ids[:-1]:
+            assert row["labels"][-1] == eos
+
+
+def test_build_rac_rows_takes_generations_or_finished_flags():
+    from gapfix.generation import Generation
+    from gapfix.methods.rac import build_rac_rows
+
+    prompts, refs = [[1, 2], [3]], [[10, 11, 2], [12, 2]]
+    with_eos, stats = build_rac_rows(prompts, [[10, 11, 2], [12, 13]], refs, eos_id=2, pad_id=0)
+    flags, _ = build_rac_rows(prompts, [[10, 11], [12, 13]], refs, eos_id=2, pad_id=0, finished=[True, False])
+    objects, _ = build_rac_rows(prompts, [Generation(0, 0, [10, 11], "eos", stop_token_id=2),
+                                          Generation(1, 0, [12, 13], "length")], refs, eos_id=2, pad_id=0)
+    assert with_eos == flags == objects
+    assert stats["finished"] == 0.5 and stats["exact_match"] == 0.5
+    with pytest.raises(ValueError, match="finished"):
+        build_rac_rows(prompts, [[10], [12]], refs, eos_id=2, finished=[True])
