@@ -374,9 +374,8 @@ def _bash_rows(model, examples, config, iteration, device, scheduled, chunk_rows
     todo = sorted(scheduled) if scheduled is not None else range(len(rows))
     for start in range(0, len(todo), chunk_rows):
         chunk = [rows[i] for i in todo[start:start + chunk_rows]]
-        for row, index in zip(chunk, todo[start:start + chunk_rows]):
-            prompt_len = len(examples[index].prompt_ids)
-            row["eligible"] = [False] * prompt_len + [True] * (len(row["input_ids"]) - prompt_len)
+        for row in chunk:  # the trained tokens (every assistant turn of a chat)
+            row["eligible"] = [label != IGNORE_INDEX for label in row["labels"]]
         batch = collate(chunk, pad_id=0)  # eligible pads with False
         prediction = predict_alternatives(
             model, batch["input_ids"].to(device), batch["attention_mask"].to(device),

@@ -306,3 +306,69 @@ def test_build_rac_rows_takes_generations_or_finished_flags():
     assert stats["finished"] == 0.5 and stats["exact_match"] == 0.5
     with pytest.raises(ValueError, match="finished"):
         build_rac_rows(prompts, [[10], [12]], refs, eos_id=2, finished=[True])
+
+
+# ------------------------------------------------------------------ (d) chat turns
+
+CHATML = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+          "{% generation %}{{ m['content'] }}<|im_end|>\n{% endgeneration %}"
+          "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_PLAIN = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+CONVERSATION = [{"role": "system", "content": "you add numbers"},
+                {"role": "user", "content": "12 plus 30"}, {"role": "assistant", "content": "it is 42"},
+                {"role": "user", "content": "and 7 plus 8"}, {"role": "assistant", "content": "it is 15"}]
+
+
+def chat_tokenizer(template):
+    """A word-level tokenizer with a BOS it adds itself, and ChatML turns whose end-of-turn
+    (<|im_end|>) is not its EOS (</s>)."""
+    from gapfix.models import train_tokenizer
+
+    texts = [m["content"] for m in CONVERSATION] + ["system user assistant\n"]
+    tok = train_tokenizer(texts, kind="word", add_bos=True, chat_template=template)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tok
+
+
+def chat_example(tmp_path, template):
+    import json
+
+    from gapfix.data import load_examples, sft_row
+
+    tok = chat_tokenizer(template)
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    (example,) = load_examples(str(path), tok)
+    return tok, example, sft_row(example)
+
+
+@pytest.mark.parametrize("template", [CHATML, CHATML_PLAIN], ids=["generation-block", "rendered-diff"])
+def test_every_assistant_turn_trained_with_its_end_of_turn(tmp_path, template):
+    """The trained tokens are exactly those transformers marks as the assistant's (every turn,
+    each closed by <|im_end|> and its newline, never the tokenizer's EOS); one BOS."""
+    tok, example, row = chat_example(tmp_path, template)
+    reference = chat_tokenizer(CHATML).apply_chat_template(
+        CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert row["input_ids"] == list(reference["input_ids"])
+    expected = [t if m else -100 for t, m in zip(reference["input_ids"], reference["assistant_masks"])]
+    assert row["labels"] == expected
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    trained = [t for t in row["labels"] if t != -100]
+    assert trained.count(im_end) == 2 and tok.eos_token_id not in trained
+    assert tok.decode(example.answer_ids) == "it is 15<|im_end|>\n"
+    assert row["input_ids"].count(tok.bos_token_id) == 1
+    # the prompt is what generation is given: the context and the assistant header
+    prompt = tok.apply_chat_template(CONVERSATION[:-1], tokenize=True, add_generation_prompt=True)
+    assert example.prompt_ids == list(prompt if isinstance(prompt, list) else prompt["input_ids"])
+
+
+def test_chat_rows_bash_eligible_covers_every_turn(tmp_path):
+    """BASH mixes every trained (assistant) token, earlier turns included."""
+    from gapfix.trainer import _bash_rows, TrainConfig
+    from gapfix.models import tiny_llama
+
+    tok, example, row = chat_example(tmp_path, CHATML)
+    model = tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    (bash_row,) = _bash_rows(model, [example], TrainConfig(bash_mode="argmax"), 0, torch.device("cpu"), None)
+    assert bash_row["eligible"] == [label != -100 for label in row["labels"]]

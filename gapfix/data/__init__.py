@@ -5,8 +5,17 @@ Records are JSON objects, one a line, in either form:
     {"prompt": "...", "response": "..."}          (also "completion" or "answer")
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
 
-A chat record's last assistant message is the response; everything before it is
-the prompt, rendered with the tokenizer's chat template where it has one.
+A chat record trains every assistant turn, each ending in the chat template's
+own end-of-turn (ChatML's `<|im_end|>` and newline, not the tokenizer's EOS):
+the assistant tokens come from `apply_chat_template(...,
+return_assistant_tokens_mask=True)` where the template marks them
+(`{% generation %}`), else from the difference between renderings with and
+without each assistant turn. The rendered text already holds the template's
+special tokens (BOS where it has one), so it is tokenized without adding any.
+The last assistant turn is the example's answer (what RAC regenerates and
+evaluation compares); the earlier turns are trained inside its prompt
+(`Example.prompt_labels`). Without a chat template, turns are rendered as
+"role: content" lines and each assistant turn ends in EOS.
 
 Examples are token ids: `Example(prompt_ids, answer_ids)`, the answer ending
 with EOS. Training rows and batches follow one label convention at every public
@@ -21,6 +30,7 @@ both is refused, and `labels` whose content is recognisably shifted (see
 `check_labels`) are refused too, never trained on silently.
 """
 import json
+import re
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -31,8 +41,10 @@ RESPONSE_KEYS = ("response", "completion", "answer")
 @dataclass
 class Example:
     prompt_ids: List[int]
-    answer_ids: List[int]  # ends with EOS
+    answer_ids: List[int]  # ends with EOS (chat: the template's end-of-turn)
     record: Optional[dict] = None  # the source record (for evaluation: "final", ...)
+    # labels (HF convention) of the prompt tokens: earlier assistant turns of a chat; None: untrained
+    prompt_labels: Optional[List[int]] = None
 
 
 class DataError(ValueError):
@@ -88,6 +100,87 @@ def split_record(record: dict, tokenizer=None):
     return None
 
 
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _chat_messages(record: dict):
+    """The record's messages when it is a usable chat (a list of role/content dicts
+    ending with an assistant turn), else None."""
+    messages = record.get("messages")
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+        return None
+    if messages[-1].get("role") != "assistant":
+        return None
+    if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        return None
+    return messages
+
+
+def _chat_with_mask(tokenizer, messages):
+    """(token ids, assistant mask) from the template's {% generation %} blocks, or None."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not _GENERATION_BLOCK.search(template):
+        return None
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids, mask = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+    return (ids, mask) if any(mask) else None
+
+
+def _chat_segments(tokenizer, messages, where):
+    """(text, trained) pieces of the conversation: with a template, the rendered
+    difference each assistant turn makes (its content and end-of-turn); without
+    one, "role: content" lines and each assistant turn ending in EOS."""
+    template = getattr(tokenizer, "chat_template", None)
+    segments = []
+    if not template:
+        for m in messages:
+            if m["role"] == "assistant":
+                segments += [("assistant: ", False), (m["content"], True), (None, True), ("\n", False)]
+            else:
+                segments.append((f"{m['role']}: {m['content']}\n", False))
+        return segments
+    rendered = ""
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        after = tokenizer.apply_chat_template(messages[:k + 1], tokenize=False)
+        if not (before.startswith(rendered) and after.startswith(before)):
+            raise DataError(f"{where}: the chat template renders turn {k} differently once later turns "
+                            "exist, so its assistant tokens cannot be told apart; mark them with "
+                            "{% generation %} in the template")
+        segments += [(before[len(rendered):], False), (after[len(before):], True)]
+        rendered = after
+    return segments
+
+
+def encode_chat(tokenizer, messages, record=None, where: str = "record") -> Example:
+    """An Example of a conversation: every assistant turn trained, with the template's own
+    end-of-turn; the last one is the answer, the earlier ones labelled in prompt_labels."""
+    found = _chat_with_mask(tokenizer, messages)
+    if found is None:
+        ids, mask = [], []
+        for text, trained in _chat_segments(tokenizer, messages, where):
+            piece = [tokenizer.eos_token_id] if text is None else \
+                tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            mask += [trained] * len(piece)
+    else:
+        ids, mask = found
+    if not any(mask):
+        raise DataError(f"{where}: no assistant tokens to train")
+    end = len(mask) - mask[::-1].index(True)
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    if start == 0:
+        raise DataError(f"{where}: the conversation renders nothing before its first assistant turn")
+    prompt_labels = [t if m else IGNORE_INDEX for t, m in zip(ids[:start], mask[:start])]
+    return Example(ids[:start], ids[start:end], record,
+                   prompt_labels if any(m for m in mask[:start]) else None)
+
+
 def encode_example(tokenizer, prompt: str, response: str, record=None) -> Example:
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     answer_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
@@ -104,13 +197,17 @@ def load_examples(path: str, tokenizer, *, max_length: Optional[int] = None,
     """
     examples, unusable = [], 0
     for index, record in enumerate(read_jsonl(path, on_error=on_error)):
-        pair = split_record(record, tokenizer)
-        if pair is None:
+        messages = _chat_messages(record) if "messages" in record else None
+        pair = None if messages is not None else split_record(record, tokenizer)
+        if messages is None and pair is None:
             if on_error == "raise":
                 raise DataError(f"{path}: record {index} has neither prompt/response nor messages")
             unusable += 1
             continue
-        example = encode_example(tokenizer, *pair, record=record)
+        if messages is not None:
+            example = encode_chat(tokenizer, messages, record, where=f"{path}: record {index}")
+        else:
+            example = encode_example(tokenizer, *pair, record=record)
         if max_length is not None and len(example.prompt_ids) + len(example.answer_ids) > max_length:
             unusable += 1
             continue
@@ -126,7 +223,10 @@ def sft_row(example: Example, ignore_index: int = IGNORE_INDEX) -> dict:
     """Input prompt+answer; labels (HF convention, aligned with input_ids) are the
     answer tokens, the prompt masked."""
     input_ids = example.prompt_ids + example.answer_ids
-    labels = [ignore_index] * len(example.prompt_ids) + list(example.answer_ids)
+    context = example.prompt_labels or [ignore_index] * len(example.prompt_ids)
+    if ignore_index != IGNORE_INDEX:
+        context = [ignore_index if t == IGNORE_INDEX else t for t in context]
+    labels = list(context) + list(example.answer_ids)
     return {"input_ids": input_ids, "labels": labels}
 
 
