@@ -372,3 +372,53 @@ def test_chat_rows_bash_eligible_covers_every_turn(tmp_path):
     model = tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0)
     (bash_row,) = _bash_rows(model, [example], TrainConfig(bash_mode="argmax"), 0, torch.device("cpu"), None)
     assert bash_row["eligible"] == [label != -100 for label in row["labels"]]
+
+
+# ------------------------------------------------------------------ (e) packing under sdpa
+
+def test_packed_and_unpacked_losses_agree_under_sdpa():
+    """transformers' sdpa path keeps packed examples apart given position_ids: the packed batch's
+    loss and gradients are the padded batch's (rows with chat-style trained prompts included)."""
+    from gapfix.data import collate, pack_rows
+    from gapfix.trainer import packing_supported
+
+    model = tiny_family("llama").train()
+    assert model.config._attn_implementation == "sdpa" and packing_supported(model)
+    rows = sft_rows(5) + rac_rows()
+    losses, grads = [], []
+    for batch in (collate(rows, pad_id=0), pack_rows(rows)):
+        model.zero_grad()
+        loss, _ = CausalLMLoss(model, fused=True)(batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.lm_head.weight.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["sft", "bash"])
+def test_trainer_packs_under_sdpa(method):
+    """Packed micro-batches train as padded ones (BASH at beta 0: its mixing mask is drawn per
+    position of the batch layout, which packing changes)."""
+    from gapfix.data import encode_example, math_task
+    from gapfix.models import tiny_llama
+    from gapfix.trainer import train
+
+    tokenizer = math_task.math_tokenizer()
+    examples = [encode_example(tokenizer, p["prompt"], p["response"], p)
+                for p in math_task.make_split("train", 32, seed=5)]
+    runs = []
+    for packing in (False, True):
+        model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=128,
+                           seed=0).train()
+        losses = []
+        train(model, tokenizer, examples, method=method, beta=0.0, steps_per_iteration=2, batch_size=8,
+              lr=3e-3, micro_batch_size=3, progress=False, packing=packing,
+              on_step=lambda r: losses.append(r["loss"]))
+        runs.append((losses, model.lm_head.weight.detach().clone()))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-4, atol=1e-5)
+    model.config._attn_implementation = "an_attention_without_packing"
+    with pytest.raises(ValueError, match="packing"):
+        train(model, tokenizer, examples, method="sft", steps_per_iteration=1, batch_size=8, progress=False,
+              packing=True)
