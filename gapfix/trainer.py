@@ -38,7 +38,7 @@ from typing import List, Optional
 import torch
 
 from gapfix.data import IGNORE_INDEX, Example, collate, label_field, pack_rows, sft_row
-from gapfix.models import unwrap_model
+from gapfix.models import decoder_trunk, unwrap_model
 
 METHODS = ("sft", "bash", "rac")
 
@@ -400,7 +400,7 @@ def _rac_rows(model, tokenizer, examples, config, iteration, rng, log):
                        n=config.rac_samples, temperature=config.rac_temperature,
                        max_new_tokens=config.max_new_tokens,
                        seed=_mix_seed(config.seed, iteration, "generate", 0, 0),
-                       backend=config.generation_backend)
+                       backend=_generation_backend(model, config))
     owners = [chosen[output.prompt_index] for output in outputs]
     # Generation objects: their finish_reason says which answers ended with EOS
     rows, stats = build_rac_rows(
@@ -480,7 +480,11 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
         state = load_checkpoint(checkpoint, model)
     loss_module = CausalLMLoss(model, config.fused)
     trainable = _wrap_distributed(loss_module, config, dist, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]  # a PEFT model: its adapter
+    if not trainable_params:
+        raise ValueError("model has no parameter that requires grad: nothing to train (a PEFT adapter "
+                         "loaded for inference? load it with is_trainable=True)")
+    optimizer = torch.optim.AdamW(trainable_params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(config.warmup_steps, total_steps, config.min_lr_ratio))
     if state is not None:
@@ -666,8 +670,15 @@ def _wrap_distributed(loss_module, config, dist, device):
     return loss_module
 
 
+def _generation_backend(model, config):
+    """vLLM loads a saved folder; a PEFT model saves only its adapter, so it generates with hf."""
+    if config.generation_backend == "auto" and unwrap_model(model) is not model:
+        return "hf"
+    return config.generation_backend
+
+
 def _decoder_layers(model):
-    base = model.base_model
+    base = decoder_trunk(model) or model
     for name in ("layers", "h"):
         if hasattr(base, name):
             return list(getattr(base, name))
