@@ -109,6 +109,12 @@ def configure(parser):
                         help="for --model tiny / config.json: tokenizer vocabulary cap (default 512)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--lora-r", type=int, default=None,
+                        help="train a LoRA adapter of this rank (the model frozen); saved in PEFT's format")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * r)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
+    parser.add_argument("--lora-targets", default=None,
+                        help="comma-separated module names to adapt (default: every linear layer but the head)")
     add_config_flags(parser)
 
 
@@ -222,8 +228,15 @@ def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0, tokenizer="b
         raise ValueError(f"--model {spec!r} is not 'tiny', a config.json or an existing local model folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, attn_implementation=attn)
-    tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    from gapfix.models import is_adapter_folder, load_adapter_for_training
+
+    if is_adapter_folder(spec):  # a PEFT adapter: its base model, the adapter trainable
+        model, tokenizer = load_adapter_for_training(spec, attn_implementation=attn)
+        if tokenizer is None:
+            raise ValueError(f"--model {spec!r}: neither the adapter nor its base model folder has a tokenizer")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, attn_implementation=attn)
+        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -296,6 +309,13 @@ def run(args) -> int:
         check_input_file(args.eval, "--eval")
     model, tokenizer = load_model_and_tokenizer(args.model, args.train, attention, config.seed,
                                                 args.tokenizer, args.vocab_size, on_error=args.on_error)
+    if args.lora_r is not None:
+        from gapfix.models import apply_lora
+
+        if hasattr(model, "peft_config"):
+            raise ValueError(f"--lora-r: --model {args.model!r} is already an adapter; it is trained as it is")
+        model = apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets,
+                           dropout=args.lora_dropout)
     max_length, max_length_source, context = _length_limits(model, args.max_length)
     limits = {"max_length": max_length, "max_length_source": max_length_source, "on_error": args.on_error}
     generated = config.method == "rac"  # RAC generates from the training prompts

@@ -39,7 +39,8 @@ import torch
 
 from gapfix import checkpoint as ckpt
 from gapfix.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint  # noqa: F401 (API)
-from gapfix.data import IGNORE_INDEX, Example, collate, pack_rows, sft_row
+from gapfix.data import IGNORE_INDEX, Example, collate, label_field, pack_rows, sft_row
+from gapfix.models import decoder_trunk, unwrap_model
 
 METHODS = ("sft", "bash", "rac")
 
@@ -77,7 +78,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     bf16: bool = True  # autocast on GPU
-    packing: bool = False  # one packed row per micro-batch (FlashAttention varlen only)
+    packing: bool = False  # one packed row per micro-batch (where packing_supported(model))
     distributed: str = "ddp"  # ddp | fsdp, under torchrun
     out_dir: Optional[str] = None
     save_every: int = 0  # steps; a checkpoint is also written at the end of each iteration
@@ -151,21 +152,33 @@ def _pick_device(name):
 class CausalLMLoss(torch.nn.Module):
     """Wraps a causal LM so that one forward returns the summed loss of a micro-batch.
 
-    DDP and FSDP2 hook the wrapped module's forward, so the backbone and the
-    output layer run inside it; the logits are never formed (fused linear CE).
+        loss_module = DistributedDataParallel(CausalLMLoss(model))   # or CausalLMLoss(model) alone
+        loss_sum, mixed = loss_module(batch, mix_seed=step, beta=0.3)
+
+    Wrap this module, not the model, in DDP (or FSDP2): DDP synchronises gradients
+    only for what runs inside the wrapped module's forward, and here the BASH
+    mixing, the trunk and the output head all do. The logits are never formed
+    (fused linear cross-entropy, with the model's own logit scaling and softcap).
+
+    batch: input_ids (B, T); attention_mask or position_ids (packed rows); labels
+    aligned with input_ids (HF convention; the loss shifts), or shift_labels, or
+    soft target_ids / target_weights (aligned); for BASH alt_ids and eligible
+    (and alt_probs), mixed at rate beta with the seed mix_seed. Returns the
+    summed loss (divide by the step's trained-token count) and the mixed mask
+    (None without alt_ids). model may be wrapped by PEFT.
     """
 
-    def __init__(self, model, fused: bool):
+    def __init__(self, model, fused: bool = True):
         super().__init__()
         self.model = model
         self.fused = fused
-        self.softcap = getattr(model.config, "final_logit_softcapping", None) or 0.0
 
     def forward(self, batch, mix_seed: Optional[int] = None, beta: float = 0.0):
-        from gapfix.ops.cross_entropy import linear_cross_entropy
+        from gapfix.models import decoder_trunk, output_head
+        from gapfix.ops.cross_entropy import cross_entropy, linear_cross_entropy
 
         impl = "auto" if self.fused else "torch"
-        kwargs = {}
+        kwargs = {"use_cache": False}  # a cache would also turn off transformers' packed-sequence masks
         if "attention_mask" in batch:
             kwargs["attention_mask"] = batch["attention_mask"]
         if "position_ids" in batch:
@@ -179,23 +192,47 @@ class CausalLMLoss(torch.nn.Module):
         else:
             kwargs["input_ids"] = batch["input_ids"]
             mixed = None
-        hidden = self.model.base_model(**kwargs).last_hidden_state
-        head = self.model.get_output_embeddings()
-        hidden = hidden.flatten(0, 1)
-        if "target_ids" in batch:
-            target = (batch["target_ids"].flatten(0, 1), batch["target_weights"].flatten(0, 1))
-        else:
-            target = batch["labels"].flatten()
-        loss = linear_cross_entropy(hidden, head.weight, target, bias=head.bias,
-                                    ignore_index=IGNORE_INDEX, softcap=self.softcap or None,
-                                    reduction="sum", impl=impl)
+        trunk, head = decoder_trunk(self.model), output_head(self.model)
+        if trunk is None:
+            raise ValueError(f"model: {type(self.model).__name__} has no separate trunk (base_model)")
+        hidden = trunk(**kwargs).last_hidden_state.flatten(0, 1)
+        target = shifted_targets(batch)
+        options = dict(ignore_index=IGNORE_INDEX, softcap=head.softcap, reduction="sum", impl=impl)
+        if head.is_linear:  # the (N, V) logits are never formed
+            hidden, weight, bias = head.linear_loss_inputs(hidden)
+            loss = linear_cross_entropy(hidden, weight, target, bias=bias, **options)
+        else:  # a wrapped head (a LoRA adapter on lm_head): its logits, then the same loss
+            loss = cross_entropy(head.scaled_logits(hidden), target, **options)
         return loss, mixed
 
 
+def shifted_targets(batch, ignore_index: int = IGNORE_INDEX):
+    """The targets of a (B, T) batch as the loss takes them, flattened (B*T,): entry i is
+    what position i predicts. `labels` / `target_ids` + `target_weights` (aligned with
+    input_ids, the Hugging Face convention) are shifted left by one; `shift_labels` are
+    taken as they are. Refuses a batch that carries both conventions."""
+    key = label_field(batch)
+    if key == "shift_labels":
+        if "target_ids" in batch:
+            raise ValueError("batch: soft targets (target_ids) are aligned with input_ids; "
+                             "they cannot go with shift_labels")
+        return batch["shift_labels"].flatten()
+    if "target_ids" in batch:
+        ids, weights = batch["target_ids"], batch["target_weights"]
+        ids = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], ignore_index)], 1)
+        weights = torch.cat([weights[:, 1:], torch.zeros_like(weights[:, :1])], 1)
+        return ids.flatten(0, 1), weights.flatten(0, 1)
+    labels = batch["labels"]
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], 1).flatten()
+
+
 def _count_targets(rows):
+    """Trained positions of rows in the aligned convention (position 0 predicts nothing)."""
     if "target_ids" in rows[0]:
-        return sum(any(t != IGNORE_INDEX for t in slot) for r in rows for slot in r["target_ids"])
-    return sum(t != IGNORE_INDEX for r in rows for t in r["labels"])
+        return sum(any(t != IGNORE_INDEX for t in slot) for r in rows for slot in r["target_ids"][1:])
+    key = label_field(rows[0], "rows[0]")
+    skip = 1 if key == "labels" else 0
+    return sum(t != IGNORE_INDEX for r in rows for t in r[key][skip:])
 
 
 # ---------------------------------------------------------------- schedule
@@ -240,9 +277,8 @@ def _bash_rows(model, examples, config, iteration, device, scheduled, log=None, 
     predicted_tokens = same_tokens = 0
     for start in range(0, len(todo), chunk_rows):
         chunk = [rows[i] for i in todo[start:start + chunk_rows]]
-        for row, index in zip(chunk, todo[start:start + chunk_rows]):
-            prompt_len = len(examples[index].prompt_ids)
-            row["eligible"] = [False] * prompt_len + [True] * (len(row["input_ids"]) - prompt_len)
+        for row in chunk:  # the trained tokens (every assistant turn of a chat)
+            row["eligible"] = [label != IGNORE_INDEX for label in row["labels"]]
         batch = collate(chunk, pad_id=0)  # eligible pads with False
         if config.bash_mode == "random":  # the noise control: random tokens in place of predictions
             prediction = _random_alternatives(model, batch, _mix_seed(config.seed, iteration, "noise", start, 0))
@@ -293,10 +329,11 @@ def _rac_rows(model, tokenizer, examples, config, iteration, rng, log):
                        n=config.rac_samples, temperature=config.rac_temperature,
                        max_new_tokens=config.max_new_tokens,
                        seed=_mix_seed(config.seed, iteration, "generate", 0, 0),
-                       backend=config.generation_backend)
+                       backend=_generation_backend(model, config))
     owners = [chosen[output.prompt_index] for output in outputs]
+    # Generation objects: their finish_reason says which answers ended with EOS
     rows, stats = build_rac_rows(
-        [examples[i].prompt_ids for i in owners], [list(output.token_ids) for output in outputs],
+        [examples[i].prompt_ids for i in owners], outputs,
         [examples[i].answer_ids for i in owners], eos_id=tokenizer.eos_token_id,
         pad_id=_pad_id(tokenizer), mode=config.rac_mode,
         only_until_divergence=config.rac_only_until_divergence,
@@ -331,12 +368,13 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
     config.validate()
     if not train_examples:
         raise ValueError("train_examples is empty")
-    attention = getattr(model.config, "_attn_implementation", None)
-    if config.packing and attention not in ("flash_attention_2", "flash_attention_3"):
+    if config.packing and not packing_supported(model):
+        attention = getattr(unwrap_model(model).config, "_attn_implementation", None)
         raise ValueError(
-            f"packing needs an attention implementation that reads sequence boundaries from "
-            f"position_ids (flash_attention_2/3); the model uses {attention!r}, under which packed "
-            "examples would attend to each other")
+            f"packing needs attention that keeps packed examples apart given position_ids that restart "
+            f"per example (flash_attention_2/3, or sdpa/eager/flex in a transformers whose masks read "
+            f"packed sequences from position_ids); the model uses {attention!r} in "
+            f"{type(unwrap_model(model)).__module__}, under which packed examples would attend to each other")
     device = _pick_device(config.device)
     dist = _Dist(device)
     torch.manual_seed(config.seed)
@@ -382,7 +420,11 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
     ckpt.rewind_metrics(metrics_path, state.get("metrics_bytes", 0) if state else 0)
     loss_module = CausalLMLoss(model, config.fused)
     trainable = _wrap_distributed(loss_module, config, dist, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]  # a PEFT model: its adapter
+    if not trainable_params:
+        raise ValueError("model has no parameter that requires grad: nothing to train (a PEFT adapter "
+                         "loaded for inference? load it with is_trainable=True)")
+    optimizer = torch.optim.AdamW(trainable_params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(config.warmup_steps, total_steps, config.min_lr_ratio))
     if state is not None:
@@ -482,6 +524,35 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
     return TrainResult(model, position["global_step"], metrics_path, phase_seconds)
 
 
+def packing_supported(model) -> bool:
+    """Whether packed rows (gapfix.data.pack_rows: no attention mask, position_ids restarting at 0
+    per example) keep their examples apart in `model`'s attention.
+
+    FlashAttention-2/3 read the restarts as varlen boundaries. sdpa, eager and flex attention do
+    where the model builds its mask with transformers.masking_utils.create_causal_mask and that
+    module detects packed sequences from position_ids when no attention mask and no KV cache are
+    given (find_packed_sequence_indices; transformers 5.x): then the mask is block-diagonal. The
+    forward must pass use_cache=False (CausalLMLoss does; with a cache the detection is skipped).
+    """
+    import importlib
+    import sys
+
+    inner = unwrap_model(model)
+    attention = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    if attention in ("flash_attention_2", "flash_attention_3"):
+        return True
+    if attention not in ("sdpa", "eager", "flex_attention"):
+        return False
+    try:
+        masking = importlib.import_module("transformers.masking_utils")
+    except ImportError:
+        return False
+    if not hasattr(masking, "find_packed_sequence_indices"):
+        return False
+    module = sys.modules.get(type(inner).__module__)
+    return getattr(module, "create_causal_mask", None) is getattr(masking, "create_causal_mask", False)
+
+
 def _sharded(config, dist):
     return dist.world > 1 and config.distributed == "fsdp"
 
@@ -542,8 +613,15 @@ def _wrap_distributed(loss_module, config, dist, device):
     return loss_module
 
 
+def _generation_backend(model, config):
+    """vLLM loads a saved folder; a PEFT model saves only its adapter, so it generates with hf."""
+    if config.generation_backend == "auto" and unwrap_model(model) is not model:
+        return "hf"
+    return config.generation_backend
+
+
 def _decoder_layers(model):
-    base = model.base_model
+    base = decoder_trunk(model) or model
     for name in ("layers", "h"):
         if hasattr(base, name):
             return list(getattr(base, name))
