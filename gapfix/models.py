@@ -237,3 +237,103 @@ def has_tokenizer(path) -> bool:
     """Whether the folder holds tokenizer files that AutoTokenizer can load."""
     path = Path(os.fspath(path))
     return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
+# ----------------------------------------------------------------------------
+# the causal LM's parts: trunk, output head, logit post-processing
+# ----------------------------------------------------------------------------
+
+def unwrap_model(model):
+    """The transformers causal LM inside `model`: through DDP / DataParallel
+    (``.module``) and a PEFT wrapper (``get_base_model()``; its LoRA layers are
+    injected in place, so the unwrapped model still runs the adapter)."""
+    from torch.nn import DataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    for _ in range(8):  # wrappers nest at most a few deep
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif callable(getattr(model, "get_base_model", None)):  # peft.PeftModel
+            model = model.get_base_model()
+        else:
+            break
+    return model
+
+
+def decoder_trunk(model):
+    """The module that maps ids (or inputs_embeds) to the final hidden states: the
+    transformers ``base_model`` (LlamaModel, ...) of the unwrapped causal LM, or None
+    when the model has no separate trunk."""
+    inner = unwrap_model(model)
+    trunk = getattr(inner, "base_model", None)
+    return None if trunk is None or trunk is inner else trunk
+
+
+class OutputHead:
+    """The hidden-to-logits map of a causal LM, everything its forward applies:
+
+        logits = softcap(head(hidden) * scale),   softcap(z) = c * tanh(z / c)
+
+    scale = config.logit_scale (Cohere multiplies) / config.logits_scaling (Granite
+    divides); c = config.final_logit_softcapping (Gemma 2/3). The training loss and
+    the prediction pass both go through here, so they see the same logits.
+    """
+
+    def __init__(self, module, scale: float = 1.0, softcap=None):
+        self.module = module
+        self.scale = float(scale)
+        self.softcap = float(softcap) if softcap else None
+
+    @property
+    def is_linear(self) -> bool:
+        """A plain nn.Linear: the fused loss can take its weight (and bias) directly.
+        A LoRA-wrapped or otherwise custom head is called as a module instead."""
+        from torch import nn
+
+        return type(self.module) is nn.Linear
+
+    def scaled_logits(self, hidden):
+        """head(hidden) * scale, before the softcap (which gapfix's losses take as `softcap=`)."""
+        logits = self.module(hidden)
+        return logits * self.scale if self.scale != 1.0 else logits
+
+    def logits(self, hidden):
+        """The model's logits of `hidden` (..., H) -> (..., V), in the head's dtype."""
+        import torch
+
+        logits = self.scaled_logits(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def linear_loss_inputs(self, hidden):
+        """(hidden, weight, bias) with the scale folded in, for gapfix.linear_cross_entropy
+        (softcap passed separately): (h*s) @ W.T + b*s = (h @ W.T + b) * s."""
+        if not self.is_linear:
+            raise ValueError("the output head is not a plain nn.Linear; use OutputHead.logits")
+        bias = self.module.bias
+        if self.scale != 1.0:
+            hidden = hidden * self.scale
+            bias = None if bias is None else bias * self.scale
+        return hidden, self.module.weight, bias
+
+
+def output_head(model) -> OutputHead:
+    """The OutputHead of a causal LM (through DDP / PEFT wrappers); ValueError when the
+    model has no output embedding."""
+    inner = unwrap_model(model)
+    module = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if module is None:
+        raise ValueError(f"model: {type(inner).__name__} has no output embedding (lm head)")
+    config = getattr(inner, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    scale = 1.0
+    multiply = getattr(config, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+    if isinstance(multiply, (int, float)) and not isinstance(multiply, bool):
+        scale *= multiply
+    if isinstance(divide, (int, float)) and not isinstance(divide, bool) and divide:
+        scale /= divide
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return OutputHead(module, scale, softcap if isinstance(softcap, (int, float)) and softcap > 0 else None)

@@ -157,10 +157,10 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.model = model
         self.fused = fused
-        self.softcap = getattr(model.config, "final_logit_softcapping", None) or 0.0
 
     def forward(self, batch, mix_seed: Optional[int] = None, beta: float = 0.0):
-        from gapfix.ops.cross_entropy import linear_cross_entropy
+        from gapfix.models import decoder_trunk, output_head
+        from gapfix.ops.cross_entropy import cross_entropy, linear_cross_entropy
 
         impl = "auto" if self.fused else "torch"
         kwargs = {}
@@ -177,16 +177,20 @@ class CausalLMLoss(torch.nn.Module):
         else:
             kwargs["input_ids"] = batch["input_ids"]
             mixed = None
-        hidden = self.model.base_model(**kwargs).last_hidden_state
-        head = self.model.get_output_embeddings()
-        hidden = hidden.flatten(0, 1)
+        trunk, head = decoder_trunk(self.model), output_head(self.model)
+        if trunk is None:
+            raise ValueError(f"model: {type(self.model).__name__} has no separate trunk (base_model)")
+        hidden = trunk(**kwargs).last_hidden_state.flatten(0, 1)
         if "target_ids" in batch:
             target = (batch["target_ids"].flatten(0, 1), batch["target_weights"].flatten(0, 1))
         else:
             target = batch["labels"].flatten()
-        loss = linear_cross_entropy(hidden, head.weight, target, bias=head.bias,
-                                    ignore_index=IGNORE_INDEX, softcap=self.softcap or None,
-                                    reduction="sum", impl=impl)
+        options = dict(ignore_index=IGNORE_INDEX, softcap=head.softcap, reduction="sum", impl=impl)
+        if head.is_linear:  # the (N, V) logits are never formed
+            hidden, weight, bias = head.linear_loss_inputs(hidden)
+            loss = linear_cross_entropy(hidden, weight, target, bias=bias, **options)
+        else:  # a wrapped head (a LoRA adapter on lm_head): its logits, then the same loss
+            loss = cross_entropy(head.scaled_logits(hidden), target, **options)
         return loss, mixed
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gapfix.models import decoder_trunk, output_head, unwrap_model
 from gapfix.ops.mix_embedding import mix_embedding
 
 __all__ = ["Alternatives", "BashBatch", "build_bash_batch", "mixed_inputs_embeds",
@@ -191,41 +192,27 @@ class Alternatives(NamedTuple):
     alt_probs: Optional[torch.Tensor]
 
 
-def _logit_transform(model):
-    """The transformers logit post-processing the lm head alone misses (softcap, scaling)."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)  # Cohere multiplies
-    divide = getattr(config, "logits_scaling", None)  # Granite divides
-
-    def transform(logits):
-        if isinstance(scale, (int, float)) and scale != 1:
-            logits = logits * scale
-        if isinstance(divide, (int, float)) and divide != 1:
-            logits = logits / divide
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    return transform
-
-
 @torch.no_grad()
 def predict_alternatives(model: nn.Module, input_ids: torch.Tensor,
                          attention_mask: Optional[torch.Tensor] = None,
-                         answer_mask: Optional[torch.Tensor] = None, *, mode: str = "argmax",
+                         answer_mask: Optional[torch.Tensor] = None, *,
+                         position_ids: Optional[torch.Tensor] = None, mode: str = "argmax",
                          temperature: float = 1.0, top_k: int = 4, chunk_size: int = 2048,
                          generator: Optional[torch.Generator] = None,
                          seed: Optional[int] = None) -> Alternatives:
     """The frozen model's guess for every answer token, from one teacher-forced pass.
 
     Args:
-        model: a transformers causal LM; put in eval mode for the pass and its
-            mode restored after; no gradients.
+        model: a transformers causal LM, or one wrapped by PEFT or DDP (the
+            trunk and head are found through the wrapper, the adapter applies);
+            put in eval mode for the pass and its mode restored after; no gradients.
         input_ids: (B, T) prompt + reference answer (+ padding).
         attention_mask: (B, T) or None.
+        position_ids: (B, T) or None; a packed batch (examples concatenated in
+            one row, positions restarting at 0 per example, attention_mask None)
+            gives the predictions of the examples run one by one, where the
+            model's attention keeps packed examples apart (flash-attention,
+            and transformers' sdpa path given position_ids).
         answer_mask: (B, T) bool, the answer tokens to predict (labels !=
             -100 in transformers convention). None: every position but 0.
         mode: "argmax"; "sample" (from softmax(logits / temperature)); or
@@ -258,9 +245,10 @@ def predict_alternatives(model: nn.Module, input_ids: torch.Tensor,
     if answer_mask.shape != input_ids.shape or answer_mask.dtype != torch.bool:
         raise ValueError(f"answer_mask must be a bool tensor of shape {tuple(input_ids.shape)}, "
                          f"got {answer_mask.dtype} {tuple(answer_mask.shape)}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                         f"got {tuple(attention_mask.shape)}")
+    for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if value is not None and value.shape != input_ids.shape:
+            raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(value.shape)}")
     if mode != "argmax" and not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if mode == "topk" and not (isinstance(top_k, int) and top_k >= 1):
@@ -273,22 +261,27 @@ def predict_alternatives(model: nn.Module, input_ids: torch.Tensor,
     input_ids = input_ids.long()
     # the hidden state at t - 1 predicts token t
     predicts = answer_mask[:, 1:]
-    head = model.get_output_embeddings()
-    base = getattr(model, "base_model", model)
-    transform = _logit_transform(model)
+    trunk, head = decoder_trunk(model), None
+    if trunk is not None and getattr(unwrap_model(model), "get_output_embeddings", lambda: None)() is not None:
+        head = output_head(model)
     was_training = model.training
     model.eval()
     try:
-        if head is not None and base is not model:
-            hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if head is not None:
+            hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False)
             hidden = hidden.last_hidden_state[:, :-1][predicts]
-            chunks = (transform(head(hidden[i:i + chunk_size]).float())
+            chunks = (head.logits(hidden[i:i + chunk_size]).float()
                       for i in range(0, hidden.shape[0], chunk_size))
         else:  # no separate trunk: whole-model forwards on micro-batches of rows
             rows = max(1, chunk_size // max(1, input_ids.shape[1]))
-            chunks = (model(input_ids=input_ids[i:i + rows], use_cache=False,
-                            attention_mask=None if attention_mask is None
-                            else attention_mask[i:i + rows]).logits[:, :-1][predicts[i:i + rows]].float()
+
+            def part(i):
+                extra = {} if position_ids is None else {"position_ids": position_ids[i:i + rows]}
+                mask = None if attention_mask is None else attention_mask[i:i + rows]
+                return model(input_ids=input_ids[i:i + rows], attention_mask=mask, use_cache=False, **extra)
+
+            chunks = (part(i).logits[:, :-1][predicts[i:i + rows]].float()
                       for i in range(0, input_ids.shape[0], rows))
         picks = [_pick(logits, mode, temperature, top_k, generator) for logits in chunks]
     finally:
