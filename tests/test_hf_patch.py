@@ -125,12 +125,13 @@ def test_softcapping_and_logit_scaling_follow_the_config(config_name, model_name
     _assert_same(*reference, *_loss_and_grads(hf.patch(net), batch), tol=1e-4)
 
 
-def test_peft_lora_model():
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_peft_lora_model(targets):
     peft = pytest.importorskip("peft")
     tok = W.tokenizer()
     base = W.model(tok)
     batch = _batch(tok)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     lora = peft.get_peft_model(base, config)
     reference = _loss_and_grads(lora, batch)
     hf.patch(lora)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["head_terms", "is_patched", "patch", "unpatch"]
+__all__ = ["is_patched", "patch", "unpatch"]
 
 _STATE = "_gapfix_patch"
 # options the patch sets itself: the caller cannot override them
@@ -48,37 +48,12 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
-def head_terms(model: nn.Module) -> tuple[float | None, float | None]:
-    """(hidden scale, soft cap) that turn ``lm_head(hidden)`` into the model's logits.
-
-    logits = softcap * tanh(lm_head(hidden * scale) / softcap); None where the config
-    has no such term. (Cohere's logit_scale multiplies, Granite's logits_scaling divides.)
-    """
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    scale = 1.0
-    multiply = getattr(config, "logit_scale", None)
-    divide = getattr(config, "logits_scaling", None)
-    if isinstance(multiply, (int, float)) and not isinstance(multiply, bool) and multiply != 1:
-        scale *= float(multiply)
-    if isinstance(divide, (int, float)) and not isinstance(divide, bool) and divide != 1:
-        scale /= float(divide)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    softcap = float(softcap) if isinstance(softcap, (int, float)) and softcap else None
-    return (None if scale == 1.0 else scale), softcap
-
-
-def _trunk_and_head(lm: nn.Module):
+def _trunk(lm: nn.Module) -> nn.Module:
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if not isinstance(decoder, nn.Module) or decoder is lm:
         raise ValueError(f"model: {type(lm).__name__} has no separate decoder trunk (get_decoder()); "
                          "gapfix.hf.patch needs a transformers *ForCausalLM model")
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"model: {type(lm).__name__}'s output embedding is "
-                         f"{type(head).__name__}, not an nn.Linear lm_head")
-    return decoder, head
+    return decoder
 
 
 def _check_loss_options(options: dict) -> dict:
@@ -99,11 +74,11 @@ def fused_causal_lm_loss(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tens
                          loss_options: dict | None = None) -> torch.Tensor:
     """The causal-LM loss of hidden states (B, T, H) against HF-convention labels, through
     gapfix.linear_cross_entropy on the model's lm_head (scale and soft cap from its config)."""
-    from gapfix.ops.cross_entropy import linear_cross_entropy
+    from gapfix.models import output_head
+    from gapfix.ops.cross_entropy import cross_entropy, linear_cross_entropy
 
     options = dict(loss_options or {})
     ignore_index = options.pop("ignore_index", -100)
-    _, head = _trunk_and_head(lm)
     if shift_labels is None:
         if labels.shape != hidden.shape[:-1]:
             raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (batch, sequence), "
@@ -111,24 +86,29 @@ def fused_causal_lm_loss(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tens
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     elif shift_labels.shape != hidden.shape[:-1]:
         raise ValueError(f"shift_labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)}")
-    scale, softcap = head_terms(lm)
-    if scale is not None:
-        hidden = hidden * scale
-    weight, bias = head.weight, head.bias
+    head = output_head(lm)
+    if head.is_linear:
+        hidden, weight, bias = head.linear_loss_inputs(hidden)
+        loss_fn = functools.partial(linear_cross_entropy, lm_weight=weight, bias=bias)
+    else:  # a LoRA-wrapped (or custom) lm_head: its logits are formed, the loss still fused
+        weight = next(head.module.parameters())
+        loss_fn = cross_entropy
     device_type = hidden.device.type
     autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
     if not autocast and hidden.dtype != weight.dtype:
         # a bf16 trunk with an fp32 head (or the reverse): the head's dtype decides, as it
         # would for the logits of a model that keeps its head in fp32
         hidden = hidden.to(weight.dtype)
+    if not head.is_linear:
+        hidden = head.scaled_logits(hidden)
     target = shift_labels.to(hidden.device)
+    softcap = head.softcap
     if num_items_in_batch is None:
-        return linear_cross_entropy(hidden, weight, target, bias=bias, ignore_index=ignore_index, softcap=softcap,
-                                    reduction="mean", **options)
+        return loss_fn(hidden, target=target, ignore_index=ignore_index, softcap=softcap, reduction="mean",
+                       **options)
     # the step's token count from Trainer: sum / count, as transformers' own loss (a tensor
     # count stays on the device: no host sync); a step without any token gives 0, not NaN
-    total = linear_cross_entropy(hidden, weight, target, bias=bias, ignore_index=ignore_index, softcap=softcap,
-                                 reduction="sum", **options)
+    total = loss_fn(hidden, target=target, ignore_index=ignore_index, softcap=softcap, reduction="sum", **options)
     if isinstance(num_items_in_batch, torch.Tensor):
         return total / num_items_in_batch.to(device=total.device, dtype=total.dtype).clamp_min(1)
     return total / max(float(num_items_in_batch), 1.0)
@@ -147,7 +127,9 @@ def patch(model: nn.Module, **loss_options: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     lm = _causal_lm(model)
-    _trunk_and_head(lm)  # refuse models the fused loss cannot serve, now rather than at the first step
+    from gapfix.models import output_head
+
+    _trunk(lm), output_head(lm)  # refuse models the fused loss cannot serve, now rather than at the first step
     options = _check_loss_options(loss_options)
     if is_patched(lm):
         unpatch(lm)
@@ -172,8 +154,7 @@ def patch(model: nn.Module, **loss_options: Any) -> nn.Module:
         if not (isinstance(keep, int) and keep == 0):
             raise ValueError("logits_to_keep must be 0 when labels are given to a gapfix-patched model")
         call.pop("use_cache", None)
-        decoder, _ = _trunk_and_head(lm)
-        outputs = decoder(use_cache=False, **call)
+        outputs = _trunk(lm)(use_cache=False, **call)
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
         loss = fused_causal_lm_loss(lm, hidden, labels, shift_labels=shift_labels, num_items_in_batch=num_items,
                                     loss_options=lm.__dict__[_STATE]["options"])
