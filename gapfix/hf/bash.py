@@ -39,10 +39,17 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from gapfix.hf._common import all_reduce_sum, checkpoint_dir, rank_and_world, read_json, step_seed, write_json
+from gapfix.hf._common import (
+    all_reduce_sum,
+    checkpoint_dir,
+    rank_and_world,
+    read_json,
+    step_seed,
+    write_json,
+)
 from gapfix.hf.config import BashConfig
 
-__all__ = ["BashTrainer", "BashSFTTrainer"]
+__all__ = ["BashSFTTrainer", "BashTrainer"]
 
 ROW_COLUMN = "gapfix_row"
 INDEX_KEY = "gapfix_token_index"
