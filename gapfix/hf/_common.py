@@ -57,3 +57,28 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: line 1: expected a JSON object")
     return data
+
+
+def checked_config(name: str, value, cls):
+    """The trainer's method config: `cls()` for None, the value itself if a `cls`, else ValueError."""
+    if value is None:
+        return cls()
+    if not isinstance(value, cls):
+        raise ValueError(f"{name} must be a gapfix.hf.{cls.__name__}, got {type(value).__name__}")
+    return value
+
+
+def require_dataset(trainer, why: str):
+    """The trainer's train_dataset, which must be a datasets.Dataset (map-style, with columns)."""
+    import datasets
+
+    if not isinstance(trainer.train_dataset, datasets.Dataset):
+        raise ValueError(f"train_dataset must be a datasets.Dataset ({why})")
+    return trainer.train_dataset
+
+
+def sft_trainer_class(name: str, mixin, module: str, doc: str):
+    """`mixin` over trl.SFTTrainer, built when first asked for (trl is imported only then)."""
+    from trl import SFTTrainer
+
+    return type(name, (mixin, SFTTrainer), {"__doc__": doc, "__module__": module})

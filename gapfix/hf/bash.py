@@ -41,15 +41,18 @@ from transformers import Trainer
 
 from gapfix.hf._common import (
     all_reduce_sum,
+    checked_config,
     checkpoint_dir,
     rank_and_world,
     read_json,
+    require_dataset,
+    sft_trainer_class,
     step_seed,
     write_json,
 )
 from gapfix.hf.config import BashConfig
 
-__all__ = ["BashSFTTrainer", "BashTrainer"]
+__all__ = ["BashTrainer"]
 
 ROW_COLUMN = "gapfix_row"
 INDEX_KEY = "gapfix_token_index"
@@ -137,17 +140,10 @@ class _BashMixin:
     """BASH on top of a Trainer class (transformers.Trainer or trl.SFTTrainer)."""
 
     def __init__(self, *args, bash_config: BashConfig | None = None, **kwargs):
-        if bash_config is None:
-            bash_config = BashConfig()
-        if not isinstance(bash_config, BashConfig):
-            raise ValueError(f"bash_config must be a gapfix.hf.BashConfig, got {type(bash_config).__name__}")
+        bash_config = checked_config("bash_config", bash_config, BashConfig)
         super().__init__(*args, **kwargs)
         self.bash_config = bash_config
-        import datasets
-
-        if not isinstance(self.train_dataset, datasets.Dataset):
-            raise ValueError("train_dataset must be a datasets.Dataset (BASH predicts every row once per window)")
-        if ROW_COLUMN in self.train_dataset.column_names:
+        if ROW_COLUMN in require_dataset(self, "BASH predicts every row once per window").column_names:
             raise ValueError(f"train_dataset already has a {ROW_COLUMN!r} column")
         self._bash_rows = _Rows(self.train_dataset)
         self.train_dataset = self.train_dataset.add_column(ROW_COLUMN, list(range(len(self._bash_rows))))
@@ -338,12 +334,7 @@ class BashTrainer(_BashMixin, Trainer):
 
 
 def __getattr__(name):
-    if name == "BashSFTTrainer":  # built on first use, so that BashTrainer alone never imports trl
-        from trl import SFTTrainer
-
-        cls = type("BashSFTTrainer", (_BashMixin, SFTTrainer), {
-            "__doc__": "trl.SFTTrainer with BASH: BashSFTTrainer(..., bash_config=BashConfig(beta=0.3)).",
-            "__module__": __name__})
-        globals()[name] = cls
+    if name == "BashSFTTrainer":  # built on first use, so that importing this module never imports trl
+        cls = globals()[name] = sft_trainer_class(name, _BashMixin, __name__, "trl.SFTTrainer with BASH: BashSFTTrainer(..., bash_config=BashConfig(beta=0.3)).")
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,15 +36,18 @@ import torch
 from transformers import Trainer
 
 from gapfix.hf._common import (
+    checked_config,
     checkpoint_dir,
     rank_and_world,
     read_json,
+    require_dataset,
+    sft_trainer_class,
     step_seed,
     write_json,
 )
 from gapfix.hf.config import RacConfig
 
-__all__ = ["RacSFTTrainer", "RacTrainer", "build_rac_dataset"]
+__all__ = ["RacTrainer", "build_rac_dataset"]
 
 STATE_FILE = "gapfix_rac.json"
 _GENERATION_CHUNK = 8  # prompts per generation chunk when RacConfig.generation_batch_size is None
@@ -189,17 +192,10 @@ class _RacMixin:
     """RAC on top of a Trainer class (transformers.Trainer or trl.SFTTrainer)."""
 
     def __init__(self, *args, rac_config: RacConfig | None = None, **kwargs):
-        if rac_config is None:
-            rac_config = RacConfig()
-        if not isinstance(rac_config, RacConfig):
-            raise ValueError(f"rac_config must be a gapfix.hf.RacConfig, got {type(rac_config).__name__}")
+        rac_config = checked_config("rac_config", rac_config, RacConfig)
         super().__init__(*args, **kwargs)
-        import datasets
-
         self.rac_config = rac_config
-        if not isinstance(self.train_dataset, datasets.Dataset):
-            raise ValueError("train_dataset must be a datasets.Dataset of prompt/answer rows")
-        self._rac_sources = _Sources(self.train_dataset)
+        self._rac_sources = _Sources(require_dataset(self, "of prompt/answer rows"))
         if self.processing_class is None or getattr(self.processing_class, "eos_token_id", None) is None:
             raise ValueError("processing_class must be the tokenizer (RAC needs its eos_token_id and pad_token_id)")
         self._rac_iteration = None
@@ -279,12 +275,7 @@ class RacTrainer(_RacMixin, Trainer):
 
 
 def __getattr__(name):
-    if name == "RacSFTTrainer":  # built on first use, so that RacTrainer alone never imports trl
-        from trl import SFTTrainer
-
-        cls = type("RacSFTTrainer", (_RacMixin, SFTTrainer), {
-            "__doc__": "trl.SFTTrainer with RAC: RacSFTTrainer(..., rac_config=RacConfig()).",
-            "__module__": __name__})
-        globals()[name] = cls
+    if name == "RacSFTTrainer":  # built on first use, so that importing this module never imports trl
+        cls = globals()[name] = sft_trainer_class(name, _RacMixin, __name__, "trl.SFTTrainer with RAC: RacSFTTrainer(..., rac_config=RacConfig()).")
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
