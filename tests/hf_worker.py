@@ -82,6 +82,32 @@ def checksums(module) -> dict:
     return {name: float(p.detach().double().sum()) for name, p in module.named_parameters()}
 
 
+def torchrun(tmp_path, kind: str, nproc: int = 2) -> list:
+    """Run this file under torchrun with `nproc` gloo processes; the per-rank results."""
+    import subprocess
+
+    out = tmp_path / f"{kind}-{nproc}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               __file__, str(out), kind]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((tmp_path / f"{kind}-{nproc}.rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def bash_config():
+    import gapfix.hf as hf
+
+    return hf.BashConfig(beta=0.5, mode="sample", temperature=2.0, refresh=2, prediction_batch_size=3)
+
+
+def rac_config():
+    import gapfix.hf as hf
+
+    return hf.RacConfig(samples=2, max_new_tokens=8, prompts_per_iteration=5, backend="hf", sft_ratio=1.0,
+                        refresh=2, generation_batch_size=2)
+
+
 def _train(kind: str, out_dir: str):
     from transformers import Trainer
 
@@ -92,18 +118,35 @@ def _train(kind: str, out_dir: str):
     train_set = dataset(tok, 16)
     common = dict(args=args(out_dir, max_steps=3, per_device_train_batch_size=2), train_dataset=train_set,
                   data_collator=collator(tok))
+    first = {}  # what the first window / iteration produced, from the initial weights
     if kind == "patch":
         trainer = Trainer(model=hf.patch(net), **common)
     elif kind == "bash":
-        trainer = hf.BashTrainer(model=net, bash_config=hf.BashConfig(beta=0.5, refresh=2), **common)
+        trainer = hf.BashTrainer(model=net, bash_config=bash_config(), **common)
+        refresh = trainer._bash_refresh
+
+        def recording(window):
+            refresh(window)
+            first.setdefault("alt_ids", trainer._bash_alt_ids.tolist())
+
+        trainer._bash_refresh = recording
     elif kind == "rac":
-        trainer = hf.RacTrainer(model=net, processing_class=tok, **common,
-                                rac_config=hf.RacConfig(samples=1, max_new_tokens=12, prompts_per_iteration=4,
-                                                        backend="hf", sft_ratio=1.0, refresh=2))
+        trainer = hf.RacTrainer(model=net, processing_class=tok, rac_config=rac_config(), **common)
+        rows_for = trainer._rac_rows_for
+
+        def recording(iteration):
+            rows = rows_for(iteration)
+            first.setdefault("rows", rows)
+            return rows
+
+        trainer._rac_rows_for = recording
     else:
         raise ValueError(f"KIND must be patch, bash or rac, got {kind!r}")
     trainer.train()
-    return checksums(net)
+    if kind == "rac":
+        first["history"] = trainer.rac_history
+    return {"weights": checksums(net), "first": first, "losses": losses(trainer), "world": trainer.args.world_size,
+            "wrapper": type(trainer.model_wrapped).__name__}
 
 
 def main(out_path: str, kind: str) -> None:

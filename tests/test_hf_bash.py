@@ -177,3 +177,17 @@ def test_bash_sft_trainer_trains_a_lora_adapter(tmp_path, packing):
     for name, p in base.named_parameters():
         if "lora" not in name and "base_layer" not in name and name in before:
             assert float(p.detach().double().sum()) == before[name], name
+
+
+def test_two_gloo_processes_split_the_prediction_pass_and_stay_equal(tmp_path):
+    """Each rank predicts its chunks; the shared predictions equal one process's (sample mode:
+    each chunk seeded by itself), and the replicas end with equal parameters."""
+    ranks = W.torchrun(tmp_path, "bash")
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["wrapper"] == "DistributedDataParallel"
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["first"]["alt_ids"] == ranks[1]["first"]["alt_ids"]
+    tok = W.tokenizer()
+    single = hf.BashTrainer(model=W.model(tok), bash_config=W.bash_config(), train_dataset=W.dataset(tok, 16),
+                            data_collator=W.collator(tok), args=W.args(tmp_path / "one", max_steps=1))
+    single._bash_refresh(0)
+    assert single._bash_alt_ids.tolist() == ranks[0]["first"]["alt_ids"]

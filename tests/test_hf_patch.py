@@ -186,3 +186,10 @@ def test_trainer_logs_the_losses_of_the_unpatched_model(tmp_path, accumulation):
     for name in plain_weights:
         assert abs(plain_weights[name] - fused_weights[name]) <= 1e-3 * max(1.0, abs(plain_weights[name])), name
     assert plain[-1] < plain[0]
+
+
+def test_two_gloo_processes_end_with_equal_parameters(tmp_path):
+    ranks = W.torchrun(tmp_path, "patch")
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["wrapper"] == "DistributedDataParallel"
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["losses"][-1] < ranks[0]["losses"][0]

@@ -163,3 +163,16 @@ def test_bad_inputs_are_refused(tmp_path):
         hf.build_rac_dataset(net, tok, packed)
     with pytest.raises(ValueError, match="rac_config"):
         _rac_trainer(tmp_path, tok, net, {"samples": 2})
+
+
+def test_two_gloo_processes_split_generation_and_stay_equal(tmp_path):
+    """Each rank answers its prompt chunks; the iteration's rows equal one process's, and the
+    replicas end with equal parameters."""
+    ranks = W.torchrun(tmp_path, "rac")
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["wrapper"] == "DistributedDataParallel"
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["first"]["rows"] == ranks[1]["first"]["rows"]
+    tok = W.tokenizer()
+    rows, _, _ = hf_rac.iteration_rows(W.model(tok), tok, hf_rac._Sources(W.dataset(tok, 16)), W.rac_config(),
+                                       seed=0, iteration=0)
+    assert rows == ranks[0]["first"]["rows"]
