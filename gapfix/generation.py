@@ -13,8 +13,13 @@ Two backends compute the same thing:
 - "hf": batched `transformers` generate with left padding, in eval mode under
   no_grad, greedy when temperature == 0.
 With the same model in float32, greedy outputs of both are identical token for
-token. A result's token_ids never include the prompt nor the final EOS
-(finish_reason "eos" says it was produced); "length" means max_new_tokens ran out.
+token. A result's token_ids never include the prompt nor the final EOS: the
+answer is what the model said before it stopped. finish_reason "eos" says it
+stopped on an EOS token, and stop_token_id which one (a model can have several,
+e.g. a chat model's end-of-turn beside its EOS); "length" means max_new_tokens
+ran out (stop_token_id None). `Generation.finished` and
+`Generation.token_ids_with_stop()` give RAC (gapfix.methods.rac.build_rac_rows
+takes Generation objects) what it needs to tell finished answers from cut ones.
 Logprobs are those of the model's own distribution (temperature 1, no top-p),
 the quantity training uses; both backends report the same.
 
@@ -50,6 +55,17 @@ class Generation:
     finish_reason: str  # "eos" | "length"
     text: str | None = None
     logprobs: list | None = None  # log p(token_ids[k] | prompt, token_ids[:k]), one per token
+    stop_token_id: int | None = None  # the EOS token it stopped on (finish_reason "eos")
+
+    @property
+    def finished(self) -> bool:
+        """The model ended its answer itself (an EOS token), rather than running out of length."""
+        return self.finish_reason == "eos"
+
+    def token_ids_with_stop(self) -> list:
+        """token_ids followed by the EOS token the model stopped on, if it finished."""
+        tokens = list(self.token_ids)
+        return tokens + [self.stop_token_id] if self.finished and self.stop_token_id is not None else tokens
 
     def to_record(self) -> dict:
         record = {
@@ -62,6 +78,8 @@ class Generation:
             record["text"] = self.text
         if self.logprobs is not None:
             record["logprobs"] = list(self.logprobs)
+        if self.stop_token_id is not None:
+            record["stop_token_id"] = self.stop_token_id
         return record
 
     @classmethod
@@ -73,6 +91,7 @@ class Generation:
             finish_reason=record["finish_reason"],
             text=record.get("text"),
             logprobs=record.get("logprobs"),
+            stop_token_id=record.get("stop_token_id"),
         )
 
 
@@ -236,12 +255,12 @@ def derive_seed(seed: int, index: int) -> int:
 
 
 def _split_finished(tokens, eos_ids):
-    """(token_ids before the first EOS, finish reason)."""
+    """(token_ids before the first EOS, finish reason, the EOS token or None)."""
     eos = set(eos_ids)
     for k, token in enumerate(tokens):
         if token in eos:
-            return tokens[:k], "eos"
-    return tokens, "length"
+            return tokens[:k], "eos", token
+    return tokens, "length", None
 
 
 class _HFBackend:
@@ -329,9 +348,9 @@ class _HFBackend:
         for p in range(len(prompt_ids)):
             for s in range(n):
                 row = p * rows_per_prompt + (s if sample else 0)
-                tokens, reason = _split_finished(new_tokens[row].tolist(), eos_ids)
+                tokens, reason, stop = _split_finished(new_tokens[row].tolist(), eos_ids)
                 lp = token_logprobs[row, : len(tokens)].tolist() if logprobs else None
-                results.append((tokens, reason, lp))
+                results.append((tokens, reason, lp, stop))
         return results
 
 
@@ -628,15 +647,15 @@ class _VLLMBackend:
             for s in range(n):
                 completion = output.outputs[s if sample else 0]
                 tokens = list(completion.token_ids)
-                reason = "length"
+                reason, stop = "length", None
                 if tokens and tokens[-1] in eos:
-                    tokens.pop()
+                    stop = tokens.pop()
                     reason = "eos"
                 lp = None
                 if logprobs:
                     lp = [float(step[token].logprob)
                           for step, token in zip(completion.logprobs, tokens)]
-                results.append((tokens, reason, lp))
+                results.append((tokens, reason, lp, stop))
         return results
 
 
@@ -734,11 +753,11 @@ class _Run:
                                         pad_id=self.pad_id, **self.options)
         n = self.options["n"]
         out = []
-        for k, (tokens, reason, lp) in enumerate(raw):
+        for k, (tokens, reason, lp, stop) in enumerate(raw):
             text = None
             if self.tokenizer is not None:
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            out.append(Generation(first + k // n, k % n, tokens, reason, text, lp))
+            out.append(Generation(first + k // n, k % n, tokens, reason, text, lp, stop))
         return out
 
 

@@ -37,7 +37,7 @@ from typing import List, Optional
 
 import torch
 
-from gapfix.data import IGNORE_INDEX, Example, collate, pack_rows, sft_row
+from gapfix.data import IGNORE_INDEX, Example, collate, label_field, pack_rows, sft_row
 
 METHODS = ("sft", "bash", "rac")
 
@@ -181,10 +181,7 @@ class CausalLMLoss(torch.nn.Module):
         if trunk is None:
             raise ValueError(f"model: {type(self.model).__name__} has no separate trunk (base_model)")
         hidden = trunk(**kwargs).last_hidden_state.flatten(0, 1)
-        if "target_ids" in batch:
-            target = (batch["target_ids"].flatten(0, 1), batch["target_weights"].flatten(0, 1))
-        else:
-            target = batch["labels"].flatten()
+        target = shifted_targets(batch)
         options = dict(ignore_index=IGNORE_INDEX, softcap=head.softcap, reduction="sum", impl=impl)
         if head.is_linear:  # the (N, V) logits are never formed
             hidden, weight, bias = head.linear_loss_inputs(hidden)
@@ -194,10 +191,33 @@ class CausalLMLoss(torch.nn.Module):
         return loss, mixed
 
 
+def shifted_targets(batch, ignore_index: int = IGNORE_INDEX):
+    """The targets of a (B, T) batch as the loss takes them, flattened (B*T,): entry i is
+    what position i predicts. `labels` / `target_ids` + `target_weights` (aligned with
+    input_ids, the Hugging Face convention) are shifted left by one; `shift_labels` are
+    taken as they are. Refuses a batch that carries both conventions."""
+    key = label_field(batch)
+    if key == "shift_labels":
+        if "target_ids" in batch:
+            raise ValueError("batch: soft targets (target_ids) are aligned with input_ids; "
+                             "they cannot go with shift_labels")
+        return batch["shift_labels"].flatten()
+    if "target_ids" in batch:
+        ids, weights = batch["target_ids"], batch["target_weights"]
+        ids = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], ignore_index)], 1)
+        weights = torch.cat([weights[:, 1:], torch.zeros_like(weights[:, :1])], 1)
+        return ids.flatten(0, 1), weights.flatten(0, 1)
+    labels = batch["labels"]
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], 1).flatten()
+
+
 def _count_targets(rows):
+    """Trained positions of rows in the aligned convention (position 0 predicts nothing)."""
     if "target_ids" in rows[0]:
-        return sum(any(t != IGNORE_INDEX for t in slot) for r in rows for slot in r["target_ids"])
-    return sum(t != IGNORE_INDEX for r in rows for t in r["labels"])
+        return sum(any(t != IGNORE_INDEX for t in slot) for r in rows for slot in r["target_ids"][1:])
+    key = label_field(rows[0], "rows[0]")
+    skip = 1 if key == "labels" else 0
+    return sum(t != IGNORE_INDEX for r in rows for t in r[key][skip:])
 
 
 # ---------------------------------------------------------------- schedule
@@ -354,9 +374,8 @@ def _bash_rows(model, examples, config, iteration, device, scheduled, chunk_rows
     todo = sorted(scheduled) if scheduled is not None else range(len(rows))
     for start in range(0, len(todo), chunk_rows):
         chunk = [rows[i] for i in todo[start:start + chunk_rows]]
-        for row, index in zip(chunk, todo[start:start + chunk_rows]):
-            prompt_len = len(examples[index].prompt_ids)
-            row["eligible"] = [False] * prompt_len + [True] * (len(row["input_ids"]) - prompt_len)
+        for row in chunk:  # the trained tokens (every assistant turn of a chat)
+            row["eligible"] = [label != IGNORE_INDEX for label in row["labels"]]
         batch = collate(chunk, pad_id=0)  # eligible pads with False
         prediction = predict_alternatives(
             model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
@@ -382,8 +401,9 @@ def _rac_rows(model, tokenizer, examples, config, iteration, rng, log):
                        seed=_mix_seed(config.seed, iteration, "generate", 0, 0),
                        backend=config.generation_backend)
     owners = [chosen[output.prompt_index] for output in outputs]
+    # Generation objects: their finish_reason says which answers ended with EOS
     rows, stats = build_rac_rows(
-        [examples[i].prompt_ids for i in owners], [list(output.token_ids) for output in outputs],
+        [examples[i].prompt_ids for i in owners], outputs,
         [examples[i].answer_ids for i in owners], eos_id=tokenizer.eos_token_id,
         pad_id=_pad_id(tokenizer), mode=config.rac_mode,
         only_until_divergence=config.rac_only_until_divergence,

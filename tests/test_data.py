@@ -103,10 +103,11 @@ def test_no_usable_examples_is_an_error(tmp_path, tokenizer):
         load_examples(path, tokenizer)
 
 
-def test_sft_row_masks_prompt_and_shifts():
+def test_sft_row_masks_prompt_in_the_hf_convention():
     row = sft_row(Example([1, 10, 11], [20, 21, 2]))
     assert row["input_ids"] == [1, 10, 11, 20, 21, 2]
-    assert row["labels"] == [IGNORE_INDEX, IGNORE_INDEX, 20, 21, 2, IGNORE_INDEX]
+    # aligned with input_ids (the loss shifts), as transformers' models take them
+    assert row["labels"] == [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 20, 21, 2]
 
 
 def test_collate_pads_and_carries_extra_fields():
@@ -121,9 +122,10 @@ def test_collate_pads_and_carries_extra_fields():
 
 def test_pack_rows_restarts_positions_and_keeps_every_field():
     packed = pack_rows([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "eligible": [False, True, True]},
-                        {"input_ids": [4, 5], "labels": [5, -100], "eligible": [False, True]}])
+                        {"input_ids": [4, 5], "labels": [4, 5], "eligible": [False, True]}])
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-    assert packed["labels"].tolist() == [[-100, 2, 3, 5, -100]]
+    # an example's first label is dropped: the loss's shift would train it from the previous example
+    assert packed["labels"].tolist() == [[-100, 2, 3, -100, 5]]
     assert packed["eligible"].tolist() == [[False, True, True, False, True]]
 
 

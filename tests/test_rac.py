@@ -1,4 +1,4 @@
-"""The RAC row builder (gapfix.methods.rac): the shift convention, prompt
+"""The RAC row builder (gapfix.methods.rac): the label convention (HF, aligned), prompt
 masking, the EOS label, truncated answers, divergence, soft rows, statistics,
 and mixing with SFT rows."""
 import pytest
@@ -29,9 +29,9 @@ def test_shift_convention_and_paper_labels():
     # input: prompt + g + (its EOS, or the pad after a cut answer)
     assert first["input_ids"] == PROMPTS[0] + _chars("60/2=30") + [EOS]
     assert second["input_ids"] == PROMPTS[1] + _chars("abXc") + [PAD]
-    # labels[i] = target at input position i: after g_<t on position len(prompt) - 1 + t
-    assert _decode(first["labels"]) == "__" + "60/2+34" + "$" + "_"
-    assert _decode(second["labels"]) == "abcc$_"
+    # labels aligned with input_ids (HF convention): the label after g_<t on position len(prompt) + t
+    assert _decode(first["labels"]) == "___" + "60/2+34" + "$"
+    assert _decode(second["labels"]) == "_abcc$"
     assert len(first["labels"]) == len(first["input_ids"])
     assert stats["rows"] == 2 and stats["trained_positions"] == 8 + 5
     # agreement: 6/8 on the first (t = 4 and 6 corrected); 3/4 on the second (t = 2;
@@ -62,7 +62,7 @@ def test_eos_handling():
     assert trailing == with_eos
     # pad_id defaults to eos_id; an empty answer is trained on the prompt's last token only
     rows, stats = build_rac_rows([[1, 2]], [[]], [[40, 41]], eos_id=EOS, impl="torch")
-    assert rows == [{"input_ids": [1, 2, EOS], "labels": [IGN, 40, IGN]}]
+    assert rows == [{"input_ids": [1, 2, EOS], "labels": [IGN, IGN, 40]}]
     assert stats["label_agreement"] != stats["label_agreement"]  # nan: no known next token
 
 
@@ -70,12 +70,12 @@ def test_only_until_divergence():
     rows, stats = build_rac_rows(PROMPTS, GENERATED, REFERENCES, eos_id=EOS, pad_id=PAD,
                                  only_until_divergence=True, impl="torch")
     # the first correction is trained, nothing after it
-    assert _decode(rows[0]["labels"]) == "__60/2+____"
-    assert _decode(rows[1]["labels"]) == "abc___"
+    assert _decode(rows[0]["labels"]) == "___60/2+___"
+    assert _decode(rows[1]["labels"]) == "_abc__"
     assert stats["trained_positions"] == 5 + 3
     assert stats["label_agreement"] == pytest.approx(6 / 8)
     same, _ = build_rac_rows([[1]], [[4, 5, EOS]], [[4, 5]], eos_id=EOS, only_until_divergence=True, impl="torch")
-    assert same[0]["labels"] == [4, 5, EOS, IGN]  # no divergence: every prefix trained
+    assert same[0]["labels"] == [IGN, 4, 5, EOS]  # no divergence: every prefix trained
 
 
 def test_soft_rows():
@@ -84,9 +84,9 @@ def test_soft_rows():
     second = rows[1]
     assert len(second["target_ids"]) == len(second["input_ids"]) and len(second["target_ids"][0]) == 3
     # after "abX" the optimal completions owe "c" or the end of the reference
-    assert second["target_ids"][3] == [ord("c"), EOS, IGN]
-    assert second["target_weights"][3] == [0.5, 0.5, 0.0]
-    assert second["target_ids"][5] == [IGN] * 3 and second["target_weights"][5] == [0.0] * 3
+    assert second["target_ids"][4] == [ord("c"), EOS, IGN]
+    assert second["target_weights"][4] == [0.5, 0.5, 0.0]
+    assert second["target_ids"][0] == [IGN] * 3 and second["target_weights"][0] == [0.0] * 3
     for row in rows:  # labels = the first target; weights sum to 1 exactly where trained
         for label, ids, weights in zip(row["labels"], row["target_ids"], row["target_weights"]):
             assert label == ids[0]
@@ -179,8 +179,8 @@ def test_mix_converts_sft_rows_to_soft():
     sft = [sft_row(Example([1, 2], [40, EOS]))]
     mixed = mix_with_sft(rac, sft, 0.5, seed=0)
     soft_sft = to_soft_row(sft[0], 3)
-    assert soft_sft in mixed and soft_sft["target_ids"][1] == [40, IGN, IGN]
-    assert soft_sft["target_weights"][1] == [1.0, 0.0, 0.0] and soft_sft["target_weights"][0] == [0.0] * 3
+    assert soft_sft in mixed and soft_sft["target_ids"][2] == [40, IGN, IGN]
+    assert soft_sft["target_weights"][2] == [1.0, 0.0, 0.0] and soft_sft["target_weights"][0] == [0.0] * 3
     assert all("target_ids" in r for r in mixed)
     collate(mixed, pad_id=PAD)  # one batch holds both kinds
 

@@ -72,9 +72,8 @@ def test_training_loss_uses_the_models_own_logits(family, fused):
     rows, prompts = prompt_answer_rows()
     input_ids, attention_mask, answer = padded(rows, prompts)
     labels = torch.where(answer, input_ids, -100)
-    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
     loss, _ = CausalLMLoss(model, fused)({"input_ids": input_ids, "attention_mask": attention_mask,
-                                          "labels": shifted})
+                                          "labels": labels})
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
@@ -133,3 +132,243 @@ def test_prediction_pass_through_a_peft_model():
     where = answer[:, 1:]
     assert not torch.equal(logits.argmax(-1)[where], without.argmax(-1)[where])  # the adapter matters
     assert torch.equal(alts.alt_ids[:, 1:][where], logits.topk(2, dim=-1).indices[where])
+
+
+# ------------------------------------------------------------------ (b) one label convention
+
+def sft_rows(count=6, seed=0):
+    from gapfix.data import Example, sft_row
+
+    rows, prompts = prompt_answer_rows(tuple((2 + i % 3, 3 + i % 4) for i in range(count)), seed)
+    return [sft_row(Example(r[:p], r[p:] + [2])) for r, p in zip(rows, prompts)]
+
+
+def rac_rows():
+    from gapfix.methods.rac import build_rac_rows
+
+    rows, prompts = prompt_answer_rows(((3, 6), (4, 5), (2, 7)), seed=3)
+    generated = [r[p:-2] + [r[-1]] + [2] for r, p in zip(rows, prompts)]  # a token dropped, one wrong
+    generated[1] = generated[1][:-1]  # cut at the length limit
+    out, _ = build_rac_rows([r[:p] for r, p in zip(rows, prompts)], generated,
+                            [r[p:] for r, p in zip(rows, prompts)], eos_id=2, pad_id=0, impl="torch")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sft", "rac"])
+def test_rows_train_what_a_transformers_trainer_trains(tmp_path, kind):
+    """gapfix's rows, collated by gapfix, give a real transformers Trainer's loss the same
+    value as gapfix's own loss: both read labels in the Hugging Face convention."""
+    from gapfix.data import collate
+
+    model = tiny_family("llama")
+    rows = sft_rows() if kind == "sft" else rac_rows()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                                          per_device_train_batch_size=len(rows))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
+                                   data_collator=lambda items: collate(items, pad_id=0))
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        theirs = trainer.compute_loss(model, dict(batch))
+        ours, _ = CausalLMLoss(model, fused=True)(batch)
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(ours / trained, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_bash_batch_and_trainer_loss_agree():
+    """build_bash_batch's labels (HF convention) and the trainer's loss on the same rows."""
+    from gapfix.data import collate
+    from gapfix.methods.bash import build_bash_batch
+
+    model = tiny_family("llama")
+    batch = collate(sft_rows(), pad_id=0)
+    step = build_bash_batch(model, batch["input_ids"], batch["labels"], batch["input_ids"], beta=0.0,
+                            seed=0, attention_mask=batch["attention_mask"])
+    with torch.no_grad():
+        theirs = model(**step.model_inputs()).loss
+        ours, _ = CausalLMLoss(model, fused=True)(batch)
+    torch.testing.assert_close(ours / int((batch["labels"][:, 1:] != -100).sum()), theirs,
+                               rtol=1e-5, atol=1e-5)
+
+
+def shifted_like_before(row):
+    """A row in the other convention: labels[i] the target of position i (pre-shifted)."""
+    return {**row, "labels": row["labels"][1:] + [-100]}
+
+
+def test_rows_in_the_shifted_convention_are_refused():
+    from gapfix.data import collate, pack_rows
+    from gapfix.methods.bash import build_bash_batch
+
+    rows = sft_rows()
+    old = [shifted_like_before(r) for r in rows]
+    with pytest.raises(ValueError, match="shifted convention"):
+        collate(old, pad_id=0)
+    with pytest.raises(ValueError, match="shifted convention"):
+        pack_rows(old)
+    batch = collate(rows, pad_id=0)
+    shifted = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], 1)
+    with pytest.raises(ValueError, match="shifted convention"):
+        build_bash_batch(tiny_family("llama"), batch["input_ids"], shifted, batch["input_ids"], beta=0.1,
+                         seed=0, attention_mask=batch["attention_mask"])
+    with pytest.raises(ValueError, match="exactly one"):  # both conventions in one row
+        collate([{**rows[0], "shift_labels": old[0]["labels"]}], pad_id=0)
+    collate(rac_rows(), pad_id=0)  # corrections (labels unlike their inputs) are not mistaken for shifted
+
+
+def test_shift_labels_are_the_explicit_other_convention():
+    """Already shifted targets pass under transformers' name for them, shift_labels, and train
+    the same loss as the aligned labels they came from."""
+    from gapfix.data import collate
+
+    model = tiny_family("llama")
+    rows = sft_rows()
+    aligned = collate(rows, pad_id=0)
+    explicit = collate([{"input_ids": r["input_ids"], "shift_labels": shifted_like_before(r)["labels"]}
+                        for r in rows], pad_id=0)
+    with torch.no_grad():
+        a, _ = CausalLMLoss(model, fused=True)(aligned)
+        b, _ = CausalLMLoss(model, fused=True)(explicit)
+    torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ (c) EOS in generated answers
+
+def test_generation_records_its_stop_token():
+    from gapfix.generation import Generation
+
+    done = Generation(0, 0, [5, 6], "eos", stop_token_id=7)
+    cut = Generation(0, 0, [5, 6], "length")
+    assert done.finished and not cut.finished
+    assert done.token_ids_with_stop() == [5, 6, 7] and cut.token_ids_with_stop() == [5, 6]
+    assert Generation.from_record(done.to_record()) == done
+
+
+@pytest.fixture(scope="module")
+def finishing_model():
+    """A tiny model trained on the math task until it ends every answer with EOS."""
+    from gapfix.data import encode_example, math_task
+    from gapfix.models import tiny_llama
+    from gapfix.trainer import train
+
+    tokenizer = math_task.math_tokenizer()
+    examples = [encode_example(tokenizer, p["prompt"], p["response"], p)
+                for p in math_task.make_split("train", 96, seed=5)]
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=128,
+                       seed=0).train()
+    train(model, tokenizer, examples, method="sft", steps_per_iteration=300, batch_size=16, lr=1e-2,
+          progress=False)
+    return model, tokenizer, examples
+
+
+def test_rac_statistics_see_finished_answers(finishing_model, tmp_path):
+    """`gapfix train --method rac`'s offline statistics: finished and exact_match counted from
+    what the model really generated (before the fix: 0.0 and 0.0, every answer taken as cut)."""
+    import copy
+    import json
+
+    from gapfix.generation import generate
+    from gapfix.methods.rac import build_rac_rows
+    from gapfix.trainer import train
+
+    model, tokenizer, examples = finishing_model
+    outputs = generate(model, [e.prompt_ids for e in examples], tokenizer=tokenizer, max_new_tokens=40,
+                       backend="hf")
+    finished = sum(o.finish_reason == "eos" for o in outputs) / len(outputs)
+    exact = sum(o.finish_reason == "eos" and o.token_ids == e.answer_ids[:-1]
+                for o, e in zip(outputs, examples)) / len(outputs)
+    assert finished > 0.9 and exact > 0.2  # the model finishes its answers, and is often right
+    train(copy.deepcopy(model), tokenizer, examples, method="rac", steps_per_iteration=1, batch_size=8,
+          progress=False, max_new_tokens=40, generation_backend="hf", out_dir=str(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    stats = next(r for r in records if r.get("event") == "rac_offline")
+    assert stats["finished"] == pytest.approx(finished)
+    assert stats["exact_match"] == pytest.approx(exact)
+    assert all(o.stop_token_id == tokenizer.eos_token_id for o in outputs if o.finished)
+    rows, _ = build_rac_rows([e.prompt_ids for e in examples], outputs, [e.answer_ids for e in examples],
+                             eos_id=tokenizer.eos_token_id, impl="torch")
+    eos = tokenizer.eos_token_id
+    for row, output, example in zip(rows, outputs, examples):  # a finished answer's row ends in its EOS
+        assert (row["input_ids"][-1] == eos) == output.finished
+        if output.finished and output.token_ids == example.answer_ids[:-1]:
+            assert row["labels"][-1] == eos
+
+
+def test_build_rac_rows_takes_generations_or_finished_flags():
+    from gapfix.generation import Generation
+    from gapfix.methods.rac import build_rac_rows
+
+    prompts, refs = [[1, 2], [3]], [[10, 11, 2], [12, 2]]
+    with_eos, stats = build_rac_rows(prompts, [[10, 11, 2], [12, 13]], refs, eos_id=2, pad_id=0)
+    flags, _ = build_rac_rows(prompts, [[10, 11], [12, 13]], refs, eos_id=2, pad_id=0, finished=[True, False])
+    objects, _ = build_rac_rows(prompts, [Generation(0, 0, [10, 11], "eos", stop_token_id=2),
+                                          Generation(1, 0, [12, 13], "length")], refs, eos_id=2, pad_id=0)
+    assert with_eos == flags == objects
+    assert stats["finished"] == 0.5 and stats["exact_match"] == 0.5
+    with pytest.raises(ValueError, match="finished"):
+        build_rac_rows(prompts, [[10], [12]], refs, eos_id=2, finished=[True])
+
+
+# ------------------------------------------------------------------ (d) chat turns
+
+CHATML = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+          "{% generation %}{{ m['content'] }}<|im_end|>\n{% endgeneration %}"
+          "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_PLAIN = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+CONVERSATION = [{"role": "system", "content": "you add numbers"},
+                {"role": "user", "content": "12 plus 30"}, {"role": "assistant", "content": "it is 42"},
+                {"role": "user", "content": "and 7 plus 8"}, {"role": "assistant", "content": "it is 15"}]
+
+
+def chat_tokenizer(template):
+    """A word-level tokenizer with a BOS it adds itself, and ChatML turns whose end-of-turn
+    (<|im_end|>) is not its EOS (</s>)."""
+    from gapfix.models import train_tokenizer
+
+    texts = [m["content"] for m in CONVERSATION] + ["system user assistant\n"]
+    tok = train_tokenizer(texts, kind="word", add_bos=True, chat_template=template)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tok
+
+
+def chat_example(tmp_path, template):
+    import json
+
+    from gapfix.data import load_examples, sft_row
+
+    tok = chat_tokenizer(template)
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    (example,) = load_examples(str(path), tok)
+    return tok, example, sft_row(example)
+
+
+@pytest.mark.parametrize("template", [CHATML, CHATML_PLAIN], ids=["generation-block", "rendered-diff"])
+def test_every_assistant_turn_trained_with_its_end_of_turn(tmp_path, template):
+    """The trained tokens are exactly those transformers marks as the assistant's (every turn,
+    each closed by <|im_end|> and its newline, never the tokenizer's EOS); one BOS."""
+    tok, example, row = chat_example(tmp_path, template)
+    reference = chat_tokenizer(CHATML).apply_chat_template(
+        CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert row["input_ids"] == list(reference["input_ids"])
+    expected = [t if m else -100 for t, m in zip(reference["input_ids"], reference["assistant_masks"])]
+    assert row["labels"] == expected
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    trained = [t for t in row["labels"] if t != -100]
+    assert trained.count(im_end) == 2 and tok.eos_token_id not in trained
+    assert tok.decode(example.answer_ids) == "it is 15<|im_end|>\n"
+    assert row["input_ids"].count(tok.bos_token_id) == 1
+    # the prompt is what generation is given: the context and the assistant header
+    prompt = tok.apply_chat_template(CONVERSATION[:-1], tokenize=True, add_generation_prompt=True)
+    assert example.prompt_ids == list(prompt if isinstance(prompt, list) else prompt["input_ids"])
+
+
+def test_chat_rows_bash_eligible_covers_every_turn(tmp_path):
+    """BASH mixes every trained (assistant) token, earlier turns included."""
+    from gapfix.trainer import _bash_rows, TrainConfig
+    from gapfix.models import tiny_llama
+
+    tok, example, row = chat_example(tmp_path, CHATML)
+    model = tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    (bash_row,) = _bash_rows(model, [example], TrainConfig(bash_mode="argmax"), 0, torch.device("cpu"), None)
+    assert bash_row["eligible"] == [label != -100 for label in row["labels"]]

@@ -5,15 +5,32 @@ Records are JSON objects, one a line, in either form:
     {"prompt": "...", "response": "..."}          (also "completion" or "answer")
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
 
-A chat record's last assistant message is the response; everything before it is
-the prompt, rendered with the tokenizer's chat template where it has one.
+A chat record trains every assistant turn, each ending in the chat template's
+own end-of-turn (ChatML's `<|im_end|>` and newline, not the tokenizer's EOS):
+the assistant tokens come from `apply_chat_template(...,
+return_assistant_tokens_mask=True)` where the template marks them
+(`{% generation %}`), else from the difference between renderings with and
+without each assistant turn. The rendered text already holds the template's
+special tokens (BOS where it has one), so it is tokenized without adding any.
+The last assistant turn is the example's answer (what RAC regenerates and
+evaluation compares); the earlier turns are trained inside its prompt
+(`Example.prompt_labels`). Without a chat template, turns are rendered as
+"role: content" lines and each assistant turn ends in EOS.
 
 Examples are token ids: `Example(prompt_ids, answer_ids)`, the answer ending
-with EOS. Training rows follow one convention throughout gapfix: `labels[i]`
-is the target for input position i (already shifted), `ignore_index` where
-nothing is trained (the prompt, padding).
+with EOS. Training rows and batches follow one label convention at every public
+boundary of gapfix, the Hugging Face one: `labels` is aligned with `input_ids`
+(`labels[i]` is the target for the token at position i, predicted from the
+prefix before it), `ignore_index` (-100) where nothing is trained (the prompt,
+padding), and the loss shifts. Soft targets (`target_ids` / `target_weights`,
+one K-list per position) are aligned the same way. Targets that are already
+shifted travel under transformers' own name for them, `shift_labels`
+(`shift_labels[i]` is the target predicted at position i); a row or batch with
+both is refused, and `labels` whose content is recognisably shifted (see
+`check_labels`) are refused too, never trained on silently.
 """
 import json
+import re
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -24,8 +41,10 @@ RESPONSE_KEYS = ("response", "completion", "answer")
 @dataclass
 class Example:
     prompt_ids: List[int]
-    answer_ids: List[int]  # ends with EOS
+    answer_ids: List[int]  # ends with EOS (chat: the template's end-of-turn)
     record: Optional[dict] = None  # the source record (for evaluation: "final", ...)
+    # labels (HF convention) of the prompt tokens: earlier assistant turns of a chat; None: untrained
+    prompt_labels: Optional[List[int]] = None
 
 
 class DataError(ValueError):
@@ -81,6 +100,87 @@ def split_record(record: dict, tokenizer=None):
     return None
 
 
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _chat_messages(record: dict):
+    """The record's messages when it is a usable chat (a list of role/content dicts
+    ending with an assistant turn), else None."""
+    messages = record.get("messages")
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+        return None
+    if messages[-1].get("role") != "assistant":
+        return None
+    if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        return None
+    return messages
+
+
+def _chat_with_mask(tokenizer, messages):
+    """(token ids, assistant mask) from the template's {% generation %} blocks, or None."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not _GENERATION_BLOCK.search(template):
+        return None
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids, mask = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+    return (ids, mask) if any(mask) else None
+
+
+def _chat_segments(tokenizer, messages, where):
+    """(text, trained) pieces of the conversation: with a template, the rendered
+    difference each assistant turn makes (its content and end-of-turn); without
+    one, "role: content" lines and each assistant turn ending in EOS."""
+    template = getattr(tokenizer, "chat_template", None)
+    segments = []
+    if not template:
+        for m in messages:
+            if m["role"] == "assistant":
+                segments += [("assistant: ", False), (m["content"], True), (None, True), ("\n", False)]
+            else:
+                segments.append((f"{m['role']}: {m['content']}\n", False))
+        return segments
+    rendered = ""
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        after = tokenizer.apply_chat_template(messages[:k + 1], tokenize=False)
+        if not (before.startswith(rendered) and after.startswith(before)):
+            raise DataError(f"{where}: the chat template renders turn {k} differently once later turns "
+                            "exist, so its assistant tokens cannot be told apart; mark them with "
+                            "{% generation %} in the template")
+        segments += [(before[len(rendered):], False), (after[len(before):], True)]
+        rendered = after
+    return segments
+
+
+def encode_chat(tokenizer, messages, record=None, where: str = "record") -> Example:
+    """An Example of a conversation: every assistant turn trained, with the template's own
+    end-of-turn; the last one is the answer, the earlier ones labelled in prompt_labels."""
+    found = _chat_with_mask(tokenizer, messages)
+    if found is None:
+        ids, mask = [], []
+        for text, trained in _chat_segments(tokenizer, messages, where):
+            piece = [tokenizer.eos_token_id] if text is None else \
+                tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            mask += [trained] * len(piece)
+    else:
+        ids, mask = found
+    if not any(mask):
+        raise DataError(f"{where}: no assistant tokens to train")
+    end = len(mask) - mask[::-1].index(True)
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    if start == 0:
+        raise DataError(f"{where}: the conversation renders nothing before its first assistant turn")
+    prompt_labels = [t if m else IGNORE_INDEX for t, m in zip(ids[:start], mask[:start])]
+    return Example(ids[:start], ids[start:end], record,
+                   prompt_labels if any(m for m in mask[:start]) else None)
+
+
 def encode_example(tokenizer, prompt: str, response: str, record=None) -> Example:
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     answer_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
@@ -97,13 +197,17 @@ def load_examples(path: str, tokenizer, *, max_length: Optional[int] = None,
     """
     examples, unusable = [], 0
     for index, record in enumerate(read_jsonl(path, on_error=on_error)):
-        pair = split_record(record, tokenizer)
-        if pair is None:
+        messages = _chat_messages(record) if "messages" in record else None
+        pair = None if messages is not None else split_record(record, tokenizer)
+        if messages is None and pair is None:
             if on_error == "raise":
                 raise DataError(f"{path}: record {index} has neither prompt/response nor messages")
             unusable += 1
             continue
-        example = encode_example(tokenizer, *pair, record=record)
+        if messages is not None:
+            example = encode_chat(tokenizer, messages, record, where=f"{path}: record {index}")
+        else:
+            example = encode_example(tokenizer, *pair, record=record)
         if max_length is not None and len(example.prompt_ids) + len(example.answer_ids) > max_length:
             unusable += 1
             continue
@@ -116,33 +220,101 @@ def load_examples(path: str, tokenizer, *, max_length: Optional[int] = None,
 
 
 def sft_row(example: Example, ignore_index: int = IGNORE_INDEX) -> dict:
-    """Input prompt+answer; labels train every answer token, the prompt masked."""
+    """Input prompt+answer; labels (HF convention, aligned with input_ids) are the
+    answer tokens, the prompt masked."""
     input_ids = example.prompt_ids + example.answer_ids
-    labels = [ignore_index] * len(input_ids)
-    start = len(example.prompt_ids) - 1  # this position predicts the first answer token
-    labels[start:len(input_ids) - 1] = example.answer_ids
+    context = example.prompt_labels or [ignore_index] * len(example.prompt_ids)
+    if ignore_index != IGNORE_INDEX:
+        context = [ignore_index if t == IGNORE_INDEX else t for t in context]
+    labels = list(context) + list(example.answer_ids)
     return {"input_ids": input_ids, "labels": labels}
+
+
+LABEL_FIELDS = ("labels", "shift_labels")
+
+
+def label_field(fields, where: str = "batch") -> str:
+    """Which label convention a row or batch carries: "labels" (aligned with input_ids,
+    the loss shifts) or "shift_labels" (already shifted). Exactly one must be present."""
+    present = [name for name in LABEL_FIELDS if name in fields]
+    if len(present) != 1:
+        raise ValueError(
+            f"{where} must carry exactly one of 'labels' (aligned with input_ids, the loss shifts: the "
+            f"Hugging Face convention) or 'shift_labels' (already shifted), got {present or 'neither'}")
+    return present[0]
+
+
+def check_labels(input_ids, labels, *, attention_mask=None, position_ids=None,
+                 ignore_index: int = IGNORE_INDEX, where: str = "labels") -> None:
+    """Refuses `labels` that are recognisably in the shifted convention.
+
+    input_ids, labels: (B, T) tensors (labels aligned with input_ids expected).
+    attention_mask / position_ids mark where each row (or packed example) ends.
+
+    A row is refused when every trained label equals the *next* input token
+    (labels[i] == input_ids[i + 1], within the same example) while not every one
+    equals its own token: that is what prompt-masked targets shifted by one look
+    like. Rows in the aligned convention never look so: SFT-style labels equal
+    their own tokens, and rows that train their last token (gapfix's SFT and RAC
+    rows: the answer's EOS, RAC's label after the whole answer) have nothing after
+    it to equal. Shifted correction targets cannot be told apart by content: pass
+    them as `shift_labels`.
+    """
+    import torch
+
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"{where} must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    trained = labels != ignore_index
+    has_next = torch.zeros_like(trained)
+    has_next[:, :-1] = True
+    if attention_mask is not None:
+        has_next[:, :-1] &= attention_mask[:, 1:] != 0
+    if position_ids is not None:
+        has_next[:, :-1] &= position_ids[:, 1:] != 0
+    next_ids = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], 1)
+    matches_next = has_next & (labels == next_ids)
+    matches_own = labels == input_ids
+    shifted = trained.any(1) & (matches_next | ~trained).all(1) & ~(matches_own | ~trained).all(1)
+    if bool(shifted.any()):
+        row = int(shifted.nonzero()[0, 0])
+        raise ValueError(
+            f"{where}: row {row} is in the shifted convention (every trained label is the next input "
+            "token); gapfix takes labels aligned with input_ids (the Hugging Face convention: -100 "
+            "ignored, the loss shifts), or already shifted targets as 'shift_labels'")
 
 
 def collate(rows: List[dict], *, pad_id: int, ignore_index: int = IGNORE_INDEX,
             pad_to_multiple_of: Optional[int] = None):
-    """Right-pads rows to one tensor batch: input_ids, attention_mask, labels, and
-    any per-position list field (e.g. RAC's target_ids/target_weights, BASH's alt_ids)."""
+    """Right-pads rows to one tensor batch: input_ids, attention_mask, labels (or
+    shift_labels), and any per-position list field (e.g. RAC's target_ids /
+    target_weights, BASH's alt_ids). Rows must all carry the same label field;
+    `labels` in the shifted convention are refused (check_labels)."""
     import torch
 
+    key = label_field(rows[0], "rows[0]")
+    for index, row in enumerate(rows):
+        if label_field(row, f"rows[{index}]") != key:
+            raise ValueError(f"rows[{index}] carries {label_field(row)!r}, rows[0] {key!r}: "
+                             "one batch holds one label convention")
     width = max(len(r["input_ids"]) for r in rows)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     batch = {
         "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
         "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-        "labels": torch.full((len(rows), width), ignore_index, dtype=torch.long),
+        key: torch.full((len(rows), width), ignore_index, dtype=torch.long),
     }
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
+        if len(row[key]) != n:
+            raise ValueError(f"rows[{i}]: {key} has {len(row[key])} entries, input_ids {n}")
         batch["input_ids"][i, :n] = torch.tensor(row["input_ids"])
         batch["attention_mask"][i, :n] = 1
-        batch["labels"][i, :n] = torch.tensor(row["labels"])
+        batch[key][i, :n] = torch.tensor(row[key])
+    if key == "labels":
+        check_labels(batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"],
+                     ignore_index=ignore_index, where="rows' labels")
     _collate_extra(rows, batch, width, ignore_index)
     return batch
 
@@ -150,7 +322,7 @@ def collate(rows: List[dict], *, pad_id: int, ignore_index: int = IGNORE_INDEX,
 def _collate_extra(rows, batch, width, ignore_index):
     import torch
 
-    extra = [k for k in rows[0] if k not in ("input_ids", "labels", "attention_mask")
+    extra = [k for k in rows[0] if k not in ("input_ids", "attention_mask") + LABEL_FIELDS
              and isinstance(rows[0][k], list)]
     for key in extra:
         sample = torch.tensor(rows[0][key])
@@ -162,25 +334,40 @@ def _collate_extra(rows, batch, width, ignore_index):
         batch[key] = out
 
 
-def pack_rows(rows: List[dict]):
+def pack_rows(rows: List[dict], *, ignore_index: int = IGNORE_INDEX):
     """Packs rows into one row with position_ids restarting at 0 for each example.
 
-    transformers' FlashAttention path reads the restarts as sequence boundaries
-    (varlen attention), so packed examples never attend to each other and no
-    padding is computed. Only for attention implementations that honour
-    position_ids boundaries (flash_attention_2/3).
+    Attention that reads the restarts as sequence boundaries (FlashAttention's
+    varlen path; transformers' sdpa path given position_ids and no attention
+    mask, see gapfix.trainer.packing_supported) keeps packed examples apart and
+    computes no padding. The label at each example's first position is set to
+    ignore_index, so that the loss's shift never trains one example's first
+    token from the previous example's last.
     """
     import torch
 
+    key = label_field(rows[0], "rows[0]")
     fields = [k for k, v in rows[0].items() if isinstance(v, list)]  # input_ids, labels, BASH/RAC extras
     packed = {k: [] for k in fields}
     position_ids = []
-    for row in rows:
-        for key in fields:
-            packed[key] += row[key]
+    for index, row in enumerate(rows):
+        if label_field(row, f"rows[{index}]") != key:
+            raise ValueError(f"rows[{index}] carries a different label field than rows[0] ({key!r})")
+        start = len(position_ids)
+        for name in fields:
+            packed[name] += row[name]
         position_ids += list(range(len(row["input_ids"])))
+        if key == "labels":
+            packed["labels"][start] = ignore_index
+            if "target_ids" in packed:
+                width = len(packed["target_ids"][start])
+                packed["target_ids"][start] = [ignore_index] * width
+                packed["target_weights"][start] = [0.0] * width
     batch = {k: torch.tensor([v]) for k, v in packed.items()}
     batch["position_ids"] = torch.tensor([position_ids])
+    if key == "labels":
+        check_labels(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"],
+                     ignore_index=ignore_index, where="rows' labels")
     return batch
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gapfix.data import check_labels
 from gapfix.models import decoder_trunk, output_head, unwrap_model
 from gapfix.ops.mix_embedding import mix_embedding
 
@@ -158,6 +159,8 @@ def build_bash_batch(model: nn.Module, input_ids: torch.Tensor, labels: torch.Te
         input_ids: (B, T) prompt + reference answer (+ padding).
         labels: (B, T) transformers convention (aligned with input_ids, the
             model shifts; ignore_index on prompt and padding). Returned as is.
+            Labels recognisably in the shifted convention are refused
+            (gapfix.data.check_labels).
         alt_ids: (B, T) from predict_alternatives, or (B, T, K) with alt_probs.
         beta: replacement probability of an answer token, in [0, 1].
         seed: int in [0, 2**63); one seed per step makes a run reproducible.
@@ -172,6 +175,7 @@ def build_bash_batch(model: nn.Module, input_ids: torch.Tensor, labels: torch.Te
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
+    check_labels(input_ids, labels, attention_mask=attention_mask, ignore_index=ignore_index)
     if eligible is None:
         eligible = labels != ignore_index
         if attention_mask is not None:

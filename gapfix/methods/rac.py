@@ -7,22 +7,25 @@ alignment of g to the reference y says is owed there (gapfix.rac_labels): the
 next reference token while g follows y, the right token where g went wrong,
 and EOS once g has covered the whole reference.
 
-Row convention (the same as gapfix.data.sft_row, so RAC and SFT rows batch
-together): ``labels[i]`` is the target of input position i, already shifted.
+Row convention: the Hugging Face one, as gapfix.data.sft_row (so RAC and SFT
+rows batch together): ``labels`` is aligned with ``input_ids`` and the loss
+shifts, i.e. ``labels[i]`` is the target predicted from input positions < i.
 
     input_ids = x + g + [e]          e = the generated EOS, or pad_id when g
                                      was cut at the length limit
-    labels[len(x) - 1 + t] = label after g_<t,   t = 0..n
-    labels[i] = ignore_index         elsewhere (the prompt, the last position)
+    labels[len(x) + t] = label after g_<t,   t = 0..n
+    labels[i] = ignore_index         elsewhere (the prompt)
 
-The label after g_<t sits on the input position of the last token of x + g_<t,
-so t = 0 is on the last prompt token and t = n on the last token of g. The
-extra token e is never a target and nothing is trained on its position; it
-gives RAC rows the shape of SFT rows (x + y + EOS, trained on x[-1] .. y[-1])
-and keeps the input what the model actually emitted.
+The label after g_<t is predicted from the last token of x + g_<t, so it sits
+at the next position: t = 0 on the first answer position, t = n on e. The
+label may differ from the input token there (a correction), and the extra
+token e is never fed to the model as a prefix of anything trained; it gives
+RAC rows the shape of SFT rows (x + y + EOS, labels on y + EOS) and keeps the
+input what the model actually emitted.
 
 Soft mode ("all") rows also carry ``target_ids`` / ``target_weights``: one
-K-list per input position (ignore_index / 0.0 where nothing is trained).
+K-list per position, aligned like labels (ignore_index / 0.0 where nothing is
+trained).
 """
 import math
 import random
@@ -36,13 +39,30 @@ from gapfix.data import IGNORE_INDEX
 __all__ = ["build_rac_rows", "mix_with_sft", "to_soft_row"]
 
 
-def _strip_generated(g: Sequence[int], eos_id: int):
+def _strip_generated(g: Sequence[int], eos_id: int, finished: Optional[bool] = None):
     """(answer without EOS, whether the model finished): generation stops at the
-    first EOS, so anything after it is not part of the answer."""
+    first EOS, so anything after it is not part of the answer. `finished` says
+    so for an answer given without its EOS (gapfix.generate's token_ids)."""
     g = list(g)
     if eos_id in g:
         return g[: g.index(eos_id)], True
-    return g, False
+    return g, bool(finished)
+
+
+def _unpack_generated(generated):
+    """(token-id lists, finished flags or None, stop tokens or None) of `generated`:
+    lists of ids, or gapfix.generate's Generation objects (token_ids without the
+    EOS, finish_reason, stop_token_id)."""
+    if not isinstance(generated, (list, tuple)):
+        raise ValueError(f"generated must be a list of token-id lists or Generation objects, "
+                         f"got {type(generated).__name__}")
+    objects = [hasattr(g, "token_ids") and hasattr(g, "finish_reason") for g in generated]
+    if not any(objects):
+        return generated, None, None
+    if not all(objects):
+        raise ValueError("generated mixes Generation objects and token-id lists")
+    return ([list(g.token_ids) for g in generated], [g.finish_reason == "eos" for g in generated],
+            [getattr(g, "stop_token_id", None) for g in generated])
 
 
 def _strip_reference(y: Sequence[int], eos_id: int):
@@ -90,15 +110,20 @@ def build_rac_rows(
     ignore_index: int = IGNORE_INDEX,
     max_targets: int = 4,
     only_until_divergence: bool = False,
+    finished: Optional[Sequence[bool]] = None,
     impl: str = "auto",
     device=None,
 ):
     """RAC training rows for (prompt, generated answer, reference answer) triples.
 
-    prompts: token ids of each prompt (non-empty: the first label sits on its
-        last token). generated: the model's answers, each possibly ending with
-        EOS (anything from the first EOS on is dropped) or cut at the length
-        limit. references: the reference answers, a trailing EOS dropped.
+    prompts: token ids of each prompt (non-empty: its last token predicts the
+        first label). generated: the model's answers: gapfix.generate's
+        Generation objects (finished = finish_reason "eos"; their token_ids
+        hold no EOS), or token-id lists, each possibly ending with EOS
+        (anything from the first EOS on is dropped) or cut at the length
+        limit. finished: for token-id lists given without their EOS, whether
+        each answer was finished (an EOS in a list finishes it regardless).
+        references: the reference answers, a trailing EOS dropped.
     pad_id: the token appended after an answer that has no EOS (default eos_id).
     mode: "path" | "first" | "last" | "all", as in gapfix.rac_labels.
     only_until_divergence: train only the prefixes t <= d, d the first position
@@ -110,8 +135,8 @@ def build_rac_rows(
 
     All pairs go through one gapfix.align and one gapfix.rac_labels call.
 
-    Returns (rows, stats). rows: dicts with input_ids and labels (see the module
-    doc), plus target_ids / target_weights for "all". stats: ``rows``;
+    Returns (rows, stats). rows: dicts with input_ids and labels (aligned with
+    input_ids, the Hugging Face convention; see the module doc), plus target_ids / target_weights for "all". stats: ``rows``;
     ``trained_positions``; ``label_agreement``, the fraction of trained
     positions whose label equals the token the model generated there (for
     "all": is among the targets; the position after a cut answer has no
@@ -123,6 +148,14 @@ def build_rac_rows(
     from gapfix.ops.rac_labels import MODES, rac_labels
 
     _check_rows("prompts", prompts, None)
+    generated, flags, stops = _unpack_generated(generated)
+    if finished is not None:
+        if flags is not None:
+            raise ValueError("finished must be None when generated holds Generation objects "
+                             "(their finish_reason says it)")
+        if not isinstance(finished, (list, tuple)) or len(finished) != len(prompts):
+            raise ValueError(f"finished must be a list of {len(prompts)} bools, got {finished!r}"[:200])
+        flags = [bool(f) for f in finished]
     _check_rows("generated", generated, len(prompts))
     _check_rows("references", references, len(prompts))
     if not isinstance(eos_id, int) or isinstance(eos_id, bool) or eos_id < 0:
@@ -141,7 +174,8 @@ def build_rac_rows(
                         mean_edit_distance=float("nan"), finished=float("nan"), exact_match=float("nan"))
 
     soft = mode == "all"
-    answers, finished = zip(*(_strip_generated(g, eos_id) for g in generated))
+    answers, finished = zip(*(_strip_generated(g, eos_id, None if flags is None else flags[i])
+                              for i, g in enumerate(generated)))
     refs = [_strip_reference(y, eos_id) for y in references]
     device = torch.device("cpu") if device is None else torch.device(device)
     gen, gen_lens = _padded(list(answers), device)
@@ -191,8 +225,9 @@ def build_rac_rows(
     rows = []
     for b in range(batch):
         prompt, answer = list(prompts[b]), answers[b]
-        start, stop = len(prompt) - 1, len(prompt) + len(answer)  # positions of t = 0 .. n
-        input_ids = prompt + answer + [eos_id if finished[b] else pad_id]
+        stop = eos_id if stops is None or stops[b] is None else stops[b]  # the EOS it emitted
+        input_ids = prompt + answer + [stop if finished[b] else pad_id]
+        start, stop = len(prompt), len(input_ids)  # positions of t = 0 .. n
         row_labels = np.full(len(input_ids), ignore_index, dtype=np.int64)
         row_labels[start:stop] = labels[b, : stop - start]
         row = {"input_ids": input_ids, "labels": row_labels.tolist()}
