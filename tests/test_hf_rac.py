@@ -58,20 +58,19 @@ def test_build_rac_dataset_rows_follow_the_answers(spy):
     assert sorted(r["finish_reason"] for r in rac) == sorted(g.finish_reason for g in answers)
     assert 0 < sum(g.finish_reason == "eos" for g in answers) < 12  # both kinds present
     # each RAC row, shifted back, is build_rac_rows' row for its prompt and answer
-    references = {tuple(r["input_ids"][:r["labels"].index(next(x for x in r["labels"] if x != -100))]): r
+    references = {tuple(r["input_ids"][:next(i for i, x in enumerate(r["labels"]) if x != -100)]): r
                   for r in W.rows(tok, 10)}
     for row in rac:
-        shifted = row["labels"][1:] + [-100]
-        prompt_len = next(i for i, lab in enumerate(shifted) if lab != -100) + 1
+        prompt_len = next(i for i, lab in enumerate(row["labels"]) if lab != -100)
         prompt = tuple(row["input_ids"][:prompt_len])
         source = references[prompt]
         reference = source["input_ids"][len(prompt):]
         answer = row["input_ids"][prompt_len:-1]
-        generated = answer + ([tok.eos_token_id] if row["finish_reason"] == "eos" else [])
-        (expected,), _ = build_rac_rows([list(prompt)], [generated], [reference], eos_id=tok.eos_token_id,
-                                        pad_id=tok.pad_token_id)
+        (expected,), _ = build_rac_rows([list(prompt)], [answer], [reference], eos_id=tok.eos_token_id,
+                                        pad_id=tok.pad_token_id, finished=[row["finish_reason"] == "eos"])
         assert row["input_ids"] == expected["input_ids"]
-        assert shifted == expected["labels"]
+        assert row["labels"] == expected["labels"]
+        assert row["input_ids"][-1] == (tok.eos_token_id if row["finish_reason"] == "eos" else tok.pad_token_id)
     for row in sft:
         assert {"input_ids": row["input_ids"], "labels": row["labels"]} in W.rows(tok, 10)
 

@@ -133,13 +133,13 @@ def iteration_rows(model, tokenizer, sources: _Sources, config: RacConfig, *, se
         for k, (tokens, reason) in enumerate(results[c]):
             prompt, reference = sources.pairs[members[k // config.samples]]
             prompts.append(prompt)
-            # gapfix.generate reports EOS as the finish reason; build_rac_rows reads it from the tokens
-            generated.append(list(tokens) + ([eos] if reason == "eos" else []))
+            generated.append(list(tokens))
             references.append(reference)
             reasons.append(reason)
-    rows, stats = build_rac_rows(prompts, generated, references, eos_id=eos, pad_id=pad, mode=config.mode)
-    # RAC's rows carry the target of input position i at labels[i]; Hugging Face's at labels[i + 1]
-    rows = [{"input_ids": r["input_ids"], "labels": [-100] + r["labels"][:-1]} for r in rows]
+    # the answers hold no EOS: whether each finished comes from its finish reason
+    rows, stats = build_rac_rows(prompts, generated, references, eos_id=eos, pad_id=pad, mode=config.mode,
+                                 finished=[reason == "eos" for reason in reasons])
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]  # Hugging Face convention
     for row, reason in zip(rows, reasons):
         row["finish_reason"] = reason
     sft = [{**r, "finish_reason": ""} for r in sources.sft_rows]
