@@ -42,6 +42,19 @@ def test_beta_zero_reproduces_plain_trainer(tmp_path, accumulation):
     assert W.logged(trainer, "bash_mixed_fraction") == [0.0] * 4
 
 
+def test_bash_trainer_on_a_patched_model_trains_as_on_the_plain_one(tmp_path):
+    """BASH mixes inside the embedding, patch computes the loss: they compose."""
+    config = hf.BashConfig(beta=0.3, mode="sample", temperature=2.0)
+    plain, plain_net = _bash(tmp_path / "plain", config)
+    plain.train()
+    fused, fused_net = _bash(tmp_path / "fused", config)
+    hf.patch(fused_net)
+    fused.train()
+    assert W.logged(fused, "bash_mixed_fraction") == W.logged(plain, "bash_mixed_fraction")
+    for a, b in zip(W.losses(plain), W.losses(fused)):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a))
+
+
 @pytest.mark.parametrize("mode", ["argmax", "sample", "topk"])
 def test_beta_logs_the_mixed_fraction(tmp_path, mode):
     plain_losses, _ = _plain(tmp_path / "plain", steps=6)
@@ -191,3 +204,17 @@ def test_two_gloo_processes_split_the_prediction_pass_and_stay_equal(tmp_path):
                             data_collator=W.collator(tok), args=W.args(tmp_path / "one", max_steps=1))
     single._bash_refresh(0)
     assert single._bash_alt_ids.tolist() == ranks[0]["first"]["alt_ids"]
+
+
+def test_lora_with_reentrant_gradient_checkpointing_still_trains(tmp_path):
+    """PEFT makes the frozen embedding's output require grad for reentrant checkpointing; the
+    mixed embeddings that replace it must too, or no gradient reaches the adapter."""
+    peft = pytest.importorskip("peft")
+    tok = W.tokenizer()
+    net = peft.get_peft_model(W.model(tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer = hf.BashTrainer(model=net, bash_config=hf.BashConfig(beta=0.5), train_dataset=W.dataset(tok, 12),
+                             data_collator=W.collator(tok),
+                             args=W.args(tmp_path, max_steps=2, gradient_checkpointing=True,
+                                         gradient_checkpointing_kwargs={"use_reentrant": True}))
+    trainer.train()
+    assert any(float(p.detach().abs().sum()) > 0 for n, p in net.named_parameters() if "lora_B" in n)

@@ -269,7 +269,12 @@ class _BashMixin:
                 busy.clear()
             counts[0] += mixed.sum()
             counts[1] += eligible.sum()
-            return embeds.to(output.dtype)
+            embeds = embeds.to(output.dtype)
+            if output.requires_grad and not embeds.requires_grad:
+                # a frozen embedding whose output was made to require grad (PEFT's hook for
+                # reentrant gradient checkpointing): keep that for the mixed embeddings too
+                embeds.requires_grad_(True)
+            return embeds
 
         handle = embedding.register_forward_hook(hook)
         try:
