@@ -45,7 +45,7 @@ def test_beta_zero_reproduces_plain_trainer(tmp_path, accumulation):
 def test_bash_trainer_on_a_patched_model_trains_as_on_the_plain_one(tmp_path):
     """BASH mixes inside the embedding, patch computes the loss: they compose."""
     config = hf.BashConfig(beta=0.3, mode="sample", temperature=2.0)
-    plain, plain_net = _bash(tmp_path / "plain", config)
+    plain, _ = _bash(tmp_path / "plain", config)
     plain.train()
     fused, fused_net = _bash(tmp_path / "fused", config)
     hf.patch(fused_net)

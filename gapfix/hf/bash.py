@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import Trainer
 
@@ -77,9 +79,11 @@ class _Rows:
         if not ids or min(lengths) < 1:
             raise ValueError("train_dataset has no rows or an empty input_ids row")
         self.offsets = torch.tensor([0] + lengths).cumsum(0)
-        self.tokens = torch.tensor([t for row in ids for t in row], dtype=torch.long)
+        self.tokens = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
+                                                   count=sum(lengths)))
         if labels is not None:
-            answer = torch.tensor([lab != -100 for row in labels for lab in row], dtype=torch.bool)
+            flat = np.fromiter(itertools.chain.from_iterable(labels), dtype=np.int64)
+            answer = torch.from_numpy(flat != -100)
             if answer.shape != self.tokens.shape:
                 raise ValueError("train_dataset: a labels row differs in length from its input_ids row")
         else:
