@@ -337,3 +337,70 @@ def output_head(model) -> OutputHead:
         scale /= divide
     softcap = getattr(config, "final_logit_softcapping", None)
     return OutputHead(module, scale, softcap if isinstance(softcap, (int, float)) and softcap > 0 else None)
+
+
+# ----------------------------------------------------------------------------
+# PEFT (LoRA) adapters
+# ----------------------------------------------------------------------------
+
+def is_adapter_folder(path) -> bool:
+    """Whether `path` is a PEFT adapter folder (adapter_config.json)."""
+    return (Path(os.fspath(path)) / "adapter_config.json").is_file()
+
+
+def load_adapter_for_training(path, *, attn_implementation=None, dtype=None):
+    """(peft model with its adapter trainable, tokenizer) from a local PEFT adapter folder.
+
+    The base model is the local folder its adapter_config.json names
+    (base_model_name_or_path: as written, or relative to the adapter folder);
+    nothing is downloaded. transformers' own adapter loading would give a model
+    whose adapter is frozen (nothing to train), hence PeftModel(is_trainable=True).
+    The tokenizer is the adapter folder's if it has one, else the base model's.
+    """
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(os.fspath(path))
+    config_file = path / "adapter_config.json"
+    try:
+        base_name = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{config_file}: not a readable adapter config ({err})") from None
+    if not isinstance(base_name, str) or not base_name:
+        raise ValueError(f"{config_file}: no base_model_name_or_path naming the base model folder")
+    candidates = [Path(base_name), path / base_name]
+    base_dir = next((c for c in candidates if (c / "config.json").is_file()), None)
+    if base_dir is None:
+        raise ValueError(f"{config_file}: base_model_name_or_path {base_name!r} is not a local model folder "
+                         "(as written, nor relative to the adapter folder)")
+    options = {"local_files_only": True, "dtype": "auto" if dtype is None else dtype}
+    if attn_implementation is not None:
+        options["attn_implementation"] = attn_implementation
+    base = AutoModelForCausalLM.from_pretrained(base_dir, **options)
+    model = PeftModel.from_pretrained(base, path, is_trainable=True)
+    source = path if has_tokenizer(path) else base_dir
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True) if has_tokenizer(source) else None
+    return model, tokenizer
+
+
+def apply_lora(model, *, r: int, alpha: float | None = None, targets=None, dropout: float = 0.0):
+    """`model` wrapped by peft with a fresh LoRA adapter (the base frozen), saved in PEFT's format
+    by save_pretrained. targets: module names (a list, or a comma-separated str); None: every
+    linear layer but the output head ("all-linear"). alpha defaults to 2 * r."""
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"lora r must be an int >= 1, got {r!r}")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
+        raise ValueError(f"lora alpha must be a number > 0, got {alpha!r}")
+    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"lora dropout must be in [0, 1), got {dropout!r}")
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if targets is not None and (not targets or not all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"lora targets must be module names, got {targets!r}")
+    config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout,
+                        target_modules=targets or "all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

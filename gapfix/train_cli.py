@@ -42,6 +42,12 @@ def configure(parser):
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
     parser.add_argument("--attn", default="auto",
                         help="attention implementation: auto, sdpa, flash_attention_2, eager")
+    parser.add_argument("--lora-r", type=int, default=None,
+                        help="train a LoRA adapter of this rank (the model frozen); saved in PEFT's format")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * r)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
+    parser.add_argument("--lora-targets", default=None,
+                        help="comma-separated module names to adapt (default: every linear layer but the head)")
     for field in dataclasses.fields(TrainConfig):
         if field.name in _SKIP:
             continue
@@ -108,8 +114,15 @@ def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0):
         raise ValueError(f"--model {spec!r} is not 'tiny', a config.json or an existing local model folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, attn_implementation=attn)
-    tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    from gapfix.models import is_adapter_folder, load_adapter_for_training
+
+    if is_adapter_folder(spec):  # a PEFT adapter: its base model, the adapter trainable
+        model, tokenizer = load_adapter_for_training(spec, attn_implementation=attn)
+        if tokenizer is None:
+            raise ValueError(f"--model {spec!r}: neither the adapter nor its base model folder has a tokenizer")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, attn_implementation=attn)
+        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -128,6 +141,13 @@ def run(args) -> int:
         config.packing = True  # varlen attention: packed micro-batches compute no padding
     config.validate()  # a bad --method or --beta fails before any model is loaded
     model, tokenizer = load_model_and_tokenizer(args.model, args.train, attention, config.seed)
+    if args.lora_r is not None:
+        from gapfix.models import apply_lora
+
+        if hasattr(model, "peft_config"):
+            raise ValueError(f"--lora-r: --model {args.model!r} is already an adapter; it is trained as it is")
+        model = apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets,
+                           dropout=args.lora_dropout)
     examples = load_examples(args.train, tokenizer, max_length=args.max_length, on_error=args.on_error)
     eval_examples = (load_examples(args.eval, tokenizer, max_length=args.max_length, on_error=args.on_error)
                      if args.eval else None)

@@ -38,6 +38,7 @@ from typing import List, Optional
 import torch
 
 from gapfix.data import IGNORE_INDEX, Example, collate, label_field, pack_rows, sft_row
+from gapfix.models import decoder_trunk, unwrap_model
 
 METHODS = ("sft", "bash", "rac")
 
@@ -75,7 +76,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     bf16: bool = True  # autocast on GPU
-    packing: bool = False  # one packed row per micro-batch (FlashAttention varlen only)
+    packing: bool = False  # one packed row per micro-batch (where packing_supported(model))
     distributed: str = "ddp"  # ddp | fsdp, under torchrun
     out_dir: Optional[str] = None
     save_every: int = 0  # steps; a checkpoint is also written at the end of each iteration
@@ -163,7 +164,7 @@ class CausalLMLoss(torch.nn.Module):
         from gapfix.ops.cross_entropy import cross_entropy, linear_cross_entropy
 
         impl = "auto" if self.fused else "torch"
-        kwargs = {}
+        kwargs = {"use_cache": False}  # a cache would also turn off transformers' packed-sequence masks
         if "attention_mask" in batch:
             kwargs["attention_mask"] = batch["attention_mask"]
         if "position_ids" in batch:
@@ -399,7 +400,7 @@ def _rac_rows(model, tokenizer, examples, config, iteration, rng, log):
                        n=config.rac_samples, temperature=config.rac_temperature,
                        max_new_tokens=config.max_new_tokens,
                        seed=_mix_seed(config.seed, iteration, "generate", 0, 0),
-                       backend=config.generation_backend)
+                       backend=_generation_backend(model, config))
     owners = [chosen[output.prompt_index] for output in outputs]
     # Generation objects: their finish_reason says which answers ended with EOS
     rows, stats = build_rac_rows(
@@ -430,12 +431,13 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
     config.validate()
     if not train_examples:
         raise ValueError("train_examples is empty")
-    attention = getattr(model.config, "_attn_implementation", None)
-    if config.packing and attention not in ("flash_attention_2", "flash_attention_3"):
+    if config.packing and not packing_supported(model):
+        attention = getattr(unwrap_model(model).config, "_attn_implementation", None)
         raise ValueError(
-            f"packing needs an attention implementation that reads sequence boundaries from "
-            f"position_ids (flash_attention_2/3); the model uses {attention!r}, under which packed "
-            "examples would attend to each other")
+            f"packing needs attention that keeps packed examples apart given position_ids that restart "
+            f"per example (flash_attention_2/3, or sdpa/eager/flex in a transformers whose masks read "
+            f"packed sequences from position_ids); the model uses {attention!r} in "
+            f"{type(unwrap_model(model)).__module__}, under which packed examples would attend to each other")
     device = _pick_device(config.device)
     dist = _Dist(device)
     torch.manual_seed(config.seed)
@@ -478,7 +480,11 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
         state = load_checkpoint(checkpoint, model)
     loss_module = CausalLMLoss(model, config.fused)
     trainable = _wrap_distributed(loss_module, config, dist, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]  # a PEFT model: its adapter
+    if not trainable_params:
+        raise ValueError("model has no parameter that requires grad: nothing to train (a PEFT adapter "
+                         "loaded for inference? load it with is_trainable=True)")
+    optimizer = torch.optim.AdamW(trainable_params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(config.warmup_steps, total_steps, config.min_lr_ratio))
     if state is not None:
@@ -576,6 +582,35 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
     return TrainResult(model, position["global_step"], metrics_path, phase_seconds)
 
 
+def packing_supported(model) -> bool:
+    """Whether packed rows (gapfix.data.pack_rows: no attention mask, position_ids restarting at 0
+    per example) keep their examples apart in `model`'s attention.
+
+    FlashAttention-2/3 read the restarts as varlen boundaries. sdpa, eager and flex attention do
+    where the model builds its mask with transformers.masking_utils.create_causal_mask and that
+    module detects packed sequences from position_ids when no attention mask and no KV cache are
+    given (find_packed_sequence_indices; transformers 5.x): then the mask is block-diagonal. The
+    forward must pass use_cache=False (CausalLMLoss does; with a cache the detection is skipped).
+    """
+    import importlib
+    import sys
+
+    inner = unwrap_model(model)
+    attention = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    if attention in ("flash_attention_2", "flash_attention_3"):
+        return True
+    if attention not in ("sdpa", "eager", "flex_attention"):
+        return False
+    try:
+        masking = importlib.import_module("transformers.masking_utils")
+    except ImportError:
+        return False
+    if not hasattr(masking, "find_packed_sequence_indices"):
+        return False
+    module = sys.modules.get(type(inner).__module__)
+    return getattr(module, "create_causal_mask", None) is getattr(masking, "create_causal_mask", False)
+
+
 def _sharded(config, dist):
     return dist.world > 1 and config.distributed == "fsdp"
 
@@ -635,8 +670,15 @@ def _wrap_distributed(loss_module, config, dist, device):
     return loss_module
 
 
+def _generation_backend(model, config):
+    """vLLM loads a saved folder; a PEFT model saves only its adapter, so it generates with hf."""
+    if config.generation_backend == "auto" and unwrap_model(model) is not model:
+        return "hf"
+    return config.generation_backend
+
+
 def _decoder_layers(model):
-    base = model.base_model
+    base = decoder_trunk(model) or model
     for name in ("layers", "h"):
         if hasattr(base, name):
             return list(getattr(base, name))

@@ -54,7 +54,6 @@ def test_train_command_runs_tiny_model(tmp_path, data_files, capsys):
     (["--method", "dpo"], "method"),
     (["--beta", "2"], "beta"),
     (["--model", "/nonexistent/model"], "model"),
-    (["--attn", "flash_attention_2", "--packing", "true"], "packing"),
 ])
 def test_train_command_bad_input(tmp_path, data_files, args, match):
     base = {"--model": "tiny", "--train": data_files["train"], "--out": str(tmp_path / "x")}

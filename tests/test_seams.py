@@ -372,3 +372,138 @@ def test_chat_rows_bash_eligible_covers_every_turn(tmp_path):
     model = tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0)
     (bash_row,) = _bash_rows(model, [example], TrainConfig(bash_mode="argmax"), 0, torch.device("cpu"), None)
     assert bash_row["eligible"] == [label != -100 for label in row["labels"]]
+
+
+# ------------------------------------------------------------------ (e) packing under sdpa
+
+def test_packed_and_unpacked_losses_agree_under_sdpa():
+    """transformers' sdpa path keeps packed examples apart given position_ids: the packed batch's
+    loss and gradients are the padded batch's (rows with chat-style trained prompts included)."""
+    from gapfix.data import collate, pack_rows
+    from gapfix.trainer import packing_supported
+
+    model = tiny_family("llama").train()
+    assert model.config._attn_implementation == "sdpa" and packing_supported(model)
+    rows = sft_rows(5) + rac_rows()
+    losses, grads = [], []
+    for batch in (collate(rows, pad_id=0), pack_rows(rows)):
+        model.zero_grad()
+        loss, _ = CausalLMLoss(model, fused=True)(batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.lm_head.weight.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["sft", "bash"])
+def test_trainer_packs_under_sdpa(method):
+    """Packed micro-batches train as padded ones (BASH at beta 0: its mixing mask is drawn per
+    position of the batch layout, which packing changes)."""
+    from gapfix.data import encode_example, math_task
+    from gapfix.models import tiny_llama
+    from gapfix.trainer import train
+
+    tokenizer = math_task.math_tokenizer()
+    examples = [encode_example(tokenizer, p["prompt"], p["response"], p)
+                for p in math_task.make_split("train", 32, seed=5)]
+    runs = []
+    for packing in (False, True):
+        model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=128,
+                           seed=0).train()
+        losses = []
+        train(model, tokenizer, examples, method=method, beta=0.0, steps_per_iteration=2, batch_size=8,
+              lr=3e-3, micro_batch_size=3, progress=False, packing=packing,
+              on_step=lambda r: losses.append(r["loss"]))
+        runs.append((losses, model.lm_head.weight.detach().clone()))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-4, atol=1e-5)
+    model.config._attn_implementation = "an_attention_without_packing"
+    with pytest.raises(ValueError, match="packing"):
+        train(model, tokenizer, examples, method="sft", steps_per_iteration=1, batch_size=8, progress=False,
+              packing=True)
+
+
+# ------------------------------------------------------------------ (f) PEFT
+
+@pytest.fixture(scope="module")
+def math_data():
+    from gapfix.data import encode_example, math_task
+
+    tokenizer = math_task.math_tokenizer()
+    examples = [encode_example(tokenizer, p["prompt"], p["response"], p)
+                for p in math_task.make_split("train", 32, seed=5)]
+    return tokenizer, examples
+
+
+def math_lora_model(tokenizer, targets=("q_proj", "v_proj")):
+    peft = pytest.importorskip("peft")
+    from gapfix.models import tiny_llama
+
+    base = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=128, seed=0)
+    return peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+
+
+@pytest.mark.parametrize("method", ["sft", "bash", "rac"])
+def test_train_a_peft_model(math_data, method):
+    """gapfix.train on a real peft LoRA model trains the adapter and leaves the base as it was."""
+    from gapfix.trainer import train
+
+    tokenizer, examples = math_data
+    model = math_lora_model(tokenizer)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    losses = []
+    result = train(model, tokenizer, examples, method=method, steps_per_iteration=2, batch_size=8, lr=1e-2,
+                   progress=False, max_new_tokens=30, on_step=lambda r: losses.append(r["loss"]))
+    assert result.model is model and len(losses) == 2 and all(loss == loss for loss in losses)
+    changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert changed and all("lora_" in k for k in changed)  # only the adapter moved
+    assert any("lora_B" in k for k in changed)
+
+
+def run_cli(*args):
+    from gapfix.cli import main
+
+    return main(["train", *map(str, args)])
+
+
+def test_cli_trains_a_lora_adapter_in_peft_format(tmp_path):
+    peft = pytest.importorskip("peft")
+    from gapfix.data import math_task
+
+    data = math_task.write_splits(str(tmp_path / "data"), train=32, test=4, hard=2)
+    out = tmp_path / "run"
+    assert run_cli("--model", "tiny", "--train", data["train"], "--method", "sft", "--steps-per-iteration", 2,
+                   "--batch-size", 8, "--progress", "false", "--out", out,
+                   "--lora-r", 4, "--lora-alpha", 16, "--lora-targets", "q_proj,v_proj") == 0
+    final = out / "final"
+    config = peft.PeftConfig.from_pretrained(str(final))
+    assert config.r == 4 and config.lora_alpha == 16 and set(config.target_modules) == {"q_proj", "v_proj"}
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+
+
+def test_cli_trains_from_an_adapter_folder(tmp_path):
+    """`gapfix train --model <adapter folder>`: the adapter on its base, trainable (before: "element 0 of
+    tensors does not require grad"), saved back as an adapter."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from gapfix.data import math_task
+    from gapfix.models import save_model
+
+    data = math_task.write_splits(str(tmp_path / "data"), train=32, test=4, hard=2)
+    tokenizer = math_task.math_tokenizer()
+    model = math_lora_model(tokenizer)
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    save_model(model.get_base_model(), tokenizer, base_dir)  # LoRA layers are not saved by the base
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    model.save_pretrained(adapter_dir)
+    out = tmp_path / "run"
+    assert run_cli("--model", adapter_dir, "--train", data["train"], "--method", "sft",
+                   "--steps-per-iteration", 2, "--batch-size", 8, "--lr", "0.01", "--progress", "false",
+                   "--out", out) == 0
+    before = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    after = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert peft.PeftConfig.from_pretrained(str(out / "final")).r == 4

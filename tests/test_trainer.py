@@ -138,12 +138,20 @@ def test_rac_soft_targets_train(tokenizer, examples):
     (dict(beta=-0.1), "beta"),
     (dict(rac_mode="nearest"), "rac_mode"),
     (dict(batch_size=0), "batch_size"),
-    (dict(packing=True), "packing"),
     (dict(bash_rows=0), "bash_rows"),
 ])
 def test_bad_config(tokenizer, examples, bad, match):
     with pytest.raises(ValueError, match=match):
         train(tiny_model(tokenizer), tokenizer, examples, **{**FAST, **bad})
+
+
+def test_packing_refused_where_attention_would_mix_examples(tokenizer, examples):
+    """Packing is refused under an attention that does not keep packed examples apart (sdpa in
+    transformers 5.x does, see tests/test_seams.py)."""
+    model = tiny_model(tokenizer)
+    model.config._attn_implementation = "an_attention_that_ignores_position_ids"
+    with pytest.raises(ValueError, match="packing"):
+        train(model, tokenizer, examples, **{**FAST, "packing": True})
 
 
 def test_no_examples(tokenizer):
