@@ -193,3 +193,24 @@ def test_two_gloo_processes_end_with_equal_parameters(tmp_path):
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["wrapper"] == "DistributedDataParallel"
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["losses"][-1] < ranks[0]["losses"][0]
+
+
+def test_sft_trainer_keeps_its_own_fused_head_on_a_patched_model(tmp_path):
+    """TRL's SFTTrainer wraps the forward with its own fused LM head (fused_lm_head=True): the
+    patched model trains there unchanged, and unpatch refuses to strip TRL's wrapper."""
+    trl = pytest.importorskip("trl")
+    tok = W.tokenizer()
+    runs = []
+    for patched in (False, True):
+        net = W.model(tok)
+        args = trl.SFTConfig(output_dir=str(tmp_path / str(patched)), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                             seed=0, disable_tqdm=True, max_length=64, completion_only_loss=True)
+        trainer = trl.SFTTrainer(model=hf.patch(net) if patched else net, args=args, processing_class=tok,
+                                 train_dataset=W.prompt_completion_dataset(12))
+        trainer.train()
+        runs.append(W.losses(trainer))
+    assert runs[0] == runs[1]
+    with pytest.raises(ValueError, match="wrapped again"):
+        hf.unpatch(net)
+    assert hf.is_patched(net)

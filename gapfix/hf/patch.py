@@ -167,6 +167,7 @@ def patch(model: nn.Module, **loss_options: Any) -> nn.Module:
 
     had_forward = "forward" in lm.__dict__
     lm.__dict__[_STATE] = {
+        "forward": forward,
         "options": options,
         "previous_forward": lm.__dict__.get("forward") if had_forward else None,
         "had_forward": had_forward,
@@ -201,9 +202,15 @@ def is_patched(model: nn.Module) -> bool:
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo ``patch``: the model's own forward and loss again; returns ``model``."""
     lm = _causal_lm(model)
-    state = lm.__dict__.pop(_STATE, None)
+    state = lm.__dict__.get(_STATE)
     if state is None:
         raise ValueError("model is not patched by gapfix.hf.patch")
+    if lm.__dict__.get("forward") is not state["forward"]:
+        # another wrapper went on top after the patch (TRL's SFTTrainer adds its fused LM head
+        # this way): removing ours would remove it too
+        raise ValueError("model: its forward was wrapped again after gapfix.hf.patch (e.g. by trl's "
+                         "SFTTrainer); unpatch it before that wrapper is added, or build a new model")
+    del lm.__dict__[_STATE]
     if state["had_forward"]:
         lm.forward = state["previous_forward"]
     else:
