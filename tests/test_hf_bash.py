@@ -218,3 +218,11 @@ def test_lora_with_reentrant_gradient_checkpointing_still_trains(tmp_path):
                                          gradient_checkpointing_kwargs={"use_reentrant": True}))
     trainer.train()
     assert any(float(p.detach().abs().sum()) > 0 for n, p in net.named_parameters() if "lora_B" in n)
+
+
+def test_fsdp_is_refused_by_name(tmp_path):
+    trainer, _ = _bash(tmp_path, hf.BashConfig(beta=0.3))
+    trainer.is_fsdp_enabled = True  # as Trainer sets it under torchrun with fsdp=...
+    with pytest.raises(ValueError, match="FSDP"):
+        trainer._bash_refresh(0)
+    assert trainer._bash_alt_ids is None

@@ -175,3 +175,12 @@ def test_two_gloo_processes_split_generation_and_stay_equal(tmp_path):
     rows, _, _ = hf_rac.iteration_rows(W.model(tok), tok, hf_rac._Sources(W.dataset(tok, 16)), W.rac_config(),
                                        seed=0, iteration=0)
     assert rows == ranks[0]["first"]["rows"]
+
+
+def test_fsdp_is_refused_by_name(tmp_path):
+    tok = W.tokenizer()
+    trainer = _rac_trainer(tmp_path, tok, W.model(tok), _config())
+    trainer.is_fsdp_enabled = True  # as Trainer sets it under torchrun with fsdp=...
+    with pytest.raises(ValueError, match="FSDP"):
+        trainer._rac_rows_for(0)
+    assert trainer.rac_history == []

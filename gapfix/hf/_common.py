@@ -82,3 +82,11 @@ def sft_trainer_class(name: str, mixin, module: str, doc: str):
     from trl import SFTTrainer
 
     return type(name, (mixin, SFTTrainer), {"__doc__": doc, "__module__": module})
+
+
+def refuse_fsdp(trainer, what: str) -> None:
+    """The offline passes run the unsharded model on each rank's own share: under FSDP the ranks
+    would run different numbers of sharded forwards (a hang), so FSDP is refused, by name."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        raise ValueError(f"{type(trainer).__name__}: {what} does not run under FSDP (each rank runs the whole "
+                         "model on its own share of the rows); use DDP")

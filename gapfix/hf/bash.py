@@ -47,6 +47,7 @@ from gapfix.hf._common import (
     checkpoint_dir,
     rank_and_world,
     read_json,
+    refuse_fsdp,
     require_dataset,
     sft_trainer_class,
     step_seed,
@@ -177,6 +178,7 @@ class _BashMixin:
         """Predictions of the model as it is now, for every row; this rank computes its chunks."""
         from gapfix.methods.bash import predict_alternatives
 
+        refuse_fsdp(self, "the BASH prediction pass")
         cfg, rows = self.bash_config, self._bash_rows
         rank, world = rank_and_world(self)
         device = self.args.device

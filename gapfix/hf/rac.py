@@ -40,6 +40,7 @@ from gapfix.hf._common import (
     checkpoint_dir,
     rank_and_world,
     read_json,
+    refuse_fsdp,
     require_dataset,
     sft_trainer_class,
     step_seed,
@@ -227,6 +228,7 @@ class _RacMixin:
 
     def _rac_rows_for(self, iteration: int) -> list:
         if self._rac_iteration != iteration:
+            refuse_fsdp(self, "RAC generation")
             rank, world = rank_and_world(self)
             rows, stats, _ = iteration_rows(self.model, self.processing_class, self._rac_sources, self.rac_config,
                                             seed=self.args.seed, iteration=iteration, rank=rank, world=world,
