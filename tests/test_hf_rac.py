@@ -184,3 +184,14 @@ def test_fsdp_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="FSDP"):
         trainer._rac_rows_for(0)
     assert trainer.rac_history == []
+
+
+def test_the_end_token_is_the_stop_token_the_references_end_with():
+    """A chat template whose end-of-turn (here id 5) differs from the tokenizer's EOS (2): RAC's
+    end token is the one the references end with, when it is one of the model's stop tokens."""
+    tok = W.tokenizer()
+    net = W.model(tok)
+    assert hf_rac.end_id(tok, net, [[7, 8, 2], [9, 2]]) == tok.eos_token_id
+    assert hf_rac.end_id(tok, net, [[7, 8, 5], [9, 5]]) == tok.eos_token_id  # 5 is no stop token
+    net.generation_config.eos_token_id = [tok.eos_token_id, 5]
+    assert hf_rac.end_id(tok, net, [[7, 8, 5], [9, 5], [3, 2]]) == 5

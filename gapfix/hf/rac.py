@@ -95,14 +95,30 @@ def _resolve_backend(backend: str, model) -> str:
     return "vllm" if on_gpu and vllm_available() else "hf"
 
 
-def _eos_id(tokenizer, model) -> int:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
-    if not isinstance(eos, int):
+def _stop_ids(tokenizer, model) -> list:
+    """The tokens that end an answer: the tokenizer's EOS and the model's generation/config EOS ids."""
+    ids = []
+    for source in (getattr(tokenizer, "eos_token_id", None),
+                   getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                   getattr(getattr(model, "config", None), "eos_token_id", None)):
+        for value in source if isinstance(source, (list, tuple)) else [source]:
+            if isinstance(value, int) and value not in ids:
+                ids.append(value)
+    return ids
+
+
+def end_id(tokenizer, model, references) -> int:
+    """The end-of-answer token RAC labels and appends: the stop token the reference answers end
+    with most often (a chat template's own end-of-turn, where it is one of the model's stop
+    tokens), else the tokenizer's EOS."""
+    stops = _stop_ids(tokenizer, model)
+    if not stops:
         raise ValueError("processing_class: the tokenizer has no eos_token_id; RAC needs EOS to end answers")
-    return eos
+    counts = {}
+    for reference in references:
+        if reference and reference[-1] in stops:
+            counts[reference[-1]] = counts.get(reference[-1], 0) + 1
+    return max(counts, key=lambda t: (counts[t], -stops.index(t))) if counts else stops[0]
 
 
 def iteration_rows(model, tokenizer, sources: _Sources, config: RacConfig, *, seed: int, iteration: int,
@@ -122,12 +138,12 @@ def iteration_rows(model, tokenizer, sources: _Sources, config: RacConfig, *, se
     for c in range(rank, len(chunks), world):
         prompts = [sources.pairs[i][0] for i in chunks[c]]
         mine[c] = [(g.token_ids, g.finish_reason) for g in generate(
-            model, prompts, tokenizer=False, n=config.samples, temperature=config.temperature,
+            model, prompts, tokenizer=tokenizer, n=config.samples, temperature=config.temperature,
             max_new_tokens=config.max_new_tokens, seed=step_seed(seed, iteration, c + 1), backend=backend)]
     results = {}
     for part in (gather(mine) if gather is not None else [mine]):
         results.update(part)
-    eos = _eos_id(tokenizer, model)
+    eos = end_id(tokenizer, model, [sources.pairs[i][1] for i in chosen])
     pad = getattr(tokenizer, "pad_token_id", None)
     prompts, generated, references, reasons = [], [], [], []
     for c, members in enumerate(chunks):
