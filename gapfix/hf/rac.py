@@ -96,15 +96,11 @@ def _resolve_backend(backend: str, model) -> str:
 
 
 def _stop_ids(tokenizer, model) -> list:
-    """The tokens that end an answer: the tokenizer's EOS and the model's generation/config EOS ids."""
-    ids = []
-    for source in (getattr(tokenizer, "eos_token_id", None),
-                   getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                   getattr(getattr(model, "config", None), "eos_token_id", None)):
-        for value in source if isinstance(source, (list, tuple)) else [source]:
-            if isinstance(value, int) and value not in ids:
-                ids.append(value)
-    return ids
+    """The tokens that end an answer, as gapfix.generate stops on them: the tokenizer's EOS and
+    the model's generation-config and config EOS ids."""
+    from gapfix.generation import _eos_ids
+
+    return _eos_ids(getattr(model, "config", None), tokenizer, getattr(model, "generation_config", None))
 
 
 def end_id(tokenizer, model, references) -> int:
