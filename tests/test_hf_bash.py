@@ -100,6 +100,21 @@ def test_predictions_come_from_the_model_frozen_at_each_window(tmp_path, monkeyp
     assert not torch.equal(trainer._bash_alt_ids[start:stop], expected)  # weights moved after step 4
 
 
+def test_default_window_is_an_epoch(tmp_path):
+    """refresh=None: 24 rows in batches of 4 are 6 steps per epoch; 7 steps predict at steps 0 and 6."""
+    trainer, _ = _bash(tmp_path, hf.BashConfig(beta=0.3), steps=7)
+    windows = []
+    original = trainer._bash_refresh
+
+    def refresh(window):
+        windows.append((window, trainer.state.global_step))
+        original(window)
+
+    trainer._bash_refresh = refresh
+    trainer.train()
+    assert windows == [(0, 0), (1, 6)]
+
+
 def test_collator_placement_survives_left_padding(tmp_path):
     from transformers import DataCollatorForSeq2Seq
 
