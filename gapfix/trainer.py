@@ -150,11 +150,23 @@ def _pick_device(name):
 class CausalLMLoss(torch.nn.Module):
     """Wraps a causal LM so that one forward returns the summed loss of a micro-batch.
 
-    DDP and FSDP2 hook the wrapped module's forward, so the backbone and the
-    output layer run inside it; the logits are never formed (fused linear CE).
+        loss_module = DistributedDataParallel(CausalLMLoss(model))   # or CausalLMLoss(model) alone
+        loss_sum, mixed = loss_module(batch, mix_seed=step, beta=0.3)
+
+    Wrap this module, not the model, in DDP (or FSDP2): DDP synchronises gradients
+    only for what runs inside the wrapped module's forward, and here the BASH
+    mixing, the trunk and the output head all do. The logits are never formed
+    (fused linear cross-entropy, with the model's own logit scaling and softcap).
+
+    batch: input_ids (B, T); attention_mask or position_ids (packed rows); labels
+    aligned with input_ids (HF convention; the loss shifts), or shift_labels, or
+    soft target_ids / target_weights (aligned); for BASH alt_ids and eligible
+    (and alt_probs), mixed at rate beta with the seed mix_seed. Returns the
+    summed loss (divide by the step's trained-token count) and the mixed mask
+    (None without alt_ids). model may be wrapped by PEFT.
     """
 
-    def __init__(self, model, fused: bool):
+    def __init__(self, model, fused: bool = True):
         super().__init__()
         self.model = model
         self.fused = fused
