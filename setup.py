@@ -48,7 +48,8 @@ def native_extension():
 
 
 setup(
-    packages=["gapfix", "gapfix.ops", "gapfix.ops.cross_entropy", "gapfix.methods", "gapfix.kernels", "gapfix.data"],
+    packages=["gapfix", "gapfix.ops", "gapfix.ops.cross_entropy", "gapfix.methods", "gapfix.kernels",
+              "gapfix.data", "gapfix.hf"],
     package_dir={"gapfix": "gapfix", "gapfix.kernels": "kernels"},
     package_data={"gapfix.data": ["*.jsonl", "*.json"]},
     ext_modules=[native_extension()],

@@ -1,0 +1,40 @@
+"""gapfix inside transformers Trainer and TRL (the `gapfix[hf]` extra).
+
+    gapfix.hf.patch(model)                      fused linear cross-entropy as the model's loss
+    BashTrainer / BashSFTTrainer + BashConfig   batch-scheduled sampling (offline predictions)
+    RacTrainer / RacSFTTrainer + RacConfig      training on corrected own answers
+    build_rac_dataset(model, tokenizer, dataset, ...) -> datasets.Dataset
+
+Importing gapfix.hf loads neither transformers nor TRL; each name loads its module
+on first use (the SFT trainers import trl, the others transformers only).
+"""
+import importlib
+
+_EXPORTS = {
+    "patch": "gapfix.hf.patch",
+    "unpatch": "gapfix.hf.patch",
+    "is_patched": "gapfix.hf.patch",
+    "BashConfig": "gapfix.hf.config",
+    "RacConfig": "gapfix.hf.config",
+    "BashTrainer": "gapfix.hf.bash",
+    "BashSFTTrainer": "gapfix.hf.bash",
+    "RacTrainer": "gapfix.hf.rac",
+    "RacSFTTrainer": "gapfix.hf.rac",
+    "build_rac_dataset": "gapfix.hf.rac",
+}
+
+__all__ = ["BashConfig", "BashSFTTrainer", "BashTrainer", "RacConfig", "RacSFTTrainer", "RacTrainer",
+           "build_rac_dataset", "is_patched", "patch", "unpatch"]
+
+
+def __getattr__(name):
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'gapfix.hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

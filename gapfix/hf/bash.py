@@ -1,0 +1,351 @@
+"""BASH inside transformers Trainer / TRL SFTTrainer: BashTrainer and BashSFTTrainer.
+
+    trainer = BashTrainer(model=model, args=TrainingArguments(...), train_dataset=ds,
+                          data_collator=collator, bash_config=BashConfig(beta=0.3))
+    trainer.train()
+
+The offline pass of Cen et al.: at the start of every prediction window (an epoch,
+or `refresh` optimizer steps) the model, frozen as it is then, predicts every token
+of every training row in one teacher-forced pass (gapfix.methods.bash.
+predict_alternatives); during the window each answer input token (labels != -100)
+is replaced by that prediction with probability beta, inside the model's input
+embedding gather (a forward hook that calls gapfix.mix_embedding on the ids the
+model embeds), so the replacement happens within the model's own forward (DDP
+sees an ordinary forward) and the labels stay the reference.
+
+How predictions find their positions in a batch: the training rows get a row-index
+column; the wrapped collator collates the rows a second time with input_ids
+replaced by (negative) flat token indices, so whatever the collator does (left or
+right padding, TRL's padding-free flattening) the same positions carry the indices.
+Each index is checked against the real batch's token there: a collator that
+changes tokens is refused, never trained on silently.
+
+Prediction is split across ranks: fixed chunks of rows, chunk c on rank
+c % world_size, each chunk computed identically whatever the world size (its
+"sample"-mode seed depends on (seed, window, chunk) only); one all-reduce shares
+the result. Mixing seeds come from (seed, global step, micro-step, rank).
+The predictions of the current window are saved in Trainer's checkpoints
+(gapfix_bash.safetensors + gapfix_bash.json), so a resumed run trains exactly as
+an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Trainer
+
+from gapfix.hf._common import (
+    all_reduce_sum,
+    checked_config,
+    checkpoint_dir,
+    rank_and_world,
+    read_json,
+    refuse_fsdp,
+    require_dataset,
+    sft_trainer_class,
+    step_seed,
+    write_json,
+)
+from gapfix.hf.config import BashConfig
+
+__all__ = ["BashTrainer"]
+
+ROW_COLUMN = "gapfix_row"
+INDEX_KEY = "gapfix_token_index"
+STATE_FILE = "gapfix_bash.json"
+TENSOR_FILE = "gapfix_bash.safetensors"
+_INDEX_BASE = 1000  # token index i is collated as -(i + 1000): below any pad or ignore value
+
+
+class _Rows:
+    """The training rows' tokens, flat: tokens[offsets[r]:offsets[r + 1]] is row r. `answer`
+    marks the positions predicted (labels != -100 where the rows carry labels, else all but
+    position 0); `position_ids` restart per packed example where the rows carry seq_lengths."""
+
+    def __init__(self, dataset):
+        if "input_ids" not in dataset.column_names:
+            raise ValueError("train_dataset must be tokenized (an input_ids column); "
+                             f"it has {dataset.column_names}")
+        ids = dataset["input_ids"]
+        labels = dataset["labels"] if "labels" in dataset.column_names else None
+        seq_lengths = dataset["seq_lengths"] if "seq_lengths" in dataset.column_names else None
+        lengths = [len(row) for row in ids]
+        if not ids or min(lengths) < 1:
+            raise ValueError("train_dataset has no rows or an empty input_ids row")
+        self.offsets = torch.tensor([0] + lengths).cumsum(0)
+        self.tokens = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
+                                                   count=sum(lengths)))
+        if labels is not None:
+            flat = np.fromiter(itertools.chain.from_iterable(labels), dtype=np.int64)
+            answer = torch.from_numpy(flat != -100)
+            if answer.shape != self.tokens.shape:
+                raise ValueError("train_dataset: a labels row differs in length from its input_ids row")
+        else:
+            answer = torch.ones_like(self.tokens, dtype=torch.bool)
+        answer[self.offsets[:-1]] = False  # the first token of a row has no prefix to predict it from
+        self.answer = answer
+        self.packed = seq_lengths is not None
+        if self.packed:
+            positions = []
+            for row, lens in zip(ids, seq_lengths):
+                if sum(lens) != len(row):
+                    raise ValueError("train_dataset: seq_lengths do not add up to the row's length")
+                positions += [p for n in lens for p in range(n)]
+            self.positions = torch.tensor(positions, dtype=torch.long)
+            self.answer &= self.positions != 0  # nor has an example's first token inside a pack
+        self.digest = hashlib.blake2b(self.tokens.numpy().tobytes(), digest_size=16).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def span(self, row: int) -> tuple[int, int]:
+        return int(self.offsets[row]), int(self.offsets[row + 1])
+
+
+class _IndexingCollator:
+    """Wraps a data collator: the batch gains INDEX_KEY (B, T) long, the flat token index of
+    each position (-1 where the position holds no token of a training row)."""
+
+    def __init__(self, inner, rows: _Rows):
+        self.inner = inner
+        self.rows = rows
+
+    def __call__(self, features):
+        if not features or ROW_COLUMN not in features[0]:
+            return self.inner(features)  # evaluation rows: no mixing
+        plain = [{k: v for k, v in f.items() if k != ROW_COLUMN} for f in features]
+        batch = self.inner(plain)
+        encoded = []
+        for feature, row in zip(plain, (int(f[ROW_COLUMN]) for f in features)):
+            start, stop = self.rows.span(row)
+            if len(feature["input_ids"]) != stop - start:
+                raise ValueError(f"train_dataset row {row} changed length since the trainer was built")
+            encoded.append({**feature, "input_ids": [-(i + _INDEX_BASE) for i in range(start, stop)]})
+        coded = self.inner(encoded)["input_ids"]
+        ids = batch["input_ids"]
+        if coded.shape != ids.shape:
+            raise ValueError("data_collator: its output shape depends on token values; BASH cannot place "
+                             "predictions in its batches")
+        index = torch.where(coded <= -_INDEX_BASE, -coded - _INDEX_BASE, -1)
+        known = index >= 0
+        if bool((self.rows.tokens[index[known]] != ids[known]).any()):
+            raise ValueError("data_collator changes token ids; BASH cannot place predictions in its batches")
+        batch[INDEX_KEY] = index
+        return batch
+
+
+class _BashMixin:
+    """BASH on top of a Trainer class (transformers.Trainer or trl.SFTTrainer)."""
+
+    def __init__(self, *args, bash_config: BashConfig | None = None, **kwargs):
+        bash_config = checked_config("bash_config", bash_config, BashConfig)
+        super().__init__(*args, **kwargs)
+        self.bash_config = bash_config
+        if ROW_COLUMN in require_dataset(self, "BASH predicts every row once per window").column_names:
+            raise ValueError(f"train_dataset already has a {ROW_COLUMN!r} column")
+        self._bash_rows = _Rows(self.train_dataset)
+        self.train_dataset = self.train_dataset.add_column(ROW_COLUMN, list(range(len(self._bash_rows))))
+        self.data_collator = _IndexingCollator(self.data_collator, self._bash_rows)
+        self._bash_window = None  # the window whose predictions are held
+        self._bash_alt_ids = None  # flat (N,) or (N, K)
+        self._bash_alt_probs = None  # flat (N, K) in topk mode
+        self._bash_step = (-1, 0)  # (global step, micro-step) of the last micro-batch
+        self._bash_counts = None  # (mixed, eligible) since the last log
+
+    # -- columns ----------------------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if ROW_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, ROW_COLUMN]
+
+    # -- the prediction windows -------------------------------------------------------------------
+    def _bash_period(self) -> int:
+        if self.bash_config.refresh is not None:
+            return self.bash_config.refresh
+        loader = getattr(self.callback_handler, "train_dataloader", None)
+        if loader is None:
+            raise ValueError("BASH: the training dataloader has no length; set BashConfig(refresh=N)")
+        return max(1, math.ceil(len(loader) / self.args.gradient_accumulation_steps))
+
+    def _bash_refresh(self, window: int) -> None:
+        """Predictions of the model as it is now, for every row; this rank computes its chunks."""
+        from gapfix.methods.bash import predict_alternatives
+
+        refuse_fsdp(self, "the BASH prediction pass")
+        cfg, rows = self.bash_config, self._bash_rows
+        rank, world = rank_and_world(self)
+        device = self.args.device
+        n_tokens = len(rows.tokens)
+        topk = cfg.mode == "topk"
+        shape = (n_tokens, cfg.top_k) if topk else (n_tokens,)
+        alt_ids = torch.zeros(shape, dtype=torch.long, device=device)
+        alt_probs = torch.zeros(shape, dtype=torch.float32, device=device) if topk else None
+        chunk = 1 if rows.packed else cfg.prediction_batch_size  # a pack is predicted alone, unpadded
+        n_chunks = math.ceil(len(rows) / chunk)
+        model = self.model
+        for c in range(rank, n_chunks, world):
+            members = range(c * chunk, min(len(rows), (c + 1) * chunk))
+            spans = [rows.span(r) for r in members]
+            width = max(stop - start for start, stop in spans)
+            ids = torch.zeros((len(spans), width), dtype=torch.long)
+            mask = torch.zeros((len(spans), width), dtype=torch.long)
+            answer = torch.zeros((len(spans), width), dtype=torch.bool)
+            positions = None
+            for i, (start, stop) in enumerate(spans):
+                ids[i, :stop - start] = rows.tokens[start:stop]
+                mask[i, :stop - start] = 1
+                answer[i, :stop - start] = rows.answer[start:stop]
+            if rows.packed:
+                positions = rows.positions[spans[0][0]:spans[0][1]][None].to(device)
+            alts = predict_alternatives(
+                model, ids.to(device), None if rows.packed else mask.to(device), answer.to(device),
+                position_ids=positions, mode=cfg.mode, temperature=cfg.temperature, top_k=cfg.top_k,
+                seed=step_seed(self.args.seed, window, c) if cfg.mode == "sample" else None)
+            for i, (start, stop) in enumerate(spans):
+                alt_ids[start:stop] = alts.alt_ids[i, :stop - start]
+                if topk:
+                    alt_probs[start:stop] = alts.alt_probs[i, :stop - start]
+        all_reduce_sum(self, alt_ids)
+        if topk:
+            all_reduce_sum(self, alt_probs)
+        self._bash_alt_ids, self._bash_alt_probs, self._bash_window = alt_ids, alt_probs, window
+
+    # -- training ---------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        step = self.state.global_step
+        last_step, micro = self._bash_step
+        self._bash_step = (step, micro + 1 if step == last_step else 0)
+        window = step // self._bash_period()
+        if window != self._bash_window:
+            self._bash_refresh(window)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        index = inputs.pop(INDEX_KEY, None)
+        if index is None or not model.training or self._bash_alt_ids is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        input_ids, labels = inputs["input_ids"], inputs["labels"]
+        known = index >= 0
+        flat = index.clamp_min(0).to(self._bash_alt_ids.device)
+        eligible = known & (labels != -100) & self._bash_rows.answer.to(flat.device)[flat]
+        if "attention_mask" in inputs:
+            eligible &= inputs["attention_mask"] != 0
+        alt_ids = self._bash_alt_ids[flat]
+        alt_probs = None if self._bash_alt_probs is None else self._bash_alt_probs[flat]
+        if alt_probs is None:
+            alt_ids = torch.where(known, alt_ids, input_ids)
+        rank, _ = rank_and_world(self)
+        step, micro = self._bash_step
+        seed = step_seed(self.args.seed, step, micro, rank)
+        with self._bash_mixing(alt_ids, alt_probs, eligible, seed):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _bash_mixing(self, alt_ids, alt_probs, eligible, seed):
+        """While active, the model's input embedding returns the mixed embeddings of its ids."""
+        from gapfix.methods.bash import mixed_inputs_embeds
+
+        embedding = self.model.get_input_embeddings()
+        busy = []
+        counts = self._bash_counts
+        if counts is None:
+            counts = self._bash_counts = torch.zeros(2, dtype=torch.float64, device=eligible.device)
+
+        def hook(module, args, output):
+            if busy:
+                return None  # the id-level fallback calls the module itself
+            ids = args[0] if args else None
+            if not isinstance(ids, torch.Tensor) or ids.shape != alt_ids.shape[:ids.dim()]:
+                raise ValueError("BASH: the model embedded ids of another shape than the batch's input_ids "
+                                 "(pass input_ids, not inputs_embeds, to a BashTrainer)")
+            busy.append(True)
+            try:
+                embeds, mixed = mixed_inputs_embeds(module, ids, alt_ids, beta=self.bash_config.beta, seed=seed,
+                                                    eligible=eligible, alt_probs=alt_probs)
+            finally:
+                busy.clear()
+            counts[0] += mixed.sum()
+            counts[1] += eligible.sum()
+            embeds = embeds.to(output.dtype)
+            if output.requires_grad and not embeds.requires_grad:
+                # a frozen embedding whose output was made to require grad (PEFT's hook for
+                # reentrant gradient checkpointing): keep that for the mixed embeddings too
+                embeds.requires_grad_(True)
+            return embeds
+
+        handle = embedding.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self._bash_counts is not None:
+            counts = all_reduce_sum(self, self._bash_counts.clone())
+            if counts[1] > 0:
+                logs["bash_mixed_fraction"] = float(counts[0] / counts[1])
+            self._bash_counts.zero_()
+        return super().log(logs, start_time)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self._bash_alt_ids is None or not self.args.should_save:
+            return
+        from safetensors.torch import save_file
+
+        folder = checkpoint_dir(self, trial)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"alt_ids": self._bash_alt_ids.cpu().contiguous()}
+        if self._bash_alt_probs is not None:
+            tensors["alt_probs"] = self._bash_alt_probs.cpu().contiguous()
+        save_file(tensors, str(folder / TENSOR_FILE))
+        write_json(folder / STATE_FILE, {"window": self._bash_window, "period": self._bash_period(),
+                                         "tokens": len(self._bash_rows.tokens), "digest": self._bash_rows.digest,
+                                         "config": self.bash_config.to_dict()})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        folder = Path(resume_from_checkpoint)
+        state_path, tensor_path = folder / STATE_FILE, folder / TENSOR_FILE
+        if not state_path.is_file():
+            warnings.warn(f"{folder} holds no BASH predictions ({STATE_FILE}): they are recomputed with the "
+                          "resumed weights, so the run differs from an uninterrupted one", stacklevel=2)
+            return
+        from safetensors.torch import load_file
+
+        state = read_json(state_path)
+        if state.get("digest") != self._bash_rows.digest or state.get("tokens") != len(self._bash_rows.tokens):
+            raise ValueError(f"{state_path}: line 1: the predictions were made for another train_dataset")
+        if state.get("config") != self.bash_config.to_dict():
+            raise ValueError(f"{state_path}: line 1: saved with BashConfig {state.get('config')}, "
+                             f"resumed with {self.bash_config.to_dict()}")
+        tensors = load_file(str(tensor_path))
+        expected = (len(self._bash_rows.tokens),) + ((self.bash_config.top_k,)
+                                                      if self.bash_config.mode == "topk" else ())
+        if tuple(tensors.get("alt_ids", torch.empty(0)).shape) != expected:
+            raise ValueError(f"{tensor_path}: alt_ids must have shape {expected}")
+        device = self.args.device
+        self._bash_alt_ids = tensors["alt_ids"].to(device)
+        self._bash_alt_probs = tensors["alt_probs"].to(device) if "alt_probs" in tensors else None
+        self._bash_window = int(state["window"])
+
+
+class BashTrainer(_BashMixin, Trainer):
+    """transformers.Trainer with BASH: BashTrainer(..., bash_config=BashConfig(beta=0.3))."""
+
+
+def __getattr__(name):
+    if name == "BashSFTTrainer":  # built on first use, so that importing this module never imports trl
+        cls = globals()[name] = sft_trainer_class(name, _BashMixin, __name__, "trl.SFTTrainer with BASH: BashSFTTrainer(..., bash_config=BashConfig(beta=0.3)).")
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

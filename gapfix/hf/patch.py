@@ -1,0 +1,222 @@
+"""patch(model): the causal-LM loss of a transformers model through gapfix.linear_cross_entropy.
+
+After ``patch(model)`` a forward with ``labels`` runs the model's trunk, then the
+fused linear cross-entropy on (last hidden state, lm_head weight): the (B, T, V)
+logits never exist and ``output.logits`` is None. Everything happens inside the
+model's own forward, so DDP/FSDP hooks, gradient checkpointing and PEFT see an
+ordinary forward. Without labels (generation, evaluation of logits) and for
+calls that ask for TRL's fused head (``fused_lm_head=True``), the original
+forward runs unchanged.
+
+Conventions, as transformers' own causal-LM loss:
+    labels (B, T) unshifted: position t is trained to predict labels[t + 1];
+        -100 is ignored (and so is the last position).
+    shift_labels (B, T) already shifted (used by sequence parallelism) is accepted
+        instead of labels.
+    num_items_in_batch (from Trainer): the loss is sum / num_items_in_batch, so the
+        micro-batches of one optimizer step add up to the step's mean exactly.
+The config's logit post-processing is folded in: ``logit_scale`` (Cohere,
+multiplies) and ``logits_scaling`` (Granite, divides) scale the hidden state,
+``final_logit_softcapping`` (Gemma 2/3) is the kernel's soft cap.
+
+Only the instance is patched (its ``forward`` attribute); the class and every
+other model stay untouched, and ``unpatch(model)`` restores it.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["is_patched", "patch", "unpatch"]
+
+_STATE = "_gapfix_patch"
+# options the patch sets itself: the caller cannot override them
+_RESERVED = ("hidden", "lm_weight", "target", "bias", "softcap", "reduction", "num_tokens", "token_weight",
+             "return_lse")
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM under a PEFT wrapper (LoRA layers stay injected in it)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        return get_base()
+    return model
+
+
+def _trunk(lm: nn.Module) -> nn.Module:
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    if not isinstance(decoder, nn.Module) or decoder is lm:
+        raise ValueError(f"model: {type(lm).__name__} has no separate decoder trunk (get_decoder()); "
+                         "gapfix.hf.patch needs a transformers *ForCausalLM model")
+    return decoder
+
+
+def _check_loss_options(options: dict) -> dict:
+    from gapfix.ops.cross_entropy import linear_cross_entropy
+
+    allowed = set(inspect.signature(linear_cross_entropy).parameters) - set(_RESERVED)
+    for name in options:
+        if name in _RESERVED:
+            raise ValueError(f"loss option {name!r} is set by gapfix.hf.patch itself "
+                             "(from the config, the labels and num_items_in_batch)")
+        if name not in allowed:
+            raise ValueError(f"unknown loss option {name!r}; allowed: {sorted(allowed)}")
+    return dict(options)
+
+
+def fused_causal_lm_loss(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None, *,
+                         shift_labels: torch.Tensor | None = None, num_items_in_batch=None,
+                         loss_options: dict | None = None) -> torch.Tensor:
+    """The causal-LM loss of hidden states (B, T, H) against HF-convention labels, through
+    gapfix.linear_cross_entropy on the model's lm_head (scale and soft cap from its config)."""
+    from gapfix.models import output_head
+    from gapfix.ops.cross_entropy import cross_entropy, linear_cross_entropy
+
+    options = dict(loss_options or {})
+    ignore_index = options.pop("ignore_index", -100)
+    if shift_labels is None:
+        if labels.shape != hidden.shape[:-1]:
+            raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (batch, sequence), "
+                             f"got {tuple(labels.shape)}")
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    elif shift_labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"shift_labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)}")
+    head = output_head(lm)
+    if head.is_linear:
+        hidden, weight, bias = head.linear_loss_inputs(hidden)
+        loss_fn = functools.partial(linear_cross_entropy, lm_weight=weight, bias=bias)
+    else:  # a LoRA-wrapped (or custom) lm_head: its logits are formed, the loss still fused
+        weight = next(head.module.parameters())
+        loss_fn = cross_entropy
+    device_type = hidden.device.type
+    autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+    if not autocast and hidden.dtype != weight.dtype:
+        # a bf16 trunk with an fp32 head (or the reverse): the head's dtype decides, as it
+        # would for the logits of a model that keeps its head in fp32
+        hidden = hidden.to(weight.dtype)
+    if not head.is_linear:
+        hidden = head.scaled_logits(hidden)
+    target = shift_labels.to(hidden.device)
+    softcap = head.softcap
+    if num_items_in_batch is None:
+        return loss_fn(hidden, target=target, ignore_index=ignore_index, softcap=softcap, reduction="mean",
+                       **options)
+    # the step's token count from Trainer: sum / count, as transformers' own loss (a tensor
+    # count stays on the device: no host sync); a step without any token gives 0, not NaN
+    total = loss_fn(hidden, target=target, ignore_index=ignore_index, softcap=softcap, reduction="sum", **options)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return total / num_items_in_batch.to(device=total.device, dtype=total.dtype).clamp_min(1)
+    return total / max(float(num_items_in_batch), 1.0)
+
+
+def patch(model: nn.Module, **loss_options: Any) -> nn.Module:
+    """Make ``model``'s causal-LM loss gapfix's fused linear cross-entropy; returns ``model``.
+
+    model: a transformers ``*ForCausalLM`` (or a PEFT model wrapping one). Patching an
+        already patched model replaces its loss options.
+    loss_options: passed to gapfix.linear_cross_entropy: label_smoothing, z_loss,
+        ignore_index (default -100), impl, chunk_size, grad_weight_dtype, filter_eps.
+        reduction, num_tokens and softcap are set by the patch (from num_items_in_batch
+        and the config) and refused here.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    lm = _causal_lm(model)
+    from gapfix.models import output_head
+
+    _trunk(lm), output_head(lm)  # refuse models the fused loss cannot serve, now rather than at the first step
+    options = _check_loss_options(loss_options)
+    if is_patched(lm):
+        unpatch(lm)
+    original = lm.forward  # the bound class forward (or a caller's own instance forward)
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if kwargs.get("fused_lm_head") or ("labels" not in kwargs and "shift_labels" not in kwargs
+                                           and len(args) <= _position(signature, "labels")):
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        call = dict(bound.arguments)
+        call.update(call.pop(_var_keyword(signature), None) or {})
+        labels = call.pop("labels", None)
+        shift_labels = call.pop("shift_labels", None)
+        if labels is None and shift_labels is None:
+            return original(*args, **kwargs)
+        num_items = call.pop("num_items_in_batch", None)
+        return_dict = call.pop("return_dict", None)
+        keep = call.pop("logits_to_keep", 0)
+        if not (isinstance(keep, int) and keep == 0):
+            raise ValueError("logits_to_keep must be 0 when labels are given to a gapfix-patched model")
+        call.pop("use_cache", None)
+        outputs = _trunk(lm)(use_cache=False, **call)
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        loss = fused_causal_lm_loss(lm, hidden, labels, shift_labels=shift_labels, num_items_in_batch=num_items,
+                                    loss_options=lm.__dict__[_STATE]["options"])
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        result = CausalLMOutputWithPast(loss=loss, logits=None,
+                                        hidden_states=getattr(outputs, "hidden_states", None),
+                                        attentions=getattr(outputs, "attentions", None))
+        return result.to_tuple() if return_dict is False else result
+
+    had_forward = "forward" in lm.__dict__
+    lm.__dict__[_STATE] = {
+        "forward": forward,
+        "options": options,
+        "previous_forward": lm.__dict__.get("forward") if had_forward else None,
+        "had_forward": had_forward,
+        "had_accepts": "accepts_loss_kwargs" in lm.__dict__,
+        "previous_accepts": lm.__dict__.get("accepts_loss_kwargs"),
+    }
+    lm.forward = forward
+    # Trainer passes num_items_in_batch to a forward that declares it handles it; this one does
+    lm.accepts_loss_kwargs = True
+    return model
+
+
+def _position(signature: inspect.Signature, name: str) -> int:
+    """Index of a positional parameter (a large number when it cannot be passed positionally)."""
+    for index, (key, param) in enumerate(signature.parameters.items()):
+        if key == name:
+            return index if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD) else 10**9
+    return 10**9
+
+
+def _var_keyword(signature: inspect.Signature) -> str:
+    for key, param in signature.parameters.items():
+        if param.kind is param.VAR_KEYWORD:
+            return key
+    return "\0"  # no **kwargs: nothing to merge
+
+
+def is_patched(model: nn.Module) -> bool:
+    return _STATE in _causal_lm(model).__dict__
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo ``patch``: the model's own forward and loss again; returns ``model``."""
+    lm = _causal_lm(model)
+    state = lm.__dict__.get(_STATE)
+    if state is None:
+        raise ValueError("model is not patched by gapfix.hf.patch")
+    if lm.__dict__.get("forward") is not state["forward"]:
+        # another wrapper went on top after the patch (TRL's SFTTrainer adds its fused LM head
+        # this way): removing ours would remove it too
+        raise ValueError("model: its forward was wrapped again after gapfix.hf.patch (e.g. by trl's "
+                         "SFTTrainer); unpatch it before that wrapper is added, or build a new model")
+    del lm.__dict__[_STATE]
+    if state["had_forward"]:
+        lm.forward = state["previous_forward"]
+    else:
+        del lm.forward
+    if state["had_accepts"]:
+        lm.accepts_loss_kwargs = state["previous_accepts"]
+    else:
+        del lm.accepts_loss_kwargs
+    return model
