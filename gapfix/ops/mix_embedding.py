@@ -95,8 +95,12 @@ def _philox_numpy(seed, counter):
     c1, c2, c3 = np.zeros_like(c0), np.zeros_like(c0), np.zeros_like(c0)
     prod_a, prod_b = np.empty_like(c0), np.empty_like(c0)
     round_a, round_b = np.uint64(_PHILOX_ROUND_A), np.uint64(_PHILOX_ROUND_B)
-    key_a, key_b = np.uint64(_PHILOX_KEY_A), np.uint64(_PHILOX_KEY_B)
-    for _ in range(_PHILOX_ROUNDS):
+    # the key schedule of every round at once (k + r * KEY mod 2**32): two array ops, not
+    # four a round, which per-row keys (small arrays) would pay for in call overhead
+    rounds = np.arange(_PHILOX_ROUNDS, dtype=np.uint64).reshape(-1, *([1] * k0.ndim))
+    keys0 = (k0 + rounds * np.uint64(_PHILOX_KEY_A)) & low
+    keys1 = (k1 + rounds * np.uint64(_PHILOX_KEY_B)) & low
+    for k0, k1 in zip(keys0, keys1):
         # 32 x 32-bit products are exact in uint64: high word = >> 32, low = & 0xffffffff
         np.multiply(c0, round_a, out=prod_a)
         np.multiply(c2, round_b, out=prod_b)
@@ -108,8 +112,6 @@ def _philox_numpy(seed, counter):
         c2 ^= k1
         np.bitwise_and(prod_b, low, out=c1)
         np.bitwise_and(prod_a, low, out=c3)
-        k0 = (k0 + key_a) & low
-        k1 = (k1 + key_b) & low
     return torch.from_numpy(c0.view(np.int64))
 
 
