@@ -271,11 +271,12 @@ def test_cuda_row_seeds_draw_the_cpu_mask_without_a_host_sync():
     weight, ids, alt, _, _, grad_out = _case(v=1000, d=64, shape=(8, 129))
     seeds = _row_seeds(8)
     cuda_args = (weight.cuda().requires_grad_(True), ids.cuda(), alt.cuda())
+    cuda_seeds, cuda_grad = seeds.cuda(), grad_out.cuda()  # the copies sync: before the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        embeds, mixed = gapfix.mix_embedding(*cuda_args, beta=0.3, seed=seeds.cuda())
-        embeds.backward(grad_out.cuda())
+        embeds, mixed = gapfix.mix_embedding(*cuda_args, beta=0.3, seed=cuda_seeds)
+        embeds.backward(cuda_grad)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(mixed.cpu(), mixing_mask(ids.shape, beta=0.3, seed=seeds))
