@@ -12,6 +12,8 @@ must move and the achieved bandwidth (from the medians).
 - forward and forward+backward of gapfix.mix_embedding vs torch.where +
   F.embedding: with an explicit mask (both get the same mask), and with beta
   (gapfix draws its Philox mask; the baseline draws torch.rand(N) < beta);
+- per-row seeds (one Philox key per row, as the trainer's BASH step passes) vs one int
+  seed, forward and the mask draw alone (CPU): the cost of a world-size-independent mask;
 - GPU forward bandwidth vs a measured device-to-device copy (target >= 85%);
 - GPU backward vs PyTorch's embedding backward (atomic and deterministic);
 - predict_alternatives vs one plain forward of the model (target: <= 1x).
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 
 import gapfix
 from gapfix.methods.bash import predict_alternatives
+from gapfix.ops.mix_embedding import mixing_mask
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
@@ -142,10 +145,29 @@ def test_forward_backward_cpu(benchmark, mode, dtype):
              + _backward_bytes(s["num_tokens"], s["vocab"], s["dim"], weight.element_size()))
 
 
+@pytest.mark.parametrize("what", ["forward", "mask"])
+def test_row_seeds_vs_int_seed_cpu(benchmark, what):
+    """Per-row seeds (8 rows of 1024) against one int seed on the same tokens, fp32; the
+    baseline here is gapfix with the int seed, so the ratio is the cost of per-row keys."""
+    s = CPU_SHAPE
+    rows = 8
+    weight, ids, alt, _, _ = _inputs(**s, dtype=torch.float32, device="cpu")
+    ids, alt = ids.view(rows, -1), alt.view(rows, -1)
+    seeds = torch.randint(0, 2**62, (rows,), generator=torch.Generator().manual_seed(3))
+    if what == "forward":
+        run = lambda seed: lambda: gapfix.mix_embedding(weight, ids, alt, beta=BETA, seed=seed)  # noqa: E731
+    else:
+        run = lambda seed: lambda: mixing_mask(ids.shape, beta=BETA, seed=seed)  # noqa: E731
+    benchmark.group = f"mix_embedding per-row seeds cpu {what}"
+    benchmark.extra_info.update(rows=rows, tokens=s["num_tokens"])
+    _compare(benchmark, run(seeds), run(7), device="cpu", rounds=41)
+
+
 def _tiny_llama(hidden, layers, vocab, dtype, device):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
+                                      num_attention_heads=max(1, hidden // 64),
+                                      num_key_value_heads=max(1, hidden // 256),
                                       intermediate_size=4 * hidden, max_position_embeddings=4096)
     torch.manual_seed(0)
     with torch.device(device):  # initialized where it runs

@@ -461,17 +461,22 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
         while position["step_in_iteration"] < steps:
             step = position["step_in_iteration"]
             step_started = time.perf_counter()
-            global_rows = [rows[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
+            global_index = order[step * config.batch_size:(step + 1) * config.batch_size]
+            global_rows = [rows[i] for i in global_index]
             num_tokens = max(1, _count_targets(global_rows))
-            mine = global_rows[dist.rank::dist.world]
+            mine, my_index = global_rows[dist.rank::dist.world], global_index[dist.rank::dist.world]
             optimizer.zero_grad(set_to_none=True)
             total_loss, mixed_count, eligible_count = 0.0, 0, 0
-            for m_index, start in enumerate(range(0, len(mine), micro)):
+            for start in range(0, len(mine), micro):
                 chunk = mine[start:start + micro]
                 batch = pack_rows(chunk) if config.packing else collate(
                     chunk, pad_id=_pad_id(tokenizer))
                 batch = {k: v.to(device) for k, v in batch.items()}
-                mix_seed = _mix_seed(config.seed, iteration, step, dist.rank, m_index)
+                # per-row seeds: a row mixes alike at any world size and micro-batch size (a packed
+                # micro-batch is one row: its seed follows the rows packed into it)
+                index = my_index[start:start + micro]
+                mix_seed = _row_mix_seeds(config.seed, iteration, step, [tuple(index)] if config.packing
+                                          else index).to(device) if "alt_ids" in batch else None
                 with autocast:
                     loss_sum, mixed = trainable(batch, mix_seed, config.beta)
                 # the loss of the whole step is sum / num_tokens; DDP/FSDP average over ranks
@@ -641,6 +646,13 @@ def _row_order(num_rows, needed, seed, iteration):
 def _mix_seed(seed, iteration, step, rank, micro):
     key = f"{seed}/{iteration}/{step}/{rank}/{micro}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "little")
+
+
+def _row_mix_seeds(seed, iteration, step, row_indices):
+    """BASH's mixing seeds, one per row: a function of (seed, iteration, step, the row's index in
+    the iteration's row table), never of the rank or the micro-batch, as int64 in [0, 2**56)."""
+    return torch.tensor([_mix_seed(seed, iteration, step, "row", index) for index in row_indices],
+                        dtype=torch.int64)
 
 
 def _pad_id(tokenizer):

@@ -3,12 +3,14 @@
 Forward, per position n of the flattened ids (N positions, embedding width D):
 
     mixed[n] = eligible[n] and (mask[n] if a mask is given
-                                else (philox(seed, n) >> (32 - MASK_BITS)) < threshold)
+                                else (philox(key(n), ctr(n)) >> (32 - MASK_BITS)) < threshold)
+    one seed:       key(n) = seed,          ctr(n) = n
+    per-row seeds:  key(n) = seeds[n // L], ctr(n) = n % L    (L = ROW_LEN positions a row)
     hard:  out[n] = W[alt[n]] if mixed[n] else W[ids[n]]
     soft:  out[n] = sum_k p[n, k] * W[alt[n, k]] if mixed[n] else W[ids[n]]
 
 The random draw is word 0 of Philox-4x32-10 (`tl.randint`) with counter
-(n, 0, 0, 0) and key (seed low, seed high); its top 24 bits are compared with
+(ctr(n), 0, 0, 0) and key (key low, key high); its top 24 bits are compared with
 threshold = round(beta * 2**24), so a position mixes with probability beta
 (quantized to 2**-24) and beta = 0 / 1 give never / always exactly. The same
 integers are computed on the CPU by gapfix.ops.mix_embedding.philox_uint32,
@@ -70,14 +72,20 @@ def _tile(N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _load_mixed(mask_ptr, eligible_ptr, offs_n, in_n, threshold, seed,
-                HAS_MASK: tl.constexpr, HAS_ELIGIBLE: tl.constexpr):
+def _load_mixed(mask_ptr, eligible_ptr, seeds_ptr, offs_n, in_n, threshold, seed, ROW_LEN,
+                HAS_MASK: tl.constexpr, HAS_ELIGIBLE: tl.constexpr, ROW_SEEDS: tl.constexpr):
     """The mixing decision of a block of positions (int1, False past N)."""
     if HAS_MASK:
         mixed = tl.load(mask_ptr + offs_n, mask=in_n, other=0) != 0
     else:
-        # offs_n is int32, so this is philox(seed, (n, 0, 0, 0)), word 0
-        bits = tl.randint(seed, offs_n)
+        # counters are int32, so this is philox(key, (ctr, 0, 0, 0)), word 0
+        if ROW_SEEDS:
+            # int64 key per row (tl.randint splits each lane's key into its two words)
+            row = offs_n // ROW_LEN
+            keys = tl.load(seeds_ptr + row, mask=in_n, other=0)
+            bits = tl.randint(keys, offs_n - row * ROW_LEN)
+        else:
+            bits = tl.randint(seed, offs_n)
         mixed = (bits >> _MASK_SHIFT).to(tl.int32) < threshold
     if HAS_ELIGIBLE:
         mixed = mixed & (tl.load(eligible_ptr + offs_n, mask=in_n, other=0) != 0)
@@ -101,17 +109,17 @@ def _gather_rows(weight_ptr, rows, take, offs_d, in_d, V, D):
 @triton.jit
 def mix_embedding_fwd_kernel(
     weight_ptr, ids_ptr, alt_ptr, probs_ptr, mask_ptr, eligible_ptr,
-    out_ptr, mixed_ptr,
-    N, D, V, threshold, seed,
+    out_ptr, mixed_ptr, seeds_ptr,
+    N, D, V, threshold, seed, ROW_LEN,
     K: tl.constexpr, SOFT: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_ELIGIBLE: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_ELIGIBLE: tl.constexpr, ROW_SEEDS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     offs_n, in_n, offs_d, in_d = _tile(N, D, BLOCK_N, BLOCK_D)
 
     # every D-block redraws the same bits (cheap integer math); one stores them
-    mixed = _load_mixed(mask_ptr, eligible_ptr, offs_n, in_n, threshold, seed,
-                        HAS_MASK, HAS_ELIGIBLE)
+    mixed = _load_mixed(mask_ptr, eligible_ptr, seeds_ptr, offs_n, in_n, threshold, seed, ROW_LEN,
+                        HAS_MASK, HAS_ELIGIBLE, ROW_SEEDS)
     if tl.program_id(1) == 0:
         tl.store(mixed_ptr + offs_n, mixed.to(tl.int8), mask=in_n)
 

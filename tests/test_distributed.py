@@ -1,5 +1,6 @@
 """DDP and FSDP2 through torchrun (gloo, two CPU processes) give the loss of one
-process on the same global batch."""
+process on the same global batch, for SFT and for BASH (whose mixing is seeded per row,
+never by the rank)."""
 import json
 import os
 import subprocess
@@ -12,9 +13,9 @@ pytestmark = pytest.mark.slow  # torchrun processes: minutes of CPU
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
 
-def _run(tmp_path, nproc, strategy, *extra):
-    out = tmp_path / f"{strategy}-{nproc}-{len(extra)}.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(tmp_path, nproc, strategy, *extra, method="sft"):
+    out = tmp_path / f"{method}-{strategy}-{nproc}-{len(extra)}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GAPFIX_WORKER_METHOD": method}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", WORKER, str(out), strategy, *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -22,10 +23,10 @@ def _run(tmp_path, nproc, strategy, *extra):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, strategy):
-    single = _run(tmp_path, 1, strategy)
-    double = _run(tmp_path, 2, strategy)
+@pytest.mark.parametrize("strategy,method", [("ddp", "sft"), ("fsdp", "sft"), ("ddp", "bash")])
+def test_two_processes_match_one(tmp_path, strategy, method):
+    single = _run(tmp_path, 1, strategy, method=method)
+    double = _run(tmp_path, 2, strategy, method=method)
     assert len(single) == len(double) == 3
     for a, b in zip(single, double):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (single, double)

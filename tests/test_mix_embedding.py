@@ -6,8 +6,14 @@ import torch
 import torch.nn.functional as F
 
 import gapfix
-from gapfix.ops.mix_embedding import (_philox_numpy, _philox_torch, mix_embedding_reference,
-                                      mixing_mask, mixing_threshold, philox_uint32)
+from gapfix.ops.mix_embedding import (
+    _philox_numpy,
+    _philox_torch,
+    mix_embedding_reference,
+    mixing_mask,
+    mixing_threshold,
+    philox_uint32,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -124,6 +130,157 @@ def test_ineligible_positions_never_mixed(impl, triton_device):
         embeds, mixed = gapfix.mix_embedding(weight, ids, alt, eligible=eligible, impl=impl, **kwargs)
         assert torch.equal(mixed, eligible)
         assert torch.equal(embeds, F.embedding(torch.where(eligible, alt, ids), weight))
+
+
+# ---------------------------------------------------------------------------- per-row seeds
+
+ROW_SEEDS = [0, 7, 2**32 + 5, 2**63 - 1, 2**40 + 17, 3, 2**31]
+
+
+def _row_seeds(rows, device="cpu"):
+    return torch.tensor((ROW_SEEDS * rows)[:rows], dtype=torch.int64, device=device)
+
+
+def test_philox_numpy_and_torch_agree_on_key_tensors():
+    """A key per element, broadcast against the counters; negative keys are their two's complement
+    (as Triton's int64 -> uint64 cast), so an unchecked negative seed keys alike on every path."""
+    keys = torch.tensor([0, 5, 2**63 - 1, -1, -(2**63), 2**32 + 9])[:, None]
+    counter = torch.arange(2**31 - 40, 2**31 - 1, 3)[None, :]
+    ours = _philox_numpy(keys, counter)
+    assert ours.shape == (6, counter.shape[1])
+    assert torch.equal(ours, _philox_torch(keys, counter))
+    for i, key in enumerate(keys[:, 0].tolist()):
+        assert torch.equal(ours[i], _philox_numpy(key % 2**64, counter[0]))
+
+
+@pytest.mark.parametrize("shape", [(5, 13), (3, 4, 5), (6,), (1, 9)])
+def test_row_seed_row_is_the_int_seed_of_that_row_alone(shape):
+    """Per-row seeds: row b's mask is what the int seed seed[b] gives the row by itself
+    (counter = position within the row), whatever the other rows."""
+    seeds = _row_seeds(shape[0])
+    mask = mixing_mask(shape, beta=0.4, seed=seeds)
+    for b in range(shape[0]):
+        assert torch.equal(mask[b], mixing_mask((1, *shape[1:]), beta=0.4, seed=int(seeds[b]))[0])
+    assert 0 < mask.sum() < mask.numel()
+
+
+def test_row_seed_mask_ignores_the_batch_layout():
+    """The trainer's invariant: a row mixes alike in any micro-batch, at any padded width."""
+    seeds = torch.tensor([11, 2**50 + 3, 42, 9, 2**62])
+    whole = mixing_mask((5, 23), beta=0.5, seed=seeds)
+    split = mixing_mask((2, 17), beta=0.5, seed=seeds[[3, 1]])  # another order, narrower padding
+    assert torch.equal(split, whole[[3, 1], :17])
+    weight, ids, alt, _, _, _ = _case(shape=(5, 23))
+    embeds, mixed = gapfix.mix_embedding(weight, ids, alt, beta=0.5, seed=seeds)
+    sub_embeds, sub_mixed = gapfix.mix_embedding(weight, ids[[3, 1], :17], alt[[3, 1], :17], beta=0.5,
+                                                 seed=seeds[[3, 1]])
+    assert torch.equal(mixed, whole) and torch.equal(sub_mixed, split)
+    assert torch.equal(sub_embeds, embeds[[3, 1], :17])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("impl,deterministic",
+                         [("torch_fast", False), ("torch", False), ("triton", False), ("triton", True)])
+def test_row_seeds_every_impl_matches_the_reference(impl, deterministic, soft, dtype, triton_device):
+    """Bit-identical masks on every impl (and mixing_mask); outputs and gradients as the reference
+    given that mask. Odd shapes, a 3-D ids, eligible, large and 0 seeds."""
+    device = triton_device if impl == "triton" else "cpu"
+    shape = (5, 3, 7)
+    weight, ids, alt, probs, _, grad_out = _case(v=41, d=19, shape=shape, k=3 if soft else None,
+                                                 dtype=dtype, device=device)
+    eligible = torch.rand(shape, generator=torch.Generator().manual_seed(4)).to(device) < 0.8
+    seeds = _row_seeds(shape[0], device)
+    mask = mixing_mask(shape, beta=0.45, seed=seeds, eligible=eligible)
+    assert mask.any() and not mask.all()
+    embeds, grad = _weight_grad(weight, lambda w: gapfix.mix_embedding(
+        w, ids, alt, alt_probs=probs, beta=0.45, seed=seeds, eligible=eligible, impl=impl,
+        deterministic=deterministic)[0], grad_out)
+    mixed = gapfix.mix_embedding(weight, ids, alt, alt_probs=probs, beta=0.45, seed=seeds,
+                                 eligible=eligible, impl=impl)[1]
+    assert torch.equal(mixed, mask)
+    cpu_mask = mixing_mask(shape, beta=0.45, seed=seeds.cpu(), eligible=eligible.cpu())
+    assert torch.equal(mask.cpu(), cpu_mask)  # the device does not change the draw
+    reference = lambda dt: _weight_grad(  # noqa: E731
+        weight.to(dt), lambda w: mix_embedding_reference(w, ids, alt, mask, probs), grad_out.to(dt))
+    lowp, exact = reference(dtype), reference(torch.float64)
+    if not soft:
+        assert torch.equal(embeds, lowp[0])  # a gather: exact
+    _assert_close_to_fp64(embeds, lowp[0], exact[0])
+    _assert_close_to_fp64(grad, lowp[1], exact[1])
+
+
+def test_row_seeds_in_the_triton_kernel_at_many_rows(triton_device):
+    """Rows of one position and blocks spanning many rows: the kernel's row / counter split."""
+    for shape in ((37, 1), (9, 31)):
+        weight, ids, alt, _, _, _ = _case(v=7, d=3, shape=shape, device=triton_device)
+        seeds = torch.randint(0, 2**63 - 1, (shape[0],), generator=torch.Generator().manual_seed(2))
+        mixed = gapfix.mix_embedding(weight, ids, alt, beta=0.5, seed=seeds.to(triton_device),
+                                     impl="triton")[1]
+        assert torch.equal(mixed.cpu(), mixing_mask(shape, beta=0.5, seed=seeds))
+
+
+def test_row_seeds_empty_rows_and_compile():
+    weight, _, _, _, _, grad_out = _case(shape=(3, 8))
+    empty = torch.zeros(3, 0, dtype=torch.long)
+    embeds, mixed = gapfix.mix_embedding(weight, empty, empty, beta=0.5, seed=_row_seeds(3))
+    assert embeds.shape == (3, 0, weight.shape[1]) and mixed.shape == (3, 0)
+    none = torch.zeros(0, 4, dtype=torch.long)
+    assert gapfix.mix_embedding(weight, none, none, beta=0.5, seed=_row_seeds(0))[1].shape == (0, 4)
+
+    _, ids, alt, _, _, _ = _case(shape=(3, 8))
+    seeds = _row_seeds(3)
+
+    def step(w):
+        return gapfix.mix_embedding(w, ids, alt, beta=0.5, seed=seeds)
+
+    w = weight.clone().requires_grad_(True)
+    embeds, mixed = torch.compile(step, backend="aot_eager", fullgraph=True)(w)
+    (grad,) = torch.autograd.grad(embeds, w, grad_out)
+    expected, expected_grad = _weight_grad(weight, lambda v: step(v)[0], grad_out)
+    assert torch.equal(embeds, expected) and torch.equal(grad, expected_grad)
+    assert torch.equal(mixed, mixing_mask(ids.shape, beta=0.5, seed=seeds))
+
+
+@pytest.mark.parametrize("seed,match", [
+    (torch.tensor([1, 2]), r"shape \(3,\)"),
+    (torch.tensor([[1], [2], [3]]), "shape"),
+    (torch.tensor(1), "shape"),
+    (torch.tensor([1, 2, 3], dtype=torch.int32), "int64"),
+    (torch.tensor([1.0, 2.0, 3.0]), "int64"),
+    (torch.tensor([1, -2, 3]), r"\[0, 2\*\*63\)"),
+])
+def test_mixing_mask_refuses_bad_row_seeds(seed, match):
+    with pytest.raises(ValueError, match=f"seed.*{match}"):
+        mixing_mask((3, 4), beta=0.5, seed=seed)
+    with pytest.raises(ValueError, match="seed.*eligible"):
+        mixing_mask((3, 4), beta=0.5, seed=_row_seeds(3), eligible=torch.ones(3, 4, dtype=torch.bool,
+                                                                               device="meta"))
+
+
+def test_negative_row_seed_is_refused_before_anything_runs():
+    weight, ids, alt, _, _, _ = _case()
+    w = weight.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="seed"):
+        gapfix.mix_embedding(w, ids, alt, beta=0.5, seed=torch.tensor([0, -1, 2]), check_ids=False)
+    assert w.grad is None
+
+
+@pytest.mark.cuda
+def test_cuda_row_seeds_draw_the_cpu_mask_without_a_host_sync():
+    weight, ids, alt, _, _, grad_out = _case(v=1000, d=64, shape=(8, 129))
+    seeds = _row_seeds(8)
+    cuda_args = (weight.cuda().requires_grad_(True), ids.cuda(), alt.cuda())
+    cuda_seeds, cuda_grad = seeds.cuda(), grad_out.cuda()  # the copies sync: before the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        embeds, mixed = gapfix.mix_embedding(*cuda_args, beta=0.3, seed=cuda_seeds)
+        embeds.backward(cuda_grad)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(mixed.cpu(), mixing_mask(ids.shape, beta=0.3, seed=seeds))
+    assert torch.equal(embeds.detach().cpu(), F.embedding(torch.where(mixed.cpu(), alt, ids), weight))
 
 
 # ---------------------------------------------------------------------------- explicit mask
@@ -256,12 +413,16 @@ def test_custom_ops_pass_opcheck(backend, triton_device):
     device = triton_device if backend == "triton" else "cpu"
     weight, ids, alt, probs, mask, grad_out = _case(v=13, d=5, shape=(2, 7), k=2, device=device)
     for alt_ids, alt_probs in ((alt[..., 0].contiguous(), None), (alt, probs)):
-        args = (weight.requires_grad_(True), ids, alt_ids, alt_probs, None, mask, mixing_threshold(0.5),
-                9, -1, False, backend)
-        torch.library.opcheck(torch.ops.gapfix.mix_embedding.default, args)
-        mixed = torch.ops.gapfix.mix_embedding(*args)[1]
-        torch.library.opcheck(torch.ops.gapfix.mix_embedding_backward.default,
-                              (grad_out, ids, alt_ids, alt_probs, mixed, 13, 2, True, backend))
+        for row_seeds in (None, torch.tensor([5, 2**62 + 1], device=device)):
+            args = (weight.requires_grad_(True), ids, alt_ids, alt_probs, None, mask, mixing_threshold(0.5),
+                    9, row_seeds, -1, False, backend)
+            torch.library.opcheck(torch.ops.gapfix.mix_embedding.default, args)
+            mixed = torch.ops.gapfix.mix_embedding(*args)[1]
+            expected = mixing_mask(ids.shape, beta=0.5, seed=9 if row_seeds is None else row_seeds,
+                                   eligible=mask)
+            assert torch.equal(mixed, expected)
+            torch.library.opcheck(torch.ops.gapfix.mix_embedding_backward.default,
+                                  (grad_out, ids, alt_ids, alt_probs, mixed, 13, 2, True, backend))
 
 
 def test_traces_under_torch_compile():
@@ -303,6 +464,14 @@ def _bad_cases():
         ("beta", (weight, ids, alt), dict(beta=0.5, mask=mask)),
         ("seed", (weight, ids, alt), dict(beta=0.5, seed=-1)),
         ("seed", (weight, ids, alt), dict(beta=0.5, seed=1.5)),
+        ("seed", (weight, ids, alt), dict(beta=0.5, seed=torch.tensor([0, 1]))),
+        ("seed", (weight, ids, alt), dict(beta=0.5, seed=torch.zeros(3, 7, dtype=torch.long))),
+        ("seed", (weight, ids, alt), dict(beta=0.5, seed=torch.tensor(5))),
+        ("seed", (weight, ids, alt), dict(beta=0.5, seed=torch.tensor([0, 1, 2], dtype=torch.int32))),
+        ("seed", (weight, ids, alt), dict(beta=0.5, seed=torch.tensor([0.0, 1.0, 2.0]))),
+        ("seed", (weight, ids, alt), dict(beta=0.5, seed=torch.tensor([0, -1, 2]))),
+        ("seed", (weight, ids, alt), dict(beta=0.5, seed=torch.tensor([0, 1, 2], device="meta"))),
+        ("seed", (weight, ids[0, 0], alt[0, 0]), dict(beta=0.5, seed=torch.tensor([0]))),
         ("ids", (weight, ids - 1 - ids.max(), alt), ok),
         ("ids", (weight, ids + weight.shape[0], alt), ok),
         ("alt_ids", (weight, ids, alt.clone().fill_(-3)), ok),

@@ -1,6 +1,6 @@
 """Two machines for real: `torchrun --nnodes 2` with c10d rendezvous between two network
-namespaces joined by a veth pair (one process per "host"), training over gloo, gives the
-losses of one process on the same global batch.
+namespaces joined by a veth pair (one process per "host"), training SFT and BASH over gloo,
+gives the losses of one process on the same global batch.
 
 The namespaces are made by the test and need root and iproute2; elsewhere the test is
 skipped with the reason.
@@ -93,7 +93,7 @@ def _two_nodes(tmp_path, hosts, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft"])
+@pytest.mark.parametrize("method", ["sft", "bash"])
 def test_two_hosts_match_one_process(tmp_path, two_hosts, method):
     single = _single(tmp_path, method)
     nodes = _two_nodes(tmp_path, two_hosts, method)

@@ -5,7 +5,10 @@
 
 Each eligible position takes the embedding of the model's own token alt_ids
 instead of the reference token ids, independently with probability beta
-(or where an explicit `mask` says), inside the embedding gather. In soft mode
+(or where an explicit `mask` says), inside the embedding gather. `seed` is an
+int (one key for the whole call; the Philox counter is the flat position) or an
+int64 tensor of one seed per row of ids (the counter restarts at each row), so a
+row's mask depends on its own seed only, never on which batch it sits in. In soft mode
 (alt_ids with a trailing top-k dimension and alt_probs) a mixed position gets
 sum_k p_k * W[alt_k]. `mixed` is the bool mask actually applied.
 
@@ -26,7 +29,7 @@ Layers, as for every gapfix op:
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -59,14 +62,19 @@ _U32 = 0xFFFFFFFF
 # counter-based RNG
 # ----------------------------------------------------------------------------
 
-def philox_uint32(seed: int, counter: torch.Tensor) -> torch.Tensor:
+def philox_uint32(seed, counter: torch.Tensor) -> torch.Tensor:
     """Word 0 of Philox-4x32-10 at counters (counter, 0, 0, 0), key = seed.
 
-    Bit-equal to `tl.randint(seed, counter)` for int32 counters. Values are
-    returned as int64 in [0, 2**32), on counter's device. CPU tensors go
-    through NumPy (native wrapping uint64 arithmetic, ~2.5x fewer passes than
-    emulating it in torch int64); other devices through torch.
+    Bit-equal to `tl.randint(seed, counter)` for int32 counters. `seed` is an
+    int, or an int64 tensor on counter's device broadcastable against it (a key
+    per element; a negative key is taken as its 64-bit two's complement, as
+    Triton does). Values are returned as int64 in [0, 2**32), of the broadcast
+    shape, on counter's device. CPU tensors go through NumPy (native wrapping
+    uint64 arithmetic, ~2.5x fewer passes than emulating it in torch int64);
+    other devices through torch.
     """
+    if isinstance(seed, torch.Tensor) and seed.device != counter.device:
+        raise ValueError(f"seed is on {seed.device} but counter is on {counter.device}")
     if counter.device.type == "cpu" and not torch.compiler.is_compiling():
         return _philox_numpy(seed, counter)
     return _philox_torch(seed, counter)
@@ -75,34 +83,46 @@ def philox_uint32(seed: int, counter: torch.Tensor) -> torch.Tensor:
 def _philox_numpy(seed, counter):
     import numpy as np
 
-    k0, k1 = seed & _U32, (seed >> 32) & _U32
-    c0 = counter.numpy().astype(np.uint64) & np.uint64(_U32)
+    low, shift = np.uint64(_U32), np.uint64(32)
+    if isinstance(seed, torch.Tensor):
+        keys = seed.to(torch.int64).numpy().view(np.uint64)
+        k0, k1 = keys & low, (keys >> shift) & low
+    else:
+        k0, k1 = np.asarray(seed & _U32, np.uint64), np.asarray((seed >> 32) & _U32, np.uint64)
+    shape = np.broadcast_shapes(tuple(counter.shape), k0.shape)
+    c0 = np.broadcast_to(counter.numpy(), shape).astype(np.uint64)
+    c0 &= low
     c1, c2, c3 = np.zeros_like(c0), np.zeros_like(c0), np.zeros_like(c0)
     prod_a, prod_b = np.empty_like(c0), np.empty_like(c0)
     round_a, round_b = np.uint64(_PHILOX_ROUND_A), np.uint64(_PHILOX_ROUND_B)
-    low, shift = np.uint64(_U32), np.uint64(32)
-    for _ in range(_PHILOX_ROUNDS):
+    # the key schedule of every round at once (k + r * KEY mod 2**32): two array ops, not
+    # four a round, which per-row keys (small arrays) would pay for in call overhead
+    rounds = np.arange(_PHILOX_ROUNDS, dtype=np.uint64).reshape(-1, *([1] * k0.ndim))
+    keys0 = (k0 + rounds * np.uint64(_PHILOX_KEY_A)) & low
+    keys1 = (k1 + rounds * np.uint64(_PHILOX_KEY_B)) & low
+    for k0, k1 in zip(keys0, keys1):
         # 32 x 32-bit products are exact in uint64: high word = >> 32, low = & 0xffffffff
         np.multiply(c0, round_a, out=prod_a)
         np.multiply(c2, round_b, out=prod_b)
         np.right_shift(prod_b, shift, out=c0)
         c0 ^= c1
-        c0 ^= np.uint64(k0)
+        c0 ^= k0
         np.right_shift(prod_a, shift, out=c2)
         c2 ^= c3
-        c2 ^= np.uint64(k1)
+        c2 ^= k1
         np.bitwise_and(prod_b, low, out=c1)
         np.bitwise_and(prod_a, low, out=c3)
-        k0 = (k0 + _PHILOX_KEY_A) & _U32
-        k1 = (k1 + _PHILOX_KEY_B) & _U32
     return torch.from_numpy(c0.view(np.int64))
 
 
 def _philox_torch(seed, counter):
     # 32 x 32-bit products formed in int64 wrap modulo 2**64, so the high and
-    # low words of the exact product are still bits 32..63 and 0..31
+    # low words of the exact product are still bits 32..63 and 0..31 (a key
+    # tensor broadcasts against the counters at the first round)
     k0, k1 = seed & _U32, (seed >> 32) & _U32
     c0 = counter.to(torch.int64) & _U32
+    if isinstance(seed, torch.Tensor):
+        c0 = c0.expand(torch.broadcast_shapes(c0.shape, seed.shape)).clone()
     c1 = torch.zeros_like(c0)
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -123,28 +143,46 @@ def mixing_threshold(beta: float) -> int:
     return int(round(float(beta) * (1 << MASK_BITS)))
 
 
-def mixing_mask(shape, *, beta: float, seed: int, eligible: Optional[torch.Tensor] = None,
+def mixing_mask(shape, *, beta: float, seed, eligible: Optional[torch.Tensor] = None,
                 device=None) -> torch.Tensor:
     """The bool mask mix_embedding(..., beta=beta, seed=seed, eligible=eligible) applies.
 
     For callers that mix at the id level (an embedding module mix_embedding
-    cannot see into): same RNG, same positions (row-major flat index).
+    cannot see into): same RNG, same positions (row-major flat index, or the
+    position within the row for per-row seeds). `seed` is an int or an int64
+    tensor of shape (shape[0],), as in mix_embedding; the device is eligible's,
+    else the seed tensor's, else `device`.
     """
     shape = tuple(shape)
     beta = _check_beta(beta)
-    seed = _check_seed(seed)
     if eligible is not None:
         device = eligible.device
         if tuple(eligible.shape) != shape or eligible.dtype != torch.bool:
             raise ValueError(f"eligible must be a bool tensor of shape {shape}, "
                              f"got {eligible.dtype} {tuple(eligible.shape)}")
+    elif isinstance(seed, torch.Tensor) and device is None:
+        device = seed.device
+    device = torch.device("cpu") if device is None else torch.device(device)
+    # reading a CPU tensor's sign costs no device sync; a GPU one's would
+    seed = _check_seed(seed, shape, device, check_sign=device.type == "cpu",
+                       device_of="eligible" if eligible is not None else "device")
     numel = math.prod(shape)
     if numel >= _MAX_POSITIONS:
         raise ValueError(f"shape: at most 2**31 - 1 positions, got {numel}")
-    bits = philox_uint32(seed, torch.arange(numel, device=device))
-    mixed = (bits >> (32 - MASK_BITS)) < mixing_threshold(beta)
-    mixed = mixed.view(shape)
+    mixed = _random_mixed(numel, mixing_threshold(beta), seed, device).view(shape)
     return mixed & eligible if eligible is not None else mixed
+
+
+def _random_mixed(n: int, threshold: int, seed, device) -> torch.Tensor:
+    """(n,) bool: philox bits under threshold. An int seed keys every position with counter
+    = flat index; a (B,) tensor keys row b's n // B positions with counter = index in the row."""
+    if isinstance(seed, torch.Tensor):
+        row_len = n // seed.shape[0] if seed.shape[0] else 0
+        counter = torch.arange(row_len, device=device)
+        bits = philox_uint32(seed[:, None], counter[None, :]).reshape(-1)
+    else:
+        bits = philox_uint32(seed, torch.arange(n, device=device))
+    return (bits >> (32 - MASK_BITS)) < threshold
 
 
 # ----------------------------------------------------------------------------
@@ -177,11 +215,7 @@ def mix_embedding_reference(weight: torch.Tensor, ids: torch.Tensor, alt_ids: to
 # ----------------------------------------------------------------------------
 
 def _draw_mixed(n, mask, eligible, threshold, seed, device):
-    if mask is not None:
-        mixed = mask.clone()
-    else:
-        bits = philox_uint32(seed, torch.arange(n, device=device))
-        mixed = (bits >> (32 - MASK_BITS)) < threshold
+    mixed = mask.clone() if mask is not None else _random_mixed(n, threshold, seed, device)
     if eligible is not None:
         mixed &= eligible
     return mixed
@@ -264,6 +298,7 @@ def _forward_triton(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, 
     if n == 0 or d == 0:  # nothing to gather (Triton grids must be non-empty)
         return embeds, _draw_mixed(n, mask, eligible, threshold, seed, weight.device)
     soft = alt_probs is not None
+    row_seeds = isinstance(seed, torch.Tensor)  # (B,) keys, B >= 1 here since n > 0
     block_n, block_d = kernels.launch_config(n, d)
     grid = (cdiv(n, block_n), cdiv(d, block_d))
     launch(
@@ -272,10 +307,12 @@ def _forward_triton(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, 
         mask.view(torch.uint8) if mask is not None else ids,
         eligible.view(torch.uint8) if eligible is not None else ids,
         embeds, mixed.view(torch.uint8),
-        n, d, weight.shape[0], threshold, seed,
+        seed if row_seeds else ids,
+        n, d, weight.shape[0], threshold, 0 if row_seeds else seed,
+        n // seed.shape[0] if row_seeds else 1,
         K=alt_ids.shape[1] if soft else 1, SOFT=soft,
         device=weight.device,
-        HAS_MASK=mask is not None, HAS_ELIGIBLE=eligible is not None,
+        HAS_MASK=mask is not None, HAS_ELIGIBLE=eligible is not None, ROW_SEEDS=row_seeds,
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=kernels.NUM_WARPS,
     )
     return embeds, mixed
@@ -327,15 +364,17 @@ def _new_grad_weight(num_embeddings, d, dtype, device):
 def _mix_embedding_forward(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor,
                            alt_probs: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                            eligible: Optional[torch.Tensor], threshold: int, seed: int,
-                           padding_idx: int, deterministic: bool,
+                           row_seeds: Optional[torch.Tensor], padding_idx: int, deterministic: bool,
                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(embeds ids.shape + (D,), mixed ids.shape); padding_idx / deterministic are for the backward.
 
     Tensors arrive contiguous in the caller's shapes and are flattened here
-    (free), so no view of an autograd output is needed outside.
+    (free), so no view of an autograd output is needed outside. row_seeds,
+    (ids.shape[0],) int64, replaces the int seed when given.
     """
     forward = _forward_triton if backend == "triton" else _forward_cpu  # else "torch_fast"
-    embeds, mixed = forward(weight, *_flat(ids, alt_ids, alt_probs, mask, eligible), threshold, seed)
+    embeds, mixed = forward(weight, *_flat(ids, alt_ids, alt_probs, mask, eligible), threshold,
+                            seed if row_seeds is None else row_seeds)
     return embeds.view(*ids.shape, weight.shape[1]), mixed.view(ids.shape)
 
 
@@ -353,7 +392,7 @@ _mix_embedding_op = torch.library.custom_op("gapfix::mix_embedding", _mix_embedd
 
 
 @_mix_embedding_op.register_fake
-def _(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, seed, padding_idx,
+def _(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, seed, row_seeds, padding_idx,
       deterministic, backend):
     return (weight.new_empty(*ids.shape, weight.shape[1]),
             ids.new_empty(ids.shape, dtype=torch.bool))
@@ -380,7 +419,7 @@ def _(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, padding_idx, determi
 
 
 def _setup_context(ctx, inputs, output):
-    weight, ids, alt_ids, alt_probs, _, _, _, _, padding_idx, deterministic, backend = inputs
+    weight, ids, alt_ids, alt_probs, _, _, _, _, _, padding_idx, deterministic, backend = inputs
     ctx.save_for_backward(weight, ids, alt_ids, alt_probs, output[1])
     ctx.padding_idx, ctx.deterministic, ctx.backend = padding_idx, deterministic, backend
     ctx.mark_non_differentiable(output[1])
@@ -400,7 +439,7 @@ def _backward(ctx, grad_embeds, _grad_mixed):
         rows = F.embedding(alt_ids, weight).float()
         grad_probs = (rows * grad_embeds.float()[..., None, :]).sum(-1)
         grad_probs = (grad_probs * mixed[..., None]).to(alt_probs.dtype)
-    return grad_weight, None, None, grad_probs, None, None, None, None, None, None, None
+    return grad_weight, None, None, grad_probs, None, None, None, None, None, None, None, None
 
 
 _mix_embedding_op.register_autograd(_backward, setup_context=_setup_context)
@@ -425,7 +464,7 @@ class _MixEmbeddingFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------
 
 def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor, *,
-                  beta: Optional[float] = None, seed: Optional[int] = None,
+                  beta: Optional[float] = None, seed: Union[int, torch.Tensor, None] = None,
                   mask: Optional[torch.Tensor] = None, eligible: Optional[torch.Tensor] = None,
                   alt_probs: Optional[torch.Tensor] = None, padding_idx: Optional[int] = None,
                   deterministic: bool = False, check_ids: Optional[bool] = None,
@@ -439,9 +478,15 @@ def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor
         beta: probability that an eligible position is mixed, in [0, 1]. Exactly
             one of `beta` and `mask` is given.
         seed: int in [0, 2**63) keying the counter-based RNG (Philox-4x32-10 at
-            counter = row-major flat position); None draws one from torch's
-            global CPU generator (beta mode only). The mask depends only on
-            (seed, position, beta) and is the same on CPU and GPU.
+            counter = row-major flat position); or per-row seeds, an int64 tensor
+            of shape (B,) on weight's device for ids of shape (B, ...): row b is
+            keyed by seed[b] with counter = the row-major position within the row,
+            so mixed[b] depends only on (seed[b], beta, eligible[b]), whatever
+            the other rows. None draws an int from torch's global CPU generator
+            (beta mode only). The mask is the same on CPU and GPU and for every
+            impl. Per-row seeds must lie in [0, 2**63): checked for CPU tensors,
+            and for CUDA tensors with check_ids=True (reading them is a host sync);
+            an unchecked negative seed keys by its 64-bit two's complement.
         mask: (...) bool, the positions to mix (instead of beta).
         eligible: (...) bool, the positions that may be mixed (answer tokens:
             never prompt or padding); None = all. Applied to `mask` too.
@@ -501,7 +546,7 @@ def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor
         threshold = mixing_threshold(_check_beta(beta))
     if seed is None:  # the CPU generator: no device sync; not consumed with an explicit mask
         seed = int(torch.randint(0, 2**62, ())) if mask is None else 0
-    seed = _check_seed(seed)
+    seed = _check_seed(seed, shape, device, check_sign=False)  # the sign: below, with the ids
     if eligible is not None:
         _check_tensor(eligible, "eligible", device=device)
         if eligible.dtype != torch.bool or tuple(eligible.shape) != shape:
@@ -525,6 +570,9 @@ def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor
     if check_ids and not torch.compiler.is_compiling():
         _check_range(ids, "ids", num_embeddings)
         _check_range(alt_ids, "alt_ids", num_embeddings)
+    if isinstance(seed, torch.Tensor) and (check_ids or device.type == "cpu") \
+            and not torch.compiler.is_compiling():
+        _check_seed_sign(seed)
 
     if ids.dtype != alt_ids.dtype:
         ids, alt_ids = ids.long(), alt_ids.long()
@@ -537,9 +585,10 @@ def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor
 
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
     apply = _mix_embedding_op if torch.compiler.is_compiling() else _MixEmbeddingFunction.apply
+    row_seeds = seed.contiguous() if isinstance(seed, torch.Tensor) else None
     return apply(weight.contiguous(), ids.contiguous(), alt_ids.contiguous(), contiguous(alt_probs),
-                 contiguous(mask), contiguous(eligible), threshold, seed,
-                 -1 if padding_idx is None else padding_idx, bool(deterministic), impl)
+                 contiguous(mask), contiguous(eligible), threshold, 0 if row_seeds is not None else seed,
+                 row_seeds, -1 if padding_idx is None else padding_idx, bool(deterministic), impl)
 
 
 # ----------------------------------------------------------------------------
@@ -566,10 +615,28 @@ def _check_beta(beta):
     return float(beta)
 
 
-def _check_seed(seed):
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    return int(seed)
+def _check_seed(seed, shape: tuple, device: torch.device, *, check_sign: bool, device_of: str = "weight"):
+    """An int in [0, 2**63), or per-row seeds: an int64 tensor of shape (shape[0],) on device."""
+    if not isinstance(seed, torch.Tensor):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**63) or an int64 tensor of per-row seeds, "
+                             f"got {seed!r}")
+        return int(seed)
+    if len(shape) == 0:
+        raise ValueError("seed: per-row seeds need ids with at least one dimension (rows), got a scalar")
+    if seed.dtype != torch.int64 or tuple(seed.shape) != shape[:1]:
+        raise ValueError(f"seed: per-row seeds must be an int64 tensor of shape ({shape[0]},), one per "
+                         f"row of ids {shape}; got {seed.dtype} {tuple(seed.shape)}")
+    if seed.device != device:
+        raise ValueError(f"seed is on {seed.device} but {device_of} is on {device}")
+    if check_sign:
+        _check_seed_sign(seed)
+    return seed
+
+
+def _check_seed_sign(seed: torch.Tensor) -> None:
+    if seed.numel() and bool((seed < 0).any()):
+        raise ValueError(f"seed: per-row seeds must lie in [0, 2**63), found {int(seed.min())}")
 
 
 def _check_range(ids, name, num_embeddings):
