@@ -378,9 +378,19 @@ def load_checkpoint(path, model, *, config=None, allow_config_change: bool = Fal
                 weights.update(load_file(file_path))
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"{file_path}: not a readable safetensors file ({err})") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # tied output weights are saved once; anything else missing is a real mismatch
-    missing = [k for k in missing if not _is_tied(model, k)]
+    if hasattr(model, "peft_config"):
+        # a PEFT model saves its adapter only (PEFT's format, its own key names): load it the
+        # PEFT way; the frozen base came from the base model folder
+        from peft import set_peft_model_state_dict
+
+        loaded = set_peft_model_state_dict(model, weights)
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        missing = [] if weights else trainable[:5]
+        unexpected = list(loaded.unexpected_keys)
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        # tied output weights are saved once; anything else missing is a real mismatch
+        missing = [k for k in missing if not _is_tied(model, k)]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")

@@ -461,6 +461,36 @@ def test_train_a_peft_model(math_data, method):
     assert any("lora_B" in k for k in changed)
 
 
+def test_resume_a_peft_run_is_exact(math_data, tmp_path):
+    """A LoRA run killed after a checkpoint and resumed ends with the adapter of an uninterrupted
+    run (the checkpoint holds the adapter in PEFT's format, loaded the PEFT way)."""
+    from gapfix.trainer import latest_checkpoint, train
+
+    tokenizer, examples = math_data
+    config = dict(method="sft", steps_per_iteration=4, batch_size=8, lr=1e-2, progress=False)
+    torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator
+    straight = math_lora_model(tokenizer)
+    train(straight, tokenizer, examples, out_dir=str(tmp_path / "straight"), **config)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_3(record):
+        if record["step"] == 3:
+            raise Killed
+
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        train(math_lora_model(tokenizer), tokenizer, examples, out_dir=str(tmp_path / "resumed"), save_every=2,
+              on_step=kill_at_step_3, **config)
+    assert latest_checkpoint(str(tmp_path / "resumed")).endswith("step0000002")
+    torch.manual_seed(1)  # another adapter: its weights must come from the checkpoint
+    resumed = math_lora_model(tokenizer)
+    train(resumed, tokenizer, examples, out_dir=str(tmp_path / "resumed"), save_every=2, **config)
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+
+
 def run_cli(*args):
     from gapfix.cli import main
 
