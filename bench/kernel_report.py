@@ -5,6 +5,7 @@ and ptxas's own report of that compilation is parsed.
 
     python bench/kernel_report.py                 # table on stdout
     python bench/kernel_report.py --json out.json # and the rows as JSON
+    python bench/kernel_report.py --ops rac_labels # one op's kernels
 
 The compiled kernel's n_regs / n_spills attributes are filled only when the binary is loaded
 on a GPU (CompiledKernel._init_handles); here the numbers come from `ptxas -v` of the same
@@ -305,6 +306,18 @@ def _ptxas() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the rows here")
+    families = {
+        "cross_entropy": cross_entropy_cases,
+        "mix_embedding": mix_embedding_cases,
+        "rac_labels": rac_labels_cases,
+    }
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        choices=list(families),
+        default=list(families),
+        help="which ops' kernels (default: all)",
+    )
     args = parser.parse_args(argv)
     ptxas = _ptxas()
     if ptxas:
@@ -326,7 +339,7 @@ def main(argv=None) -> int:
         )
         header = f"{'kernel':<34} {'config':<52} {'tiles':<34} warps stages regs spill(st/ld) smem KiB"
         print(header)
-        for cases in (cross_entropy_cases(), mix_embedding_cases(), rac_labels_cases()):
+        for cases in (families[op]() for op in args.ops):
             for name, variant, fn, constexprs, opts, act, dw, tiles in cases:
                 got = lower(fn, constexprs, opts, act, dw)
                 tile_text = " ".join(

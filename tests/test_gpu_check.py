@@ -326,3 +326,90 @@ def test_tests_using_triton_device_are_selected_by_the_cuda_marker():
     ):  # marked cuda
         assert name in selected, name
     assert "test_linear_cpu_fp32" not in selected and "test_kernels_compile_for_sm90" not in selected
+
+
+def test_table_merges_steps_streams_and_names_what_never_finished(tmp_path):
+    (tmp_path / "env.json").write_text(json.dumps({"device_name": "NVIDIA H200"}))
+    (tmp_path / "steps.jsonl").write_text(
+        json.dumps({"step": "tests", "rc": 124, "seconds": 60, "limit_s": 60, "timed_out": True}) + "\n"
+    )
+    bench = {"median": 0.5, "min": 0.4, "rounds": 3, "param": "cce-N8192", "extra_info": {"speedup": 1.5}}
+    _write_stream(
+        tmp_path / "stream" / "warm_tests_0.jsonl",
+        [
+            {"event": "compile", "nodeid": "t.py::a", "kernel": "k_fwd", "cache_hit": False, "seconds": 2.5},
+            {"event": "compile", "nodeid": "t.py::a", "kernel": "k_fwd", "cache_hit": True, "seconds": 0.01},
+            {"event": "start", "nodeid": "t.py::a"},
+            {
+                "event": "result",
+                "nodeid": "t.py::a",
+                "outcome": "failed",
+                "duration": 3.0,
+            },  # warm: not counted
+        ],
+    )
+    _write_stream(
+        tmp_path / "stream" / "tests.jsonl",
+        [
+            {"event": "start", "nodeid": "t.py::a"},
+            {"event": "result", "nodeid": "t.py::a", "outcome": "passed", "duration": 0.2},
+            {"event": "start", "nodeid": "t.py::hangs"},
+        ],
+    )
+    _write_stream(
+        tmp_path / "stream" / "bench.jsonl",
+        [
+            {"event": "start", "nodeid": "bench/test_bench_x.py::test_bench_ce[cce-N8192]"},
+            {
+                "event": "result",
+                "nodeid": "bench/test_bench_x.py::test_bench_ce[cce-N8192]",
+                "outcome": "passed",
+                "duration": 9.0,
+                "benchmark": bench,
+            },
+        ],
+    )
+    with open(tmp_path / "stream" / "bench.jsonl", "a") as f:
+        f.write('{"event": "sta')  # the line a kill cut short
+    table = tools.build_table(str(tmp_path))
+    assert table["status"] == "failed" and table["device"] == "NVIDIA H200"
+    assert table["failed_steps"] == ["tests"] and table["steps"][0]["timed_out"] is True
+    assert table["unfinished"] == [{"stream": "tests", "nodeid": "t.py::hangs"}]
+    assert table["problems"] == ["bench: unreadable line 3"]
+    assert table["counts"] == {"warm": {"failed": 1}, "tests": {"passed": 1}, "bench": {"passed": 1}}
+    assert table["compilations"]["triton_compiled"] == 1 and table["compilations"]["triton_cache_hits"] == 1
+    assert table["compilations"]["by_kernel"] == {"k_fwd": {"compiled": 1, "seconds": 2.5, "max_s": 2.5}}
+    (row,) = table["benchmarks"]
+    assert (row["op"], row["case"], row["time_s"], row["rounds"], row["ratio"]) == (
+        "ce",
+        "cce-N8192",
+        0.5,
+        3,
+        1.5,
+    )
+
+
+# ---------------------------------------------------------------------------- kernel report
+
+
+def test_kernel_report_reads_registers_and_spills_from_the_sm90_lowering(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}  # a real lowering
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "kernel_report.py"), "--ops", "rac_labels", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if done.returncode != 0 and ("ptxas" in done.stderr or "GPUTarget" in done.stderr):
+        pytest.skip(f"this Triton cannot lower for sm_90 here: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["config"] for r in rows] == ["hard K<=1", "soft K<=4", "soft K<=8"]
+    for row in rows:
+        assert 0 < row["regs"] <= 255 and row["spill_store_bytes"] >= 0 and row["num_warps"] == 4
+    assert "rac_labels_kernel" in done.stdout and "regs" in done.stdout
