@@ -284,6 +284,9 @@ def _benchmark_row(step: str, result: dict) -> dict:
         "rounds": bench.get("rounds"),
         "min_s": bench.get("min"),
         "group": bench.get("group"),
+        "throughput": info.pop("throughput", None),
+        "throughput_unit": info.pop("throughput_unit", None),
+        "baseline": info.pop("baseline", None),
         "ratio": info.pop("ratio", info.pop("speedup", None)),
         "extra": info,
     }

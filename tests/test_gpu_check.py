@@ -333,7 +333,13 @@ def test_table_merges_steps_streams_and_names_what_never_finished(tmp_path):
     (tmp_path / "steps.jsonl").write_text(
         json.dumps({"step": "tests", "rc": 124, "seconds": 60, "limit_s": 60, "timed_out": True}) + "\n"
     )
-    bench = {"median": 0.5, "min": 0.4, "rounds": 3, "param": "cce-N8192", "extra_info": {"speedup": 1.5}}
+    bench = {
+        "median": 0.5,
+        "min": 0.4,
+        "rounds": 3,
+        "param": "cce-N8192",
+        "extra_info": {"speedup": 1.5, "throughput": 9e4, "throughput_unit": "tokens/s", "tflops": 3.0},
+    }
     _write_stream(
         tmp_path / "stream" / "warm_tests_0.jsonl",
         [
@@ -380,13 +386,9 @@ def test_table_merges_steps_streams_and_names_what_never_finished(tmp_path):
     assert table["compilations"]["triton_compiled"] == 1 and table["compilations"]["triton_cache_hits"] == 1
     assert table["compilations"]["by_kernel"] == {"k_fwd": {"compiled": 1, "seconds": 2.5, "max_s": 2.5}}
     (row,) = table["benchmarks"]
-    assert (row["op"], row["case"], row["time_s"], row["rounds"], row["ratio"]) == (
-        "ce",
-        "cce-N8192",
-        0.5,
-        3,
-        1.5,
-    )
+    assert (row["op"], row["case"], row["time_s"], row["rounds"]) == ("ce", "cce-N8192", 0.5, 3)
+    assert (row["ratio"], row["throughput"], row["throughput_unit"]) == (1.5, 9e4, "tokens/s")
+    assert row["extra"] == {"tflops": 3.0}
 
 
 # ---------------------------------------------------------------------------- kernel report
