@@ -128,12 +128,22 @@ def cmd_env(out_dir: str) -> int:
         "cuda_available": torch.cuda.is_available(),
         "cuda_home": os.environ.get("CUDA_HOME"),
     }
-    try:
-        import triton
+    from importlib import metadata
 
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+    # what the tests and benchmarks can use on this machine (a missing baseline is skipped by its benchmark)
+    for dist in (
+        "triton",
+        "pytest",
+        "pytest-benchmark",
+        "transformers",
+        "vllm",
+        "liger-kernel",
+        "cut-cross-entropy",
+    ):
+        try:
+            env[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            env[dist] = None
     if env["cuda_available"]:
         env["device_name"] = torch.cuda.get_device_name(0)
         env["device_count"] = torch.cuda.device_count()
