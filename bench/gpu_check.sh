@@ -21,7 +21,9 @@
 #                outcome, each benchmark's row, and the tests that never finished
 # The tests and bench limits are sized from what the warm step measured for the
 # same tests (run time without compile time, kernels to load, torch.compile
-# graphs, tests not finished warm), capped by what is left of the budget:
+# graphs, tests not finished warm), capped by what is left of the budget; a test
+# the warm step started and never finished runs last in its step, so a second
+# hang cannot cost the results of the tests after it.
 # GAPFIX_CHECK_BUDGET seconds in all (default 455: with the kill grace periods and
 # the table, under 8 minutes).
 #
@@ -195,9 +197,11 @@ NOTE="$TEST_SHARDS test shards, $BENCH_SHARDS benchmark shards" \
 # ---------------------------------------------------------------- tests and benchmarks, warm
 TESTS_LIMIT=$("${TOOLS[@]}" limit "$OUT_DIR" tests $(( $(left) - BENCH_RESERVE - TABLE_RESERVE )) 2>>"$LOG")
 step tests "${TESTS_LIMIT:-$TESTS_RESERVE}" "${PYTEST[@]}" "${TEST_SEL[@]}" --stream-step tests \
-  --stream-jsonl "$OUT_DIR/stream/tests.jsonl" --junitxml="$OUT_DIR/tests_cuda.xml"
+  --stream-jsonl "$OUT_DIR/stream/tests.jsonl" --stream-last "$OUT_DIR/stream/tests.last" \
+  --junitxml="$OUT_DIR/tests_cuda.xml"
 BENCH_LIMIT=$("${TOOLS[@]}" limit "$OUT_DIR" bench $(( $(left) - TABLE_RESERVE )) 2>>"$LOG")
 step bench "${BENCH_LIMIT:-$BENCH_RESERVE}" "${PYTEST[@]}" "${BENCH_SEL[@]}" --stream-step bench \
-  --stream-jsonl "$OUT_DIR/stream/bench.jsonl" --benchmark-json="$OUT_DIR/bench_cuda.json"
+  --stream-jsonl "$OUT_DIR/stream/bench.jsonl" --stream-last "$OUT_DIR/stream/bench.last" \
+  --benchmark-json="$OUT_DIR/bench_cuda.json"
 
 finish

@@ -4,6 +4,7 @@
     python bench/gpu_check_tools.py build-check before|after
                                  exit 1 with the reasons when the CUDA build cannot work
     python bench/gpu_check_tools.py limit OUT STEP CAP     -> prints the time limit of STEP
+                                 (and writes OUT/stream/STEP.last: tests to run last)
     python bench/gpu_check_tools.py table OUT              -> OUT/gpu_results.json
 
 Files under OUT: stream/<step>[_<shard>].jsonl (bench/stream_results.py, one JSON line per
@@ -270,7 +271,16 @@ def size_limit(out_dir: str, step: str, cap: float) -> tuple[int, str]:
 
 
 def cmd_limit(out_dir: str, step: str, cap: str) -> int:
+    """Prints STEP's limit; also writes OUT/stream/STEP.last, the tests the warm step started and
+    did not finish, which gpu_check.sh passes to --stream-last (they run after all others)."""
     limit, why = size_limit(out_dir, step, float(cap))
+    unfinished = [
+        n for events in streams(out_dir, f"warm_{step}").values() for n in summarize(events)["unfinished"]
+    ]
+    with open(os.path.join(out_dir, "stream", f"{step}.last"), "w") as f:
+        f.writelines(f"{nodeid}\n" for nodeid in unfinished)
+    if unfinished:
+        why += f"; {len(unfinished)} unfinished in the warm step run last: {', '.join(unfinished)}"
     print(why, file=sys.stderr)
     print(max(limit, 1))
     return 0

@@ -12,6 +12,7 @@ test that was running when the step died (a "start" line without its
 
   {"event": "session", "pid", "shard", "triton", "compile_listener"}  at start
   {"event": "selected", "count", "shard"}                              after collection
+  {"event": "moved_last", "nodeids"}                                   with --stream-last
   {"event": "start", "nodeid"}                                         a test begins
   {"event": "compile", "nodeid", "kernel", "cache_hit", "seconds"}     a Triton compilation
   {"event": "result", "nodeid", "outcome", "duration", "phase", "message",
@@ -26,7 +27,8 @@ this listener does not see). "benchmark" holds pytest-benchmark's statistics and
 when the test used the `benchmark` fixture.
 
 --stream-shard i/k keeps every k-th selected test starting at the i-th (0-based), in nodeid
-order: k processes with i = 0..k-1 share one selection without overlap.
+order: k processes with i = 0..k-1 share one selection without overlap. --stream-last FILE
+runs the node ids listed in FILE (those an earlier step left unfinished) after all others.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--stream-jsonl", default=None, help="append one JSON line per event to this file")
     group.addoption("--stream-step", default="", help="step name written into every line")
     group.addoption("--stream-shard", default=None, help="i/k: run the i-th of k shards of the selection")
+    group.addoption(
+        "--stream-last",
+        default=None,
+        help="a file of node ids (one a line) to run after every other selected test",
+    )
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -130,6 +137,16 @@ class StreamResults:
 
     @pytest.hookimpl(trylast=True)  # after `-m` and `-k` have deselected
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        last_path = config.getoption("--stream-last")
+        if last_path and os.path.exists(last_path):
+            # tests that did not finish before (a hang, or a kill at a limit) go last, so that
+            # a second hang costs only the time left after every other test has finished
+            with open(last_path) as f:
+                last = {line.strip() for line in f if line.strip()}
+            moved = [item for item in items if item.nodeid in last]
+            if moved:
+                items[:] = [item for item in items if item.nodeid not in last] + moved
+                self.write("moved_last", nodeids=[item.nodeid for item in moved])
         if self.shard is not None:
             index, count = self.shard
             ordered = sorted(items, key=lambda item: item.nodeid)

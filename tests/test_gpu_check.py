@@ -230,6 +230,18 @@ def test_shards_split_the_selection_without_overlap(tmp_path):
     )
 
 
+def test_tests_left_unfinished_before_run_last(tmp_path):
+    last = tmp_path / "tests.last"
+    last.write_text("test_sample.py::test_passes\n")
+    stream = tmp_path / "moved.jsonl"
+    proc = _pytest_with_stream(tmp_path, stream, "-k", "not hangs", "--stream-last", str(last))
+    proc.communicate(timeout=300)
+    events = tools.read_lines(str(stream))
+    order = [e["nodeid"].split("::")[1] for e in events if e["event"] == "result"]
+    assert order == ["test_skips", "test_fails", "test_never_reached", "test_passes"]
+    assert [e["nodeids"] for e in events if e["event"] == "moved_last"] == [["test_sample.py::test_passes"]]
+
+
 # ---------------------------------------------------------------------------- step limits
 
 
@@ -286,6 +298,9 @@ def test_limits_are_sized_from_the_warm_steps_measurements(tmp_path):
         tools.size_limit(str(tmp_path), "tests", 40)[1],
     )
     assert "SHORT" in tools.size_limit(str(tmp_path), "tests", cap=40)[1]
+    # the CLI form also lists the test the warm step left unfinished, for --stream-last
+    assert tools.main(["limit", str(tmp_path), "tests", "1000"]) == 0
+    assert (tmp_path / "stream" / "tests.last").read_text() == "c\n"
     # nothing measured (the warm step never ran): the whole cap
     assert tools.size_limit(str(tmp_path), "bench", cap=77)[0] == 77
 
