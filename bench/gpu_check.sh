@@ -88,6 +88,7 @@ fi
 
 STATUS=0
 left() { echo $((BUDGET - SECONDS)); }
+say() { echo "$*" | tee -a "$LOG"; }  # progress on stdout too: a caller cut short still sees it
 record() {  # record STEP RC SECONDS LIMIT: one line of OUT/steps.jsonl (with $NOTE, if set)
   local timed_out=false
   if [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then timed_out=true; fi
@@ -103,23 +104,24 @@ step() {  # step NAME LIMIT CMD...: runs CMD under LIMIT seconds, logs and recor
   local name="$1" limit="$2"
   shift 2
   local start=$SECONDS rc
-  echo "=== $name (limit ${limit}s, $(left)s of the budget left): $*" >>"$LOG"
+  say "=== $name (limit ${limit}s, $(left)s of the budget left): $*"
   timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
   rc=$?
-  echo "=== $name: exit $rc after $((SECONDS - start))s" >>"$LOG"
-  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "=== $name: KILLED AT ITS LIMIT" >>"$LOG"; fi
+  say "=== $name: exit $rc after $((SECONDS - start))s"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then say "=== $name: KILLED AT ITS LIMIT"; fi
   record "$name" "$rc" "$((SECONDS - start))" "$limit"
   [ "$rc" -ne 0 ] && STATUS=1
   return "$rc"
 }
 finish() {  # the table from whatever was recorded, then the log's tail
-  "${TOOLS[@]}" table "$OUT_DIR" >>"$LOG" 2>&1 || STATUS=1
-  echo "=== done after ${SECONDS}s, status $STATUS" >>"$LOG"
-  tail -n 60 "$LOG"
+  "${TOOLS[@]}" table "$OUT_DIR" 2>&1 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+  say "=== done after ${SECONDS}s, status $STATUS (log: $LOG, table: $OUT_DIR/gpu_results.json)"
   exit "$STATUS"
 }
 stop() {  # a step that makes the rest meaningless: say why, write the table, stop
-  echo "=== STOPPED: $1" >>"$LOG"
+  say "=== STOPPED: $1"
+  tail -n 30 "$LOG"
   STATUS=1
   finish
 }
@@ -184,12 +186,12 @@ warm() {  # every test and benchmark once, in parallel shards; compilations land
 WARM_LIMIT=$(( $(left) - TESTS_RESERVE - BENCH_RESERVE - TABLE_RESERVE ))
 if [ "$WARM_LIMIT" -lt 10 ]; then WARM_LIMIT=10; fi
 # each shard has the limit itself (timeout), so the wait ends by WARM_LIMIT + 5 s
-echo "=== warm (limit ${WARM_LIMIT}s, $(left)s of the budget left):" \
-  "$TEST_SHARDS test and $BENCH_SHARDS benchmark shards" >>"$LOG"
+say "=== warm (limit ${WARM_LIMIT}s, $(left)s of the budget left):" \
+  "$TEST_SHARDS test and $BENCH_SHARDS benchmark shards"
 WARM_START=$SECONDS
 warm "$WARM_LIMIT" >>"$LOG" 2>&1
 RC=$?
-echo "=== warm: exit $RC after $((SECONDS - WARM_START))s" >>"$LOG"
+say "=== warm: exit $RC after $((SECONDS - WARM_START))s"
 NOTE="$TEST_SHARDS test shards, $BENCH_SHARDS benchmark shards" \
   record warm "$RC" "$((SECONDS - WARM_START))" "$WARM_LIMIT"
 [ "$RC" -ne 0 ] && STATUS=1
