@@ -2,6 +2,7 @@
 cannot serve the GPU (with the facts faked), the streaming plugin under a kill, the step
 limits, and the `cuda` marker that selects the tests which run on the GPU."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -14,8 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-sys.path.insert(0, str(BENCH))
-import gpu_check_tools as tools
+_spec = importlib.util.spec_from_file_location("gpu_check_tools", BENCH / "gpu_check_tools.py")
+tools = importlib.util.module_from_spec(_spec)  # loaded by path: bench/ stays off sys.path
+_spec.loader.exec_module(tools)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="bash script")
 
