@@ -1,103 +1,209 @@
 #!/usr/bin/env bash
-# One short GPU run for a CUDA machine without network: builds gapfix with its
-# CUDA kernels, runs every test marked `cuda` and every benchmark marked `cuda`
-# (any file under tests/ and bench/: new ones are picked up as they are added),
-# and writes under the output folder:
-#   gpu_check.log      everything, step by step, with each step's exit status
-#   tests_cuda.xml     junit report of `pytest tests -m cuda`
-#   bench_cuda.json    pytest-benchmark JSON of `pytest bench -m cuda`
-#   gpu_results.json   the table: op, case, time_s, throughput, baseline, ratio
+# One short GPU run for a CUDA machine without network, made so that a run cut
+# short still leaves every finished result:
 #
-#   bash bench/gpu_check.sh [OUT_DIR]      (default: $OUT, else ./gpu_check_out)
+#   bash bench/gpu_check.sh [OUT_DIR]             (default: $OUT, else ./gpu_check_out)
+#   bash bench/gpu_check.sh --dry-run [OUT_DIR]   on CPU: every step, tiny selection
 #
-# Budget: under 8 minutes in all (each step has its own timeout). Reads the GPU
-# model only; never changes GPU settings. Expects torch (CUDA build), triton,
-# pytest and pytest-benchmark already installed.
+# Steps (each under `timeout`, each recorded in OUT/steps.jsonl when it ends):
+#   build_check  torch present; with a GPU visible: CUDA_HOME/nvcc found and the
+#                toolkit's major version equal to torch.version.cuda's. Else stop.
+#   build        pip install --no-build-isolation --no-deps -e . (CUDA extension)
+#   build_verify with a GPU visible, gapfix._C must report cuda=yes. Else stop.
+#   env          card name (torch and nvidia-smi, read only), versions -> OUT/env.json
+#   warm         compiles every kernel the tests and benchmarks launch by running
+#                them once, in parallel shards (Triton and inductor on-disk caches);
+#                counts and times every Triton compilation
+#   tests        pytest tests -m cuda   (explicit `cuda` marks and every test using
+#                the triton_device fixture), against the warm caches
+#   bench        pytest bench -m cuda   (every benchmark marked cuda, new files too)
+#   table        OUT/gpu_results.json: steps, card, compilations, each test's
+#                outcome, each benchmark's row, and the tests that never finished
+# The tests and bench limits are sized from what the warm step measured for the
+# same tests (run time without compile time, kernels to load, torch.compile
+# graphs, tests not finished warm), capped by what is left of the budget; a test
+# the warm step started and never finished runs last in its step, so a second
+# hang cannot cost the results of the tests after it.
+# GAPFIX_CHECK_BUDGET seconds in all (default 455: with the kill grace periods and
+# the table, under 8 minutes).
+#
+# While it runs, bench/stream_results.py (a pytest plugin) writes one JSON line
+# per test, benchmark and Triton compilation to OUT/stream/<step>.jsonl and
+# flushes it: a step killed by its limit leaves its finished results, and the
+# test it was running is the one with a "start" line and no "result".
+# Never changes the card's settings. Expects torch (a CUDA build), triton,
+# pytest and pytest-benchmark installed; installs nothing else.
 set -uo pipefail
 
+DRY_RUN=0
+if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${1:-${OUT:-$ROOT/gpu_check_out}}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+for old in stream logs steps.jsonl gpu_results.json env.json tests_cuda.xml bench_cuda.json; do
+  rm -rf "${OUT_DIR:?}/$old"
+done
+mkdir -p "$OUT_DIR/stream" "$OUT_DIR/logs"
 LOG="$OUT_DIR/gpu_check.log"
 : >"$LOG"
 cd "$ROOT"
 
-BUILD_TIMEOUT="${GAPFIX_BUILD_TIMEOUT:-240}"
-TEST_TIMEOUT="${GAPFIX_TEST_TIMEOUT:-110}"
-BENCH_TIMEOUT="${GAPFIX_BENCH_TIMEOUT:-110}"
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT/bench${PYTHONPATH:+:$PYTHONPATH}"   # for `-p stream_results`
+export GAPFIX_GPU_CHECK_DRY_RUN="$DRY_RUN"
+TOOLS=(python "$ROOT/bench/gpu_check_tools.py")
+CORES="$(nproc 2>/dev/null || echo 4)"
+
+if [ "$DRY_RUN" = 1 ]; then
+  # CPU: Triton under the interpreter, a tiny selection (a few tests that take the
+  # triton_device fixture, one CPU benchmark), small budget
+  export TRITON_INTERPRET=1
+  BUDGET="${GAPFIX_CHECK_BUDGET:-360}"  # a cap: the dry run takes ~1-2 minutes on a shared CPU
+  TEST_SHARDS=2 BENCH_SHARDS=1 TESTS_RESERVE=60 BENCH_RESERVE=60 TABLE_RESERVE=15
+  TEST_SEL=(tests/test_rac_labels.py -m cuda -k "test_triton_empty or test_paper_examples_given_alignment")
+  BENCH_SEL=(bench/test_bench_rac_labels.py -k "batched_vs_per_pair and path"
+             --benchmark-max-time=0.02 --benchmark-min-rounds=1 --benchmark-warmup=off)
+else
+  BUDGET="${GAPFIX_CHECK_BUDGET:-455}"  # + up to 3 x 5 s of kill grace + the table: < 8 minutes
+  TEST_SHARDS="${GAPFIX_CHECK_TEST_SHARDS:-6}" BENCH_SHARDS="${GAPFIX_CHECK_BENCH_SHARDS:-2}"
+  TESTS_RESERVE=60 BENCH_RESERVE=120 TABLE_RESERVE=15
+  TEST_SEL=(tests -m cuda)
+  BENCH_SEL=(bench -m cuda)
+fi
+BUILD_LIMIT="${GAPFIX_CHECK_BUILD_LIMIT:-180}"
+PYTEST=(python -m pytest -q -ra -p no:cacheprovider -p stream_results)
+if [ "$DRY_RUN" = 1 ]; then  # plugins no test here uses, ~2 s of start-up each on a busy CPU
+  PYTEST+=(-p no:hypothesispytest -p no:anyio)
+fi
+# the warm pass times nothing: one round of what pytest-benchmark calibrates
+WARM_BENCH_OPTS=(--benchmark-min-rounds=1 --benchmark-max-time=0 --benchmark-warmup=off)
+
 if [ -z "${CUDA_HOME:-}" ]; then
-  for candidate in /usr/local/cuda "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x/x)")")"; do
+  NVCC_PATH="$(command -v nvcc 2>/dev/null || echo /x/x/x)"
+  for candidate in /usr/local/cuda "$(dirname "$(dirname "$NVCC_PATH")")"; do
     if [ -x "$candidate/bin/nvcc" ]; then export CUDA_HOME="$candidate"; break; fi
   done
 fi
 
 STATUS=0
-step() {  # step NAME TIMEOUT CMD...: runs CMD under a timeout, logs it, records the status
+left() { echo $((BUDGET - SECONDS)); }
+say() { echo "$*" | tee -a "$LOG"; }  # progress on stdout too: a caller cut short still sees it
+record() {  # record STEP RC SECONDS LIMIT: one line of OUT/steps.jsonl (with $NOTE, if set)
+  local timed_out=false
+  if [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then timed_out=true; fi
+  python - "$OUT_DIR/steps.jsonl" "$1" "$2" "$3" "$4" "$timed_out" "${NOTE:-}" <<'EOF'
+import json, sys
+path, step, rc, seconds, limit, timed_out, note = sys.argv[1:]
+with open(path, "a") as f:
+    f.write(json.dumps({"step": step, "rc": int(rc), "seconds": int(seconds), "limit_s": int(limit),
+                        "timed_out": timed_out == "true", "note": note}) + "\n")
+EOF
+}
+step() {  # step NAME LIMIT CMD...: runs CMD under LIMIT seconds, logs and records it; returns its status
   local name="$1" limit="$2"
   shift 2
-  local start=$SECONDS
-  echo "=== $name (timeout ${limit}s): $*" >>"$LOG"
-  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
-  local rc=$?
-  echo "=== $name: exit $rc after $((SECONDS - start))s" >>"$LOG"
+  local start=$SECONDS rc
+  say "=== $name (limit ${limit}s, $(left)s of the budget left): $*"
+  timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  say "=== $name: exit $rc after $((SECONDS - start))s"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then say "=== $name: KILLED AT ITS LIMIT"; fi
+  record "$name" "$rc" "$((SECONDS - start))" "$limit"
   [ "$rc" -ne 0 ] && STATUS=1
-  return 0
+  return "$rc"
+}
+finish() {  # the table from whatever was recorded, then the log's tail
+  "${TOOLS[@]}" table "$OUT_DIR" 2>&1 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+  say "=== done after ${SECONDS}s, status $STATUS (log: $LOG, table: $OUT_DIR/gpu_results.json)"
+  exit "$STATUS"
+}
+stop() {  # a step that makes the rest meaningless: say why, write the table, stop
+  say "=== STOPPED: $1"
+  tail -n 30 "$LOG"
+  STATUS=1
+  finish
 }
 
 {
-  echo "gapfix gpu_check $(date -u +%FT%TZ)"
+  echo "gapfix gpu_check $(date -u +%FT%TZ) dry_run=$DRY_RUN budget=${BUDGET}s cores=$CORES"
   echo "CUDA_HOME=${CUDA_HOME:-unset}"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
-  python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())" 2>&1
-  python -c "import triton; print('triton', triton.__version__)" 2>&1 || true
 } >>"$LOG"
 
-step build "$BUILD_TIMEOUT" python -m pip install --no-build-isolation --no-deps -e .
-step build_info 60 python -c "import gapfix._native as n; print(n.build_info())"
-step tests_cuda "$TEST_TIMEOUT" python -m pytest tests -m cuda -q -ra -p no:cacheprovider \
+# ---------------------------------------------------------------- build
+step build_check 60 "${TOOLS[@]}" build-check before ||
+  stop "the CUDA build cannot work here (see BUILD CHECK FAILED above)"
+if [ "$DRY_RUN" = 1 ]; then
+  # build_verify below imports the installed gapfix and reads its build_info
+  NOTE="dry run: no build, gapfix as installed" step build 60 echo "dry run: no build" ||
+    stop "the dry run's build step failed"
+else
+  python -c "import torch" >>"$LOG" 2>&1 || stop "torch is not installed"
+  MAX_JOBS="${MAX_JOBS:-$CORES}" step build "$BUILD_LIMIT" \
+    python -m pip install --no-build-isolation --no-deps -e . || stop "the build failed"
+fi
+step build_verify 60 "${TOOLS[@]}" build-check after ||
+  stop "gapfix._C cannot serve the GPU (see BUILD CHECK FAILED above)"
+step env 60 "${TOOLS[@]}" env "$OUT_DIR"
+
+# ---------------------------------------------------------------- warm the caches
+shard() {  # shard NAME LIMIT CMD...: one warm process; its wall time goes to OUT/stream/NAME.wall
+  local name="$1" limit="$2" start=$SECONDS r
+  shift 2
+  timeout --kill-after=5 "$limit" "$@" >"$OUT_DIR/logs/$name.log" 2>&1
+  r=$?
+  echo "{\"seconds\": $((SECONDS - start)), \"rc\": $r}" >"$OUT_DIR/stream/$name.wall"
+  return "$r"
+}
+warm() {  # every test and benchmark once, in parallel shards; compilations land in the caches
+  local limit="$1" pids=() i rc=0 r
+  for ((i = 0; i < TEST_SHARDS; i++)); do
+    shard "warm_tests_$i" "$limit" "${PYTEST[@]}" "${TEST_SEL[@]}" --stream-step warm \
+      --stream-jsonl "$OUT_DIR/stream/warm_tests_$i.jsonl" --stream-shard "$i/$TEST_SHARDS" &
+    pids+=($!)
+  done
+  for ((i = 0; i < BENCH_SHARDS; i++)); do
+    shard "warm_bench_$i" "$limit" "${PYTEST[@]}" "${BENCH_SEL[@]}" "${WARM_BENCH_OPTS[@]}" \
+      --stream-step warm \
+      --stream-jsonl "$OUT_DIR/stream/warm_bench_$i.jsonl" --stream-shard "$i/$BENCH_SHARDS" &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"
+    r=$?
+    echo "warm shard $i: exit $r"
+    # failing tests (1) or an empty shard (5) do not stop the warming; a kill at the limit does
+    if [ "$r" -eq 124 ] || [ "$r" -eq 137 ]; then
+      rc=124
+    elif [ "$r" -ne 0 ] && [ "$r" -ne 1 ] && [ "$r" -ne 5 ] && [ "$rc" -eq 0 ]; then
+      rc="$r"
+    fi
+  done
+  tail -n 3 "$OUT_DIR"/logs/warm_*.log
+  return "$rc"
+}
+WARM_LIMIT=$(( $(left) - TESTS_RESERVE - BENCH_RESERVE - TABLE_RESERVE ))
+if [ "$WARM_LIMIT" -lt 10 ]; then WARM_LIMIT=10; fi
+# each shard has the limit itself (timeout), so the wait ends by WARM_LIMIT + 5 s
+say "=== warm (limit ${WARM_LIMIT}s, $(left)s of the budget left):" \
+  "$TEST_SHARDS test and $BENCH_SHARDS benchmark shards"
+WARM_START=$SECONDS
+warm "$WARM_LIMIT" >>"$LOG" 2>&1
+RC=$?
+say "=== warm: exit $RC after $((SECONDS - WARM_START))s"
+NOTE="$TEST_SHARDS test shards, $BENCH_SHARDS benchmark shards" \
+  record warm "$RC" "$((SECONDS - WARM_START))" "$WARM_LIMIT"
+[ "$RC" -ne 0 ] && STATUS=1
+
+# ---------------------------------------------------------------- tests and benchmarks, warm
+TESTS_LIMIT=$("${TOOLS[@]}" limit "$OUT_DIR" tests $(( $(left) - BENCH_RESERVE - TABLE_RESERVE )) 2>>"$LOG")
+step tests "${TESTS_LIMIT:-$TESTS_RESERVE}" "${PYTEST[@]}" "${TEST_SEL[@]}" --stream-step tests \
+  --stream-jsonl "$OUT_DIR/stream/tests.jsonl" --stream-last "$OUT_DIR/stream/tests.last" \
   --junitxml="$OUT_DIR/tests_cuda.xml"
-step bench_cuda "$BENCH_TIMEOUT" python -m pytest bench -m cuda -q -ra -p no:cacheprovider \
+BENCH_LIMIT=$("${TOOLS[@]}" limit "$OUT_DIR" bench $(( $(left) - TABLE_RESERVE )) 2>>"$LOG")
+step bench "${BENCH_LIMIT:-$BENCH_RESERVE}" "${PYTEST[@]}" "${BENCH_SEL[@]}" --stream-step bench \
+  --stream-jsonl "$OUT_DIR/stream/bench.jsonl" --stream-last "$OUT_DIR/stream/bench.last" \
   --benchmark-json="$OUT_DIR/bench_cuda.json"
 
-python - "$OUT_DIR" >>"$LOG" 2>&1 <<'EOF' || STATUS=1
-# The benchmark JSON as one table: a row per benchmark, the fields every
-# gapfix benchmark records in extra_info (throughput, baseline, ratio), the
-# rest of extra_info kept alongside.
-import json, os, sys
-out_dir = sys.argv[1]
-source = os.path.join(out_dir, "bench_cuda.json")
-rows = []
-try:
-    with open(source) as f:
-        data = json.load(f)
-except (OSError, ValueError) as exc:  # no benchmark ran: pytest-benchmark leaves it empty
-    print(f"no benchmark results in {source}: {exc}")
-    data = {}
-if data:
-    for bench in data.get("benchmarks", []):
-        info = dict(bench.get("extra_info") or {})
-        name = bench.get("name", "")
-        rows.append({
-            "op": name.split("[")[0].removeprefix("test_bench_"),
-            "file": bench.get("fullname", "").split("::")[0],
-            "case": info.pop("case", bench.get("param")),
-            "time_s": (bench.get("stats") or {}).get("median"),
-            "throughput": info.pop("throughput", None),
-            "throughput_unit": info.pop("throughput_unit", None),
-            "baseline": info.pop("baseline", None),
-            "ratio": info.pop("ratio", info.pop("speedup", None)),
-            "extra": info,
-        })
-with open(os.path.join(out_dir, "gpu_results.json"), "w") as f:
-    json.dump({"source": "bench_cuda.json", "rows": rows}, f, indent=2)
-print(f"gpu_results.json: {len(rows)} rows")
-for row in rows:
-    print(f"  {row['op']:<40} {str(row['case'])[:50]:<50} time={row['time_s']} "
-          f"throughput={row['throughput']} {row['throughput_unit'] or ''} ratio={row['ratio']}")
-EOF
-
-echo "=== done, status $STATUS" >>"$LOG"
-tail -n 40 "$LOG"
-exit "$STATUS"
+finish

@@ -24,10 +24,18 @@ def _has_triton():
 HAS_TRITON = _has_triton()
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the added markers must count there
 def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: skipped without one. Tests that take the
+    `triton_device` fixture run on the GPU when there is one (on CPU under the
+    interpreter otherwise): they get the `cuda` marker too, so `pytest -m cuda`
+    (bench/gpu_check.sh) selects them, but they are not skipped on CPU."""
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "cuda" in item.keywords and not HAS_CUDA:
+        needs_cuda = item.get_closest_marker("cuda") is not None
+        if not needs_cuda and "triton_device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cuda)
+        if needs_cuda and not HAS_CUDA:
             item.add_marker(skip_cuda)
 
 

@@ -1,0 +1,433 @@
+"""The Python half of bench/gpu_check.sh (the bash half runs the steps under time limits).
+
+    python bench/gpu_check_tools.py env OUT                 -> OUT/env.json (card, versions)
+    python bench/gpu_check_tools.py build-check before|after
+                                 exit 1 with the reasons when the CUDA build cannot work
+    python bench/gpu_check_tools.py limit OUT STEP CAP     -> prints the time limit of STEP
+                                 (and writes OUT/stream/STEP.last: tests to run last)
+    python bench/gpu_check_tools.py table OUT              -> OUT/gpu_results.json
+
+Files under OUT: stream/<step>[_<shard>].jsonl (bench/stream_results.py, one JSON line per
+test, benchmark and Triton compilation, written as they happen) and steps.jsonl (one line per
+finished step, written by gpu_check.sh).
+
+GAPFIX_GPU_CHECK_FAKE (a JSON object) replaces facts of `build-check` (cuda_available,
+torch_cuda, toolkit, cuda_home, build_info): the script's own tests use it to check the
+refusals on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+# ---------------------------------------------------------------------------- build checks
+
+
+def _toolkit_version(cuda_home: str | None) -> str | None:
+    """The CUDA toolkit's version from `nvcc --version` ("release 13.0, V13.0.88" -> "13.0")."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        return None
+    done = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    found = re.search(r"release (\d+\.\d+)", done.stdout)
+    return found.group(1) if found else None
+
+
+def build_facts(phase: str) -> dict:
+    import torch
+
+    facts = {
+        "cuda_available": torch.cuda.is_available(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_home": os.environ.get("CUDA_HOME") or None,
+    }
+    facts["toolkit"] = _toolkit_version(facts["cuda_home"])
+    if phase == "after":
+        from gapfix import _native
+
+        facts["build_info"] = _native.build_info()
+    fake = os.environ.get("GAPFIX_GPU_CHECK_FAKE")
+    if fake:
+        facts.update(json.loads(fake))
+        facts["faked"] = sorted(json.loads(fake))
+    return facts
+
+
+def _major(version: str | None) -> str | None:
+    return version.split(".")[0] if version else None
+
+
+def build_problems(facts: dict, phase: str) -> list[str]:
+    """Why the CUDA build cannot work on this machine ([] when it can, or when there is no GPU:
+    a CPU-only build is then the right one)."""
+    if not facts["cuda_available"]:
+        return []
+    problems = []
+    if facts.get("torch_cuda") is None:
+        problems.append(
+            f"a GPU is visible but torch {facts.get('torch')} was built without CUDA "
+            "(torch.version.cuda is None)"
+        )
+    if phase == "before":
+        if not facts.get("cuda_home"):
+            problems.append(
+                "a GPU is visible but CUDA_HOME is unset and no nvcc was found: gapfix._C "
+                "would build without its CUDA kernels (a pip CUDA torch ships no toolkit)"
+            )
+        elif facts.get("toolkit") is None:
+            problems.append(f"CUDA_HOME={facts['cuda_home']} has no working bin/nvcc")
+        elif facts.get("torch_cuda") and _major(facts["toolkit"]) != _major(facts["torch_cuda"]):
+            problems.append(
+                f"the CUDA toolkit at {facts['cuda_home']} is {facts['toolkit']} but torch was "
+                f"built with CUDA {facts['torch_cuda']}: the major versions must match"
+            )
+    if phase == "after":
+        info = facts.get("build_info") or ""
+        if "cuda=yes" not in info:
+            problems.append(
+                f"a GPU is visible but gapfix._C was built without CUDA (build_info: {info!r}); "
+                "set CUDA_HOME to the toolkit and rebuild"
+            )
+    return problems
+
+
+def cmd_build_check(phase: str) -> int:
+    if phase not in ("before", "after"):
+        raise SystemExit(f"build-check: phase must be 'before' or 'after', not {phase!r}")
+    try:
+        facts = build_facts(phase)
+    except ImportError as exc:  # no torch, or gapfix not installed after the build
+        print(f"BUILD CHECK FAILED ({phase}): {exc}", file=sys.stderr)
+        return 1
+    print("build facts:", json.dumps(facts, sort_keys=True))
+    problems = build_problems(facts, phase)
+    for problem in problems:
+        print(f"BUILD CHECK FAILED ({phase}): {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+# ---------------------------------------------------------------------------- environment
+
+
+def cmd_env(out_dir: str) -> int:
+    import platform
+
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_home": os.environ.get("CUDA_HOME"),
+    }
+    from importlib import metadata
+
+    # what the tests and benchmarks can use on this machine (a missing baseline is skipped by its benchmark)
+    for dist in (
+        "triton",
+        "pytest",
+        "pytest-benchmark",
+        "transformers",
+        "vllm",
+        "liger-kernel",
+        "cut-cross-entropy",
+    ):
+        try:
+            env[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            env[dist] = None
+    if env["cuda_available"]:
+        env["device_name"] = torch.cuda.get_device_name(0)
+        env["device_count"] = torch.cuda.device_count()
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    else:
+        env["device_name"] = f"cpu ({platform.processor() or platform.machine()}, no CUDA device)"
+    smi = shutil.which("nvidia-smi")
+    if smi:  # reads the card's name and settings only; never changes them
+        done = subprocess.run(
+            [smi, "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        env["nvidia_smi"] = (done.stdout or done.stderr).strip()
+    env["toolkit"] = _toolkit_version(env["cuda_home"])
+    try:
+        from gapfix import _native
+
+        env["build_info"] = _native.build_info()
+    except ImportError as exc:
+        env["build_info"] = f"gapfix not importable: {exc}"
+    with open(os.path.join(out_dir, "env.json"), "w") as f:
+        json.dump(env, f, indent=2)
+    print(json.dumps(env))
+    return 0
+
+
+# ---------------------------------------------------------------------------- reading the streams
+
+
+def read_lines(path: str) -> list[dict]:
+    """JSON lines of one stream; a line cut short by a kill (the last one) is reported, not fatal."""
+    events = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                events.append({"event": "unreadable", "file": path, "line": number, "text": line[:200]})
+    return events
+
+
+def streams(out_dir: str, prefix: str = "") -> dict[str, list[dict]]:
+    files = sorted(glob.glob(os.path.join(out_dir, "stream", f"{prefix}*.jsonl")))
+    return {os.path.basename(path)[: -len(".jsonl")]: read_lines(path) for path in files}
+
+
+def summarize(events: list[dict]) -> dict:
+    """Results, unfinished tests (started, no result: hung or killed) and compilations of one stream."""
+    results = {e["nodeid"]: e for e in events if e["event"] == "result"}
+    started = [e["nodeid"] for e in events if e["event"] == "start"]
+    compiles = [e for e in events if e["event"] == "compile"]
+    sessions = [e for e in events if e["event"] == "session"]
+    ends = [e for e in events if e["event"] == "end"]
+    selected = [e for e in events if e["event"] == "selected"]
+    return {
+        "results": list(results.values()),
+        "unfinished": [nodeid for nodeid in started if nodeid not in results],
+        "compiled": [e for e in compiles if not e.get("cache_hit")],
+        "cache_hits": sum(1 for e in compiles if e.get("cache_hit")),
+        "selected": selected[-1]["count"] if selected else (ends[-1]["selected"] if ends else None),
+        "ended": bool(ends),
+        "compile_listener": all(s.get("compile_listener") for s in sessions) if sessions else None,
+        "unreadable": [e for e in events if e["event"] == "unreadable"],
+    }
+
+
+# ---------------------------------------------------------------------------- step limits
+
+STARTUP_S = 25.0  # python, torch, triton, transformers imports and pytest collection
+LOAD_S = 0.05  # one kernel from the on-disk cache (read, load the cubin)
+GRAPH_S = 5.0  # one torch.compile graph against a warm inductor cache (dynamo tracing)
+UNKNOWN_ITEM_S = 10.0  # a test the warm step did not finish: its compilations are unknown
+
+
+def size_limit(out_dir: str, step: str, cap: float) -> tuple[int, str]:
+    """Time limit of STEP ("tests" or "bench") from what the warm step measured for the same
+    selection: the slowest shard's time outside its tests (start-up, collection, exit), the run
+    time of each warm test without its compile time, one cache load per kernel it compiled or
+    loaded, a dynamo re-trace per torch.compile graph, and for every test the warm step did not
+    finish (or start) the mean compile time of those it did (at least UNKNOWN_ITEM_S).
+    Capped at CAP, the budget left; the reason is returned with the number."""
+    warm = streams(out_dir, f"warm_{step}")
+    summaries = [summarize(events) for events in warm.values()]
+    # per-process cost outside the tests (start-up, collection, exit), measured on each warm shard
+    # that ended by itself (a killed one's wall time holds the hang); STARTUP_S is the floor
+    overheads = []
+    for name, summary in zip(warm, summaries):
+        wall_path = os.path.join(out_dir, "stream", f"{name}.wall")
+        if summary["ended"] and os.path.exists(wall_path):
+            with open(wall_path) as f:
+                wall = json.load(f)["seconds"]
+            overheads.append(wall - sum(r.get("duration", 0.0) for r in summary["results"]))
+    startup = max([STARTUP_S, *overheads])
+    results = [r for s in summaries for r in s["results"]]
+    unfinished = sum(len(s["unfinished"]) for s in summaries)
+    selected = sum(s["selected"] or 0 for s in summaries)
+    not_started = max(0, selected - len(results) - unfinished)
+    run_s = sum(max(0.0, r.get("duration", 0.0) - r.get("compile_s", 0.0)) for r in results)
+    compiled = sum(r.get("compiles", 0) for r in results)
+    loads = compiled + sum(r.get("cache_hits", 0) for r in results)
+    graphs = sum(r.get("inductor_graphs", 0) or 0 for r in results)
+    compiling = [r["compile_s"] for r in results if r.get("compiles")]
+    per_unknown = max(UNKNOWN_ITEM_S, sum(compiling) / len(compiling) if compiling else 0.0)
+    unknown = unfinished + not_started
+    if not summaries:  # no warm stream at all (the warm step never started): nothing measured
+        unknown, per_unknown = 1, cap
+    need = startup + 1.5 * run_s + LOAD_S * loads + GRAPH_S * graphs + per_unknown * unknown
+    limit = int(min(math.ceil(need), cap))
+    why = (
+        f"limit {step}: {limit}s = min(cap {cap:.0f}s, {startup:.0f}s start-up, collection and exit"
+        f" + 1.5 x {run_s:.1f}s run time of {len(results)} warm tests"
+        f" + {loads} kernel loads ({compiled} compiled in the warm step) x {LOAD_S}s"
+        f" + {graphs} torch.compile graphs x {GRAPH_S:.0f}s"
+        f" + {unknown} tests not finished warm x {per_unknown:.1f}s)"
+    )
+    if need > cap:
+        why += f"; SHORT by {need - cap:.0f}s: the step may be cut, its finished results stay"
+    return limit, why
+
+
+def cmd_limit(out_dir: str, step: str, cap: str) -> int:
+    """Prints STEP's limit; also writes OUT/stream/STEP.last, the tests the warm step started and
+    did not finish, which gpu_check.sh passes to --stream-last (they run after all others)."""
+    limit, why = size_limit(out_dir, step, float(cap))
+    unfinished = [
+        n for events in streams(out_dir, f"warm_{step}").values() for n in summarize(events)["unfinished"]
+    ]
+    with open(os.path.join(out_dir, "stream", f"{step}.last"), "w") as f:
+        f.writelines(f"{nodeid}\n" for nodeid in unfinished)
+    if unfinished:
+        why += f"; {len(unfinished)} unfinished in the warm step run last: {', '.join(unfinished)}"
+    print(why, file=sys.stderr)
+    print(max(limit, 1))
+    return 0
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+def _benchmark_row(step: str, result: dict) -> dict:
+    bench = result["benchmark"]
+    info = dict(bench.get("extra_info") or {})
+    nodeid = result["nodeid"]
+    name = nodeid.split("::")[-1]
+    return {
+        "step": step,
+        "op": name.split("[")[0].removeprefix("test_bench_").removeprefix("test_"),
+        "file": nodeid.split("::")[0],
+        "case": info.pop("case", bench.get("param")),
+        "outcome": result["outcome"],
+        "time_s": bench.get("median"),
+        "rounds": bench.get("rounds"),
+        "min_s": bench.get("min"),
+        "group": bench.get("group"),
+        "throughput": info.pop("throughput", None),
+        "throughput_unit": info.pop("throughput_unit", None),
+        "baseline": info.pop("baseline", None),
+        "ratio": info.pop("ratio", info.pop("speedup", None)),
+        "extra": info,
+    }
+
+
+def build_table(out_dir: str) -> dict:
+    env = {}
+    if os.path.exists(os.path.join(out_dir, "env.json")):
+        with open(os.path.join(out_dir, "env.json")) as f:
+            env = json.load(f)
+    steps = (
+        read_lines(os.path.join(out_dir, "steps.jsonl"))
+        if os.path.exists(os.path.join(out_dir, "steps.jsonl"))
+        else []
+    )
+    tests, benchmarks, unfinished, compiled, problems = [], [], [], [], []
+    cache_hits, listener = 0, []
+    for name, events in streams(out_dir).items():
+        s = summarize(events)
+        step = name
+        cache_hits += s["cache_hits"]
+        compiled += [dict(c, stream=name) for c in s["compiled"]]
+        listener.append(s["compile_listener"])
+        unfinished += [{"stream": name, "nodeid": nodeid} for nodeid in s["unfinished"]]
+        problems += [f"{name}: unreadable line {u['line']}" for u in s["unreadable"]]
+        for r in s["results"]:
+            tests.append(
+                {
+                    "stream": step,
+                    "nodeid": r["nodeid"],
+                    "outcome": r["outcome"],
+                    "phase": r.get("phase"),
+                    "duration_s": r.get("duration"),
+                    "compiles": r.get("compiles"),
+                    "compile_s": r.get("compile_s"),
+                    "message": r.get("message"),
+                }
+            )
+            if r.get("benchmark"):
+                benchmarks.append(_benchmark_row(step, r))
+    counts: dict[str, dict[str, int]] = {}
+    for t in tests:
+        kind = counts.setdefault(
+            t["stream"].split("_")[0] if t["stream"].startswith("warm") else t["stream"], {}
+        )
+        kind[t["outcome"]] = kind.get(t["outcome"], 0) + 1
+    by_kernel: dict[str, dict] = {}
+    for c in compiled:
+        k = by_kernel.setdefault(c["kernel"], {"compiled": 0, "seconds": 0.0, "max_s": 0.0})
+        k["compiled"] += 1
+        k["seconds"] = round(k["seconds"] + c["seconds"], 3)
+        k["max_s"] = max(k["max_s"], c["seconds"])
+    failed_steps = [s["step"] for s in steps if s.get("rc") not in (0, None)]
+    bad_tests = [
+        t
+        for t in tests
+        if t["outcome"] in ("failed", "error", "unknown") and not t["stream"].startswith("warm")
+    ]
+    status = "ok" if not failed_steps and not bad_tests and not unfinished and not problems else "failed"
+    return {
+        "status": status,
+        "dry_run": os.environ.get("GAPFIX_GPU_CHECK_DRY_RUN") == "1",
+        "device": env.get("device_name"),
+        "env": env,
+        "steps": steps,
+        "failed_steps": failed_steps,
+        "compilations": {
+            "triton_compiled": len(compiled),
+            "triton_compile_s": round(sum(c["seconds"] for c in compiled), 2),
+            "triton_cache_hits": cache_hits,
+            "listener": all(x for x in listener if x is not None) if listener else None,
+            "by_kernel": by_kernel,
+        },
+        "counts": counts,
+        "unfinished": unfinished,
+        "problems": problems,
+        "benchmarks": benchmarks,
+        "tests": tests,
+    }
+
+
+def cmd_table(out_dir: str) -> int:
+    table = build_table(out_dir)
+    with open(os.path.join(out_dir, "gpu_results.json"), "w") as f:
+        json.dump(table, f, indent=2, default=str)
+    print(f"gpu_results.json: status {table['status']}, device {table['device']!r}")
+    for s in table["steps"]:
+        print(
+            f"  step {s['step']:<12} rc={s['rc']} {s['seconds']}s (limit {s.get('limit_s')}s)"
+            f"{' TIMED OUT' if s.get('timed_out') else ''}"
+        )
+    for kind, c in table["counts"].items():
+        print(f"  {kind:<12} {c}")
+    comp = table["compilations"]
+    print(
+        f"  triton: {comp['triton_compiled']} compiled in {comp['triton_compile_s']}s, "
+        f"{comp['triton_cache_hits']} from the cache"
+    )
+    for u in table["unfinished"]:
+        print(f"  UNFINISHED (hung or killed): {u['stream']}: {u['nodeid']}")
+    for t in table["tests"]:
+        if t["outcome"] in ("failed", "error", "unknown"):
+            print(f"  {t['outcome'].upper()}: {t['stream']}: {t['nodeid']}")
+    for b in table["benchmarks"]:
+        print(f"  bench {b['op']:<36} {str(b['case'])[:40]:<40} median={b['time_s']} ratio={b['ratio']}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    commands = {
+        "env": (cmd_env, 1),
+        "build-check": (cmd_build_check, 1),
+        "limit": (cmd_limit, 3),
+        "table": (cmd_table, 1),
+    }
+    if not argv or argv[0] not in commands or len(argv) - 1 != commands[argv[0]][1]:
+        print(__doc__, file=sys.stderr)
+        return 2
+    fn, _ = commands[argv[0]]
+    return fn(*argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

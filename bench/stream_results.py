@@ -1,0 +1,253 @@
+"""pytest plugin: one JSON line per event, written and flushed as it happens.
+
+Loaded by bench/gpu_check.sh with `-p stream_results` (bench/ on PYTHONPATH):
+
+    python -m pytest tests -m cuda -p stream_results --stream-jsonl OUT/stream/tests.jsonl \\
+        [--stream-step tests] [--stream-shard 2/6]
+
+A step killed by its time limit (SIGKILL included) leaves every line written
+before it, so the JSON lines file holds each finished test's outcome and the
+test that was running when the step died (a "start" line without its
+"result"). Lines (all with "t", seconds since the epoch, and "step"):
+
+  {"event": "session", "pid", "shard", "triton", "compile_listener"}  at start
+  {"event": "selected", "count", "shard"}                              after collection
+  {"event": "moved_last", "nodeids"}                                   with --stream-last
+  {"event": "start", "nodeid"}                                         a test begins
+  {"event": "compile", "nodeid", "kernel", "cache_hit", "seconds"}     a Triton compilation
+  {"event": "result", "nodeid", "outcome", "duration", "phase", "message",
+   "compiles", "compile_s", "cache_hits", "inductor_graphs", "benchmark"}   a test ends
+  {"event": "end", "exitstatus", "selected"}                           the session ends
+
+Compilations are counted by Triton's compilation listener (triton.knobs.compilation.listener):
+cache_hit is false when the kernel was really compiled (seconds = its compile time), true when
+it came from the on-disk cache. torch.compile graphs compiled by inductor are counted from
+torch._dynamo's counters (inductor compiles their Triton kernels in worker processes, which
+this listener does not see). "benchmark" holds pytest-benchmark's statistics and extra_info
+when the test used the `benchmark` fixture.
+
+--stream-shard i/k keeps every k-th selected test starting at the i-th (0-based), in nodeid
+order: k processes with i = 0..k-1 share one selection without overlap. --stream-last FILE
+runs the node ids listed in FILE (those an earlier step left unfinished) after all others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+_MESSAGE_CHARS = 2000
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("stream_results", "JSON lines of results, written as they happen")
+    group.addoption("--stream-jsonl", default=None, help="append one JSON line per event to this file")
+    group.addoption("--stream-step", default="", help="step name written into every line")
+    group.addoption("--stream-shard", default=None, help="i/k: run the i-th of k shards of the selection")
+    group.addoption(
+        "--stream-last",
+        default=None,
+        help="a file of node ids (one a line) to run after every other selected test",
+    )
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--stream-shard {text!r}: expected i/k, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"--stream-shard {text!r}: need 0 <= i < k")
+    return index, count
+
+
+class StreamResults:
+    def __init__(self, config: pytest.Config, path: str) -> None:
+        self.config = config
+        self.step = config.getoption("--stream-step")
+        shard = config.getoption("--stream-shard")
+        self.shard = _parse_shard(shard) if shard else None
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        # open for the whole session (closed in pytest_unconfigure); line-buffered, fsync'ed per event
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115
+        self.current: str | None = None
+        self.compiles: list[dict] = []
+        self.listener_error: str | None = None
+        self.selected = 0
+        self._previous_listener = None
+        self._outcome: dict | None = None
+        self._benchmark: dict | None = None
+        self._duration = 0.0
+        self._graphs_before = 0
+        self.has_listener = self._install_listener()
+
+    # ---------------------------------------------------------------- output
+
+    def write(self, event: str, **fields) -> None:
+        line = {"event": event, "t": round(time.time(), 3), "step": self.step, **fields}
+        self.file.write(json.dumps(line, default=str) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())  # survives the SIGKILL of `timeout --kill-after`
+
+    # ---------------------------------------------------------------- compilations
+
+    def _install_listener(self) -> bool:
+        try:
+            from triton import knobs
+        except ImportError:
+            return False
+        if not hasattr(knobs, "compilation") or not hasattr(knobs.compilation, "listener"):
+            return False
+        self._knobs = knobs
+        self._previous_listener = knobs.compilation.listener
+        knobs.compilation.listener = self._on_compile
+        return True
+
+    def _on_compile(self, *, src, metadata, metadata_group, times, cache_hit) -> None:
+        fn = getattr(src, "fn", None)
+        name = getattr(fn, "__name__", None) or getattr(src, "name", "?")
+        seconds = getattr(times, "total", 0) / 1e6  # CompileTimes are in microseconds
+        record = {
+            "nodeid": self.current,
+            "kernel": name,
+            "cache_hit": bool(cache_hit),
+            "seconds": round(seconds, 4),
+        }
+        self.compiles.append(record)
+        self.write("compile", **record)
+        if self._previous_listener is not None:
+            self._previous_listener(
+                src=src, metadata=metadata, metadata_group=metadata_group, times=times, cache_hit=cache_hit
+            )
+
+    @staticmethod
+    def _inductor_graphs() -> int | None:
+        import sys
+
+        if "torch._dynamo" not in sys.modules:  # nothing compiled: do not import dynamo for it
+            return 0
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
+    # ---------------------------------------------------------------- pytest hooks
+
+    @pytest.hookimpl(trylast=True)  # after `-m` and `-k` have deselected
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        last_path = config.getoption("--stream-last")
+        if last_path and os.path.exists(last_path):
+            # tests that did not finish before (a hang, or a kill at a limit) go last, so that
+            # a second hang costs only the time left after every other test has finished
+            with open(last_path) as f:
+                last = {line.strip() for line in f if line.strip()}
+            moved = [item for item in items if item.nodeid in last]
+            if moved:
+                items[:] = [item for item in items if item.nodeid not in last] + moved
+                self.write("moved_last", nodeids=[item.nodeid for item in moved])
+        if self.shard is not None:
+            index, count = self.shard
+            ordered = sorted(items, key=lambda item: item.nodeid)
+            keep = {id(item) for item in ordered[index::count]}
+            dropped = [item for item in items if id(item) not in keep]
+            items[:] = [item for item in items if id(item) in keep]
+            if dropped:
+                config.hook.pytest_deselected(items=dropped)
+        self.selected = len(items)
+        self.write("selected", count=self.selected, shard=config.getoption("--stream-shard"))
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        self.write(
+            "session",
+            pid=os.getpid(),
+            shard=self.config.getoption("--stream-shard"),
+            triton=triton_version,
+            compile_listener=self.has_listener,
+        )
+
+    def pytest_runtest_logstart(self, nodeid: str, location) -> None:
+        self.current = nodeid
+        self.compiles = []
+        self._graphs_before = self._inductor_graphs()
+        self._outcome = None
+        self.write("start", nodeid=nodeid)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        report = yield
+        if call.when == "call":
+            fixture = getattr(item, "funcargs", {}).get("benchmark")
+            if fixture is not None:
+                self._benchmark = self._benchmark_fields(fixture)
+        return report
+
+    @staticmethod
+    def _benchmark_fields(fixture) -> dict:
+        fields = {
+            "extra_info": dict(getattr(fixture, "extra_info", {}) or {}),
+            "group": getattr(fixture, "group", None),
+            "param": getattr(fixture, "param", None),
+        }
+        stats = getattr(getattr(fixture, "stats", None), "stats", None)
+        if stats is not None:
+            for key in ("min", "median", "mean", "max", "stddev", "rounds"):
+                fields[key] = getattr(stats, key, None)
+        return fields
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # one outcome per test: the first failure or skip, else the call's pass; teardown errors count
+        first = self._outcome is None and (report.when == "call" or report.outcome != "passed")
+        worse = (
+            self._outcome is not None and report.outcome != "passed" and self._outcome["outcome"] == "passed"
+        )
+        if first or worse:
+            message = None
+            if report.outcome != "passed":
+                if report.skipped and isinstance(report.longrepr, tuple):
+                    message = str(report.longrepr[2])
+                else:
+                    message = str(report.longreprtext)[-_MESSAGE_CHARS:]
+            outcome = "error" if report.when != "call" and report.failed else report.outcome
+            self._outcome = {"outcome": outcome, "phase": report.when, "message": message}
+        if report.when == "call":
+            self._duration = report.duration
+
+    def pytest_runtest_logfinish(self, nodeid: str, location) -> None:
+        outcome = self._outcome or {"outcome": "unknown", "phase": None, "message": None}
+        misses = [c for c in self.compiles if not c["cache_hit"]]
+        graphs_after = self._inductor_graphs()
+        fields = dict(
+            nodeid=nodeid,
+            duration=round(self._duration, 4),
+            **outcome,
+            compiles=len(misses),
+            compile_s=round(sum(c["seconds"] for c in misses), 3),
+            cache_hits=len(self.compiles) - len(misses),
+            inductor_graphs=graphs_after - self._graphs_before,
+        )
+        if self._benchmark is not None:
+            fields["benchmark"] = self._benchmark
+        self.write("result", **fields)
+        self.current, self._benchmark, self._duration, self._outcome = None, None, 0.0, None
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
+        self.write("end", exitstatus=int(exitstatus), selected=self.selected)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self.has_listener:
+            self._knobs.compilation.listener = self._previous_listener
+        self.file.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    path = config.getoption("--stream-jsonl")
+    if path:
+        config.pluginmanager.register(StreamResults(config, path), "stream_results_instance")

@@ -1,0 +1,434 @@
+"""bench/gpu_check.sh without a GPU: its dry run end to end, the refusals of a build that
+cannot serve the GPU (with the facts faked), the streaming plugin under a kill, the step
+limits, and the `cuda` marker that selects the tests which run on the GPU."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+_spec = importlib.util.spec_from_file_location("gpu_check_tools", BENCH / "gpu_check_tools.py")
+tools = importlib.util.module_from_spec(_spec)  # loaded by path: bench/ stays off sys.path
+_spec.loader.exec_module(tools)
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("GAPFIX_GPU_CHECK_FAKE", "OUT")}
+    env["PYTHONPATH"] = str(BENCH) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+def _run_check(out, *args, **env):
+    return subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), *args, str(out)],
+        cwd=ROOT,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def _table(out):
+    with open(out / "gpu_results.json") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------- the dry run
+
+
+def test_dry_run_runs_every_step_and_writes_the_table(tmp_path):
+    done = _run_check(tmp_path, "--dry-run")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    table = _table(tmp_path)
+    assert table["status"] == "ok" and table["dry_run"] is True
+    assert "no CUDA device" in table["device"]
+    steps = {s["step"]: s for s in table["steps"]}
+    assert list(steps) == ["build_check", "build", "build_verify", "env", "warm", "tests", "bench"]
+    assert all(s["rc"] == 0 and not s["timed_out"] and 0 < s["limit_s"] for s in steps.values())
+    assert table["failed_steps"] == [] and table["unfinished"] == [] and table["problems"] == []
+    # the warm step ran the same tests in two shards, without overlap, and the benchmark once
+    warm = sorted(t["nodeid"] for t in table["tests"] if t["stream"].startswith("warm_tests"))
+    tests = sorted(t["nodeid"] for t in table["tests"] if t["stream"] == "tests")
+    assert warm == tests and len(tests) == 3
+    # a triton_device test: selected by -m cuda (its added marker) and run, not skipped, on CPU
+    assert any(t["nodeid"].endswith("test_triton_empty") and t["outcome"] == "passed" for t in table["tests"])
+    assert {t["stream"] for t in table["tests"] if t["stream"].startswith("warm_tests")} == {
+        "warm_tests_0",
+        "warm_tests_1",
+    }
+    assert table["counts"]["tests"] == {"passed": 3} and table["counts"]["warm"] == {"passed": 4}
+    bench = [b for b in table["benchmarks"] if b["step"] == "bench"]
+    assert len(bench) == 1 and bench[0]["time_s"] > 0 and bench[0]["rounds"] >= 1
+    assert bench[0]["op"] == "build_rows_batched_vs_per_pair" and bench[0]["case"] == "path"
+    assert bench[0]["ratio"] > 0 and bench[0]["extra"]["pairs"] == 64
+    # the interpreter compiles nothing; the listener was installed and counted zero
+    assert table["compilations"]["triton_compiled"] == 0 and table["compilations"]["listener"] is True
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "limit tests:" in log and "limit bench:" in log
+
+
+# ---------------------------------------------------------------------------- refusals at the build step
+
+
+def test_refuses_a_toolkit_whose_major_version_differs_from_torchs(tmp_path):
+    fake = {"cuda_available": True, "torch_cuda": "13.0", "toolkit": "12.8", "cuda_home": "/usr/local/cuda"}
+    # not a dry run: it must stop before pip (were it not to, the 1 s build limit cuts pip short)
+    done = _run_check(tmp_path, GAPFIX_GPU_CHECK_FAKE=json.dumps(fake), GAPFIX_CHECK_BUILD_LIMIT="1")
+    assert done.returncode == 1
+    table = _table(tmp_path)
+    assert table["status"] == "failed" and [s["step"] for s in table["steps"]] == ["build_check"]
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "12.8 but torch was built with CUDA 13.0" in log and "STOPPED" in log
+
+
+def test_refuses_an_extension_built_without_cuda_when_a_gpu_is_visible(tmp_path):
+    fake = {
+        "cuda_available": True,
+        "torch_cuda": "13.0",
+        "toolkit": "13.0",
+        "cuda_home": "/usr/local/cuda",
+        "build_info": "cxx=12.2.0 openmp=201511 cpu_features=avx2 cuda=no",
+    }
+    done = _run_check(tmp_path, "--dry-run", GAPFIX_GPU_CHECK_FAKE=json.dumps(fake))
+    assert done.returncode == 1
+    table = _table(tmp_path)
+    assert [(s["step"], s["rc"]) for s in table["steps"]] == [
+        ("build_check", 0),
+        ("build", 0),
+        ("build_verify", 1),
+    ]
+    assert table["failed_steps"] == ["build_verify"] and table["tests"] == []
+    assert "gapfix._C was built without CUDA" in (tmp_path / "gpu_check.log").read_text()
+
+
+def _facts(cuda, torch_cuda=None, toolkit=None, home=None, info=None):
+    return {
+        "cuda_available": cuda,
+        "torch_cuda": torch_cuda,
+        "toolkit": toolkit,
+        "cuda_home": home,
+        "build_info": info,
+    }
+
+
+@pytest.mark.parametrize(
+    "facts, phase, says",
+    [
+        (_facts(False), "before", None),
+        (_facts(False, info="cuda=no"), "after", None),  # CPU machine: a CPU build is the right one
+        (_facts(True, "13.0"), "before", "CUDA_HOME is unset"),
+        (_facts(True, "13.0", home="/opt/cuda"), "before", "no working"),
+        (_facts(True, "12.8", "13.0", "/c"), "before", "major versions"),
+        (_facts(True, "13.0", "13.1", "/c"), "before", None),
+        (_facts(True, None, "13.0", "/c"), "before", "without CUDA"),
+        (_facts(True, "13.0", info="cxx=12 cuda=no"), "after", "built without CUDA"),
+        (_facts(True, "13.0", info="cxx=12 cuda=yes"), "after", None),
+    ],
+)
+def test_build_problems(facts, phase, says):
+    problems = tools.build_problems(facts, phase)
+    if says is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and says in problems[0]
+
+
+# ---------------------------------------------------------------------------- streaming results
+
+
+_SAMPLE = """
+import time
+import pytest
+
+def test_passes():
+    pass
+
+def test_skips():
+    pytest.skip("not here")
+
+def test_fails():
+    assert 1 == 2
+
+def test_hangs():
+    time.sleep(600)
+
+def test_never_reached():
+    pass
+"""
+
+
+def _pytest_with_stream(tmp_path, stream, *args):
+    (tmp_path / "test_sample.py").write_text(_SAMPLE)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "stream_results",
+            "--stream-jsonl",
+            str(stream),
+            "--stream-step",
+            "demo",
+            "test_sample.py",
+            *args,
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_a_killed_step_keeps_its_results_and_names_the_test_that_hung(tmp_path):
+    stream = tmp_path / "stream" / "demo.jsonl"
+    proc = _pytest_with_stream(tmp_path, stream)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until the hanging test has started, then kill -9
+        if stream.exists() and "test_hangs" in stream.read_text():
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    summary = tools.summarize(tools.read_lines(str(stream)))
+    outcomes = {r["nodeid"].split("::")[1]: r["outcome"] for r in summary["results"]}
+    assert outcomes == {"test_passes": "passed", "test_skips": "skipped", "test_fails": "failed"}
+    assert summary["unfinished"] == ["test_sample.py::test_hangs"] and not summary["ended"]
+    failed = next(r for r in summary["results"] if r["outcome"] == "failed")
+    assert "assert 1 == 2" in failed["message"]
+
+
+def test_shards_split_the_selection_without_overlap(tmp_path):
+    seen = []
+    for index in range(2):
+        stream = tmp_path / f"shard{index}.jsonl"
+        proc = _pytest_with_stream(tmp_path, stream, "-k", "not hangs", "--stream-shard", f"{index}/2")
+        proc.communicate(timeout=300)
+        summary = tools.summarize(tools.read_lines(str(stream)))
+        assert summary["ended"] and summary["selected"] == len(summary["results"]) == 2
+        seen += [r["nodeid"] for r in summary["results"]]
+    assert sorted(seen) == sorted(
+        f"test_sample.py::{name}"
+        for name in ("test_passes", "test_skips", "test_fails", "test_never_reached")
+    )
+
+
+def test_tests_left_unfinished_before_run_last(tmp_path):
+    last = tmp_path / "tests.last"
+    last.write_text("test_sample.py::test_passes\n")
+    stream = tmp_path / "moved.jsonl"
+    proc = _pytest_with_stream(tmp_path, stream, "-k", "not hangs", "--stream-last", str(last))
+    proc.communicate(timeout=300)
+    events = tools.read_lines(str(stream))
+    order = [e["nodeid"].split("::")[1] for e in events if e["event"] == "result"]
+    assert order == ["test_skips", "test_fails", "test_never_reached", "test_passes"]
+    assert [e["nodeids"] for e in events if e["event"] == "moved_last"] == [["test_sample.py::test_passes"]]
+
+
+# ---------------------------------------------------------------------------- step limits
+
+
+def _write_stream(path, events):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def test_limits_are_sized_from_the_warm_steps_measurements(tmp_path):
+    def result(nodeid, duration, compiles, compile_s, hits=0, graphs=0):
+        return {
+            "event": "result",
+            "nodeid": nodeid,
+            "outcome": "passed",
+            "duration": duration,
+            "compiles": compiles,
+            "compile_s": compile_s,
+            "cache_hits": hits,
+            "inductor_graphs": graphs,
+        }
+
+    _write_stream(
+        tmp_path / "stream" / "warm_tests_0.jsonl",
+        [
+            {"event": "session", "compile_listener": True},
+            {"event": "selected", "count": 5},  # a, b, c and two never started
+            {"event": "start", "nodeid": "a"},
+            result("a", 30.0, 10, 28.0),  # 2 s of work, 10 kernels compiled
+            {"event": "start", "nodeid": "b"},
+            result("b", 5.0, 2, 2.0, hits=4),  # 3 s, 6 kernel loads
+            {"event": "start", "nodeid": "c"},  # killed while compiling
+        ],
+    )
+    _write_stream(
+        tmp_path / "stream" / "warm_tests_1.jsonl",
+        [
+            {"event": "session", "compile_listener": True},
+            {"event": "selected", "count": 1},
+            {"event": "start", "nodeid": "d"},
+            result("d", 1.0, 0, 0.0, graphs=2),
+            {"event": "end", "exitstatus": 0, "selected": 1},
+        ],
+    )
+    # wall times of the shards: the killed one's (500 s, a hang) says nothing about start-up;
+    # the other spent 40 - 1 = 39 s outside its one test
+    (tmp_path / "stream" / "warm_tests_0.wall").write_text('{"seconds": 500, "rc": 124}')
+    (tmp_path / "stream" / "warm_tests_1.wall").write_text('{"seconds": 40, "rc": 0}')
+    limit, why = tools.size_limit(str(tmp_path), "tests", cap=1000)
+    per_unknown = max(tools.UNKNOWN_ITEM_S, (28.0 + 2.0) / 2)
+    expected = 39 + 1.5 * (2.0 + 3.0 + 1.0) + tools.LOAD_S * 16 + tools.GRAPH_S * 2 + 3 * per_unknown
+    assert limit == int(-(-expected // 1)) and "3 tests not finished warm" in why
+    assert tools.size_limit(str(tmp_path), "tests", cap=40) == (
+        40,
+        tools.size_limit(str(tmp_path), "tests", 40)[1],
+    )
+    assert "SHORT" in tools.size_limit(str(tmp_path), "tests", cap=40)[1]
+    # the CLI form also lists the test the warm step left unfinished, for --stream-last
+    assert tools.main(["limit", str(tmp_path), "tests", "1000"]) == 0
+    assert (tmp_path / "stream" / "tests.last").read_text() == "c\n"
+    # nothing measured (the warm step never ran): the whole cap
+    assert tools.size_limit(str(tmp_path), "bench", cap=77)[0] == 77
+
+
+# ---------------------------------------------------------------------------- the cuda marker
+
+
+def test_tests_using_triton_device_are_selected_by_the_cuda_marker():
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "cuda",
+            "tests/test_cross_entropy.py",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    selected = {line.split("::")[1].split("[")[0] for line in done.stdout.splitlines() if "::" in line}
+    for name in (
+        "test_linear_triton_all_ignored",
+        "test_linear_triton_gradient_filter",
+        "test_linear_triton_half_precision_weight_accumulator",
+        "test_linear_triton",  # triton_device
+        "test_linear_triton_cuda",
+        "test_cuda_64bit_offsets",
+    ):  # marked cuda
+        assert name in selected, name
+    assert "test_linear_cpu_fp32" not in selected and "test_kernels_compile_for_sm90" not in selected
+
+
+def test_table_merges_steps_streams_and_names_what_never_finished(tmp_path):
+    (tmp_path / "env.json").write_text(json.dumps({"device_name": "NVIDIA H200"}))
+    (tmp_path / "steps.jsonl").write_text(
+        json.dumps({"step": "tests", "rc": 124, "seconds": 60, "limit_s": 60, "timed_out": True}) + "\n"
+    )
+    bench = {
+        "median": 0.5,
+        "min": 0.4,
+        "rounds": 3,
+        "param": "cce-N8192",
+        "extra_info": {"speedup": 1.5, "throughput": 9e4, "throughput_unit": "tokens/s", "tflops": 3.0},
+    }
+    _write_stream(
+        tmp_path / "stream" / "warm_tests_0.jsonl",
+        [
+            {"event": "compile", "nodeid": "t.py::a", "kernel": "k_fwd", "cache_hit": False, "seconds": 2.5},
+            {"event": "compile", "nodeid": "t.py::a", "kernel": "k_fwd", "cache_hit": True, "seconds": 0.01},
+            {"event": "start", "nodeid": "t.py::a"},
+            {
+                "event": "result",
+                "nodeid": "t.py::a",
+                "outcome": "failed",
+                "duration": 3.0,
+            },  # warm: not counted
+        ],
+    )
+    _write_stream(
+        tmp_path / "stream" / "tests.jsonl",
+        [
+            {"event": "start", "nodeid": "t.py::a"},
+            {"event": "result", "nodeid": "t.py::a", "outcome": "passed", "duration": 0.2},
+            {"event": "start", "nodeid": "t.py::hangs"},
+        ],
+    )
+    _write_stream(
+        tmp_path / "stream" / "bench.jsonl",
+        [
+            {"event": "start", "nodeid": "bench/test_bench_x.py::test_bench_ce[cce-N8192]"},
+            {
+                "event": "result",
+                "nodeid": "bench/test_bench_x.py::test_bench_ce[cce-N8192]",
+                "outcome": "passed",
+                "duration": 9.0,
+                "benchmark": bench,
+            },
+        ],
+    )
+    with open(tmp_path / "stream" / "bench.jsonl", "a") as f:
+        f.write('{"event": "sta')  # the line a kill cut short
+    table = tools.build_table(str(tmp_path))
+    assert table["status"] == "failed" and table["device"] == "NVIDIA H200"
+    assert table["failed_steps"] == ["tests"] and table["steps"][0]["timed_out"] is True
+    assert table["unfinished"] == [{"stream": "tests", "nodeid": "t.py::hangs"}]
+    assert table["problems"] == ["bench: unreadable line 3"]
+    assert table["counts"] == {"warm": {"failed": 1}, "tests": {"passed": 1}, "bench": {"passed": 1}}
+    assert table["compilations"]["triton_compiled"] == 1 and table["compilations"]["triton_cache_hits"] == 1
+    assert table["compilations"]["by_kernel"] == {"k_fwd": {"compiled": 1, "seconds": 2.5, "max_s": 2.5}}
+    (row,) = table["benchmarks"]
+    assert (row["op"], row["case"], row["time_s"], row["rounds"]) == ("ce", "cce-N8192", 0.5, 3)
+    assert (row["ratio"], row["throughput"], row["throughput_unit"]) == (1.5, 9e4, "tokens/s")
+    assert row["extra"] == {"tflops": 3.0}
+
+
+# ---------------------------------------------------------------------------- kernel report
+
+
+def test_kernel_report_reads_registers_and_spills_from_the_sm90_lowering(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}  # a real lowering
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "kernel_report.py"), "--ops", "rac_labels", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if done.returncode != 0 and ("ptxas" in done.stderr or "GPUTarget" in done.stderr):
+        pytest.skip(f"this Triton cannot lower for sm_90 here: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["config"] for r in rows] == ["hard K<=1", "soft K<=4", "soft K<=8"]
+    for row in rows:
+        assert 0 < row["regs"] <= 255 and row["spill_store_bytes"] >= 0 and row["num_warps"] == 4
+    assert "rac_labels_kernel" in done.stdout and "regs" in done.stdout
