@@ -605,6 +605,8 @@ class RowTable(Sequence[dict]):
         self.paths = paths
         self._sources = sources  # the memory maps stay open while the table lives
         self.fields = [_field_from_arrow(field) for field in table.schema]
+        self._batches = table.to_batches()  # zero-copy views of the mapped record batches
+        self._batch_starts = np.cumsum([0] + [batch.num_rows for batch in self._batches])
 
     @classmethod
     def open(cls, paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], *,
@@ -667,7 +669,19 @@ class RowTable(Sequence[dict]):
             raise IndexError(f"indices: row {bad} out of range for {len(self)} rows")
         if not index.size:
             return []
-        return self._decode(self.table.take(pa.array(index)))
+        # Take within each record batch: Arrow's take on a multi-chunk column concatenates the
+        # whole column first, a copy of every row (resident memory growing with the dataset).
+        order = np.argsort(index, kind="stable")
+        owner = np.searchsorted(self._batch_starts, index[order], side="right") - 1
+        pieces = []
+        for batch_id in np.unique(owner):
+            chosen = order[owner == batch_id]
+            local = index[chosen] - self._batch_starts[batch_id]
+            pieces.append(self._batches[batch_id].take(pa.array(local)))
+        gathered = pa.Table.from_batches(pieces).combine_chunks()  # the wanted rows only, sorted
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        return self._decode(gathered.take(pa.array(inverse)))
 
     def __getitem__(self, index):
         if isinstance(index, slice):
