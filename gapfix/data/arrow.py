@@ -66,18 +66,29 @@ def _example_features(with_record: bool):
     return datasets.Features(columns)
 
 
+_LINES_PER_CHUNK = 256
+
+
 def _jsonl_lines(path: str, stamp: str):
-    """Non-blank lines of a JSONL file with their 1-based numbers (parsed later, in the map).
+    """Non-blank lines of a JSONL file with their 1-based numbers, `_LINES_PER_CHUNK` to a
+    row (datasets' per-row cost is paid per chunk; the map parses and splits them).
 
     stamp ("size:mtime") is unused here: it is part of the generator's arguments so
     that datasets' cache key changes when the file does. (Not a list: datasets
     splits list arguments into shards.)
     """
     del stamp
+    texts, numbers = [], []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
-                yield {"text": line, "line": number}
+                texts.append(line)
+                numbers.append(number)
+            if len(texts) == _LINES_PER_CHUNK:
+                yield {"text": texts, "line": numbers}
+                texts, numbers = [], []
+    if texts:
+        yield {"text": texts, "line": numbers}
 
 
 def _raw_dataset(source, cache_dir: Optional[str]):
@@ -110,7 +121,8 @@ def _raw_dataset(source, cache_dir: Optional[str]):
         if not any(line.strip() for line in f):
             raise DataError(f"{path}: empty file (no records)")
     stat = os.stat(path)
-    features = datasets.Features({"text": datasets.Value("string"), "line": datasets.Value("int64")})
+    features = datasets.Features({"text": datasets.List(datasets.Value("string")),
+                                  "line": datasets.List(datasets.Value("int64"))})
     raw = datasets.Dataset.from_generator(
         _jsonl_lines, features=features, cache_dir=cache_dir,
         gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}:{stat.st_mtime_ns}"})
@@ -127,12 +139,16 @@ def _tokenize_batch(batch: Dict[str, list], indices: List[int], *, tokenizer, so
     from gapfix import data as gapfix_data  # looked up at call time: the cache key is the code, not a copy
 
     out: Dict[str, list] = {name: [] for name in (*TOKEN_COLUMNS, "record", "error")}
+    if kind == "line":  # rows are chunks of lines: one output row per line
+        lines = list(itertools.chain.from_iterable(batch["line"]))
+        texts = list(itertools.chain.from_iterable(batch["text"]))
+        indices = range(len(lines))
     for i, index in enumerate(indices):
         error, record = None, None
         if kind == "line":
-            where = f"{source}:{batch['line'][i]}"
+            where = f"{source}:{lines[i]}"
             try:
-                record = json.loads(batch["text"][i])
+                record = json.loads(texts[i])
                 if not isinstance(record, dict):
                     raise ValueError("not a JSON object")
             except ValueError as exc:
@@ -219,6 +235,7 @@ def load_dataset(source: Union[str, os.PathLike, "datasets.Dataset"], tokenizer=
             raise ValueError(f"tokenizer is required: {name} has no prompt_ids/answer_ids columns")
         dataset = raw.map(
             _tokenize_batch, with_indices=True, batched=True, num_proc=num_proc,
+            batch_size=4 if kind == "line" else 1000,  # a row of JSONL is a chunk of lines
             remove_columns=raw.column_names, features=_example_features(keep_records),
             fn_kwargs=dict(tokenizer=tokenizer, source=name, kind=kind, with_record=keep_records),
             desc="tokenize")
@@ -229,10 +246,18 @@ def load_dataset(source: Union[str, os.PathLike, "datasets.Dataset"], tokenizer=
             fn_kwargs={"max_length": max_length}, num_proc=num_proc, desc="max_length")
         dataset = dataset.with_format(None)
     if len(dataset) == 0:
-        raise DataError(f"{name}: no usable examples (none of {len(raw)} records fit)")
+        raise DataError(f"{name}: no usable examples (none of {_num_records(raw, kind)} records fit)")
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
     return dataset
+
+
+def _num_records(raw, kind: str) -> int:
+    import pyarrow.compute as pc
+
+    if kind != "line":
+        return len(raw)
+    return int(pc.sum(pc.list_value_length(raw.data.column("line"))).as_py())
 
 
 def _drop_unusable(dataset, name: str, on_error: str, num_proc: Optional[int]):
