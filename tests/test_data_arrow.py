@@ -190,6 +190,9 @@ def test_example_table_reads_examples(tokenizer):
     table = ExampleTable(dataset_from_examples(examples))
     assert len(table) == 11 and table[-1] == examples[-1] and table[3:5] == examples[3:5]
     assert [ex for batch in table.batches(4) for ex in batch] == examples
+    assert table.gather([9, 0, 9, 4]) == [examples[i] for i in (9, 0, 9, 4)] and table.gather([]) == []
+    with pytest.raises(IndexError, match="indices: example 11 out of range"):
+        table.gather([0, 11])
     with pytest.raises(IndexError):
         table[11]
     with pytest.raises(ValueError, match="lacks column"):
@@ -282,6 +285,9 @@ def test_file_bytes_depend_on_rows_not_on_appends(tmp_path):
             start += size
     assert start == 41
     assert (tmp_path / "a.arrow").read_bytes() == (tmp_path / "b.arrow").read_bytes()
+    reordered = [{key: row[key] for key in reversed(list(row))} for row in rows]  # the same rows
+    write_rows(tmp_path / "r.arrow", rows[:1] + reordered[1:], batch_rows=8)
+    assert (tmp_path / "r.arrow").read_bytes() == (tmp_path / "a.arrow").read_bytes()
     write_rows(tmp_path / "c.arrow", rows, batch_rows=9)  # the batch size is part of the format
     assert (tmp_path / "c.arrow").read_bytes() != (tmp_path / "a.arrow").read_bytes()
 

@@ -324,6 +324,14 @@ class ExampleTable(Sequence[Example]):
             raise IndexError(f"index {index} out of range for {len(self)} examples")
         return self._decode(self._arrow[int(index) % len(self):int(index) % len(self) + 1])[0]
 
+    def gather(self, indices: Sequence[int]) -> List[Example]:
+        """The examples at `indices` (any order, repeats allowed), read in one Arrow gather."""
+        index = [int(i) for i in indices]
+        bad = next((i for i in index if not 0 <= i < len(self)), None)
+        if bad is not None:
+            raise IndexError(f"indices: example {bad} out of range for {len(self)} examples")
+        return self._decode(self._arrow[index]) if index else []
+
     def batches(self, batch_size: int = DEFAULT_BATCH_ROWS) -> Iterator[List[Example]]:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -490,8 +498,9 @@ class RowWriter:
 
     def _check_fields(self, rows: Sequence[dict]) -> None:
         names = [f.name for f in self._fields]
+        wanted = set(names)
         for i, row in enumerate(rows):
-            if not isinstance(row, dict) or list(row) != names:
+            if not isinstance(row, dict) or row.keys() != wanted:  # any order; read back in file order
                 got = list(row) if isinstance(row, dict) else type(row).__name__
                 raise ValueError(f"rows[{i}] has fields {got}; this file's rows have {names}")
 
