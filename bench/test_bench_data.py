@@ -227,8 +227,11 @@ def _timed_load(math_jsonl, tokenizer, num_proc):
         seconds = time.perf_counter() - started
         table = dataset.data
         tokens = sum(pa_lengths(table.column(c)) for c in ("prompt_ids", "answer_ids"))
+        started = time.perf_counter()
+        load_dataset(math_jsonl, tokenizer, num_proc=num_proc, cache_dir=cache)  # the rerun: a cache hit
+        rerun_seconds = time.perf_counter() - started
         del dataset, table
-    return tokens, seconds
+    return tokens, seconds, rerun_seconds
 
 
 def pa_lengths(column) -> int:
@@ -248,18 +251,22 @@ def test_tokenize_throughput(benchmark, math_jsonl, tokenizers_by_name, name, nu
     tokenizer = tokenizers_by_name[name]
     measured = {}
 
-    def run():
+    def run():  # the best of the rounds (the machine is shared)
         if num_proc == "baseline":
             started = time.perf_counter()
             examples = load_examples(math_jsonl, tokenizer)
-            measured["seconds"] = time.perf_counter() - started
+            seconds = time.perf_counter() - started
             measured["tokens"] = sum(len(e.prompt_ids) + len(e.answer_ids) for e in examples)
         else:
-            measured["tokens"], measured["seconds"] = _timed_load(math_jsonl, tokenizer, num_proc)
+            measured["tokens"], seconds, rerun = _timed_load(math_jsonl, tokenizer, num_proc)
+            measured["rerun_s"] = min(measured.get("rerun_s", rerun), rerun)
+        measured["seconds"] = min(measured.get("seconds", seconds), seconds)
 
     benchmark.pedantic(run, rounds=2, iterations=1)
     info = {"records": NUM_PROBLEMS, "tokens": measured["tokens"],
             "tokens_per_s": round(measured["tokens"] / measured["seconds"])}
+    if "rerun_s" in measured:
+        info["cached_rerun_s"] = round(measured["rerun_s"], 3)
     _results[("tokenize", name, num_proc)] = info
     baseline = _results.get(("tokenize", name, "baseline"))
     if num_proc != "baseline" and baseline:
