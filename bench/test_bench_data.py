@@ -9,7 +9,7 @@ runs in a fresh process (`python bench/test_bench_data.py memory PATH FOLDER`)
 that imports what it needs, reads RssAnon from /proc/self/status, then loads the
 examples and builds one iteration's SFT rows:
 
-- arrow: `load_dataset(folder)` (memory-mapped), `write_sft_rows` to an Arrow
+- arrow: `load_tokenized(folder)` (memory-mapped), `write_sft_rows` to an Arrow
   row file, `RowTable.open` and one gathered batch of 32 rows;
 - lists (today's path, the baseline): the same examples read into a list of
   `Example`s and `[sft_row(ex) for ex in examples]`.
@@ -18,7 +18,7 @@ Reported per token: RssAnon after minus before (and the peak, sampled every
 10 ms). Memory-mapped pages are file-backed (RssFile), which the kernel drops
 under pressure; RssAnon is what the process cannot give back.
 
-Throughput: `load_dataset` of math-task JSONL (fresh cache each round, so it
+Throughput: `load_tokenized` of math-task JSONL (fresh cache each round, so it
 tokenizes) with num_proc 1 and 2, beside `gapfix.data.load_examples` on the
 same file, for the bundled word-level tokenizer and a byte-level BPE trained
 here with `tokenizers`.
@@ -100,14 +100,14 @@ def memory_child(path: str, folder: str) -> None:
     import pyarrow  # noqa: F401  (imported before the first reading, as the arrow path uses it)
 
     from gapfix.data import Example, sft_row
-    from gapfix.data.arrow import RowTable, load_dataset, write_sft_rows
+    from gapfix.data.arrow import RowTable, load_tokenized, write_sft_rows
 
     datasets.disable_progress_bars()
     before = rss_anon_bytes()
     started = time.perf_counter()
     with PeakSampler() as sampler:
         if path == "arrow":
-            examples = load_dataset(folder)
+            examples = load_tokenized(folder)
             num_tokens = sum(pa_lengths(examples.data.column(c)) for c in ("prompt_ids", "answer_ids"))
             with tempfile.TemporaryDirectory() as out:
                 rows = RowTable.open(write_sft_rows(os.path.join(out, "rows.arrow"), examples, batch_rows=256))
@@ -219,16 +219,16 @@ def tokenizers_by_name(math_jsonl):
 
 
 def _timed_load(math_jsonl, tokenizer, num_proc):
-    from gapfix.data.arrow import load_dataset
+    from gapfix.data.arrow import load_tokenized
 
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: every round tokenizes
         started = time.perf_counter()
-        dataset = load_dataset(math_jsonl, tokenizer, num_proc=num_proc, cache_dir=cache)
+        dataset = load_tokenized(math_jsonl, tokenizer, num_proc=num_proc, cache_dir=cache)
         seconds = time.perf_counter() - started
         table = dataset.data
         tokens = sum(pa_lengths(table.column(c)) for c in ("prompt_ids", "answer_ids"))
         started = time.perf_counter()
-        load_dataset(math_jsonl, tokenizer, num_proc=num_proc, cache_dir=cache)  # the rerun: a cache hit
+        load_tokenized(math_jsonl, tokenizer, num_proc=num_proc, cache_dir=cache)  # the rerun: a cache hit
         rerun_seconds = time.perf_counter() - started
         del dataset, table
     return tokens, seconds, rerun_seconds

@@ -16,7 +16,7 @@ from gapfix.data.arrow import (
     RowTable,
     RowWriter,
     dataset_from_examples,
-    load_dataset,
+    load_tokenized,
     shard_range,
     write_rows,
     write_sft_rows,
@@ -59,7 +59,7 @@ def _tokens(dataset):
 
 def test_jsonl_matches_load_examples_int32(tmp_path, tokenizer):
     path = _write_jsonl(tmp_path / "train.jsonl", _records())
-    dataset = load_dataset(path, tokenizer, cache_dir=str(tmp_path / "cache"))
+    dataset = load_tokenized(path, tokenizer, cache_dir=str(tmp_path / "cache"))
     expected = load_examples(path, tokenizer)
     got = list(ExampleTable(dataset))
     assert [(e.prompt_ids, e.answer_ids, e.record) for e in got] == \
@@ -73,7 +73,7 @@ def test_jsonl_matches_load_examples_int32(tmp_path, tokenizer):
 def test_second_load_reads_the_cache_and_tokenizes_nothing(tmp_path, tokenizer, monkeypatch):
     path = _write_jsonl(tmp_path / "train.jsonl", _records())
     cache = str(tmp_path / "cache")
-    first = load_dataset(path, tokenizer, cache_dir=cache)
+    first = load_tokenized(path, tokenizer, cache_dir=cache)
     files = sorted(f["filename"] for f in first.cache_files)
     stamps = {f: os.stat(f).st_mtime_ns for f in files}
 
@@ -81,20 +81,20 @@ def test_second_load_reads_the_cache_and_tokenizes_nothing(tmp_path, tokenizer, 
         raise AssertionError("encode_example called: the cache was not used")
 
     monkeypatch.setattr(gapfix_data, "encode_example", must_not_run)
-    second = load_dataset(path, tokenizer, cache_dir=cache)
+    second = load_tokenized(path, tokenizer, cache_dir=cache)
     assert sorted(f["filename"] for f in second.cache_files) == files
     assert {f: os.stat(f).st_mtime_ns for f in files} == stamps
     assert _tokens(second) == _tokens(first)
     # a changed file is tokenized again (the cache key holds its size and mtime)
     _write_jsonl(tmp_path / "train.jsonl", _records()[:-1])
     with pytest.raises(AssertionError, match="cache was not used"):
-        load_dataset(path, tokenizer, cache_dir=cache)
+        load_tokenized(path, tokenizer, cache_dir=cache)
 
 
 def test_num_proc_two_gives_the_same_tokens(tmp_path, tokenizer):
     path = _write_jsonl(tmp_path / "train.jsonl", _records(30))
-    one = load_dataset(path, tokenizer, cache_dir=str(tmp_path / "c1"))
-    two = load_dataset(path, tokenizer, cache_dir=str(tmp_path / "c2"), num_proc=2)
+    one = load_tokenized(path, tokenizer, cache_dir=str(tmp_path / "c1"))
+    two = load_tokenized(path, tokenizer, cache_dir=str(tmp_path / "c2"), num_proc=2)
     assert _tokens(two) == _tokens(one)
     assert len({f["filename"] for f in two.cache_files}) >= 1
 
@@ -102,86 +102,92 @@ def test_num_proc_two_gives_the_same_tokens(tmp_path, tokenizer):
 def test_parquet_saved_folder_and_dataset_sources(tmp_path, tokenizer):
     records = [r for r in _records(30) if "prompt" in r]
     path = _write_jsonl(tmp_path / "train.jsonl", records)
-    expected = _tokens(load_dataset(path, tokenizer, cache_dir=str(tmp_path / "cache")))
+    expected = _tokens(load_tokenized(path, tokenizer, cache_dir=str(tmp_path / "cache")))
     in_memory = datasets.Dataset.from_list(records)
-    assert _tokens(load_dataset(in_memory, tokenizer)) == expected
+    assert _tokens(load_tokenized(in_memory, tokenizer)) == expected
     in_memory.to_parquet(str(tmp_path / "train.parquet"))
-    assert _tokens(load_dataset(str(tmp_path / "train.parquet"), tokenizer,
+    assert _tokens(load_tokenized(str(tmp_path / "train.parquet"), tokenizer,
                                 cache_dir=str(tmp_path / "cache"))) == expected
     in_memory.save_to_disk(str(tmp_path / "saved"))
-    assert _tokens(load_dataset(str(tmp_path / "saved"), tokenizer)) == expected
+    assert _tokens(load_tokenized(str(tmp_path / "saved"), tokenizer)) == expected
 
 
 def test_pretokenized_source_is_cast_to_int32_without_tokenizer(tmp_path):
     raw = datasets.Dataset.from_dict({"prompt_ids": [[1, 2], [3]], "answer_ids": [[4, 5, 2], [6, 2]]})
     assert raw.features["prompt_ids"].feature.dtype == "int64"
     raw.save_to_disk(str(tmp_path / "tok"))
-    loaded = load_dataset(str(tmp_path / "tok"))
+    loaded = load_tokenized(str(tmp_path / "tok"))
     assert loaded.data.schema.field("prompt_ids").type == pa.list_(pa.int32())
     assert _tokens(loaded) == [([1, 2], [4, 5, 2]), ([3], [6, 2])]
-    assert _tokens(load_dataset(str(tmp_path / "tok"), max_length=3)) == [([3], [6, 2])]
+    assert _tokens(load_tokenized(str(tmp_path / "tok"), max_length=3)) == [([3], [6, 2])]
 
 
 def test_max_length_and_limit(tmp_path, tokenizer):
     path = _write_jsonl(tmp_path / "train.jsonl", _records(30))
     expected = load_examples(path, tokenizer, max_length=30)
-    got = load_dataset(path, tokenizer, max_length=30, cache_dir=str(tmp_path / "cache"))
+    got = load_tokenized(path, tokenizer, max_length=30, cache_dir=str(tmp_path / "cache"))
     assert _tokens(got) == [(e.prompt_ids, e.answer_ids) for e in expected]
     assert 0 < len(got) < 30
-    assert len(load_dataset(path, tokenizer, limit=7, cache_dir=str(tmp_path / "cache"))) == 7
+    assert len(load_tokenized(path, tokenizer, limit=7, cache_dir=str(tmp_path / "cache"))) == 7
 
 
 def test_malformed_line_names_file_and_line(tmp_path, tokenizer):
     path = _write_jsonl(tmp_path / "bad.jsonl", _records(3), raw_lines=["{not json"])
     with pytest.raises(DataError, match=r"bad\.jsonl:4: malformed JSONL line"):
-        load_dataset(path, tokenizer, cache_dir=str(tmp_path / "cache"))
+        load_tokenized(path, tokenizer, cache_dir=str(tmp_path / "cache"))
     path = _write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "1 + 2", "response": "1 + 2 = 3 ; answer 3"},
                                                  {"question": "x"}])
     with pytest.raises(DataError, match=r"odd\.jsonl:2: record has neither"):
-        load_dataset(path, tokenizer, cache_dir=str(tmp_path / "cache"))
+        load_tokenized(path, tokenizer, cache_dir=str(tmp_path / "cache"))
+
+
+def test_errors_found_in_worker_processes_name_the_line(tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "bad.jsonl", _records(600), raw_lines=["{not json"])
+    with pytest.raises(DataError, match=r"bad\.jsonl:601: malformed JSONL line"):
+        load_tokenized(path, tokenizer, num_proc=2, cache_dir=str(tmp_path / "cache"))
 
 
 def test_blank_lines_keep_line_numbers(tmp_path, tokenizer):
     path = tmp_path / "gaps.jsonl"
     path.write_text(json.dumps(_records(1)[0]) + "\n\n\n[1, 2]\n")
     with pytest.raises(DataError, match=r"gaps\.jsonl:4: malformed JSONL line \(not a JSON object\)"):
-        load_dataset(str(path), tokenizer, cache_dir=str(tmp_path / "cache"))
+        load_tokenized(str(path), tokenizer, cache_dir=str(tmp_path / "cache"))
 
 
 def test_on_error_skip_warns_and_drops(tmp_path, tokenizer):
     records = _records(5)
     path = _write_jsonl(tmp_path / "bad.jsonl", records, raw_lines=["{oops", json.dumps({"q": 1})])
     with pytest.warns(UserWarning, match=r"skipped 2 unusable record\(s\): .*bad\.jsonl:6.*bad\.jsonl:7"):
-        got = load_dataset(path, tokenizer, on_error="skip", cache_dir=str(tmp_path / "cache"))
+        got = load_tokenized(path, tokenizer, on_error="skip", cache_dir=str(tmp_path / "cache"))
     expected = load_examples(_write_jsonl(tmp_path / "good.jsonl", records), tokenizer)
     assert _tokens(got) == [(e.prompt_ids, e.answer_ids) for e in expected]
     only_bad = _write_jsonl(tmp_path / "only_bad.jsonl", [], raw_lines=["{oops"])
     with pytest.raises(DataError, match="no usable examples"):
-        load_dataset(only_bad, tokenizer, on_error="skip", cache_dir=str(tmp_path / "cache"))
+        load_tokenized(only_bad, tokenizer, on_error="skip", cache_dir=str(tmp_path / "cache"))
 
 
 def test_unusable_sources_are_data_errors(tmp_path, tokenizer):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n  \n")
     with pytest.raises(DataError, match=r"empty\.jsonl: empty file"):
-        load_dataset(str(empty), tokenizer)
+        load_tokenized(str(empty), tokenizer)
     with pytest.raises(DataError, match=r"missing\.jsonl: no such file"):
-        load_dataset(str(tmp_path / "missing.jsonl"), tokenizer)
+        load_tokenized(str(tmp_path / "missing.jsonl"), tokenizer)
     garbage = tmp_path / "garbage.parquet"
     garbage.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"garbage\.parquet: not a readable Parquet file"):
-        load_dataset(str(garbage), tokenizer, cache_dir=str(tmp_path / "cache"))
+        load_tokenized(str(garbage), tokenizer, cache_dir=str(tmp_path / "cache"))
     os.makedirs(tmp_path / "not_saved")
     with pytest.raises(DataError, match=r"not_saved: not a folder written by datasets' save_to_disk"):
-        load_dataset(str(tmp_path / "not_saved"), tokenizer)
+        load_tokenized(str(tmp_path / "not_saved"), tokenizer)
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(_records(2)[:1])})
     splits.save_to_disk(str(tmp_path / "dict"))
     with pytest.raises(DataError, match="DatasetDict"):
-        load_dataset(str(tmp_path / "dict"), tokenizer)
+        load_tokenized(str(tmp_path / "dict"), tokenizer)
     with pytest.raises(ValueError, match="on_error"):
-        load_dataset(str(empty), tokenizer, on_error="ignore")
+        load_tokenized(str(empty), tokenizer, on_error="ignore")
     with pytest.raises(ValueError, match="tokenizer is required"):
-        load_dataset(datasets.Dataset.from_list(_records(2)[:1]))
+        load_tokenized(datasets.Dataset.from_list(_records(2)[:1]))
 
 
 def test_example_table_reads_examples(tokenizer):

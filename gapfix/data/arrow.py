@@ -4,7 +4,7 @@ Two stores, both on disk and memory-mapped, so that resident memory does not gro
 with the dataset (Python lists of ints cost about 57 bytes a token; Arrow int32
 columns cost 4 bytes a token on disk and only the pages being read in memory):
 
-- Examples: `load_dataset(source, tokenizer)` returns a `datasets.Dataset` with
+- Examples: `load_tokenized(source, tokenizer)` returns a `datasets.Dataset` with
   int32 list columns `prompt_ids` and `answer_ids` (the answer ends with EOS, as
   `gapfix.data.encode_example` makes it) and the source record as JSON text. The
   source is a JSONL file, a Parquet file, a folder written by
@@ -184,7 +184,7 @@ def _within_length(prompt_ids, answer_ids, *, max_length: int):
     return pc.less_equal(lengths, max_length)
 
 
-def load_dataset(source: Union[str, os.PathLike, "datasets.Dataset"], tokenizer=None, *,
+def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"], tokenizer=None, *,
                  max_length: Optional[int] = None, on_error: str = "raise", num_proc: Optional[int] = None,
                  cache_dir: Optional[str] = None, keep_records: bool = True,
                  limit: Optional[int] = None) -> "datasets.Dataset":
@@ -279,7 +279,7 @@ def _drop_unusable(dataset, name: str, on_error: str, num_proc: Optional[int]):
 
 
 def dataset_from_examples(examples: Sequence[Example]) -> "datasets.Dataset":
-    """An in-memory Dataset of `examples` (the same columns as `load_dataset` returns)."""
+    """An in-memory Dataset of `examples` (the same columns as `load_tokenized` returns)."""
     import datasets
 
     features = _example_features(True)
@@ -301,7 +301,7 @@ class ExampleTable(Sequence[Example]):
     def __init__(self, dataset: "datasets.Dataset"):
         missing = [column for column in TOKEN_COLUMNS if column not in dataset.column_names]
         if missing:
-            raise ValueError(f"dataset lacks column(s) {missing}; build it with load_dataset")
+            raise ValueError(f"dataset lacks column(s) {missing}; build it with load_tokenized")
         self.dataset = dataset
         self._arrow = dataset.with_format("arrow")
         self._has_record = "record" in dataset.column_names
@@ -776,6 +776,6 @@ def write_sft_rows(path: Union[str, os.PathLike], examples: Union["datasets.Data
     return writer.path
 
 
-__all__ = ["ExampleTable", "RowTable", "RowWriter", "dataset_from_examples", "load_dataset", "shard_range",
+__all__ = ["ExampleTable", "RowTable", "RowWriter", "dataset_from_examples", "load_tokenized", "shard_range",
            "write_rows", "write_sft_rows"]
 
