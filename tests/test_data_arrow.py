@@ -112,6 +112,22 @@ def test_parquet_saved_folder_and_dataset_sources(tmp_path, tokenizer):
     assert _tokens(load_tokenized(str(tmp_path / "saved"), tokenizer)) == expected
 
 
+def test_table_sources_with_both_record_forms(tmp_path, tokenizer):
+    records = _records(12)  # prompt/response and chat rows: each row's other columns are null
+    path = _write_jsonl(tmp_path / "train.jsonl", records)
+    expected = _tokens(load_tokenized(path, tokenizer, cache_dir=str(tmp_path / "cache")))
+    table = datasets.Dataset.from_json(path, cache_dir=str(tmp_path / "json"))  # a union of the columns
+    assert {"prompt", "response", "messages"} <= set(table.column_names)
+    assert _tokens(load_tokenized(table, tokenizer)) == expected
+    table.to_parquet(str(tmp_path / "mixed.parquet"))
+    got = load_tokenized(str(tmp_path / "mixed.parquet"), tokenizer, cache_dir=str(tmp_path / "cache"))
+    assert _tokens(got) == expected
+    assert json.loads(got["record"][2])["messages"][1]["role"] == "assistant"
+    with pytest.raises(DataError, match=r"mixed\.parquet: row 1: record has neither"):
+        datasets.Dataset.from_list([records[0], {"prompt": "1 + 1"}]).to_parquet(str(tmp_path / "mixed.parquet"))
+        load_tokenized(str(tmp_path / "mixed.parquet"), tokenizer, cache_dir=str(tmp_path / "cache2"))
+
+
 def test_pretokenized_source_is_cast_to_int32_without_tokenizer(tmp_path):
     raw = datasets.Dataset.from_dict({"prompt_ids": [[1, 2], [3]], "answer_ids": [[4, 5, 2], [6, 2]]})
     assert raw.features["prompt_ids"].feature.dtype == "int64"
@@ -364,6 +380,24 @@ def test_sft_rows_from_a_dataset(tmp_path, tokenizer):
                 for p in math_task.make_split("train", 13, seed=6)]
     path = write_sft_rows(tmp_path / "sft.arrow", dataset_from_examples(examples), batch_rows=4)
     assert RowTable.open(path).gather(range(13)) == [sft_row(ex) for ex in examples]
+
+
+def test_sft_rows_sharded_by_rank_merge_to_the_same_bytes(tmp_path, tokenizer):
+    """The trainer's recipe: rank r writes the SFT rows of its share (dataset.select), all read the union."""
+    examples = [gapfix_data.encode_example(tokenizer, p["prompt"], p["response"], p)
+                for p in math_task.make_split("train", 17, seed=7)]
+    dataset = dataset_from_examples(examples)
+    single = write_sft_rows(tmp_path / "single.arrow", dataset, batch_rows=4)
+    for world in (2, 3):
+        paths = []
+        for rank in range(world):
+            share = shard_range(len(dataset), rank, world)
+            paths.append(write_sft_rows(tmp_path / f"{world}_{rank}.arrow", dataset.select(share),
+                                        first_row=share.start, batch_rows=4))
+        union = RowTable.open(paths, expected_rows=len(dataset))
+        assert union.gather(range(17)) == [sft_row(ex) for ex in examples]
+        merged = union.write_to(tmp_path / f"merged_{world}.arrow", batch_rows=4)
+        assert open(merged, "rb").read() == open(single, "rb").read()
 
 
 def test_empty_shard_file_and_empty_union(tmp_path):

@@ -155,7 +155,9 @@ def _tokenize_batch(batch: Dict[str, list], indices: List[int], *, tokenizer, so
                 error = f"{where}: malformed JSONL line ({exc})"
         else:
             where = f"{source}: row {index}"
-            record = {key: values[i] for key, values in batch.items()}
+            # a null is a field this record does not have (a table holding both record forms
+            # has prompt/response and messages columns, null where a row is of the other form)
+            record = {key: values[i] for key, values in batch.items() if values[i] is not None}
         pair = None if error else gapfix_data.split_record(record, tokenizer)
         if pair is None and error is None:
             error = f"{where}: record has neither prompt/response nor messages"
