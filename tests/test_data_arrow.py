@@ -105,6 +105,9 @@ def test_parquet_saved_folder_and_dataset_sources(tmp_path, tokenizer):
     expected = _tokens(load_tokenized(path, tokenizer, cache_dir=str(tmp_path / "cache")))
     in_memory = datasets.Dataset.from_list(records)
     assert _tokens(load_tokenized(in_memory, tokenizer)) == expected
+    mapped = load_tokenized(in_memory, tokenizer, cache_dir=str(tmp_path / "mem"))  # on disk, not in RAM
+    assert _tokens(mapped) == expected
+    assert mapped.cache_files and all(f["filename"].startswith(str(tmp_path / "mem")) for f in mapped.cache_files)
     in_memory.to_parquet(str(tmp_path / "train.parquet"))
     assert _tokens(load_tokenized(str(tmp_path / "train.parquet"), tokenizer,
                                 cache_dir=str(tmp_path / "cache"))) == expected

@@ -205,7 +205,9 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"], tokenize
     num_proc: worker processes for `Dataset.map` (None: this process).
     cache_dir: datasets' cache for JSONL/Parquet sources (default: datasets'
         own). The cache is keyed on the file's size and mtime, the tokenizer and
-        this code: a rerun reads it back and tokenizes nothing.
+        this code: a rerun reads it back and tokenizes nothing. For an in-memory
+        Dataset, the tokenized copy is written there (memory-mapped); without
+        cache_dir it stays in memory.
     keep_records: keep each source record as JSON text in column "record"
         (evaluation reads fields such as "final" from it).
 
@@ -237,6 +239,7 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"], tokenize
             raise ValueError(f"tokenizer is required: {name} has no prompt_ids/answer_ids columns")
         dataset = raw.map(
             _tokenize_batch, with_indices=True, batched=True, num_proc=num_proc,
+            cache_file_name=_in_memory_cache_file(raw, cache_dir, tokenizer, keep_records),
             batch_size=4 if kind == "line" else 1000,  # a row of JSONL is a chunk of lines
             remove_columns=raw.column_names, features=_example_features(keep_records),
             fn_kwargs=dict(tokenizer=tokenizer, source=name, kind=kind, with_record=keep_records),
@@ -252,6 +255,19 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"], tokenize
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
     return dataset
+
+
+def _in_memory_cache_file(raw, cache_dir: Optional[str], tokenizer, keep_records: bool) -> Optional[str]:
+    """Where the tokenized copy of an in-memory Dataset goes: under cache_dir, so that it is
+    memory-mapped rather than held in RAM (datasets keeps the map of an in-memory Dataset in
+    memory). None otherwise: a dataset with files has datasets' own cache beside them."""
+    if raw.cache_files or cache_dir is None:
+        return None
+    from datasets.fingerprint import Hasher
+
+    os.makedirs(cache_dir, exist_ok=True)
+    key = Hasher.hash([raw._fingerprint, tokenizer, keep_records, _tokenize_batch])
+    return os.path.join(cache_dir, f"gapfix-tokenized-{key}.arrow")
 
 
 def _num_records(raw, kind: str) -> int:
