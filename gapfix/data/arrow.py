@@ -1,0 +1,799 @@
+"""Examples and training rows as memory-mapped Arrow tables.
+
+Two stores, both on disk and memory-mapped, so that resident memory does not grow
+with the dataset (Python lists of ints cost about 57 bytes a token; Arrow int32
+columns cost 4 bytes a token on disk and only the pages being read in memory):
+
+- Examples: `load_tokenized(source, tokenizer)` returns a `datasets.Dataset` with
+  int32 list columns `prompt_ids` and `answer_ids` (the answer ends with EOS, as
+  `gapfix.data.encode_example` makes it) and the source record as JSON text. The
+  source is a JSONL file, a Parquet file, a folder written by
+  `Dataset.save_to_disk`, or a `datasets.Dataset`. Tokenization is `Dataset.map`
+  over `gapfix.data.split_record` and `gapfix.data.encode_example` (the one
+  definition of an example), with `num_proc` workers and datasets' cache: a rerun
+  on the same file and tokenizer reads the cache and tokenizes nothing. A source
+  that already has `prompt_ids` and `answer_ids` is taken as tokenized.
+  `ExampleTable` reads such a dataset as a sequence of `Example`s.
+
+- Rows: built training rows (dicts of per-position lists: input_ids, labels and
+  any method field: eligible, alt_ids, alt_probs, target_ids, target_weights)
+  go to an Arrow IPC file through `RowWriter`, which appends rows as they come
+  (an offline phase streams them) and cuts record batches of a fixed number of
+  rows, so the file's bytes depend on the rows only, not on how they were
+  appended. Integers are stored as int32, floats as float32, booleans as bits;
+  a per-position list of K values (top-k alternatives, soft targets) is a
+  fixed-size list. `RowTable.open(paths)` maps one file or the shards of several
+  ranks, each shard carrying the index of its first row, and reads their union
+  in row order whatever the order and number of the shards; `gather` returns rows
+  as the dicts of Python lists the trainer's `collate` and `pack_rows` take.
+
+`datasets` and `pyarrow` are imported where used, never by `import gapfix`.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from gapfix.data import DataError, Example
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+    import pyarrow as pa
+
+TOKEN_COLUMNS = ("prompt_ids", "answer_ids")
+_INT32 = np.iinfo(np.int32)
+_META_FIRST_ROW = b"gapfix.first_row"
+_META_BATCH_ROWS = b"gapfix.batch_rows"
+DEFAULT_BATCH_ROWS = 1024
+
+
+# ------------------------------------------------------------------ examples
+
+
+def _example_features(with_record: bool):
+    import datasets
+
+    columns = {name: datasets.List(datasets.Value("int32")) for name in TOKEN_COLUMNS}
+    if with_record:
+        columns["record"] = datasets.Value("string")
+    columns["error"] = datasets.Value("string")
+    return datasets.Features(columns)
+
+
+_LINES_PER_CHUNK = 256
+
+
+def _jsonl_lines(path: str, stamp: str):
+    """Non-blank lines of a JSONL file with their 1-based numbers, `_LINES_PER_CHUNK` to a
+    row (datasets' per-row cost is paid per chunk; the map parses and splits them).
+
+    stamp ("size:mtime") is unused here: it is part of the generator's arguments so
+    that datasets' cache key changes when the file does. (Not a list: datasets
+    splits list arguments into shards.)
+    """
+    del stamp
+    texts, numbers = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                texts.append(line)
+                numbers.append(number)
+            if len(texts) == _LINES_PER_CHUNK:
+                yield {"text": texts, "line": numbers}
+                texts, numbers = [], []
+    if texts:
+        yield {"text": texts, "line": numbers}
+
+
+def _raw_dataset(source, cache_dir: Optional[str]):
+    """(dataset of records, its name for messages, how rows are named: "line" or "row")."""
+    import datasets
+
+    if isinstance(source, datasets.Dataset):
+        return source, "dataset", "row"
+    if isinstance(source, datasets.DatasetDict):
+        raise ValueError(f"source is a DatasetDict with splits {sorted(source)}; pass one split")
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"source must be a path or a datasets.Dataset, got {type(source).__name__}")
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        try:
+            loaded = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({exc})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            raise DataError(f"{path}: holds a DatasetDict with splits {sorted(loaded)}; pass one split's folder")
+        return loaded, path, "row"
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file or folder")
+    if path.endswith(".parquet"):
+        try:
+            return datasets.Dataset.from_parquet(path, cache_dir=cache_dir), path, "row"
+        except Exception as exc:  # pyarrow raises several types; name the file whatever it is
+            raise DataError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    with open(path, encoding="utf-8") as f:
+        if not any(line.strip() for line in f):
+            raise DataError(f"{path}: empty file (no records)")
+    stat = os.stat(path)
+    features = datasets.Features({"text": datasets.List(datasets.Value("string")),
+                                  "line": datasets.List(datasets.Value("int64"))})
+    raw = datasets.Dataset.from_generator(
+        _jsonl_lines, features=features, cache_dir=cache_dir,
+        gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}:{stat.st_mtime_ns}"})
+    return raw, path, "line"
+
+
+def _tokenize_batch(batch: Dict[str, list], indices: List[int], *, tokenizer, source: str, kind: str,
+                    with_record: bool) -> Dict[str, list]:
+    """Dataset.map function: records to token ids, one output row per input row.
+
+    A record that cannot be used gets empty ids and its message in `error`
+    (the caller raises or drops it): a worker process never decides alone.
+    """
+    from gapfix import data as gapfix_data  # looked up at call time: the cache key is the code, not a copy
+
+    out: Dict[str, list] = {name: [] for name in (*TOKEN_COLUMNS, "record", "error")}
+    if kind == "line":  # rows are chunks of lines: one output row per line
+        lines = list(itertools.chain.from_iterable(batch["line"]))
+        texts = list(itertools.chain.from_iterable(batch["text"]))
+        indices = range(len(lines))
+    for i, index in enumerate(indices):
+        error, record = None, None
+        if kind == "line":
+            where = f"{source}:{lines[i]}"
+            try:
+                record = json.loads(texts[i])
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                error = f"{where}: malformed JSONL line ({exc})"
+        else:
+            where = f"{source}: row {index}"
+            # a null is a field this record does not have (a table holding both record forms
+            # has prompt/response and messages columns, null where a row is of the other form)
+            record = {key: values[i] for key, values in batch.items() if values[i] is not None}
+        pair = None if error else gapfix_data.split_record(record, tokenizer)
+        if pair is None and error is None:
+            error = f"{where}: record has neither prompt/response nor messages"
+        if error is None:
+            example = gapfix_data.encode_example(tokenizer, *pair, record=record)
+            out["prompt_ids"].append(example.prompt_ids)
+            out["answer_ids"].append(example.answer_ids)
+        else:
+            out["prompt_ids"].append([])
+            out["answer_ids"].append([])
+        out["record"].append(json.dumps(record, default=str) if record is not None else None)
+        out["error"].append(error)
+    if not with_record:
+        del out["record"]
+    return out
+
+
+def _is_usable(errors: List[Optional[str]]) -> List[bool]:
+    return [error is None for error in errors]
+
+
+def _within_length(prompt_ids, answer_ids, *, max_length: int):
+    import pyarrow.compute as pc
+
+    lengths = pc.add(pc.list_value_length(prompt_ids), pc.list_value_length(answer_ids))
+    return pc.less_equal(lengths, max_length)
+
+
+def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"], tokenizer=None, *,
+                 max_length: Optional[int] = None, on_error: str = "raise", num_proc: Optional[int] = None,
+                 cache_dir: Optional[str] = None, keep_records: bool = True,
+                 limit: Optional[int] = None) -> "datasets.Dataset":
+    """Tokenized examples of `source` as a memory-mapped `datasets.Dataset`.
+
+    source: a JSONL file (.jsonl/.json, one record a line), a Parquet file, a
+        folder written by `Dataset.save_to_disk`, or a `datasets.Dataset`; records
+        are prompt/response or chat records, as `gapfix.data.load_examples` reads.
+        A source with `prompt_ids` and `answer_ids` columns is already tokenized
+        and is only cast to int32 (no tokenizer needed).
+    tokenizer: called through `gapfix.data.encode_example`.
+    max_length: examples longer than this many tokens are dropped.
+    on_error: "raise" (DataError naming the file and line, or row) or "skip"
+        (a warning lists the unusable lines). A source with no usable example is
+        an error either way.
+    num_proc: worker processes for `Dataset.map` (None: this process).
+    cache_dir: datasets' cache for JSONL/Parquet sources (default: datasets'
+        own). The cache is keyed on the file's size and mtime, the tokenizer and
+        this code: a rerun reads it back and tokenizes nothing. For an in-memory
+        Dataset, the tokenized copy is written there (memory-mapped); without
+        cache_dir it stays in memory.
+    keep_records: keep each source record as JSON text in column "record"
+        (evaluation reads fields such as "final" from it).
+
+    Returns a Dataset with int32 list columns prompt_ids and answer_ids (and
+    "record"), backed by Arrow files in the cache (in memory only for an
+    in-memory Dataset passed as source).
+    """
+    import datasets
+
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+        raise ValueError(f"num_proc must be a positive int or None, got {num_proc!r}")
+    raw, name, kind = _raw_dataset(source, cache_dir)
+    if len(raw) == 0:
+        raise DataError(f"{name}: no records")
+    if all(column in raw.column_names for column in TOKEN_COLUMNS):
+        features = raw.features.copy()
+        for column in TOKEN_COLUMNS:
+            features[column] = datasets.List(datasets.Value("int32"))
+        dataset = raw.cast(features, num_proc=num_proc) if features != raw.features else raw
+    else:
+        if tokenizer is None:
+            raise ValueError(f"tokenizer is required: {name} has no prompt_ids/answer_ids columns")
+        dataset = raw.map(
+            _tokenize_batch, with_indices=True, batched=True, num_proc=num_proc,
+            cache_file_name=_in_memory_cache_file(raw, cache_dir, tokenizer, keep_records),
+            batch_size=4 if kind == "line" else 1000,  # a row of JSONL is a chunk of lines
+            remove_columns=raw.column_names, features=_example_features(keep_records),
+            fn_kwargs=dict(tokenizer=tokenizer, source=name, kind=kind, with_record=keep_records),
+            desc="tokenize")
+        dataset = _drop_unusable(dataset, name, on_error, num_proc)
+    if max_length is not None:
+        dataset = dataset.with_format("arrow").filter(
+            _within_length, batched=True, input_columns=list(TOKEN_COLUMNS),
+            fn_kwargs={"max_length": max_length}, num_proc=num_proc, desc="max_length")
+        dataset = dataset.with_format(None)
+    if len(dataset) == 0:
+        raise DataError(f"{name}: no usable examples (none of {_num_records(raw, kind)} records fit)")
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.select(range(limit))
+    return dataset
+
+
+def _in_memory_cache_file(raw, cache_dir: Optional[str], tokenizer, keep_records: bool) -> Optional[str]:
+    """Where the tokenized copy of an in-memory Dataset goes: under cache_dir, so that it is
+    memory-mapped rather than held in RAM (datasets keeps the map of an in-memory Dataset in
+    memory). None otherwise: a dataset with files has datasets' own cache beside them."""
+    if raw.cache_files or cache_dir is None:
+        return None
+    from datasets.fingerprint import Hasher
+
+    os.makedirs(cache_dir, exist_ok=True)
+    key = Hasher.hash([raw._fingerprint, tokenizer, keep_records, _tokenize_batch])
+    return os.path.join(cache_dir, f"gapfix-tokenized-{key}.arrow")
+
+
+def _num_records(raw, kind: str) -> int:
+    import pyarrow.compute as pc
+
+    if kind != "line":
+        return len(raw)
+    return int(pc.sum(pc.list_value_length(raw.data.column("line"))).as_py())
+
+
+def _drop_unusable(dataset, name: str, on_error: str, num_proc: Optional[int]):
+    import pyarrow.compute as pc
+
+    errors = dataset.data.column("error")
+    bad = int(pc.sum(pc.is_valid(errors)).as_py() or 0)
+    if bad:
+        messages = pc.drop_null(errors).to_pylist()
+        if on_error == "raise":
+            raise DataError(messages[0])
+        if bad == len(dataset):
+            raise DataError(f"{name}: no usable examples ({bad} unusable records; first: {messages[0]})")
+        shown = "; ".join(messages[:5]) + (" ..." if bad > 5 else "")
+        warnings.warn(f"{name}: skipped {bad} unusable record(s): {shown}", stacklevel=3)
+        dataset = dataset.filter(_is_usable, batched=True, input_columns=["error"], num_proc=num_proc,
+                                 desc="skip unusable")
+    return dataset.remove_columns("error")
+
+
+def dataset_from_examples(examples: Sequence[Example]) -> "datasets.Dataset":
+    """An in-memory Dataset of `examples` (the same columns as `load_tokenized` returns)."""
+    import datasets
+
+    features = _example_features(True)
+    del features["error"]
+    return datasets.Dataset.from_dict({
+        "prompt_ids": [list(ex.prompt_ids) for ex in examples],
+        "answer_ids": [list(ex.answer_ids) for ex in examples],
+        "record": [None if ex.record is None else json.dumps(ex.record, default=str) for ex in examples],
+    }, features=features)
+
+
+class ExampleTable(Sequence[Example]):
+    """A tokenized Dataset read as a sequence of `Example`s, a batch of rows at a time.
+
+    Indexing decodes one row; `batches` reads `batch_size` rows per Arrow slice.
+    Nothing is held beyond the Dataset's memory map.
+    """
+
+    def __init__(self, dataset: "datasets.Dataset"):
+        missing = [column for column in TOKEN_COLUMNS if column not in dataset.column_names]
+        if missing:
+            raise ValueError(f"dataset lacks column(s) {missing}; build it with load_tokenized")
+        self.dataset = dataset
+        self._arrow = dataset.with_format("arrow")
+        self._has_record = "record" in dataset.column_names
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _decode(self, table) -> List[Example]:
+        prompts = table.column("prompt_ids").to_pylist()
+        answers = table.column("answer_ids").to_pylist()
+        records = table.column("record").to_pylist() if self._has_record else [None] * len(prompts)
+        return [Example(p, a, None if r is None else json.loads(r)) for p, a, r in zip(prompts, answers, records)]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int or a slice, got {type(index).__name__}")
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} examples")
+        return self._decode(self._arrow[int(index) % len(self):int(index) % len(self) + 1])[0]
+
+    def gather(self, indices: Sequence[int]) -> List[Example]:
+        """The examples at `indices` (any order, repeats allowed), read in one Arrow gather."""
+        index = [int(i) for i in indices]
+        bad = next((i for i in index if not 0 <= i < len(self)), None)
+        if bad is not None:
+            raise IndexError(f"indices: example {bad} out of range for {len(self)} examples")
+        return self._decode(self._arrow[index]) if index else []
+
+    def batches(self, batch_size: int = DEFAULT_BATCH_ROWS) -> Iterator[List[Example]]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            yield self._decode(self._arrow[start:start + batch_size])
+
+
+# ---------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    kind: str  # "int", "float" or "bool": the element type
+    per_position: bool  # a list per row (else one value per row)
+    width: Optional[int]  # K for a per-position list of K values, else None
+
+    def arrow_type(self):
+        import pyarrow as pa
+
+        element = {"int": pa.int32(), "float": pa.float32(), "bool": pa.bool_()}[self.kind]
+        if not self.per_position:
+            return {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}[self.kind]
+        if self.width is not None:
+            element = pa.list_(element, self.width)
+        return pa.list_(element)
+
+
+def _kind(value, name: str) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, (int, np.integer)):
+        return "int"
+    if isinstance(value, (float, np.floating)):
+        return "float"
+    raise ValueError(f"row field {name!r}: values must be int, float or bool, got {type(value).__name__}")
+
+
+def _infer_field(name: str, rows: Sequence[dict]) -> _Field:
+    first = rows[0][name]
+    if not isinstance(first, list):
+        return _Field(name, _kind(first, name), False, None)
+    sample = next((row[name] for row in rows if row[name]), None)
+    if sample is None:  # every row's list is empty: nothing says otherwise
+        return _Field(name, "int", True, None)
+    element = sample[0]
+    if isinstance(element, list):
+        if not element:
+            raise ValueError(f"row field {name!r}: per-position lists must not be empty")
+        return _Field(name, _kind(element[0], name), True, len(element))
+    return _Field(name, _kind(element, name), True, None)
+
+
+_NUMPY_KIND = {"int": "iu", "float": "fiu", "bool": "b"}
+
+
+def _values_array(field: _Field, values: list, shape_hint: str):
+    """numpy array of a field's values, checked against its kind and int32 range."""
+    try:
+        array = np.asarray(values)
+    except ValueError as exc:  # ragged inner lists
+        raise ValueError(f"row field {field.name!r}: {shape_hint} ({exc})") from None
+    if array.size and array.dtype.kind not in _NUMPY_KIND[field.kind]:
+        raise ValueError(f"row field {field.name!r}: expected {field.kind} values, got {array.dtype}")
+    expected_ndim = 1 + (field.width is not None)
+    if array.size and (array.ndim != expected_ndim or (field.width and array.shape[1] != field.width)):
+        raise ValueError(f"row field {field.name!r}: {shape_hint}, got values of shape {array.shape}")
+    if field.kind == "int" and array.size and field.per_position:
+        low, high = int(array.min()), int(array.max())
+        if low < _INT32.min or high > _INT32.max:
+            raise ValueError(f"row field {field.name!r}: value {low if low < _INT32.min else high} "
+                             "does not fit int32")
+    if field.kind == "int":
+        dtype = np.int32 if field.per_position else np.int64
+    elif field.kind == "float":
+        dtype = np.float32 if field.per_position else np.float64
+    else:
+        dtype = np.bool_
+    if not array.size:
+        return np.zeros((0,), dtype=dtype)
+    return array.astype(dtype, copy=False).reshape(-1)
+
+
+def _list_array(field: _Field, offsets: np.ndarray, flat: np.ndarray):
+    """The one way a per-position column is built, so equal rows give equal buffers (equal bytes)."""
+    import pyarrow as pa
+
+    values = pa.array(flat)
+    if field.width is not None:
+        values = pa.FixedSizeListArray.from_arrays(values, field.width)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False), type=pa.int32()), values)
+
+
+def _column_from_rows(field: _Field, rows: Sequence[dict]):
+    import pyarrow as pa
+
+    if not field.per_position:
+        return pa.array(_values_array(field, [row[field.name] for row in rows], "one value per row"))
+    lists = [row[field.name] for row in rows]
+    for i, value in enumerate(lists):
+        if not isinstance(value, list):
+            raise ValueError(f"row field {field.name!r}: rows[{i}] holds {type(value).__name__}, not a list")
+    offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+    np.cumsum([len(value) for value in lists], out=offsets[1:])
+    if offsets[-1] > _INT32.max:
+        raise ValueError(f"row field {field.name!r}: {offsets[-1]} values in one batch; use fewer batch_rows")
+    hint = f"every position a list of {field.width} values" if field.width else "a flat list per row"
+    flat = _values_array(field, list(itertools.chain.from_iterable(lists)), hint)
+    return _list_array(field, offsets, flat)
+
+
+def _schema(fields: Sequence[_Field], first_row: int, batch_rows: int):
+    import pyarrow as pa
+
+    metadata = {_META_FIRST_ROW: str(first_row).encode(), _META_BATCH_ROWS: str(batch_rows).encode()}
+    return pa.schema([pa.field(f.name, f.arrow_type(), nullable=False) for f in fields], metadata=metadata)
+
+
+class RowWriter:
+    """Appends training rows to an Arrow IPC file, in record batches of `batch_rows` rows.
+
+    path: the file to write (written to path + ".tmp", renamed on `close`: a
+        reader never sees half a file; nothing is left on an error).
+    first_row: the global index of this file's first row (a rank's shard of
+        the iteration's rows starts where the previous rank's ends).
+    batch_rows: rows per record batch (the file's bytes depend on the rows and
+        this number only).
+
+    Every row must have the fields (and per-field kinds) of the first row.
+    Use as a context manager or call `close()`.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], *, first_row: int = 0,
+                 batch_rows: int = DEFAULT_BATCH_ROWS):
+        if isinstance(first_row, bool) or not isinstance(first_row, int) or first_row < 0:
+            raise ValueError(f"first_row must be an int >= 0, got {first_row!r}")
+        if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
+            raise ValueError(f"batch_rows must be an int >= 1, got {batch_rows!r}")
+        self.path = os.fspath(path)
+        self.first_row, self.batch_rows = first_row, batch_rows
+        self.num_rows = 0
+        self._tmp = self.path + ".tmp"
+        self._fields: Optional[List[_Field]] = None
+        self._pending: List[dict] = []
+        self._sink = self._writer = None
+        self._closed = False
+
+    def __enter__(self) -> "RowWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _open(self, fields: List[_Field]) -> None:
+        import pyarrow as pa
+
+        self._fields = fields
+        self._schema = _schema(fields, self.first_row, self.batch_rows)
+        self._sink = pa.OSFile(self._tmp, "wb")
+        self._writer = pa.ipc.new_file(self._sink, self._schema)
+
+    def _check_fields(self, rows: Sequence[dict]) -> None:
+        names = [f.name for f in self._fields]
+        wanted = set(names)
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or row.keys() != wanted:  # any order; read back in file order
+                got = list(row) if isinstance(row, dict) else type(row).__name__
+                raise ValueError(f"rows[{i}] has fields {got}; this file's rows have {names}")
+
+    def write(self, rows: Iterable[dict]) -> None:
+        """Appends rows (dicts of lists or scalars); full record batches are written out."""
+        if self._closed:
+            raise ValueError(f"{self.path}: writer is closed")
+        rows = list(rows)
+        if not rows:
+            return
+        if self._fields is None:
+            if not isinstance(rows[0], dict) or not rows[0]:
+                raise ValueError("rows must be non-empty dicts of per-position lists")
+            fields = [_infer_field(name, rows) for name in rows[0]]
+            self._fields = fields
+            try:
+                self._check_fields(rows)
+                self._encode(rows)  # check the first rows fully before creating a file
+            except ValueError:
+                self._fields = None
+                raise
+            self._open(fields)
+        else:
+            self._check_fields(rows)
+        self._pending += rows
+        while len(self._pending) >= self.batch_rows:
+            self._flush(self._pending[:self.batch_rows])
+            self._pending = self._pending[self.batch_rows:]
+
+    def _encode(self, rows: Sequence[dict]):
+        import pyarrow as pa
+
+        arrays = [_column_from_rows(field, rows) for field in self._fields]
+        return pa.RecordBatch.from_arrays(arrays, schema=_schema(self._fields, self.first_row, self.batch_rows))
+
+    def _flush(self, rows: Sequence[dict]) -> None:
+        self._writer.write_batch(self._encode(rows))
+        self.num_rows += len(rows)
+
+    def write_batch(self, batch: "pa.RecordBatch") -> None:
+        """Appends an Arrow record batch of this file's schema (used to re-chunk shards)."""
+        if self._pending:
+            raise ValueError("write_batch after write: row dicts are still pending")
+        self._writer.write_batch(batch)
+        self.num_rows += batch.num_rows
+
+    def close(self) -> str:
+        """Writes the last rows and renames the file into place; returns its path."""
+        import pyarrow as pa
+
+        if self._closed:
+            return self.path
+        try:
+            if self._pending:
+                self._flush(self._pending)
+                self._pending = []
+            if self._writer is None:  # no rows: a file with an empty schema and the metadata
+                self._sink = pa.OSFile(self._tmp, "wb")
+                self._writer = pa.ipc.new_file(self._sink, _schema([], self.first_row, self.batch_rows))
+            self._writer.close()
+            self._sink.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.path
+
+    def abort(self) -> None:
+        """Drops the file being written."""
+        self._closed = True
+        for closable in (self._writer, self._sink):
+            try:
+                if closable is not None:
+                    closable.close()
+            except Exception:  # already failing; the temporary file is removed below
+                pass
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+
+def write_rows(path: Union[str, os.PathLike], rows: Iterable[dict], *, first_row: int = 0,
+               batch_rows: int = DEFAULT_BATCH_ROWS) -> str:
+    """Writes rows to one Arrow file (see RowWriter); returns its path."""
+    with RowWriter(path, first_row=first_row, batch_rows=batch_rows) as writer:
+        for chunk in _chunks(rows, batch_rows):
+            writer.write(chunk)
+    return writer.path
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def shard_range(num_rows: int, rank: int, world_size: int) -> range:
+    """The rows rank `rank` of `world_size` builds: a contiguous share, sizes differing by at most one."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got {rank}, {world_size}")
+    if num_rows < 0:
+        raise ValueError(f"num_rows must be >= 0, got {num_rows}")
+    base, extra = divmod(num_rows, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def _field_from_arrow(field) -> _Field:
+    import pyarrow as pa
+
+    def kind(arrow_type):
+        if pa.types.is_boolean(arrow_type):
+            return "bool"
+        return "float" if pa.types.is_floating(arrow_type) else "int"
+
+    arrow_type = field.type
+    if not pa.types.is_list(arrow_type):
+        return _Field(field.name, kind(arrow_type), False, None)
+    element = arrow_type.value_type
+    if pa.types.is_fixed_size_list(element):
+        return _Field(field.name, kind(element.value_type), True, element.list_size)
+    return _Field(field.name, kind(element), True, None)
+
+
+class RowTable(Sequence[dict]):
+    """Training rows read from one Arrow file or the union of several shards, memory-mapped.
+
+    Shards are ordered by the first row each names (not by the order of
+    `paths`) and must tile 0..n-1 without gap or overlap; the union is then the
+    same rows in the same order for any number of shards. `gather` and
+    indexing decode rows to dicts of Python lists, the trainer's row format.
+    """
+
+    def __init__(self, table: "pa.Table", paths: List[str], sources: list):
+        self.table = table
+        self.paths = paths
+        self._sources = sources  # the memory maps stay open while the table lives
+        self.fields = [_field_from_arrow(field) for field in table.schema]
+        self._batches = table.to_batches()  # zero-copy views of the mapped record batches
+        self._batch_starts = np.cumsum([0] + [batch.num_rows for batch in self._batches])
+
+    @classmethod
+    def open(cls, paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], *,
+             expected_rows: Optional[int] = None) -> "RowTable":
+        import pyarrow as pa
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        paths = [os.fspath(p) for p in paths]
+        if not paths:
+            raise ValueError("paths must name at least one row file")
+        shards = []
+        for path in paths:
+            try:
+                source = pa.memory_map(path, "r")
+                table = pa.ipc.open_file(source).read_all()
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise DataError(f"{path}: not a gapfix row file ({exc})") from None
+            metadata = table.schema.metadata or {}
+            if _META_FIRST_ROW not in metadata:
+                raise DataError(f"{path}: not a gapfix row file (no {_META_FIRST_ROW.decode()} metadata)")
+            shards.append((int(metadata[_META_FIRST_ROW]), path, table, source))
+        shards.sort(key=lambda shard: (shard[0], shard[2].num_rows))
+        next_row, schema, tables = 0, None, []
+        for first_row, path, table, _ in shards:
+            if first_row != next_row:
+                problem = "overlaps the previous shard" if first_row < next_row else \
+                    f"leaves rows {next_row}..{first_row - 1} missing"
+                raise DataError(f"{path}: starts at row {first_row}, which {problem}")
+            next_row += table.num_rows
+            if table.num_rows == 0:
+                continue
+            bare = table.schema.remove_metadata()
+            if schema is None:
+                schema = bare
+            elif not bare.equals(schema):
+                raise DataError(f"{path}: row fields {bare.names} ({bare.types}) differ from the other "
+                                f"shards' {schema.names} ({schema.types})")
+            tables.append(table.replace_schema_metadata(None))
+        if expected_rows is not None and next_row != expected_rows:
+            raise DataError(f"{', '.join(paths)}: {next_row} rows, expected {expected_rows}")
+        table = pa.concat_tables(tables) if tables else pa.table({})
+        return cls(table, [shard[1] for shard in shards], [shard[3] for shard in shards])
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def _decode(self, table) -> List[dict]:
+        columns = [table.column(field.name).to_pylist() for field in self.fields]
+        names = [field.name for field in self.fields]
+        return [dict(zip(names, values)) for values in zip(*columns)]
+
+    def gather(self, indices: Sequence[int]) -> List[dict]:
+        """Rows at `indices` (any order, repeats allowed), as dicts of Python lists."""
+        import pyarrow as pa
+
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            bad = index[(index < 0) | (index >= len(self))][0]
+            raise IndexError(f"indices: row {bad} out of range for {len(self)} rows")
+        if not index.size:
+            return []
+        # Take within each record batch: Arrow's take on a multi-chunk column concatenates the
+        # whole column first, a copy of every row (resident memory growing with the dataset).
+        order = np.argsort(index, kind="stable")
+        owner = np.searchsorted(self._batch_starts, index[order], side="right") - 1
+        pieces = []
+        for batch_id in np.unique(owner):
+            chosen = order[owner == batch_id]
+            local = index[chosen] - self._batch_starts[batch_id]
+            pieces.append(self._batches[batch_id].take(pa.array(local)))
+        gathered = pa.Table.from_batches(pieces).combine_chunks()  # the wanted rows only, sorted
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        return self._decode(gathered.take(pa.array(inverse)))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.gather(range(*index.indices(len(self))))
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int or a slice, got {type(index).__name__}")
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} rows")
+        return self.gather([int(index) % len(self)])[0]
+
+    def iter_batches(self, batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[List[dict]]:
+        """The rows in order, `batch_rows` at a time."""
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+        for start in range(0, len(self), batch_rows):
+            yield self._decode(self.table.slice(start, batch_rows))
+
+    def write_to(self, path: Union[str, os.PathLike], *, batch_rows: int = DEFAULT_BATCH_ROWS) -> str:
+        """Writes the rows to one file, re-cut into batches of `batch_rows`: the same bytes
+        as `write_rows` of the same rows, however many shards they were read from."""
+        with RowWriter(path, batch_rows=batch_rows) as writer:
+            if not len(self):
+                return writer.close()
+            writer._open(self.fields)
+            for start in range(0, len(self), batch_rows):
+                writer.write_batch(self._canonical_batch(self.table.slice(start, batch_rows), writer))
+        return writer.path
+
+    def _canonical_batch(self, table, writer: RowWriter):
+        import pyarrow as pa
+
+        arrays = []
+        for field in self.fields:
+            column = table.column(field.name).combine_chunks()
+            if not field.per_position:
+                arrays.append(pa.array(column.to_numpy(zero_copy_only=False)))
+                continue
+            offsets = column.offsets.to_numpy().astype(np.int64)
+            flat = column.flatten()
+            if field.width is not None:
+                flat = flat.flatten()
+            flat = flat.to_numpy(zero_copy_only=False)
+            arrays.append(_list_array(field, offsets - offsets[0], flat))
+        return pa.RecordBatch.from_arrays(arrays, schema=writer._schema)
+
+
+def write_sft_rows(path: Union[str, os.PathLike], examples: Union["datasets.Dataset", ExampleTable], *,
+                   first_row: int = 0, batch_rows: int = DEFAULT_BATCH_ROWS, row_fn=None) -> str:
+    """The SFT rows of `examples` (through `gapfix.data.sft_row`, or `row_fn`) written to `path`,
+    `batch_rows` examples at a time: the rows never exist as one Python list."""
+    from gapfix import data as gapfix_data
+
+    table = examples if isinstance(examples, ExampleTable) else ExampleTable(examples)
+    make_row = row_fn or gapfix_data.sft_row
+    with RowWriter(path, first_row=first_row, batch_rows=batch_rows) as writer:
+        for batch in table.batches(batch_rows):
+            writer.write([make_row(example) for example in batch])
+    return writer.path
+
+
+__all__ = ["ExampleTable", "RowTable", "RowWriter", "dataset_from_examples", "load_tokenized", "shard_range",
+           "write_rows", "write_sft_rows"]
+
