@@ -38,6 +38,7 @@ from typing import List, Optional
 import torch
 
 from gapfix import checkpoint as ckpt
+from gapfix._progress import step_progress as _progress
 from gapfix.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint  # noqa: F401 (API)
 from gapfix.data import IGNORE_INDEX, Example, collate, label_field, pack_rows, sft_row
 from gapfix.models import decoder_trunk, unwrap_model
@@ -670,37 +671,3 @@ def _peak_memory_mb(device):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except ImportError:  # pragma: no cover
         return None
-
-
-def _progress(total, done, label, enabled):
-    """A progress callback: bar(text) advances one step, bar(None) closes."""
-    if not enabled:
-        return lambda text: None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is not None:
-        bar = tqdm(total=total, initial=done, desc=label, leave=False, dynamic_ncols=True)
-
-        def advance(text):
-            if text is None:
-                bar.close()
-            else:
-                bar.set_postfix_str(text, refresh=False)
-                bar.update(1)
-
-        return advance
-    state = {"done": done}
-
-    def advance(text):
-        import sys
-
-        if text is None:
-            sys.stderr.write("\n")
-            return
-        state["done"] += 1
-        sys.stderr.write(f"\r{label} {state['done']}/{total} {text}")
-        sys.stderr.flush()
-
-    return advance

@@ -270,7 +270,7 @@ def test_bad_prompts_raise_value_errors(model, tok, tmp_path):
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error(model, tok, monkeypatch):
-    monkeypatch.setattr(generation, "vllm_available", lambda: False)
+    monkeypatch.setattr(generation.runner, "vllm_available", lambda: False)  # where it is read
     with pytest.raises(ValueError, match="vllm is not installed"):
         generate(model, [[5, 6]], backend="vllm", max_new_tokens=2)
     # auto falls back to transformers

@@ -1,0 +1,371 @@
+"""The vLLM backend and its engine cache.
+
+One engine is kept per (model folder, dtype, engine options), so that a trainer that saves a
+checkpoint and regenerates every iteration pays vLLM's start-up once: when the folder's weight
+files change, the engine reloads the weights in place (and drops its prefix cache);
+`release_engines()` frees every engine. An in-memory model is saved to a temporary folder of
+its own (rewritten on each call), which records its owner process so that a later run removes
+the copies of a killed one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import weakref
+from pathlib import Path
+
+from gapfix.generation.common import _is_model_path, _model_dir, derive_seed
+
+# Defaults for vLLM on CPU, each set only where the environment does not set it already:
+# a 1 GiB KV cache (VLLM_CPU_KVCACHE_SPACE is in GiB; vLLM's own default takes most of
+# the RAM), the engine in this process rather than a worker process (start-up about 2 s
+# instead of 15-20 s, and no `if __name__ == "__main__"` guard needed in the caller's
+# script), nothing fetched from a hub, no usage reports, quiet logs.
+_VLLM_CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "HF_HUB_OFFLINE": "1",
+}
+
+_ENGINES: dict = {}  # key -> _Engine
+_VLLM_REFUSED: set = set()  # model folders that vLLM failed to start on ("auto" skips them)
+# In-memory models handed to the vLLM backend are saved to one temporary
+# folder per model object, rewritten on each call (the engine then reloads).
+_SAVED_MODELS: dict = {}  # id(model) -> (weakref, TemporaryDirectory)
+
+
+def _weights_fingerprint(path: Path):
+    """What changes when a checkpoint is rewritten: the weight files' names,
+    sizes, inodes and modification / change times (save_pretrained replaces
+    or rewrites the files; pass reload=True where that cannot be relied on)."""
+    entries = []
+    for entry in sorted(path.iterdir()):
+        if entry.suffix in (".safetensors", ".bin", ".pt", ".pth") or entry.name.endswith(".index.json"):
+            st = entry.stat()
+            entries.append((entry.name, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(entries)
+
+
+def _checkpoint_dtype(path: Path) -> str:
+    """The dtype a checkpoint was saved in (what transformers' dtype="auto" loads)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    value = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return str(value).replace("torch.", "")
+
+
+def _config_fingerprint(path: Path):
+    return hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
+
+
+class _ProcessStateGuard:
+    """Restores what an in-process vLLM engine changes in its host process:
+    the global RNGs (it seeds them), torch's thread count (it drops it to 1)
+    and torch.set_num_threads (the CPU worker replaces it with a no-op), and
+    the CPU affinity. A trainer running in the same process keeps its own."""
+
+    def __enter__(self):
+        import random
+
+        import numpy as np
+        import torch
+
+        self.torch = torch
+        self.set_num_threads = torch.set_num_threads
+        self.num_threads = torch.get_num_threads()
+        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        return self
+
+    def __exit__(self, *exc):
+        import random
+
+        import numpy as np
+
+        torch = self.torch
+        torch.set_num_threads = self.set_num_threads
+        if torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        random.setstate(self.rng[0])
+        np.random.set_state(self.rng[1])
+        torch.set_rng_state(self.rng[2])
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        if self.affinity is not None and os.sched_getaffinity(0) != self.affinity:
+            os.sched_setaffinity(0, self.affinity)
+        return False
+
+
+class _Engine:
+    def __init__(self, path: Path, dtype, engine_kwargs):
+        import torch
+
+        if not torch.cuda.is_available():
+            for name, value in _VLLM_CPU_ENV.items():
+                os.environ.setdefault(name, value)
+        self.path = path
+        self.dtype = dtype
+        self.engine_kwargs = dict(engine_kwargs)
+        from gapfix.models import has_tokenizer
+
+        if dtype is None:
+            # vLLM's "auto" runs float32 checkpoints in bfloat16 on CPU; the
+            # checkpoint's own dtype keeps both backends computing the same.
+            dtype = _checkpoint_dtype(path)
+        with _ProcessStateGuard():
+            from vllm import LLM
+
+            options = dict(
+                model=str(path),
+                dtype=str(dtype).replace("torch.", ""),
+                # Prompts go in as token ids and come out as token ids (the
+                # caller's tokenizer decodes, the same for both backends): a
+                # folder without tokenizer files serves as well.
+                skip_tokenizer_init=not has_tokenizer(path),
+                seed=0,
+            )
+            if torch.cuda.is_available():
+                # Leave room for the trainer that shares the GPU.
+                options["gpu_memory_utilization"] = 0.4
+            else:
+                options["enforce_eager"] = True
+            options.update(self.engine_kwargs)
+            # Without a tokenizer vLLM's chat-template warm-up fails and logs
+            # a traceback; nothing here uses chat templates.
+            import logging
+
+            logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
+            self.llm = LLM(**options)
+        self.weights = _weights_fingerprint(path)
+        self.config = _config_fingerprint(path)
+
+    def refresh(self) -> bool:
+        """Pick up rewritten weights. False when the engine must be rebuilt
+        (the config changed, or in-place reload is not supported)."""
+        if _config_fingerprint(self.path) != self.config:
+            return False
+        weights = _weights_fingerprint(self.path)
+        if weights == self.weights:
+            return True
+        try:
+            with _ProcessStateGuard():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.path)})
+                self.llm.reset_prefix_cache()  # cached KV blocks hold the old weights' keys
+        except Exception:  # older vLLM without in-place reload: rebuild
+            return False
+        self.weights = weights
+        return True
+
+    def close(self):
+        llm, self.llm = self.llm, None
+        engine = getattr(llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            try:
+                shutdown()
+            except Exception:
+                pass
+        del llm, engine
+
+
+def release_engines() -> int:
+    """Free every cached vLLM engine (and the temporary folders of in-memory
+    models); returns how many engines were released."""
+    import gc
+
+    count = len(_ENGINES)
+    while _ENGINES:
+        _, engine = _ENGINES.popitem()
+        engine.close()
+    for _, tmp in list(_SAVED_MODELS.values()):
+        tmp.cleanup()
+    _SAVED_MODELS.clear()
+    _VLLM_REFUSED.clear()
+    gc.collect()
+    return count
+
+
+def _engine_for(path: Path, dtype, engine_kwargs, reload: bool):
+    """(cache key, engine) for a model folder: the cached engine, refreshed
+    to the folder's current weights, or a new one."""
+    key = (str(path), None if dtype is None else str(dtype),
+           json.dumps(engine_kwargs or {}, sort_keys=True, default=str))
+    engine = _ENGINES.get(key)
+    if engine is not None and (reload or not engine.refresh()):
+        engine.close()
+        del _ENGINES[key]
+        engine = None
+    if engine is None:
+        import gc
+
+        gc.collect()
+        engine = _ENGINES[key] = _Engine(path, dtype, engine_kwargs or {})
+    return key, engine
+
+
+def _refusal_key(model):
+    """What vLLM's refusal of a model is remembered by: its folder, or for an
+    in-memory model its config (the architecture is what vLLM refuses)."""
+    if _is_model_path(model):
+        return str(_model_dir(model))
+    config = getattr(model, "config", None)
+    to_json = getattr(config, "to_json_string", None)
+    return hashlib.sha256(to_json().encode()).hexdigest() if callable(to_json) else None
+
+
+MODEL_COPY_PREFIX = "gapfix-vllm-"
+_COPY_OWNER = "gapfix-owner.json"
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` (Linux /proc), which tells its owner from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(owner: dict) -> bool:
+    import socket
+
+    if owner.get("host") != socket.gethostname():
+        return True  # a temp folder shared between machines: cannot tell, keep it
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return owner.get("start") is None or _process_start(pid) in (None, owner["start"])
+
+
+def remove_stale_model_copies(folder: str | None = None) -> list:
+    """Removes the model copies for vLLM ($TMPDIR/gapfix-vllm-*) whose owning process is
+    gone (killed before it could clean up); returns their paths. A copy without an owner
+    record (being created, or from an older gapfix) or of another user is left alone."""
+    import shutil
+
+    folder = folder or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(MODEL_COPY_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            with open(os.path.join(entry.path, _COPY_OWNER), encoding="utf-8") as handle:
+                owner = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        if isinstance(owner, dict) and not _owner_alive(owner):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def _saved_copy(model, tokenizer) -> Path:
+    """A folder holding the current weights of in-memory `model`. It lives in $TMPDIR and
+    records its owner process, so that the next run removes it if this one is killed."""
+    from gapfix.models import save_model
+
+    entry = _SAVED_MODELS.get(id(model))
+    if entry is None or entry[0]() is not model:
+        import socket
+
+        remove_stale_model_copies()
+        tmp = tempfile.TemporaryDirectory(prefix=MODEL_COPY_PREFIX)
+        owner = {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname()}
+        Path(tmp.name, _COPY_OWNER).write_text(json.dumps(owner), encoding="utf-8")
+        key = id(model)
+        _SAVED_MODELS[key] = (weakref.ref(model, lambda _ref: _forget_saved(key)), tmp)
+        entry = _SAVED_MODELS[key]
+    path = Path(entry[1].name).resolve()
+    save_model(model, tokenizer, path)
+    return path
+
+
+def _forget_saved(key):
+    """The in-memory model is gone: free its engines and its folder."""
+    entry = _SAVED_MODELS.pop(key, None)
+    if entry is None:
+        return
+    folder = str(Path(entry[1].name).resolve())
+    for engine_key in [k for k in _ENGINES if k[0] == folder]:
+        _ENGINES.pop(engine_key).close()
+    entry[1].cleanup()
+
+
+class _VLLMBackend:
+    name = "vllm"
+    default_batch_size = 256
+
+    def __init__(self, model, *, dtype=None, tokenizer=None, engine_kwargs=None, reload=False):
+        if _is_model_path(model):
+            path = _model_dir(model)
+        else:
+            if not hasattr(model, "save_pretrained"):
+                raise ValueError(f"model must be a local model folder or a transformers model, "
+                                 f"got {type(model).__name__}")
+            path = _saved_copy(model, tokenizer)
+        self.engine_key, self.engine = _engine_for(path, dtype, engine_kwargs, reload)
+
+    def discard(self):
+        """Drop this backend's engine from the cache (after it failed)."""
+        if _ENGINES.get(self.engine_key) is self.engine:
+            del _ENGINES[self.engine_key]
+        self.engine.close()
+
+    def generate(self, prompt_ids, first_index, *, n, temperature, top_p, max_new_tokens,
+                 seed, logprobs, eos_ids, pad_id):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sample = temperature > 0
+        requests, params = [], []
+        for offset, prompt in enumerate(prompt_ids):
+            requests.append(TokensPrompt(prompt_token_ids=list(prompt)))
+            params.append(SamplingParams(
+                n=n if sample else 1,
+                temperature=float(temperature),
+                top_p=float(top_p) if sample else 1.0,
+                max_tokens=max_new_tokens,
+                seed=derive_seed(seed, first_index + offset) if (sample and seed is not None) else None,
+                logprobs=0 if logprobs else None,
+                stop_token_ids=list(eos_ids),
+                ignore_eos=False,
+                detokenize=False,
+            ))
+        with _ProcessStateGuard():
+            outputs = self.engine.llm.generate(requests, params, use_tqdm=False)
+        results = []
+        eos = set(eos_ids)
+        for output in outputs:
+            for s in range(n):
+                completion = output.outputs[s if sample else 0]
+                tokens = list(completion.token_ids)
+                reason, stop = "length", None
+                if tokens and tokens[-1] in eos:
+                    stop = tokens.pop()
+                    reason = "eos"
+                lp = None
+                if logprobs:
+                    lp = [float(step[token].logprob)
+                          for step, token in zip(completion.logprobs, tokens)]
+                results.append((tokens, reason, lp, stop))
+        return results
