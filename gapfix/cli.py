@@ -20,7 +20,8 @@ COMMANDS = {
     "eval": ("gapfix.eval_cli", "accuracy and exposure-bias diagnostics of a model on JSONL data"),
     "compare": ("gapfix.compare", "SFT vs BASH vs RAC from one base: equal extra steps, 95% intervals"),
     "demo": ("gapfix.demo", "SFT, then equal-compute SFT/BASH/RAC on the bundled math task (CPU, minutes)"),
-    "generate": ("gapfix.generate_cli", "generate answers for a JSONL file of prompts (vLLM or transformers), resumable"),
+    "generate": ("gapfix.generate_cli",
+                 "generate answers for a JSONL file of prompts (vLLM or transformers), resumable"),
     "bench": ("gapfix.bench_cli", "run the benchmark suite (a source checkout's bench/) on this machine"),
     "env": ("gapfix.env", "report versions, devices and whether the native extension loaded"),
 }

@@ -346,6 +346,7 @@ class BashTrainer(_BashMixin, Trainer):
 
 def __getattr__(name):
     if name == "BashSFTTrainer":  # built on first use, so that importing this module never imports trl
-        cls = globals()[name] = sft_trainer_class(name, _BashMixin, __name__, "trl.SFTTrainer with BASH: BashSFTTrainer(..., bash_config=BashConfig(beta=0.3)).")
+        doc = "trl.SFTTrainer with BASH: BashSFTTrainer(..., bash_config=BashConfig(beta=0.3))."
+        cls = globals()[name] = sft_trainer_class(name, _BashMixin, __name__, doc)
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -290,6 +290,7 @@ class RacTrainer(_RacMixin, Trainer):
 
 def __getattr__(name):
     if name == "RacSFTTrainer":  # built on first use, so that importing this module never imports trl
-        cls = globals()[name] = sft_trainer_class(name, _RacMixin, __name__, "trl.SFTTrainer with RAC: RacSFTTrainer(..., rac_config=RacConfig()).")
+        doc = "trl.SFTTrainer with RAC: RacSFTTrainer(..., rac_config=RacConfig())."
+        cls = globals()[name] = sft_trainer_class(name, _RacMixin, __name__, doc)
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
