@@ -27,7 +27,7 @@ COMMANDS = {
 }
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gapfix", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="print tracebacks for every error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -45,7 +45,7 @@ def build_parser():
 USER_ERRORS = (ValueError, OSError, ImportError)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("GAPFIX_DEBUG", "") not in ("", "0")
     try:
