@@ -12,19 +12,18 @@ Environment:
 import glob
 import os
 
-from setuptools import setup
-
 import torch
+from setuptools import Extension, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _flag(name):
+def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def native_extension():
+def native_extension() -> Extension:
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     with_cuda = bool(CUDA_HOME) and torch.version.cuda is not None and not _flag("GAPFIX_NO_CUDA")

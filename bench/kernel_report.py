@@ -224,7 +224,6 @@ def cross_entropy_cases():
 
 def mix_embedding_cases():
     from gapfix.kernels import mix_embedding as M
-
     from gapfix.ops.mix_embedding import _blocks
 
     n, d = 16384, 4096

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import gapfix
+
 from _timing import median_seconds
 
 VOCAB = 256_000

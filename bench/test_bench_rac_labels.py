@@ -16,6 +16,7 @@ import torch
 
 from gapfix.methods.rac import build_rac_rows
 from gapfix.ops.rac_labels import rac_labels_reference, rac_labels_triton
+
 from _timing import median_seconds
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

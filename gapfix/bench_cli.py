@@ -10,12 +10,13 @@ checkout (`pip install -e .` keeps them beside the code). The suite run is alway
 one beside the installed gapfix, by absolute path and from the checkout's root, never
 a `bench/` (or a module) of the current directory, which could be anyone's code.
 """
+import argparse
 import os
 import subprocess
 import sys
 
 
-def bench_dir():
+def bench_dir() -> str | None:
     """The absolute path of the installed checkout's bench/, or None (installed from a wheel)."""
     checkout = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     candidate = os.path.join(checkout, "bench")
@@ -24,7 +25,7 @@ def bench_dir():
     return None
 
 
-def configure(parser):
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", dest="select", help="only benchmarks matching this pytest -k expression")
     parser.add_argument("--gpu", action="store_true", help="the CUDA benchmarks instead of the CPU ones")
     parser.add_argument("--json", help="also write pytest-benchmark's JSON here")
@@ -32,7 +33,7 @@ def configure(parser):
                         help="OMP_NUM_THREADS for the run (default 1: steadier on shared machines)")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     folder = bench_dir()
     if folder is None:
         raise ValueError("the benchmark suite is not installed: `gapfix bench` needs gapfix installed "

@@ -20,13 +20,14 @@ COMMANDS = {
     "eval": ("gapfix.eval_cli", "accuracy and exposure-bias diagnostics of a model on JSONL data"),
     "compare": ("gapfix.compare", "SFT vs BASH vs RAC from one base: equal extra steps, 95% intervals"),
     "demo": ("gapfix.demo", "SFT, then equal-compute SFT/BASH/RAC on the bundled math task (CPU, minutes)"),
-    "generate": ("gapfix.generate_cli", "generate answers for a JSONL file of prompts (vLLM or transformers), resumable"),
+    "generate": ("gapfix.generate_cli",
+                 "generate answers for a JSONL file of prompts (vLLM or transformers), resumable"),
     "bench": ("gapfix.bench_cli", "run the benchmark suite (a source checkout's bench/) on this machine"),
     "env": ("gapfix.env", "report versions, devices and whether the native extension loaded"),
 }
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gapfix", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="print tracebacks for every error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -44,7 +45,7 @@ def build_parser():
 USER_ERRORS = (ValueError, OSError, ImportError)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("GAPFIX_DEBUG", "") not in ("", "0")
     try:

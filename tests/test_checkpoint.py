@@ -73,7 +73,7 @@ def test_checkpoint_holds_no_pickle(finished_run):
     checkpoint = latest_checkpoint(finished_run)
     names = sorted(os.listdir(checkpoint))
     assert names == ["model", ckpt.STATE_JSON, ckpt.STATE_TENSORS]
-    for parent, _dirs, files in os.walk(checkpoint):
+    for _parent, _dirs, files in os.walk(checkpoint):
         for name in files:
             assert not name.endswith((".pt", ".bin", ".pkl", ".pickle")), name
     with open(os.path.join(checkpoint, ckpt.STATE_JSON)) as handle:

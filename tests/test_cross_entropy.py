@@ -895,6 +895,7 @@ def test_kernels_compile_for_sm90():
 try:
     import triton
     import triton.language as tl
+
     from gapfix.kernels.cross_entropy import _tanh
 
     @triton.jit
@@ -930,7 +931,6 @@ def test_every_launch_enters_the_tensors_device_context(monkeypatch, triton_devi
     import contextlib
 
     from gapfix.kernels import cross_entropy as K
-
     from gapfix.ops import _common
 
     entered = []

@@ -3,9 +3,18 @@ import random
 
 import pytest
 
-from gapfix.data import (IGNORE_INDEX, DataError, Example, collate, load_examples, pack_rows,
-                         read_jsonl, sft_row, token_budget_batches)
-from gapfix.data import math_task
+from gapfix.data import (
+    IGNORE_INDEX,
+    DataError,
+    Example,
+    collate,
+    load_examples,
+    math_task,
+    pack_rows,
+    read_jsonl,
+    sft_row,
+    token_budget_batches,
+)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,13 @@ import random
 
 import pytest
 
-from gapfix.evaluation import (answers_match, divergence_curve, extract_answer, label_diagnostic,
-                               recovery_scores)
+from gapfix.evaluation import (
+    answers_match,
+    divergence_curve,
+    extract_answer,
+    label_diagnostic,
+    recovery_scores,
+)
 
 pytest.importorskip("transformers")
 

@@ -365,8 +365,8 @@ def test_every_assistant_turn_trained_with_its_end_of_turn(tmp_path, template):
 
 def test_chat_rows_bash_eligible_covers_every_turn(tmp_path):
     """BASH mixes every trained (assistant) token, earlier turns included."""
-    from gapfix.trainer import _bash_rows, TrainConfig
     from gapfix.models import tiny_llama
+    from gapfix.trainer import TrainConfig, _bash_rows
 
     tok, example, row = chat_example(tmp_path, CHATML)
     model = tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0)

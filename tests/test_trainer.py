@@ -4,8 +4,7 @@ import os
 import pytest
 import torch
 
-from gapfix.data import encode_example
-from gapfix.data import math_task
+from gapfix.data import encode_example, math_task
 from gapfix.trainer import latest_checkpoint, train
 
 pytest.importorskip("transformers")
@@ -128,7 +127,7 @@ def test_rac_soft_targets_train(tokenizer, examples):
     losses = []
     train(model, tokenizer, examples, method="rac", rac_mode="all", steps_per_iteration=2,
           rac_prompts=8, on_step=lambda r: losses.append(r["loss"]), **FAST)
-    assert len(losses) == 2 and all(l == l and l > 0 for l in losses)
+    assert len(losses) == 2 and all(loss == loss and loss > 0 for loss in losses)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -29,12 +29,18 @@ shifted travel under transformers' own name for them, `shift_labels`
 both is refused, and `labels` whose content is recognisably shifted (see
 `check_labels`) are refused too, never trained on silently.
 """
+from __future__ import annotations
+
 import json
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
+
+if TYPE_CHECKING:  # annotations only: torch and transformers load where they are used
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 RESPONSE_KEYS = ("response", "completion", "answer")
@@ -53,7 +59,7 @@ class DataError(ValueError):
     """A data file that cannot be used; the message names the file and line."""
 
 
-def check_input_file(path, argument: str) -> str:
+def check_input_file(path: Union[str, os.PathLike], argument: str) -> str:
     """`path` as a string, if it is an existing regular file; else a DataError naming `argument`."""
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -65,7 +71,7 @@ def check_input_file(path, argument: str) -> str:
     return path
 
 
-def parse_jsonl_lines(path) -> Iterator[tuple]:
+def parse_jsonl_lines(path: Union[str, os.PathLike]) -> Iterator[tuple]:
     """(line number, value, None) for each non-blank line of a JSONL file that is UTF-8 JSON,
     (line number, None, why) for each that is not (bad bytes, bad JSON, nesting too deep,
     a number too long to convert). Line numbers start at 1. Reads bytes, so that one bad
@@ -121,7 +127,9 @@ def read_jsonl(path: str, *, on_error: str = "raise") -> List[dict]:
     return [record for _line, record in read_jsonl_lines(path, on_error=on_error)]
 
 
-def split_record(record: dict, tokenizer=None):
+def split_record(
+    record: dict, tokenizer: Optional[PreTrainedTokenizerBase] = None
+) -> Optional[tuple[str, str]]:
     """(prompt text, response text) of a record, or None when it has neither form."""
     if "messages" in record:
         messages = record["messages"]
@@ -145,7 +153,7 @@ def split_record(record: dict, tokenizer=None):
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-def _chat_messages(record: dict):
+def _chat_messages(record: dict) -> Optional[list[dict]]:
     """The record's messages when it is a usable chat (a list of role/content dicts
     ending with an assistant turn), else None."""
     messages = record.get("messages")
@@ -158,7 +166,9 @@ def _chat_messages(record: dict):
     return messages
 
 
-def _chat_with_mask(tokenizer, messages):
+def _chat_with_mask(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict]
+) -> Optional[tuple[list[int], list[bool]]]:
     """(token ids, assistant mask) from the template's {% generation %} blocks, or None."""
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str) or not _GENERATION_BLOCK.search(template):
@@ -169,7 +179,9 @@ def _chat_with_mask(tokenizer, messages):
     return (ids, mask) if any(mask) else None
 
 
-def _chat_segments(tokenizer, messages, where):
+def _chat_segments(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str
+) -> list[tuple[Optional[str], bool]]:
     """(text, trained) pieces of the conversation: with a template, the rendered
     difference each assistant turn makes (its content and end-of-turn); without
     one, "role: content" lines and each assistant turn ending in EOS."""
@@ -197,7 +209,8 @@ def _chat_segments(tokenizer, messages, where):
     return segments
 
 
-def encode_chat(tokenizer, messages, record=None, where: str = "record") -> Example:
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], record: Optional[dict] = None,
+                where: str = "record") -> Example:
     """An Example of a conversation: every assistant turn trained, with the template's own
     end-of-turn; the last one is the answer, the earlier ones labelled in prompt_labels."""
     found = _chat_with_mask(tokenizer, messages)
@@ -223,7 +236,8 @@ def encode_chat(tokenizer, messages, record=None, where: str = "record") -> Exam
                    prompt_labels if any(m for m in mask[:start]) else None)
 
 
-def encode_example(tokenizer, prompt: str, response: str, record=None) -> Example:
+def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str,
+                   record: Optional[dict] = None) -> Example:
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     answer_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     return Example(list(prompt_ids), list(answer_ids) + [tokenizer.eos_token_id], record)
@@ -256,7 +270,7 @@ def record_problem(record: dict) -> Optional[str]:
     return None
 
 
-def load_examples(path: str, tokenizer, *, max_length: Optional[int] = None,
+def load_examples(path: str, tokenizer: PreTrainedTokenizerBase, *, max_length: Optional[int] = None,
                   max_prompt_length: Optional[int] = None, on_error: str = "raise",
                   limit: Optional[int] = None, report: Optional[dict] = None) -> List[Example]:
     """Tokenized examples of a JSONL file of prompt/response or chat records.
@@ -315,7 +329,7 @@ def sft_row(example: Example, ignore_index: int = IGNORE_INDEX) -> dict:
 LABEL_FIELDS = ("labels", "shift_labels")
 
 
-def label_field(fields, where: str = "batch") -> str:
+def label_field(fields: Any, where: str = "batch") -> str:
     """Which label convention a row or batch carries: "labels" (aligned with input_ids,
     the loss shifts) or "shift_labels" (already shifted). Exactly one must be present."""
     present = [name for name in LABEL_FIELDS if name in fields]
@@ -326,7 +340,8 @@ def label_field(fields, where: str = "batch") -> str:
     return present[0]
 
 
-def check_labels(input_ids, labels, *, attention_mask=None, position_ids=None,
+def check_labels(input_ids: torch.Tensor, labels: torch.Tensor, *,
+                 attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                  ignore_index: int = IGNORE_INDEX, where: str = "labels") -> None:
     """Refuses `labels` that are recognisably in the shifted convention.
 
@@ -367,7 +382,7 @@ def check_labels(input_ids, labels, *, attention_mask=None, position_ids=None,
 
 
 def collate(rows: List[dict], *, pad_id: int, ignore_index: int = IGNORE_INDEX,
-            pad_to_multiple_of: Optional[int] = None):
+            pad_to_multiple_of: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Right-pads rows to one tensor batch: input_ids, attention_mask, labels (or
     shift_labels), and any per-position list field (e.g. RAC's target_ids /
     target_weights, BASH's alt_ids). Rows must all carry the same label field;
@@ -401,7 +416,9 @@ def collate(rows: List[dict], *, pad_id: int, ignore_index: int = IGNORE_INDEX,
     return batch
 
 
-def _collate_extra(rows, batch, width, ignore_index):
+def _collate_extra(
+    rows: Sequence[dict], batch: dict[str, torch.Tensor], width: int, ignore_index: int
+) -> None:
     import torch
 
     extra = [k for k in rows[0] if k not in ("input_ids", "attention_mask") + LABEL_FIELDS
@@ -416,7 +433,7 @@ def _collate_extra(rows, batch, width, ignore_index):
         batch[key] = out
 
 
-def pack_rows(rows: List[dict], *, ignore_index: int = IGNORE_INDEX):
+def pack_rows(rows: List[dict], *, ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
     """Packs rows into one row with position_ids restarting at 0 for each example.
 
     Attention that reads the restarts as sequence boundaries (FlashAttention's

@@ -36,7 +36,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -45,6 +45,7 @@ from gapfix.data import DataError, Example
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
     import pyarrow as pa
+    from transformers import PreTrainedTokenizerBase
 
 TOKEN_COLUMNS = ("prompt_ids", "answer_ids")
 _INT32 = np.iinfo(np.int32)
@@ -56,7 +57,7 @@ DEFAULT_BATCH_ROWS = 1024
 # ------------------------------------------------------------------ examples
 
 
-def _example_features(with_record: bool):
+def _example_features(with_record: bool) -> datasets.Features:
     import datasets
 
     columns = {name: datasets.List(datasets.Value("int32")) for name in TOKEN_COLUMNS}
@@ -69,7 +70,7 @@ def _example_features(with_record: bool):
 _LINES_PER_CHUNK = 256
 
 
-def _jsonl_lines(path: str, stamp: str):
+def _jsonl_lines(path: str, stamp: str) -> Iterator[Dict[str, list]]:
     """Non-blank lines of a JSONL file with their 1-based numbers, `_LINES_PER_CHUNK` to a
     row (datasets' per-row cost is paid per chunk; the map parses and splits them).
 
@@ -91,7 +92,9 @@ def _jsonl_lines(path: str, stamp: str):
         yield {"text": texts, "line": numbers}
 
 
-def _raw_dataset(source, cache_dir: Optional[str]):
+def _raw_dataset(
+    source: Union[str, os.PathLike, datasets.Dataset], cache_dir: Optional[str]
+) -> tuple[datasets.Dataset, str, str]:
     """(dataset of records, its name for messages, how rows are named: "line" or "row")."""
     import datasets
 
@@ -129,7 +132,8 @@ def _raw_dataset(source, cache_dir: Optional[str]):
     return raw, path, "line"
 
 
-def _tokenize_batch(batch: Dict[str, list], indices: List[int], *, tokenizer, source: str, kind: str,
+def _tokenize_batch(batch: Dict[str, list], indices: List[int], *, tokenizer: PreTrainedTokenizerBase,
+                    source: str, kind: str,
                     with_record: bool) -> Dict[str, list]:
     """Dataset.map function: records to token ids, one output row per input row.
 
@@ -179,14 +183,17 @@ def _is_usable(errors: List[Optional[str]]) -> List[bool]:
     return [error is None for error in errors]
 
 
-def _within_length(prompt_ids, answer_ids, *, max_length: int):
+def _within_length(
+    prompt_ids: pa.ChunkedArray, answer_ids: pa.ChunkedArray, *, max_length: int
+) -> pa.ChunkedArray:
     import pyarrow.compute as pc
 
     lengths = pc.add(pc.list_value_length(prompt_ids), pc.list_value_length(answer_ids))
     return pc.less_equal(lengths, max_length)
 
 
-def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"], tokenizer=None, *,
+def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
+                   tokenizer: Optional[PreTrainedTokenizerBase] = None, *,
                  max_length: Optional[int] = None, on_error: str = "raise", num_proc: Optional[int] = None,
                  cache_dir: Optional[str] = None, keep_records: bool = True,
                  limit: Optional[int] = None) -> "datasets.Dataset":
@@ -257,7 +264,8 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"], tokenize
     return dataset
 
 
-def _in_memory_cache_file(raw, cache_dir: Optional[str], tokenizer, keep_records: bool) -> Optional[str]:
+def _in_memory_cache_file(raw: datasets.Dataset, cache_dir: Optional[str], tokenizer: PreTrainedTokenizerBase,
+                          keep_records: bool) -> Optional[str]:
     """Where the tokenized copy of an in-memory Dataset goes: under cache_dir, so that it is
     memory-mapped rather than held in RAM (datasets keeps the map of an in-memory Dataset in
     memory). None otherwise: a dataset with files has datasets' own cache beside them."""
@@ -270,7 +278,7 @@ def _in_memory_cache_file(raw, cache_dir: Optional[str], tokenizer, keep_records
     return os.path.join(cache_dir, f"gapfix-tokenized-{key}.arrow")
 
 
-def _num_records(raw, kind: str) -> int:
+def _num_records(raw: datasets.Dataset, kind: str) -> int:
     import pyarrow.compute as pc
 
     if kind != "line":
@@ -278,7 +286,9 @@ def _num_records(raw, kind: str) -> int:
     return int(pc.sum(pc.list_value_length(raw.data.column("line"))).as_py())
 
 
-def _drop_unusable(dataset, name: str, on_error: str, num_proc: Optional[int]):
+def _drop_unusable(
+    dataset: datasets.Dataset, name: str, on_error: str, num_proc: Optional[int]
+) -> datasets.Dataset:
     import pyarrow.compute as pc
 
     errors = dataset.data.column("error")
@@ -316,7 +326,7 @@ class ExampleTable(Sequence[Example]):
     Nothing is held beyond the Dataset's memory map.
     """
 
-    def __init__(self, dataset: "datasets.Dataset"):
+    def __init__(self, dataset: "datasets.Dataset") -> None:
         missing = [column for column in TOKEN_COLUMNS if column not in dataset.column_names]
         if missing:
             raise ValueError(f"dataset lacks column(s) {missing}; build it with load_tokenized")
@@ -327,13 +337,13 @@ class ExampleTable(Sequence[Example]):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _decode(self, table) -> List[Example]:
+    def _decode(self, table: pa.Table) -> List[Example]:
         prompts = table.column("prompt_ids").to_pylist()
         answers = table.column("answer_ids").to_pylist()
         records = table.column("record").to_pylist() if self._has_record else [None] * len(prompts)
         return [Example(p, a, None if r is None else json.loads(r)) for p, a, r in zip(prompts, answers, records)]
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: Union[int, slice]) -> Union[Example, List[Example]]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
@@ -367,7 +377,7 @@ class _Field:
     per_position: bool  # a list per row (else one value per row)
     width: Optional[int]  # K for a per-position list of K values, else None
 
-    def arrow_type(self):
+    def arrow_type(self) -> pa.DataType:
         import pyarrow as pa
 
         element = {"int": pa.int32(), "float": pa.float32(), "bool": pa.bool_()}[self.kind]
@@ -378,7 +388,7 @@ class _Field:
         return pa.list_(element)
 
 
-def _kind(value, name: str) -> str:
+def _kind(value: Any, name: str) -> str:
     if isinstance(value, (bool, np.bool_)):
         return "bool"
     if isinstance(value, (int, np.integer)):
@@ -406,7 +416,7 @@ def _infer_field(name: str, rows: Sequence[dict]) -> _Field:
 _NUMPY_KIND = {"int": "iu", "float": "fiu", "bool": "b"}
 
 
-def _values_array(field: _Field, values: list, shape_hint: str):
+def _values_array(field: _Field, values: list, shape_hint: str) -> np.ndarray:
     """numpy array of a field's values, checked against its kind and int32 range."""
     try:
         array = np.asarray(values)
@@ -433,7 +443,7 @@ def _values_array(field: _Field, values: list, shape_hint: str):
     return array.astype(dtype, copy=False).reshape(-1)
 
 
-def _list_array(field: _Field, offsets: np.ndarray, flat: np.ndarray):
+def _list_array(field: _Field, offsets: np.ndarray, flat: np.ndarray) -> pa.ListArray:
     """The one way a per-position column is built, so equal rows give equal buffers (equal bytes)."""
     import pyarrow as pa
 
@@ -443,7 +453,7 @@ def _list_array(field: _Field, offsets: np.ndarray, flat: np.ndarray):
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False), type=pa.int32()), values)
 
 
-def _column_from_rows(field: _Field, rows: Sequence[dict]):
+def _column_from_rows(field: _Field, rows: Sequence[dict]) -> pa.Array:
     import pyarrow as pa
 
     if not field.per_position:
@@ -461,7 +471,7 @@ def _column_from_rows(field: _Field, rows: Sequence[dict]):
     return _list_array(field, offsets, flat)
 
 
-def _schema(fields: Sequence[_Field], first_row: int, batch_rows: int):
+def _schema(fields: Sequence[_Field], first_row: int, batch_rows: int) -> pa.Schema:
     import pyarrow as pa
 
     metadata = {_META_FIRST_ROW: str(first_row).encode(), _META_BATCH_ROWS: str(batch_rows).encode()}
@@ -483,7 +493,7 @@ class RowWriter:
     """
 
     def __init__(self, path: Union[str, os.PathLike], *, first_row: int = 0,
-                 batch_rows: int = DEFAULT_BATCH_ROWS):
+                 batch_rows: int = DEFAULT_BATCH_ROWS) -> None:
         if isinstance(first_row, bool) or not isinstance(first_row, int) or first_row < 0:
             raise ValueError(f"first_row must be an int >= 0, got {first_row!r}")
         if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
@@ -500,7 +510,7 @@ class RowWriter:
     def __enter__(self) -> "RowWriter":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], tb: Any) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -548,7 +558,7 @@ class RowWriter:
             self._flush(self._pending[:self.batch_rows])
             self._pending = self._pending[self.batch_rows:]
 
-    def _encode(self, rows: Sequence[dict]):
+    def _encode(self, rows: Sequence[dict]) -> pa.RecordBatch:
         import pyarrow as pa
 
         arrays = [_column_from_rows(field, rows) for field in self._fields]
@@ -626,10 +636,10 @@ def shard_range(num_rows: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
-def _field_from_arrow(field) -> _Field:
+def _field_from_arrow(field: pa.Field) -> _Field:
     import pyarrow as pa
 
-    def kind(arrow_type):
+    def kind(arrow_type: pa.DataType) -> str:
         if pa.types.is_boolean(arrow_type):
             return "bool"
         return "float" if pa.types.is_floating(arrow_type) else "int"
@@ -652,7 +662,7 @@ class RowTable(Sequence[dict]):
     indexing decode rows to dicts of Python lists, the trainer's row format.
     """
 
-    def __init__(self, table: "pa.Table", paths: List[str], sources: list):
+    def __init__(self, table: "pa.Table", paths: List[str], sources: list) -> None:
         self.table = table
         self.paths = paths
         self._sources = sources  # the memory maps stay open while the table lives
@@ -706,7 +716,7 @@ class RowTable(Sequence[dict]):
     def __len__(self) -> int:
         return self.table.num_rows
 
-    def _decode(self, table) -> List[dict]:
+    def _decode(self, table: pa.Table) -> List[dict]:
         columns = [table.column(field.name).to_pylist() for field in self.fields]
         names = [field.name for field in self.fields]
         return [dict(zip(names, values)) for values in zip(*columns)]
@@ -735,7 +745,7 @@ class RowTable(Sequence[dict]):
         inverse[order] = np.arange(order.size)
         return self._decode(gathered.take(pa.array(inverse)))
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: Union[int, slice]) -> Union[dict, List[dict]]:
         if isinstance(index, slice):
             return self.gather(range(*index.indices(len(self))))
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
@@ -762,7 +772,7 @@ class RowTable(Sequence[dict]):
                 writer.write_batch(self._canonical_batch(self.table.slice(start, batch_rows), writer))
         return writer.path
 
-    def _canonical_batch(self, table, writer: RowWriter):
+    def _canonical_batch(self, table: pa.Table, writer: RowWriter) -> pa.RecordBatch:
         import pyarrow as pa
 
         arrays = []
@@ -781,7 +791,8 @@ class RowTable(Sequence[dict]):
 
 
 def write_sft_rows(path: Union[str, os.PathLike], examples: Union["datasets.Dataset", ExampleTable], *,
-                   first_row: int = 0, batch_rows: int = DEFAULT_BATCH_ROWS, row_fn=None) -> str:
+                   first_row: int = 0, batch_rows: int = DEFAULT_BATCH_ROWS,
+                   row_fn: Optional[Callable[[Example], dict]] = None) -> str:
     """The SFT rows of `examples` (through `gapfix.data.sft_row`, or `row_fn`) written to `path`,
     `batch_rows` examples at a time: the rows never exist as one Python list."""
     from gapfix import data as gapfix_data

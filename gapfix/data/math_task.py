@@ -17,10 +17,16 @@ what training on self-generated tokens is meant to teach. Splits: "train" and
 `corrupt_prefix` builds the self-correction probe: the answer's first step with
 a wrong result, which the model must continue from.
 """
+from __future__ import annotations
+
 import json
 import os
 import random
 import re
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:  # annotations only: transformers loads where it is used
+    from transformers import PreTrainedTokenizerFast
 
 MAX_VALUE = 99
 MAX_OPERAND = 19
@@ -57,7 +63,7 @@ def make_problem(rng: random.Random, num_steps: int) -> dict:
     }
 
 
-def make_split(name: str, num_problems: int, seed: int = 0, exclude=()) -> list:
+def make_split(name: str, num_problems: int, seed: int = 0, exclude: Iterable[str] = ()) -> list:
     """Problems of split `name` ("train", "test" or "hard"); deterministic in (name, seed).
 
     The splits draw from distinct seeds. A problem whose prompt is in `exclude`
@@ -80,7 +86,7 @@ def make_split(name: str, num_problems: int, seed: int = 0, exclude=()) -> list:
     return problems
 
 
-def final_answer(text: str):
+def final_answer(text: str) -> int | None:
     """The final value an answer states, or None when it states none."""
     match = _FINAL.search(text.strip())
     return int(match.group(1)) if match else None
@@ -125,7 +131,7 @@ def write_splits(out_dir: str, *, train: int = 20000, test: int = 500, hard: int
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "unk": "<unk>"}
 
 
-def math_tokenizer():
+def math_tokenizer() -> PreTrainedTokenizerFast:
     """The task's tokenizer: one token per whitespace-separated word of VOCAB.
 
     Built locally with `tokenizers` (nothing downloaded); a transformers

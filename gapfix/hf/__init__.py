@@ -27,7 +27,7 @@ __all__ = ["BashConfig", "BashSFTTrainer", "BashTrainer", "RacConfig", "RacSFTTr
            "build_rac_dataset", "is_patched", "patch", "unpatch"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> object:
     module_name = _EXPORTS.get(name)
     if module_name is None:
         raise AttributeError(f"module 'gapfix.hf' has no attribute {name!r}")
@@ -36,5 +36,5 @@ def __getattr__(name):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return __all__

@@ -4,26 +4,33 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from gapfix.generation import derive_seed
 
+if TYPE_CHECKING:  # annotations only: transformers and datasets load where they are used
+    import datasets
+    from transformers import Trainer
+
+ConfigT = TypeVar("ConfigT")
+
 CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 
 
-def rank_and_world(trainer) -> tuple[int, int]:
+def rank_and_world(trainer: Trainer) -> tuple[int, int]:
     """(this process's rank, number of processes) of a Trainer's run."""
     args = trainer.args
     return int(args.process_index), int(args.world_size)
 
 
-def distributed(trainer) -> bool:
+def distributed(trainer: Trainer) -> bool:
     return rank_and_world(trainer)[1] > 1 and torch.distributed.is_available() \
         and torch.distributed.is_initialized()
 
 
-def all_reduce_sum(trainer, tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(trainer: Trainer, tensor: torch.Tensor) -> torch.Tensor:
     """Sum of `tensor` over the ranks (in place; unchanged on one process). Every rank holds
     zeros where it computed nothing, so the sum puts each rank's share in place exactly."""
     if distributed(trainer):
@@ -38,7 +45,7 @@ def step_seed(seed: int, *parts: int) -> int:
     return seed
 
 
-def checkpoint_dir(trainer, trial) -> Path:
+def checkpoint_dir(trainer: Trainer, trial: Any) -> Path:
     """The folder Trainer._save_checkpoint has just written for the current global step."""
     return Path(trainer._get_output_dir(trial=trial)) / f"{CHECKPOINT_PREFIX}-{trainer.state.global_step}"
 
@@ -59,7 +66,7 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def checked_config(name: str, value, cls):
+def checked_config(name: str, value: ConfigT | None, cls: type[ConfigT]) -> ConfigT:
     """The trainer's method config: `cls()` for None, the value itself if a `cls`, else ValueError."""
     if value is None:
         return cls()
@@ -68,7 +75,7 @@ def checked_config(name: str, value, cls):
     return value
 
 
-def require_dataset(trainer, why: str):
+def require_dataset(trainer: Trainer, why: str) -> datasets.Dataset:
     """The trainer's train_dataset, which must be a datasets.Dataset (map-style, with columns)."""
     import datasets
 
@@ -77,14 +84,14 @@ def require_dataset(trainer, why: str):
     return trainer.train_dataset
 
 
-def sft_trainer_class(name: str, mixin, module: str, doc: str):
+def sft_trainer_class(name: str, mixin: type, module: str, doc: str) -> type:
     """`mixin` over trl.SFTTrainer, built when first asked for (trl is imported only then)."""
     from trl import SFTTrainer
 
     return type(name, (mixin, SFTTrainer), {"__doc__": doc, "__module__": module})
 
 
-def refuse_fsdp(trainer, what: str) -> None:
+def refuse_fsdp(trainer: Trainer, what: str) -> None:
     """The offline passes run the unsharded model on each rank's own share: under FSDP the ranks
     would run different numbers of sharded forwards (a hang), so FSDP is refused, by name."""
     if getattr(trainer, "is_fsdp_enabled", False):

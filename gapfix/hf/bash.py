@@ -36,6 +36,7 @@ import itertools
 import math
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -55,6 +56,9 @@ from gapfix.hf._common import (
 )
 from gapfix.hf.config import BashConfig
 
+if TYPE_CHECKING:  # annotations only
+    import datasets
+
 __all__ = ["BashTrainer"]
 
 ROW_COLUMN = "gapfix_row"
@@ -69,7 +73,7 @@ class _Rows:
     marks the positions predicted (labels != -100 where the rows carry labels, else all but
     position 0); `position_ids` restart per packed example where the rows carry seq_lengths."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset: datasets.Dataset) -> None:
         if "input_ids" not in dataset.column_names:
             raise ValueError("train_dataset must be tokenized (an input_ids column); "
                              f"it has {dataset.column_names}")
@@ -113,11 +117,11 @@ class _IndexingCollator:
     """Wraps a data collator: the batch gains INDEX_KEY (B, T) long, the flat token index of
     each position (-1 where the position holds no token of a training row)."""
 
-    def __init__(self, inner, rows: _Rows):
+    def __init__(self, inner: Callable[[list[dict]], dict], rows: _Rows) -> None:
         self.inner = inner
         self.rows = rows
 
-    def __call__(self, features):
+    def __call__(self, features: list[dict]) -> dict:
         if not features or ROW_COLUMN not in features[0]:
             return self.inner(features)  # evaluation rows: no mixing
         plain = [{k: v for k, v in f.items() if k != ROW_COLUMN} for f in features]
@@ -144,7 +148,7 @@ class _IndexingCollator:
 class _BashMixin:
     """BASH on top of a Trainer class (transformers.Trainer or trl.SFTTrainer)."""
 
-    def __init__(self, *args, bash_config: BashConfig | None = None, **kwargs):
+    def __init__(self, *args: Any, bash_config: BashConfig | None = None, **kwargs: Any) -> None:
         bash_config = checked_config("bash_config", bash_config, BashConfig)
         super().__init__(*args, **kwargs)
         self.bash_config = bash_config
@@ -160,7 +164,7 @@ class _BashMixin:
         self._bash_counts = None  # (mixed, eligible) since the last log
 
     # -- columns ----------------------------------------------------------------------------------
-    def _set_signature_columns_if_needed(self):
+    def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
         if ROW_COLUMN not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, ROW_COLUMN]
@@ -218,7 +222,8 @@ class _BashMixin:
         self._bash_alt_ids, self._bash_alt_probs, self._bash_window = alt_ids, alt_probs, window
 
     # -- training ---------------------------------------------------------------------------------
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         step = self.state.global_step
         last_step, micro = self._bash_step
         self._bash_step = (step, micro + 1 if step == last_step else 0)
@@ -227,7 +232,8 @@ class _BashMixin:
             self._bash_refresh(window)
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         index = inputs.pop(INDEX_KEY, None)
         if index is None or not model.training or self._bash_alt_ids is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -250,7 +256,8 @@ class _BashMixin:
                                         num_items_in_batch=num_items_in_batch)
 
     @contextlib.contextmanager
-    def _bash_mixing(self, alt_ids, alt_probs, eligible, seed):
+    def _bash_mixing(self, alt_ids: torch.Tensor, alt_probs: torch.Tensor | None, eligible: torch.Tensor,
+                     seed: int) -> Iterator[None]:
         """While active, the model's input embedding returns the mixed embeddings of its ids."""
         from gapfix.methods.bash import mixed_inputs_embeds
 
@@ -260,7 +267,7 @@ class _BashMixin:
         if counts is None:
             counts = self._bash_counts = torch.zeros(2, dtype=torch.float64, device=eligible.device)
 
-        def hook(module, args, output):
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if busy:
                 return None  # the id-level fallback calls the module itself
             ids = args[0] if args else None
@@ -288,7 +295,7 @@ class _BashMixin:
         finally:
             handle.remove()
 
-    def log(self, logs, start_time=None):
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._bash_counts is not None:
             counts = all_reduce_sum(self, self._bash_counts.clone())
             if counts[1] > 0:
@@ -297,7 +304,7 @@ class _BashMixin:
         return super().log(logs, start_time)
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def _save_checkpoint(self, model, trial):
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
         if self._bash_alt_ids is None or not self.args.should_save:
             return
@@ -313,7 +320,8 @@ class _BashMixin:
                                          "tokens": len(self._bash_rows.tokens), "digest": self._bash_rows.digest,
                                          "config": self.bash_config.to_dict()})
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+    def _load_from_checkpoint(self, resume_from_checkpoint: str,
+                              model: torch.nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         folder = Path(resume_from_checkpoint)
         state_path, tensor_path = folder / STATE_FILE, folder / TENSOR_FILE
@@ -344,8 +352,9 @@ class BashTrainer(_BashMixin, Trainer):
     """transformers.Trainer with BASH: BashTrainer(..., bash_config=BashConfig(beta=0.3))."""
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> type:
     if name == "BashSFTTrainer":  # built on first use, so that importing this module never imports trl
-        cls = globals()[name] = sft_trainer_class(name, _BashMixin, __name__, "trl.SFTTrainer with BASH: BashSFTTrainer(..., bash_config=BashConfig(beta=0.3)).")
+        doc = "trl.SFTTrainer with BASH: BashSFTTrainer(..., bash_config=BashConfig(beta=0.3))."
+        cls = globals()[name] = sft_trainer_class(name, _BashMixin, __name__, doc)
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,20 +3,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 BASH_MODES = ("argmax", "sample", "topk")
 RAC_MODES = ("path", "first", "last")
 BACKENDS = ("auto", "hf", "vllm")
 
 
-def _positive_int(name: str, value, *, optional: bool = False) -> None:
+def _positive_int(name: str, value: Any, *, optional: bool = False) -> None:
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
 
 
-def _number(name: str, value, low: float, high: float, *, open_low: bool = False) -> None:
+def _number(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value > high or value < low or (open_low and value == low):
         bound = f"({low}, {high}]" if open_low else f"[{low}, {high}]"
@@ -43,7 +44,7 @@ class BashConfig:
     refresh: int | None = None
     prediction_batch_size: int = 16
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _number("beta", self.beta, 0.0, 1.0)
         if self.mode not in BASH_MODES:
             raise ValueError(f"mode must be one of {BASH_MODES}, got {self.mode!r}")
@@ -84,7 +85,7 @@ class RacConfig:
     max_new_tokens: int = 128
     generation_batch_size: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.mode not in RAC_MODES:
             raise ValueError(f"mode must be one of {RAC_MODES} (soft 'all' needs soft targets, which "
                              f"Trainer's labels cannot carry), got {self.mode!r}")

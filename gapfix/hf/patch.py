@@ -70,7 +70,8 @@ def _check_loss_options(options: dict) -> dict:
 
 
 def fused_causal_lm_loss(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None, *,
-                         shift_labels: torch.Tensor | None = None, num_items_in_batch=None,
+                         shift_labels: torch.Tensor | None = None,
+                         num_items_in_batch: torch.Tensor | int | None = None,
                          loss_options: dict | None = None) -> torch.Tensor:
     """The causal-LM loss of hidden states (B, T, H) against HF-convention labels, through
     gapfix.linear_cross_entropy on the model's lm_head (scale and soft cap from its config)."""
@@ -137,7 +138,7 @@ def patch(model: nn.Module, **loss_options: Any) -> nn.Module:
     signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def forward(*args, **kwargs):
+    def forward(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("fused_lm_head") or ("labels" not in kwargs and "shift_labels" not in kwargs
                                            and len(args) <= _position(signature, "labels")):
             return original(*args, **kwargs)

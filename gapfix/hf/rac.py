@@ -31,6 +31,7 @@ import math
 import random
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import Trainer
@@ -48,13 +49,17 @@ from gapfix.hf._common import (
 )
 from gapfix.hf.config import RacConfig
 
+if TYPE_CHECKING:  # annotations only
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
 __all__ = ["RacTrainer", "build_rac_dataset"]
 
 STATE_FILE = "gapfix_rac.json"
 _GENERATION_CHUNK = 8  # prompts per generation chunk when RacConfig.generation_batch_size is None
 
 
-def _split(input_ids, labels, index: int):
+def _split(input_ids: Sequence[int], labels: Sequence[int], index: int) -> tuple[list[int], list[int]]:
     """(prompt, reference) of a training row: the last run of labels != -100 is the answer."""
     trained = [i for i, lab in enumerate(labels) if lab != -100]
     if not trained:
@@ -72,7 +77,7 @@ def _split(input_ids, labels, index: int):
 class _Sources:
     """The training rows as (prompt, reference) pairs and as SFT rows."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset: datasets.Dataset) -> None:
         columns = dataset.column_names
         if "seq_lengths" in columns:
             raise ValueError("train_dataset is packed; RAC needs one prompt/answer per row (packing=False)")
@@ -82,11 +87,11 @@ class _Sources:
         self.sft_rows = [{"input_ids": list(i), "labels": list(lab)} for i, lab in zip(ids, labels)]
         self.pairs = [_split(i, lab, n) for n, (i, lab) in enumerate(zip(ids, labels))]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.pairs)
 
 
-def _resolve_backend(backend: str, model) -> str:
+def _resolve_backend(backend: str, model: torch.nn.Module) -> str:
     if backend != "auto":
         return backend
     from gapfix.generation import vllm_available
@@ -95,7 +100,7 @@ def _resolve_backend(backend: str, model) -> str:
     return "vllm" if on_gpu and vllm_available() else "hf"
 
 
-def _stop_ids(tokenizer, model) -> list:
+def _stop_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list:
     """The tokens that end an answer, as gapfix.generate stops on them: the tokenizer's EOS and
     the model's generation-config and config EOS ids."""
     from gapfix.generation import _eos_ids
@@ -103,7 +108,9 @@ def _stop_ids(tokenizer, model) -> list:
     return _eos_ids(getattr(model, "config", None), tokenizer, getattr(model, "generation_config", None))
 
 
-def end_id(tokenizer, model, references) -> int:
+def end_id(
+    tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module, references: Sequence[Sequence[int]]
+) -> int:
     """The end-of-answer token RAC labels and appends: the stop token the reference answers end
     with most often (a chat template's own end-of-turn, where it is one of the model's stop
     tokens), else the tokenizer's EOS."""
@@ -117,8 +124,9 @@ def end_id(tokenizer, model, references) -> int:
     return max(counts, key=lambda t: (counts[t], -stops.index(t))) if counts else stops[0]
 
 
-def iteration_rows(model, tokenizer, sources: _Sources, config: RacConfig, *, seed: int, iteration: int,
-                   rank: int = 0, world: int = 1, gather=None):
+def iteration_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: _Sources,
+                   config: RacConfig, *, seed: int, iteration: int, rank: int = 0, world: int = 1,
+                   gather: Callable[[dict], list] | None = None) -> tuple[list[dict], dict, list[str]]:
     """(rows, stats, answers) of one RAC iteration: rows in the Hugging Face convention (RAC rows
     and SFT rows mixed and shuffled), build_rac_rows' stats, and the Generation objects."""
     from gapfix.generation import generate
@@ -160,8 +168,9 @@ def iteration_rows(model, tokenizer, sources: _Sources, config: RacConfig, *, se
     return mixed, stats, reasons
 
 
-def build_rac_dataset(model, tokenizer, dataset, *, config: RacConfig | None = None, seed: int = 0,
-                      iteration: int = 0):
+def build_rac_dataset(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                      dataset: datasets.Dataset, *,
+                      config: RacConfig | None = None, seed: int = 0, iteration: int = 0) -> datasets.Dataset:
     """One RAC iteration as a datasets.Dataset, for users who schedule iterations themselves.
 
     dataset: tokenized rows with input_ids and labels (Hugging Face convention, -100 on the
@@ -180,13 +189,13 @@ def build_rac_dataset(model, tokenizer, dataset, *, config: RacConfig | None = N
 class _RacStream(torch.utils.data.IterableDataset):
     """This rank's micro-batches of one iteration per pass (one Trainer epoch)."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer: _RacMixin) -> None:
         self.trainer = trainer
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.trainer._rac_steps_per_iteration() * self.trainer.args.gradient_accumulation_steps
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict]:
         trainer = self.trainer
         args = trainer.args
         rank, world = rank_and_world(trainer)
@@ -204,7 +213,7 @@ class _RacStream(torch.utils.data.IterableDataset):
 class _RacMixin:
     """RAC on top of a Trainer class (transformers.Trainer or trl.SFTTrainer)."""
 
-    def __init__(self, *args, rac_config: RacConfig | None = None, **kwargs):
+    def __init__(self, *args: Any, rac_config: RacConfig | None = None, **kwargs: Any) -> None:
         rac_config = checked_config("rac_config", rac_config, RacConfig)
         super().__init__(*args, **kwargs)
         self.rac_config = rac_config
@@ -228,7 +237,7 @@ class _RacMixin:
         global_batch = self.args.per_device_train_batch_size * world * self.args.gradient_accumulation_steps
         return max(1, math.ceil(self._rac_rows_per_iteration() / global_batch))
 
-    def get_train_dataloader(self):
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(_RacStream(self), batch_size=None, num_workers=0)
 
     def _rac_gather(self, mine: dict) -> list:
@@ -250,14 +259,14 @@ class _RacMixin:
             self.rac_history.append(stats)
         return self._rac_rows
 
-    def log(self, logs, start_time=None):
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._rac_pending_stats is not None:
             for key in ("finished", "exact_match", "label_agreement", "mean_edit_distance", "rows"):
                 logs[f"rac_{key}"] = self._rac_pending_stats[key]
             self._rac_pending_stats = None
         return super().log(logs, start_time)
 
-    def _save_checkpoint(self, model, trial):
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
         if self._rac_rows is None or not self.args.should_save:
             return
@@ -266,7 +275,8 @@ class _RacMixin:
         write_json(folder / STATE_FILE, {"iteration": self._rac_iteration, "config": self.rac_config.to_dict(),
                                          "rows": self._rac_rows})
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+    def _load_from_checkpoint(self, resume_from_checkpoint: str,
+                              model: torch.nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = Path(resume_from_checkpoint) / STATE_FILE
         if not path.is_file():
@@ -288,8 +298,9 @@ class RacTrainer(_RacMixin, Trainer):
     """transformers.Trainer with RAC: RacTrainer(..., processing_class=tokenizer, rac_config=RacConfig())."""
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> type:
     if name == "RacSFTTrainer":  # built on first use, so that importing this module never imports trl
-        cls = globals()[name] = sft_trainer_class(name, _RacMixin, __name__, "trl.SFTTrainer with RAC: RacSFTTrainer(..., rac_config=RacConfig()).")
+        doc = "trl.SFTTrainer with RAC: RacSFTTrainer(..., rac_config=RacConfig())."
+        cls = globals()[name] = sft_trainer_class(name, _RacMixin, __name__, doc)
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,11 +19,14 @@ All int32, on the input device. Layers: the native op torch.ops.gapfix.align
 torch.compile traces it, the pure-PyTorch reference `align_reference` (the
 readable spec and the fallback), and the public `align`.
 """
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from gapfix.ops._common import check_ids, check_int, check_lengths, resolve_impl
+
+# Row lengths as the public functions take them: None (the full width), a (B,) tensor or ints.
+Lengths = Union[torch.Tensor, Sequence[int], None]
 
 __all__ = ["Alignment", "align", "align_reference"]
 
@@ -48,7 +51,7 @@ MAX_TARGETS_LIMIT = 1024
 # Native op registration
 # ----------------------------------------------------------------------------
 
-def _native_op():
+def _native_op() -> Optional[Callable[..., Any]]:
     """torch.ops.gapfix.align, or None when gapfix._C is not loaded."""
     from gapfix import _native
 
@@ -57,7 +60,7 @@ def _native_op():
     return torch.ops.gapfix.align
 
 
-def _find_native_kernels():
+def _find_native_kernels() -> frozenset[str]:
     """Device types with a registered native kernel (looked up once, at import,
     so that torch.compile sees a constant)."""
     if _native_op() is None:
@@ -79,12 +82,14 @@ def _auto_impl(device: torch.device) -> str:
     return "native" if _has_native_kernel(device.type) else "torch"
 
 
-def _register_fake():
+def _register_fake() -> None:
     if _native_op() is None:
         return
 
     @torch.library.register_fake("gapfix::align")
-    def _align_fake(gen, ref, gen_lens, ref_lens, max_targets):
+    def _align_fake(
+        gen: torch.Tensor, ref: torch.Tensor, gen_lens: torch.Tensor, ref_lens: torch.Tensor, max_targets: int
+    ) -> tuple[torch.Tensor, ...]:
         batch, gen_width = gen.shape
         rows = gen.new_empty((batch, gen_width + 1), dtype=torch.int32)
         return (
@@ -104,7 +109,9 @@ _register_fake()
 # Validation
 # ----------------------------------------------------------------------------
 
-def _check_values(gen, ref, gen_lens, ref_lens):
+def _check_values(
+    gen: torch.Tensor, ref: torch.Tensor, gen_lens: torch.Tensor, ref_lens: torch.Tensor
+) -> None:
     """Length ranges and negative ids (inside the lengths only: padding is free).
     One host sync on CUDA, none under torch.compile (the native CPU op re-checks
     the lengths itself)."""
@@ -127,7 +134,9 @@ def _check_values(gen, ref, gen_lens, ref_lens):
         raise ValueError("ref holds negative token ids within ref_lens")
 
 
-def _prepare(gen, ref, gen_lens, ref_lens, max_targets):
+def _prepare(
+    gen: torch.Tensor, ref: torch.Tensor, gen_lens: Lengths, ref_lens: Lengths, max_targets: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validation shared by every impl; -> (gen, ref, gen_lens, ref_lens) ready for either."""
     check_ids("gen", gen)
     check_ids("ref", ref, device=gen.device, batch=gen.shape[0])
@@ -146,7 +155,9 @@ def _prepare(gen, ref, gen_lens, ref_lens, max_targets):
 # Pure-PyTorch reference
 # ----------------------------------------------------------------------------
 
-def _reference_impl(gen, ref, gen_lens, ref_lens, max_targets):
+def _reference_impl(
+    gen: torch.Tensor, ref: torch.Tensor, gen_lens: torch.Tensor, ref_lens: torch.Tensor, max_targets: int
+) -> Alignment:
     batch, gen_width = gen.shape
     ref_width = ref.shape[1]
     device = gen.device
@@ -222,13 +233,20 @@ def _reference_impl(gen, ref, gen_lens, ref_lens, max_targets):
         targets = targets[:, :, :max_targets]
         targets = torch.where(live_row[:, :, None], targets, -1).int()
 
-    def rowwise(x):
+    def rowwise(x: torch.Tensor) -> torch.Tensor:
         return torch.where(live_row, x, -1).int()
 
     return Alignment(distance.int(), rowwise(path), rowwise(cost), rowwise(first), rowwise(last), targets)
 
 
-def align_reference(gen, ref, gen_lens=None, ref_lens=None, *, max_targets: int = 0) -> Alignment:
+def align_reference(
+    gen: torch.Tensor,
+    ref: torch.Tensor,
+    gen_lens: Lengths = None,
+    ref_lens: Lengths = None,
+    *,
+    max_targets: int = 0,
+) -> Alignment:
     """Pure-PyTorch alignment (the readable spec): the full D matrix, O(B*Tg*Tr) memory."""
     gen, ref, gen_lens, ref_lens = _prepare(gen, ref, gen_lens, ref_lens, max_targets)
     return _reference_impl(gen, ref, gen_lens, ref_lens, max_targets)
@@ -238,7 +256,15 @@ def align_reference(gen, ref, gen_lens=None, ref_lens=None, *, max_targets: int 
 # Public function
 # ----------------------------------------------------------------------------
 
-def align(gen, ref, gen_lens=None, ref_lens=None, *, max_targets: int = 0, impl: str = "auto") -> Alignment:
+def align(
+    gen: torch.Tensor,
+    ref: torch.Tensor,
+    gen_lens: Lengths = None,
+    ref_lens: Lengths = None,
+    *,
+    max_targets: int = 0,
+    impl: str = "auto",
+) -> Alignment:
     """Aligns each generated row to its reference row (see the module docstring).
 
     gen (B, Tg), ref (B, Tr): int32/int64 token ids >= 0, right-padded; gen_lens,

@@ -29,10 +29,11 @@ Layers, as for every gapfix op:
 
 import math
 import numbers
-from typing import Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from gapfix.ops import _common
 from gapfix.ops._common import cdiv, launch, resolve_impl, triton_runs_on
@@ -55,6 +56,10 @@ _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
 _PHILOX_ROUNDS = 10
+
+# an int key for every position, or an int64 tensor of per-row keys
+Seed = Union[int, Tensor]
+OptTensor = Optional[Tensor]
 _U32 = 0xFFFFFFFF
 
 
@@ -62,7 +67,7 @@ _U32 = 0xFFFFFFFF
 # counter-based RNG
 # ----------------------------------------------------------------------------
 
-def philox_uint32(seed, counter: torch.Tensor) -> torch.Tensor:
+def philox_uint32(seed: Seed, counter: torch.Tensor) -> torch.Tensor:
     """Word 0 of Philox-4x32-10 at counters (counter, 0, 0, 0), key = seed.
 
     Bit-equal to `tl.randint(seed, counter)` for int32 counters. `seed` is an
@@ -80,7 +85,7 @@ def philox_uint32(seed, counter: torch.Tensor) -> torch.Tensor:
     return _philox_torch(seed, counter)
 
 
-def _philox_numpy(seed, counter):
+def _philox_numpy(seed: Seed, counter: Tensor) -> Tensor:
     import numpy as np
 
     low, shift = np.uint64(_U32), np.uint64(32)
@@ -115,7 +120,7 @@ def _philox_numpy(seed, counter):
     return torch.from_numpy(c0.view(np.int64))
 
 
-def _philox_torch(seed, counter):
+def _philox_torch(seed: Seed, counter: Tensor) -> Tensor:
     # 32 x 32-bit products formed in int64 wrap modulo 2**64, so the high and
     # low words of the exact product are still bits 32..63 and 0..31 (a key
     # tensor broadcasts against the counters at the first round)
@@ -143,8 +148,8 @@ def mixing_threshold(beta: float) -> int:
     return int(round(float(beta) * (1 << MASK_BITS)))
 
 
-def mixing_mask(shape, *, beta: float, seed, eligible: Optional[torch.Tensor] = None,
-                device=None) -> torch.Tensor:
+def mixing_mask(shape: Sequence[int], *, beta: float, seed: Seed, eligible: Optional[torch.Tensor] = None,
+                device: Union[torch.device, str, None] = None) -> torch.Tensor:
     """The bool mask mix_embedding(..., beta=beta, seed=seed, eligible=eligible) applies.
 
     For callers that mix at the id level (an embedding module mix_embedding
@@ -173,7 +178,7 @@ def mixing_mask(shape, *, beta: float, seed, eligible: Optional[torch.Tensor] = 
     return mixed & eligible if eligible is not None else mixed
 
 
-def _random_mixed(n: int, threshold: int, seed, device) -> torch.Tensor:
+def _random_mixed(n: int, threshold: int, seed: Seed, device: torch.device) -> torch.Tensor:
     """(n,) bool: philox bits under threshold. An int seed keys every position with counter
     = flat index; a (B,) tensor keys row b's n // B positions with counter = index in the row."""
     if isinstance(seed, torch.Tensor):
@@ -214,14 +219,16 @@ def mix_embedding_reference(weight: torch.Tensor, ids: torch.Tensor, alt_ids: to
 # fast CPU path (flat tensors: ids (N,), alt (N,) or (N, K), weight (V, D))
 # ----------------------------------------------------------------------------
 
-def _draw_mixed(n, mask, eligible, threshold, seed, device):
+def _draw_mixed(n: int, mask: OptTensor, eligible: OptTensor, threshold: int, seed: Seed,
+                device: torch.device) -> Tensor:
     mixed = mask.clone() if mask is not None else _random_mixed(n, threshold, seed, device)
     if eligible is not None:
         mixed &= eligible
     return mixed
 
 
-def _forward_cpu(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, seed):
+def _forward_cpu(weight: Tensor, ids: Tensor, alt_ids: Tensor, alt_probs: OptTensor, mask: OptTensor,
+                 eligible: OptTensor, threshold: int, seed: Seed) -> tuple[Tensor, Tensor]:
     mixed = _draw_mixed(ids.shape[0], mask, eligible, threshold, seed, ids.device)
     if alt_probs is None:
         return F.embedding(torch.where(mixed, alt_ids, ids), weight), mixed
@@ -237,7 +244,8 @@ def _forward_cpu(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, see
     return embeds, mixed
 
 
-def _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx, num_embeddings):
+def _backward_entries(ids: Tensor, alt_ids: Tensor, alt_probs: OptTensor, mixed: Tensor, padding_idx: int,
+                      num_embeddings: int) -> tuple[Tensor, OptTensor]:
     """(rows, coef) of every gradient entry; rows -1 mark entries that add nothing
     (padding_idx, and ids outside [0, num_embeddings), which the Triton forward reads as
     NaN rows: they must never index the gradient).
@@ -263,7 +271,8 @@ def _backward_entries(ids, alt_ids, alt_probs, mixed, padding_idx, num_embedding
     return rows.reshape(-1), (None if coef is None else coef.reshape(-1))
 
 
-def _backward_cpu(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, padding_idx):
+def _backward_cpu(grad: Tensor, ids: Tensor, alt_ids: Tensor, alt_probs: OptTensor, mixed: Tensor,
+                  num_embeddings: int, padding_idx: int) -> Tensor:
     """Deterministic: the CPU embedding backward adds in position order.
 
     Hard mode is F.embedding's own backward on the mixed ids, bit for bit (in
@@ -289,7 +298,8 @@ def _backward_cpu(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, padding_
 # Triton launchers
 # ----------------------------------------------------------------------------
 
-def _forward_triton(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, seed):
+def _forward_triton(weight: Tensor, ids: Tensor, alt_ids: Tensor, alt_probs: OptTensor, mask: OptTensor,
+                    eligible: OptTensor, threshold: int, seed: Seed) -> tuple[Tensor, Tensor]:
     from gapfix.kernels import mix_embedding as kernels
 
     n, d = ids.shape[0], weight.shape[1]
@@ -318,8 +328,8 @@ def _forward_triton(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, 
     return embeds, mixed
 
 
-def _backward_triton(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, padding_idx,
-                     deterministic):
+def _backward_triton(grad: Tensor, ids: Tensor, alt_ids: Tensor, alt_probs: OptTensor, mixed: Tensor,
+                     num_embeddings: int, padding_idx: int, deterministic: bool) -> Tensor:
     from gapfix.kernels import mix_embedding as kernels
 
     n, d = grad.shape
@@ -352,7 +362,7 @@ def _backward_triton(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, paddi
     return grad_weight
 
 
-def _new_grad_weight(num_embeddings, d, dtype, device):
+def _new_grad_weight(num_embeddings: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The zeroed gradient the backward kernels add into (a seam for the bounds tests)."""
     return torch.zeros(num_embeddings, d, dtype=dtype, device=device)
 
@@ -378,7 +388,7 @@ def _mix_embedding_forward(weight: torch.Tensor, ids: torch.Tensor, alt_ids: tor
     return embeds.view(*ids.shape, weight.shape[1]), mixed.view(ids.shape)
 
 
-def _flat(ids, alt_ids, alt_probs, *per_position):
+def _flat(ids: Tensor, alt_ids: Tensor, alt_probs: OptTensor, *per_position: OptTensor) -> list[OptTensor]:
     """Views of (ids, alt_ids, alt_probs, *per_position) over the N flat positions."""
     k = () if alt_ids.dim() == ids.dim() else (alt_ids.shape[-1],)
     flat = [ids.reshape(-1), alt_ids.reshape(-1, *k)]
@@ -392,8 +402,9 @@ _mix_embedding_op = torch.library.custom_op("gapfix::mix_embedding", _mix_embedd
 
 
 @_mix_embedding_op.register_fake
-def _(weight, ids, alt_ids, alt_probs, mask, eligible, threshold, seed, row_seeds, padding_idx,
-      deterministic, backend):
+def _(weight: Tensor, ids: Tensor, alt_ids: Tensor, alt_probs: OptTensor, mask: OptTensor,
+      eligible: OptTensor, threshold: int, seed: int, row_seeds: OptTensor, padding_idx: int,
+      deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
     return (weight.new_empty(*ids.shape, weight.shape[1]),
             ids.new_empty(ids.shape, dtype=torch.bool))
 
@@ -414,18 +425,19 @@ def _mix_embedding_backward_op(grad: torch.Tensor, ids: torch.Tensor, alt_ids: t
 
 
 @_mix_embedding_backward_op.register_fake
-def _(grad, ids, alt_ids, alt_probs, mixed, num_embeddings, padding_idx, deterministic, backend):
+def _(grad: Tensor, ids: Tensor, alt_ids: Tensor, alt_probs: OptTensor, mixed: Tensor, num_embeddings: int,
+      padding_idx: int, deterministic: bool, backend: str) -> Tensor:
     return grad.new_empty(num_embeddings, grad.shape[-1])
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     weight, ids, alt_ids, alt_probs, _, _, _, _, _, padding_idx, deterministic, backend = inputs
     ctx.save_for_backward(weight, ids, alt_ids, alt_probs, output[1])
     ctx.padding_idx, ctx.deterministic, ctx.backend = padding_idx, deterministic, backend
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_embeds, _grad_mixed):
+def _backward(ctx: Any, grad_embeds: Tensor, _grad_mixed: OptTensor) -> tuple[OptTensor, ...]:
     weight, ids, alt_ids, alt_probs, mixed = ctx.saved_tensors
     grad_weight = grad_probs = None
     grad_embeds = grad_embeds.contiguous()
@@ -451,7 +463,7 @@ class _MixEmbeddingFunction(torch.autograd.Function):
     of a small CPU gather). torch.compile traces the custom op instead."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, Tensor]:
         outputs = _mix_embedding_forward(*inputs)
         _setup_context(ctx, inputs, outputs)
         return outputs
@@ -599,7 +611,8 @@ def _auto_impl(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and triton_runs_on(device) else "torch_fast"
 
 
-def _check_tensor(t, name, *, floating=False, device=None):
+def _check_tensor(t: Any, name: str, *, floating: bool = False,
+                  device: Optional[torch.device] = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if floating and not t.dtype.is_floating_point:
@@ -608,14 +621,15 @@ def _check_tensor(t, name, *, floating=False, device=None):
         raise ValueError(f"{name} is on {t.device} but weight is on {device}")
 
 
-def _check_beta(beta):
+def _check_beta(beta: Any) -> float:
     if isinstance(beta, torch.Tensor) or isinstance(beta, bool) or not isinstance(beta, numbers.Real) \
             or not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
     return float(beta)
 
 
-def _check_seed(seed, shape: tuple, device: torch.device, *, check_sign: bool, device_of: str = "weight"):
+def _check_seed(seed: Any, shape: tuple, device: torch.device, *, check_sign: bool,
+                device_of: str = "weight") -> Seed:
     """An int in [0, 2**63), or per-row seeds: an int64 tensor of shape (shape[0],) on device."""
     if not isinstance(seed, torch.Tensor):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
@@ -639,7 +653,7 @@ def _check_seed_sign(seed: torch.Tensor) -> None:
         raise ValueError(f"seed: per-row seeds must lie in [0, 2**63), found {int(seed.min())}")
 
 
-def _check_range(ids, name, num_embeddings):
+def _check_range(ids: Tensor, name: str, num_embeddings: int) -> None:
     if ids.numel() == 0:
         return
     lo, hi = torch.aminmax(ids)

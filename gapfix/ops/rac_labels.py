@@ -25,7 +25,7 @@ Return type: a plain int64 tensor (B, Tg+1) for the hard modes "path",
 "all".
 """
 import math
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -43,6 +43,9 @@ from gapfix.ops._common import (
     resolve_impl,
     triton_runs_on,
 )
+
+if TYPE_CHECKING:  # align loads the native extension at import: only when it is used
+    from gapfix.ops.align import Alignment
 
 MODES = ("path", "first", "last", "all")
 IMPLS = ("auto", "torch", "triton")
@@ -77,7 +80,7 @@ def rac_labels_reference(
     eos_id: int,
     ignore_index: int = -100,
     soft: bool = False,
-):
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Labels from alignment indices, in plain PyTorch.
 
     ref (B, Tr) token ids; ref_lens (B,) or None (= Tr for every row).
@@ -129,7 +132,16 @@ def rac_labels_reference(
 # --------------------------------------------------------------------------
 
 
-def _launch(ref, ref_lens, index3, ids3, weights3, eos_id, ignore_index, block_rows):
+def _launch(
+    ref: Tensor,
+    ref_lens: Optional[Tensor],
+    index3: Tensor,
+    ids3: Tensor,
+    weights3: Optional[Tensor],
+    eos_id: int,
+    ignore_index: int,
+    block_rows: Optional[int],
+) -> None:
     from gapfix.kernels.rac_labels import launch_config, rac_labels_kernel
 
     batch, rows_per_batch, k = index3.shape
@@ -195,12 +207,16 @@ def _rac_labels_soft_op(
 
 
 @_rac_labels_hard_op.register_fake
-def _(ref, ref_lens, index, eos_id, ignore_index, block_rows):
+def _(
+    ref: Tensor, ref_lens: Optional[Tensor], index: Tensor, eos_id: int, ignore_index: int, block_rows: int
+) -> Tensor:
     return index.new_empty(index.shape, dtype=torch.long)
 
 
 @_rac_labels_soft_op.register_fake
-def _(ref, ref_lens, index, eos_id, ignore_index, block_rows):
+def _(
+    ref: Tensor, ref_lens: Optional[Tensor], index: Tensor, eos_id: int, ignore_index: int, block_rows: int
+) -> tuple[Tensor, Tensor]:
     return index.new_empty(index.shape, dtype=torch.long), index.new_empty(index.shape, dtype=torch.float32)
 
 
@@ -213,7 +229,7 @@ def rac_labels_triton(
     ignore_index: int = -100,
     soft: bool = False,
     block_rows: Optional[int] = None,
-):
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Same contract as ``rac_labels_reference``, on the Triton kernel
     (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     br = -1 if block_rows is None else int(block_rows)
@@ -241,7 +257,16 @@ def _check_ref_values(ref: Tensor, ref_lens: Tensor) -> None:
         raise ValueError("ref holds negative token ids within ref_lens")
 
 
-def _check_alignment(alignment, mode, max_targets, batch, rows, device, ref, ref_lens) -> Tensor:
+def _check_alignment(
+    alignment: "Alignment",
+    mode: str,
+    max_targets: int,
+    batch: int,
+    rows: int,
+    device: torch.device,
+    ref: Tensor,
+    ref_lens: Tensor,
+) -> Tensor:
     """Validates a caller-supplied alignment; returns the index tensor to use."""
     field = {"path": "path", "first": "first", "last": "last", "all": "targets"}[mode]
     index = getattr(alignment, field, None)
@@ -279,9 +304,9 @@ def rac_labels(
     mode: str = "path",
     ignore_index: int = -100,
     max_targets: int = 4,
-    alignment=None,
+    alignment: Optional["Alignment"] = None,
     impl: str = "auto",
-):
+) -> Union[Tensor, RacTargets]:
     """RAC correction labels for generated answers ``gen`` against references ``ref``.
 
     gen (B, Tg), ref (B, Tr): int32/int64 token ids, right-padded, without EOS

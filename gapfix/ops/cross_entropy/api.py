@@ -3,7 +3,7 @@ reference (impl="torch") or a fast path through the custom ops (registration.py)
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -24,15 +24,29 @@ from gapfix.ops.cross_entropy.validation import (
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
+# the loss, or (loss, lse) with return_lse=True
+LossResult = Union[Tensor, tuple[Tensor, Tensor]]
 
-def _weights_needing_grad(target_weight, token_weight):
+
+def _weights_needing_grad(
+    target_weight: Optional[Tensor], token_weight: Optional[Tensor]
+) -> tuple[tuple[Optional[Tensor], Optional[Tensor]], bool]:
     """-> (target weights, token_weight) for the custom op (detached: it does not
     differentiate them) and whether either requires a gradient."""
     wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (target_weight, token_weight))
     return tuple(None if t is None else t.detach() for t in (target_weight, token_weight)), wanted
 
 
-def _attach_weight_grads(loss, outputs, slot_logits_fn, ids, target_weight, token_weight, vocab, opts: Options):
+def _attach_weight_grads(
+    loss: Tensor,
+    outputs: Sequence[Tensor],
+    slot_logits_fn: Callable[[Tensor], Tensor],
+    ids: Tensor,
+    target_weight: Optional[Tensor],
+    token_weight: Optional[Tensor],
+    vocab: int,
+    opts: Options,
+) -> Tensor:
     """loss plus a term that is exactly 0 in value and carries the gradients of the target
     weights and token_weight, from the op's row terms (the custom op differentiates its
     tensor inputs, not the weights):
@@ -56,13 +70,17 @@ def _attach_weight_grads(loss, outputs, slot_logits_fn, ids, target_weight, toke
     return loss + term.sum() / denom
 
 
-def _torch_impl_result(loss, lse, lead_shape, reduction, return_lse):
+def _torch_impl_result(
+    loss: Tensor, lse: Tensor, lead_shape: Sequence[int], reduction: str, return_lse: bool
+) -> LossResult:
     if reduction == "none":
         loss = loss.reshape(lead_shape)
     return (loss, lse.detach().reshape(lead_shape)) if return_lse else loss
 
 
-def _autocast_inputs(hidden, lm_weight, bias):
+def _autocast_inputs(
+    hidden: Tensor, lm_weight: Tensor, bias: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Under autocast the projection runs in the autocast dtype, as F.linear would (custom
     ops are not autocast-aware): a bf16 hidden with an fp32 head under torch.autocast
     works, and the casts carry the gradients back to the fp32 parameters."""
@@ -88,7 +106,7 @@ def cross_entropy(
     return_lse: bool = False,
     chunk_size: Optional[int] = None,
     impl: str = "auto",
-):
+) -> LossResult:
     """Cross-entropy of logits (..., V) against hard ids (...) or soft (ids (..., K), weights (..., K)).
 
     Returns the loss in fp32: a scalar for "mean"/"sum", shape (...) for "none";
@@ -127,7 +145,7 @@ def cross_entropy(
         flat, ids, op_target_weight, op_token_weight, nt_tensor, nt_value, *opts.values(), need_grad,
         bool(return_lse))
     if weights_need_grad:
-        def slot_logits(safe_ids):
+        def slot_logits(safe_ids: Tensor) -> Tensor:
             z = flat.detach().gather(1, safe_ids).to(compute_dtype(flat.dtype))
             return z if softcap is None else softcap * torch.tanh(z / softcap)
 
@@ -156,7 +174,7 @@ def linear_cross_entropy(
     grad_weight_dtype: Optional[torch.dtype] = None,
     filter_eps: Optional[float] = None,
     impl: str = "auto",
-):
+) -> LossResult:
     """Cross-entropy of hidden (..., H) @ lm_weight (V, H)^T + bias (V,) without the logits.
 
     Same target, options and return values as `cross_entropy`. Further options:
@@ -228,7 +246,7 @@ def linear_cross_entropy(
         flat, weight, bias, ids, op_target_weight, op_token_weight, nt_tensor, nt_value, *opts.values(),
         need_dx, need_dw, need_db, bool(return_lse))
     if weights_need_grad:
-        def slot_logits(safe_ids):
+        def slot_logits(safe_ids: Tensor) -> Tensor:
             # the logits of the target slots only: (N, K) dot products of length H
             cdt = compute_dtype(flat.dtype)
             z = torch.einsum("nh,nkh->nk", flat.detach().to(cdt), weight.detach()[safe_ids].to(cdt))
@@ -246,20 +264,22 @@ def linear_cross_entropy(
 class CrossEntropyLoss(torch.nn.Module):
     """Module form of `cross_entropy`: options at construction, tensors at call."""
 
-    def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
-                 return_lse=False, impl="auto"):
+    def __init__(self, *, ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: Optional[float] = None, reduction: str = "mean", return_lse: bool = False,
+                 impl: str = "auto") -> None:
         super().__init__()
         check_options(ignore_index, label_smoothing, z_loss, softcap, reduction, None, impl)
         self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, label_smoothing, z_loss
         self.softcap, self.reduction, self.return_lse, self.impl = softcap, reduction, return_lse, impl
 
-    def forward(self, logits, target, token_weight=None, num_tokens=None):
+    def forward(self, logits: Tensor, target: Target, token_weight: Optional[Tensor] = None,
+                num_tokens: Optional[Union[int, float, Tensor]] = None) -> LossResult:
         return cross_entropy(logits, target, ignore_index=self.ignore_index, token_weight=token_weight,
                              label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
                              reduction=self.reduction, num_tokens=num_tokens, return_lse=self.return_lse,
                              impl=self.impl)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}, reduction={self.reduction!r}, impl={self.impl!r}")
 
@@ -267,15 +287,19 @@ class CrossEntropyLoss(torch.nn.Module):
 class LinearCrossEntropyLoss(torch.nn.Module):
     """Module form of `linear_cross_entropy`; called as loss(hidden, lm_weight, target, bias=None, ...)."""
 
-    def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
-                 return_lse=False, chunk_size=None, grad_weight_dtype=None, filter_eps=None, impl="auto"):
+    def __init__(self, *, ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: Optional[float] = None, reduction: str = "mean", return_lse: bool = False,
+                 chunk_size: Optional[int] = None, grad_weight_dtype: Optional[torch.dtype] = None,
+                 filter_eps: Optional[float] = None, impl: str = "auto") -> None:
         super().__init__()
         check_options(ignore_index, label_smoothing, z_loss, softcap, reduction, None, impl, chunk_size)
         self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, label_smoothing, z_loss
         self.softcap, self.reduction, self.return_lse, self.impl = softcap, reduction, return_lse, impl
         self.chunk_size, self.grad_weight_dtype, self.filter_eps = chunk_size, grad_weight_dtype, filter_eps
 
-    def forward(self, hidden, lm_weight, target, bias=None, token_weight=None, num_tokens=None):
+    def forward(self, hidden: Tensor, lm_weight: Tensor, target: Target, bias: Optional[Tensor] = None,
+                token_weight: Optional[Tensor] = None,
+                num_tokens: Optional[Union[int, float, Tensor]] = None) -> LossResult:
         return linear_cross_entropy(hidden, lm_weight, target, bias=bias, ignore_index=self.ignore_index,
                                     token_weight=token_weight, label_smoothing=self.label_smoothing,
                                     z_loss=self.z_loss, softcap=self.softcap, reduction=self.reduction,
@@ -283,6 +307,6 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                     grad_weight_dtype=self.grad_weight_dtype, filter_eps=self.filter_eps,
                                     impl=self.impl)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}, reduction={self.reduction!r}, impl={self.impl!r}")

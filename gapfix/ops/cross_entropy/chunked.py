@@ -8,7 +8,10 @@ any device (on CUDA, every row is visited).
 """
 from __future__ import annotations
 
+from typing import Callable, Optional, Union
+
 import torch
+from torch import Tensor
 
 from gapfix.ops.cross_entropy.rows import (
     LinearOptions,
@@ -20,6 +23,9 @@ from gapfix.ops.cross_entropy.rows import (
     target_coefficient,
 )
 
+# the rows of a chunk: a slice of all rows, or an index of the visited ones
+RowSelection = Union[slice, Tensor]
+
 # Rows per chunk of the chunked path: a quarter of the rows (so at most a quarter of the
 # logits ever exist), within 2**24..2**26 logits (64..256 MiB in fp32). Each chunk re-reads
 # and re-writes the (V, H) dW accumulator, so fewer, larger chunks are faster: 2048 rows
@@ -27,13 +33,13 @@ from gapfix.ops.cross_entropy.rows import (
 _CHUNK_MIN_ELEMENTS, _CHUNK_MAX_ELEMENTS = 1 << 24, 1 << 26
 
 
-def default_chunk_rows(n_rows, vocab):
+def default_chunk_rows(n_rows: int, vocab: int) -> int:
     vocab = max(vocab, 1)
     rows = max(_CHUNK_MIN_ELEMENTS // vocab, min(_CHUNK_MAX_ELEMENTS // vocab, -(-n_rows // 4)))
     return max(16, min(n_rows, rows))
 
 
-def _rows_to_visit(rows: Rows, all_rows: bool):
+def _rows_to_visit(rows: Rows, all_rows: bool) -> Optional[Tensor]:
     """None (every row, in order) or the index of the counted rows. On CPU, ignored rows
     (prompt tokens, padding) are dropped before any matmul; finding them reads the mask
     on the host, which a GPU stream must not wait for, so other devices visit every row."""
@@ -43,8 +49,19 @@ def _rows_to_visit(rows: Rows, all_rows: bool):
     return None if keep.numel() == rows.counted.numel() else keep
 
 
-def _chunked_pass(fill_logits, visit, n_rows, vocab, cdt, device, rows: Rows, opts: Options,
-                  row_scale=None, on_grad=None, on_probs=None):
+def _chunked_pass(
+    fill_logits: Callable[[RowSelection, Tensor], None],
+    visit: Optional[Tensor],
+    n_rows: int,
+    vocab: int,
+    cdt: torch.dtype,
+    device: torch.device,
+    rows: Rows,
+    opts: Options,
+    row_scale: Optional[Tensor] = None,
+    on_grad: Optional[Callable[[RowSelection, Tensor], None]] = None,
+    on_probs: Optional[Callable[..., None]] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """One pass over the rows in chunks.
 
     visit: None (all rows) or an index of the rows to visit (the others get lse 0).
@@ -127,8 +144,18 @@ def _chunked_pass(fill_logits, visit, n_rows, vocab, cdt, device, rows: Rows, op
     return lse, target_logit, logit_sum
 
 
-def linear_chunked(hidden, weight, bias, rows: Rows, opts: LinearOptions, row_scale, need_dx, need_dw, need_db,
-                   all_rows=False):
+def linear_chunked(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    rows: Rows,
+    opts: LinearOptions,
+    row_scale: Optional[Tensor],
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    all_rows: bool = False,
+) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """-> (lse, target_logit, logit_sum, dx, dw, db); the gradients only with row_scale."""
     n_rows, _ = hidden.shape
     vocab = weight.shape[0]
@@ -138,7 +165,7 @@ def linear_chunked(hidden, weight, bias, rows: Rows, opts: LinearOptions, row_sc
     visit = _rows_to_visit(rows, all_rows)
     chunk_x = [None]  # the chunk's hidden rows (a copy when rows are gathered), for on_probs
 
-    def fill(sel, out):
+    def fill(sel: RowSelection, out: Tensor) -> None:
         x = chunk_x[0] = hidden[sel]
         if same:
             if bias is None:
@@ -167,7 +194,8 @@ def linear_chunked(hidden, weight, bias, rows: Rows, opts: LinearOptions, row_sc
         smooth_x = torch.zeros(hidden.shape[1], dtype=cdt, device=hidden.device) if (smooth and need_dw) else None
         smooth_total = torch.zeros((), dtype=cdt, device=hidden.device) if (smooth and need_db) else None
 
-        def on_probs(sel, probs, coef_p, coef_t, coef_s):
+        def on_probs(sel: RowSelection, probs: Tensor, coef_p: Tensor, coef_t: Tensor,
+                     coef_s: Optional[Tensor]) -> None:
             ids = rows.safe_ids[sel]
             if dx is not None:
                 g_x = torch.mm(probs, weight).mul_(coef_p[:, None])
@@ -200,7 +228,7 @@ def linear_chunked(hidden, weight, bias, rows: Rows, opts: LinearOptions, row_sc
         dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_dw else None
         db = torch.zeros(vocab, dtype=cdt, device=weight.device) if need_db else None
 
-        def on_grad(sel, g):
+        def on_grad(sel: RowSelection, g: Tensor) -> None:
             if dx is not None:
                 if same and visit is None:
                     torch.mm(g, weight, out=dx[sel])
@@ -228,12 +256,14 @@ def linear_chunked(hidden, weight, bias, rows: Rows, opts: LinearOptions, row_sc
     return lse, tl_, ls, dx, dw, db
 
 
-def logits_chunked(logits, rows: Rows, opts: Options, row_scale, all_rows=False):
+def logits_chunked(
+    logits: Tensor, rows: Rows, opts: Options, row_scale: Optional[Tensor], all_rows: bool = False
+) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     n_rows, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     visit = _rows_to_visit(rows, all_rows)
 
-    def fill(sel, out):
+    def fill(sel: RowSelection, out: Tensor) -> None:
         out.copy_(logits[sel])
 
     dlogits = None
@@ -242,7 +272,7 @@ def logits_chunked(logits, rows: Rows, opts: Options, row_scale, all_rows=False)
         alloc = torch.empty_like if visit is None else torch.zeros_like
         dlogits = alloc(logits, memory_format=torch.contiguous_format)
 
-        def on_grad(sel, g):
+        def on_grad(sel: RowSelection, g: Tensor) -> None:
             dlogits[sel] = g.to(dlogits.dtype)
 
     lse, tl_, ls = _chunked_pass(fill, visit, n_rows, vocab, cdt, logits.device, rows, opts, row_scale, on_grad)

@@ -2,7 +2,7 @@
 readable spec of the formula in the package docstring. It materializes the logits."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -73,7 +73,9 @@ def cross_entropy_reference(
     return total / denom, lse_all
 
 
-def linear_cross_entropy_reference(hidden, lm_weight, target, *, bias=None, **kwargs):
+def linear_cross_entropy_reference(
+    hidden: Tensor, lm_weight: Tensor, target: Target, *, bias: Optional[Tensor] = None, **kwargs: Any
+) -> Tuple[Tensor, Tensor]:
     """Reference of the linear form: logits = hidden @ lm_weight^T + bias in the inputs'
     dtype (as an eager model computes them), then cross_entropy_reference."""
     logits = torch.nn.functional.linear(hidden, lm_weight, bias)

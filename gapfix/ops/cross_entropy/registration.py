@@ -10,7 +10,7 @@ recomputed by the _bwd op.
 from __future__ import annotations
 
 import inspect
-from typing import Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -36,13 +36,16 @@ from gapfix.ops.cross_entropy.validation import check_values, tracing
 _EMPTY = (0,)
 
 
-def _or_empty(like, *tensors):
+def _or_empty(like: Tensor, *tensors: Optional[Tensor]) -> Tuple[Tensor, ...]:
     """Custom ops return tensors, never None, and no two outputs may alias: a fresh
     empty tensor stands for each gradient that was not computed."""
     return tuple(like.new_empty(_EMPTY) if t is None else t for t in tensors)
 
 
-def _make_rows(ids, target_weight, token_weight, vocab, ignore_index, dtype) -> Rows:
+def _make_rows(
+    ids: Tensor, target_weight: Optional[Tensor], token_weight: Optional[Tensor], vocab: int,
+    ignore_index: int, dtype: torch.dtype,
+) -> Rows:
     """The row terms; on CPU tensors (outside a trace) invalid values raise ValueError."""
     rows = Rows(ids, target_weight, token_weight, vocab, ignore_index, compute_dtype(dtype))
     check_values(rows, ids.device)
@@ -54,7 +57,7 @@ def _unit_scale(rows: Rows, opts: Options, denom: Tensor) -> Tensor:
     return row_scale(rows, torch.ones((), dtype=rows.mass.dtype, device=rows.mass.device), opts.reduction, denom)
 
 
-def _scale_precomputed(grad_loss, *grads):
+def _scale_precomputed(grad_loss: Tensor, *grads: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """The gradients the forward computed for grad_out = 1, times grad_out. loss.backward()
     passes exactly 1: on CPU, outside tracing, that is checked and the (V x H) multiply
     skipped (the check would be a host sync on a GPU, and is data-dependent in a trace)."""
@@ -64,7 +67,7 @@ def _scale_precomputed(grad_loss, *grads):
     return tuple(None if t is None else t * g.to(t.dtype) for t in grads)
 
 
-def _refuse_double_backward():
+def _refuse_double_backward() -> None:
     """The backward of the fast paths is not itself differentiable. It runs with grad mode on
     only under create_graph=True: refuse there, rather than return a gradient whose own
     gradient would be silently 0."""
@@ -74,7 +77,7 @@ def _refuse_double_backward():
             "cross-entropy are not supported by impl='torch_fast' or impl='triton'; use impl='torch'")
 
 
-def _input_grads(input_names, **grads):
+def _input_grads(input_names: Sequence[str], **grads: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """The backward's return: a gradient (or None) for each input of the forward op, by name."""
     return tuple(grads.get(name) for name in input_names)
 
@@ -116,9 +119,13 @@ _linear_fwd_op = torch.library.custom_op("gapfix::linear_cross_entropy_fwd", mut
 
 
 @_linear_fwd_op.register_fake
-def _(hidden, weight, bias, ids, target_weight, token_weight, num_tokens, num_tokens_value, ignore_index,
-      label_smoothing, z_loss, softcap, reduction, impl, chunk_rows, grad_weight_dtype, filter_eps,
-      need_dx, need_dw, need_db, all_rows):
+def _(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, target_weight: Optional[Tensor],
+    token_weight: Optional[Tensor], num_tokens: Optional[Tensor], num_tokens_value: float,
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str,
+    impl: str, chunk_rows: int, grad_weight_dtype: Optional[torch.dtype], filter_eps: float,
+    need_dx: bool, need_dw: bool, need_db: bool, all_rows: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     n_rows, ldt = hidden.shape[0], compute_dtype(hidden.dtype)
     loss = hidden.new_empty((n_rows,) if reduction == "none" else (), dtype=ldt)
     lse = hidden.new_empty((n_rows,), dtype=ldt)
@@ -153,16 +160,20 @@ def _linear_bwd_op(
 
 
 @_linear_bwd_op.register_fake
-def _(grad_loss, hidden, weight, bias, ids, target_weight, token_weight, lse, denom, ignore_index,
-      label_smoothing, z_loss, softcap, reduction, impl, chunk_rows, grad_weight_dtype, filter_eps,
-      need_dx, need_dw, need_db):
+def _(
+    grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor,
+    target_weight: Optional[Tensor], token_weight: Optional[Tensor], lse: Tensor, denom: Tensor,
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str,
+    impl: str, chunk_rows: int, grad_weight_dtype: Optional[torch.dtype], filter_eps: float,
+    need_dx: bool, need_dw: bool, need_db: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
     dx = torch.empty_like(hidden) if need_dx else hidden.new_empty(_EMPTY)
     dw = torch.empty_like(weight) if need_dw else hidden.new_empty(_EMPTY)
     db = torch.empty_like(bias) if need_db else hidden.new_empty(_EMPTY)
     return dx, dw, db
 
 
-def _linear_setup_context(ctx, inputs, output):
+def _linear_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
     args = dict(zip(_LINEAR_FWD_INPUTS, inputs, strict=True))
     _, lse, denom, dx, dw, db, _, _ = output
     ctx.opts = LinearOptions.from_args(args)
@@ -175,7 +186,7 @@ def _linear_setup_context(ctx, inputs, output):
                               args["token_weight"], lse, denom)
 
 
-def _linear_backward(ctx, grad_loss, *unused):
+def _linear_backward(ctx: Any, grad_loss: Tensor, *unused: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     _refuse_double_backward()
     need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_db = need_db and ctx.has_bias
@@ -227,8 +238,12 @@ _logits_fwd_op = torch.library.custom_op("gapfix::cross_entropy_fwd", mutates_ar
 
 
 @_logits_fwd_op.register_fake
-def _(logits, ids, target_weight, token_weight, num_tokens, num_tokens_value, ignore_index, label_smoothing,
-      z_loss, softcap, reduction, impl, chunk_rows, need_grad, all_rows):
+def _(
+    logits: Tensor, ids: Tensor, target_weight: Optional[Tensor], token_weight: Optional[Tensor],
+    num_tokens: Optional[Tensor], num_tokens_value: float, ignore_index: int, label_smoothing: float,
+    z_loss: float, softcap: Optional[float], reduction: str, impl: str, chunk_rows: int, need_grad: bool,
+    all_rows: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     n_rows, ldt = logits.shape[0], compute_dtype(logits.dtype)
     loss = logits.new_empty((n_rows,) if reduction == "none" else (), dtype=ldt)
     pre = Options(ignore_index, label_smoothing, z_loss, softcap, reduction, impl, chunk_rows).precomputes_grads(
@@ -254,12 +269,15 @@ def _logits_bwd_op(
 
 
 @_logits_bwd_op.register_fake
-def _(grad_loss, logits, ids, target_weight, token_weight, lse, denom, ignore_index, label_smoothing, z_loss,
-      softcap, reduction, impl, chunk_rows):
+def _(
+    grad_loss: Tensor, logits: Tensor, ids: Tensor, target_weight: Optional[Tensor],
+    token_weight: Optional[Tensor], lse: Tensor, denom: Tensor, ignore_index: int, label_smoothing: float,
+    z_loss: float, softcap: Optional[float], reduction: str, impl: str, chunk_rows: int,
+) -> Tensor:
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _logits_setup_context(ctx, inputs, output):
+def _logits_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
     args = dict(zip(_LOGITS_FWD_INPUTS, inputs, strict=True))
     _, lse, denom, dlogits, _, _ = output
     ctx.opts = Options.from_args(args)
@@ -270,7 +288,7 @@ def _logits_setup_context(ctx, inputs, output):
         ctx.save_for_backward(args["logits"], args["ids"], args["target_weight"], args["token_weight"], lse, denom)
 
 
-def _logits_backward(ctx, grad_loss, *unused):
+def _logits_backward(ctx: Any, grad_loss: Tensor, *unused: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     _refuse_double_backward()
     if ctx.precomputed:
         (dlogits,) = ctx.saved_tensors

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 
-def _named_fields(cls):
+def _named_fields(cls: type) -> type:
     """cls.NAMES: its field names in order, computed once (torch.compile traces a read of
     a class attribute, not dataclasses.fields)."""
     cls.NAMES = tuple(f.name for f in dataclasses.fields(cls))
@@ -78,7 +78,8 @@ class Rows:
     counted (N,) bool; invalid (N,) bool: an out-of-range id or negative weight.
     """
 
-    def __init__(self, ids, target_weight, token_weight, vocab, ignore_index, dtype):
+    def __init__(self, ids: Tensor, target_weight: Optional[Tensor], token_weight: Optional[Tensor],
+                 vocab: int, ignore_index: int, dtype: torch.dtype) -> None:
         valid = ids != ignore_index
         in_range = (ids >= 0) & (ids < vocab)
         self.valid_slot = valid & in_range
@@ -98,7 +99,7 @@ class Rows:
         self.invalid = invalid
         self.token_weight = None if token_weight is None else token_weight.to(dtype)
 
-    def raise_if_invalid(self):
+    def raise_if_invalid(self) -> None:
         """CPU only (host reads): the ValueError contract."""
         if bool(self.bad_id.any()):
             raise ValueError("target holds ids outside [0, V) that are not ignore_index")
@@ -126,7 +127,8 @@ def denominator(rows: Rows, reduction: str, num_tokens: Optional[Tensor], num_to
     return rows.counted.sum().to(dtype).clamp_min(1.0)
 
 
-def assemble_loss(rows: Rows, lse, target_logit, logit_sum, vocab, opts: Options, denom):
+def assemble_loss(rows: Rows, lse: Tensor, target_logit: Tensor, logit_sum: Optional[Tensor], vocab: int,
+                  opts: Options, denom: Tensor) -> Tuple[Tensor, Tensor]:
     """-> (loss, row_loss): the loss (per token weighted, then reduced; device-side, no host
     sync) and the per-token loss before token_weight (0 for ignored tokens, NaN for invalid
     ones), which is the gradient of the loss with respect to token_weight before the
@@ -178,7 +180,9 @@ def smoothing_coefficient(r: Tensor, mass: Tensor, label_smoothing: float, vocab
     return r * (label_smoothing / vocab) * mass
 
 
-def grad_coefficients(rows: Rows, lse: Tensor, r: Tensor, opts: Options, vocab: int):
+def grad_coefficients(
+    rows: Rows, lse: Tensor, r: Tensor, opts: Options, vocab: int
+) -> Tuple[Tensor, Tensor, Tensor]:
     """-> (coef_p, coef_t, coef_s) of every row."""
     return (prob_coefficient(r, rows.mass, lse, opts.z_loss), target_coefficient(r, opts.label_smoothing),
             smoothing_coefficient(r, rows.mass, opts.label_smoothing, vocab))

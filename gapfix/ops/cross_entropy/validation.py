@@ -9,7 +9,7 @@ gradients, is NaN instead (see rows.Rows).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -19,6 +19,8 @@ from gapfix.ops._common import triton_available
 from gapfix.ops.cross_entropy.rows import Rows, compute_dtype, num_tokens_denominator
 
 Target = Union[Tensor, Tuple[Tensor, Tensor], Sequence[Tensor]]
+# the denominator of reduction="mean" a caller may pass: a number, a one-element tensor, or None
+NumTokens = Optional[Union[int, float, Tensor]]
 
 REDUCTIONS = ("none", "sum", "mean")
 IMPLS = ("auto", "torch", "torch_fast", "triton")
@@ -34,8 +36,8 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
-def check_options(ignore_index, label_smoothing, z_loss, softcap, reduction, num_tokens, impl,
-                  chunk_size=None) -> None:
+def check_options(ignore_index: Any, label_smoothing: float, z_loss: float, softcap: Optional[float],
+                  reduction: str, num_tokens: NumTokens, impl: str, chunk_size: Optional[int] = None) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if not (0.0 <= float(label_smoothing) <= 1.0):
@@ -67,7 +69,9 @@ def check_options(ignore_index, label_smoothing, z_loss, softcap, reduction, num
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
-def check_target(target, n_rows, device, lead_shape):
+def check_target(
+    target: Any, n_rows: int, device: torch.device, lead_shape: Sequence[int]
+) -> Tuple[Tensor, Optional[Tensor]]:
     """-> (ids (N, K) int64-or-int32, target weights (N, K) or None)."""
     if isinstance(target, Tensor):
         if target.dtype not in INT_DTYPES:
@@ -100,7 +104,9 @@ def check_target(target, n_rows, device, lead_shape):
     return ids.reshape(n_rows, -1), weights.reshape(n_rows, -1)
 
 
-def check_token_weight(token_weight, n_rows, device, lead_shape):
+def check_token_weight(
+    token_weight: Any, n_rows: int, device: torch.device, lead_shape: Sequence[int]
+) -> Optional[Tensor]:
     if token_weight is None:
         return None
     if not isinstance(token_weight, Tensor) or token_weight.dtype not in FLOAT_DTYPES:
@@ -125,7 +131,7 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, op: str) -
     return impl
 
 
-def num_tokens_args(num_tokens, device) -> Tuple[Optional[Tensor], float]:
+def num_tokens_args(num_tokens: NumTokens, device: torch.device) -> Tuple[Optional[Tensor], float]:
     """-> (num_tokens as a tensor or None, num_tokens as a number or 0). A tensor count must
     be on the inputs' device. Its value is checked where reading it costs nothing: on CPU
     (outside a trace) a count <= 0 is a ValueError; on a GPU it is not read (that would be a
@@ -150,7 +156,16 @@ def check_values(rows: Rows, device: torch.device) -> bool:
     return False
 
 
-def reference_inputs(ids, target_weight, token_weight, num_tokens, vocab, ignore_index, device, dtype):
+def reference_inputs(
+    ids: Tensor,
+    target_weight: Optional[Tensor],
+    token_weight: Optional[Tensor],
+    num_tokens: NumTokens,
+    vocab: int,
+    ignore_index: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Union[float, Tensor]]]:
     """impl="torch" validates like the fast paths (module docstring): -> (ids, token_weight,
     num_tokens) for cross_entropy_reference, where on a GPU an invalid token carries a NaN
     token weight and an out-of-range id reads slot 0 instead of indexing out of bounds."""
