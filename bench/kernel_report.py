@@ -78,6 +78,7 @@ POINTERS = {
     "sorted_rows_ptr": "i64",
     "order_ptr": "i64",
     "coef_ptr": "fp32",
+    "seeds_ptr": "i64",
     # rac_labels
     "ref_ptr": "i32",
     "ref_lens_ptr": "i64",
@@ -105,6 +106,7 @@ INT_ARGS = {
     "ignore_index",
     "v_per_split",
     "padding_idx",
+    "ROW_LEN",
 }
 
 
@@ -224,10 +226,9 @@ def cross_entropy_cases():
 
 def mix_embedding_cases():
     from gapfix.kernels import mix_embedding as M
-    from gapfix.ops.mix_embedding import _blocks
 
     n, d = 16384, 4096
-    block_n, block_d = _blocks(n, d)
+    block_n, block_d = M.launch_config(n, d)
     for dtype in (torch.bfloat16, torch.float32):
         act = TRITON_DTYPE[dtype]
         for soft, k in ((False, 1), (True, 4)):
@@ -236,6 +237,7 @@ def mix_embedding_cases():
                 "SOFT": soft,
                 "HAS_MASK": False,
                 "HAS_ELIGIBLE": True,
+                "ROW_SEEDS": False,
                 "BLOCK_N": block_n,
                 "BLOCK_D": block_d,
             }
@@ -261,7 +263,7 @@ def mix_embedding_cases():
             "fp32",
             flags,
         )
-    flags = {"K": 1, "HAS_COEF": False, "CHUNK": 16, "BLOCK_D": min(d, 256)}
+    flags = {"K": 1, "HAS_COEF": False, "CHUNK": M.SORTED_CHUNK, "BLOCK_D": M.sorted_block_d(d)}
     yield (
         "mix_embedding_bwd_sorted_kernel",
         "bf16 hard",

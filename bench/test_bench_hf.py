@@ -19,6 +19,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 STEPS = 6
 SHAPES = {  # device -> (vocab, hidden, layers, rows per step, tokens per row, bf16)
@@ -107,6 +108,7 @@ def test_bench_trainer_step_cpu(benchmark, ops):
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")  # tests/conftest.py's hook is not bench's
 @pytest.mark.parametrize("ops", ["plain", "patched"])
 def test_bench_trainer_step_cuda(benchmark, ops):
     _bench(benchmark, "cuda", ops)

@@ -44,14 +44,20 @@ def linear_config(dtype, n_rows, vocab, hdim, on_gpu, backward=False):
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=4) if backward else \
             dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16)
     small = dtype.itemsize == 4  # fp32 tiles take twice the shared memory
+    # BLOCK_H (the matmuls' inner step) is as small as keeps the kernels under the
+    # 255-register cap: the fp32 logits/gradient tile and the two products are live
+    # together. Lowered for sm_90 (bench/kernel_report.py, bench/RESULTS.md's registers
+    # table), bf16/fp16 at 128x128 spilled 0.3-1.5 KB a thread with BLOCK_H=64 and
+    # 0-24 bytes with 32; fp32 spilled 20-64 bytes with 32 and none (plain) with 16.
+    # The FLOPs per atomic of a tile do not depend on BLOCK_H.
+    block_h = 16 if small else 32
     if backward:
         # atomics per tile: (BLOCK_N + BLOCK_V) * H for 6 * BLOCK_N * BLOCK_V * H FLOPs,
         # so big square tiles keep the atomic traffic (to L2) below the tensor-core rate
         if small:
-            return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=8, num_warps=8, num_stages=2)
-        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=2)
-    return dict(BLOCK_N=64 if small else 128, BLOCK_V=128, BLOCK_H=32 if small else 64,
-                num_warps=8, num_stages=3)
+            return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=block_h, GROUP_N=8, num_warps=8, num_stages=2)
+        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=block_h, GROUP_N=8, num_warps=8, num_stages=2)
+    return dict(BLOCK_N=64 if small else 128, BLOCK_V=128, BLOCK_H=block_h, num_warps=8, num_stages=3)
 
 
 def row_block(vocab):

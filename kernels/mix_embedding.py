@@ -72,6 +72,13 @@ def _tile(N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _soft_index(offs_n, K: tl.constexpr, k):
+    """Index of element (n, k) of the (N, K) alt_ids / alt_probs, in int64: N * K may pass
+    2**31 (a program id times BLOCK_N is int32, and so would be the product)."""
+    return offs_n.to(tl.int64) * K + k
+
+
+@triton.jit
 def _load_mixed(mask_ptr, eligible_ptr, seeds_ptr, offs_n, in_n, threshold, seed, ROW_LEN,
                 HAS_MASK: tl.constexpr, HAS_ELIGIBLE: tl.constexpr, ROW_SEEDS: tl.constexpr):
     """The mixing decision of a block of positions (int1, False past N)."""
@@ -127,8 +134,9 @@ def mix_embedding_fwd_kernel(
     if SOFT:
         acc = _gather_rows(weight_ptr, ids, in_n & ~mixed, offs_d, in_d, V, D)
         for k in tl.static_range(K):
-            alt = tl.load(alt_ptr + offs_n * K + k, mask=mixed, other=0)
-            p = tl.load(probs_ptr + offs_n * K + k, mask=mixed, other=0.0).to(tl.float32)
+            soft_idx = _soft_index(offs_n, K, k)
+            alt = tl.load(alt_ptr + soft_idx, mask=mixed, other=0)
+            p = tl.load(probs_ptr + soft_idx, mask=mixed, other=0.0).to(tl.float32)
             acc += p[:, None] * _gather_rows(weight_ptr, alt, mixed, offs_d, in_d, V, D)
     else:
         alt = tl.load(alt_ptr + offs_n, mask=mixed, other=0)
@@ -158,8 +166,9 @@ def mix_embedding_bwd_atomic_kernel(
         ptrs = grad_weight_ptr + ids.to(tl.int64)[:, None] * D + offs_d[None, :]
         tl.atomic_add(ptrs, grad, mask=keep[:, None] & in_d[None, :], sem="relaxed")
         for k in tl.static_range(K):
-            alt = tl.load(alt_ptr + offs_n * K + k, mask=mixed, other=0)
-            p = tl.load(probs_ptr + offs_n * K + k, mask=mixed, other=0.0).to(tl.float32)
+            soft_idx = _soft_index(offs_n, K, k)
+            alt = tl.load(alt_ptr + soft_idx, mask=mixed, other=0)
+            p = tl.load(probs_ptr + soft_idx, mask=mixed, other=0.0).to(tl.float32)
             keep = mixed & (alt != padding_idx) & (p != 0.0) & (alt >= 0) & (alt < V)
             ptrs = grad_weight_ptr + alt.to(tl.int64)[:, None] * D + offs_d[None, :]
             tl.atomic_add(ptrs, p[:, None] * grad, mask=keep[:, None] & in_d[None, :], sem="relaxed")

@@ -597,3 +597,77 @@ def test_backward_never_writes_past_grad_weight(monkeypatch, triton_device, soft
     valid = (rows >= 0) & (rows < v)
     want = torch.zeros(v, d, dtype=torch.float64, device=triton_device).index_add_(0, rows[valid], src[valid])
     torch.testing.assert_close(w.grad.double(), want, rtol=1e-5, atol=1e-5)
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    from gapfix.kernels.mix_embedding import _soft_index
+
+    @triton.jit
+    def _soft_indices_kernel(out_ptr, first, K: tl.constexpr, BLOCK: tl.constexpr):
+        offs_n = first + tl.arange(0, BLOCK)  # int32, as in the kernels
+        for k in tl.static_range(K):
+            tl.store(out_ptr + tl.arange(0, BLOCK) * K + k, _soft_index(offs_n, K, k))
+except ImportError:
+    _soft_indices_kernel = None
+
+
+def test_soft_index_is_int64_past_2_to_the_31(triton_device):
+    """issue 14: the (N, K) alt_ids / alt_probs are indexed n * K + k; n is a program id
+    times BLOCK_N plus a lane (int32), and N * K may pass 2**31 (a 2**31-element tensor is too
+    big for a test: the index helper runs on positions near 2**30 instead)."""
+    first, k, block = 2**30 + 5, 4, 8
+    out = torch.zeros(block * k, dtype=torch.int64, device=triton_device)
+    _soft_indices_kernel[(1,)](out, first, K=k, BLOCK=block)
+    want = (first + torch.arange(block))[:, None] * k + torch.arange(k)
+    assert int(want.max()) > 2**32
+    assert torch.equal(out.cpu(), want.reshape(-1))
+
+
+_LOWER_SOFT_SM90 = r'''
+import re
+import sys
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:
+    sys.exit(77)
+from gapfix.kernels import mix_embedding as M
+
+common = {"weight_ptr": "*bf16", "ids_ptr": "*i64", "alt_ptr": "*i64", "probs_ptr": "*fp32"}
+kernels = (
+    (M.mix_embedding_fwd_kernel, dict(common, mask_ptr="*u8", eligible_ptr="*u8", out_ptr="*bf16",
+                                      mixed_ptr="*u8", seeds_ptr="*i64", N="i32", D="i32", V="i32",
+                                      threshold="i64", seed="i64", ROW_LEN="i32"),
+     dict(K=4, SOFT=True, HAS_MASK=True, HAS_ELIGIBLE=False, ROW_SEEDS=False, BLOCK_N=8, BLOCK_D=512)),
+    (M.mix_embedding_bwd_atomic_kernel, dict(grad_ptr="*bf16", ids_ptr="*i64", alt_ptr="*i64",
+                                             probs_ptr="*fp32", mixed_ptr="*u8", grad_weight_ptr="*bf16",
+                                             N="i32", D="i32", V="i32", padding_idx="i32"),
+     dict(K=4, SOFT=True, BLOCK_N=8, BLOCK_D=512)),
+)
+for fn, sig, constexprs in kernels:
+    sig = {p.name: sig[p.name] if p.name in sig else "constexpr" for p in fn.params}
+    try:
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32))
+    except (FileNotFoundError, RuntimeError) as exc:
+        if "ptxas" in str(exc):
+            sys.exit(77)
+        raise
+    # probs_ptr is the kernels' only fp32 pointer: every offset added to it must be 64-bit
+    adds = re.findall(r"tt\.addptr .*: tensor<\d+x!tt\.ptr<f32>>, tensor<\d+x(i\d+)>", compiled.asm["ttir"])
+    assert adds and set(adds) == {"i64"}, (fn.__name__, adds)
+print("ok")
+'''
+
+
+@pytest.mark.slow
+def test_soft_kernels_index_alt_ids_in_int64_when_lowered_for_sm90():
+    """The soft forward and atomic backward, lowered for an H100: the alt_probs loads take
+    int64 offsets (issue 14; the TTIR of the real kernels, not only the helper)."""
+    from sm90_lowering import run_lowering_script
+
+    assert run_lowering_script(_LOWER_SOFT_SM90).strip().endswith("ok")
