@@ -1,8 +1,10 @@
 """The `gapfix` command.
 
 Each subcommand lives in its own module, which exposes `configure(parser)` and
-`run(args) -> int`; the module is imported only when its command runs, so
-`gapfix env` never loads transformers or vLLM.
+`run(args) -> int`. Building the parser imports every command module, so those
+modules keep transformers, vLLM, Triton and datasets out of their top level and
+load them inside `run` (tests/test_cli.py checks it): `gapfix env` or
+`gapfix --help` never loads them (torch, yes: the flags come from TrainConfig).
 
 A problem with the command line, a data file, a model folder or the disk (ValueError,
 OSError, a missing optional package) is printed as one line naming it, with exit

@@ -16,6 +16,16 @@ def test_env_reports_native_extension(capsys):
     assert report["torch"] and "native_extension" in report and "native_build" in report
 
 
+def test_building_the_parser_stays_light():
+    """Every command module is imported to build the parser: none may load the heavy libraries."""
+    code = ("import sys; from gapfix.cli import build_parser; build_parser(); heavy = [m for m in "
+            "('triton', 'transformers', 'vllm', 'datasets', 'trl', 'peft') if m in sys.modules];"
+            "print(','.join(heavy))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
+
+
 def test_import_gapfix_stays_light():
     code = ("import sys, gapfix; heavy = [m for m in ('triton', 'transformers', 'vllm') if m in sys.modules];"
             "print(','.join(heavy))")
