@@ -270,6 +270,31 @@ def record_problem(record: dict) -> Optional[str]:
     return None
 
 
+def encode_record(record: dict, tokenizer: PreTrainedTokenizerBase, where: str) -> Example:
+    """The Example of one record: the one definition every loader uses (load_examples,
+    gapfix.data.arrow.load_tokenized), so that they cannot disagree.
+
+    A record with "messages" is a chat (encode_chat: every assistant turn trained with the
+    template's end-of-turn, earlier turns in prompt_labels); else a prompt/response record
+    (encode_example). An unusable record (see record_problem; neither form; a chat not ending
+    with an assistant turn) is a DataError whose message starts with `where` (file:line, or
+    "file: row N").
+    """
+    problem = record_problem(record)
+    if problem is not None:
+        raise DataError(f"{where}: {problem}")
+    if "messages" in record:
+        messages = _chat_messages(record)
+        if messages is None:
+            raise DataError(f"{where}: record has neither prompt/response nor messages that end "
+                            "with an assistant turn")
+        return encode_chat(tokenizer, messages, record, where=where)
+    pair = split_record(record, tokenizer)
+    if pair is None:
+        raise DataError(f"{where}: record has neither prompt/response nor messages")
+    return encode_example(tokenizer, *pair, record=record)
+
+
 def load_examples(path: str, tokenizer: PreTrainedTokenizerBase, *, max_length: Optional[int] = None,
                   max_prompt_length: Optional[int] = None, on_error: str = "raise",
                   limit: Optional[int] = None, report: Optional[dict] = None) -> List[Example]:
@@ -283,20 +308,16 @@ def load_examples(path: str, tokenizer: PreTrainedTokenizerBase, *, max_length: 
     """
     skipped = []
     counts = {"unusable_records": 0, "too_long": 0, "prompt_too_long": 0}
-    examples = []
+    examples, first_problem = [], None
     for line, record in read_jsonl_lines(path, on_error=on_error, skipped=skipped):
-        problem = record_problem(record)
-        messages = _chat_messages(record) if problem is None and "messages" in record else None
-        pair = None if problem is not None or messages is not None else split_record(record, tokenizer)
-        if messages is None and pair is None:
+        try:
+            example = encode_record(record, tokenizer, f"{path}:{line}")
+        except DataError as err:
             if on_error == "raise":
-                raise DataError(f"{path}:{line}: {problem or 'record has neither prompt/response nor messages'}")
+                raise
             counts["unusable_records"] += 1
+            first_problem = first_problem or str(err)
             continue
-        if messages is not None:
-            example = encode_chat(tokenizer, messages, record, where=f"{path}:{line}")
-        else:
-            example = encode_example(tokenizer, *pair, record=record)
         if max_length is not None and len(example.prompt_ids) + len(example.answer_ids) > max_length:
             counts["too_long"] += 1
             continue
@@ -311,7 +332,8 @@ def load_examples(path: str, tokenizer: PreTrainedTokenizerBase, *, max_length: 
     if not examples:
         dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v)
         raise DataError(f"{path}: no usable examples ({dropped or 'the file holds no records'}"
-                        f"{f'; {len(skipped)} malformed lines skipped' if skipped else ''})")
+                        f"{f'; {len(skipped)} malformed lines skipped' if skipped else ''}"
+                        f"{f'; first unusable record: {first_problem}' if first_problem else ''})")
     return examples
 
 
