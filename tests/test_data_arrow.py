@@ -248,8 +248,29 @@ def test_errors_found_in_worker_processes_name_the_line(tmp_path, tokenizer):
 def test_blank_lines_keep_line_numbers(tmp_path, tokenizer):
     path = tmp_path / "gaps.jsonl"
     path.write_text(json.dumps(_records(1)[0]) + "\n\n\n[1, 2]\n")
-    with pytest.raises(DataError, match=r"gaps\.jsonl:4: malformed JSONL line \(not a JSON object\)"):
+    with pytest.raises(DataError, match=r"gaps\.jsonl:4: malformed JSONL line: not a JSON object \(a list\)"):
         load_tokenized(str(path), tokenizer, cache_dir=str(tmp_path / "cache"))
+
+
+def test_bytes_are_decoded_as_load_examples_decodes_them(tmp_path, tokenizer):
+    """A byte order mark starts line 1 of a usable file; a line that is not UTF-8 is refused
+    (or skipped) on its own, with load_examples' message."""
+    lines = [json.dumps(record).encode() for record in _records(4)]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    assert list(ExampleTable(load_tokenized(str(bom), tokenizer, cache_dir=str(tmp_path / "cache")))) == \
+        load_examples(str(bom), tokenizer)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\n".join(lines[:2] + [b'{"prompt": "\xff", "response": "1"}'] + lines[2:]) + b"\n")
+    with pytest.raises(DataError) as from_examples:
+        load_examples(str(bad), tokenizer)
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSONL line: not UTF-8") as from_arrow:
+        load_tokenized(str(bad), tokenizer, cache_dir=str(tmp_path / "cache"))
+    assert str(from_arrow.value) == str(from_examples.value)
+    with pytest.warns(UserWarning, match=r"bad\.jsonl:3"):
+        got = load_tokenized(str(bad), tokenizer, on_error="skip", cache_dir=str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match=r"skipped 1 malformed line"):
+        assert list(ExampleTable(got)) == load_examples(str(bad), tokenizer, on_error="skip")
 
 
 def test_on_error_skip_warns_and_drops(tmp_path, tokenizer):

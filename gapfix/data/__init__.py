@@ -71,6 +71,31 @@ def check_input_file(path: Union[str, os.PathLike], argument: str) -> str:
     return path
 
 
+def decode_jsonl_line(number: int, raw: bytes) -> tuple[Optional[str], Optional[str]]:
+    """(text, None) of line `number` (1-based) of a JSONL file read as bytes, or (None, why)
+    when it is not UTF-8. Line 1 may start with a byte order mark."""
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8"), None
+    except UnicodeDecodeError as err:
+        return None, f"not UTF-8 (byte {err.start + 1} of the line is {raw[err.start]:#04x})"
+
+
+def parse_jsonl_text(text: str) -> tuple[Any, Optional[str]]:
+    """(value, None) of a decoded JSONL line, or (None, why) when it is not JSON (bad JSON,
+    nesting too deep, a number too long to convert)."""
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, "JSON nested too deeply"
+    except ValueError as err:  # also ints past Python's digit limit
+        return None, f"not JSON ({str(err)[:120]})"
+
+
+def not_a_record(value: Any) -> Optional[str]:
+    """Why a parsed JSONL value is not a record (a JSON object), or None."""
+    return None if isinstance(value, dict) else f"not a JSON object (a {type(value).__name__})"
+
+
 def parse_jsonl_lines(path: Union[str, os.PathLike]) -> Iterator[tuple]:
     """(line number, value, None) for each non-blank line of a JSONL file that is UTF-8 JSON,
     (line number, None, why) for each that is not (bad bytes, bad JSON, nesting too deep,
@@ -78,21 +103,11 @@ def parse_jsonl_lines(path: Union[str, os.PathLike]) -> Iterator[tuple]:
     byte costs its line only."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
-            value, why = None, None
-            try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                yield number, None, f"not UTF-8 (byte {err.start + 1} of the line is {raw[err.start]:#04x})"
-                continue
-            if not text.strip():
-                continue
-            try:
-                value = json.loads(text)
-            except RecursionError:
-                why = "JSON nested too deeply"
-            except ValueError as err:  # also ints past Python's digit limit
-                why = f"not JSON ({str(err)[:120]})"
-            yield number, value, why
+            text, why = decode_jsonl_line(number, raw)
+            if why is not None:
+                yield number, None, why
+            elif text.strip():
+                yield number, *parse_jsonl_text(text)
 
 
 def read_jsonl_lines(path: str, *, on_error: str = "raise", skipped: list | None = None) -> list:
@@ -102,8 +117,8 @@ def read_jsonl_lines(path: str, *, on_error: str = "raise", skipped: list | None
     path = check_input_file(path, "data file")
     records, bad = [], []
     for line_number, record, why in parse_jsonl_lines(path):
-        if why is None and not isinstance(record, dict):
-            why = f"not a JSON object (a {type(record).__name__})"
+        if why is None:
+            why = not_a_record(record)
         if why is not None:
             if on_error == "raise":
                 raise DataError(f"{path}:{line_number}: malformed JSONL line: {why}")

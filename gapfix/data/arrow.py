@@ -76,24 +76,30 @@ _LINES_PER_CHUNK = 256
 
 def _jsonl_lines(path: str, stamp: str) -> Iterator[Dict[str, list]]:
     """Non-blank lines of a JSONL file with their 1-based numbers, `_LINES_PER_CHUNK` to a
-    row (datasets' per-row cost is paid per chunk; the map parses and splits them).
+    row (datasets' per-row cost is paid per chunk; the map parses and splits them). Read as
+    bytes and decoded as `gapfix.data.parse_jsonl_lines` decodes them: a line that is not
+    UTF-8 is kept as "" with why it is not, so that it costs its line only.
 
     stamp ("size:mtime") is unused here: it is part of the generator's arguments so
     that datasets' cache key changes when the file does. (Not a list: datasets
     splits list arguments into shards.)
     """
+    from gapfix.data import decode_jsonl_line
+
     del stamp
-    texts, numbers = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                texts.append(line)
+    texts, numbers, whys = [], [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            text, why = decode_jsonl_line(number, raw)
+            if why is not None or text.strip():
+                texts.append(text or "")
                 numbers.append(number)
+                whys.append(why)
             if len(texts) == _LINES_PER_CHUNK:
-                yield {"text": texts, "line": numbers}
-                texts, numbers = [], []
+                yield {"text": texts, "line": numbers, "why": whys}
+                texts, numbers, whys = [], [], []
     if texts:
-        yield {"text": texts, "line": numbers}
+        yield {"text": texts, "line": numbers, "why": whys}
 
 
 def _raw_dataset(
@@ -124,12 +130,13 @@ def _raw_dataset(
             return datasets.Dataset.from_parquet(path, cache_dir=cache_dir), path, "row"
         except Exception as exc:  # pyarrow raises several types; name the file whatever it is
             raise DataError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         if not any(line.strip() for line in f):
             raise DataError(f"{path}: empty file (no records)")
     stat = os.stat(path)
     features = datasets.Features({"text": datasets.List(datasets.Value("string")),
-                                  "line": datasets.List(datasets.Value("int64"))})
+                                  "line": datasets.List(datasets.Value("int64")),
+                                  "why": datasets.List(datasets.Value("string"))})
     raw = datasets.Dataset.from_generator(
         _jsonl_lines, features=features, cache_dir=cache_dir,
         gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}:{stat.st_mtime_ns}"})
@@ -150,17 +157,19 @@ def _tokenize_batch(batch: Dict[str, list], indices: List[int], *, tokenizer: Pr
     if kind == "line":  # rows are chunks of lines: one output row per line
         lines = list(itertools.chain.from_iterable(batch["line"]))
         texts = list(itertools.chain.from_iterable(batch["text"]))
+        whys = list(itertools.chain.from_iterable(batch["why"]))
         indices = range(len(lines))
     for i, index in enumerate(indices):
         error, record = None, None
         if kind == "line":
             where = f"{source}:{lines[i]}"
-            try:
-                record = json.loads(texts[i])
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                error = f"{where}: malformed JSONL line ({exc})"
+            why = whys[i]
+            if why is None:
+                record, why = gapfix_data.parse_jsonl_text(texts[i])
+            if why is None:
+                why = gapfix_data.not_a_record(record)
+            if why is not None:  # the message read_jsonl gives
+                record, error = None, f"{where}: malformed JSONL line: {why}"
         else:
             where = f"{source}: row {index}"
             # a null is a field this record does not have (a table holding both record forms
