@@ -170,6 +170,25 @@ def test_second_load_reads_the_cache_and_tokenizes_nothing(tmp_path, tokenizer, 
         load_tokenized(path, tokenizer, cache_dir=cache)
 
 
+def test_a_changed_encoding_is_tokenized_again(tmp_path, tokenizer, monkeypatch):
+    """The cache key holds gapfix.data's source: tables cached by another version of
+    encode_record are not read back (as chat records cached before encode_record would have been)."""
+    from gapfix.data import arrow as arrow_module
+
+    path = _write_jsonl(tmp_path / "train.jsonl", _records(6))
+    records = [r for r in _records(6) if "prompt" in r]
+    for source in (path, datasets.Dataset.from_list(records)):
+        first = load_tokenized(source, tokenizer, cache_dir=str(tmp_path / "cache"))
+        calls, encode_record = [], gapfix_data.encode_record
+        monkeypatch.setattr(gapfix_data, "encode_record", lambda *args: calls.append(1) or encode_record(*args))
+        assert _tokens(load_tokenized(source, tokenizer, cache_dir=str(tmp_path / "cache"))) == _tokens(first)
+        assert not calls  # the same encoding: read from the cache
+        monkeypatch.setattr(arrow_module, "_encoding_fingerprint", lambda: "another version of gapfix.data")
+        assert _tokens(load_tokenized(source, tokenizer, cache_dir=str(tmp_path / "cache"))) == _tokens(first)
+        assert len(calls) == len(first)
+        monkeypatch.undo()
+
+
 def test_num_proc_two_gives_the_same_tokens(tmp_path, tokenizer):
     path = _write_jsonl(tmp_path / "train.jsonl", _records(30))
     one = load_tokenized(path, tokenizer, cache_dir=str(tmp_path / "c1"))

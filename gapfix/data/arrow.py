@@ -143,15 +143,30 @@ def _raw_dataset(
     return raw, path, "line"
 
 
+def _encoding_fingerprint() -> str:
+    """A hash of gapfix.data's source. The tokenizing map looks encode_record (and what it calls)
+    up at call time, so datasets' cache key, which hashes the map's own code and arguments,
+    does not see them: this argument makes a cache written by another version of the encoding
+    miss instead of being read back."""
+    import hashlib
+
+    from gapfix import data as gapfix_data
+
+    with open(gapfix_data.__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def _tokenize_batch(batch: Dict[str, list], indices: List[int], *, tokenizer: PreTrainedTokenizerBase,
-                    source: str, kind: str,
-                    with_record: bool) -> Dict[str, list]:
+                    source: str, kind: str, with_record: bool, encoding: str) -> Dict[str, list]:
     """Dataset.map function: records to token ids, one output row per input row.
 
     A record that cannot be used gets empty ids and its message in `error`
     (the caller raises or drops it): a worker process never decides alone.
+    encoding (`_encoding_fingerprint`) is unused here: it is part of the cache key.
     """
     from gapfix import data as gapfix_data  # looked up at call time: the cache key is the code, not a copy
+
+    del encoding
 
     out: Dict[str, list] = {name: [] for name in (*TOKEN_COLUMNS, PROMPT_LABELS, "record", "error")}
     if kind == "line":  # rows are chunks of lines: one output row per line
@@ -225,7 +240,7 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
     num_proc: worker processes for `Dataset.map` (None: this process).
     cache_dir: datasets' cache for JSONL/Parquet sources (default: datasets'
         own). The cache is keyed on the file's size and mtime, the tokenizer and
-        this code: a rerun reads it back and tokenizes nothing. For an in-memory
+        this code and gapfix.data's: a rerun reads it back and tokenizes nothing. For an in-memory
         Dataset, the tokenized copy is written there (memory-mapped); without
         cache_dir it stays in memory.
     keep_records: keep each source record as JSON text in column "record"
@@ -265,7 +280,8 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
             cache_file_name=_in_memory_cache_file(raw, cache_dir, tokenizer, keep_records),
             batch_size=4 if kind == "line" else 1000,  # a row of JSONL is a chunk of lines
             remove_columns=raw.column_names, features=_example_features(keep_records),
-            fn_kwargs=dict(tokenizer=tokenizer, source=name, kind=kind, with_record=keep_records),
+            fn_kwargs=dict(tokenizer=tokenizer, source=name, kind=kind, with_record=keep_records,
+                           encoding=_encoding_fingerprint()),
             desc="tokenize")
         dataset = _drop_unusable(dataset, name, on_error, num_proc)
     if max_length is not None:
@@ -290,7 +306,7 @@ def _in_memory_cache_file(raw: datasets.Dataset, cache_dir: Optional[str], token
     from datasets.fingerprint import Hasher
 
     os.makedirs(cache_dir, exist_ok=True)
-    key = Hasher.hash([raw._fingerprint, tokenizer, keep_records, _tokenize_batch])
+    key = Hasher.hash([raw._fingerprint, tokenizer, keep_records, _tokenize_batch, _encoding_fingerprint()])
     return os.path.join(cache_dir, f"gapfix-tokenized-{key}.arrow")
 
 
