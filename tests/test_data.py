@@ -129,7 +129,8 @@ def test_encode_record_names_where_an_unusable_record_is(tokenizer, record, mess
 
 def test_encode_record_is_what_load_examples_reads(tmp_path, tokenizer):
     records = [{"prompt": "1 + 2", "response": "answer 3"},
-               {"messages": [{"role": "user", "content": "4 + 1"}, {"role": "assistant", "content": "answer 5"}]}]
+               {"messages": [{"role": "user", "content": "4 + 1"},
+                             {"role": "assistant", "content": "answer 5"}]}]
     path = _write(tmp_path / "d.jsonl", [json.dumps(r) for r in records])
     assert load_examples(path, tokenizer) == [encode_record(r, tokenizer, "x") for r in records]
 

@@ -97,7 +97,8 @@ def test_chat_records_give_the_examples_load_examples_gives(tmp_path, template):
     assert list(ExampleTable(dataset)) == expected
     assert dataset.data.schema.field("prompt_labels").type == pa.list_(pa.int32())
     assert dataset["prompt_labels"][1] == []  # "no trained prompt" is stored as an empty list
-    table = datasets.Dataset.from_json(path, cache_dir=str(tmp_path / "json"))  # null: the other form's fields
+    # a table source: null where a row is of the other form
+    table = datasets.Dataset.from_json(path, cache_dir=str(tmp_path / "json"))
     assert list(ExampleTable(load_tokenized(table, tok))) == expected
     assert ExampleTable(dataset_from_examples(expected)).gather([2, 0, 1]) == [expected[i] for i in (2, 0, 1)]
 
@@ -180,7 +181,8 @@ def test_a_changed_encoding_is_tokenized_again(tmp_path, tokenizer, monkeypatch)
     for source in (path, datasets.Dataset.from_list(records)):
         first = load_tokenized(source, tokenizer, cache_dir=str(tmp_path / "cache"))
         calls, encode_record = [], gapfix_data.encode_record
-        monkeypatch.setattr(gapfix_data, "encode_record", lambda *args: calls.append(1) or encode_record(*args))
+        monkeypatch.setattr(gapfix_data, "encode_record",
+                            lambda *args: calls.append(1) or encode_record(*args))
         assert _tokens(load_tokenized(source, tokenizer, cache_dir=str(tmp_path / "cache"))) == _tokens(first)
         assert not calls  # the same encoding: read from the cache
         monkeypatch.setattr(arrow_module, "_encoding_fingerprint", lambda: "another version of gapfix.data")
