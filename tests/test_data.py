@@ -8,6 +8,7 @@ from gapfix.data import (
     DataError,
     Example,
     collate,
+    encode_record,
     load_examples,
     math_task,
     pack_rows,
@@ -110,6 +111,34 @@ def test_no_usable_examples_is_an_error(tmp_path, tokenizer):
         load_examples(path, tokenizer, on_error="skip")
     with pytest.raises(DataError, match=r"empty\.jsonl:1: record"):
         load_examples(path, tokenizer)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "user", "content": "4 + 1"}]}, "messages that end with an assistant turn"),
+    ({"messages": []}, "messages that end with an assistant turn"),
+    ({"messages": "4 + 1"}, "messages is a str, not a list"),
+    ({"messages": [{"role": "user", "content": 4}, {"role": "assistant", "content": "5"}]},
+     r"messages\[0\] is not an object"),
+    ({"prompt": "4 + 1"}, "record has neither prompt/response nor messages"),
+    ({"prompt": "\ud800", "response": "answer 5"}, "prompt holds text that is not encodable"),
+])
+def test_encode_record_names_where_an_unusable_record_is(tokenizer, record, message):
+    with pytest.raises(DataError, match=rf"^f\.jsonl: row 7: .*{message}"):
+        encode_record(record, tokenizer, "f.jsonl: row 7")
+
+
+def test_encode_record_is_what_load_examples_reads(tmp_path, tokenizer):
+    records = [{"prompt": "1 + 2", "response": "answer 3"},
+               {"messages": [{"role": "user", "content": "4 + 1"},
+                             {"role": "assistant", "content": "answer 5"}]}]
+    path = _write(tmp_path / "d.jsonl", [json.dumps(r) for r in records])
+    assert load_examples(path, tokenizer) == [encode_record(r, tokenizer, "x") for r in records]
+
+
+def test_skipped_records_are_named_when_none_is_usable(tmp_path, tokenizer):
+    path = _write(tmp_path / "chat.jsonl", [json.dumps({"messages": [{"role": "user", "content": "1 + 1"}]})])
+    with pytest.raises(DataError, match=r"1 unusable records; first unusable record: .*chat\.jsonl:1: "):
+        load_examples(path, tokenizer, on_error="skip")
 
 
 def test_sft_row_masks_prompt_in_the_hf_convention():

@@ -61,13 +61,93 @@ def test_jsonl_matches_load_examples_int32(tmp_path, tokenizer):
     path = _write_jsonl(tmp_path / "train.jsonl", _records())
     dataset = load_tokenized(path, tokenizer, cache_dir=str(tmp_path / "cache"))
     expected = load_examples(path, tokenizer)
-    got = list(ExampleTable(dataset))
-    assert [(e.prompt_ids, e.answer_ids, e.record) for e in got] == \
-        [(e.prompt_ids, e.answer_ids, e.record) for e in expected]
+    assert list(ExampleTable(dataset)) == expected  # ids, records and prompt_labels
     schema = dataset.data.schema
-    for column in ("prompt_ids", "answer_ids"):
+    for column in ("prompt_ids", "answer_ids", "prompt_labels"):
         assert schema.field(column).type == pa.list_(pa.int32())
     assert all(f["filename"].startswith(str(tmp_path / "cache")) for f in dataset.cache_files)
+
+
+# multi-turn chats through a ChatML template whose end-of-turn (<|im_end|>) is not EOS
+
+
+def _chat_records():
+    from test_seams import CONVERSATION
+
+    return [{"messages": CONVERSATION, "final": 15},  # two assistant turns: the first in prompt_labels
+            {"messages": CONVERSATION[:3]},  # one turn: nothing trained in the prompt
+            {"prompt": "12 plus 30", "response": "it is 42"}]
+
+
+@pytest.mark.parametrize("template", ["generation-block", "rendered-diff"])
+def test_chat_records_give_the_examples_load_examples_gives(tmp_path, template):
+    """The two loaders share encode_record: the same ids (one BOS, the template's end-of-turn),
+    the same prompt_labels (earlier assistant turns trained), from JSONL and from a table."""
+    from test_seams import CHATML, CHATML_PLAIN, chat_tokenizer
+
+    tok = chat_tokenizer(CHATML if template == "generation-block" else CHATML_PLAIN)
+    records = _chat_records()
+    path = _write_jsonl(tmp_path / "chat.jsonl", records)
+    expected = load_examples(path, tok)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert [t for t in expected[0].prompt_labels if t != -100].count(im_end) == 1
+    assert expected[1].prompt_labels is None and expected[2].prompt_labels is None
+    assert expected[0].prompt_ids.count(tok.bos_token_id) == 1
+    dataset = load_tokenized(path, tok, cache_dir=str(tmp_path / "cache"))
+    assert list(ExampleTable(dataset)) == expected
+    assert dataset.data.schema.field("prompt_labels").type == pa.list_(pa.int32())
+    assert dataset["prompt_labels"][1] == []  # "no trained prompt" is stored as an empty list
+    # a table source: null where a row is of the other form
+    table = datasets.Dataset.from_json(path, cache_dir=str(tmp_path / "json"))
+    assert list(ExampleTable(load_tokenized(table, tok))) == expected
+    assert ExampleTable(dataset_from_examples(expected)).gather([2, 0, 1]) == [expected[i] for i in (2, 0, 1)]
+
+
+def test_chat_rows_round_trip_through_row_files(tmp_path):
+    """The SFT rows of multi-turn chats (labels inside the prompt) stored and read back exactly."""
+    from test_seams import CHATML, chat_tokenizer
+
+    tok = chat_tokenizer(CHATML)
+    path = _write_jsonl(tmp_path / "chat.jsonl", _chat_records() * 3)
+    expected = [sft_row(ex) for ex in load_examples(path, tok)]
+    assert any(label != -100 for label in expected[0]["labels"][:len(expected[0]["labels"]) // 2])
+    dataset = load_tokenized(path, tok, cache_dir=str(tmp_path / "cache"))
+    rows = RowTable.open(write_sft_rows(tmp_path / "sft.arrow", dataset, batch_rows=4))
+    assert rows.gather(range(len(expected))) == expected
+    assert rows.gather([3, 0]) == [expected[3], expected[0]]
+    torch_batch = collate(rows.gather(range(len(expected))), pad_id=tok.pad_token_id or 0)
+    assert torch_batch["labels"].equal(collate(expected, pad_id=tok.pad_token_id or 0)["labels"])
+
+
+def test_unusable_chat_records_name_the_line_or_row(tmp_path, tokenizer):
+    """What load_examples refuses, load_tokenized refuses with the same message."""
+    bad = [{"messages": [{"role": "user", "content": "1 + 1"}]},  # no assistant turn to train
+           {"messages": "1 + 1"},
+           {"prompt": "\ud800", "response": "answer 2"}]  # a lone surrogate: not encodable
+    for i, record in enumerate(bad):
+        path = _write_jsonl(tmp_path / f"bad{i}.jsonl", _records(2) + [record])
+        with pytest.raises(DataError) as from_examples:
+            load_examples(path, tokenizer)
+        with pytest.raises(DataError) as from_arrow:
+            load_tokenized(path, tokenizer, cache_dir=str(tmp_path / "cache"))
+        assert str(from_arrow.value) == str(from_examples.value)
+        assert str(from_arrow.value).startswith(f"{path}:3: ")
+    table = datasets.Dataset.from_list([_records(1)[0], {"prompt": "1 + 1", "response": None,
+                                                         "final": None}])
+    with pytest.raises(DataError, match=r"^dataset: row 1: record has neither"):
+        load_tokenized(table, tokenizer)
+
+
+def test_pretokenized_prompt_labels_are_checked(tmp_path):
+    raw = datasets.Dataset.from_dict({"prompt_ids": [[1, 2, 3], [4]], "answer_ids": [[5, 2], [6, 2]],
+                                      "prompt_labels": [[-100, 2, -100], []]})
+    loaded = load_tokenized(raw)
+    assert loaded.data.schema.field("prompt_labels").type == pa.list_(pa.int32())
+    assert [ex.prompt_labels for ex in ExampleTable(loaded)] == [[-100, 2, -100], None]
+    wrong = datasets.Dataset.from_dict({"prompt_ids": [[1, 2, 3]], "answer_ids": [[5, 2]],
+                                        "prompt_labels": [[-100, 2]]})
+    with pytest.raises(DataError, match="prompt_labels holds 2 labels for 3 prompt tokens"):
+        list(ExampleTable(load_tokenized(wrong)))
 
 
 def test_second_load_reads_the_cache_and_tokenizes_nothing(tmp_path, tokenizer, monkeypatch):
@@ -78,9 +158,9 @@ def test_second_load_reads_the_cache_and_tokenizes_nothing(tmp_path, tokenizer, 
     stamps = {f: os.stat(f).st_mtime_ns for f in files}
 
     def must_not_run(*args, **kwargs):
-        raise AssertionError("encode_example called: the cache was not used")
+        raise AssertionError("encode_record called: the cache was not used")
 
-    monkeypatch.setattr(gapfix_data, "encode_example", must_not_run)
+    monkeypatch.setattr(gapfix_data, "encode_record", must_not_run)
     second = load_tokenized(path, tokenizer, cache_dir=cache)
     assert sorted(f["filename"] for f in second.cache_files) == files
     assert {f: os.stat(f).st_mtime_ns for f in files} == stamps
@@ -89,6 +169,26 @@ def test_second_load_reads_the_cache_and_tokenizes_nothing(tmp_path, tokenizer, 
     _write_jsonl(tmp_path / "train.jsonl", _records()[:-1])
     with pytest.raises(AssertionError, match="cache was not used"):
         load_tokenized(path, tokenizer, cache_dir=cache)
+
+
+def test_a_changed_encoding_is_tokenized_again(tmp_path, tokenizer, monkeypatch):
+    """The cache key holds gapfix.data's source: tables cached by another version of
+    encode_record are not read back (as chat records cached before encode_record would have been)."""
+    from gapfix.data import arrow as arrow_module
+
+    path = _write_jsonl(tmp_path / "train.jsonl", _records(6))
+    records = [r for r in _records(6) if "prompt" in r]
+    for source in (path, datasets.Dataset.from_list(records)):
+        first = load_tokenized(source, tokenizer, cache_dir=str(tmp_path / "cache"))
+        calls, encode_record = [], gapfix_data.encode_record
+        monkeypatch.setattr(gapfix_data, "encode_record",
+                            lambda *args: calls.append(1) or encode_record(*args))
+        assert _tokens(load_tokenized(source, tokenizer, cache_dir=str(tmp_path / "cache"))) == _tokens(first)
+        assert not calls  # the same encoding: read from the cache
+        monkeypatch.setattr(arrow_module, "_encoding_fingerprint", lambda: "another version of gapfix.data")
+        assert _tokens(load_tokenized(source, tokenizer, cache_dir=str(tmp_path / "cache"))) == _tokens(first)
+        assert len(calls) == len(first)
+        monkeypatch.undo()
 
 
 def test_num_proc_two_gives_the_same_tokens(tmp_path, tokenizer):
@@ -169,8 +269,29 @@ def test_errors_found_in_worker_processes_name_the_line(tmp_path, tokenizer):
 def test_blank_lines_keep_line_numbers(tmp_path, tokenizer):
     path = tmp_path / "gaps.jsonl"
     path.write_text(json.dumps(_records(1)[0]) + "\n\n\n[1, 2]\n")
-    with pytest.raises(DataError, match=r"gaps\.jsonl:4: malformed JSONL line \(not a JSON object\)"):
+    with pytest.raises(DataError, match=r"gaps\.jsonl:4: malformed JSONL line: not a JSON object \(a list\)"):
         load_tokenized(str(path), tokenizer, cache_dir=str(tmp_path / "cache"))
+
+
+def test_bytes_are_decoded_as_load_examples_decodes_them(tmp_path, tokenizer):
+    """A byte order mark starts line 1 of a usable file; a line that is not UTF-8 is refused
+    (or skipped) on its own, with load_examples' message."""
+    lines = [json.dumps(record).encode() for record in _records(4)]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    assert list(ExampleTable(load_tokenized(str(bom), tokenizer, cache_dir=str(tmp_path / "cache")))) == \
+        load_examples(str(bom), tokenizer)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\n".join(lines[:2] + [b'{"prompt": "\xff", "response": "1"}'] + lines[2:]) + b"\n")
+    with pytest.raises(DataError) as from_examples:
+        load_examples(str(bad), tokenizer)
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSONL line: not UTF-8") as from_arrow:
+        load_tokenized(str(bad), tokenizer, cache_dir=str(tmp_path / "cache"))
+    assert str(from_arrow.value) == str(from_examples.value)
+    with pytest.warns(UserWarning, match=r"bad\.jsonl:3"):
+        got = load_tokenized(str(bad), tokenizer, on_error="skip", cache_dir=str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match=r"skipped 1 malformed line"):
+        assert list(ExampleTable(got)) == load_examples(str(bad), tokenizer, on_error="skip")
 
 
 def test_on_error_skip_warns_and_drops(tmp_path, tokenizer):

@@ -71,6 +71,31 @@ def check_input_file(path: Union[str, os.PathLike], argument: str) -> str:
     return path
 
 
+def decode_jsonl_line(number: int, raw: bytes) -> tuple[Optional[str], Optional[str]]:
+    """(text, None) of line `number` (1-based) of a JSONL file read as bytes, or (None, why)
+    when it is not UTF-8. Line 1 may start with a byte order mark."""
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8"), None
+    except UnicodeDecodeError as err:
+        return None, f"not UTF-8 (byte {err.start + 1} of the line is {raw[err.start]:#04x})"
+
+
+def parse_jsonl_text(text: str) -> tuple[Any, Optional[str]]:
+    """(value, None) of a decoded JSONL line, or (None, why) when it is not JSON (bad JSON,
+    nesting too deep, a number too long to convert)."""
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, "JSON nested too deeply"
+    except ValueError as err:  # also ints past Python's digit limit
+        return None, f"not JSON ({str(err)[:120]})"
+
+
+def not_a_record(value: Any) -> Optional[str]:
+    """Why a parsed JSONL value is not a record (a JSON object), or None."""
+    return None if isinstance(value, dict) else f"not a JSON object (a {type(value).__name__})"
+
+
 def parse_jsonl_lines(path: Union[str, os.PathLike]) -> Iterator[tuple]:
     """(line number, value, None) for each non-blank line of a JSONL file that is UTF-8 JSON,
     (line number, None, why) for each that is not (bad bytes, bad JSON, nesting too deep,
@@ -78,21 +103,11 @@ def parse_jsonl_lines(path: Union[str, os.PathLike]) -> Iterator[tuple]:
     byte costs its line only."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
-            value, why = None, None
-            try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                yield number, None, f"not UTF-8 (byte {err.start + 1} of the line is {raw[err.start]:#04x})"
-                continue
-            if not text.strip():
-                continue
-            try:
-                value = json.loads(text)
-            except RecursionError:
-                why = "JSON nested too deeply"
-            except ValueError as err:  # also ints past Python's digit limit
-                why = f"not JSON ({str(err)[:120]})"
-            yield number, value, why
+            text, why = decode_jsonl_line(number, raw)
+            if why is not None:
+                yield number, None, why
+            elif text.strip():
+                yield number, *parse_jsonl_text(text)
 
 
 def read_jsonl_lines(path: str, *, on_error: str = "raise", skipped: list | None = None) -> list:
@@ -102,8 +117,8 @@ def read_jsonl_lines(path: str, *, on_error: str = "raise", skipped: list | None
     path = check_input_file(path, "data file")
     records, bad = [], []
     for line_number, record, why in parse_jsonl_lines(path):
-        if why is None and not isinstance(record, dict):
-            why = f"not a JSON object (a {type(record).__name__})"
+        if why is None:
+            why = not_a_record(record)
         if why is not None:
             if on_error == "raise":
                 raise DataError(f"{path}:{line_number}: malformed JSONL line: {why}")
@@ -270,6 +285,31 @@ def record_problem(record: dict) -> Optional[str]:
     return None
 
 
+def encode_record(record: dict, tokenizer: PreTrainedTokenizerBase, where: str) -> Example:
+    """The Example of one record: the one definition every loader uses (load_examples,
+    gapfix.data.arrow.load_tokenized), so that they cannot disagree.
+
+    A record with "messages" is a chat (encode_chat: every assistant turn trained with the
+    template's end-of-turn, earlier turns in prompt_labels); else a prompt/response record
+    (encode_example). An unusable record (see record_problem; neither form; a chat not ending
+    with an assistant turn) is a DataError whose message starts with `where` (file:line, or
+    "file: row N").
+    """
+    problem = record_problem(record)
+    if problem is not None:
+        raise DataError(f"{where}: {problem}")
+    if "messages" in record:
+        messages = _chat_messages(record)
+        if messages is None:
+            raise DataError(f"{where}: record has neither prompt/response nor messages that end "
+                            "with an assistant turn")
+        return encode_chat(tokenizer, messages, record, where=where)
+    pair = split_record(record, tokenizer)
+    if pair is None:
+        raise DataError(f"{where}: record has neither prompt/response nor messages")
+    return encode_example(tokenizer, *pair, record=record)
+
+
 def load_examples(path: str, tokenizer: PreTrainedTokenizerBase, *, max_length: Optional[int] = None,
                   max_prompt_length: Optional[int] = None, on_error: str = "raise",
                   limit: Optional[int] = None, report: Optional[dict] = None) -> List[Example]:
@@ -283,20 +323,16 @@ def load_examples(path: str, tokenizer: PreTrainedTokenizerBase, *, max_length: 
     """
     skipped = []
     counts = {"unusable_records": 0, "too_long": 0, "prompt_too_long": 0}
-    examples = []
+    examples, first_problem = [], None
     for line, record in read_jsonl_lines(path, on_error=on_error, skipped=skipped):
-        problem = record_problem(record)
-        messages = _chat_messages(record) if problem is None and "messages" in record else None
-        pair = None if problem is not None or messages is not None else split_record(record, tokenizer)
-        if messages is None and pair is None:
+        try:
+            example = encode_record(record, tokenizer, f"{path}:{line}")
+        except DataError as err:
             if on_error == "raise":
-                raise DataError(f"{path}:{line}: {problem or 'record has neither prompt/response nor messages'}")
+                raise
             counts["unusable_records"] += 1
+            first_problem = first_problem or str(err)
             continue
-        if messages is not None:
-            example = encode_chat(tokenizer, messages, record, where=f"{path}:{line}")
-        else:
-            example = encode_example(tokenizer, *pair, record=record)
         if max_length is not None and len(example.prompt_ids) + len(example.answer_ids) > max_length:
             counts["too_long"] += 1
             continue
@@ -311,7 +347,8 @@ def load_examples(path: str, tokenizer: PreTrainedTokenizerBase, *, max_length: 
     if not examples:
         dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v)
         raise DataError(f"{path}: no usable examples ({dropped or 'the file holds no records'}"
-                        f"{f'; {len(skipped)} malformed lines skipped' if skipped else ''})")
+                        f"{f'; {len(skipped)} malformed lines skipped' if skipped else ''}"
+                        f"{f'; first unusable record: {first_problem}' if first_problem else ''})")
     return examples
 
 

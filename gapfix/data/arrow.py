@@ -5,14 +5,17 @@ with the dataset (Python lists of ints cost about 57 bytes a token; Arrow int32
 columns cost 4 bytes a token on disk and only the pages being read in memory):
 
 - Examples: `load_tokenized(source, tokenizer)` returns a `datasets.Dataset` with
-  int32 list columns `prompt_ids` and `answer_ids` (the answer ends with EOS, as
-  `gapfix.data.encode_example` makes it) and the source record as JSON text. The
-  source is a JSONL file, a Parquet file, a folder written by
-  `Dataset.save_to_disk`, or a `datasets.Dataset`. Tokenization is `Dataset.map`
-  over `gapfix.data.split_record` and `gapfix.data.encode_example` (the one
-  definition of an example), with `num_proc` workers and datasets' cache: a rerun
-  on the same file and tokenizer reads the cache and tokenizes nothing. A source
-  that already has `prompt_ids` and `answer_ids` is taken as tokenized.
+  int32 list columns `prompt_ids`, `answer_ids` (the answer ends with EOS, or a
+  chat template's end-of-turn) and `prompt_labels` (the labels of the prompt
+  tokens: a chat's earlier assistant turns; an empty list where the prompt is
+  untrained, which `ExampleTable` reads back as `Example.prompt_labels = None`),
+  and the source record as JSON text. The source is a JSONL file, a Parquet
+  file, a folder written by `Dataset.save_to_disk`, or a `datasets.Dataset`.
+  Tokenization is `Dataset.map` over `gapfix.data.encode_record` (the one
+  definition of an example, the one `load_examples` uses), with `num_proc`
+  workers and datasets' cache: a rerun on the same file and tokenizer reads the
+  cache and tokenizes nothing. A source that already has `prompt_ids` and
+  `answer_ids` (and optionally `prompt_labels`) is taken as tokenized.
   `ExampleTable` reads such a dataset as a sequence of `Example`s.
 
 - Rows: built training rows (dicts of per-position lists: input_ids, labels and
@@ -47,7 +50,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
     from transformers import PreTrainedTokenizerBase
 
-TOKEN_COLUMNS = ("prompt_ids", "answer_ids")
+TOKEN_COLUMNS = ("prompt_ids", "answer_ids")  # required of a tokenized dataset
+PROMPT_LABELS = "prompt_labels"  # optional: an empty list (or a missing column) is "no trained prompt"
 _INT32 = np.iinfo(np.int32)
 _META_FIRST_ROW = b"gapfix.first_row"
 _META_BATCH_ROWS = b"gapfix.batch_rows"
@@ -60,7 +64,7 @@ DEFAULT_BATCH_ROWS = 1024
 def _example_features(with_record: bool) -> datasets.Features:
     import datasets
 
-    columns = {name: datasets.List(datasets.Value("int32")) for name in TOKEN_COLUMNS}
+    columns = {name: datasets.List(datasets.Value("int32")) for name in (*TOKEN_COLUMNS, PROMPT_LABELS)}
     if with_record:
         columns["record"] = datasets.Value("string")
     columns["error"] = datasets.Value("string")
@@ -72,24 +76,30 @@ _LINES_PER_CHUNK = 256
 
 def _jsonl_lines(path: str, stamp: str) -> Iterator[Dict[str, list]]:
     """Non-blank lines of a JSONL file with their 1-based numbers, `_LINES_PER_CHUNK` to a
-    row (datasets' per-row cost is paid per chunk; the map parses and splits them).
+    row (datasets' per-row cost is paid per chunk; the map parses and splits them). Read as
+    bytes and decoded as `gapfix.data.parse_jsonl_lines` decodes them: a line that is not
+    UTF-8 is kept as "" with why it is not, so that it costs its line only.
 
     stamp ("size:mtime") is unused here: it is part of the generator's arguments so
     that datasets' cache key changes when the file does. (Not a list: datasets
     splits list arguments into shards.)
     """
+    from gapfix.data import decode_jsonl_line
+
     del stamp
-    texts, numbers = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                texts.append(line)
+    texts, numbers, whys = [], [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            text, why = decode_jsonl_line(number, raw)
+            if why is not None or text.strip():
+                texts.append(text or "")
                 numbers.append(number)
+                whys.append(why)
             if len(texts) == _LINES_PER_CHUNK:
-                yield {"text": texts, "line": numbers}
-                texts, numbers = [], []
+                yield {"text": texts, "line": numbers, "why": whys}
+                texts, numbers, whys = [], [], []
     if texts:
-        yield {"text": texts, "line": numbers}
+        yield {"text": texts, "line": numbers, "why": whys}
 
 
 def _raw_dataset(
@@ -120,58 +130,75 @@ def _raw_dataset(
             return datasets.Dataset.from_parquet(path, cache_dir=cache_dir), path, "row"
         except Exception as exc:  # pyarrow raises several types; name the file whatever it is
             raise DataError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         if not any(line.strip() for line in f):
             raise DataError(f"{path}: empty file (no records)")
     stat = os.stat(path)
     features = datasets.Features({"text": datasets.List(datasets.Value("string")),
-                                  "line": datasets.List(datasets.Value("int64"))})
+                                  "line": datasets.List(datasets.Value("int64")),
+                                  "why": datasets.List(datasets.Value("string"))})
     raw = datasets.Dataset.from_generator(
         _jsonl_lines, features=features, cache_dir=cache_dir,
         gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}:{stat.st_mtime_ns}"})
     return raw, path, "line"
 
 
+def _encoding_fingerprint() -> str:
+    """A hash of gapfix.data's source. The tokenizing map looks encode_record (and what it calls)
+    up at call time, so datasets' cache key, which hashes the map's own code and arguments,
+    does not see them: this argument makes a cache written by another version of the encoding
+    miss instead of being read back."""
+    import hashlib
+
+    from gapfix import data as gapfix_data
+
+    with open(gapfix_data.__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def _tokenize_batch(batch: Dict[str, list], indices: List[int], *, tokenizer: PreTrainedTokenizerBase,
-                    source: str, kind: str,
-                    with_record: bool) -> Dict[str, list]:
+                    source: str, kind: str, with_record: bool, encoding: str) -> Dict[str, list]:
     """Dataset.map function: records to token ids, one output row per input row.
 
     A record that cannot be used gets empty ids and its message in `error`
     (the caller raises or drops it): a worker process never decides alone.
+    encoding (`_encoding_fingerprint`) is unused here: it is part of the cache key.
     """
     from gapfix import data as gapfix_data  # looked up at call time: the cache key is the code, not a copy
 
-    out: Dict[str, list] = {name: [] for name in (*TOKEN_COLUMNS, "record", "error")}
+    del encoding
+
+    out: Dict[str, list] = {name: [] for name in (*TOKEN_COLUMNS, PROMPT_LABELS, "record", "error")}
     if kind == "line":  # rows are chunks of lines: one output row per line
         lines = list(itertools.chain.from_iterable(batch["line"]))
         texts = list(itertools.chain.from_iterable(batch["text"]))
+        whys = list(itertools.chain.from_iterable(batch["why"]))
         indices = range(len(lines))
     for i, index in enumerate(indices):
         error, record = None, None
         if kind == "line":
             where = f"{source}:{lines[i]}"
-            try:
-                record = json.loads(texts[i])
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                error = f"{where}: malformed JSONL line ({exc})"
+            why = whys[i]
+            if why is None:
+                record, why = gapfix_data.parse_jsonl_text(texts[i])
+            if why is None:
+                why = gapfix_data.not_a_record(record)
+            if why is not None:  # the message read_jsonl gives
+                record, error = None, f"{where}: malformed JSONL line: {why}"
         else:
             where = f"{source}: row {index}"
             # a null is a field this record does not have (a table holding both record forms
             # has prompt/response and messages columns, null where a row is of the other form)
             record = {key: values[i] for key, values in batch.items() if values[i] is not None}
-        pair = None if error else gapfix_data.split_record(record, tokenizer)
-        if pair is None and error is None:
-            error = f"{where}: record has neither prompt/response nor messages"
+        example = None
         if error is None:
-            example = gapfix_data.encode_example(tokenizer, *pair, record=record)
-            out["prompt_ids"].append(example.prompt_ids)
-            out["answer_ids"].append(example.answer_ids)
-        else:
-            out["prompt_ids"].append([])
-            out["answer_ids"].append([])
+            try:
+                example = gapfix_data.encode_record(record, tokenizer, where)
+            except gapfix_data.DataError as exc:
+                error = str(exc)
+        out["prompt_ids"].append(example.prompt_ids if example else [])
+        out["answer_ids"].append(example.answer_ids if example else [])
+        out[PROMPT_LABELS].append((example.prompt_labels or []) if example else [])
         out["record"].append(json.dumps(record, default=str) if record is not None else None)
         out["error"].append(error)
     if not with_record:
@@ -203,8 +230,9 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
         folder written by `Dataset.save_to_disk`, or a `datasets.Dataset`; records
         are prompt/response or chat records, as `gapfix.data.load_examples` reads.
         A source with `prompt_ids` and `answer_ids` columns is already tokenized
-        and is only cast to int32 (no tokenizer needed).
-    tokenizer: called through `gapfix.data.encode_example`.
+        and is only cast to int32 (no tokenizer needed), its `prompt_labels` column too
+        when it has one.
+    tokenizer: called through `gapfix.data.encode_record` (as `load_examples` calls it).
     max_length: examples longer than this many tokens are dropped.
     on_error: "raise" (DataError naming the file and line, or row) or "skip"
         (a warning lists the unusable lines). A source with no usable example is
@@ -212,15 +240,16 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
     num_proc: worker processes for `Dataset.map` (None: this process).
     cache_dir: datasets' cache for JSONL/Parquet sources (default: datasets'
         own). The cache is keyed on the file's size and mtime, the tokenizer and
-        this code: a rerun reads it back and tokenizes nothing. For an in-memory
+        this code and gapfix.data's: a rerun reads it back and tokenizes nothing. For an in-memory
         Dataset, the tokenized copy is written there (memory-mapped); without
         cache_dir it stays in memory.
     keep_records: keep each source record as JSON text in column "record"
         (evaluation reads fields such as "final" from it).
 
-    Returns a Dataset with int32 list columns prompt_ids and answer_ids (and
-    "record"), backed by Arrow files in the cache (in memory only for an
-    in-memory Dataset passed as source).
+    Returns a Dataset with int32 list columns prompt_ids, answer_ids and
+    prompt_labels (empty where the prompt is untrained), and "record", backed
+    by Arrow files in the cache (in memory only for an in-memory Dataset passed
+    as source).
     """
     import datasets
 
@@ -238,7 +267,9 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
         raise DataError(f"{name}: no records")
     if all(column in raw.column_names for column in TOKEN_COLUMNS):
         features = raw.features.copy()
-        for column in TOKEN_COLUMNS:
+        for column in (*TOKEN_COLUMNS, PROMPT_LABELS):
+            if column not in features:
+                continue
             features[column] = datasets.List(datasets.Value("int32"))
         dataset = raw.cast(features, num_proc=num_proc) if features != raw.features else raw
     else:
@@ -249,7 +280,8 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
             cache_file_name=_in_memory_cache_file(raw, cache_dir, tokenizer, keep_records),
             batch_size=4 if kind == "line" else 1000,  # a row of JSONL is a chunk of lines
             remove_columns=raw.column_names, features=_example_features(keep_records),
-            fn_kwargs=dict(tokenizer=tokenizer, source=name, kind=kind, with_record=keep_records),
+            fn_kwargs=dict(tokenizer=tokenizer, source=name, kind=kind, with_record=keep_records,
+                           encoding=_encoding_fingerprint()),
             desc="tokenize")
         dataset = _drop_unusable(dataset, name, on_error, num_proc)
     if max_length is not None:
@@ -274,7 +306,7 @@ def _in_memory_cache_file(raw: datasets.Dataset, cache_dir: Optional[str], token
     from datasets.fingerprint import Hasher
 
     os.makedirs(cache_dir, exist_ok=True)
-    key = Hasher.hash([raw._fingerprint, tokenizer, keep_records, _tokenize_batch])
+    key = Hasher.hash([raw._fingerprint, tokenizer, keep_records, _tokenize_batch, _encoding_fingerprint()])
     return os.path.join(cache_dir, f"gapfix-tokenized-{key}.arrow")
 
 
@@ -315,6 +347,7 @@ def dataset_from_examples(examples: Sequence[Example]) -> "datasets.Dataset":
     return datasets.Dataset.from_dict({
         "prompt_ids": [list(ex.prompt_ids) for ex in examples],
         "answer_ids": [list(ex.answer_ids) for ex in examples],
+        PROMPT_LABELS: [list(ex.prompt_labels or []) for ex in examples],
         "record": [None if ex.record is None else json.dumps(ex.record, default=str) for ex in examples],
     }, features=features)
 
@@ -333,6 +366,7 @@ class ExampleTable(Sequence[Example]):
         self.dataset = dataset
         self._arrow = dataset.with_format("arrow")
         self._has_record = "record" in dataset.column_names
+        self._has_prompt_labels = PROMPT_LABELS in dataset.column_names
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -341,7 +375,14 @@ class ExampleTable(Sequence[Example]):
         prompts = table.column("prompt_ids").to_pylist()
         answers = table.column("answer_ids").to_pylist()
         records = table.column("record").to_pylist() if self._has_record else [None] * len(prompts)
-        return [Example(p, a, None if r is None else json.loads(r)) for p, a, r in zip(prompts, answers, records)]
+        labels = table.column(PROMPT_LABELS).to_pylist() if self._has_prompt_labels else [None] * len(prompts)
+        examples = [Example(p, a, None if r is None else json.loads(r), pl or None)
+                    for p, a, r, pl in zip(prompts, answers, records, labels)]
+        for example in examples:
+            if example.prompt_labels is not None and len(example.prompt_labels) != len(example.prompt_ids):
+                raise DataError(f"{PROMPT_LABELS} holds {len(example.prompt_labels)} labels for "
+                                f"{len(example.prompt_ids)} prompt tokens (record: {example.record})")
+        return examples
 
     def __getitem__(self, index: Union[int, slice]) -> Union[Example, List[Example]]:
         if isinstance(index, slice):
