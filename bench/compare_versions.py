@@ -24,7 +24,8 @@ cross-entropy forward+backward (N=8192, H=512, V=32768, fp32, every 10th target 
 mix_embedding forward and forward+backward (8 x 1024 tokens, V=32000, D=512, explicit mask or
 beta=0.2 with an int seed, fp32 and bf16), align (256 pairs of 256/1024/4096 tokens, 10% and
 50% edits), build_rac_rows (64 pairs of 96 tokens, modes path and all) and rac_labels itself on
-tensors (256 pairs of 256 tokens). Every case calls the public function with impl="auto",
+tensors (256 pairs of 256 tokens); the pairs come from bench/test_bench_align.py and
+bench/test_bench_rac_labels.py. Every case calls the public function with impl="auto",
 which on CPU tensors is the fast path in both versions (0.1.0 named it "cpu"; now "torch_fast"
 for cross_entropy and mix_embedding, "native" for align).
 """
@@ -95,44 +96,14 @@ def _mix_case(backward, mode, dtype_name):
     return run, checksum
 
 
-def _align_pairs(pairs, length, edit_rate, seed=0, vocab=256_000):
-    """As bench/test_bench_align.py: deletions, substitutions, insertions at edit_rate/3 each."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    gens, refs = [], []
-    for _ in range(pairs):
-        ref = rng.integers(0, vocab, length)
-        r = rng.random(length)
-        third = edit_rate / 3
-        kept = ref.copy()
-        substituted = (r >= third) & (r < 2 * third)
-        kept[substituted] = rng.integers(0, vocab, int(substituted.sum()))
-        emit = np.where(r < third, 0, np.where(r > 1 - third, 2, 1))
-        out = np.repeat(kept, emit)
-        inserted = np.cumsum(emit)[emit == 2] - 1
-        out[inserted] = rng.integers(0, vocab, len(inserted))
-        gens.append(out.tolist())
-        refs.append(ref.tolist())
-    return gens, refs
-
-
-def _pad(rows):
-    import torch
-
-    width = max(len(r) for r in rows)
-    out = torch.zeros(len(rows), width, dtype=torch.int64)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-    return out, torch.tensor([len(r) for r in rows])
-
-
 def _align_case(length, edit_pct):
+    from test_bench_align import make_pairs, pad
+
     import gapfix
 
-    gens, refs = _align_pairs(256, length, edit_pct / 100)
-    gen, gen_lens = _pad(gens)
-    ref, ref_lens = _pad(refs)
+    gens, refs = make_pairs(256, length, edit_pct / 100)
+    gen, gen_lens = pad(gens)
+    ref, ref_lens = pad(refs)
 
     def run():
         return gapfix.align(gen, ref, gen_lens, ref_lens)
@@ -145,32 +116,12 @@ def _align_case(length, edit_pct):
     return run, checksum
 
 
-def _rac_answers(count, length, vocab=500, edit_rate=0.1, seed=0, eos=2):
-    """As bench/test_bench_rac_labels.py: references and noisy copies, each ending in EOS."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    prompts, generated, references = [], [], []
-    for _ in range(count):
-        ref = torch.randint(3, vocab, (length,), generator=g).tolist()
-        out = []
-        for tok in ref:
-            r = float(torch.rand((), generator=g))
-            if r < edit_rate / 3:
-                continue
-            out.append(int(torch.randint(3, vocab, (), generator=g)) if r < 2 * edit_rate / 3 else tok)
-            if r > 1 - edit_rate / 3:
-                out.append(int(torch.randint(3, vocab, (), generator=g)))
-        prompts.append(torch.randint(3, vocab, (16,), generator=g).tolist())
-        generated.append(out + [eos])
-        references.append(ref + [eos])
-    return prompts, generated, references
-
-
 def _rac_rows_case(mode):
+    from test_bench_rac_labels import _answers
+
     from gapfix.methods.rac import build_rac_rows
 
-    prompts, generated, references = _rac_answers(64, 96)
+    prompts, generated, references = _answers(64, 96)
 
     def run():
         return build_rac_rows(prompts, generated, references, eos_id=2, mode=mode)
@@ -184,11 +135,14 @@ def _rac_rows_case(mode):
 
 
 def _rac_labels_case(mode):
+    from test_bench_align import pad
+    from test_bench_rac_labels import _answers
+
     import gapfix
 
-    _, generated, references = _rac_answers(256, 256, vocab=32000, seed=1)
-    gen, gen_lens = _pad(generated)
-    ref, ref_lens = _pad(references)
+    _, generated, references = _answers(256, 256, vocab=32000, seed=1)
+    gen, gen_lens = pad(generated)
+    ref, ref_lens = pad(references)
 
     def run():
         return gapfix.rac_labels(gen, ref, gen_lens, ref_lens, eos_id=2, mode=mode)
