@@ -60,7 +60,7 @@ def _ce_case(hdim=512, vocab=32768, tokens=8192):
 
     def checksum():
         loss = step()
-        return [float(loss), float(hidden.grad.double().sum()), float(weight.grad.double().abs().sum())]
+        return [float(loss.detach()), float(hidden.grad.double().sum()), float(weight.grad.double().abs().sum())]
 
     return step, checksum
 
@@ -116,6 +116,14 @@ def _align_case(length, edit_pct):
     return run, checksum
 
 
+def _flat(value):
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flat(v)]
+    return [value]
+
+
 def _rac_rows_case(mode):
     from test_bench_rac_labels import _answers
 
@@ -128,8 +136,14 @@ def _rac_rows_case(mode):
 
     def checksum():
         rows, _ = run()
-        # not hash(): str hashes are salted per process
-        return [len(rows), hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()]
+        # The labels' values in order, without their positions: 0.1.0's rows held labels already
+        # shifted by one (label i = token i + 1), now they are aligned with input_ids (the Hugging
+        # Face convention, commit 116dbeb); either way the same tokens are trained on.
+        kept = [[row["input_ids"]] + [[v for v in _flat(row[k]) if v not in (-100, 0.0)]
+                                      for k in ("labels", "target_ids", "target_weights") if k in row]
+                for row in rows]
+        # sha256, not hash(): str hashes are salted per process
+        return [len(rows), hashlib.sha256(json.dumps(kept).encode()).hexdigest()]
 
     return run, checksum
 
