@@ -341,6 +341,9 @@ def rac_labels(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_int("max_targets", max_targets, low=1, high=MAX_TARGETS_LIMIT)
+    # Only an explicit "torch" means the reference alignment: "auto" resolves to the "torch" labels
+    # on CPU, but its alignment stays align's "auto" (the native kernel, ~100x the reference there).
+    align_impl = "torch" if impl == "torch" else "auto"
     impl = resolve_impl(impl, op="rac_labels", device=device, supported=IMPLS, auto=_auto_impl)
     soft = mode == "all"
 
@@ -349,7 +352,7 @@ def rac_labels(
 
         # align validates the lengths' values and the ids (one host sync)
         alignment = align(gen, ref, gen_lens, ref_lens, max_targets=max_targets if soft else 0,
-                          impl="torch" if impl == "torch" else "auto")
+                          impl=align_impl)
         index = alignment.targets[..., :max_targets] if soft else getattr(alignment, mode)
     else:
         check_length_values("gen_lens", gen_lens, gen_width)
