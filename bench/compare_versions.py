@@ -17,14 +17,18 @@ Printed per case: the median and the minimum over all calls of each version, the
 new/old of both, and the spread of the per-round ratios (median of the round's calls, new over
 old), which says how much of a ratio is noise. Each worker also returns a checksum of the
 case's outputs: "same" means the two versions computed the same numbers. An A/A run
-(`--old . --new .`) measures the noise floor of the machine. `--json FILE` keeps the raw times.
+(`--old . --new .`) measures the noise floor of the machine: at the 1-5 ms cases one process can
+stay 10-20% faster than its twin through all rounds, so for those use `--pairs N` (N fresh worker
+pairs one after another, then a table pooled over them with the per-pair spread).
+`--json FILE` keeps the raw times.
 
 The cases are those bench/RESULTS.md reports for the CPU, at its shapes: fused linear
 cross-entropy forward+backward (N=8192, H=512, V=32768, fp32, every 10th target ignored),
 mix_embedding forward and forward+backward (8 x 1024 tokens, V=32000, D=512, explicit mask or
 beta=0.2 with an int seed, fp32 and bf16), align (256 pairs of 256/1024/4096 tokens, 10% and
 50% edits), build_rac_rows (64 pairs of 96 tokens, modes path and all) and rac_labels itself on
-tensors (256 pairs of 256 tokens); the pairs come from bench/test_bench_align.py and
+tensors (256 pairs of 256 tokens), plus mix_embedding at 8 tokens ("mix_embedding_call_*": the
+fixed cost of a call, validation and the mask draw); the pairs come from bench/test_bench_align.py and
 bench/test_bench_rac_labels.py. Every case calls the public function with impl="auto",
 which on CPU tensors is the fast path in both versions (0.1.0 named it "cpu"; now "torch_fast"
 for cross_entropy and mix_embedding, "native" for align).
@@ -60,18 +64,18 @@ def _ce_case(hdim=512, vocab=32768, tokens=8192):
 
     def checksum():
         loss = step()
-        return [float(loss.detach()), float(hidden.grad.double().sum()), float(weight.grad.double().abs().sum())]
+        return [float(loss.detach()), float(hidden.grad.double().sum()),
+                float(weight.grad.double().abs().sum())]
 
     return step, checksum
 
 
-def _mix_case(backward, mode, dtype_name):
+def _mix_case(backward, mode, dtype_name, tokens=8 * 1024, vocab=32_000, dim=512):
     import torch
 
     import gapfix
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    tokens, vocab, dim = 8 * 1024, 32_000, 512
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(vocab, dim, generator=gen).to(dtype)
     ids = torch.randint(0, vocab, (tokens,), generator=gen)
@@ -171,9 +175,15 @@ def _rac_labels_case(mode):
 
 CASES = {
     "cross_entropy_fwd_bwd_H512_V32768_fp32": lambda: _ce_case(),
-    **{f"mix_embedding_{'fwd_bwd' if bwd else 'fwd'}_{mode}_{dt}": (lambda b=bwd, m=mode, d=dt: _mix_case(b, m, d))
+    **{f"mix_embedding_{'fwd_bwd' if bwd else 'fwd'}_{mode}_{dt}": (
+        lambda b=bwd, m=mode, d=dt: _mix_case(b, m, d))
        for bwd in (False, True) for mode in ("mask", "beta") for dt in ("fp32", "bf16")},
-    **{f"align_{n}_{e}pct": (lambda n=n, e=e: _align_case(n, e)) for n in (256, 1024, 4096) for e in (10, 50)},
+    # fixed cost per call (validation, dispatch): 8 tokens, V=64, D=16
+    **{f"mix_embedding_call_{'fwd_bwd' if bwd else 'fwd'}_{mode}": (
+        lambda b=bwd, m=mode: _mix_case(b, m, "fp32", tokens=8, vocab=64, dim=16))
+       for bwd in (False, True) for mode in ("mask", "beta")},
+    **{f"align_{n}_{e}pct": (lambda n=n, e=e: _align_case(n, e))
+       for n in (256, 1024, 4096) for e in (10, 50)},
     **{f"build_rac_rows_{m}": (lambda m=m: _rac_rows_case(m)) for m in ("path", "all")},
     **{f"rac_labels_{m}": (lambda m=m: _rac_labels_case(m)) for m in ("path", "all")},
 }
@@ -214,8 +224,8 @@ def worker():
 # ---------------------------------------------------------------------------- driver
 
 # calls per round: the slow cases get fewer
-REPS = {"cross_entropy": 1, "mix_embedding_fwd_bwd": 5, "mix_embedding_fwd": 15, "align_4096": 2,
-        "align_1024": 5, "align_256": 15, "build_rac_rows": 5, "rac_labels": 5}
+REPS = {"cross_entropy": 1, "mix_embedding_call": 200, "mix_embedding_fwd_bwd": 5, "mix_embedding_fwd": 15,
+        "align_4096": 2, "align_1024": 5, "align_256": 15, "build_rac_rows": 5, "rac_labels": 5}
 
 
 def _reps(case):
@@ -250,7 +260,7 @@ def _fmt(seconds):
     return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
 
-def compare(old, new, cases, rounds, measure):
+def compare(old, new, cases, rounds, measure, resetup=False):
     results = {}
     print(f"old: {old.info}\nnew: {new.info}\n", flush=True)
     header = ("| case | old median | new median | new/old (medians) | new/old (minima) "
@@ -258,10 +268,15 @@ def compare(old, new, cases, rounds, measure):
     print(header + "\n" + "| --- " * 7 + "|", flush=True)
     for case in cases:
         reps = _reps(case)
-        sums = {"old": old.ask(cmd="setup", case=case)["checksum"], "new": new.ask(cmd="setup", case=case)["checksum"]}
+        sums = {name: w.ask(cmd="setup", case=case)["checksum"] for name, w in (("old", old), ("new", new))}
         times = {"old": [], "new": []}
         round_ratios = []
         for r in range(rounds):
+            if resetup and r:
+                # fresh inputs (new addresses) each round: where a tensor lands in memory can
+                # make one process persistently faster at the few-ms cases; this spreads that out
+                for w in (old, new):
+                    w.ask(cmd="setup", case=case)
             order = [("old", old), ("new", new)] if r % 2 == 0 else [("new", new), ("old", old)]
             this_round = {}
             for name, w in order:
@@ -289,11 +304,16 @@ def main():
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--old", help="the old checkout (holding .venv with its editable install)")
     p.add_argument("--new", default=".", help="the new checkout (default: here)")
-    p.add_argument("--cases", default="", help="comma-separated name prefixes (default: all); --list shows them")
+    p.add_argument("--cases", default="",
+                   help="comma-separated name prefixes (default: all); --list shows them")
     p.add_argument("--list", action="store_true")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--measure", choices=["cpu", "wall"], default="cpu")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="fresh worker pairs, one after the other; >1 also prints a pooled table")
     p.add_argument("--json", help="write the raw times here")
+    p.add_argument("--resetup", action="store_true",
+                   help="build the inputs afresh every round (few-ms cases: spreads out memory placement)")
     args = p.parse_args()
     if args.worker:
         return worker()
@@ -307,19 +327,41 @@ def main():
     if not cases:
         p.error(f"no case starts with {prefixes}; --list shows them")
     start = time.time()
-    old, new = Worker(args.old), Worker(args.new)
-    try:
-        results = compare(old, new, cases, args.rounds, args.measure)
-    finally:
-        old.close()
-        new.close()
-    print(f"\n{args.rounds} rounds, process {args.measure} time, whole run {time.time() - start:.0f} s; "
-          f"load average at the end {os.getloadavg()}")
+    runs = []
+    for pair in range(args.pairs):
+        if args.pairs > 1:
+            print(f"\nworker pair {pair + 1} of {args.pairs}")
+        old, new = Worker(args.old), Worker(args.new)
+        try:
+            runs.append(compare(old, new, cases, args.rounds, args.measure, args.resetup))
+        finally:
+            old.close()
+            new.close()
+    if args.pairs > 1:
+        _pooled(runs, cases)
+    print(f"\n{args.pairs} worker pair(s) x {args.rounds} rounds, process {args.measure} time, whole run "
+          f"{time.time() - start:.0f} s; load average at the end {os.getloadavg()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(old=old.info, new=new.info, rounds=args.rounds, measure=args.measure,
-                           results=results), f, indent=1)
+                           runs=runs), f, indent=1)
     return None
+
+
+def _pooled(runs, cases):
+    """All pairs' calls together. A process can be persistently faster than its twin at the
+    few-ms cases (memory placement, its own allocator history: an A/A run shows +-20%), so the
+    spread of the per-pair ratios is the noise to judge a ratio against."""
+    print("\npooled over the worker pairs\n")
+    print("| case | old median | new median | new/old (medians) | new/old (minima) "
+          "| per-pair ratios of medians (min-max) |\n" + "| --- " * 6 + "|")
+    for case in cases:
+        t = {k: [x for run in runs for x in run[case]["times"][k]] for k in ("old", "new")}
+        per_pair = [statistics.median(run[case]["times"]["new"])
+                    / statistics.median(run[case]["times"]["old"]) for run in runs]
+        med = {k: statistics.median(v) for k, v in t.items()}
+        print(f"| {case} | {_fmt(med['old'])} | {_fmt(med['new'])} | {med['new'] / med['old']:.3f} "
+              f"| {min(t['new']) / min(t['old']):.3f} | {min(per_pair):.2f}-{max(per_pair):.2f} |")
 
 
 if __name__ == "__main__":
