@@ -92,19 +92,21 @@ def _philox_numpy(seed: Seed, counter: Tensor) -> Tensor:
     if isinstance(seed, torch.Tensor):
         keys = seed.to(torch.int64).numpy().view(np.uint64)
         k0, k1 = keys & low, (keys >> shift) & low
-    else:
-        k0, k1 = np.asarray(seed & _U32, np.uint64), np.asarray((seed >> 32) & _U32, np.uint64)
-    shape = np.broadcast_shapes(tuple(counter.shape), k0.shape)
-    c0 = np.broadcast_to(counter.numpy(), shape).astype(np.uint64)
+        shape = np.broadcast_shapes(tuple(counter.shape), k0.shape)
+        c0 = np.broadcast_to(counter.numpy(), shape).astype(np.uint64)
+        # the key schedule of every round at once (k + r * KEY mod 2**32): two array ops, not
+        # four a round, which per-row keys (small arrays) would pay for in call overhead
+        rounds = np.arange(_PHILOX_ROUNDS, dtype=np.uint64).reshape(-1, *([1] * k0.ndim))
+        keys0 = (k0 + rounds * np.uint64(_PHILOX_KEY_A)) & low
+        keys1 = (k1 + rounds * np.uint64(_PHILOX_KEY_B)) & low
+    else:  # one int key: scalars, no broadcasting (small calls pay per-call overhead)
+        c0 = counter.numpy().astype(np.uint64)
+        keys0 = [np.uint64((seed + r * _PHILOX_KEY_A) & _U32) for r in range(_PHILOX_ROUNDS)]
+        keys1 = [np.uint64(((seed >> 32) + r * _PHILOX_KEY_B) & _U32) for r in range(_PHILOX_ROUNDS)]
     c0 &= low
     c1, c2, c3 = np.zeros_like(c0), np.zeros_like(c0), np.zeros_like(c0)
     prod_a, prod_b = np.empty_like(c0), np.empty_like(c0)
     round_a, round_b = np.uint64(_PHILOX_ROUND_A), np.uint64(_PHILOX_ROUND_B)
-    # the key schedule of every round at once (k + r * KEY mod 2**32): two array ops, not
-    # four a round, which per-row keys (small arrays) would pay for in call overhead
-    rounds = np.arange(_PHILOX_ROUNDS, dtype=np.uint64).reshape(-1, *([1] * k0.ndim))
-    keys0 = (k0 + rounds * np.uint64(_PHILOX_KEY_A)) & low
-    keys1 = (k1 + rounds * np.uint64(_PHILOX_KEY_B)) & low
     for k0, k1 in zip(keys0, keys1):
         # 32 x 32-bit products are exact in uint64: high word = >> 32, low = & 0xffffffff
         np.multiply(c0, round_a, out=prod_a)
