@@ -4,8 +4,7 @@ import os
 import pytest
 import torch
 
-from gapfix.data import encode_example
-from gapfix.data import math_task
+from gapfix.data import encode_example, math_task
 from gapfix.trainer import latest_checkpoint, train
 
 pytest.importorskip("transformers")
@@ -128,7 +127,7 @@ def test_rac_soft_targets_train(tokenizer, examples):
     losses = []
     train(model, tokenizer, examples, method="rac", rac_mode="all", steps_per_iteration=2,
           rac_prompts=8, on_step=lambda r: losses.append(r["loss"]), **FAST)
-    assert len(losses) == 2 and all(l == l and l > 0 for l in losses)
+    assert len(losses) == 2 and all(loss == loss and loss > 0 for loss in losses)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -182,3 +181,61 @@ def test_bash_predicts_only_the_rows_the_steps_draw(tokenizer, examples, monkeyp
     monkeypatch.setattr(bash, "predict_alternatives", counting)
     train(tiny_model(tokenizer), tokenizer, examples, method="bash", steps_per_iteration=2, **FAST)
     assert 0 < sum(predicted) <= 2 * FAST["batch_size"] < len(examples)
+
+
+def _mid_iteration_state(tokenizer, examples, out):
+    """The trainer state of the checkpoint taken after step 1 of a 3-step iteration."""
+    from gapfix.checkpoint import read_trainer_state
+
+    train(tiny_model(tokenizer), tokenizer, examples, method="sft", steps_per_iteration=3, save_every=1,
+          keep_checkpoints=10, out_dir=str(out), **FAST)
+    path = out / "checkpoints" / "iter000-step0000001"
+    return read_trainer_state(str(path)), os.path.getsize(path / "trainer_state.json")
+
+
+def test_checkpoint_refers_to_the_rows_and_its_size_does_not_grow_with_the_data(tokenizer, examples,
+                                                                                 tmp_path):
+    small, small_size = _mid_iteration_state(tokenizer, examples[:24], tmp_path / "small")
+    large, large_size = _mid_iteration_state(tokenizer, examples * 4, tmp_path / "large")
+    assert small["rows"]["rows"] == 24 and large["rows"]["rows"] == 4 * len(examples)
+    assert small["rows"]["files"] == ["iterations/iter000/part-00000-of-00001.arrow"]
+    assert abs(large_size - small_size) < 16  # the row count's digits; no row inside
+
+
+def test_resume_refuses_rows_that_changed_or_lead_outside_out(tokenizer, examples, tmp_path):
+    from gapfix.checkpoint import CheckpointError, open_rows
+
+    out = tmp_path / "run"
+    state, _ = _mid_iteration_state(tokenizer, examples, out)
+    (rows_file,) = state["rows"]["files"]
+    assert len(open_rows(str(out), state["rows"])) == len(examples)
+    with pytest.raises(CheckpointError, match="outside|not a path inside"):
+        open_rows(str(out), {**state["rows"], "files": ["../" + os.path.basename(rows_file)]})
+    with pytest.raises(CheckpointError, match="malformed"):
+        open_rows(str(out), {"files": "x"})
+    with open(out / rows_file, "r+b") as handle:  # one byte of the rows changed
+        handle.seek(os.path.getsize(out / rows_file) // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 1]))
+    # the newest checkpoint is the iteration's end (no rows): resume from the one after step 2
+    (out / "checkpoints" / "latest").write_text("iter000-step0000002")
+    with pytest.raises(CheckpointError, match="changed since the checkpoint"):
+        train(tiny_model(tokenizer), tokenizer, examples, method="sft", steps_per_iteration=3, save_every=1,
+              keep_checkpoints=10, out_dir=str(out), **FAST)
+
+
+def test_without_out_dir_rows_go_to_a_temporary_folder_removed_after(tokenizer, examples, monkeypatch):
+    import tempfile
+
+    made = []
+    real = tempfile.mkdtemp
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording)
+    train(tiny_model(tokenizer), tokenizer, examples, method="sft", steps_per_iteration=1, **FAST)
+    assert [os.path.basename(p).startswith("gapfix-rows-") for p in made] == [True]
+    assert not os.path.exists(made[0])
