@@ -239,3 +239,14 @@ def test_without_out_dir_rows_go_to_a_temporary_folder_removed_after(tokenizer, 
     train(tiny_model(tokenizer), tokenizer, examples, method="sft", steps_per_iteration=1, **FAST)
     assert [os.path.basename(p).startswith("gapfix-rows-") for p in made] == [True]
     assert not os.path.exists(made[0])
+
+
+def test_a_tokenized_dataset_trains_like_the_examples(tokenizer, examples):
+    """train() takes a datasets.Dataset (load_tokenized's columns), read through an ExampleTable."""
+    from gapfix.data.arrow import dataset_from_examples
+
+    config = dict(method="bash", steps_per_iteration=2, beta=0.5, **FAST)
+    listed = losses_and_params(tokenizer, examples, **config)
+    dataset = losses_and_params(tokenizer, dataset_from_examples(examples), **config)
+    assert listed[0] == dataset[0]
+    assert_same_params(listed[1], dataset[1], rtol=0, atol=0)
