@@ -307,7 +307,8 @@ def open_rows(out_dir: str, reference, *, expected_rows=None):
             raise CheckpointError(f"{where}: {name!r} is not a path inside {out_dir}")
         path = os.path.join(out_dir, name)
         if not os.path.lexists(path) or not _inside(path, out_dir) or not os.path.isfile(path):
-            raise CheckpointError(f"{path}: the checkpoint's row file is missing or not a file inside {out_dir}")
+            raise CheckpointError(f"{path}: the checkpoint's row file is missing or not a file inside "
+                                  f"{out_dir}")
         paths.append(path)
     if _files_digest(paths) != reference["sha256"]:
         raise CheckpointError(f"{', '.join(paths)}: the row files changed since the checkpoint was written "

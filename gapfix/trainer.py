@@ -403,7 +403,8 @@ class _Run:
             self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         self.rows_per_rank = config.batch_size // dist.world
         if self.rows_per_rank * dist.world != config.batch_size:
-            raise ValueError(f"batch_size {config.batch_size} must be a multiple of the world size {dist.world}")
+            raise ValueError(f"batch_size {config.batch_size} must be a multiple of the world size "
+                             f"{dist.world}")
         self.micro = config.micro_batch_size or self.rows_per_rank
         self.position = {"iteration": 0, "step_in_iteration": 0, "global_step": 0}
         self.rows, self.rows_reference = None, None
@@ -483,7 +484,8 @@ class _Run:
         self.model.train()
         while position["step_in_iteration"] < steps:
             step = position["step_in_iteration"]
-            record = self.train_step(iteration, step, order[step * config.batch_size:(step + 1) * config.batch_size])
+            global_index = order[step * config.batch_size:(step + 1) * config.batch_size]
+            record = self.train_step(iteration, step, global_index)
             position["step_in_iteration"] += 1
             position["global_step"] += 1
             record["step"] = position["global_step"]
@@ -550,7 +552,8 @@ class _Run:
 
     def finish(self):
         summary = dict(event="summary", method=self.config.method, steps=self.position["global_step"],
-                       offline_seconds=self.phase_seconds["offline"], train_seconds=self.phase_seconds["train"])
+                       offline_seconds=self.phase_seconds["offline"],
+                       train_seconds=self.phase_seconds["train"])
         self.log(summary)
         if self.out:
             final_state = _full_model_state(self.model, self.config, self.dist)

@@ -23,7 +23,7 @@ def _run(folder, nproc, method):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     iteration = folder / "run" / "iterations" / "iter000"
-    files = sorted(glob.glob(str(iteration / "rows.arrow"))) or sorted(glob.glob(str(iteration / "part-*.arrow")))
+    files = glob.glob(str(iteration / "rows.arrow")) or sorted(glob.glob(str(iteration / "part-*.arrow")))
     assert len(files) == (1 if method == "rac" else nproc)
     canonical = RowTable.open(files).write_to(folder / "canonical.arrow")
     counts = [json.loads((folder / f"counts-{rank}.json").read_text()) for rank in range(nproc)]

@@ -116,7 +116,8 @@ class OfflineContext:
     def shard_paths(self, stem: str = "part") -> List[str]:
         import os
 
-        return [os.path.join(self.folder, f"{stem}-{r:05d}-of-{self.world:05d}.arrow") for r in range(self.world)]
+        return [os.path.join(self.folder, f"{stem}-{r:05d}-of-{self.world:05d}.arrow")
+                for r in range(self.world)]
 
     def writer(self, first_row: int, stem: str = "part"):
         """A RowWriter for this rank's shard, whose first row is global row `first_row`."""

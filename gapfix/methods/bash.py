@@ -484,8 +484,9 @@ class BASH(Method):
         return {"mix_seed": row_seeds, "beta": config.beta}
 
     def model_inputs(self, model, batch, *, impl: str, mix_seed=None, beta: float = 0.0, **unused):
-        embeds, mixed = mixed_inputs_embeds(model, batch["input_ids"], batch["alt_ids"], beta=beta, seed=mix_seed,
-                                            eligible=batch["eligible"], alt_probs=batch.get("alt_probs"), impl=impl)
+        embeds, mixed = mixed_inputs_embeds(model, batch["input_ids"], batch["alt_ids"], beta=beta,
+                                            seed=mix_seed, eligible=batch["eligible"],
+                                            alt_probs=batch.get("alt_probs"), impl=impl)
         return {"inputs_embeds": embeds}, {"mixed_fraction": (mixed.sum(), batch["eligible"].sum())}
 
 
@@ -493,6 +494,6 @@ def random_alternatives(model, batch, row_seeds: Sequence[int]) -> Alternatives:
     """Uniform random tokens at the eligible positions (BASH's noise control), one stream per row."""
     vocab = model.get_input_embeddings().num_embeddings
     ids = batch["input_ids"]
-    noise = torch.stack([torch.randint(0, vocab, ids.shape[1:], generator=torch.Generator().manual_seed(int(s)))
-                         for s in row_seeds])
+    noise = torch.stack([torch.randint(0, vocab, ids.shape[1:],
+                                       generator=torch.Generator().manual_seed(int(s))) for s in row_seeds])
     return Alternatives(torch.where(batch["eligible"], noise, ids), None)

@@ -137,7 +137,8 @@ def build_rac_rows(
     All pairs go through one gapfix.align and one gapfix.rac_labels call.
 
     Returns (rows, stats). rows: dicts with input_ids and labels (aligned with
-    input_ids, the Hugging Face convention; see the module doc), plus target_ids / target_weights for "all". stats: ``rows``;
+    input_ids, the Hugging Face convention; see the module doc), plus target_ids /
+    target_weights for "all". stats: ``rows``;
     ``trained_positions``; ``label_agreement``, the fraction of trained
     positions whose label equals the token the model generated there (for
     "all": is among the targets; the position after a cut answer has no
@@ -362,7 +363,8 @@ class RAC(Method):
             import warnings
 
             warnings.warn(f"RAC iteration {ctx.iteration}: all {generated} generated answers equal their "
-                          "references, so every RAC row is an SFT row and the iteration is SFT on fewer rows; "
+                          "references, so every RAC row is an SFT row and the iteration is SFT on fewer "
+                          "rows; "
                           "sample them (--rac-temperature > 0)", stacklevel=2)
         return {}
 

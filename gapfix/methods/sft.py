@@ -12,7 +12,8 @@ def write_sft_shard(ctx: OfflineContext) -> int:
     share = shard_range(len(ctx.examples), ctx.rank, ctx.world)
     with ctx.writer(share.start) as writer:
         for start in range(share.start, share.stop, CHUNK_EXAMPLES):
-            writer.write([sft_row(ex) for ex in ctx.gather(range(start, min(start + CHUNK_EXAMPLES, share.stop)))])
+            chunk = range(start, min(start + CHUNK_EXAMPLES, share.stop))
+            writer.write([sft_row(example) for example in ctx.gather(chunk)])
     return len(share)
 
 
