@@ -250,3 +250,24 @@ def test_a_tokenized_dataset_trains_like_the_examples(tokenizer, examples):
     dataset = losses_and_params(tokenizer, dataset_from_examples(examples), **config)
     assert listed[0] == dataset[0]
     assert_same_params(listed[1], dataset[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "folder"])
+def test_cli_trains_on_parquet_and_a_saved_dataset_folder(tmp_path, kind):
+    """gapfix train --train takes a Parquet file or a save_to_disk folder (through load_tokenized);
+    an example longer than the context is dropped and counted in summary.json as for JSONL."""
+    import datasets
+
+    from gapfix.cli import main
+
+    records = [{"prompt": f"{a} + {a} =", "response": f"{2 * a}"} for a in range(7)]
+    records.append({"prompt": " ".join(str(i % 10) for i in range(4000)), "response": "1"})
+    dataset = datasets.Dataset.from_list(records)
+    source = tmp_path / ("data.parquet" if kind == "parquet" else "data")
+    dataset.to_parquet(str(source)) if kind == "parquet" else dataset.save_to_disk(str(source))
+    out = tmp_path / "run"
+    assert main(["train", "--train", str(source), "--out", str(out), "--model", "tiny", "--steps-per-iteration",
+                 "2", "--batch-size", "2", "--progress", "false"]) == 0
+    report = json.loads((out / "summary.json").read_text())
+    assert report["steps"] == 2
+    assert report["data"]["train"]["examples"] == 7 and report["data"]["train"]["too_long"] == 1
