@@ -89,7 +89,9 @@ def configure(parser):
     parser.add_argument("--eval", help="held-out JSONL, evaluated by greedy generation after each iteration")
     parser.add_argument("--answer-regex", default=None,
                         help="--eval scores the answer this regex captures (group 1; default: exact match)")
-    parser.add_argument("--method", default="sft", help="sft, bash or rac (default sft)")
+    parser.add_argument("--method", default="sft",
+                        help="sft, bash, rac, or a method registered with gapfix.methods.base.register "
+                        "(default sft)")
     parser.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                         help="named defaults: 'default' (TrainConfig's) or 'demo' (the demo's recipe)")
     parser.add_argument("--iterations", type=int, default=None,
@@ -372,7 +374,9 @@ def run(args) -> int:
                            dropout=args.lora_dropout)
     max_length, max_length_source, context = _length_limits(model, args.max_length)
     limits = {"max_length": max_length, "max_length_source": max_length_source, "on_error": args.on_error}
-    generated = config.method == "rac"  # RAC generates from the training prompts
+    from gapfix.methods.base import get_method
+
+    generated = get_method(config.method).generates  # RAC generates from the training prompts
     examples, train_report = _load_data(
         args.train, tokenizer, **limits,
         max_prompt_length=_prompt_limit(context, config.max_new_tokens) if generated else None)

@@ -139,6 +139,7 @@ class Method:
     name: str = ""
     batch_fields: Tuple[str, ...] = ()  # fields its rows add beyond input_ids / labels (targets)
     uses_row_seeds: bool = False  # whether loss_inputs needs per-row seeds
+    generates: bool = False  # whether the offline phase generates from the prompts (prompts must leave room)
 
     def validate(self, config) -> None:
         """Raises ValueError naming a TrainConfig field this method cannot use."""

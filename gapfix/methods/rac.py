@@ -305,6 +305,7 @@ class RAC(Method):
     chunk per call."""
 
     name = "rac"
+    generates = True
     generate_prompts = 32
     soft = False  # soft "all" targets regardless of rac_mode (a subclass may set it)
 
