@@ -323,6 +323,32 @@ def open_rows(out_dir: str, reference, *, expected_rows=None):
     return table
 
 
+def prune_rows(out_dir: str) -> list:
+    """Removes the iteration row folders under `<out>/iterations/` that no kept checkpoint refers
+    to (run between iterations, when no rows are being built); returns the folders removed. A
+    checkpoint that cannot be read keeps every folder (nothing is removed on a doubt)."""
+    root, referenced = os.path.join(out_dir, "iterations"), set()
+    checkpoints = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    for name in os.listdir(checkpoints) if os.path.isdir(checkpoints) else []:
+        if not CHECKPOINT_NAME.fullmatch(name):
+            continue
+        try:
+            with open(os.path.join(checkpoints, name, STATE_JSON), "rb") as handle:
+                rows = json.loads(handle.read().decode("utf-8"))["state"]["rows"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        for file in (rows or {}).get("files", []) if isinstance(rows, dict) else []:
+            referenced.add(str(file).replace("\\", "/").split("/")[1] if "/" in str(file) else "")
+    removed = []
+    for folder in sorted(os.listdir(root)):
+        if re.fullmatch(r"iter\d{3,}", folder) and folder not in referenced:
+            shutil.rmtree(os.path.join(root, folder), ignore_errors=True)
+            removed.append(os.path.join(root, folder))
+    return removed
+
+
 # ---------------------------------------------------------------- reading
 
 

@@ -11,7 +11,9 @@ a temporary folder, removed when train() returns; under torchrun without out_dir
 that folder must be on storage every rank sees, as it is on one machine); every rank
 then reads the union, memory-mapped (gapfix.data.arrow.RowTable). Seeds come from
 the example, never the rank, so any N builds the same rows. Under FSDP the model's
-forwards are collective, so every rank builds all rows (in its own folder).
+forwards are collective, so every rank builds all rows (in its own folder). An
+iteration's folder is removed when the iteration ends, unless a kept checkpoint
+(keep_checkpoints) still refers to it.
 
 The loss is gapfix.linear_cross_entropy on the final hidden states, so the full
 logits never exist; `fused=False` switches every op to its PyTorch reference.
@@ -503,6 +505,9 @@ class _Run:
         self.rows, self.rows_reference = None, None
         if self.out:
             self.save()
+            if self.dist.main:  # the finished iteration's rows, once no kept checkpoint needs them
+                ckpt.prune_rows(self.out)
+            self.dist.barrier()
 
     def train_step(self, iteration, step, global_index):
         """One optimizer step on the global batch `global_index`; its metrics record."""

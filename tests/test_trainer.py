@@ -271,3 +271,15 @@ def test_cli_trains_on_parquet_and_a_saved_dataset_folder(tmp_path, kind):
     report = json.loads((out / "summary.json").read_text())
     assert report["steps"] == 2
     assert report["data"]["train"]["examples"] == 7 and report["data"]["train"]["too_long"] == 1
+
+
+def test_finished_iterations_rows_are_removed_once_no_checkpoint_needs_them(tokenizer, examples, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_model(tokenizer), tokenizer, examples, method="sft", iterations=2, steps_per_iteration=2,
+          save_every=1, out_dir=str(out), **FAST)  # keep_checkpoints=1: the last, between iterations
+    assert (out / "iterations").is_dir() and not os.listdir(out / "iterations")
+    kept = tmp_path / "kept"
+    train(tiny_model(tokenizer), tokenizer, examples, method="sft", iterations=2, steps_per_iteration=2,
+          save_every=1, keep_checkpoints=3, out_dir=str(kept), **FAST)
+    # kept: step 3 (iteration 1, mid), step 4 (end); iteration 0's rows are referenced by none
+    assert sorted(os.listdir(kept / "iterations")) == ["iter001"]
