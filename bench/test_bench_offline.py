@@ -87,7 +87,8 @@ def offline_child(out: str) -> None:
                 for p in math_task.make_split("train", 256, seed=1)]
     model = tiny_llama(VOCAB, hidden_size=256, num_layers=2, num_heads=4, seed=0)
     result = train(model, tokenizer, examples, method="bash", steps_per_iteration=1, batch_size=8,
-                   bash_rows=256, bash_mode="sample", progress=False, out_dir=os.path.join(out, "run"))
+                   bash_rows=256, bash_mode="sample", progress=False, out_dir=os.path.join(out, "run"),
+                   save_every=1, keep_checkpoints=2)  # a kept checkpoint refers to the rows: they stay
     counts["offline_s"] = result.phase_seconds["offline"]
     with open(os.path.join(out, f"counts-{rank}.json"), "w") as handle:
         json.dump(counts, handle)

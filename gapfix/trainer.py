@@ -265,8 +265,10 @@ class _RowFolders:
     def folder(self, iteration: int) -> str:
         return os.path.join(self.root, f"iter{iteration:03d}")
 
-    def close(self) -> None:
-        self.dist.barrier()
+    def close(self, wait: bool = True) -> None:
+        """Removes the temporary folder (after every rank is done with it, unless not `wait`)."""
+        if wait:
+            self.dist.barrier()
         if self.temporary and self.dist.main:
             shutil.rmtree(self.temporary, ignore_errors=True)
 
@@ -359,8 +361,8 @@ def train(model, tokenizer, train_examples, config: Optional[TrainConfig] = None
     random.seed(config.seed)
     model.to(device)
     run = _Run(model, tokenizer, examples, config, method, device, dist)
-    run.start(resume, resume_with_changed_config)
     try:
+        run.start(resume, resume_with_changed_config)
         while run.position["iteration"] < config.iterations:
             iteration = run.position["iteration"]
             if run.rows is None:
@@ -368,8 +370,10 @@ def train(model, tokenizer, train_examples, config: Optional[TrainConfig] = None
             run.train_iteration(iteration, on_step)
             if on_iteration_end is not None:
                 on_iteration_end(iteration, model)
-    finally:
-        run.folders.close()
+    except BaseException:
+        run.folders.close(wait=False)  # a failing rank must not wait for the others
+        raise
+    run.folders.close()
     return run.finish()
 
 

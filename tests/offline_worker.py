@@ -41,7 +41,7 @@ def main(out, method):
     train(model, tokenizer, examples, method=method, iterations=1, steps_per_iteration=1, batch_size=8,
           progress=False, out_dir=os.path.join(out, "run"), bash_rows=32, bash_mode="sample",
           bash_temperature=2.0, rac_prompts=16, rac_temperature=1.0, max_new_tokens=12,
-          generation_backend="hf")
+          generation_backend="hf", save_every=1, keep_checkpoints=2)  # a kept checkpoint keeps the rows
     with open(os.path.join(out, f"counts-{rank}.json"), "w") as handle:
         json.dump(counts, handle)
 

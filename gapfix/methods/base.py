@@ -142,7 +142,8 @@ class Method:
     generates: bool = False  # whether the offline phase generates from the prompts (prompts must leave room)
 
     def validate(self, config) -> None:
-        """Raises ValueError naming a TrainConfig field this method cannot use."""
+        """Raises ValueError naming a TrainConfig field this method cannot use. TrainConfig.validate
+        runs it for every registered method, whichever runs: check only this method's own fields."""
 
     def num_rows(self, num_examples: int, config) -> int:
         """Rows one iteration's offline phase yields from `num_examples` examples."""
