@@ -1,7 +1,7 @@
 """Run by tests/test_offline_sharding.py under torchrun: one iteration of METHOD, writing its
 rows under OUT/run/iterations/ and this rank's count of model passes to OUT/counts-RANK.json.
 
-    offline_worker.py OUT METHOD
+    offline_worker.py OUT METHOD          (METHOD "rac-per-prompt": RAC seeding each prompt alone)
 
 BASH predicts in chunks of 8 rows and RAC generates in chunks of 4 prompts here, so that a
 small set still has several chunks to share out.
@@ -34,6 +34,8 @@ def main(out, method):
 
     bash.predict_alternatives, generation.generate = counting_predict, counting_generate
     bash.BASH.predict_rows, RAC.generate_prompts = 8, 4
+    if method == "rac-per-prompt":
+        method, RAC.seed_per_prompt = "rac", True
     tokenizer = math_task.math_tokenizer()
     examples = [encode_example(tokenizer, p["prompt"], p["response"], p)
                 for p in math_task.make_split("train", 48, seed=7)]

@@ -300,13 +300,16 @@ class RAC(Method):
 
     The drawn prompts are cut into chunks of `generate_prompts`, the same chunks at any world
     size; rank r generates its contiguous share and writes its RAC rows as a shard; then rank 0
-    writes the mixed rows (one file). A sampled answer's seed is its example's (one generate
-    call per prompt: the backends seed by position in the call); greedy answers are generated a
-    chunk per call."""
+    writes the mixed rows (one file). Sampled answers: one generate call per chunk, seeded from
+    (seed, iteration, the chunk's first example), so that they do not depend on the world size
+    (the chunks do not); with `seed_per_prompt`, one call per prompt seeded from its own example,
+    so that they do not depend on the chunking either, at the cost of batching (several times
+    slower generation)."""
 
     name = "rac"
     generates = True
     generate_prompts = 32
+    seed_per_prompt = False
     soft = False  # soft "all" targets regardless of rac_mode (a subclass may set it)
 
     def validate(self, config) -> None:
@@ -378,7 +381,7 @@ class RAC(Method):
         examples = ctx.gather(chunk)
         options = dict(tokenizer=tokenizer, n=config.rac_samples, temperature=config.rac_temperature,
                        max_new_tokens=config.max_new_tokens, backend=self._backend(ctx.model, config))
-        if config.rac_temperature > 0:  # sampled: each prompt from its example's own seed
+        if config.rac_temperature > 0 and self.seed_per_prompt:  # each prompt from its example's seed
             outputs, owners = [], []
             for index, example in zip(chunk, examples):
                 ctx.count("generate_calls")
@@ -388,7 +391,9 @@ class RAC(Method):
                 owners += [example] * len(got)
         else:
             ctx.count("generate_calls")
-            outputs = generate(ctx.model, [ex.prompt_ids for ex in examples], seed=None, **options)
+            seed = row_seed(config.seed, ctx.iteration, "generate", "chunk", chunk[0])
+            outputs = generate(ctx.model, [ex.prompt_ids for ex in examples],
+                               seed=seed if config.rac_temperature > 0 else None, **options)
             owners = [examples[output.prompt_index] for output in outputs]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         rows, stats = build_rac_rows(
