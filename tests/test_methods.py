@@ -88,3 +88,25 @@ def test_loss_module_finds_the_method_from_the_batch_fields():
              "eligible": torch.zeros(1, 3, dtype=torch.bool)}
     assert method_for_batch(batch).name == "bash"
     assert method_for_batch({"input_ids": batch["input_ids"]}) is None
+
+
+def test_row_seeds_sample_a_row_alike_whatever_shares_its_batch(tokenizer, examples):
+    """predict_alternatives(row_seeds=...): a row's sampled tokens depend on its own seed only."""
+    from gapfix.data import collate
+    from gapfix.methods.bash import predict_alternatives
+
+    model = tiny_model(tokenizer)
+    rows = [sft_row(ex) for ex in examples[:3]]
+
+    def sample(chosen, seeds):
+        batch = collate([rows[i] for i in chosen], pad_id=0)
+        answer = batch["labels"] != IGNORE_INDEX
+        alts = predict_alternatives(model, batch["input_ids"], batch["attention_mask"], answer, mode="sample",
+                                    temperature=3.0, row_seeds=seeds).alt_ids
+        return [alts[k, :len(rows[i]["input_ids"])].tolist() for k, i in enumerate(chosen)]
+
+    together = sample([0, 1, 2], [11, 22, 33])
+    assert sample([2], [33]) == together[2:] and sample([1, 0], [22, 11]) == [together[1], together[0]]
+    assert sample([2], [34]) != together[2:]  # the seed is what decides
+    with pytest.raises(ValueError, match="row_seeds"):
+        sample([0, 1], [1])
