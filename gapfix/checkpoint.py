@@ -3,9 +3,16 @@
 A checkpoint is a folder `<out>/checkpoints/iterNNN-stepNNNNNNN/` holding
 
     model/                      save_pretrained: safetensors weights, config, tokenizer
-    trainer_state.json          the rest of the trainer's state as JSON (position, rows,
-                                configuration, optimizer hyper-parameters, RNG states)
+    trainer_state.json          the rest of the trainer's state as JSON (position, a reference
+                                to the iteration's rows, configuration, optimizer
+                                hyper-parameters, RNG states)
     trainer_state.safetensors   the tensors of that state (optimizer moments, RNG states)
+
+The iteration's rows are not in the checkpoint: they are written once, when the offline
+phase ends, as Arrow files under `<out>/iterations/iterNNN/`, and the state refers to
+them (`rows_reference`: paths relative to `<out>`, row count, SHA-256 of the files), so a
+checkpoint's size does not grow with the dataset; `open_rows` refuses a path leading
+outside `<out>` and files whose rows or bytes differ from the reference.
 
 Nothing is unpickled: a checkpoint holds data only, so a crafted file in `--out` cannot
 run code. A pickled `trainer_state.pt` (older gapfix) is refused with an error naming it.
@@ -202,6 +209,7 @@ def save_checkpoint(out_dir, *, model, tokenizer, optimizer_state, scheduler, po
                     config, keep=1, model_state=None, metrics_bytes: int = 0) -> str:
     """Writes a checkpoint folder, then publishes it by replacing `latest`.
 
+    rows: rows_reference() of the iteration's rows (None between iterations).
     model_state: the full state dict where the model's own is sharded (FSDP);
     None saves the model's parameters as they are. metrics_bytes: the length of
     metrics.jsonl, to which a resume from this checkpoint rewinds it.
@@ -257,6 +265,88 @@ def save_checkpoint(out_dir, *, model, tokenizer, optimizer_state, scheduler, po
         if stale != name:
             shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     return final
+
+
+# ---------------------------------------------------------------- the iteration's rows
+
+
+def _files_digest(paths) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def rows_reference(out_dir: str, paths, num_rows: int) -> dict:
+    """What a checkpoint stores of the iteration's rows: their files relative to out_dir,
+    the row count and a SHA-256 of the files' bytes (computed once, when the rows are written)."""
+    relative = []
+    for path in paths:
+        if not _inside(path, out_dir):
+            raise CheckpointError(f"{path}: row file outside {out_dir}")
+        relative.append(os.path.relpath(os.path.realpath(path), os.path.realpath(out_dir)))
+    return {"files": relative, "rows": int(num_rows), "sha256": _files_digest(paths)}
+
+
+def open_rows(out_dir: str, reference, *, expected_rows=None):
+    """The RowTable a checkpoint's rows reference names, checked: every file a relative path
+    inside out_dir, the bytes those hashed, the row count that recorded (and expected_rows)."""
+    from gapfix.data import DataError
+    from gapfix.data.arrow import RowTable
+
+    where = f"{out_dir}: checkpoint's rows reference"
+    if not isinstance(reference, dict) or not isinstance(reference.get("files"), list) or \
+            not isinstance(reference.get("rows"), int) or not isinstance(reference.get("sha256"), str):
+        raise CheckpointError(f"{where} is malformed ({str(reference)[:200]}): start over with --no-resume")
+    paths = []
+    for name in reference["files"]:
+        if not isinstance(name, str) or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            raise CheckpointError(f"{where}: {name!r} is not a path inside {out_dir}")
+        path = os.path.join(out_dir, name)
+        if not os.path.lexists(path) or not _inside(path, out_dir) or not os.path.isfile(path):
+            raise CheckpointError(f"{path}: the checkpoint's row file is missing or not a file inside "
+                                  f"{out_dir}")
+        paths.append(path)
+    if _files_digest(paths) != reference["sha256"]:
+        raise CheckpointError(f"{', '.join(paths)}: the row files changed since the checkpoint was written "
+                              "(SHA-256 differs); start over with --no-resume")
+    try:
+        table = RowTable.open(paths, expected_rows=reference["rows"])
+    except DataError as err:
+        raise CheckpointError(str(err)) from None
+    if expected_rows is not None and len(table) != expected_rows:
+        raise CheckpointError(f"{', '.join(paths)}: {len(table)} rows, but this run's data and settings "
+                              f"yield {expected_rows}; start over with --no-resume")
+    return table
+
+
+def prune_rows(out_dir: str) -> list:
+    """Removes the iteration row folders under `<out>/iterations/` that no kept checkpoint refers
+    to (run between iterations, when no rows are being built); returns the folders removed. A
+    checkpoint that cannot be read keeps every folder (nothing is removed on a doubt)."""
+    root, referenced = os.path.join(out_dir, "iterations"), set()
+    checkpoints = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    for name in os.listdir(checkpoints) if os.path.isdir(checkpoints) else []:
+        if not CHECKPOINT_NAME.fullmatch(name):
+            continue
+        try:
+            with open(os.path.join(checkpoints, name, STATE_JSON), "rb") as handle:
+                rows = json.loads(handle.read().decode("utf-8"))["state"]["rows"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        for file in (rows or {}).get("files", []) if isinstance(rows, dict) else []:
+            referenced.add(str(file).replace("\\", "/").split("/")[1] if "/" in str(file) else "")
+    removed = []
+    for folder in sorted(os.listdir(root)):
+        if re.fullmatch(r"iter\d{3,}", folder) and folder not in referenced:
+            shutil.rmtree(os.path.join(root, folder), ignore_errors=True)
+            removed.append(os.path.join(root, folder))
+    return removed
 
 
 # ---------------------------------------------------------------- reading

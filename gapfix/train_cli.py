@@ -82,11 +82,16 @@ def configure(parser):
         "overrides either.")
     demo = RECIPES["demo"]
     parser.add_argument("--model", required=True, help='a local HF model folder, a config.json, or "tiny"')
-    parser.add_argument("--train", required=True, help="JSONL of prompt/response or chat records")
+    parser.add_argument("--train", required=True,
+                        help="prompt/response or chat records: a JSONL file, a Parquet file, or a folder "
+                        "written by datasets' save_to_disk (Parquet and folders are tokenized by "
+                        "datasets.map into a memory-mapped cache, and may hold prompt_ids/answer_ids)")
     parser.add_argument("--eval", help="held-out JSONL, evaluated by greedy generation after each iteration")
     parser.add_argument("--answer-regex", default=None,
                         help="--eval scores the answer this regex captures (group 1; default: exact match)")
-    parser.add_argument("--method", default="sft", help="sft, bash or rac (default sft)")
+    parser.add_argument("--method", default="sft",
+                        help="sft, bash, rac, or a method registered with gapfix.methods.base.register "
+                        "(default sft)")
     parser.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                         help="named defaults: 'default' (TrainConfig's) or 'demo' (the demo's recipe)")
     parser.add_argument("--iterations", type=int, default=None,
@@ -191,7 +196,8 @@ def _tokenizer_from_data(train_path, vocab_size, kind="bpe", on_error="skip"):
     texts = []
     with warnings.catch_warnings():  # skipped lines are reported once, by load_examples
         warnings.simplefilter("ignore")
-        records = read_jsonl(train_path, on_error=on_error)
+        records = _table_records(train_path) if _is_table_source(train_path) else read_jsonl(
+            train_path, on_error=on_error)
     for record in records:
         pair = split_record(record) if record_problem(record) is None else None  # load_examples names it
         if pair:
@@ -242,8 +248,54 @@ def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0, tokenizer="b
     return model, tokenizer
 
 
+def _is_table_source(path) -> bool:
+    """A Parquet file or a saved datasets folder (read by gapfix.data.arrow.load_tokenized)."""
+    return os.path.isdir(path) or str(path).endswith(".parquet")
+
+
+def _table_records(path):
+    """The records of a Parquet file or saved datasets folder (to build a tokenizer from)."""
+    from gapfix.data import DataError
+    from gapfix.data.arrow import TOKEN_COLUMNS, _raw_dataset
+
+    raw, name, _ = _raw_dataset(path, None)
+    if all(column in raw.column_names for column in TOKEN_COLUMNS):
+        raise DataError(f"{name}: already tokenized (prompt_ids/answer_ids): pass --model with its tokenizer")
+    return iter(raw)
+
+
+def _load_table(path, tokenizer, *, max_length, max_prompt_length, on_error, report):
+    """A Parquet file or saved datasets folder tokenized by load_tokenized (memory-mapped), its
+    too-long examples dropped and counted."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from gapfix.data import DataError
+    from gapfix.data.arrow import load_tokenized
+
+    dataset = load_tokenized(path, tokenizer, on_error=on_error)
+    table = dataset.with_format("arrow")[:]  # the mapped columns; no row is decoded
+    prompt = pc.list_value_length(table.column("prompt_ids")).to_numpy(zero_copy_only=False)
+    answer = pc.list_value_length(table.column("answer_ids")).to_numpy(zero_copy_only=False)
+    keep = np.ones(len(prompt), dtype=bool)
+    too_long = prompt_too_long = 0
+    if max_length is not None:
+        over = prompt + answer > max_length
+        too_long, keep = int(over.sum()), keep & ~over
+    if max_prompt_length is not None:
+        over = keep & (prompt > max_prompt_length)
+        prompt_too_long, keep = int(over.sum()), keep & ~over
+    report.update(examples=int(keep.sum()), skipped_lines=[], unusable_records=0, too_long=too_long,
+                  prompt_too_long=prompt_too_long)
+    if not keep.any():
+        raise DataError(f"{path}: no usable examples ({too_long} too long, "
+                        f"{prompt_too_long} prompts too long)")
+    return dataset if keep.all() else dataset.select(np.flatnonzero(keep))
+
+
 def _load_data(path, tokenizer, *, max_length, max_length_source, max_prompt_length, on_error):
-    """Examples of a data file, and a report of what was dropped and why (also printed)."""
+    """Examples of a data file (a list), or of a Parquet file or datasets folder (a memory-mapped
+    datasets.Dataset), and a report of what was dropped and why (also printed)."""
     import sys
 
     from gapfix.data import load_examples
@@ -251,6 +303,9 @@ def _load_data(path, tokenizer, *, max_length, max_length_source, max_prompt_len
     report = {"file": path, "max_length": max_length, "max_length_from": max_length_source,
               "max_prompt_length": max_prompt_length}
     try:
+        if _is_table_source(path):
+            return _load_table(path, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                               on_error=on_error, report=report), report
         return load_examples(path, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                              on_error=on_error, report=report), report
     finally:
@@ -304,7 +359,8 @@ def run(args) -> int:
     if attention in ("flash_attention_2", "flash_attention_3") and args.attn == "auto":
         config.packing = True  # varlen attention: packed micro-batches compute no padding
     config.validate()  # a bad --method or --beta fails before any model is loaded
-    check_input_file(args.train, "--train")
+    if not _is_table_source(args.train):
+        check_input_file(args.train, "--train")
     if args.eval:
         check_input_file(args.eval, "--eval")
     model, tokenizer = load_model_and_tokenizer(args.model, args.train, attention, config.seed,
@@ -318,13 +374,19 @@ def run(args) -> int:
                            dropout=args.lora_dropout)
     max_length, max_length_source, context = _length_limits(model, args.max_length)
     limits = {"max_length": max_length, "max_length_source": max_length_source, "on_error": args.on_error}
-    generated = config.method == "rac"  # RAC generates from the training prompts
+    from gapfix.methods.base import get_method
+
+    generated = get_method(config.method).generates  # RAC generates from the training prompts
     examples, train_report = _load_data(
         args.train, tokenizer, **limits,
         max_prompt_length=_prompt_limit(context, config.max_new_tokens) if generated else None)
     eval_examples, eval_report = (
         _load_data(args.eval, tokenizer, **limits, max_prompt_length=_prompt_limit(context, config.max_new_tokens))
         if args.eval else (None, None))
+    if eval_examples is not None and not isinstance(eval_examples, list):  # a Parquet eval set: small
+        from gapfix.data.arrow import ExampleTable
+
+        eval_examples = list(ExampleTable(eval_examples))
     evaluations = []
 
     sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1 and config.distributed == "fsdp"

@@ -1,15 +1,19 @@
 """The reference trainer: SFT, BASH and RAC over iterations.
 
-An iteration is an offline phase with the current model frozen, then training:
+An iteration is an offline phase with the current model frozen, then training.
+What a method builds offline, how many rows it yields, which batch fields they add
+and what its loss reads is the method's (gapfix.methods.base.Method; the built-in
+ones are SFT, BASH and RAC in gapfix/methods/); this module names none of them.
 
-- sft:  no offline phase; rows are prompt + reference answer.
-- bash: one teacher-forced prediction pass gives the model's own token at every
-        answer position; during training each answer input token is replaced by
-        it with probability beta inside the embedding gather (gapfix.mix_embedding);
-        labels stay the reference.
-- rac:  the model generates an answer per training prompt (gapfix.generate);
-        the answers, labelled with corrections from the alignment to the
-        reference (gapfix.rac_labels), are mixed with plain SFT rows.
+The offline phase is split across ranks: rank r of N builds its share of the rows
+and writes it as an Arrow shard under `<out>/iterations/iterNNN/` (without out_dir,
+a temporary folder, removed when train() returns; under torchrun without out_dir
+that folder must be on storage every rank sees, as it is on one machine); every rank
+then reads the union, memory-mapped (gapfix.data.arrow.RowTable). Seeds come from
+the example, never the rank, so any N builds the same rows. Under FSDP the model's
+forwards are collective, so every rank builds all rows (in its own folder). An
+iteration's folder is removed when the iteration ends, unless a kept checkpoint
+(keep_checkpoints) still refers to it.
 
 The loss is gapfix.linear_cross_entropy on the final hidden states, so the full
 logits never exist; `fused=False` switches every op to its PyTorch reference.
@@ -21,29 +25,32 @@ NCCL on GPU); every rank draws the same global batch and takes its share.
 Checkpoints (gapfix.checkpoint) are directories written whole and then published
 by atomically replacing a `latest` pointer, so a failed save (disk full) leaves the
 previous checkpoint valid. A checkpoint holds the model, optimizer, scheduler, RNG
-states, the iteration's built rows and the position in them, as data only (JSON
-and safetensors): resume is exact, and never runs code from a file.
+states, a reference to the iteration's row files (path inside out_dir, row count,
+content hash) and the position in them, as data only (JSON and safetensors): its
+size does not grow with the dataset, resume is exact, and never runs code from a file.
 """
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
 from gapfix import checkpoint as ckpt
 from gapfix._progress import step_progress as _progress
 from gapfix.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint  # noqa: F401 (API)
-from gapfix.data import IGNORE_INDEX, Example, collate, label_field, pack_rows, sft_row
+from gapfix.data import IGNORE_INDEX, collate, label_field, pack_rows
+from gapfix.methods.base import OfflineContext, get_method, method_for_batch, method_names, row_seed
 from gapfix.models import decoder_trunk, unwrap_model
 
-METHODS = ("sft", "bash", "rac")
+METHODS = method_names()  # the built-in ones; gapfix.methods.base.register adds more
 
 
 @dataclass
@@ -88,14 +95,9 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
-        if self.bash_mode not in ("argmax", "sample", "topk", "random"):
-            raise ValueError(f"bash_mode must be argmax, sample, topk or random, got {self.bash_mode!r}")
-        if self.rac_mode not in ("path", "first", "last", "all"):
-            raise ValueError(f"rac_mode must be path, first, last or all, got {self.rac_mode!r}")
+        get_method(self.method)  # refuses an unknown name, listing the registered ones
+        for name in method_names():  # every method checks its own fields, whichever method runs
+            get_method(name).validate(self)
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be ddp or fsdp, got {self.distributed!r}")
         for name in ("iterations", "batch_size"):
@@ -103,11 +105,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps_per_iteration is not None and self.steps_per_iteration < 1:
             raise ValueError(f"steps_per_iteration must be >= 1, got {self.steps_per_iteration}")
-        for name in ("bash_rows", "rac_prompts"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
-        if self.rac_sft_ratio < 0:
-            raise ValueError(f"rac_sft_ratio must be >= 0, got {self.rac_sft_ratio}")
 
 
 @dataclass
@@ -154,7 +151,7 @@ class CausalLMLoss(torch.nn.Module):
     """Wraps a causal LM so that one forward returns the summed loss of a micro-batch.
 
         loss_module = DistributedDataParallel(CausalLMLoss(model))   # or CausalLMLoss(model) alone
-        loss_sum, mixed = loss_module(batch, mix_seed=step, beta=0.3)
+        loss_sum, stats = loss_module(batch, mix_seed=step, beta=0.3)
 
     Wrap this module, not the model, in DDP (or FSDP2): DDP synchronises gradients
     only for what runs inside the wrapped module's forward, and here the BASH
@@ -163,18 +160,21 @@ class CausalLMLoss(torch.nn.Module):
 
     batch: input_ids (B, T); attention_mask or position_ids (packed rows); labels
     aligned with input_ids (HF convention; the loss shifts), or shift_labels, or
-    soft target_ids / target_weights (aligned); for BASH alt_ids and eligible
-    (and alt_probs), mixed at rate beta with the seed mix_seed. Returns the
-    summed loss (divide by the step's trained-token count) and the mixed mask
-    (None without alt_ids). model may be wrapped by PEFT.
+    soft target_ids / target_weights (aligned); plus the fields a method adds
+    (BASH: alt_ids, eligible, alt_probs), turned into the trunk's inputs by that
+    method's model_inputs with the keyword arguments given to forward (BASH:
+    mix_seed, beta). Returns the summed loss (divide by the step's trained-token
+    count) and the method's step statistics {name: (numerator, denominator)} or
+    None. model may be wrapped by PEFT.
     """
 
-    def __init__(self, model, fused: bool = True):
+    def __init__(self, model, fused: bool = True, method=None):
         super().__init__()
         self.model = model
         self.fused = fused
+        self.method = method  # a gapfix.methods Method; None: found from the batch's fields
 
-    def forward(self, batch, mix_seed: Optional[int] = None, beta: float = 0.0):
+    def forward(self, batch, **loss_inputs):
         from gapfix.models import decoder_trunk, output_head
         from gapfix.ops.cross_entropy import cross_entropy, linear_cross_entropy
 
@@ -184,15 +184,12 @@ class CausalLMLoss(torch.nn.Module):
             kwargs["attention_mask"] = batch["attention_mask"]
         if "position_ids" in batch:
             kwargs["position_ids"] = batch["position_ids"]
-        if "alt_ids" in batch:
-            from gapfix.methods.bash import mixed_inputs_embeds
-
-            kwargs["inputs_embeds"], mixed = mixed_inputs_embeds(
-                self.model, batch["input_ids"], batch["alt_ids"], beta=beta, seed=mix_seed,
-                eligible=batch["eligible"], alt_probs=batch.get("alt_probs"), impl=impl)
+        method = self.method if self.method is not None else method_for_batch(batch)
+        if method is None:
+            inputs, stats = {"input_ids": batch["input_ids"]}, None
         else:
-            kwargs["input_ids"] = batch["input_ids"]
-            mixed = None
+            inputs, stats = method.model_inputs(self.model, batch, impl=impl, **loss_inputs)
+        kwargs.update(inputs)
         trunk, head = decoder_trunk(self.model), output_head(self.model)
         if trunk is None:
             raise ValueError(f"model: {type(self.model).__name__} has no separate trunk (base_model)")
@@ -204,7 +201,7 @@ class CausalLMLoss(torch.nn.Module):
             loss = linear_cross_entropy(hidden, weight, target, bias=bias, **options)
         else:  # a wrapped head (a LoRA adapter on lm_head): its logits, then the same loss
             loss = cross_entropy(head.scaled_logits(hidden), target, **options)
-        return loss, mixed
+        return loss, stats
 
 
 def shifted_targets(batch, ignore_index: int = IGNORE_INDEX):
@@ -249,126 +246,148 @@ def _lr_lambda(warmup, total, min_ratio):
     return factor
 
 
-# ---------------------------------------------------------------- offline phases
+# ---------------------------------------------------------------- offline phase
 
 
-def build_rows(method, model, tokenizer, examples, config, iteration, device, log, scheduled=None):
-    """The iteration's training rows, built with the current model frozen.
+class _RowFolders:
+    """Where each iteration's row files live: `<out>/iterations/iterNNN/`, or, without out_dir,
+    a temporary folder made by rank 0 (its path broadcast) and removed by `close`."""
 
-    scheduled: the row indices this iteration trains on (SFT and BASH rows are
-    one per example); BASH predicts only those, so its offline pass costs at
-    most one forward over the rows actually trained.
-    """
-    rng = random.Random(f"{config.seed}/{iteration}/rows")  # str seeds are hashed stably
-    if method == "sft":
-        return [sft_row(ex) for ex in examples]
-    if method == "bash":
-        if config.bash_rows:  # a fresh subset each iteration, trained for as many epochs as the steps take
-            subset = rng.sample(range(len(examples)), min(config.bash_rows, len(examples)))
-            return _bash_rows(model, [examples[i] for i in subset], config, iteration, device, None, log)
-        return _bash_rows(model, examples, config, iteration, device, scheduled, log)
-    return _rac_rows(model, tokenizer, examples, config, iteration, rng, log)
+    def __init__(self, out: Optional[str], dist: "_Dist"):
+        self.dist, self.temporary = dist, None
+        if out:
+            self.root = os.path.join(out, "iterations")
+            return
+        path = [tempfile.mkdtemp(prefix="gapfix-rows-") if dist.main else None]
+        if dist.world > 1:
+            torch.distributed.broadcast_object_list(path, src=0)
+        self.root = self.temporary = path[0]
 
+    def folder(self, iteration: int) -> str:
+        return os.path.join(self.root, f"iter{iteration:03d}")
 
-def _bash_rows(model, examples, config, iteration, device, scheduled, log=None, chunk_rows=64):
-    from gapfix.methods.bash import predict_alternatives
-
-    rows = [sft_row(ex) for ex in examples]
-    todo = sorted(scheduled) if scheduled is not None else range(len(rows))
-    predicted_tokens = same_tokens = 0
-    for start in range(0, len(todo), chunk_rows):
-        chunk = [rows[i] for i in todo[start:start + chunk_rows]]
-        for row in chunk:  # the trained tokens (every assistant turn of a chat)
-            row["eligible"] = [label != IGNORE_INDEX for label in row["labels"]]
-        batch = collate(chunk, pad_id=0)  # eligible pads with False
-        if config.bash_mode == "random":  # the noise control: random tokens in place of predictions
-            prediction = _random_alternatives(model, batch, _mix_seed(config.seed, iteration, "noise", start, 0))
-        else:
-            prediction = predict_alternatives(
-                model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                batch["eligible"].to(device), mode=config.bash_mode, temperature=config.bash_temperature,
-                top_k=config.bash_top_k, seed=_mix_seed(config.seed, iteration, "predict", start, 0))
-        eligible = batch["eligible"]
-        alt = prediction.alt_ids if prediction.alt_ids.dim() == 2 else prediction.alt_ids[..., 0]
-        predicted_tokens += int(eligible.sum())
-        same_tokens += int(((alt.cpu() == batch["input_ids"]) & eligible).sum())
-        for i, row in enumerate(chunk):
-            n = len(row["input_ids"])
-            row["alt_ids"] = prediction.alt_ids[i, :n].tolist()
-            if prediction.alt_probs is not None:
-                row["alt_probs"] = prediction.alt_probs[i, :n].tolist()
-    same = same_tokens / predicted_tokens if predicted_tokens else float("nan")
-    if log is not None:  # counts what was predicted, not the rows built
-        log(dict(event="bash_offline", iteration=iteration, predicted_rows=len(todo),
-                 predicted_tokens=predicted_tokens, equal_to_input=same))
-    if predicted_tokens and same_tokens == predicted_tokens and config.beta > 0 and config.bash_mode != "topk":
-        import warnings
-
-        warnings.warn(f"BASH iteration {iteration}: every predicted token equals the reference input "
-                      f"({predicted_tokens} tokens), so mixing changes nothing and the iteration is SFT; "
-                      "raise --bash-temperature or use --bash-mode sample/topk", stacklevel=2)
-    return rows
+    def close(self, wait: bool = True) -> None:
+        """Removes the temporary folder (after every rank is done with it, unless not `wait`)."""
+        if wait:
+            self.dist.barrier()
+        if self.temporary and self.dist.main:
+            shutil.rmtree(self.temporary, ignore_errors=True)
 
 
-def _random_alternatives(model, batch, seed):
-    """Uniform random tokens at the answer positions (BASH's noise control)."""
-    from gapfix.methods.bash import Alternatives
+def _all_reduce_sum(dist, device):
+    def reduce(values):
+        if dist.world == 1:
+            return list(values)
+        # gloo sums float64 on the CPU; NCCL needs the values on the GPU
+        where = device if device.type == "cuda" else torch.device("cpu")
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=where)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
 
-    generator = torch.Generator().manual_seed(seed)
-    vocab = model.get_input_embeddings().num_embeddings
-    noise = torch.randint(0, vocab, batch["input_ids"].shape, generator=generator)
-    return Alternatives(torch.where(batch["eligible"], noise, batch["input_ids"]), None)
+    return reduce
 
 
-def _rac_rows(model, tokenizer, examples, config, iteration, rng, log):
-    from gapfix.generation import generate
-    from gapfix.methods.rac import build_rac_rows, mix_with_sft
+def offline_phase(method, model, tokenizer, examples, config, iteration, device, dist, folders, log,
+                  trained_rows):
+    """Builds the iteration's rows with the current model frozen: each rank its share, then every
+    rank opens the union. Returns (RowTable, the rows' files, the method's statistics, this
+    rank's counters)."""
+    from gapfix.data.arrow import RowTable
 
-    count = min(config.rac_prompts or len(examples), len(examples))
-    chosen = rng.sample(range(len(examples)), count)
-    outputs = generate(model, [examples[i].prompt_ids for i in chosen], tokenizer=tokenizer,
-                       n=config.rac_samples, temperature=config.rac_temperature,
-                       max_new_tokens=config.max_new_tokens,
-                       seed=_mix_seed(config.seed, iteration, "generate", 0, 0),
-                       backend=_generation_backend(model, config))
-    owners = [chosen[output.prompt_index] for output in outputs]
-    # Generation objects: their finish_reason says which answers ended with EOS
-    rows, stats = build_rac_rows(
-        [examples[i].prompt_ids for i in owners], outputs,
-        [examples[i].answer_ids for i in owners], eos_id=tokenizer.eos_token_id,
-        pad_id=_pad_id(tokenizer), mode=config.rac_mode,
-        only_until_divergence=config.rac_only_until_divergence,
-        impl="auto" if config.fused else "torch")
-    log(dict(event="rac_offline", iteration=iteration, prompts=count, generated=len(outputs), **stats))
-    if outputs and stats.get("mean_edit_distance") == 0.0:  # every answer is its reference
-        import warnings
+    folder = folders.folder(iteration)
+    rank, world, barrier, reduce = dist.rank, dist.world, dist.barrier, _all_reduce_sum(dist, device)
+    if _sharded(config, dist):  # forwards are collective: every rank builds every row, in its own folder
+        folder = folder if dist.main else os.path.join(folder, f"rank{dist.rank:05d}")
+        rank, world, barrier, reduce = 0, 1, (lambda: None), list
+    if dist.main:  # rebuilt from scratch: nothing of an earlier (killed) build is read
+        shutil.rmtree(folder, ignore_errors=True)
+    dist.barrier()
+    os.makedirs(folder, exist_ok=True)
+    ctx = OfflineContext(model=model, tokenizer=tokenizer, examples=examples, config=config,
+                         iteration=iteration, device=device, rank=rank, world=world, folder=folder,
+                         log=log, trained_rows=trained_rows, barrier=barrier, all_reduce=reduce)
+    stats = method.build_shard(ctx) or {}
+    ctx.barrier()
+    paths = method.finish(ctx)
+    table = RowTable.open(paths, expected_rows=method.num_rows(len(examples), config))
+    return table, paths, stats, ctx.counters
 
-        warnings.warn(f"RAC iteration {iteration}: all {len(outputs)} generated answers equal their "
-                      "references, so every RAC row is an SFT row and the iteration is SFT on fewer rows; "
-                      "sample them (--rac-temperature > 0)", stacklevel=2)
-    return mix_with_sft(rows, [sft_row(ex) for ex in examples], config.rac_sft_ratio,
-                        seed=_mix_seed(config.seed, iteration, "mix", 0, 0))
+
+def build_rows(method, model, tokenizer, examples, config, iteration=0, device="cpu", log=None) -> list:
+    """The rows of one offline phase of `method` (a name) as a list of dicts, built in a temporary
+    folder by this process alone (a helper for tests and inspection; train() streams them)."""
+    import types
+
+    config = dataclasses.replace(config, method=method)
+    config.validate()
+    runner = get_method(method)
+    device = torch.device(device)
+    dist = types.SimpleNamespace(rank=0, world=1, main=True, barrier=lambda: None)
+    with tempfile.TemporaryDirectory(prefix="gapfix-rows-") as root:
+        folders = types.SimpleNamespace(folder=lambda i: os.path.join(root, f"iter{i:03d}"))
+        table, _, _, _ = offline_phase(runner, model, tokenizer, examples, config, iteration, device, dist,
+                                       folders, log or (lambda record: None),
+                                       lambda n: list(range(n)))
+        return table.gather(range(len(table)))
 
 
 # ---------------------------------------------------------------- training
 
 
-def train(model, tokenizer, train_examples: List[Example], config: Optional[TrainConfig] = None,
+def train(model, tokenizer, train_examples, config: Optional[TrainConfig] = None,
           *, resume: bool = True, resume_with_changed_config: bool = False, on_iteration_end=None,
           on_step=None, **overrides) -> TrainResult:
     """Trains `model` (a transformers causal LM) in place with config.method.
 
+    train_examples: a sequence of gapfix.data.Example, or a tokenized datasets.Dataset
+    (gapfix.data.arrow.load_tokenized), read memory-mapped.
     `overrides` set TrainConfig fields (``train(..., method="bash", beta=0.2)``).
     `on_iteration_end(iteration, model)` runs after each iteration (evaluation);
     `on_step(record)` after each optimizer step, with the step's metrics.
-    With config.out_dir set, writes metrics.jsonl, checkpoints and the final model,
-    and resumes from the latest checkpoint there when `resume` is true (see gapfix.checkpoint;
-    a checkpoint of a run with other settings is refused unless resume_with_changed_config).
+    With config.out_dir set, writes metrics.jsonl, the iterations' rows, checkpoints and the
+    final model, and resumes from the latest checkpoint there when `resume` is true (see
+    gapfix.checkpoint; a checkpoint of a run with other settings is refused unless
+    resume_with_changed_config).
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     config.validate()
-    if not train_examples:
+    method = get_method(config.method)
+    examples = _example_sequence(train_examples)
+    if not len(examples):
         raise ValueError("train_examples is empty")
+    _check_packing(model, config)
+    device = _pick_device(config.device)
+    dist = _Dist(device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model.to(device)
+    run = _Run(model, tokenizer, examples, config, method, device, dist)
+    try:
+        run.start(resume, resume_with_changed_config)
+        while run.position["iteration"] < config.iterations:
+            iteration = run.position["iteration"]
+            if run.rows is None:
+                run.build_rows(iteration)
+            run.train_iteration(iteration, on_step)
+            if on_iteration_end is not None:
+                on_iteration_end(iteration, model)
+    except BaseException:
+        run.folders.close(wait=False)  # a failing rank must not wait for the others
+        raise
+    run.folders.close()
+    return run.finish()
+
+
+def _example_sequence(train_examples):
+    """Examples as a sequence: a tokenized datasets.Dataset is read through an ExampleTable."""
+    if hasattr(train_examples, "column_names") and hasattr(train_examples, "with_format"):
+        from gapfix.data.arrow import ExampleTable
+
+        return ExampleTable(train_examples)
+    return train_examples
+
+
+def _check_packing(model, config):
     if config.packing and not packing_supported(model):
         attention = getattr(unwrap_model(model).config, "_attn_implementation", None)
         raise ValueError(
@@ -376,158 +395,183 @@ def train(model, tokenizer, train_examples: List[Example], config: Optional[Trai
             f"per example (flash_attention_2/3, or sdpa/eager/flex in a transformers whose masks read "
             f"packed sequences from position_ids); the model uses {attention!r} in "
             f"{type(unwrap_model(model)).__module__}, under which packed examples would attend to each other")
-    device = _pick_device(config.device)
-    dist = _Dist(device)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    model.to(device)
 
-    out = config.out_dir
-    metrics_path = None
-    if out and dist.main:
-        os.makedirs(out, exist_ok=True)
-        metrics_path = os.path.join(out, "metrics.jsonl")
 
-    def log(record):
-        if metrics_path:
-            with open(metrics_path, "a") as f:
+class _Run:
+    """One train() call's state: the optimizer, schedule and position; the iteration's rows."""
+
+    def __init__(self, model, tokenizer, examples, config, method, device, dist):
+        self.model, self.tokenizer, self.examples, self.config = model, tokenizer, examples, config
+        self.method, self.device, self.dist = method, device, dist
+        self.out = config.out_dir
+        self.metrics_path = None
+        if self.out and dist.main:
+            os.makedirs(self.out, exist_ok=True)
+            self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+        self.rows_per_rank = config.batch_size // dist.world
+        if self.rows_per_rank * dist.world != config.batch_size:
+            raise ValueError(f"batch_size {config.batch_size} must be a multiple of the world size "
+                             f"{dist.world}")
+        self.micro = config.micro_batch_size or self.rows_per_rank
+        self.position = {"iteration": 0, "step_in_iteration": 0, "global_step": 0}
+        self.rows, self.rows_reference = None, None
+        self.phase_seconds = {"offline": 0.0, "train": 0.0}
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config.bf16
+                         else contextlib.nullcontext())
+        self.folders = _RowFolders(self.out, dist)
+
+    def log(self, record):
+        if self.metrics_path:
+            with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    rows_per_rank = config.batch_size // dist.world
-    if rows_per_rank * dist.world != config.batch_size:
-        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the world size {dist.world}")
-    micro = config.micro_batch_size or rows_per_rank
+    def steps_for(self, num_rows):
+        if self.config.steps_per_iteration:
+            return self.config.steps_per_iteration
+        return max(1, int(self.config.epochs_per_iteration * num_rows // self.config.batch_size))
 
-    def steps_for(num_rows):
-        if config.steps_per_iteration:
-            return config.steps_per_iteration
-        return max(1, int(config.epochs_per_iteration * num_rows // config.batch_size))
-
-    expected_rows = len(train_examples)
-    if config.method == "bash" and config.bash_rows:
-        expected_rows = min(config.bash_rows, expected_rows)
-    if config.method == "rac":
-        n_rac = min(config.rac_prompts or expected_rows, expected_rows) * config.rac_samples
-        expected_rows = n_rac + round(n_rac * config.rac_sft_ratio)
-    total_steps = config.iterations * steps_for(expected_rows)
-
-    position = {"iteration": 0, "step_in_iteration": 0, "global_step": 0}
-    rows, state = None, None
-    checkpoint = latest_checkpoint(out) if (out and resume) else None
-    if checkpoint:  # weights load before any sharding, on every rank
-        state = load_checkpoint(checkpoint, model, config=config,
-                                allow_config_change=resume_with_changed_config)
-    # a resumed run's log continues from the checkpoint; a run that starts over starts it over
-    ckpt.rewind_metrics(metrics_path, state.get("metrics_bytes", 0) if state else 0)
-    loss_module = CausalLMLoss(model, config.fused)
-    trainable = _wrap_distributed(loss_module, config, dist, device)
-    trainable_params = [p for p in model.parameters() if p.requires_grad]  # a PEFT model: its adapter
-    if not trainable_params:
-        raise ValueError("model has no parameter that requires grad: nothing to train (a PEFT adapter "
-                         "loaded for inference? load it with is_trainable=True)")
-    optimizer = torch.optim.AdamW(trainable_params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(config.warmup_steps, total_steps, config.min_lr_ratio))
-    if state is not None:
-        _load_optimizer_state(model, optimizer, state["optimizer"], config, dist)
-        scheduler.load_state_dict(state["scheduler"])
+    def start(self, resume, resume_with_changed_config):
+        """Optimizer and schedule, restored from the latest checkpoint where there is one."""
+        config, model, dist = self.config, self.model, self.dist
+        total_steps = config.iterations * self.steps_for(self.method.num_rows(len(self.examples), config))
+        state = None
+        checkpoint = latest_checkpoint(self.out) if (self.out and resume) else None
+        if checkpoint:  # weights load before any sharding, on every rank
+            state = load_checkpoint(checkpoint, model, config=config,
+                                    allow_config_change=resume_with_changed_config)
+        # a resumed run's log continues from the checkpoint; a run that starts over starts it over
+        ckpt.rewind_metrics(self.metrics_path, state.get("metrics_bytes", 0) if state else 0)
+        self.trainable = _wrap_distributed(CausalLMLoss(model, config.fused, self.method), config, dist,
+                                           self.device)
+        trainable_params = [p for p in model.parameters() if p.requires_grad]  # a PEFT model: its adapter
+        if not trainable_params:
+            raise ValueError("model has no parameter that requires grad: nothing to train (a PEFT adapter "
+                             "loaded for inference? load it with is_trainable=True)")
+        self.optimizer = torch.optim.AdamW(trainable_params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(config.warmup_steps, total_steps, config.min_lr_ratio))
+        if state is None:
+            return
+        _load_optimizer_state(model, self.optimizer, state["optimizer"], config, dist)
+        self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
-        position, rows = state["position"], state["rows"]
-        log(dict(event="resume", checkpoint=checkpoint, **position,
-                 **({"config_changes": state["config_changes"]} if state["config_changes"] else {})))
+        self.position = state["position"]
+        if state["rows"] is not None:
+            expected = self.method.num_rows(len(self.examples), config)
+            self.rows = ckpt.open_rows(self.out, state["rows"], expected_rows=expected)
+            self.rows_reference = state["rows"]
+        self.log(dict(event="resume", checkpoint=checkpoint, **self.position,
+                      **({"config_changes": state["config_changes"]} if state["config_changes"] else {})))
 
-    phase_seconds = {"offline": 0.0, "train": 0.0}
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config.bf16
-                else contextlib.nullcontext())
-    while position["iteration"] < config.iterations:
-        iteration = position["iteration"]
-        if rows is None:  # offline phase, with the current model frozen
-            started = time.perf_counter()
-            scheduled = None
-            if config.method == "bash" and not config.bash_rows:
-                n = len(train_examples)
-                scheduled = set(_row_order(n, steps_for(n) * config.batch_size, config.seed, iteration))
-            rows = build_rows(config.method, model, tokenizer, train_examples, config, iteration, device,
-                              log, scheduled)
-            phase_seconds["offline"] += time.perf_counter() - started
-            counted = {"predicted_rows": len(scheduled)} if scheduled is not None else {}  # not all rows
-            log(dict(event="offline", iteration=iteration, rows=len(rows), **counted,
-                     seconds=time.perf_counter() - started))
-        steps = steps_for(len(rows))
-        order = _row_order(len(rows), steps * config.batch_size, config.seed, iteration)
+    def trained_rows(self, iteration):
+        """The row indices the steps of `iteration` draw, given the number of rows."""
+        return lambda num_rows: _row_order(num_rows, self.steps_for(num_rows) * self.config.batch_size,
+                                           self.config.seed, iteration)
+
+    def build_rows(self, iteration):
+        """The offline phase: the iteration's rows written once, under <out>/iterations/."""
+        started = time.perf_counter()
+        self.rows, paths, stats, counters = offline_phase(
+            self.method, self.model, self.tokenizer, self.examples, self.config, iteration, self.device,
+            self.dist, self.folders, self.log, self.trained_rows(iteration))
+        self.rows_reference = ckpt.rows_reference(self.out, paths, len(self.rows)) if (
+            self.out and self.dist.main) else None
+        seconds = time.perf_counter() - started
+        self.phase_seconds["offline"] += seconds
+        self.offline_counters = counters
+        self.log(dict(event="offline", iteration=iteration, rows=len(self.rows), **stats, seconds=seconds))
+
+    def train_iteration(self, iteration, on_step):
+        config, position = self.config, self.position
+        steps = self.steps_for(len(self.rows))
+        order = _row_order(len(self.rows), steps * config.batch_size, config.seed, iteration)
         started = time.perf_counter()
         bar = _progress(steps, position["step_in_iteration"], f"{config.method} iter {iteration}",
-                        config.progress and dist.main)
-        model.train()
+                        config.progress and self.dist.main)
+        self.model.train()
         while position["step_in_iteration"] < steps:
             step = position["step_in_iteration"]
-            step_started = time.perf_counter()
             global_index = order[step * config.batch_size:(step + 1) * config.batch_size]
-            global_rows = [rows[i] for i in global_index]
-            num_tokens = max(1, _count_targets(global_rows))
-            mine, my_index = global_rows[dist.rank::dist.world], global_index[dist.rank::dist.world]
-            optimizer.zero_grad(set_to_none=True)
-            total_loss, mixed_count, eligible_count = 0.0, 0, 0
-            for start in range(0, len(mine), micro):
-                chunk = mine[start:start + micro]
-                batch = pack_rows(chunk) if config.packing else collate(
-                    chunk, pad_id=_pad_id(tokenizer))
-                batch = {k: v.to(device) for k, v in batch.items()}
-                # per-row seeds: a row mixes alike at any world size and micro-batch size (a packed
-                # micro-batch is one row: its seed follows the rows packed into it)
-                index = my_index[start:start + micro]
-                mix_seed = _row_mix_seeds(config.seed, iteration, step, [tuple(index)] if config.packing
-                                          else index).to(device) if "alt_ids" in batch else None
-                with autocast:
-                    loss_sum, mixed = trainable(batch, mix_seed, config.beta)
-                # the loss of the whole step is sum / num_tokens; DDP/FSDP average over ranks
-                (loss_sum * (dist.world / num_tokens)).backward()
-                total_loss += loss_sum.detach()
-                if mixed is not None:  # summed on device; read once per step below
-                    mixed_count = mixed_count + mixed.sum()
-                    eligible_count = eligible_count + batch["eligible"].sum()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            record = self.train_step(iteration, step, global_index)
             position["step_in_iteration"] += 1
             position["global_step"] += 1
-            if dist.world > 1:
-                total_loss = total_loss.clone()
-                torch.distributed.all_reduce(total_loss)
-            loss_value = float(total_loss) / num_tokens
-            seconds = time.perf_counter() - step_started
-            record = dict(event="step", iteration=iteration, step=position["global_step"],
-                          loss=loss_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                          tokens=num_tokens, tokens_per_s=num_tokens / seconds,
-                          peak_memory_mb=_peak_memory_mb(device))
-            if torch.is_tensor(eligible_count) and int(eligible_count):
-                record["mixed_fraction"] = int(mixed_count) / int(eligible_count)
+            record["step"] = position["global_step"]
             if position["global_step"] % config.log_every == 0 or step == steps - 1:
-                log(record)
-            bar(f"loss {loss_value:.4f}")
-            if out and config.save_every and position["global_step"] % config.save_every == 0:
-                _save(out, model, tokenizer, optimizer, scheduler, position, rows, config, dist)
+                self.log(record)
+            bar(f"loss {record['loss']:.4f}")
+            if self.out and config.save_every and position["global_step"] % config.save_every == 0:
+                self.save()
             if on_step is not None:
                 on_step(record)
         bar(None)
-        phase_seconds["train"] += time.perf_counter() - started
-        position = {"iteration": iteration + 1, "step_in_iteration": 0,
-                    "global_step": position["global_step"]}
-        rows = None
-        if out:
-            _save(out, model, tokenizer, optimizer, scheduler, position, rows, config, dist)
-        if on_iteration_end is not None:
-            on_iteration_end(iteration, model)
-    summary = dict(event="summary", method=config.method, steps=position["global_step"],
-                   offline_seconds=phase_seconds["offline"], train_seconds=phase_seconds["train"])
-    log(summary)
-    if out:
-        final_state = _full_model_state(model, config, dist)
-        if dist.main:
-            model.save_pretrained(os.path.join(out, "final"), state_dict=final_state)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(os.path.join(out, "final"))
-    return TrainResult(model, position["global_step"], metrics_path, phase_seconds)
+        self.phase_seconds["train"] += time.perf_counter() - started
+        self.position = {"iteration": iteration + 1, "step_in_iteration": 0,
+                         "global_step": position["global_step"]}
+        self.rows, self.rows_reference = None, None
+        if self.out:
+            self.save()
+            if self.dist.main:  # the finished iteration's rows, once no kept checkpoint needs them
+                ckpt.prune_rows(self.out)
+            self.dist.barrier()
+
+    def train_step(self, iteration, step, global_index):
+        """One optimizer step on the global batch `global_index`; its metrics record."""
+        config, dist, device = self.config, self.dist, self.device
+        step_started = time.perf_counter()
+        global_rows = self.rows.gather(global_index)
+        num_tokens = max(1, _count_targets(global_rows))
+        mine, my_index = global_rows[dist.rank::dist.world], global_index[dist.rank::dist.world]
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, stat_sums = 0.0, {}
+        for start in range(0, len(mine), self.micro):
+            chunk = mine[start:start + self.micro]
+            batch = pack_rows(chunk) if config.packing else collate(chunk, pad_id=_pad_id(self.tokenizer))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            # per-row seeds: a row mixes alike at any world size and micro-batch size (a packed
+            # micro-batch is one row: its seed follows the rows packed into it)
+            index = my_index[start:start + self.micro]
+            seeds = _row_mix_seeds(config.seed, iteration, step, [tuple(index)] if config.packing else index
+                                   ).to(device) if self.method.uses_row_seeds else None
+            with self.autocast:
+                loss_sum, stats = self.trainable(batch, **self.method.loss_inputs(config, seeds))
+            # the loss of the whole step is sum / num_tokens; DDP/FSDP average over ranks
+            (loss_sum * (dist.world / num_tokens)).backward()
+            total_loss += loss_sum.detach()
+            for name, (numerator, denominator) in (stats or {}).items():  # summed on device, read once
+                old = stat_sums.get(name, (0, 0))
+                stat_sums[name] = (old[0] + numerator, old[1] + denominator)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if dist.world > 1:
+            total_loss = total_loss.clone()
+            torch.distributed.all_reduce(total_loss)
+        loss_value = float(total_loss) / num_tokens
+        seconds = time.perf_counter() - step_started
+        record = dict(event="step", iteration=iteration, step=None, loss=loss_value,
+                      lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm), tokens=num_tokens,
+                      tokens_per_s=num_tokens / seconds, peak_memory_mb=_peak_memory_mb(device))
+        for name, (numerator, denominator) in stat_sums.items():
+            if int(denominator):
+                record[name] = int(numerator) / int(denominator)
+        return record
+
+    def save(self):
+        _save(self.out, self.model, self.tokenizer, self.optimizer, self.scheduler, self.position,
+              self.rows_reference, self.config, self.dist)
+
+    def finish(self):
+        summary = dict(event="summary", method=self.config.method, steps=self.position["global_step"],
+                       offline_seconds=self.phase_seconds["offline"],
+                       train_seconds=self.phase_seconds["train"])
+        self.log(summary)
+        if self.out:
+            final_state = _full_model_state(self.model, self.config, self.dist)
+            if self.dist.main:
+                self.model.save_pretrained(os.path.join(self.out, "final"), state_dict=final_state)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(os.path.join(self.out, "final"))
+        return TrainResult(self.model, self.position["global_step"], self.metrics_path, self.phase_seconds)
 
 
 def packing_supported(model) -> bool:
@@ -619,13 +663,6 @@ def _wrap_distributed(loss_module, config, dist, device):
     return loss_module
 
 
-def _generation_backend(model, config):
-    """vLLM loads a saved folder; a PEFT model saves only its adapter, so it generates with hf."""
-    if config.generation_backend == "auto" and unwrap_model(model) is not model:
-        return "hf"
-    return config.generation_backend
-
-
 def _decoder_layers(model):
     base = decoder_trunk(model) or model
     for name in ("layers", "h"):
@@ -644,15 +681,10 @@ def _row_order(num_rows, needed, seed, iteration):
     return order[:needed]
 
 
-def _mix_seed(seed, iteration, step, rank, micro):
-    key = f"{seed}/{iteration}/{step}/{rank}/{micro}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "little")
-
-
 def _row_mix_seeds(seed, iteration, step, row_indices):
     """BASH's mixing seeds, one per row: a function of (seed, iteration, step, the row's index in
     the iteration's row table), never of the rank or the micro-batch, as int64 in [0, 2**56)."""
-    return torch.tensor([_mix_seed(seed, iteration, step, "row", index) for index in row_indices],
+    return torch.tensor([row_seed(seed, iteration, step, "row", index) for index in row_indices],
                         dtype=torch.int64)
 
 

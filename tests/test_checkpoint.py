@@ -267,10 +267,14 @@ def folder_blocks(path, block=4096):
                for p, _d, fs in os.walk(path) for f in fs)
 
 
-def test_real_full_disk_says_so_and_keeps_previous_checkpoint(tokenizer, examples, small_tmpfs):
+def test_real_full_disk_says_so_and_keeps_previous_checkpoint(tokenizer, examples, small_tmpfs, tmp_path):
     """On a real (tmpfs) full disk: fill it after the first checkpoint, so that the second
     checkpoint's model fits and its trainer state does not."""
+    from gapfix.data import sft_row
+    from gapfix.data.arrow import write_rows
+
     out = str(small_tmpfs / "run")
+    rows_file = write_rows(tmp_path / "rows.arrow", [sft_row(ex) for ex in examples])
 
     def fill_disk(iteration, model):
         if iteration:
@@ -278,7 +282,8 @@ def test_real_full_disk_says_so_and_keeps_previous_checkpoint(tokenizer, example
         first = latest_checkpoint(out)
         model_size = folder_blocks(os.path.join(first, "model"))
         free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
-        leave = model_size + 4 * 4096  # the trainer state (~2x the weights) cannot fit
+        rows_size = -(-os.path.getsize(rows_file) // 4096) * 4096  # iteration 1 writes these rows
+        leave = model_size + rows_size + 4 * 4096  # the trainer state (~2x the weights) cannot fit
         with open(small_tmpfs / "filler", "wb") as handle:
             handle.write(b"\0" * max(0, free - leave))
 

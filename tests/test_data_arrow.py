@@ -407,7 +407,7 @@ def test_real_bash_and_rac_rows_round_trip(tmp_path, tokenizer):
     model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
     for mode in ("sample", "topk"):
         config = TrainConfig(method="bash", bash_mode=mode, bash_top_k=3)
-        rows = build_rows("bash", model, tokenizer, examples, config, 0, torch.device("cpu"), lambda r: None)
+        rows = build_rows("bash", model, tokenizer, examples, config)
         table = RowTable.open(write_rows(tmp_path / f"bash_{mode}.arrow", rows))
         assert table.gather(range(len(rows))) == rows
     rng = random.Random(0)

@@ -366,11 +366,11 @@ def test_every_assistant_turn_trained_with_its_end_of_turn(tmp_path, template):
 def test_chat_rows_bash_eligible_covers_every_turn(tmp_path):
     """BASH mixes every trained (assistant) token, earlier turns included."""
     from gapfix.models import tiny_llama
-    from gapfix.trainer import TrainConfig, _bash_rows
+    from gapfix.trainer import TrainConfig, build_rows
 
     tok, example, row = chat_example(tmp_path, CHATML)
     model = tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0)
-    (bash_row,) = _bash_rows(model, [example], TrainConfig(bash_mode="argmax"), 0, torch.device("cpu"), None)
+    (bash_row,) = build_rows("bash", model, tok, [example], TrainConfig(bash_mode="argmax"))
     assert bash_row["eligible"] == [label != -100 for label in row["labels"]]
 
 

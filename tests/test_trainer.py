@@ -181,3 +181,105 @@ def test_bash_predicts_only_the_rows_the_steps_draw(tokenizer, examples, monkeyp
     monkeypatch.setattr(bash, "predict_alternatives", counting)
     train(tiny_model(tokenizer), tokenizer, examples, method="bash", steps_per_iteration=2, **FAST)
     assert 0 < sum(predicted) <= 2 * FAST["batch_size"] < len(examples)
+
+
+def _mid_iteration_state(tokenizer, examples, out):
+    """The trainer state of the checkpoint taken after step 1 of a 3-step iteration."""
+    from gapfix.checkpoint import read_trainer_state
+
+    train(tiny_model(tokenizer), tokenizer, examples, method="sft", steps_per_iteration=3, save_every=1,
+          keep_checkpoints=10, out_dir=str(out), **FAST)
+    path = out / "checkpoints" / "iter000-step0000001"
+    return read_trainer_state(str(path)), os.path.getsize(path / "trainer_state.json")
+
+
+def test_checkpoint_refers_to_the_rows_and_its_size_does_not_grow_with_the_data(tokenizer, examples,
+                                                                                 tmp_path):
+    small, small_size = _mid_iteration_state(tokenizer, examples[:24], tmp_path / "small")
+    large, large_size = _mid_iteration_state(tokenizer, examples * 4, tmp_path / "large")
+    assert small["rows"]["rows"] == 24 and large["rows"]["rows"] == 4 * len(examples)
+    assert small["rows"]["files"] == ["iterations/iter000/part-00000-of-00001.arrow"]
+    assert abs(large_size - small_size) < 16  # the row count's digits; no row inside
+
+
+def test_resume_refuses_rows_that_changed_or_lead_outside_out(tokenizer, examples, tmp_path):
+    from gapfix.checkpoint import CheckpointError, open_rows
+
+    out = tmp_path / "run"
+    state, _ = _mid_iteration_state(tokenizer, examples, out)
+    (rows_file,) = state["rows"]["files"]
+    assert len(open_rows(str(out), state["rows"])) == len(examples)
+    with pytest.raises(CheckpointError, match="outside|not a path inside"):
+        open_rows(str(out), {**state["rows"], "files": ["../" + os.path.basename(rows_file)]})
+    with pytest.raises(CheckpointError, match="malformed"):
+        open_rows(str(out), {"files": "x"})
+    with open(out / rows_file, "r+b") as handle:  # one byte of the rows changed
+        handle.seek(os.path.getsize(out / rows_file) // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 1]))
+    # the newest checkpoint is the iteration's end (no rows): resume from the one after step 2
+    (out / "checkpoints" / "latest").write_text("iter000-step0000002")
+    with pytest.raises(CheckpointError, match="changed since the checkpoint"):
+        train(tiny_model(tokenizer), tokenizer, examples, method="sft", steps_per_iteration=3, save_every=1,
+              keep_checkpoints=10, out_dir=str(out), **FAST)
+
+
+def test_without_out_dir_rows_go_to_a_temporary_folder_removed_after(tokenizer, examples, monkeypatch):
+    import tempfile
+
+    made = []
+    real = tempfile.mkdtemp
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording)
+    train(tiny_model(tokenizer), tokenizer, examples, method="sft", steps_per_iteration=1, **FAST)
+    assert [os.path.basename(p).startswith("gapfix-rows-") for p in made] == [True]
+    assert not os.path.exists(made[0])
+
+
+def test_a_tokenized_dataset_trains_like_the_examples(tokenizer, examples):
+    """train() takes a datasets.Dataset (load_tokenized's columns), read through an ExampleTable."""
+    from gapfix.data.arrow import dataset_from_examples
+
+    config = dict(method="bash", steps_per_iteration=2, beta=0.5, **FAST)
+    listed = losses_and_params(tokenizer, examples, **config)
+    dataset = losses_and_params(tokenizer, dataset_from_examples(examples), **config)
+    assert listed[0] == dataset[0]
+    assert_same_params(listed[1], dataset[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "folder"])
+def test_cli_trains_on_parquet_and_a_saved_dataset_folder(tmp_path, kind):
+    """gapfix train --train takes a Parquet file or a save_to_disk folder (through load_tokenized);
+    an example longer than the context is dropped and counted in summary.json as for JSONL."""
+    import datasets
+
+    from gapfix.cli import main
+
+    records = [{"prompt": f"{a} + {a} =", "response": f"{2 * a}"} for a in range(7)]
+    records.append({"prompt": " ".join(str(i % 10) for i in range(4000)), "response": "1"})
+    dataset = datasets.Dataset.from_list(records)
+    source = tmp_path / ("data.parquet" if kind == "parquet" else "data")
+    dataset.to_parquet(str(source)) if kind == "parquet" else dataset.save_to_disk(str(source))
+    out = tmp_path / "run"
+    assert main(["train", "--train", str(source), "--out", str(out), "--model", "tiny", "--steps-per-iteration",
+                 "2", "--batch-size", "2", "--progress", "false"]) == 0
+    report = json.loads((out / "summary.json").read_text())
+    assert report["steps"] == 2
+    assert report["data"]["train"]["examples"] == 7 and report["data"]["train"]["too_long"] == 1
+
+
+def test_finished_iterations_rows_are_removed_once_no_checkpoint_needs_them(tokenizer, examples, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_model(tokenizer), tokenizer, examples, method="sft", iterations=2, steps_per_iteration=2,
+          save_every=1, out_dir=str(out), **FAST)  # keep_checkpoints=1: the last, between iterations
+    assert (out / "iterations").is_dir() and not os.listdir(out / "iterations")
+    kept = tmp_path / "kept"
+    train(tiny_model(tokenizer), tokenizer, examples, method="sft", iterations=2, steps_per_iteration=2,
+          save_every=1, keep_checkpoints=3, out_dir=str(kept), **FAST)
+    # kept: step 3 (iteration 1, mid), step 4 (end); iteration 0's rows are referenced by none
+    assert sorted(os.listdir(kept / "iterations")) == ["iter001"]

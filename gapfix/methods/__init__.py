@@ -1,1 +1,2 @@
-"""The training methods built on the ops: BASH (gapfix.methods.bash) and RAC (gapfix.methods.rac)."""
+"""The training methods: each one file, behind one interface (gapfix.methods.base.Method, with
+its registry): SFT (gapfix.methods.sft), BASH (gapfix.methods.bash) and RAC (gapfix.methods.rac)."""

@@ -22,17 +22,18 @@ answer tokens (and position 0, which has no prefix) hold the original id.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gapfix.data import check_labels
+from gapfix.methods.base import Method, OfflineContext, register, row_seed
 from gapfix.models import decoder_trunk, output_head, unwrap_model
 from gapfix.ops.mix_embedding import mix_embedding
 
-__all__ = ["Alternatives", "BashBatch", "build_bash_batch", "mixed_inputs_embeds",
+__all__ = ["BASH", "Alternatives", "BashBatch", "build_bash_batch", "mixed_inputs_embeds",
            "predict_alternatives"]
 
 MODES = ("argmax", "sample", "topk")
@@ -203,7 +204,8 @@ def predict_alternatives(model: nn.Module, input_ids: torch.Tensor,
                          position_ids: Optional[torch.Tensor] = None, mode: str = "argmax",
                          temperature: float = 1.0, top_k: int = 4, chunk_size: int = 2048,
                          generator: Optional[torch.Generator] = None,
-                         seed: Optional[int] = None) -> Alternatives:
+                         seed: Optional[int] = None,
+                         row_seeds: Optional[Sequence[int]] = None) -> Alternatives:
     """The frozen model's guess for every answer token, from one teacher-forced pass.
 
     Args:
@@ -231,6 +233,10 @@ def predict_alternatives(model: nn.Module, input_ids: torch.Tensor,
             head run whole forwards on micro-batches of chunk_size // T rows.
         generator / seed: the randomness of "sample" (a generator on the
             model's device, or a seed to make one).
+        row_seeds: "sample" only, instead of generator / seed: one seed per row,
+            each row's draws coming from its own stream, so that a row samples
+            alike whatever rows share its batch (the trainer seeds a row from
+            its example, so every world size builds the same rows).
 
     Returns:
         Alternatives(alt_ids, alt_probs): alt_ids (B, T) long, alt_ids[b, t]
@@ -259,7 +265,9 @@ def predict_alternatives(model: nn.Module, input_ids: torch.Tensor,
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if mode == "sample" and generator is None and seed is not None:
+    if row_seeds is not None and len(row_seeds) != input_ids.shape[0]:
+        raise ValueError(f"row_seeds must have one seed per row ({input_ids.shape[0]}), got {len(row_seeds)}")
+    if mode == "sample" and generator is None and seed is not None and row_seeds is None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
 
     input_ids = input_ids.long()
@@ -287,7 +295,17 @@ def predict_alternatives(model: nn.Module, input_ids: torch.Tensor,
 
             chunks = (part(i).logits[:, :-1][predicts[i:i + rows]].float()
                       for i in range(0, input_ids.shape[0], rows))
-        picks = [_pick(logits, mode, temperature, top_k, generator) for logits in chunks]
+        uniforms = None
+        if mode == "sample" and row_seeds is not None:  # row-major, as the predicted positions are
+            counts = predicts.sum(1).tolist()
+            uniforms = torch.cat([torch.rand(n, generator=torch.Generator().manual_seed(int(s)))
+                                  for n, s in zip(counts, row_seeds)] or [torch.empty(0)])
+            uniforms = uniforms.to(input_ids.device)
+        picks, used = [], 0
+        for logits in chunks:
+            u = None if uniforms is None else uniforms[used:used + logits.shape[0], None]
+            used += logits.shape[0]
+            picks.append(_pick(logits, mode, temperature, top_k, generator, u))
     finally:
         model.train(was_training)
 
@@ -306,14 +324,16 @@ def predict_alternatives(model: nn.Module, input_ids: torch.Tensor,
     return Alternatives(alt_ids, None)
 
 
-def _pick(logits, mode, temperature, top_k, generator):
+def _pick(logits, mode, temperature, top_k, generator, u=None):
     if mode == "argmax":
         return logits.argmax(-1)
     if mode == "sample":
         # inverse-CDF sampling: one cumsum and a binary search per row; torch.multinomial
         # is several times slower than the model's forward on CPU at a 32k vocabulary
         cdf = F.softmax(logits / temperature, dim=-1).cumsum(-1)
-        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+        if u is None:
+            u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+        u = u.to(cdf.dtype)
         picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
         return picked.clamp_max(cdf.shape[-1] - 1)
     values, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
@@ -323,3 +343,157 @@ def _pick(logits, mode, temperature, top_k, generator):
         ids = torch.cat([ids, ids[:, :1].expand(-1, pad)], dim=-1)
         probs = torch.cat([probs, probs.new_zeros(probs.shape[0], pad)], dim=-1)
     return ids, probs
+
+
+# ----------------------------------------------------------------------------
+# the method, as the reference trainer runs it (gapfix.methods.base.Method)
+# ----------------------------------------------------------------------------
+
+BASH_MODES = ("argmax", "sample", "topk", "random")  # random: the noise control, uniform random tokens
+
+
+@register
+class BASH(Method):
+    """Offline: one teacher-forced pass over the rows the steps draw gives the model's own token
+    at every trained position (alt_ids, with alt_probs in topk mode); rows the steps never draw
+    carry their own ids (eligible all False). Training: each eligible input token is replaced by
+    its alternative with probability beta inside the embedding gather, seeded per row.
+
+    The predicted rows are cut into chunks of `predict_rows` in row order, the same chunks at
+    any world size; rank r predicts its contiguous share of the chunks (so a row's forward has
+    the same batch, hence the same bits, for any N), sampling from per-example seeds."""
+
+    name = "bash"
+    batch_fields = ("alt_ids", "eligible")
+    uses_row_seeds = True
+    predict_rows = 64
+
+    def validate(self, config) -> None:
+        if not 0.0 <= config.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {config.beta}")
+        if config.bash_mode not in BASH_MODES:
+            raise ValueError(f"bash_mode must be argmax, sample, topk or random, got {config.bash_mode!r}")
+        if config.bash_rows is not None and config.bash_rows < 1:
+            raise ValueError(f"bash_rows must be >= 1 or None, got {config.bash_rows}")
+
+    def num_rows(self, num_examples: int, config) -> int:
+        return min(config.bash_rows, num_examples) if config.bash_rows else num_examples
+
+    def _subset(self, ctx: OfflineContext) -> List[int]:
+        """The example behind each row: all of them, or bash_rows drawn afresh each iteration."""
+        import random
+
+        n, config = len(ctx.examples), ctx.config
+        if not config.bash_rows:
+            return list(range(n))
+        rng = random.Random(f"{config.seed}/{ctx.iteration}/rows")  # str seeds are hashed stably
+        return rng.sample(range(n), min(config.bash_rows, n))
+
+    def build_shard(self, ctx: OfflineContext) -> dict:
+        from gapfix.data.arrow import shard_range
+
+        owners = self._subset(ctx)
+        num_rows = len(owners)
+        scheduled = not ctx.config.bash_rows  # predict only the rows the steps draw
+        todo = sorted(set(ctx.trained_rows(num_rows))) if scheduled else list(range(num_rows))
+        chunks = [todo[i:i + self.predict_rows] for i in range(0, len(todo), self.predict_rows)]
+        mine = shard_range(len(chunks), ctx.rank, ctx.world)
+
+        def boundary(chunk):  # the first row of the rank whose first chunk is `chunk`
+            return 0 if chunk == 0 else (num_rows if chunk >= len(chunks) else chunks[chunk][0])
+
+        start, stop = boundary(mine.start), boundary(mine.stop)
+        if ctx.rank == ctx.world - 1:
+            stop = num_rows
+        predicted = same = 0
+        with ctx.writer(start) as writer:
+            done = start
+            for c in mine:
+                chunk = chunks[c]
+                self._write_plain(ctx, writer, owners, range(done, chunk[0]))
+                rows, counts = self._predict(ctx, [owners[i] for i in chunk])
+                predicted, same = predicted + counts[0], same + counts[1]
+                done = chunk[0]
+                for index, row in zip(chunk, rows):
+                    self._write_plain(ctx, writer, owners, range(done, index))
+                    writer.write([row])
+                    done = index + 1
+            self._write_plain(ctx, writer, owners, range(done, stop))
+        predicted, same = (int(v) for v in ctx.all_reduce([predicted, same]))
+        ratio = same / predicted if predicted else float("nan")
+        ctx.log(dict(event="bash_offline", iteration=ctx.iteration, predicted_rows=len(todo),
+                     predicted_tokens=predicted, equal_to_input=ratio))
+        config = ctx.config
+        if predicted and same == predicted and config.beta > 0 and config.bash_mode != "topk":
+            import warnings
+
+            warnings.warn(f"BASH iteration {ctx.iteration}: every predicted token equals the reference input "
+                          f"({predicted} tokens), so mixing changes nothing and the iteration is SFT; "
+                          "raise --bash-temperature or use --bash-mode sample/topk", stacklevel=2)
+        return {"predicted_rows": len(todo)} if scheduled else {}
+
+    def _write_plain(self, ctx, writer, owners, rows) -> None:
+        """Rows no step draws: their own ids as alternatives, nothing eligible (never mixed)."""
+        from gapfix.data import sft_row
+
+        for start in range(rows.start, rows.stop, 1024):
+            part = range(start, min(start + 1024, rows.stop))
+            plain = []
+            for example in ctx.gather([owners[i] for i in part]):
+                row = sft_row(example)
+                row["eligible"] = [False] * len(row["input_ids"])
+                if ctx.config.bash_mode == "topk":
+                    k = ctx.config.bash_top_k
+                    row["alt_ids"] = [[t] * k for t in row["input_ids"]]
+                    row["alt_probs"] = [[1.0] + [0.0] * (k - 1) for _ in row["input_ids"]]
+                else:
+                    row["alt_ids"] = list(row["input_ids"])
+                plain.append(row)
+            writer.write(plain)
+
+    def _predict(self, ctx: OfflineContext, example_indices: List[int]):
+        """The rows of these examples with the frozen model's alternatives, and (predicted
+        tokens, predicted tokens equal to the input)."""
+        from gapfix.data import IGNORE_INDEX, collate, sft_row
+
+        config = ctx.config
+        rows = [sft_row(ex) for ex in ctx.gather(example_indices)]
+        for row in rows:  # the trained tokens (every assistant turn of a chat)
+            row["eligible"] = [label != IGNORE_INDEX for label in row["labels"]]
+        batch = collate(rows, pad_id=0)  # eligible pads with False
+        seeds = [row_seed(config.seed, ctx.iteration, "predict", i) for i in example_indices]
+        if config.bash_mode == "random":  # the noise control: random tokens in place of predictions
+            prediction = random_alternatives(ctx.model, batch, seeds)
+        else:
+            ctx.count("forwards")
+            prediction = predict_alternatives(
+                ctx.model, batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device),
+                batch["eligible"].to(ctx.device), mode=config.bash_mode, temperature=config.bash_temperature,
+                top_k=config.bash_top_k, row_seeds=seeds)
+        eligible = batch["eligible"]
+        alt = prediction.alt_ids if prediction.alt_ids.dim() == 2 else prediction.alt_ids[..., 0]
+        counts = (int(eligible.sum()), int(((alt.cpu() == batch["input_ids"]) & eligible).sum()))
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            row["alt_ids"] = prediction.alt_ids[i, :n].tolist()
+            if prediction.alt_probs is not None:
+                row["alt_probs"] = prediction.alt_probs[i, :n].tolist()
+        return rows, counts
+
+    def loss_inputs(self, config, row_seeds) -> dict:
+        return {"mix_seed": row_seeds, "beta": config.beta}
+
+    def model_inputs(self, model, batch, *, impl: str, mix_seed=None, beta: float = 0.0, **unused):
+        embeds, mixed = mixed_inputs_embeds(model, batch["input_ids"], batch["alt_ids"], beta=beta,
+                                            seed=mix_seed, eligible=batch["eligible"],
+                                            alt_probs=batch.get("alt_probs"), impl=impl)
+        return {"inputs_embeds": embeds}, {"mixed_fraction": (mixed.sum(), batch["eligible"].sum())}
+
+
+def random_alternatives(model, batch, row_seeds: Sequence[int]) -> Alternatives:
+    """Uniform random tokens at the eligible positions (BASH's noise control), one stream per row."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = batch["input_ids"]
+    noise = torch.stack([torch.randint(0, vocab, ids.shape[1:],
+                                       generator=torch.Generator().manual_seed(int(s))) for s in row_seeds])
+    return Alternatives(torch.where(batch["eligible"], noise, ids), None)

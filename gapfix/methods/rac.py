@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from gapfix.data import IGNORE_INDEX
+from gapfix.methods.base import Method, OfflineContext, register, row_seed
 
-__all__ = ["build_rac_rows", "mix_with_sft", "to_soft_row"]
+__all__ = ["RAC", "build_rac_rows", "mix_with_sft", "to_soft_row"]
 
 
 def _strip_generated(g: Sequence[int], eos_id: int, finished: Optional[bool] = None):
@@ -136,7 +137,8 @@ def build_rac_rows(
     All pairs go through one gapfix.align and one gapfix.rac_labels call.
 
     Returns (rows, stats). rows: dicts with input_ids and labels (aligned with
-    input_ids, the Hugging Face convention; see the module doc), plus target_ids / target_weights for "all". stats: ``rows``;
+    input_ids, the Hugging Face convention; see the module doc), plus target_ids /
+    target_weights for "all". stats: ``rows``;
     ``trained_positions``; ``label_agreement``, the fraction of trained
     positions whose label equals the token the model generated there (for
     "all": is among the targets; the position after a cut answer has no
@@ -281,3 +283,165 @@ def mix_with_sft(rac_rows: Sequence, sft_rows: Sequence, ratio: float, seed: int
     mixed = list(rac_rows) + sft
     rng.shuffle(mixed)
     return mixed
+
+
+# ----------------------------------------------------------------------------
+# the method, as the reference trainer runs it (gapfix.methods.base.Method)
+# ----------------------------------------------------------------------------
+
+RAC_MODES = ("path", "first", "last", "all")
+_AVERAGED = ("label_agreement", "mean_edit_distance", "finished", "exact_match")
+
+
+@register
+class RAC(Method):
+    """Offline: the model answers rac_prompts prompts (drawn afresh each iteration), the
+    answers become RAC rows (build_rac_rows), mixed with rac_sft_ratio SFT rows per RAC row.
+
+    The drawn prompts are cut into chunks of `generate_prompts`, the same chunks at any world
+    size; rank r generates its contiguous share and writes its RAC rows as a shard; then rank 0
+    writes the mixed rows (one file). Sampled answers: one generate call per chunk, seeded from
+    (seed, iteration, the chunk's first example), so that they do not depend on the world size
+    (the chunks do not); with `seed_per_prompt`, one call per prompt seeded from its own example,
+    so that they do not depend on the chunking either, at the cost of batching (several times
+    slower generation)."""
+
+    name = "rac"
+    generates = True
+    generate_prompts = 32
+    seed_per_prompt = False
+    soft = False  # soft "all" targets regardless of rac_mode (a subclass may set it)
+
+    def validate(self, config) -> None:
+        if config.rac_mode not in RAC_MODES:
+            raise ValueError(f"rac_mode must be path, first, last or all, got {config.rac_mode!r}")
+        if config.rac_prompts is not None and config.rac_prompts < 1:
+            raise ValueError(f"rac_prompts must be >= 1 or None, got {config.rac_prompts}")
+        if config.rac_sft_ratio < 0:
+            raise ValueError(f"rac_sft_ratio must be >= 0, got {config.rac_sft_ratio}")
+
+    def label_mode(self, config) -> str:
+        return "all" if self.soft else config.rac_mode
+
+    def num_rows(self, num_examples: int, config) -> int:
+        rac = min(config.rac_prompts or num_examples, num_examples) * config.rac_samples
+        return rac + round(rac * config.rac_sft_ratio)
+
+    def _chosen(self, ctx: OfflineContext) -> List[int]:
+        n, config = len(ctx.examples), ctx.config
+        rng = random.Random(f"{config.seed}/{ctx.iteration}/rows")  # str seeds are hashed stably
+        return rng.sample(range(n), min(config.rac_prompts or n, n))
+
+    def build_shard(self, ctx: OfflineContext) -> dict:
+        from gapfix.data.arrow import shard_range
+
+        config = ctx.config
+        chosen = self._chosen(ctx)
+        chunks = [chosen[i:i + self.generate_prompts] for i in range(0, len(chosen), self.generate_prompts)]
+        mine = shard_range(len(chunks), ctx.rank, ctx.world)
+        first = min(mine.start * self.generate_prompts, len(chosen)) * config.rac_samples
+        sums = {"generated": 0, "rows": 0, "trained_positions": 0, **{k: 0.0 for k in _AVERAGED}}
+        weights = {k: 0 for k in _AVERAGED}
+        with ctx.writer(first, stem="rac") as writer:
+            for c in mine:
+                rows, stats, generated = self._rows(ctx, chunks[c])
+                writer.write(rows)
+                sums["generated"] += generated
+                sums["rows"] += stats["rows"]
+                sums["trained_positions"] += stats["trained_positions"]
+                for key in _AVERAGED:  # label agreement weighted by trained positions, the rest by rows
+                    weight = stats["trained_positions"] if key == "label_agreement" else stats["rows"]
+                    if weight and stats[key] == stats[key]:
+                        sums[key] += stats[key] * weight
+                        weights[key] += weight
+        keys = list(sums)
+        totals = dict(zip(keys, ctx.all_reduce([sums[k] for k in keys])))
+        weight_totals = dict(zip(_AVERAGED, ctx.all_reduce([weights[k] for k in _AVERAGED])))
+        stats = {"rows": int(totals["rows"]), "trained_positions": int(totals["trained_positions"])}
+        for key in _AVERAGED:
+            stats[key] = totals[key] / weight_totals[key] if weight_totals[key] else float("nan")
+        generated = int(totals["generated"])
+        ctx.log(dict(event="rac_offline", iteration=ctx.iteration, prompts=len(chosen), generated=generated,
+                     **stats))
+        if generated and stats.get("mean_edit_distance") == 0.0:  # every answer is its reference
+            import warnings
+
+            warnings.warn(f"RAC iteration {ctx.iteration}: all {generated} generated answers equal their "
+                          "references, so every RAC row is an SFT row and the iteration is SFT on fewer "
+                          "rows; "
+                          "sample them (--rac-temperature > 0)", stacklevel=2)
+        return {}
+
+    def _rows(self, ctx: OfflineContext, chunk: List[int]):
+        """The RAC rows of the prompts of examples `chunk`, in order, build_rac_rows' stats,
+        and the number of answers generated."""
+        from gapfix.generation import generate
+
+        config, tokenizer = ctx.config, ctx.tokenizer
+        examples = ctx.gather(chunk)
+        options = dict(tokenizer=tokenizer, n=config.rac_samples, temperature=config.rac_temperature,
+                       max_new_tokens=config.max_new_tokens, backend=self._backend(ctx.model, config))
+        if config.rac_temperature > 0 and self.seed_per_prompt:  # each prompt from its example's seed
+            outputs, owners = [], []
+            for index, example in zip(chunk, examples):
+                ctx.count("generate_calls")
+                got = generate(ctx.model, [example.prompt_ids],
+                               seed=row_seed(config.seed, ctx.iteration, "generate", index), **options)
+                outputs += got
+                owners += [example] * len(got)
+        else:
+            ctx.count("generate_calls")
+            seed = row_seed(config.seed, ctx.iteration, "generate", "chunk", chunk[0])
+            outputs = generate(ctx.model, [ex.prompt_ids for ex in examples],
+                               seed=seed if config.rac_temperature > 0 else None, **options)
+            owners = [examples[output.prompt_index] for output in outputs]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        rows, stats = build_rac_rows(
+            [ex.prompt_ids for ex in owners], outputs, [ex.answer_ids for ex in owners],
+            eos_id=tokenizer.eos_token_id, pad_id=pad_id, mode=self.label_mode(config),
+            only_until_divergence=config.rac_only_until_divergence, impl="auto" if config.fused else "torch")
+        return rows, stats, len(outputs)
+
+    @staticmethod
+    def _backend(model, config) -> str:
+        """vLLM loads a saved folder; a PEFT model saves only its adapter, so it generates with hf."""
+        from gapfix.models import unwrap_model
+
+        if config.generation_backend == "auto" and unwrap_model(model) is not model:
+            return "hf"
+        return config.generation_backend
+
+    def finish(self, ctx: OfflineContext) -> List[str]:
+        """Rank 0 mixes the RAC rows of every shard with SFT rows (mix_with_sft's order) into one file."""
+        import os
+
+        path = os.path.join(ctx.folder, "rows.arrow")
+        if ctx.main:
+            self._write_mixed(ctx, path)
+        ctx.barrier()
+        return [path]
+
+    def _write_mixed(self, ctx: OfflineContext, path: str, chunk_rows: int = 1024) -> None:
+        from gapfix.data import sft_row
+        from gapfix.data.arrow import RowTable, RowWriter
+
+        config = ctx.config
+        rac = RowTable.open(ctx.shard_paths("rac"))
+        # the mixed order of mix_with_sft, computed on references (tuples pass through it)
+        order = mix_with_sft([("rac", i) for i in range(len(rac))],
+                             [("sft", i) for i in range(len(ctx.examples))], config.rac_sft_ratio,
+                             seed=row_seed(config.seed, ctx.iteration, "mix", 0, 0))
+        width = next((f.width for f in rac.fields if f.name == "target_ids"), None)
+        with RowWriter(path) as writer:
+            for start in range(0, len(order), chunk_rows):
+                part = order[start:start + chunk_rows]
+                rac_rows = iter(rac.gather([i for kind, i in part if kind == "rac"]))
+                sft_rows = iter(ctx.gather([i for kind, i in part if kind == "sft"]))
+                rows = []
+                for kind, _ in part:
+                    if kind == "rac":
+                        rows.append(next(rac_rows))
+                    else:
+                        row = sft_row(next(sft_rows))
+                        rows.append(to_soft_row(row, width) if width else row)
+                writer.write(rows)
