@@ -22,7 +22,8 @@ _SKIP = {"out_dir", "method", "iterations"}
 
 
 def _flag_type(field):
-    hint = field.type if not isinstance(field.type, str) else eval(field.type, vars(typing))  # noqa: S307
+    """The flag's value type: the field's annotation, Optional[X] read as X."""
+    hint = typing.get_type_hints(TrainConfig)[field.name]  # resolves string annotations, no eval
     origin = typing.get_origin(hint)
     if origin is typing.Union:  # Optional[X]
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
@@ -346,10 +347,9 @@ def _prompt_limit(context, max_new_tokens):
 
 def run(args) -> int:
     from gapfix.data import check_input_file
+    from gapfix.eval_cli import apply_threads, quiet_third_party
     from gapfix.evaluation import evaluate
     from gapfix.trainer import train
-
-    from gapfix.eval_cli import apply_threads, quiet_third_party
 
     config = config_from_args(args)
     apply_threads(args.threads)

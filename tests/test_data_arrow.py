@@ -396,7 +396,6 @@ def test_rows_round_trip_exactly(tmp_path, kind):
 
 def test_real_bash_and_rac_rows_round_trip(tmp_path, tokenizer):
     """Rows from the trainer's own BASH offline phase and from build_rac_rows (soft "all")."""
-    import torch
 
     from gapfix.methods.rac import build_rac_rows, mix_with_sft
     from gapfix.models import tiny_llama
