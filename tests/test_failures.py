@@ -90,6 +90,8 @@ def test_train_names_a_non_utf8_line_and_skips_it_when_asked(tmp_path, capsys):
     assert "[4]" in capsys.readouterr().err  # the skipped line is reported
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["train"]["skipped_lines"] == [4] and summary["data"]["train"]["examples"] == 6
+    # the tokenized copy of the JSONL is memory-mapped from under --out, not beside the data
+    assert sorted(os.listdir(tmp_path)) == ["data.jsonl", "run"] and (out / "data_cache").is_dir()
 
 
 @pytest.fixture(scope="module")
