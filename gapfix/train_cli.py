@@ -85,9 +85,10 @@ def configure(parser):
     parser.add_argument("--model", required=True, help='a local HF model folder, a config.json, or "tiny"')
     parser.add_argument("--train", required=True,
                         help="prompt/response or chat records: a JSONL file, a Parquet file, or a folder "
-                        "written by datasets' save_to_disk (Parquet and folders are tokenized by "
-                        "datasets.map into a memory-mapped cache, and may hold prompt_ids/answer_ids)")
-    parser.add_argument("--eval", help="held-out JSONL, evaluated by greedy generation after each iteration")
+                        "written by datasets' save_to_disk, tokenized by datasets.map into a memory-mapped "
+                        "cache under --out (data_cache/); Parquet and folders may hold prompt_ids/answer_ids")
+    parser.add_argument("--eval", help="held-out records (as --train takes), evaluated by greedy generation "
+                        "after each iteration")
     parser.add_argument("--answer-regex", default=None,
                         help="--eval scores the answer this regex captures (group 1; default: exact match)")
     parser.add_argument("--method", default="sft",
@@ -340,7 +341,7 @@ def run(args) -> int:
     config.validate()  # a bad --method or --beta fails before any model is loaded
     if not _is_table_source(args.train):
         check_input_file(args.train, "--train")
-    if args.eval:
+    if args.eval and not _is_table_source(args.eval):
         check_input_file(args.eval, "--eval")
     model, tokenizer = load_model_and_tokenizer(args.model, args.train, attention, config.seed,
                                                 args.tokenizer, args.vocab_size, on_error=args.on_error)

@@ -134,6 +134,20 @@ def test_an_example_longer_than_the_context_is_dropped_and_reported(tmp_path, ca
     assert report["too_long"] == 1 and report["examples"] == 6 and report["max_length"] == 512
 
 
+def test_eval_prompts_that_leave_no_room_to_generate_are_dropped_and_named(tmp_path, capsys):
+    """--max-new-tokens 500 of the tiny model's 512 leaves 12 prompt tokens: longer --eval prompts
+    are dropped and counted (stderr), and an --eval file of nothing else is named (exit 2)."""
+    long_prompt = " ".join(["1 + 2 + 3 + 4 + 5"] * 6) + " ="
+    data = write(tmp_path / "data.jsonl", records(6))
+    evals = write(tmp_path / "eval.jsonl", [json.dumps({"prompt": long_prompt, "response": "90"})] * 3)
+    args = ["train", "--train", data, "--eval", evals, "--out", str(tmp_path / "run"), "--max-new-tokens", "500"]
+    assert main([*args, *TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"eval\.jsonl: dropped 3 example\(s\) whose prompt is longer than 12 tokens", err)
+    line = err.strip().splitlines()[-1]
+    assert evals in line and "no usable examples (3 prompt too long)" in line
+
+
 # ---------------------------------------------------------------- item 13: resume, other flags
 
 
