@@ -85,9 +85,10 @@ def configure(parser):
     parser.add_argument("--model", required=True, help='a local HF model folder, a config.json, or "tiny"')
     parser.add_argument("--train", required=True,
                         help="prompt/response or chat records: a JSONL file, a Parquet file, or a folder "
-                        "written by datasets' save_to_disk (Parquet and folders are tokenized by "
-                        "datasets.map into a memory-mapped cache, and may hold prompt_ids/answer_ids)")
-    parser.add_argument("--eval", help="held-out JSONL, evaluated by greedy generation after each iteration")
+                        "written by datasets' save_to_disk, tokenized by datasets.map into a memory-mapped "
+                        "cache under --out (data_cache/); Parquet and folders may hold prompt_ids/answer_ids")
+    parser.add_argument("--eval", help="held-out records (as --train takes), evaluated by greedy generation "
+                        "after each iteration")
     parser.add_argument("--answer-regex", default=None,
                         help="--eval scores the answer this regex captures (group 1; default: exact match)")
     parser.add_argument("--method", default="sft",
@@ -265,50 +266,29 @@ def _table_records(path):
     return iter(raw)
 
 
-def _load_table(path, tokenizer, *, max_length, max_prompt_length, on_error, report):
-    """A Parquet file or saved datasets folder tokenized by load_tokenized (memory-mapped), its
-    too-long examples dropped and counted."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    from gapfix.data import DataError
-    from gapfix.data.arrow import load_tokenized
-
-    dataset = load_tokenized(path, tokenizer, on_error=on_error)
-    table = dataset.with_format("arrow")[:]  # the mapped columns; no row is decoded
-    prompt = pc.list_value_length(table.column("prompt_ids")).to_numpy(zero_copy_only=False)
-    answer = pc.list_value_length(table.column("answer_ids")).to_numpy(zero_copy_only=False)
-    keep = np.ones(len(prompt), dtype=bool)
-    too_long = prompt_too_long = 0
-    if max_length is not None:
-        over = prompt + answer > max_length
-        too_long, keep = int(over.sum()), keep & ~over
-    if max_prompt_length is not None:
-        over = keep & (prompt > max_prompt_length)
-        prompt_too_long, keep = int(over.sum()), keep & ~over
-    report.update(examples=int(keep.sum()), skipped_lines=[], unusable_records=0, too_long=too_long,
-                  prompt_too_long=prompt_too_long)
-    if not keep.any():
-        raise DataError(f"{path}: no usable examples ({too_long} too long, "
-                        f"{prompt_too_long} prompts too long)")
-    return dataset if keep.all() else dataset.select(np.flatnonzero(keep))
+def data_cache_dir(out: str) -> str:
+    """Where `gapfix train` keeps datasets' cache of its --train/--eval data (the Arrow files
+    that tokenized JSONL or Parquet lands in, and every filtered copy): under --out, so that
+    nothing is written beside the user's data or into ~/.cache, a rerun into the same --out
+    tokenizes nothing, and removing the run removes its cache."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file, not a folder")
+    return os.path.join(out, "data_cache")
 
 
-def _load_data(path, tokenizer, *, max_length, max_length_source, max_prompt_length, on_error):
-    """Examples of a data file (a list), or of a Parquet file or datasets folder (a memory-mapped
-    datasets.Dataset), and a report of what was dropped and why (also printed)."""
+def _load_data(path, tokenizer, *, max_length, max_length_source, max_prompt_length, on_error, cache_dir):
+    """Examples of a JSONL or Parquet file or a saved datasets folder, tokenized by load_tokenized
+    into a memory-mapped datasets.Dataset under cache_dir (malformed lines, unusable records and
+    too-long examples dropped and counted), and a report of what was dropped and why (also printed)."""
     import sys
 
-    from gapfix.data import load_examples
+    from gapfix.data.arrow import load_tokenized
 
     report = {"file": path, "max_length": max_length, "max_length_from": max_length_source,
               "max_prompt_length": max_prompt_length}
     try:
-        if _is_table_source(path):
-            return _load_table(path, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                               on_error=on_error, report=report), report
-        return load_examples(path, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                             on_error=on_error, report=report), report
+        return load_tokenized(path, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                              on_error=on_error, cache_dir=cache_dir, report=report), report
     finally:
         if report.get("too_long"):
             print(f"{path}: dropped {report['too_long']} example(s) longer than {max_length} tokens "
@@ -361,7 +341,7 @@ def run(args) -> int:
     config.validate()  # a bad --method or --beta fails before any model is loaded
     if not _is_table_source(args.train):
         check_input_file(args.train, "--train")
-    if args.eval:
+    if args.eval and not _is_table_source(args.eval):
         check_input_file(args.eval, "--eval")
     model, tokenizer = load_model_and_tokenizer(args.model, args.train, attention, config.seed,
                                                 args.tokenizer, args.vocab_size, on_error=args.on_error)
@@ -373,7 +353,8 @@ def run(args) -> int:
         model = apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets,
                            dropout=args.lora_dropout)
     max_length, max_length_source, context = _length_limits(model, args.max_length)
-    limits = {"max_length": max_length, "max_length_source": max_length_source, "on_error": args.on_error}
+    limits = {"max_length": max_length, "max_length_source": max_length_source, "on_error": args.on_error,
+              "cache_dir": data_cache_dir(args.out)}
     from gapfix.methods.base import get_method
 
     generated = get_method(config.method).generates  # RAC generates from the training prompts
@@ -383,7 +364,7 @@ def run(args) -> int:
     eval_examples, eval_report = (
         _load_data(args.eval, tokenizer, **limits, max_prompt_length=_prompt_limit(context, config.max_new_tokens))
         if args.eval else (None, None))
-    if eval_examples is not None and not isinstance(eval_examples, list):  # a Parquet eval set: small
+    if eval_examples is not None:  # an eval set is small: evaluate() takes Examples
         from gapfix.data.arrow import ExampleTable
 
         eval_examples = list(ExampleTable(eval_examples))

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -288,7 +289,7 @@ def test_bytes_are_decoded_as_load_examples_decodes_them(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSONL line: not UTF-8") as from_arrow:
         load_tokenized(str(bad), tokenizer, cache_dir=str(tmp_path / "cache"))
     assert str(from_arrow.value) == str(from_examples.value)
-    with pytest.warns(UserWarning, match=r"bad\.jsonl:3"):
+    with pytest.warns(UserWarning, match=r"bad\.jsonl: skipped 1 malformed line\(s\): 3$"):
         got = load_tokenized(str(bad), tokenizer, on_error="skip", cache_dir=str(tmp_path / "cache"))
     with pytest.warns(UserWarning, match=r"skipped 1 malformed line"):
         assert list(ExampleTable(got)) == load_examples(str(bad), tokenizer, on_error="skip")
@@ -297,8 +298,11 @@ def test_bytes_are_decoded_as_load_examples_decodes_them(tmp_path, tokenizer):
 def test_on_error_skip_warns_and_drops(tmp_path, tokenizer):
     records = _records(5)
     path = _write_jsonl(tmp_path / "bad.jsonl", records, raw_lines=["{oops", json.dumps({"q": 1})])
-    with pytest.warns(UserWarning, match=r"skipped 2 unusable record\(s\): .*bad\.jsonl:6.*bad\.jsonl:7"):
+    with pytest.warns(UserWarning) as caught:
         got = load_tokenized(path, tokenizer, on_error="skip", cache_dir=str(tmp_path / "cache"))
+    messages = [str(w.message) for w in caught]
+    assert any(re.search(r"bad\.jsonl: skipped 1 malformed line\(s\): 6$", m) for m in messages), messages
+    assert any(re.search(r"skipped 1 unusable record\(s\): .*bad\.jsonl:7", m) for m in messages), messages
     expected = load_examples(_write_jsonl(tmp_path / "good.jsonl", records), tokenizer)
     assert _tokens(got) == [(e.prompt_ids, e.answer_ids) for e in expected]
     only_bad = _write_jsonl(tmp_path / "only_bad.jsonl", [], raw_lines=["{oops"])
@@ -544,3 +548,66 @@ def test_import_gapfix_does_not_import_datasets():
             "print('datasets' in sys.modules, 'pyarrow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+# ------------------------------------------------------------------ reports, length limits, cache
+
+
+def _lengths(examples):
+    return [len(e.prompt_ids) for e in examples], [len(e.prompt_ids) + len(e.answer_ids) for e in examples]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_report_and_drops_are_those_of_load_examples(tmp_path, tokenizer):
+    """Malformed lines, unusable records, too-long examples and too-long prompts: the same
+    examples kept and the same report as load_examples, for the same limits."""
+    records = _records(30)
+    path = _write_jsonl(tmp_path / "mixed.jsonl", records, raw_lines=["{oops", json.dumps({"q": 1}), "[1]"])
+    prompts, totals = _lengths(load_examples(path, tokenizer, on_error="skip"))
+    max_length = sorted(set(totals))[-2]  # drops the longest
+    max_prompt_length = min(prompts)  # then those with longer prompts
+    limits = dict(max_length=max_length, max_prompt_length=max_prompt_length, on_error="skip")
+    expected_report, report = {}, {}
+    expected = load_examples(path, tokenizer, **limits, report=expected_report)
+    got = load_tokenized(path, tokenizer, **limits, report=report, cache_dir=str(tmp_path / "cache"))
+    assert report == expected_report
+    assert report["skipped_lines"] == [31, 33] and report["unusable_records"] == 1
+    assert report["too_long"] > 0 and report["prompt_too_long"] > 0
+    assert list(ExampleTable(got)) == expected
+
+
+def test_report_is_filled_when_nothing_fits(tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "long.jsonl", _records(5))
+    expected_report, report = {}, {}
+    with pytest.raises(DataError) as from_examples:
+        load_examples(path, tokenizer, max_prompt_length=1, report=expected_report)
+    with pytest.raises(DataError, match=r"long\.jsonl: no usable examples \(5 prompt too long\)"):
+        load_tokenized(path, tokenizer, max_prompt_length=1, report=report, cache_dir=str(tmp_path / "cache"))
+    assert report == expected_report and "5 prompt too long" in str(from_examples.value)
+
+
+def test_max_prompt_length_is_checked(tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "a.jsonl", _records(3))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="max_prompt_length"):
+            load_tokenized(path, tokenizer, max_prompt_length=bad)
+
+
+@pytest.mark.parametrize("tokenized", [False, True], ids=["records", "tokenized"])
+def test_nothing_is_written_beside_a_saved_folder_given_a_cache_dir(tmp_path, tokenizer, tokenized):
+    """A saved datasets folder is the user's data: its tokenized and filtered copies go to cache_dir."""
+    records = [record for record in _records(12) if "prompt" in record]
+    examples = load_examples(_write_jsonl(tmp_path / "a.jsonl", records), tokenizer)
+    source = dataset_from_examples(examples) if tokenized else datasets.Dataset.from_list(records)
+    folder = tmp_path / "saved"
+    source.save_to_disk(str(folder))
+    before = sorted(os.listdir(folder))
+    cache = tmp_path / "cache"
+    max_length = sorted(_lengths(examples)[1])[-3]
+    got = load_tokenized(str(folder), tokenizer, max_length=max_length, max_prompt_length=1000,
+                         cache_dir=str(cache))
+    assert sorted(os.listdir(folder)) == before
+    written = [f["filename"] for f in got.cache_files if not f["filename"].startswith(str(folder))]
+    assert written and all(name.startswith(str(cache)) for name in written)
+    assert _tokens(got) == [(e.prompt_ids, e.answer_ids) for e in examples
+                            if len(e.prompt_ids) + len(e.answer_ids) <= max_length]

@@ -90,6 +90,8 @@ def test_train_names_a_non_utf8_line_and_skips_it_when_asked(tmp_path, capsys):
     assert "[4]" in capsys.readouterr().err  # the skipped line is reported
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["train"]["skipped_lines"] == [4] and summary["data"]["train"]["examples"] == 6
+    # the tokenized copy of the JSONL is memory-mapped from under --out, not beside the data
+    assert sorted(os.listdir(tmp_path)) == ["data.jsonl", "run"] and (out / "data_cache").is_dir()
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +132,20 @@ def test_an_example_longer_than_the_context_is_dropped_and_reported(tmp_path, ca
     assert re.search(r"dropped 1 example\(s\) longer than 512 tokens \(the model's context length\)", err)
     report = json.loads((out / "summary.json").read_text())["data"]["train"]
     assert report["too_long"] == 1 and report["examples"] == 6 and report["max_length"] == 512
+
+
+def test_eval_prompts_that_leave_no_room_to_generate_are_dropped_and_named(tmp_path, capsys):
+    """--max-new-tokens 500 of the tiny model's 512 leaves 12 prompt tokens: longer --eval prompts
+    are dropped and counted (stderr), and an --eval file of nothing else is named (exit 2)."""
+    long_prompt = " ".join(["1 + 2 + 3 + 4 + 5"] * 6) + " ="
+    data = write(tmp_path / "data.jsonl", records(6))
+    evals = write(tmp_path / "eval.jsonl", [json.dumps({"prompt": long_prompt, "response": "90"})] * 3)
+    args = ["train", "--train", data, "--eval", evals, "--out", str(tmp_path / "run"), "--max-new-tokens", "500"]
+    assert main([*args, *TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"eval\.jsonl: dropped 3 example\(s\) whose prompt is longer than 12 tokens", err)
+    line = err.strip().splitlines()[-1]
+    assert evals in line and "no usable examples (3 prompt too long)" in line
 
 
 # ---------------------------------------------------------------- item 13: resume, other flags

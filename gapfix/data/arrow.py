@@ -68,6 +68,8 @@ def _example_features(with_record: bool) -> datasets.Features:
     if with_record:
         columns["record"] = datasets.Value("string")
     columns["error"] = datasets.Value("string")
+    columns["line"] = datasets.Value("int64")  # the source's line (JSONL) or row: for the report
+    columns["malformed"] = datasets.Value("bool")  # a bad JSONL line, not an unusable record
     return datasets.Features(columns)
 
 
@@ -168,14 +170,15 @@ def _tokenize_batch(batch: Dict[str, list], indices: List[int], *, tokenizer: Pr
 
     del encoding
 
-    out: Dict[str, list] = {name: [] for name in (*TOKEN_COLUMNS, PROMPT_LABELS, "record", "error")}
+    out: Dict[str, list] = {name: [] for name in (*TOKEN_COLUMNS, PROMPT_LABELS, "record", "error", "line",
+                                                  "malformed")}
     if kind == "line":  # rows are chunks of lines: one output row per line
         lines = list(itertools.chain.from_iterable(batch["line"]))
         texts = list(itertools.chain.from_iterable(batch["text"]))
         whys = list(itertools.chain.from_iterable(batch["why"]))
         indices = range(len(lines))
     for i, index in enumerate(indices):
-        error, record = None, None
+        error, record, malformed = None, None, False
         if kind == "line":
             where = f"{source}:{lines[i]}"
             why = whys[i]
@@ -184,7 +187,7 @@ def _tokenize_batch(batch: Dict[str, list], indices: List[int], *, tokenizer: Pr
             if why is None:
                 why = gapfix_data.not_a_record(record)
             if why is not None:  # the message read_jsonl gives
-                record, error = None, f"{where}: malformed JSONL line: {why}"
+                record, error, malformed = None, f"{where}: malformed JSONL line: {why}", True
         else:
             where = f"{source}: row {index}"
             # a null is a field this record does not have (a table holding both record forms
@@ -201,6 +204,8 @@ def _tokenize_batch(batch: Dict[str, list], indices: List[int], *, tokenizer: Pr
         out[PROMPT_LABELS].append((example.prompt_labels or []) if example else [])
         out["record"].append(json.dumps(record, default=str) if record is not None else None)
         out["error"].append(error)
+        out["line"].append(lines[i] if kind == "line" else index)
+        out["malformed"].append(malformed)
     if not with_record:
         del out["record"]
     return out
@@ -219,11 +224,23 @@ def _within_length(
     return pc.less_equal(lengths, max_length)
 
 
+def _prompt_within_length(prompt_ids: pa.ChunkedArray, *, max_prompt_length: int) -> pa.ChunkedArray:
+    import pyarrow.compute as pc
+
+    return pc.less_equal(pc.list_value_length(prompt_ids), max_prompt_length)
+
+
+def _positive_or_none(value: Any, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
 def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
                    tokenizer: Optional[PreTrainedTokenizerBase] = None, *,
-                 max_length: Optional[int] = None, on_error: str = "raise", num_proc: Optional[int] = None,
-                 cache_dir: Optional[str] = None, keep_records: bool = True,
-                 limit: Optional[int] = None) -> "datasets.Dataset":
+                   max_length: Optional[int] = None, max_prompt_length: Optional[int] = None,
+                   on_error: str = "raise", num_proc: Optional[int] = None,
+                   cache_dir: Optional[str] = None, keep_records: bool = True,
+                   limit: Optional[int] = None, report: Optional[dict] = None) -> "datasets.Dataset":
     """Tokenized examples of `source` as a memory-mapped `datasets.Dataset`.
 
     source: a JSONL file (.jsonl/.json, one record a line), a Parquet file, a
@@ -234,17 +251,25 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
         when it has one.
     tokenizer: called through `gapfix.data.encode_record` (as `load_examples` calls it).
     max_length: examples longer than this many tokens are dropped.
+    max_prompt_length: examples whose prompt is longer than this many tokens are
+        dropped (a prompt that leaves no room for generated tokens).
     on_error: "raise" (DataError naming the file and line, or row) or "skip"
-        (a warning lists the unusable lines). A source with no usable example is
-        an error either way.
+        (warnings list the malformed lines and the unusable records). A source with
+        no usable example is an error either way.
     num_proc: worker processes for `Dataset.map` (None: this process).
     cache_dir: datasets' cache for JSONL/Parquet sources (default: datasets'
-        own). The cache is keyed on the file's size and mtime, the tokenizer and
-        this code and gapfix.data's: a rerun reads it back and tokenizes nothing. For an in-memory
-        Dataset, the tokenized copy is written there (memory-mapped); without
-        cache_dir it stays in memory.
+        own, ~/.cache/huggingface/datasets). The cache is keyed on the file's size and mtime,
+        the tokenizer and this code and gapfix.data's: a rerun reads it back and tokenizes
+        nothing. Every tokenized or filtered copy is written there too, never beside a saved
+        folder's files; for an in-memory Dataset it is memory-mapped from there. Without
+        cache_dir, an in-memory Dataset's copies stay in memory and a saved folder's go beside
+        its files (datasets' own behaviour).
     keep_records: keep each source record as JSON text in column "record"
         (evaluation reads fields such as "final" from it).
+    limit: keep the first `limit` usable examples.
+    report: when given, filled as `load_examples` fills it (also when the source has no
+        usable example): examples, skipped_lines (malformed JSONL lines),
+        unusable_records, too_long, prompt_too_long.
 
     Returns a Dataset with int32 list columns prompt_ids, answer_ids and
     prompt_labels (empty where the prompt is untrained), and "record", backed
@@ -255,87 +280,108 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
 
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                   or max_length < 1):
-        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
-        raise ValueError(f"num_proc must be a positive int or None, got {num_proc!r}")
+    for value, argument in ((max_length, "max_length"), (max_prompt_length, "max_prompt_length"),
+                            (limit, "limit"), (num_proc, "num_proc")):
+        _positive_or_none(value, argument)
     raw, name, kind = _raw_dataset(source, cache_dir)
     if len(raw) == 0:
         raise DataError(f"{name}: no records")
+    counts = {"skipped_lines": [], "unusable_records": 0, "too_long": 0, "prompt_too_long": 0}
     if all(column in raw.column_names for column in TOKEN_COLUMNS):
         features = raw.features.copy()
         for column in (*TOKEN_COLUMNS, PROMPT_LABELS):
             if column not in features:
                 continue
             features[column] = datasets.List(datasets.Value("int32"))
-        dataset = raw.cast(features, num_proc=num_proc) if features != raw.features else raw
+        dataset = raw if features == raw.features else raw.cast(
+            features, num_proc=num_proc, cache_file_name=_cache_file(raw, cache_dir, "cast", features))
     else:
         if tokenizer is None:
             raise ValueError(f"tokenizer is required: {name} has no prompt_ids/answer_ids columns")
         dataset = raw.map(
             _tokenize_batch, with_indices=True, batched=True, num_proc=num_proc,
-            cache_file_name=_in_memory_cache_file(raw, cache_dir, tokenizer, keep_records),
+            cache_file_name=_cache_file(raw, cache_dir, "tokenized", tokenizer, keep_records, _tokenize_batch,
+                                        _encoding_fingerprint()),
             batch_size=4 if kind == "line" else 1000,  # a row of JSONL is a chunk of lines
             remove_columns=raw.column_names, features=_example_features(keep_records),
             fn_kwargs=dict(tokenizer=tokenizer, source=name, kind=kind, with_record=keep_records,
                            encoding=_encoding_fingerprint()),
             desc="tokenize")
-        dataset = _drop_unusable(dataset, name, on_error, num_proc)
-    if max_length is not None:
+        dataset = _drop_unusable(dataset, name, on_error, num_proc, counts, cache_dir)
+    for limit_value, count, keep, columns in (
+            (max_length, "too_long", _within_length, list(TOKEN_COLUMNS)),
+            (max_prompt_length, "prompt_too_long", _prompt_within_length, ["prompt_ids"])):
+        if limit_value is None or len(dataset) == 0:
+            continue
+        before = len(dataset)
+        argument = "max_length" if count == "too_long" else "max_prompt_length"
         dataset = dataset.with_format("arrow").filter(
-            _within_length, batched=True, input_columns=list(TOKEN_COLUMNS),
-            fn_kwargs={"max_length": max_length}, num_proc=num_proc, desc="max_length")
-        dataset = dataset.with_format(None)
-    if len(dataset) == 0:
-        raise DataError(f"{name}: no usable examples (none of {_num_records(raw, kind)} records fit)")
+            keep, batched=True, input_columns=columns, fn_kwargs={argument: limit_value}, num_proc=num_proc,
+            cache_file_name=_cache_file(dataset, cache_dir, argument, limit_value), desc=argument,
+        ).with_format(None)
+        counts[count] = before - len(dataset)
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
+    first_problem = counts.pop("first_problem", None)
+    if report is not None:
+        report.update(examples=len(dataset), **counts)
+    if len(dataset) == 0:
+        dropped = ", ".join(f"{value} {key.replace('_', ' ')}" for key, value in counts.items()
+                            if value and key != "skipped_lines")
+        skipped = counts["skipped_lines"]
+        raise DataError(f"{name}: no usable examples ({dropped or 'none of the records fit'}"
+                        f"{f'; {len(skipped)} malformed lines skipped' if skipped else ''}"
+                        f"{f'; first unusable record: {first_problem}' if first_problem else ''})")
     return dataset
 
 
-def _in_memory_cache_file(raw: datasets.Dataset, cache_dir: Optional[str], tokenizer: PreTrainedTokenizerBase,
-                          keep_records: bool) -> Optional[str]:
-    """Where the tokenized copy of an in-memory Dataset goes: under cache_dir, so that it is
-    memory-mapped rather than held in RAM (datasets keeps the map of an in-memory Dataset in
-    memory). None otherwise: a dataset with files has datasets' own cache beside them."""
-    if raw.cache_files or cache_dir is None:
+def _cache_file(dataset: datasets.Dataset, cache_dir: Optional[str], step: str, *key: Any) -> Optional[str]:
+    """Where a map/filter/cast of `dataset` writes its result: under cache_dir whenever one is
+    given and `dataset`'s own files lie elsewhere, since datasets would write it beside them, into
+    the user's saved folder (and it would keep the result of an in-memory Dataset in RAM, not
+    memory-mapped). None (datasets' own naming, beside the input's files) otherwise."""
+    if cache_dir is None:
+        return None
+    root = os.path.abspath(cache_dir)
+    files = [os.path.abspath(entry["filename"]) for entry in dataset.cache_files]
+    if files and all(os.path.commonpath([root, name]) == root for name in files):
         return None
     from datasets.fingerprint import Hasher
 
     os.makedirs(cache_dir, exist_ok=True)
-    key = Hasher.hash([raw._fingerprint, tokenizer, keep_records, _tokenize_batch, _encoding_fingerprint()])
-    return os.path.join(cache_dir, f"gapfix-tokenized-{key}.arrow")
-
-
-def _num_records(raw: datasets.Dataset, kind: str) -> int:
-    import pyarrow.compute as pc
-
-    if kind != "line":
-        return len(raw)
-    return int(pc.sum(pc.list_value_length(raw.data.column("line"))).as_py())
+    return os.path.join(cache_dir, f"gapfix-{step}-{Hasher.hash([dataset._fingerprint, *key])}.arrow")
 
 
 def _drop_unusable(
-    dataset: datasets.Dataset, name: str, on_error: str, num_proc: Optional[int]
+    dataset: datasets.Dataset, name: str, on_error: str, num_proc: Optional[int], counts: dict,
+    cache_dir: Optional[str],
 ) -> datasets.Dataset:
+    """`dataset` without its rows that hold an error (on_error="skip"; the first error is raised
+    with "raise"), malformed JSONL lines listed in counts["skipped_lines"] and unusable records
+    counted in counts["unusable_records"] (the first in counts["first_problem"]), each kind warned
+    about once, as load_examples does. Empty when no row is usable: the caller names that."""
     import pyarrow.compute as pc
 
-    errors = dataset.data.column("error")
-    bad = int(pc.sum(pc.is_valid(errors)).as_py() or 0)
+    table = dataset.data
+    failed = pc.is_valid(table.column("error"))
+    bad = int(pc.sum(failed).as_py() or 0)
     if bad:
-        messages = pc.drop_null(errors).to_pylist()
         if on_error == "raise":
-            raise DataError(messages[0])
-        if bad == len(dataset):
-            raise DataError(f"{name}: no usable examples ({bad} unusable records; first: {messages[0]})")
-        shown = "; ".join(messages[:5]) + (" ..." if bad > 5 else "")
-        warnings.warn(f"{name}: skipped {bad} unusable record(s): {shown}", stacklevel=3)
+            raise DataError(pc.drop_null(table.column("error"))[0].as_py())
+        malformed = pc.and_(failed, table.column("malformed"))
+        lines = pc.filter(table.column("line"), malformed).to_pylist()
+        unusable = pc.filter(table.column("error"), pc.and_(failed, pc.invert(malformed))).to_pylist()
+        counts["skipped_lines"], counts["unusable_records"] = lines, len(unusable)
+        if lines:
+            shown = ", ".join(map(str, lines[:20])) + (" ..." if len(lines) > 20 else "")
+            warnings.warn(f"{name}: skipped {len(lines)} malformed line(s): {shown}", stacklevel=3)
+        if unusable:
+            shown = "; ".join(unusable[:5]) + (" ..." if len(unusable) > 5 else "")
+            warnings.warn(f"{name}: skipped {len(unusable)} unusable record(s): {shown}", stacklevel=3)
+        counts["first_problem"] = unusable[0] if unusable else None
         dataset = dataset.filter(_is_usable, batched=True, input_columns=["error"], num_proc=num_proc,
-                                 desc="skip unusable")
-    return dataset.remove_columns("error")
+                                 cache_file_name=_cache_file(dataset, cache_dir, "usable"), desc="skip unusable")
+    return dataset.remove_columns(["error", "line", "malformed"])
 
 
 def dataset_from_examples(examples: Sequence[Example]) -> "datasets.Dataset":
@@ -343,7 +389,8 @@ def dataset_from_examples(examples: Sequence[Example]) -> "datasets.Dataset":
     import datasets
 
     features = _example_features(True)
-    del features["error"]
+    for column in ("error", "line", "malformed"):
+        del features[column]
     return datasets.Dataset.from_dict({
         "prompt_ids": [list(ex.prompt_ids) for ex in examples],
         "answer_ids": [list(ex.answer_ids) for ex in examples],
