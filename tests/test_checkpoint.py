@@ -15,6 +15,7 @@ from test_trainer import (  # noqa: F401
     params,
     tiny_model,
     tokenizer,
+    train_killed_after,
 )
 
 from gapfix import checkpoint as ckpt
@@ -178,17 +179,8 @@ def test_metrics_after_a_resume_read_like_an_uninterrupted_run(tokenizer, exampl
     straight = str(tmp_path / "straight")
     train(tiny_model(tokenizer), tokenizer, examples, out_dir=straight, **config)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_step_5(record):
-        if record["step"] == 5:
-            raise Killed
-
     resumed = str(tmp_path / "resumed")
-    with pytest.raises(Killed):
-        train(tiny_model(tokenizer), tokenizer, examples, out_dir=resumed, on_step=kill_at_step_5,
-              **config)
+    train_killed_after(5, tiny_model(tokenizer), tokenizer, examples, out_dir=resumed, **config)
     train(tiny_model(tokenizer, seed=3), tokenizer, examples, out_dir=resumed, **config)
     assert [s for s, _ in step_records(resumed)] == [1, 2, 3, 4, 5, 6]
     assert step_records(resumed) == step_records(straight)

@@ -66,6 +66,19 @@ def test_beta_logs_the_mixed_fraction(tmp_path, mode):
     assert W.losses(trainer)[1:] != plain_losses[1:]  # the mixed inputs changed training
 
 
+def record_refreshes(trainer) -> list:
+    """(window, global step) of each prediction refresh the trainer makes, as they happen."""
+    windows = []
+    original = trainer._bash_refresh
+
+    def refresh(window):
+        windows.append((window, trainer.state.global_step))
+        original(window)
+
+    trainer._bash_refresh = refresh
+    return windows
+
+
 def test_predictions_come_from_the_model_frozen_at_each_window(tmp_path, monkeypatch):
     """refresh=2 over 5 steps: three prediction passes, at steps 0, 2 and 4, each with the weights
     of that moment (never per batch), and the batches mix exactly those predictions."""
@@ -80,14 +93,7 @@ def test_predictions_come_from_the_model_frozen_at_each_window(tmp_path, monkeyp
 
     monkeypatch.setattr(core, "predict_alternatives", spy)
     trainer, net = _bash(tmp_path, hf.BashConfig(beta=0.5, refresh=2, prediction_batch_size=5), steps=5)
-    windows = []
-    original = trainer._bash_refresh
-
-    def refresh(window):
-        windows.append((window, trainer.state.global_step))
-        original(window)
-
-    trainer._bash_refresh = refresh
+    windows = record_refreshes(trainer)
     trainer.train()
     assert windows == [(0, 0), (1, 2), (2, 4)]
     assert len(calls) == 3 * 5  # 24 rows in chunks of 5, per window
@@ -103,14 +109,7 @@ def test_predictions_come_from_the_model_frozen_at_each_window(tmp_path, monkeyp
 def test_default_window_is_an_epoch(tmp_path):
     """refresh=None: 24 rows in batches of 4 are 6 steps per epoch; 7 steps predict at steps 0 and 6."""
     trainer, _ = _bash(tmp_path, hf.BashConfig(beta=0.3), steps=7)
-    windows = []
-    original = trainer._bash_refresh
-
-    def refresh(window):
-        windows.append((window, trainer.state.global_step))
-        original(window)
-
-    trainer._bash_refresh = refresh
+    windows = record_refreshes(trainer)
     trainer.train()
     assert windows == [(0, 0), (1, 6)]
 

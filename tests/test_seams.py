@@ -464,6 +464,8 @@ def test_train_a_peft_model(math_data, method):
 def test_resume_a_peft_run_is_exact(math_data, tmp_path):
     """A LoRA run killed after a checkpoint and resumed ends with the adapter of an uninterrupted
     run (the checkpoint holds the adapter in PEFT's format, loaded the PEFT way)."""
+    from test_trainer import train_killed_after
+
     from gapfix.trainer import latest_checkpoint, train
 
     tokenizer, examples = math_data
@@ -472,17 +474,9 @@ def test_resume_a_peft_run_is_exact(math_data, tmp_path):
     straight = math_lora_model(tokenizer)
     train(straight, tokenizer, examples, out_dir=str(tmp_path / "straight"), **config)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_step_3(record):
-        if record["step"] == 3:
-            raise Killed
-
     torch.manual_seed(0)
-    with pytest.raises(Killed):
-        train(math_lora_model(tokenizer), tokenizer, examples, out_dir=str(tmp_path / "resumed"), save_every=2,
-              on_step=kill_at_step_3, **config)
+    train_killed_after(3, math_lora_model(tokenizer), tokenizer, examples, out_dir=str(tmp_path / "resumed"),
+                       save_every=2, **config)
     assert latest_checkpoint(str(tmp_path / "resumed")).endswith("step0000002")
     torch.manual_seed(1)  # another adapter: its weights must come from the checkpoint
     resumed = math_lora_model(tokenizer)

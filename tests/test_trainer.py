@@ -73,6 +73,20 @@ def test_gradient_accumulation_matches_one_batch(tokenizer, examples):
     assert_same_params(whole[1], micro[1], rtol=1e-4, atol=1e-5)
 
 
+class Killed(Exception):
+    """Raised by an on_step hook: the run stops as if killed right after that optimizer step."""
+
+
+def train_killed_after(step, *args, **kwargs):
+    """train(*args, **kwargs), killed right after optimizer step `step` (its checkpoints stay)."""
+    def kill(record):
+        if record["step"] == step:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(*args, on_step=kill, **kwargs)
+
+
 @pytest.mark.parametrize("method", ["sft", "bash", "rac"])
 def test_resume_is_exact(tokenizer, examples, tmp_path, method):
     """A run killed after a checkpoint and resumed ends with the weights of an uninterrupted run."""
@@ -81,17 +95,8 @@ def test_resume_is_exact(tokenizer, examples, tmp_path, method):
     reference = tiny_model(tokenizer)
     train(reference, tokenizer, examples, out_dir=str(tmp_path / "straight"), **config)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_step_5(record):
-        if record["step"] == 5:
-            raise Killed
-
-    interrupted = tiny_model(tokenizer)
-    with pytest.raises(Killed):
-        train(interrupted, tokenizer, examples, out_dir=str(tmp_path / "resumed"), save_every=2,
-              on_step=kill_at_step_5, **config)
+    train_killed_after(5, tiny_model(tokenizer), tokenizer, examples, out_dir=str(tmp_path / "resumed"),
+                       save_every=2, **config)
     assert latest_checkpoint(str(tmp_path / "resumed")).endswith("step0000004")
     resumed = tiny_model(tokenizer, seed=123)  # weights come from the checkpoint
     train(resumed, tokenizer, examples, out_dir=str(tmp_path / "resumed"), save_every=2, **config)
