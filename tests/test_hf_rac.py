@@ -186,12 +186,17 @@ def test_fsdp_is_refused_by_name(tmp_path):
     assert trainer.rac_history == []
 
 
-def test_the_end_token_is_the_stop_token_the_references_end_with():
-    """A chat template whose end-of-turn (here id 5) differs from the tokenizer's EOS (2): RAC's
-    end token is the one the references end with, when it is one of the model's stop tokens."""
+def test_the_end_token_is_the_stop_token_each_reference_ends_with():
+    """A stop token (here id 5, added to the generation config as a chat model's end-of-turn) that
+    differs from the tokenizer's EOS (2): each reference ends with its own (gapfix.methods.rac's
+    rule, which RacTrainer and gapfix's trainer share; tests/test_rac_chat.py)."""
+    from gapfix.methods.rac import answer_stop_ids, reference_ends
+
     tok = W.tokenizer()
     net = W.model(tok)
-    assert hf_rac.end_id(tok, net, [[7, 8, 2], [9, 2]]) == tok.eos_token_id
-    assert hf_rac.end_id(tok, net, [[7, 8, 5], [9, 5]]) == tok.eos_token_id  # 5 is no stop token
-    net.generation_config.eos_token_id = [tok.eos_token_id, 5]
-    assert hf_rac.end_id(tok, net, [[7, 8, 5], [9, 5], [3, 2]]) == 5
+    eos = tok.eos_token_id
+    assert reference_ends([[7, 8, 2], [9, 2]], tok, answer_stop_ids(net, tok)) == [(2, eos), (1, eos)]
+    # 5 is neither a stop token nor a special token: the whole reference, EOS implied
+    assert reference_ends([[7, 8, 5], [9, 5]], tok, answer_stop_ids(net, tok)) == [(3, eos), (2, eos)]
+    net.generation_config.eos_token_id = [eos, 5]
+    assert reference_ends([[7, 8, 5], [9, 5], [3, 2]], tok, answer_stop_ids(net, tok)) == [(2, 5), (1, 5), (1, eos)]

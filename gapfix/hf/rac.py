@@ -100,37 +100,19 @@ def _resolve_backend(backend: str, model: torch.nn.Module) -> str:
     return "vllm" if on_gpu and vllm_available() else "hf"
 
 
-def _stop_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list:
-    """The tokens that end an answer, as gapfix.generate stops on them: the tokenizer's EOS and
-    the model's generation-config and config EOS ids."""
-    from gapfix.generation import _eos_ids
-
-    return _eos_ids(getattr(model, "config", None), tokenizer, getattr(model, "generation_config", None))
-
-
-def end_id(
-    tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module, references: Sequence[Sequence[int]]
-) -> int:
-    """The end-of-answer token RAC labels and appends: the stop token the reference answers end
-    with most often (a chat template's own end-of-turn, where it is one of the model's stop
-    tokens), else the tokenizer's EOS."""
-    stops = _stop_ids(tokenizer, model)
-    if not stops:
-        raise ValueError("processing_class: the tokenizer has no eos_token_id; RAC needs EOS to end answers")
-    counts = {}
-    for reference in references:
-        if reference and reference[-1] in stops:
-            counts[reference[-1]] = counts.get(reference[-1], 0) + 1
-    return max(counts, key=lambda t: (counts[t], -stops.index(t))) if counts else stops[0]
-
-
 def iteration_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: _Sources,
                    config: RacConfig, *, seed: int, iteration: int, rank: int = 0, world: int = 1,
                    gather: Callable[[dict], list] | None = None) -> tuple[list[dict], dict, list[str]]:
     """(rows, stats, answers) of one RAC iteration: rows in the Hugging Face convention (RAC rows
     and SFT rows mixed and shuffled), build_rac_rows' stats, and the Generation objects."""
-    from gapfix.generation import generate
-    from gapfix.methods.rac import build_rac_rows, mix_with_sft
+    from gapfix.generation import Generation, generate
+    from gapfix.methods.rac import (
+        answer_stop_ids,
+        build_rac_rows_to_ends,
+        generation_stops_on,
+        mix_with_sft,
+        reference_ends,
+    )
 
     order = list(range(len(sources)))
     random.Random(step_seed(seed, iteration, 0)).shuffle(order)
@@ -138,28 +120,33 @@ def iteration_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, s
     chunk = config.generation_batch_size or _GENERATION_CHUNK
     chunks = [chosen[i:i + chunk] for i in range(0, len(chosen), chunk)]
     backend = _resolve_backend(config.backend, model)
+    # the token each reference ends with (a chat template's end-of-turn, else EOS): RAC labels it,
+    # and generation stops on it
+    ends = dict(zip(chosen, reference_ends([sources.pairs[i][1] for i in chosen], tokenizer,
+                                           answer_stop_ids(model, tokenizer))))
     mine = {}
-    for c in range(rank, len(chunks), world):
-        prompts = [sources.pairs[i][0] for i in chunks[c]]
-        mine[c] = [(g.token_ids, g.finish_reason) for g in generate(
-            model, prompts, tokenizer=tokenizer, n=config.samples, temperature=config.temperature,
-            max_new_tokens=config.max_new_tokens, seed=step_seed(seed, iteration, c + 1), backend=backend)]
+    with generation_stops_on(model, tokenizer, [end for _, end in ends.values()]):
+        for c in range(rank, len(chunks), world):
+            prompts = [sources.pairs[i][0] for i in chunks[c]]
+            mine[c] = [(g.token_ids, g.finish_reason, g.stop_token_id) for g in generate(
+                model, prompts, tokenizer=tokenizer, n=config.samples, temperature=config.temperature,
+                max_new_tokens=config.max_new_tokens, seed=step_seed(seed, iteration, c + 1), backend=backend)]
     results = {}
     for part in (gather(mine) if gather is not None else [mine]):
         results.update(part)
-    eos = end_id(tokenizer, model, [sources.pairs[i][1] for i in chosen])
     pad = getattr(tokenizer, "pad_token_id", None)
-    prompts, generated, references, reasons = [], [], [], []
+    prompts, generated, references, reference_end, reasons = [], [], [], [], []
     for c, members in enumerate(chunks):
-        for k, (tokens, reason) in enumerate(results[c]):
-            prompt, reference = sources.pairs[members[k // config.samples]]
+        for k, (tokens, reason, stop) in enumerate(results[c]):
+            source = members[k // config.samples]
+            prompt, reference = sources.pairs[source]
             prompts.append(prompt)
-            generated.append(list(tokens))
+            generated.append(Generation(len(prompts) - 1, 0, list(tokens), reason, stop_token_id=stop))
             references.append(reference)
+            reference_end.append(ends[source])
             reasons.append(reason)
-    # the answers hold no EOS: whether each finished comes from its finish reason
-    rows, stats = build_rac_rows(prompts, generated, references, eos_id=eos, pad_id=pad, mode=config.mode,
-                                 finished=[reason == "eos" for reason in reasons])
+    rows, stats = build_rac_rows_to_ends(prompts, generated, references, reference_end, pad_id=pad,
+                                         mode=config.mode)
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]  # Hugging Face convention
     for row, reason in zip(rows, reasons):
         row["finish_reason"] = reason

@@ -27,9 +27,10 @@ Soft mode ("all") rows also carry ``target_ids`` / ``target_weights``: one
 K-list per position, aligned like labels (ignore_index / 0.0 where nothing is
 trained).
 """
+import contextlib
 import math
 import random
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +38,8 @@ import torch
 from gapfix.data import IGNORE_INDEX
 from gapfix.methods.base import Method, OfflineContext, register, row_seed
 
-__all__ = ["RAC", "build_rac_rows", "mix_with_sft", "to_soft_row"]
+__all__ = ["RAC", "answer_stop_ids", "build_rac_rows", "build_rac_rows_to_ends", "generation_stops_on",
+           "mix_with_sft", "reference_ends", "to_soft_row"]
 
 
 def _strip_generated(g: Sequence[int], eos_id: int, finished: Optional[bool] = None):
@@ -243,6 +245,172 @@ def build_rac_rows(
     return rows, stats
 
 
+# ----------------------------------------------------------------------------
+# the token a reference answer ends with (shared by gapfix's trainer and gapfix.hf)
+# ----------------------------------------------------------------------------
+
+def answer_stop_ids(model, tokenizer) -> List[int]:
+    """The tokens gapfix.generate stops `model`'s answers on: the tokenizer's EOS, then the
+    model's generation-config and config EOS ids (first seen first)."""
+    from gapfix.generation import _eos_ids
+
+    return _eos_ids(getattr(model, "config", None), tokenizer, getattr(model, "generation_config", None))
+
+
+def _end_candidates(tokenizer, stop_ids: Sequence[int]) -> set:
+    """Tokens that can end a reference: the stop tokens and the tokenizer's special tokens (a chat
+    template's end-of-turn is one), less BOS, padding and unknown unless they are stop tokens."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            special.add(token_id)
+    special -= {getattr(tokenizer, name, None) for name in ("bos_token_id", "pad_token_id", "unk_token_id")}
+    return special | set(stop_ids)
+
+
+def reference_ends(references: Sequence[Sequence[int]], tokenizer, stop_ids: Sequence[int]) -> List[tuple]:
+    """(content length, end token) of each reference answer: the token that ends it, which RAC
+    labels once an answer has covered the reference, generation must stop on, and finished /
+    exact_match expect; the reference's content is reference[:content length].
+
+    The end token is the reference's last token that is a stop token or a special token of the
+    tokenizer (`_end_candidates`), provided only whitespace follows it: a chat template's
+    end-of-turn and the newline it may put after it (ChatML `<|im_end|>` "\\n"), which the model
+    never generates since generation stops at the end-of-turn. A reference with no such token
+    (plain text at its end) is used whole, ending with stop_ids[0] (the tokenizer's EOS), as
+    build_rac_rows implies. References may end with different tokens (plain and chat records in
+    one file): build_rac_rows_to_ends gives each its own.
+    """
+    stop_ids = list(stop_ids)
+    if not stop_ids:
+        raise ValueError("stop_ids is empty: the tokenizer has no eos_token_id and the model no "
+                         "eos_token_id; RAC needs a token that ends answers")
+    candidates = _end_candidates(tokenizer, stop_ids)
+    blank = {}  # token id -> whether it decodes to whitespace only
+
+    def is_blank(token_id: int) -> bool:
+        if token_id not in blank:
+            blank[token_id] = not tokenizer.decode([token_id], skip_special_tokens=False).strip()
+        return blank[token_id]
+
+    ends = []
+    for reference in references:
+        k = len(reference) - 1
+        while k >= 0 and reference[k] not in candidates and is_blank(reference[k]):
+            k -= 1
+        if k >= 0 and reference[k] in candidates:
+            ends.append((k, reference[k]))
+        else:
+            ends.append((len(reference), stop_ids[0]))
+    return ends
+
+
+@contextlib.contextmanager
+def generation_stops_on(model, tokenizer, token_ids: Sequence[int]) -> Iterator[None]:
+    """Within the block, gapfix.generate also stops `model`'s answers on `token_ids` (the end
+    tokens of the references): those that are not stop tokens already are appended to
+    model.generation_config.eos_token_id, which is restored afterwards, error or not."""
+    stops = answer_stop_ids(model, tokenizer)
+    extra = [t for t in dict.fromkeys(token_ids) if t not in stops]
+    config = getattr(model, "generation_config", None)
+    if not extra:
+        yield
+        return
+    if config is None:
+        raise ValueError(f"model has no generation_config to add the references' end tokens {extra} to")
+    before = config.eos_token_id
+    current = list(before) if isinstance(before, (list, tuple)) else [] if before is None else [before]
+    config.eos_token_id = current + extra
+    try:
+        yield
+    finally:
+        config.eos_token_id = before
+
+
+def build_rac_rows_to_ends(prompts, generated, references, ends: Sequence[tuple], *,
+                           finished: Optional[Sequence[bool]] = None, ignore_index: int = IGNORE_INDEX,
+                           **options):
+    """build_rac_rows where each reference ends with its own token: `ends` from reference_ends.
+
+    One build_rac_rows call per distinct end token, with the references cut to their content
+    (no trailing newline after an end-of-turn); the rows come back in the order given. `options`
+    are build_rac_rows' (pad_id, mode, only_until_divergence, ...). The statistics are those of
+    all rows together; an answer that stopped on another stop token than its reference's end
+    (stop_token_id of a Generation) counts as finished, its last input is the token it stopped
+    on, labelled with the reference's end, and it is no exact match.
+    """
+    _check_rows("prompts", prompts, None)
+    _check_rows("references", references, len(prompts))
+    tokens, flags, stops = _unpack_generated(generated)
+    if len(tokens) != len(prompts):
+        raise ValueError(f"generated has {len(tokens)} entries, prompts has {len(prompts)}")
+    if not isinstance(ends, (list, tuple)) or len(ends) != len(prompts):
+        raise ValueError(f"ends must be a list of {len(prompts)} (content length, end token) pairs "
+                         "(reference_ends)")
+    for i, end in enumerate(ends):
+        if not (isinstance(end, (list, tuple)) and len(end) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in end)
+                and end[0] <= len(references[i])):
+            raise ValueError(f"ends[{i}] must be a (content length <= {len(references[i])}, end token) pair "
+                             f"of non-negative ints, got {end!r}"[:200])
+    if finished is not None:
+        if not isinstance(finished, (list, tuple)) or len(finished) != len(prompts):
+            raise ValueError(f"finished must be a list of {len(prompts)} bools, got {finished!r}"[:200])
+        flags = finished
+
+    def pick(seq, members):
+        return None if seq is None else [seq[i] for i in members]
+
+    groups = {}
+    for i, (_, end) in enumerate(ends):
+        groups.setdefault(end, []).append(i)
+    rows, parts = [None] * len(references), []
+    for end, members in groups.items():
+        part_rows, part_stats = build_rac_rows(
+            pick(prompts, members), pick(generated, members),
+            [list(references[i][:ends[i][0] + 1]) for i in members],
+            eos_id=end, finished=pick(finished, members), ignore_index=ignore_index, **options)
+        for i, row in zip(members, part_rows):
+            rows[i] = row
+        parts.append(part_stats)
+    if not rows:
+        return build_rac_rows(prompts, generated, references, eos_id=0, finished=finished,
+                              ignore_index=ignore_index, **options)
+    closed_otherwise = stops is not None and any(
+        stop is not None and stop != end for stop, (_, end) in zip(stops, ends))
+    if len(parts) == 1 and not closed_otherwise:  # build_rac_rows' own figures, bit for bit
+        return rows, parts[0]
+
+    # finished, exact_match and label_agreement from the rows and the token each answer really ended with
+    soft = options.get("mode") == "all"
+    exact = agree = known = closed = 0
+    for i, row in enumerate(rows):
+        end = ends[i][1]
+        answer, done = _strip_generated(tokens[i], end, None if flags is None else flags[i])
+        closed += done
+        stop = end if stops is None or stops[i] is None else stops[i]
+        exact += bool(done and stop == end and answer == list(references[i][:ends[i][0]]))
+        start = len(prompts[i])
+        labels = np.asarray(row["labels"][start:])
+        inputs = np.asarray(row["input_ids"][start:])  # g_t, then the stop token (or padding if cut)
+        counted = labels != ignore_index
+        if not done:
+            counted[-1] = False  # the position after a cut answer: the model put no token there
+        if soft:
+            hit = (np.asarray(row["target_ids"][start:]) == inputs[:, None]).any(-1)
+        else:
+            hit = labels == inputs
+        agree += int((hit & counted).sum())
+        known += int(counted.sum())
+    count = len(rows)
+    stats = dict(rows=count, trained_positions=sum(p["trained_positions"] for p in parts))
+    stats["mean_edit_distance"] = sum(p["mean_edit_distance"] * p["rows"] for p in parts) / count
+    stats["finished"] = closed / count
+    stats["exact_match"] = exact / count
+    stats["label_agreement"] = agree / known if known else float("nan")
+    return rows, stats
+
+
 def to_soft_row(row: dict, max_targets: int, ignore_index: int = IGNORE_INDEX) -> dict:
     """A hard-label row (SFT) in the soft layout: its label in slot 0 with weight 1,
     so that it can share a batch with soft RAC rows; the loss is unchanged."""
@@ -374,31 +542,35 @@ class RAC(Method):
 
     def _rows(self, ctx: OfflineContext, chunk: List[int]):
         """The RAC rows of the prompts of examples `chunk`, in order, build_rac_rows' stats,
-        and the number of answers generated."""
+        and the number of answers generated. Each reference ends with its own end token
+        (reference_ends: a chat template's end-of-turn, else EOS), which generation stops on."""
         from gapfix.generation import generate
 
         config, tokenizer = ctx.config, ctx.tokenizer
         examples = ctx.gather(chunk)
+        ends = reference_ends([ex.answer_ids for ex in examples], tokenizer,
+                              answer_stop_ids(ctx.model, tokenizer))
         options = dict(tokenizer=tokenizer, n=config.rac_samples, temperature=config.rac_temperature,
                        max_new_tokens=config.max_new_tokens, backend=self._backend(ctx.model, config))
-        if config.rac_temperature > 0 and self.seed_per_prompt:  # each prompt from its example's seed
-            outputs, owners = [], []
-            for index, example in zip(chunk, examples):
+        with generation_stops_on(ctx.model, tokenizer, [end for _, end in ends]):
+            if config.rac_temperature > 0 and self.seed_per_prompt:  # each prompt from its example's seed
+                outputs, owners = [], []
+                for k, (index, example) in enumerate(zip(chunk, examples)):
+                    ctx.count("generate_calls")
+                    got = generate(ctx.model, [example.prompt_ids],
+                                   seed=row_seed(config.seed, ctx.iteration, "generate", index), **options)
+                    outputs += got
+                    owners += [k] * len(got)
+            else:
                 ctx.count("generate_calls")
-                got = generate(ctx.model, [example.prompt_ids],
-                               seed=row_seed(config.seed, ctx.iteration, "generate", index), **options)
-                outputs += got
-                owners += [example] * len(got)
-        else:
-            ctx.count("generate_calls")
-            seed = row_seed(config.seed, ctx.iteration, "generate", "chunk", chunk[0])
-            outputs = generate(ctx.model, [ex.prompt_ids for ex in examples],
-                               seed=seed if config.rac_temperature > 0 else None, **options)
-            owners = [examples[output.prompt_index] for output in outputs]
+                seed = row_seed(config.seed, ctx.iteration, "generate", "chunk", chunk[0])
+                outputs = generate(ctx.model, [ex.prompt_ids for ex in examples],
+                                   seed=seed if config.rac_temperature > 0 else None, **options)
+                owners = [output.prompt_index for output in outputs]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        rows, stats = build_rac_rows(
-            [ex.prompt_ids for ex in owners], outputs, [ex.answer_ids for ex in owners],
-            eos_id=tokenizer.eos_token_id, pad_id=pad_id, mode=self.label_mode(config),
+        rows, stats = build_rac_rows_to_ends(
+            [examples[k].prompt_ids for k in owners], outputs, [examples[k].answer_ids for k in owners],
+            [ends[k] for k in owners], pad_id=pad_id, mode=self.label_mode(config),
             only_until_divergence=config.rac_only_until_divergence, impl="auto" if config.fused else "torch")
         return rows, stats, len(outputs)
 
