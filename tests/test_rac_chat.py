@@ -58,7 +58,8 @@ def stop_spy(monkeypatch):
     seen, real = [], generation.generate
 
     def recording(model, prompts, **kwargs):
-        seen.append(generation._eos_ids(model.config, kwargs.get("tokenizer"), model.generation_config))
+        stops = generation._eos_ids(model.config, kwargs.get("tokenizer"), model.generation_config)
+        seen.append(stops + [t for t in kwargs.get("stop_token_ids", ()) if t not in stops])
         return real(model, prompts, **kwargs)
 
     monkeypatch.setattr(generation, "generate", recording)
@@ -224,22 +225,25 @@ def test_build_rac_rows_to_ends_refuses_bad_ends_by_name():
     assert build_rac_rows_to_ends([], [], [], [], pad_id=0)[0] == []
 
 
-def test_generation_stops_on_end_tokens_for_the_call_only():
-    from gapfix.methods.rac import generation_stops_on
+def test_generate_stops_on_stop_token_ids_for_the_call_only():
+    """stop_token_ids ends answers on the end-of-turn without touching the model's generation config."""
+    from gapfix.generation import generate
 
     tok = chat_tokenizer(CHATML)
     model = answering_15(tok)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     before = model.generation_config.eos_token_id
-    with generation_stops_on(model, tok, [tok.eos_token_id, im_end]):
-        assert model.generation_config.eos_token_id == [before, im_end]
+    prompt = [tok.convert_tokens_to_ids("\n")]
+    plain = generate(model, [prompt], tokenizer=tok, max_new_tokens=6, backend="hf")[0]
+    assert plain.finish_reason == "length" and im_end in plain.token_ids  # runs past the end-of-turn
+    stopped = generate(model, [prompt], tokenizer=tok, max_new_tokens=6, backend="hf",
+                       stop_token_ids=[im_end])[0]
+    assert stopped.finish_reason == "eos" and stopped.stop_token_id == im_end
+    assert stopped.token_ids == plain.token_ids[:plain.token_ids.index(im_end)]
     assert model.generation_config.eos_token_id == before
-    with pytest.raises(RuntimeError):
-        with generation_stops_on(model, tok, [im_end]):
-            raise RuntimeError("generation failed")
-    assert model.generation_config.eos_token_id == before
-    with generation_stops_on(model, tok, [tok.eos_token_id]):  # nothing to add: untouched
-        assert model.generation_config.eos_token_id == before
+    for bad in ([-1], [tok.vocab_size + 1000], ["<|im_end|>"], 5):
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            generate(model, [prompt], tokenizer=tok, max_new_tokens=2, backend="hf", stop_token_ids=bad)
 
 
 # ----------------------------------------------------------------- plain data: unchanged

@@ -39,11 +39,24 @@ def _resolve_backend(backend, model) -> str:
     return backend
 
 
+def _check_stop_token_ids(stop_token_ids, vocab_size) -> list:
+    """stop_token_ids as a list of ints in [0, vocab_size), or a ValueError naming it."""
+    try:
+        ids = list(stop_token_ids)
+    except TypeError:
+        raise ValueError(f"stop_token_ids must be a sequence of token ids, got {stop_token_ids!r}") from None
+    for token_id in ids:
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0 or (
+                vocab_size is not None and token_id >= vocab_size):
+            raise ValueError(f"stop_token_ids must hold token ids in [0, {vocab_size}), got {token_id!r}")
+    return ids
+
+
 class _Run:
     """One generation job's resolved inputs: backend, token-id prompts, specials."""
 
     def __init__(self, model, prompts, *, tokenizer, n, temperature, top_p, max_new_tokens,
-                 seed, backend, logprobs, batch_size, dtype, engine_kwargs, reload):
+                 seed, backend, logprobs, batch_size, dtype, engine_kwargs, reload, stop_token_ids=()):
         _check_sampling(n, temperature, top_p, max_new_tokens, backend, batch_size)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
@@ -63,6 +76,9 @@ class _Run:
         if generation_config is None and _is_model_path(model):
             generation_config = _read_generation_config(_model_dir(model))
         self.eos_ids = _eos_ids(config, self.tokenizer, generation_config)
+        for token_id in _check_stop_token_ids(stop_token_ids, vocab_size):
+            if token_id not in self.eos_ids:
+                self.eos_ids.append(token_id)
         pad_id = getattr(self.tokenizer, "pad_token_id", None)
         if pad_id is None:
             pad_id = getattr(config, "pad_token_id", None)
@@ -155,6 +171,7 @@ def generate(
     engine_kwargs: dict | None = None,
     reload: bool = False,
     progress: bool = False,
+    stop_token_ids=(),
 ) -> list:
     """Generate `n` answers per prompt; returns a flat list of `Generation`
     ordered by (prompt_index, sample_index), len(prompts) * n long.
@@ -171,10 +188,13 @@ def generate(
     dtype: None keeps the checkpoint's dtype; compare backends in float32.
     engine_kwargs: extra arguments for vllm.LLM (part of the engine cache key).
     reload: rebuild the cached vLLM engine for this model folder.
+    stop_token_ids: token ids that end an answer besides the model's EOS ids (a chat template's
+        end-of-turn); for this call only: the model and its generation config are not changed.
     """
     run = _Run(model, prompts, tokenizer=tokenizer, n=n, temperature=temperature, top_p=top_p,
                max_new_tokens=max_new_tokens, seed=seed, backend=backend, logprobs=logprobs,
-               batch_size=batch_size, dtype=dtype, engine_kwargs=engine_kwargs, reload=reload)
+               batch_size=batch_size, dtype=dtype, engine_kwargs=engine_kwargs, reload=reload,
+               stop_token_ids=stop_token_ids)
     results = []
     bar = _progress(len(run.prompt_ids), enabled=progress)
     try:

@@ -109,7 +109,6 @@ def iteration_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, s
     from gapfix.methods.rac import (
         answer_stop_ids,
         build_rac_rows_to_ends,
-        generation_stops_on,
         mix_with_sft,
         reference_ends,
     )
@@ -125,12 +124,13 @@ def iteration_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, s
     ends = dict(zip(chosen, reference_ends([sources.pairs[i][1] for i in chosen], tokenizer,
                                            answer_stop_ids(model, tokenizer))))
     mine = {}
-    with generation_stops_on(model, tokenizer, [end for _, end in ends.values()]):
-        for c in range(rank, len(chunks), world):
-            prompts = [sources.pairs[i][0] for i in chunks[c]]
-            mine[c] = [(g.token_ids, g.finish_reason, g.stop_token_id) for g in generate(
-                model, prompts, tokenizer=tokenizer, n=config.samples, temperature=config.temperature,
-                max_new_tokens=config.max_new_tokens, seed=step_seed(seed, iteration, c + 1), backend=backend)]
+    stops = [end for _, end in ends.values()]
+    for c in range(rank, len(chunks), world):
+        prompts = [sources.pairs[i][0] for i in chunks[c]]
+        mine[c] = [(g.token_ids, g.finish_reason, g.stop_token_id) for g in generate(
+            model, prompts, tokenizer=tokenizer, n=config.samples, temperature=config.temperature,
+            max_new_tokens=config.max_new_tokens, seed=step_seed(seed, iteration, c + 1), backend=backend,
+            stop_token_ids=stops)]
     results = {}
     for part in (gather(mine) if gather is not None else [mine]):
         results.update(part)

@@ -27,10 +27,9 @@ Soft mode ("all") rows also carry ``target_ids`` / ``target_weights``: one
 K-list per position, aligned like labels (ignore_index / 0.0 where nothing is
 trained).
 """
-import contextlib
 import math
 import random
-from typing import Iterator, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,8 +37,8 @@ import torch
 from gapfix.data import IGNORE_INDEX
 from gapfix.methods.base import Method, OfflineContext, register, row_seed
 
-__all__ = ["RAC", "answer_stop_ids", "build_rac_rows", "build_rac_rows_to_ends", "generation_stops_on",
-           "mix_with_sft", "reference_ends", "to_soft_row"]
+__all__ = ["RAC", "answer_stop_ids", "build_rac_rows", "build_rac_rows_to_ends", "mix_with_sft", "reference_ends",
+           "to_soft_row"]
 
 
 def _strip_generated(g: Sequence[int], eos_id: int, finished: Optional[bool] = None):
@@ -305,28 +304,6 @@ def reference_ends(references: Sequence[Sequence[int]], tokenizer, stop_ids: Seq
     return ends
 
 
-@contextlib.contextmanager
-def generation_stops_on(model, tokenizer, token_ids: Sequence[int]) -> Iterator[None]:
-    """Within the block, gapfix.generate also stops `model`'s answers on `token_ids` (the end
-    tokens of the references): those that are not stop tokens already are appended to
-    model.generation_config.eos_token_id, which is restored afterwards, error or not."""
-    stops = answer_stop_ids(model, tokenizer)
-    extra = [t for t in dict.fromkeys(token_ids) if t not in stops]
-    config = getattr(model, "generation_config", None)
-    if not extra:
-        yield
-        return
-    if config is None:
-        raise ValueError(f"model has no generation_config to add the references' end tokens {extra} to")
-    before = config.eos_token_id
-    current = list(before) if isinstance(before, (list, tuple)) else [] if before is None else [before]
-    config.eos_token_id = current + extra
-    try:
-        yield
-    finally:
-        config.eos_token_id = before
-
-
 def build_rac_rows_to_ends(prompts, generated, references, ends: Sequence[tuple], *,
                            finished: Optional[Sequence[bool]] = None, ignore_index: int = IGNORE_INDEX,
                            **options):
@@ -551,22 +528,22 @@ class RAC(Method):
         ends = reference_ends([ex.answer_ids for ex in examples], tokenizer,
                               answer_stop_ids(ctx.model, tokenizer))
         options = dict(tokenizer=tokenizer, n=config.rac_samples, temperature=config.rac_temperature,
-                       max_new_tokens=config.max_new_tokens, backend=self._backend(ctx.model, config))
-        with generation_stops_on(ctx.model, tokenizer, [end for _, end in ends]):
-            if config.rac_temperature > 0 and self.seed_per_prompt:  # each prompt from its example's seed
-                outputs, owners = [], []
-                for k, (index, example) in enumerate(zip(chunk, examples)):
-                    ctx.count("generate_calls")
-                    got = generate(ctx.model, [example.prompt_ids],
-                                   seed=row_seed(config.seed, ctx.iteration, "generate", index), **options)
-                    outputs += got
-                    owners += [k] * len(got)
-            else:
+                       max_new_tokens=config.max_new_tokens, backend=self._backend(ctx.model, config),
+                       stop_token_ids=[end for _, end in ends])
+        if config.rac_temperature > 0 and self.seed_per_prompt:  # each prompt from its example's seed
+            outputs, owners = [], []
+            for k, (index, example) in enumerate(zip(chunk, examples)):
                 ctx.count("generate_calls")
-                seed = row_seed(config.seed, ctx.iteration, "generate", "chunk", chunk[0])
-                outputs = generate(ctx.model, [ex.prompt_ids for ex in examples],
-                                   seed=seed if config.rac_temperature > 0 else None, **options)
-                owners = [output.prompt_index for output in outputs]
+                got = generate(ctx.model, [example.prompt_ids],
+                               seed=row_seed(config.seed, ctx.iteration, "generate", index), **options)
+                outputs += got
+                owners += [k] * len(got)
+        else:
+            ctx.count("generate_calls")
+            seed = row_seed(config.seed, ctx.iteration, "generate", "chunk", chunk[0])
+            outputs = generate(ctx.model, [ex.prompt_ids for ex in examples],
+                               seed=seed if config.rac_temperature > 0 else None, **options)
+            owners = [output.prompt_index for output in outputs]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         rows, stats = build_rac_rows_to_ends(
             [examples[k].prompt_ids for k in owners], outputs, [examples[k].answer_ids for k in owners],
