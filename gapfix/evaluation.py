@@ -114,25 +114,36 @@ def _correct(record: dict, answer_text: str, regex: Optional[Pattern[str]] = Non
 
 def greedy_answers(model: Any, tokenizer: PreTrainedTokenizerBase, prompt_ids: List[List[int]], *,
                    max_new_tokens: int,
-                   backend: str = "auto") -> List[str]:
+                   backend: str = "auto", stop_token_ids: Sequence[int] = ()) -> List[str]:
     """Greedy continuations of token-id prompts, decoded (special tokens dropped)."""
-    return [text for text, _ in _greedy(model, tokenizer, prompt_ids, max_new_tokens, backend)]
+    return [text for text, _ in _greedy(model, tokenizer, prompt_ids, max_new_tokens, backend, stop_token_ids)]
 
 
 def _greedy(
     model: Any, tokenizer: PreTrainedTokenizerBase, prompt_ids: List[List[int]], max_new_tokens: int,
-    backend: str
+    backend: str, stop_token_ids: Sequence[int] = ()
 ) -> List[tuple[str, List[int]]]:
-    """(decoded text, token ids with EOS appended where the answer finished) per prompt."""
+    """(decoded text, token ids followed by the stop token where the answer finished) per prompt."""
     from gapfix.generation import generate
 
     if not prompt_ids:
         return []
     outputs = generate(model, prompt_ids, tokenizer=tokenizer, n=1, temperature=0.0,
-                       max_new_tokens=max_new_tokens, backend=backend)
-    eos = tokenizer.eos_token_id
-    return [(tokenizer.decode(out.token_ids, skip_special_tokens=True).strip(),
-             list(out.token_ids) + ([eos] if out.finish_reason == "eos" else [])) for out in outputs]
+                       max_new_tokens=max_new_tokens, backend=backend, stop_token_ids=stop_token_ids)
+    return [(tokenizer.decode(out.token_ids, skip_special_tokens=True).strip(), out.token_ids_with_stop())
+            for out in outputs]
+
+
+def _answer_ends(model: Any, tokenizer: PreTrainedTokenizerBase,
+                 examples: List[Example]) -> tuple[List[int], List[int]]:
+    """(content length of each reference answer, the tokens answers stop on): a reference ends with
+    EOS, or on chat data with the template's end-of-turn (gapfix.methods.rac.reference_ends, RAC's
+    rule), which generation must stop on too and comparisons leave out."""
+    from gapfix.methods.rac import answer_stop_ids, reference_ends
+
+    stops = answer_stop_ids(model, tokenizer)
+    ends = reference_ends([ex.answer_ids for ex in examples], tokenizer, stops)
+    return [length for length, _ in ends], list(dict.fromkeys(stops + [end for _, end in ends]))
 
 
 def evaluate(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Example], *,
@@ -141,7 +152,8 @@ def evaluate(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Exam
     """Greedy accuracy on examples (each with its source record)."""
     regex = compile_answer_regex(answer_regex) if isinstance(answer_regex, str) else answer_regex
     answers = greedy_answers(model, tokenizer, [ex.prompt_ids for ex in examples],
-                             max_new_tokens=max_new_tokens, backend=backend)
+                             max_new_tokens=max_new_tokens, backend=backend,
+                             stop_token_ids=_answer_ends(model, tokenizer, examples)[1])
     correct = [_correct(ex.record, a, regex) for ex, a in zip(examples, answers)]
     result = {"accuracy": sum(correct) / len(correct), "count": len(correct)}
     if return_answers:
@@ -431,17 +443,17 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
     if not examples:
         raise ValueError("examples is empty: nothing to evaluate")
     regex = compile_answer_regex(answer_regex) if isinstance(answer_regex, str) else answer_regex
-    eos = tokenizer.eos_token_id
     rng = random.Random(seed)
+    contents, stops = _answer_ends(model, tokenizer, examples)
     references_text = [_reference_text(ex, tokenizer) for ex in examples]
-    greedy = _greedy(model, tokenizer, [ex.prompt_ids for ex in examples], max_new_tokens, backend)
+    greedy = _greedy(model, tokenizer, [ex.prompt_ids for ex in examples], max_new_tokens, backend, stops)
     answers = [text for text, _ in greedy]
     generated = [ids for _, ids in greedy]
     correct = [float(_correct_text(ex, a, ref, regex))
                for ex, a, ref in zip(examples, answers, references_text)]
 
-    # recovery positions: any answer token but the final EOS
-    positions = [rng.randrange(len(ex.answer_ids) - 1) if len(ex.answer_ids) > 1 else None for ex in examples]
+    # recovery positions: any answer token but the end token (EOS or end-of-turn) and what follows it
+    positions = [rng.randrange(n) if n > 0 else None for n in contents]
     hits, tops = _teacher_forced(model, examples, positions if recovery else [None] * len(examples), top_k)
     curve = divergence_curve(hits, generated, [ex.answer_ids for ex in examples])
     per_example = {
@@ -464,7 +476,7 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
     }
     if recovery:
         report["recovery"] = _recovery(model, tokenizer, examples, positions, tops, regex, references_text,
-                                       max_new_tokens, backend, top_k, rng)
+                                       max_new_tokens, backend, top_k, rng, contents, stops)
         per_example.update(report["recovery"].pop("per_example"))
         if regex is None:
             report["notes"].append("recovery: whether answers still end right needs --answer-regex")
@@ -477,13 +489,18 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
         report["embedding_distance"] = {"mean": statistics.fmean(distances), "values": distances}
         per_example["embedding_distance"] = distances
     if labels:
-        stripped = [g[:-1] if g and g[-1] == eos else g for g in generated]
-        refs = [ex.answer_ids[:-1] if ex.answer_ids and ex.answer_ids[-1] == eos else ex.answer_ids
-                for ex in examples]
-        report["rac_labels"] = label_diagnostic(stripped, refs, eos_id=eos,
+        stripped = [_without_stop(g, stops) for g in generated]
+        refs = [ex.answer_ids[:n] for ex, n in zip(examples, contents)]
+        # eos_id only names the label after a covered reference, which no generated token is compared to
+        report["rac_labels"] = label_diagnostic(stripped, refs, eos_id=stops[0],
                                                 correct=[bool(c) for c in correct])
     report["per_example"] = per_example
     return report
+
+
+def _without_stop(ids: List[int], stops: Sequence[int]) -> List[int]:
+    """An answer's tokens without the stop token it finished on."""
+    return ids[:-1] if ids and ids[-1] in stops else ids
 
 
 def _correct_text(example: Example, answer: str, reference: str, regex: Optional[Pattern[str]]) -> bool:
@@ -495,9 +512,8 @@ def _correct_text(example: Example, answer: str, reference: str, regex: Optional
 def _recovery(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Example],
               positions: List[Optional[int]], tops: list, regex: Optional[Pattern[str]],
               references_text: List[str], max_new_tokens: int, backend: str, top_k: int,
-              rng: random.Random) -> dict:
-    eos = tokenizer.eos_token_id
-    excluded = {t for t in (eos, tokenizer.pad_token_id, getattr(tokenizer, "bos_token_id", None))
+              rng: random.Random, contents: List[int], stops: List[int]) -> dict:
+    excluded = {t for t in (*stops, tokenizer.pad_token_id, getattr(tokenizer, "bos_token_id", None))
                 if t is not None}
     chosen = []  # (example index, k, wrong token)
     for i, (ex, k, top) in enumerate(zip(examples, positions, tops)):
@@ -511,11 +527,11 @@ def _recovery(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Exa
     perturbed_prompts = [examples[i].prompt_ids + examples[i].answer_ids[:k] + [w] for i, k, w in chosen]
     clean_prompts = [examples[i].prompt_ids + examples[i].answer_ids[:k] for i, k, _ in chosen]
     budget = max_new_tokens  # the continuation gets the whole budget: the answer's remainder fits
-    perturbed = _greedy(model, tokenizer, perturbed_prompts, budget, backend)
-    clean = _greedy(model, tokenizer, clean_prompts, budget, backend)
+    perturbed = _greedy(model, tokenizer, perturbed_prompts, budget, backend, stops)
+    clean = _greedy(model, tokenizer, clean_prompts, budget, backend, stops)
 
     def strip(ids: List[int]) -> List[int]:
-        return ids[:-1] if ids and ids[-1] == eos else ids
+        return _without_stop(ids, stops)
 
     ends_right = clean_right = None
     if regex is not None:
@@ -527,8 +543,8 @@ def _recovery(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Exa
             whole_clean = tokenizer.decode(head + strip(c_ids), skip_special_tokens=True)
             clean_right.append(answers_match(whole_clean, references_text[i], regex))
     result = recovery_scores(
-        [strip(ids) for _, ids in perturbed], [strip(examples[i].answer_ids[k + 1:]) for i, k, _ in chosen],
-        [strip(ids) for _, ids in clean], [strip(examples[i].answer_ids[k:]) for i, k, _ in chosen],
+        [strip(ids) for _, ids in perturbed], [examples[i].answer_ids[k + 1:contents[i]] for i, k, _ in chosen],
+        [strip(ids) for _, ids in clean], [examples[i].answer_ids[k:contents[i]] for i, k, _ in chosen],
         ends_right, clean_right)
     # per-example lists cover only the examples that got a probe: spread them back to all
     full = {}

@@ -288,3 +288,19 @@ def test_plain_prompt_answer_rows_are_those_of_eos(mode, monkeypatch):
     (logged,) = [r for r in logs if r.get("event") == "rac_offline"]
     for key, value in stats.items():
         assert logged[key] == pytest.approx(value, rel=1e-6), key
+
+
+# ----------------------------------------------------------------- evaluation on chat data
+
+def test_evaluation_stops_chat_answers_at_the_end_of_turn(tmp_path):
+    """gapfix eval's greedy answers stop at <|im_end|> (not </s>): "15" is right for "7 plus 8" and
+    the label diagnostic compares "15" with the reference's content, without the end-of-turn."""
+    from gapfix.evaluation import evaluate, evaluate_model
+
+    tok, examples = chat_examples(tmp_path, CHATML)
+    model = answering_15(tok)
+    report = evaluate_model(model, tok, examples, max_new_tokens=6, backend="hf", embed=None, recovery=False)
+    assert report["answers"] == ["15", "15"]
+    assert report["accuracy"] == 0.5
+    assert report["rac_labels"]["path"]["label_differs"] == 0.5  # "15" labelled "42"; "15" labelled "15"
+    assert evaluate(model, tok, examples, max_new_tokens=6, backend="hf")["accuracy"] == 0.5
