@@ -101,7 +101,7 @@ class _Run:
         first batch), and then transformers serves it, with a warning."""
         import warnings
 
-        if isinstance(self.backend, _VLLMBackend):
+        if isinstance(getattr(self, "backend", None), _VLLMBackend):  # None while _make_backend runs
             self.backend.discard()
         key = _refusal_key(self._model)
         if key is not None:
