@@ -174,3 +174,26 @@ def test_lora_model_served_by_vllm_gives_hf_greedy_tokens(need_vllm, tok):
     second = generate(model, prompts, tokenizer=tok, backend="vllm", max_new_tokens=12)
     assert tokens(second) == tokens(generate(model, prompts, tokenizer=tok, backend="hf", max_new_tokens=12))
     assert tokens(second) != tokens(first)
+
+
+def test_rac_rows_of_a_lora_model_are_the_same_through_vllm_and_hf(need_vllm):
+    """RAC no longer sends a PEFT model to transformers: through vLLM (the merged weights
+    pushed) its greedy answers, hence its rows, are those of the hf backend."""
+    peft = pytest.importorskip("peft")
+    from gapfix.data import encode_example, math_task
+    from gapfix.methods.rac import RAC
+    from gapfix.trainer import TrainConfig, build_rows
+
+    tokenizer = math_task.math_tokenizer()
+    examples = [encode_example(tokenizer, p["prompt"], p["response"], p)
+                for p in math_task.make_split("train", 8, seed=5)]
+    base = tiny_llama(tokenizer, seed=7, max_position_embeddings=128)
+    torch.manual_seed(7)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    assert RAC._backend(model, TrainConfig()) == "auto"
+    rows = {backend: build_rows("rac", model, tokenizer, examples,
+                                TrainConfig(max_new_tokens=24, generation_backend=backend))
+            for backend in ("hf", "vllm")}
+    assert len(rows["vllm"]) == len(rows["hf"]) > 0
+    assert rows["vllm"] == rows["hf"]
