@@ -142,7 +142,12 @@ def test_checkpoint_weights_of_a_lora_model_are_peft_merged_weights(tok, options
             dict(checkpoint_weights(model))
         return
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    pairs = checkpoint_weights(model)
+    q_proj = next(t for name, t in pairs if name == "model.layers.0.self_attn.q_proj.weight")
+    assert torch.is_grad_enabled() and not q_proj.requires_grad  # stopped inside: grad mode left alone
+    pairs.close()
     merged = dict(checkpoint_weights(model))
+    assert not any(t.requires_grad for t in merged.values())
     reference = copy.deepcopy(model).merge_and_unload().state_dict()
     assert merged.keys() == reference.keys()
     for name, tensor in reference.items():

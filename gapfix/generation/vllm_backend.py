@@ -116,6 +116,10 @@ class _ProcessStateGuard:
         return False
 
 
+class _InputError(ValueError):
+    """A bad argument of push_weights / checkpoint_weights, raised as is through vLLM's loader."""
+
+
 def checkpoint_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of in-memory `model` under the names of its saved checkpoint, which
     are the names vLLM's loaders map from: a transformers model's state dict (through a DDP
@@ -143,36 +147,21 @@ def checkpoint_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    with torch.no_grad():
-        yield from _merged_tensors(model, "", tuner, LoraLayer, AuxiliaryTrainingWrapper)
+    yield from _merged_tensors(model, "", tuner, LoraLayer, AuxiliaryTrainingWrapper)
 
 
 def _merged_tensors(module, prefix: str, tuner, lora_layer, wrapper):
     """The state dict of `module` (a model holding PEFT layers) with LoRA merged: see checkpoint_weights."""
     if isinstance(module, wrapper) or (isinstance(module, tuner) and not isinstance(module, lora_layer)):
-        raise ValueError(f"model: {prefix.rstrip('.') or 'the model'} is a {type(module).__name__}; only "
-                         f"LoRA layers can be merged into the weights pushed to vLLM (modules_to_save and "
-                         f"other PEFT methods are not supported: merge the adapter, or use backend='hf')")
+        raise _InputError(f"model: {prefix.rstrip('.') or 'the model'} is a {type(module).__name__}; only "
+                          f"LoRA layers can be merged into the weights pushed to vLLM (modules_to_save and "
+                          f"other PEFT methods are not supported: merge the adapter, or use backend='hf')")
     if isinstance(module, lora_layer):
         base = module.get_base_layer()
         adapters = [] if module.disable_adapters else [
             name for name in module.active_adapters
             if name not in module.merged_adapters and (name in module.lora_A or name in module.lora_embedding_A)]
-        merged = {}
-        if adapters:
-            weight = base.weight.detach().clone()
-            bias = None if getattr(base, "bias", None) is None else base.bias.detach().clone()
-            for name in adapters:
-                # peft's own arithmetic, as in its safe merge: DoRA and other variants merge their way
-                if name in module.lora_variant:
-                    weight = module.lora_variant[name].merge_safe(module, name, weight)
-                else:
-                    weight += module.get_delta_weight(name).to(weight.dtype)
-                if module.lora_bias.get(name):
-                    if bias is None:
-                        raise ValueError(f"model: {prefix.rstrip('.')} has lora_bias but its base layer no bias")
-                    bias += (module.lora_B[name].bias * module.scaling[name]).to(bias.dtype)
-            merged = {"weight": weight, "bias": bias}
+        merged = _merged_lora(module, base, adapters, prefix) if adapters else {}
         for name, tensor in base.state_dict().items():
             yield prefix + name, merged.get(name) if merged.get(name) is not None else tensor
         return
@@ -185,6 +174,28 @@ def _merged_tensors(module, prefix: str, tuner, lora_layer, wrapper):
     for name, child in module._modules.items():
         if child is not None:
             yield from _merged_tensors(child, f"{prefix}{name}.", tuner, lora_layer, wrapper)
+
+
+def _merged_lora(module, base, adapters: list, prefix: str) -> dict:
+    """{"weight": ..., "bias": ...} of LoRA layer `module` with `adapters` merged, in new tensors
+    (no autograd graph: no_grad here, not around the caller's generator, whose suspension would
+    leave grad mode off in the caller)."""
+    import torch
+
+    with torch.no_grad():
+        weight = base.weight.detach().clone()
+        bias = None if getattr(base, "bias", None) is None else base.bias.detach().clone()
+        for name in adapters:
+            # peft's own arithmetic, as in its safe merge: DoRA and other variants merge their way
+            if name in module.lora_variant:
+                weight = module.lora_variant[name].merge_safe(module, name, weight)
+            else:
+                weight += module.get_delta_weight(name).to(weight.dtype)
+            if module.lora_bias.get(name):
+                if bias is None:
+                    raise _InputError(f"model: {prefix.rstrip('.')} has lora_bias but its base layer no bias")
+                bias += (module.lora_B[name].bias * module.scaling[name]).to(bias.dtype)
+    return {"weight": weight, "bias": bias}
 
 
 def push_weights(llm, weights) -> None:
@@ -201,7 +212,8 @@ def push_weights(llm, weights) -> None:
 
     Every parameter of the engine must receive a weight, and every name must be one the engine
     knows, with a matching shape: else ValueError naming the parameter (the engine may then hold a
-    mix of old and new weights: push again, or drop it). Returns nothing."""
+    mix of old and new weights: push again, or drop it). Returns nothing. An engine in sleep mode
+    must have its weights woken up first (llm.wake_up(tags=["weights"]))."""
     import torch
 
     executor = getattr(getattr(llm, "llm_engine", None), "model_executor", None)
@@ -220,22 +232,20 @@ def push_weights(llm, weights) -> None:
     def named(items):
         for name, tensor in items:
             if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-                raise ValueError(f"weights: expected (name, tensor) pairs, got ({type(name).__name__}, "
-                                 f"{type(tensor).__name__})")
+                raise _InputError(f"weights: expected (name, tensor) pairs, got ({type(name).__name__}, "
+                                  f"{type(tensor).__name__})")
             current[:] = [name]
             yield name, tensor.detach()
 
     try:
         missing = llm.collective_rpc(_load_in_worker, args=(named(pairs),))
-    except ValueError as err:
-        if str(err).startswith("weights:") or str(err).startswith("model:"):
-            raise
+    except _InputError:
+        raise
+    except (ValueError, KeyError, AttributeError, AssertionError, IndexError, RuntimeError) as err:
+        # vLLM's loaders: an unknown name (ValueError, KeyError), a shape that differs
+        # (AssertionError, RuntimeError from copy_); named by the pair being loaded
         raise ValueError(f"weights: vLLM could not load {current[0] if current else 'the first weight'!r} "
                          f"({type(err).__name__}: {str(err)[:200]})") from err
-    except (KeyError, AttributeError, AssertionError, RuntimeError, IndexError) as err:
-        raise ValueError(f"weights: vLLM could not load {current[0] if current else 'the first weight'!r} "
-                         f"({type(err).__name__}: {str(err)[:200]}): the engine's architecture has no such parameter "
-                         f"or another shape") from err
     unfilled = sorted({name for names in missing for name in (names or ())})
     if unfilled:
         shown = ", ".join(repr(name) for name in unfilled[:8]) + (" ..." if len(unfilled) > 8 else "")
@@ -278,7 +288,9 @@ def _load_in_worker(worker, pairs) -> list | None:
     for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
         if callable(getattr(runner, reset, None)):
             getattr(runner, reset)()
-    return None if loaded is None else sorted(expected - set(loaded))
+    if loaded is None or config.model_config.quantization is not None:
+        return None  # a quantized engine's parameters (scales, packed weights) are not the checkpoint's
+    return sorted(expected - set(loaded))
 
 
 class _Engine:
