@@ -62,12 +62,14 @@ def test_pushed_weights_give_hf_greedy_tokens_after_each_training_step(need_vllm
         raise AssertionError("the in-memory model must not be saved for vLLM")
 
     monkeypatch.setattr(model, "save_pretrained", refuse)
+    model.config.dtype = torch.bfloat16  # a stale config: the engine follows the parameters' float32
     prompts = prompts_of(tok)
     train_step(model, tok, lr=1e-2, seed=0)  # weights no checkpoint ever held
     first = generate(model, prompts, tokenizer=tok, backend="vllm", max_new_tokens=12)
     assert tokens(first) == tokens(generate(model, prompts, tokenizer=tok, backend="hf", max_new_tokens=12))
     engine = engine_of(model)
     folder = engine.path
+    assert engine.dtype == "float32"
     train_step(model, tok, lr=1e-2, seed=1)
     second = generate(model, prompts, tokenizer=tok, backend="vllm", max_new_tokens=12)
     assert engine_of(model) is engine  # the same engine, weights replaced in place
