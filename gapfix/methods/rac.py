@@ -553,11 +553,8 @@ class RAC(Method):
 
     @staticmethod
     def _backend(model, config) -> str:
-        """vLLM loads a saved folder; a PEFT model saves only its adapter, so it generates with hf."""
-        from gapfix.models import unwrap_model
-
-        if config.generation_backend == "auto" and unwrap_model(model) is not model:
-            return "hf"
+        """The configured backend, for every model: vLLM serves a PEFT (LoRA) model too, its
+        weights pushed merged from memory (gapfix.generation.vllm_backend.push_weights)."""
         return config.generation_backend
 
     def finish(self, ctx: OfflineContext) -> List[str]:
