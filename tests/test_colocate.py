@@ -363,3 +363,14 @@ def test_gpu_sleep_frees_memory_and_generation_after_wake_and_push_equals_hf():
         assert engine.calls[-4:] == ["wake weights", "push", "wake kv_cache", "sleep 2"]
     finally:
         engine.close()
+
+
+def test_a_resume_may_change_the_vllm_knobs_or_predate_them():
+    """The rows do not depend on them: a run resumed on other GPUs, or from a checkpoint written
+    before the knobs existed, is not refused for them."""
+    from gapfix.checkpoint import config_differences
+
+    saved = {"method": "rac", "lr": 0.001}
+    current = {"method": "rac", "lr": 0.001, "vllm_tensor_parallel_size": 2, "vllm_gpu_memory_utilization": 0.3}
+    assert config_differences(saved, current) == []
+    assert config_differences(saved, {**current, "lr": 0.5}) == ["lr: 0.001 -> 0.5"]
