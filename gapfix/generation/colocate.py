@@ -14,10 +14,11 @@ trainer runs: level 2 (the default) drops the weights and the KV cache, which su
 weights are replaced every iteration anyway; level 1 keeps a copy of the weights in host memory.
 On a platform without sleep mode the engine stays resident and sleep / wake are skipped.
 
-Weights go from the trained model to the engine in memory where gapfix.generation.vllm_backend
-has `push_weights`; otherwise through a folder (save_pretrained, then vLLM's reload_weights).
-Under FSDP every parameter is gathered to its full tensor, one at a time, on every rank (a
-collective: every rank calls `begin`).
+Weights go from the trained model to the engine in memory, never through disk: the engine starts
+from the model's config alone on random weights (load_format="dummy") and every `begin` copies
+the model's tensors in (gapfix.generation.vllm_backend.push_weights; a PEFT model's adapters
+merged). Under FSDP every parameter is gathered to its full tensor, one at a time, on every rank
+(a collective: every rank calls `begin`).
 
 One engine lives per process, for the process's lifetime: vLLM keeps its parallel state in
 module globals, and shutting an external-launcher engine down (`release_colocated`) also
@@ -38,6 +39,8 @@ from gapfix.generation.vllm_backend import (
     MODEL_COPY_PREFIX,
     _ProcessStateGuard,
     _VLLMBackend,
+    checkpoint_weights,
+    push_weights,
 )
 
 __all__ = ["ColocatedEngine", "TPShare", "colocated_engine", "release_colocated", "sleep_mode_available",
@@ -115,39 +118,17 @@ def sleep_mode_available() -> bool:
 
 
 def _full_weights(model) -> Iterator[Tuple[str, "object"]]:
-    """(checkpoint name, full tensor) pairs of the trained model: vllm_backend.checkpoint_weights
-    where it exists (PEFT adapters merged), else the state dict through a DDP wrapper. An FSDP
-    shard (DTensor) is gathered to its full tensor as it is reached: every rank must iterate."""
-    from gapfix.generation import vllm_backend
-
-    named = getattr(vllm_backend, "checkpoint_weights", None)
-    if named is not None:
-        pairs = named(model)
-    else:
-        pairs = iter(_plain_model(model).state_dict().items())
+    """(checkpoint name, full tensor) pairs of the trained model (vllm_backend.checkpoint_weights:
+    through DDP, PEFT adapters merged). An FSDP shard (DTensor) is gathered to its full tensor as
+    it is reached: every rank must iterate, in the same order."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch without DTensor has no FSDP2 either
         DTensor = ()
-    for name, tensor in pairs:
+    for name, tensor in checkpoint_weights(model):
         if isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()
         yield name, tensor.detach()
-
-
-def _plain_model(model):
-    """The transformers model inside DDP (a PEFT model is refused: without vllm_backend's
-    merged weights the engine would get the base weights and miss the adapter)."""
-    from gapfix.models import unwrap_model
-
-    inner = unwrap_model(model)
-    base = model
-    while hasattr(base, "module") and type(base).__name__ in ("DistributedDataParallel", "DataParallel"):
-        base = base.module
-    if inner is not base:
-        raise ValueError("generation_backend='vllm' with a PEFT model needs gapfix.generation.vllm_backend."
-                         "push_weights (merged adapters); use generation_backend='hf'")
-    return inner
 
 
 def _write_owner(folder: Path) -> None:
@@ -197,7 +178,8 @@ class ColocatedEngine(_VLLMBackend):
         self._folder = tempfile.TemporaryDirectory(prefix=MODEL_COPY_PREFIX)
         folder = Path(self._folder.name).resolve()
         _write_owner(folder)
-        weights_dtype = self._save(model, folder)  # config and the starting weights (gathered under FSDP)
+        # the engine starts on random weights (no weight file) and gets the model's on begin()
+        weights_dtype = self._write_config(model, folder)
         options = dict(
             model=str(folder),
             dtype=str(dtype).replace("torch.", "") if dtype is not None else weights_dtype,
@@ -213,6 +195,7 @@ class ColocatedEngine(_VLLMBackend):
             options["gpu_memory_utilization"] = float(gpu_memory_utilization)
         else:
             options["enforce_eager"] = True
+        options["load_format"] = "dummy"
         options.update(engine_kwargs or {})
         if llm_class is None:
             import logging
@@ -224,51 +207,30 @@ class ColocatedEngine(_VLLMBackend):
             self.llm = llm_class(**options)
         self.options = options
         self.engine = self  # _VLLMBackend.generate runs self.engine.llm
-        self.fresh = True  # the engine holds the weights it was started from
 
     # ------------------------------------------------------------ weights
     @staticmethod
-    def _save(model, folder: Path) -> str:
-        """The model's config and full weights (one safetensors file) into `folder`; returns the
-        weights' dtype. Not save_pretrained: under torch.distributed it writes on rank 0 only, and
-        every rank's engine reads its own folder."""
-        from safetensors.torch import save_file
-
-        base = _base_model(model) if _has_push() else _plain_model(model)
-        state, seen = {}, set()
-        for name, tensor in _full_weights(model):
-            if tensor.data_ptr() in seen:  # a tied weight (the head): vLLM ties it again
-                continue
-            seen.add(tensor.data_ptr())
-            state[name] = tensor.cpu().contiguous()
+    def _write_config(model, folder: Path) -> str:
+        """The model's config.json into `folder` (with the architecture vLLM runs); returns the
+        dtype of the model's weights. Not save_pretrained: under torch.distributed it writes on rank
+        0 only, and every rank's engine reads its own folder."""
+        base = _base_model(model)  # through DDP and PEFT: the base model's config
         config = json.loads(base.config.to_json_string(use_diff=False))
-        config["architectures"] = config.get("architectures") or [type(base).__name__]  # what vLLM runs
+        config["architectures"] = config.get("architectures") or [type(base).__name__]
         (folder / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        dtypes = [t.dtype for t in state.values() if t.is_floating_point()]
+        dtypes = [p.dtype for p in base.parameters() if p.is_floating_point()]
         return str(dtypes[0]).replace("torch.", "") if dtypes else "float32"
 
     def push(self, model) -> None:
-        """Gives the engine the model's current weights: in memory (vllm_backend.push_weights) or,
-        without it, through the engine's folder and vLLM's reload_weights."""
-        from gapfix.generation import vllm_backend
-
+        """Gives the engine the model's current weights, in memory (vllm_backend.push_weights)."""
         self.calls.append("push")
-        push_weights = getattr(vllm_backend, "push_weights", None)
         with _ProcessStateGuard():
-            if push_weights is not None:
-                push_weights(self.llm, _full_weights(model))
-            else:
-                folder = Path(self._folder.name).resolve()
-                self._save(model, folder)
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
-                self.llm.reset_prefix_cache()  # cached keys and values hold the old weights'
-        self.fresh = False
+            push_weights(self.llm, _full_weights(model))
 
     # ------------------------------------------------------------ one offline phase
     def begin(self, model) -> None:
-        """Before an offline phase: wake the engine and give it the model's weights (skipped right
-        after start-up, when it holds them already). Every rank calls it (a collective under FSDP)."""
+        """Before an offline phase: wake the engine and give it the model's current weights. Every
+        rank calls it (a collective under FSDP)."""
         with _ProcessStateGuard():
             if self.asleep and self.sleep_level == 2:
                 # weights first: the KV cache stays released while the new weights come in
@@ -277,15 +239,12 @@ class ColocatedEngine(_VLLMBackend):
             elif self.asleep:
                 self.calls.append("wake")
                 self.llm.wake_up()
-                self.asleep = False
-        if not self.fresh or self.asleep:  # level 2 dropped the weights
-            self.push(model)
-        self.fresh = False
-        if self.asleep:
+        self.push(model)
+        if self.asleep and self.sleep_level == 2:
             with _ProcessStateGuard():
                 self.calls.append("wake kv_cache")
                 self.llm.wake_up(tags=["kv_cache"])
-            self.asleep = False
+        self.asleep = False
 
     def end(self) -> None:
         """After an offline phase: release the engine's device memory for training (sleep mode),
@@ -310,12 +269,6 @@ class ColocatedEngine(_VLLMBackend):
             with _ProcessStateGuard():
                 shutdown()
         self._folder.cleanup()
-
-
-def _has_push() -> bool:
-    from gapfix.generation import vllm_backend
-
-    return getattr(vllm_backend, "push_weights", None) is not None
 
 
 def _base_model(model):

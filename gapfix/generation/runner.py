@@ -104,7 +104,7 @@ class _Run:
         first batch), and then transformers serves it, with a warning."""
         import warnings
 
-        if isinstance(self.backend, _VLLMBackend):
+        if isinstance(getattr(self, "backend", None), _VLLMBackend):  # None while _make_backend runs
             self.backend.discard()
         key = _refusal_key(self._model)
         if key is not None:
@@ -163,7 +163,8 @@ def generate(
     ordered by (prompt_index, sample_index), len(prompts) * n long.
 
     model: a local model folder (both backends) or an in-memory transformers
-        model (hf; vllm saves it to a temporary folder first, each call).
+        model, PEFT LoRA included (vllm: its engine is built once, and each call
+        copies the current weights in from memory; see vllm_backend.push_weights).
     prompts: a list of token-id lists, or a list of strings (needs a tokenizer).
     tokenizer: decodes answers into `.text` and encodes text prompts; None
         takes the model folder's own, if any; False turns text off.

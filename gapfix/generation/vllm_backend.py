@@ -3,9 +3,17 @@
 One engine is kept per (model folder, dtype, engine options), so that a trainer that saves a
 checkpoint and regenerates every iteration pays vLLM's start-up once: when the folder's weight
 files change, the engine reloads the weights in place (and drops its prefix cache);
-`release_engines()` frees every engine. An in-memory model is saved to a temporary folder of
-its own (rewritten on each call), which records its owner process so that a later run removes
-the copies of a killed one.
+`release_engines()` frees every engine.
+
+An in-memory model never goes through disk as weights: its engine is built once, with random
+weights (vLLM's load_format="dummy"), from a temporary folder holding only what describes the
+architecture (config.json, generation_config.json, the tokenizer's files), and every call then
+copies the model's current tensors into it (`push_weights`; the prefix cache is dropped). The
+push happens on every call: a parameter's version counter misses updates made through `.data`,
+so "unchanged" cannot be told cheaply and soundly. A PEFT (LoRA) model is pushed merged, base +
+adapter, under the base model's names, computed apart from the user's model (which is left as
+it is). The folder records its owner process so that a later run removes the folders of a
+killed one.
 """
 from __future__ import annotations
 
@@ -15,8 +23,12 @@ import os
 import tempfile
 import weakref
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from gapfix.generation.common import _is_model_path, _model_dir, derive_seed
+
+if TYPE_CHECKING:
+    import torch
 
 # Defaults for vLLM on CPU, each set only where the environment does not set it already:
 # a 1 GiB KV cache (VLLM_CPU_KVCACHE_SPACE is in GiB; vLLM's own default takes most of
@@ -34,9 +46,9 @@ _VLLM_CPU_ENV = {
 
 _ENGINES: dict = {}  # key -> _Engine
 _VLLM_REFUSED: set = set()  # model folders that vLLM failed to start on ("auto" skips them)
-# In-memory models handed to the vLLM backend are saved to one temporary
-# folder per model object, rewritten on each call (the engine then reloads).
-_SAVED_MODELS: dict = {}  # id(model) -> (weakref, TemporaryDirectory)
+# In-memory models handed to the vLLM backend are described (config, no weights)
+# in one temporary folder per model object; their weights are pushed from memory.
+_SAVED_MODELS: dict = {}  # id(model) -> [weakref, TemporaryDirectory, config JSON written]
 
 
 def _weights_fingerprint(path: Path):
@@ -104,8 +116,176 @@ class _ProcessStateGuard:
         return False
 
 
+def checkpoint_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of in-memory `model` under the names of its saved checkpoint, which
+    are the names vLLM's loaders map from: a transformers model's state dict (through a DDP
+    wrapper). A PEFT model, or a model holding injected LoRA layers, yields the base model's
+    names, each adapted layer's weight (and bias, for lora_bias) merged with its active, not yet
+    merged adapters in a new tensor: the model itself is not changed. Other tensors are detached
+    views, not copies. ValueError names a PEFT layer that cannot be merged this way."""
+    import sys
+
+    import torch
+
+    for _ in range(4):  # DistributedDataParallel / DataParallel
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module) or type(model).__name__ not in (
+                "DistributedDataParallel", "DataParallel"):
+            break
+        model = inner
+    if callable(getattr(model, "get_base_model", None)):  # peft.PeftModel
+        model = model.get_base_model()
+    peft = sys.modules.get("peft")  # a model with PEFT layers in it has imported peft
+    tuner = getattr(getattr(getattr(peft, "tuners", None), "tuners_utils", None), "BaseTunerLayer", None)
+    if tuner is None or not any(isinstance(m, tuner) for m in model.modules()):
+        yield from model.state_dict().items()
+        return
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    with torch.no_grad():
+        yield from _merged_tensors(model, "", tuner, LoraLayer, AuxiliaryTrainingWrapper)
+
+
+def _merged_tensors(module, prefix: str, tuner, lora_layer, wrapper):
+    """The state dict of `module` (a model holding PEFT layers) with LoRA merged: see checkpoint_weights."""
+    if isinstance(module, wrapper) or (isinstance(module, tuner) and not isinstance(module, lora_layer)):
+        raise ValueError(f"model: {prefix.rstrip('.') or 'the model'} is a {type(module).__name__}; only "
+                         f"LoRA layers can be merged into the weights pushed to vLLM (modules_to_save and "
+                         f"other PEFT methods are not supported: merge the adapter, or use backend='hf')")
+    if isinstance(module, lora_layer):
+        base = module.get_base_layer()
+        adapters = [] if module.disable_adapters else [
+            name for name in module.active_adapters
+            if name not in module.merged_adapters and (name in module.lora_A or name in module.lora_embedding_A)]
+        merged = {}
+        if adapters:
+            weight = base.weight.detach().clone()
+            bias = None if getattr(base, "bias", None) is None else base.bias.detach().clone()
+            for name in adapters:
+                # peft's own arithmetic, as in its safe merge: DoRA and other variants merge their way
+                if name in module.lora_variant:
+                    weight = module.lora_variant[name].merge_safe(module, name, weight)
+                else:
+                    weight += module.get_delta_weight(name).to(weight.dtype)
+                if module.lora_bias.get(name):
+                    if bias is None:
+                        raise ValueError(f"model: {prefix.rstrip('.')} has lora_bias but its base layer no bias")
+                    bias += (module.lora_B[name].bias * module.scaling[name]).to(bias.dtype)
+            merged = {"weight": weight, "bias": bias}
+        for name, tensor in base.state_dict().items():
+            yield prefix + name, merged.get(name) if merged.get(name) is not None else tensor
+        return
+    for name, param in module._parameters.items():
+        if param is not None:
+            yield prefix + name, param.detach()
+    for name, buffer in module._buffers.items():
+        if buffer is not None and name not in module._non_persistent_buffers_set:
+            yield prefix + name, buffer.detach()
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _merged_tensors(child, f"{prefix}{name}.", tuner, lora_layer, wrapper)
+
+
+def push_weights(llm, weights) -> None:
+    """Copy `weights` into the running vLLM engine `llm` (a vllm.LLM) in place, and drop its prefix
+    cache (cached keys and values were computed with the old weights). Nothing goes through disk.
+
+    llm: an engine running in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, or torchrun's
+        external_launcher); a multiprocess engine is refused with a ValueError. A tensor-parallel
+        engine takes its own shard of each full tensor.
+    weights: an nn.Module (a transformers model or a PEFT model: see `checkpoint_weights`), a dict
+        name -> tensor, or an iterable of (name, tensor) pairs, under the checkpoint's names (what
+        save_pretrained writes; vLLM maps them to its fused layers itself). Any dtype and device:
+        vLLM copies into its own.
+
+    Every parameter of the engine must receive a weight, and every name must be one the engine
+    knows, with a matching shape: else ValueError naming the parameter (the engine may then hold a
+    mix of old and new weights: push again, or drop it). Returns nothing."""
+    import torch
+
+    executor = getattr(getattr(llm, "llm_engine", None), "model_executor", None)
+    if executor is None or getattr(executor, "driver_worker", None) is None:
+        raise ValueError("llm: push_weights needs the vLLM engine in this process "
+                         "(VLLM_ENABLE_V1_MULTIPROCESSING=0, or distributed_executor_backend="
+                         "'external_launcher'); this one runs in worker processes")
+    if isinstance(weights, torch.nn.Module):
+        pairs = checkpoint_weights(weights)
+    elif isinstance(weights, dict):
+        pairs = iter(weights.items())
+    else:
+        pairs = iter(weights)
+    current = []  # the name being loaded, for the error message
+
+    def named(items):
+        for name, tensor in items:
+            if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"weights: expected (name, tensor) pairs, got ({type(name).__name__}, "
+                                 f"{type(tensor).__name__})")
+            current[:] = [name]
+            yield name, tensor.detach()
+
+    try:
+        missing = llm.collective_rpc(_load_in_worker, args=(named(pairs),))
+    except ValueError as err:
+        if str(err).startswith("weights:") or str(err).startswith("model:"):
+            raise
+        raise ValueError(f"weights: vLLM could not load {current[0] if current else 'the first weight'!r} "
+                         f"({type(err).__name__}: {str(err)[:200]})") from err
+    except (KeyError, AttributeError, AssertionError, RuntimeError, IndexError) as err:
+        raise ValueError(f"weights: vLLM could not load {current[0] if current else 'the first weight'!r} "
+                         f"({type(err).__name__}: {str(err)[:200]}): the engine's architecture has no such parameter "
+                         f"or another shape") from err
+    unfilled = sorted({name for names in missing for name in (names or ())})
+    if unfilled:
+        shown = ", ".join(repr(name) for name in unfilled[:8]) + (" ..." if len(unfilled) > 8 else "")
+        raise ValueError(f"weights: no weight given for vLLM's parameter(s) {shown} (the weights' names do "
+                         f"not map onto this engine's architecture)")
+    llm.reset_prefix_cache()
+
+
+def _load_in_worker(worker, pairs) -> list | None:
+    """Runs inside vLLM's worker (collective_rpc): what vLLM's own in-place reload from a weights
+    iterator does, keeping the set of loaded parameters to return those that got nothing. vLLM on
+    CPU repacks linear weights after loading (oneDNN); the layerwise reload redoes that, which a
+    bare model.load_weights would not. Returns the names of the parameters left without a weight,
+    or None where the model's loader does not report what it loaded."""
+    import logging
+
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    runner = worker.model_runner
+    model = runner.get_model()
+    config = worker.vllm_config
+    lora = config.lora_config is not None  # vLLM's own LoRA wraps layers in base_layer
+    expected = {name.replace(".base_layer.", ".") if lora else name for name, _ in model.named_parameters()}
+    # The layerwise reload logs "Failed to load weights" for every layer that got nothing,
+    # including those that hold only computed buffers (rotary tables): the caller checks
+    # the returned names instead, loudly.
+    quiet = logging.getLogger(finalize_layerwise_reload.__module__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with set_current_vllm_config(config):
+            initialize_layerwise_reload(model)
+            try:
+                loaded = model.load_weights(pairs)
+            finally:
+                finalize_layerwise_reload(model, config.model_config)
+    finally:
+        quiet.setLevel(level)
+    for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+        if callable(getattr(runner, reset, None)):
+            getattr(runner, reset)()
+    return None if loaded is None else sorted(expected - set(loaded))
+
+
 class _Engine:
-    def __init__(self, path: Path, dtype, engine_kwargs):
+    """One vllm.LLM for a model folder: its weights from the folder's files, or with
+    pushed=True random ones (load_format="dummy") for `push_weights` to replace."""
+
+    def __init__(self, path: Path, dtype, engine_kwargs, pushed: bool = False):
         import torch
 
         if not torch.cuda.is_available():
@@ -138,13 +318,15 @@ class _Engine:
             else:
                 options["enforce_eager"] = True
             options.update(self.engine_kwargs)
+            if pushed:  # the folder holds no weights; they come from memory
+                options["load_format"] = "dummy"
             # Without a tokenizer vLLM's chat-template warm-up fails and logs
             # a traceback; nothing here uses chat templates.
             import logging
 
             logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
             self.llm = LLM(**options)
-        self.weights = _weights_fingerprint(path)
+        self.weights = None if pushed else _weights_fingerprint(path)
         self.config = _config_fingerprint(path)
 
     def refresh(self) -> bool:
@@ -185,7 +367,7 @@ def release_engines() -> int:
     while _ENGINES:
         _, engine = _ENGINES.popitem()
         engine.close()
-    for _, tmp in list(_SAVED_MODELS.values()):
+    for _, tmp, _ in list(_SAVED_MODELS.values()):
         tmp.cleanup()
     _SAVED_MODELS.clear()
     _VLLM_REFUSED.clear()
@@ -193,11 +375,15 @@ def release_engines() -> int:
     return count
 
 
+def _engine_key(path: Path, dtype, engine_kwargs):
+    return (str(path), None if dtype is None else str(dtype),
+            json.dumps(engine_kwargs or {}, sort_keys=True, default=str))
+
+
 def _engine_for(path: Path, dtype, engine_kwargs, reload: bool):
     """(cache key, engine) for a model folder: the cached engine, refreshed
     to the folder's current weights, or a new one."""
-    key = (str(path), None if dtype is None else str(dtype),
-           json.dumps(engine_kwargs or {}, sort_keys=True, default=str))
+    key = _engine_key(path, dtype, engine_kwargs)
     engine = _ENGINES.get(key)
     if engine is not None and (reload or not engine.refresh()):
         engine.close()
@@ -208,6 +394,39 @@ def _engine_for(path: Path, dtype, engine_kwargs, reload: bool):
 
         gc.collect()
         engine = _ENGINES[key] = _Engine(path, dtype, engine_kwargs or {})
+    return key, engine
+
+
+def _model_dtype(model) -> str:
+    """The dtype in-memory `model` computes in: that of its first floating-point parameter."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return str(param.dtype).replace("torch.", "")
+    return "float32"
+
+
+def _pushed_engine_for(model, path: Path, dtype, engine_kwargs, reload: bool):
+    """(cache key, engine) for in-memory `model` whose architecture folder is `path`: the
+    cached engine (a new one where the config changed, or for reload=True), holding the
+    model's current weights, pushed from memory."""
+    import gc
+
+    if dtype is None:  # what the model computes in, so that both backends compute the same
+        dtype = _model_dtype(model)
+    key = _engine_key(path, dtype, engine_kwargs)
+    engine = _ENGINES.pop(key, None)
+    if engine is not None and (reload or engine.config != _config_fingerprint(path)):
+        engine.close()
+        engine = None
+    if engine is None:
+        gc.collect()
+        engine = _Engine(path, dtype, engine_kwargs or {}, pushed=True)
+    try:
+        push_weights(engine.llm, model)
+    except BaseException:
+        engine.close()  # random or half-pushed weights: never served
+        raise
+    _ENGINES[key] = engine
     return key, engine
 
 
@@ -280,10 +499,14 @@ def remove_stale_model_copies(folder: str | None = None) -> list:
 
 
 def _saved_copy(model, tokenizer) -> Path:
-    """A folder holding the current weights of in-memory `model`. It lives in $TMPDIR and
-    records its owner process, so that the next run removes it if this one is killed."""
-    from gapfix.models import save_model
+    """The folder describing in-memory `model` to vLLM: config.json, generation_config.json and
+    the tokenizer's files, no weights (they are pushed). Written when first asked for and again
+    when the model's config changes. It lives in $TMPDIR and records its owner process, so that
+    the next run removes it if this one is killed."""
+    from gapfix.models import unwrap_model
 
+    inner = unwrap_model(model)  # a PEFT model is served as its base architecture
+    config_text = inner.config.to_json_string()
     entry = _SAVED_MODELS.get(id(model))
     if entry is None or entry[0]() is not model:
         import socket
@@ -293,10 +516,16 @@ def _saved_copy(model, tokenizer) -> Path:
         owner = {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname()}
         Path(tmp.name, _COPY_OWNER).write_text(json.dumps(owner), encoding="utf-8")
         key = id(model)
-        _SAVED_MODELS[key] = (weakref.ref(model, lambda _ref: _forget_saved(key)), tmp)
+        _SAVED_MODELS[key] = [weakref.ref(model, lambda _ref: _forget_saved(key)), tmp, None]
         entry = _SAVED_MODELS[key]
     path = Path(entry[1].name).resolve()
-    save_model(model, tokenizer, path)
+    if entry[2] != config_text:
+        inner.config.save_pretrained(path)
+        if getattr(inner, "generation_config", None) is not None:
+            inner.generation_config.save_pretrained(path)
+        if tokenizer is not None and entry[2] is None:
+            tokenizer.save_pretrained(path)
+        entry[2] = config_text
     return path
 
 
@@ -322,7 +551,9 @@ class _VLLMBackend:
             if not hasattr(model, "save_pretrained"):
                 raise ValueError(f"model must be a local model folder or a transformers model, "
                                  f"got {type(model).__name__}")
-            path = _saved_copy(model, tokenizer)
+            self.engine_key, self.engine = _pushed_engine_for(
+                model, _saved_copy(model, tokenizer), dtype, engine_kwargs, reload)
+            return
         self.engine_key, self.engine = _engine_for(path, dtype, engine_kwargs, reload)
 
     def discard(self):

@@ -442,14 +442,11 @@ class RAC(Method):
         return rows, stats, len(outputs)
 
     def _backend(self, model, config):
-        """The colocated engine while build_shard runs with one; else the configured backend name
-        (vLLM loads a saved folder; a PEFT model saves only its adapter, so "auto" takes hf)."""
-        from gapfix.models import unwrap_model
-
+        """The colocated engine while build_shard runs with one; else the configured backend, for
+        every model: vLLM serves a PEFT (LoRA) model too, its weights pushed merged from memory
+        (gapfix.generation.vllm_backend.push_weights)."""
         if self._engine is not None:
             return self._engine
-        if config.generation_backend == "auto" and unwrap_model(model) is not model:
-            return "hf"
         return config.generation_backend
 
     def finish(self, ctx: OfflineContext) -> List[str]:
