@@ -3,7 +3,7 @@ generation backend BACKEND ("vllm": the colocated engine of gapfix.generation.co
 the rows of iteration N to OUT/rows-N.arrow and this rank's count of generated prompts and the engine's
 calls to OUT/counts-RANK.json.
 
-    colocate_worker.py OUT BACKEND TEMPERATURE TP ITERATIONS
+    colocate_worker.py OUT BACKEND TEMPERATURE TP ITERATIONS [DISTRIBUTED]   (ddp or fsdp; default ddp)
 
 RAC generates in chunks of 4 prompts here, so that 16 prompts make 4 chunks to share out. The
 model has head_dim 32 (vLLM's CPU attention has no kernel for 16) and runs in float32.
@@ -20,7 +20,7 @@ from gapfix.models import tiny_llama
 from gapfix.trainer import train
 
 
-def main(out, backend, temperature, tp, iterations):
+def main(out, backend, temperature, tp, iterations, distributed="ddp"):
     rank = int(os.environ.get("RANK", "0"))
     counts = {"generated_prompts": 0, "generate_calls": 0}
     generate = generation.generate
@@ -35,7 +35,7 @@ def main(out, backend, temperature, tp, iterations):
 
     def keeping_finish(self, ctx):  # the iteration's rows, kept (a run removes them as it goes)
         paths = finish(self, ctx)
-        if ctx.main:
+        if rank == 0:  # (under FSDP every rank builds every row and is its context's main)
             RowTable.open(paths).write_to(os.path.join(out, f"rows-{ctx.iteration}.arrow"))
         return paths
 
@@ -48,7 +48,7 @@ def main(out, backend, temperature, tp, iterations):
     train(model, tokenizer, examples, method="rac", iterations=int(iterations), steps_per_iteration=1,
           batch_size=8, lr=0.05, progress=False, out_dir=os.path.join(out, "run"), rac_prompts=16,
           rac_temperature=float(temperature), max_new_tokens=12, generation_backend=backend,
-          vllm_tensor_parallel_size=int(tp), bf16=False)
+          vllm_tensor_parallel_size=int(tp), distributed=distributed, bf16=False)
     from gapfix.generation import colocate
 
     engine = colocate._ACTIVE.get("engine")

