@@ -147,8 +147,8 @@ class ColocatedEngine(_VLLMBackend):
     """A vLLM engine in this process for the model being trained (see the module doc); also a
     gapfix.generate backend: `gapfix.generate(model, prompts, backend=engine, ...)`.
 
-    model: the trained transformers model (through DDP / FSDP2); its config and current weights
-        start the engine. tensor_parallel_size: ranks per engine (divides the world size).
+    model: the trained transformers model (through DDP / FSDP2 / PEFT); its config starts the
+        engine, its weights come in on every `begin`. tensor_parallel_size: ranks per engine (divides the world size).
     gpu_memory_utilization: the fraction of the GPU the engine may take (CUDA only; the trainer
         shares the GPU). dtype: None runs the model's own dtype. sleep_level: 1 or 2.
     enable_sleep_mode: None where the platform has it. engine_kwargs: more vllm.LLM arguments.
@@ -156,7 +156,7 @@ class ColocatedEngine(_VLLMBackend):
 
     name = "vllm"
 
-    def __init__(self, model, *, tokenizer=None, tensor_parallel_size: int = 1,
+    def __init__(self, model, *, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.4, dtype=None, sleep_level: int = 2,
                  enable_sleep_mode: Optional[bool] = None, engine_kwargs: Optional[dict] = None,
                  llm_class=None):
