@@ -39,8 +39,10 @@ STATE_TENSORS = "trainer_state.safetensors"
 LEGACY_PICKLE = "trainer_state.pt"
 FORMAT = 2  # 1 was the pickled trainer_state.pt
 CHECKPOINT_NAME = re.compile(r"iter\d{3,}-step\d{7,}")
-# TrainConfig fields that do not change what is trained: a resume may change them freely
-RESUME_FREE_FIELDS = frozenset({"out_dir", "progress", "log_every", "save_every", "keep_checkpoints"})
+# TrainConfig fields that do not change what is trained: a resume may change them freely (RAC's rows
+# are the same for any vLLM tensor-parallel size, and a checkpoint older than these knobs lacks them)
+RESUME_FREE_FIELDS = frozenset({"out_dir", "progress", "log_every", "save_every", "keep_checkpoints",
+                                "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization"})
 _TAGS = ("__tensor__", "__tuple__", "__items__")
 
 

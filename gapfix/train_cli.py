@@ -55,6 +55,9 @@ FIELD_HELP = {
     "rac_only_until_divergence": "RAC: train only the prefixes up to the first divergence",
     "max_new_tokens": "generation budget of RAC answers and of --eval",
     "generation_backend": "RAC generation backend: auto, vllm or hf",
+    "vllm_tensor_parallel_size": "RAC under torchrun with vLLM: ranks sharing one tensor-parallel engine "
+                                 "(divides the world size)",
+    "vllm_gpu_memory_utilization": "RAC with vLLM on a GPU: the fraction of GPU memory the engine may take",
     "fused": "false: every op's pure-PyTorch reference instead of the fused kernels",
     "seed": "seed of the initial weights, the row order, BASH masks and RAC sampling",
     "device": "auto (the GPU where there is one), cpu, cuda, cuda:N",

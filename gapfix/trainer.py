@@ -81,6 +81,9 @@ class TrainConfig:
     rac_only_until_divergence: bool = False
     max_new_tokens: int = 128
     generation_backend: str = "auto"
+    # RAC's vLLM engine under torchrun, colocated with training (gapfix.generation.colocate)
+    vllm_tensor_parallel_size: int = 1  # ranks per engine; divides the world size
+    vllm_gpu_memory_utilization: float = 0.4  # the GPU fraction the engine may take (CUDA only)
     # ops and runtime
     fused: bool = True
     seed: int = 0

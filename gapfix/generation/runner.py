@@ -57,6 +57,9 @@ class _Run:
 
     def __init__(self, model, prompts, *, tokenizer, n, temperature, top_p, max_new_tokens,
                  seed, backend, logprobs, batch_size, dtype, engine_kwargs, reload, stop_token_ids=()):
+        # a running engine handed in (gapfix.generation.colocate.ColocatedEngine): used as it is
+        engine = backend if isinstance(backend, _VLLMBackend) else None
+        backend = "vllm" if engine is not None else backend
         _check_sampling(n, temperature, top_p, max_new_tokens, backend, batch_size)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
@@ -90,7 +93,7 @@ class _Run:
         self.backend_name = _resolve_backend(backend, model)
         self._requested, self._model = backend, model
         self._dtype, self._engine_kwargs, self._reload = dtype, engine_kwargs, reload
-        self.backend = self._make_backend() if self.prompt_ids else None
+        self.backend = engine or (self._make_backend() if self.prompt_ids else None)
         cls = _VLLMBackend if self.backend_name == "vllm" else _HFBackend
         self.batch_size = batch_size or cls.default_batch_size
 
@@ -184,7 +187,8 @@ def generate(
         takes the model folder's own, if any; False turns text off.
     temperature 0 is greedy (the n samples are then identical); logprobs=True
         fills `.logprobs` (the model's raw distribution, temperature 1).
-    backend: "auto" (vLLM where installed, else hf), "vllm" or "hf".
+    backend: "auto" (vLLM where installed, else hf), "vllm" or "hf"; or a running engine
+        (gapfix.generation.colocate.ColocatedEngine), used as it is.
     batch_size: prompts per backend call (default 32 for hf, 256 for vllm).
     dtype: None keeps the checkpoint's dtype; compare backends in float32.
     engine_kwargs: extra arguments for vllm.LLM (part of the engine cache key).

@@ -464,6 +464,12 @@ class RAC(Method):
             raise ValueError(f"rac_prompts must be >= 1 or None, got {config.rac_prompts}")
         if config.rac_sft_ratio < 0:
             raise ValueError(f"rac_sft_ratio must be >= 0, got {config.rac_sft_ratio}")
+        tp = getattr(config, "vllm_tensor_parallel_size", 1)
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"vllm_tensor_parallel_size must be an int >= 1, got {tp!r}")
+        share = getattr(config, "vllm_gpu_memory_utilization", 0.4)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {share!r}")
 
     def label_mode(self, config) -> str:
         return "all" if self.soft else config.rac_mode
@@ -478,27 +484,42 @@ class RAC(Method):
         return rng.sample(range(n), min(config.rac_prompts or n, n))
 
     def build_shard(self, ctx: OfflineContext) -> dict:
-        from gapfix.data.arrow import shard_range
+        """Generates this rank's share of the chunks and writes their RAC rows. With vLLM under
+        torchrun the engine is colocated (gapfix.generation.colocate): groups of
+        vllm_tensor_parallel_size ranks share one, every rank of a group generates the group's
+        chunks and its first rank writes them (the others write an empty shard)."""
+        from gapfix.generation.colocate import tp_share
 
         config = ctx.config
         chosen = self._chosen(ctx)
         chunks = [chosen[i:i + self.generate_prompts] for i in range(0, len(chosen), self.generate_prompts)]
-        mine = shard_range(len(chunks), ctx.rank, ctx.world)
-        first = min(mine.start * self.generate_prompts, len(chosen)) * config.rac_samples
+        engine = self._colocated(ctx)
+        share = tp_share(ctx.rank, ctx.world, engine.tensor_parallel_size if engine else 1, len(chunks))
+        first = min(share.chunks.start * self.generate_prompts, len(chosen)) * config.rac_samples
         sums = {"generated": 0, "rows": 0, "trained_positions": 0, **{k: 0.0 for k in _AVERAGED}}
         weights = {k: 0 for k in _AVERAGED}
-        with ctx.writer(first, stem="rac") as writer:
-            for c in mine:
-                rows, stats, generated = self._rows(ctx, chunks[c])
-                writer.write(rows)
-                sums["generated"] += generated
-                sums["rows"] += stats["rows"]
-                sums["trained_positions"] += stats["trained_positions"]
-                for key in _AVERAGED:  # label agreement weighted by trained positions, the rest by rows
-                    weight = stats["trained_positions"] if key == "label_agreement" else stats["rows"]
-                    if weight and stats[key] == stats[key]:
-                        sums[key] += stats[key] * weight
-                        weights[key] += weight
+        if engine is not None:
+            engine.begin(ctx.model)  # every rank: wake, and the trained weights (gathered under FSDP)
+        self._engine = engine
+        try:
+            with ctx.writer(first, stem="rac") as writer:
+                for c in share.chunks:
+                    rows, stats, generated = self._rows(ctx, chunks[c])
+                    if not share.writes:  # another rank of the group writes and counts these rows
+                        continue
+                    writer.write(rows)
+                    sums["generated"] += generated
+                    sums["rows"] += stats["rows"]
+                    sums["trained_positions"] += stats["trained_positions"]
+                    for key in _AVERAGED:  # label agreement weighted by trained positions, the rest by rows
+                        weight = stats["trained_positions"] if key == "label_agreement" else stats["rows"]
+                        if weight and stats[key] == stats[key]:
+                            sums[key] += stats[key] * weight
+                            weights[key] += weight
+        finally:
+            self._engine = None
+            if engine is not None:
+                engine.end()  # its device memory goes back to training
         keys = list(sums)
         totals = dict(zip(keys, ctx.all_reduce([sums[k] for k in keys])))
         weight_totals = dict(zip(_AVERAGED, ctx.all_reduce([weights[k] for k in _AVERAGED])))
@@ -516,6 +537,24 @@ class RAC(Method):
                           "rows; "
                           "sample them (--rac-temperature > 0)", stacklevel=2)
         return {}
+
+    _engine = None  # the colocated engine while build_shard runs
+
+    def _colocated(self, ctx: OfflineContext):
+        """The process's colocated vLLM engine when this phase generates with vLLM under torchrun
+        (generation_backend "vllm", or "auto" with vLLM installed and a plain model), else None."""
+        from gapfix.generation import vllm_available
+        from gapfix.generation.colocate import colocated_engine, world_position
+
+        requested = self._backend(ctx.model, ctx.config)
+        backend = ("vllm" if vllm_available() else "hf") if requested == "auto" else requested
+        if backend != "vllm" or not world_position()[2]:
+            return None
+        options = dict(tensor_parallel_size=ctx.config.vllm_tensor_parallel_size,
+                       gpu_memory_utilization=ctx.config.vllm_gpu_memory_utilization)
+        if requested == "vllm":
+            return colocated_engine(ctx.model, **options)
+        return colocated_engine(ctx.model, fall_back=True, **options)  # "auto": None where vLLM refuses
 
     def _rows(self, ctx: OfflineContext, chunk: List[int]):
         """The RAC rows of the prompts of examples `chunk`, in order, build_rac_rows' stats,
@@ -551,10 +590,12 @@ class RAC(Method):
             only_until_divergence=config.rac_only_until_divergence, impl="auto" if config.fused else "torch")
         return rows, stats, len(outputs)
 
-    @staticmethod
-    def _backend(model, config) -> str:
-        """The configured backend, for every model: vLLM serves a PEFT (LoRA) model too, its
-        weights pushed merged from memory (gapfix.generation.vllm_backend.push_weights)."""
+    def _backend(self, model, config):
+        """The colocated engine while build_shard runs with one; else the configured backend, for
+        every model: vLLM serves a PEFT (LoRA) model too, its weights pushed merged from memory
+        (gapfix.generation.vllm_backend.push_weights)."""
+        if self._engine is not None:
+            return self._engine
         return config.generation_backend
 
     def finish(self, ctx: OfflineContext) -> List[str]:
