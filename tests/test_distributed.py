@@ -35,6 +35,9 @@ def _parameters(tmp_path, nproc, strategy, method="sft"):
 @pytest.mark.parametrize("strategy,method", [("ddp", "sft"), ("fsdp", "sft"), ("ddp", "bash"),
                                              ("fsdp", "bash"), ("fsdp", "rac")])
 def test_two_processes_match_one(tmp_path, strategy, method):
+    """BASH predicts the 24 rows the steps draw in one chunk and RAC answers 16 prompts in one
+    chunk, so at world 2 rank 1 runs no offline forward at all: under FSDP the ranks' offline
+    phases are uneven, and the training that follows must still pair its collectives."""
     single = _run(tmp_path, 1, strategy, method=method)
     double = _run(tmp_path, 2, strategy, method=method)
     assert len(single) == len(double) == 3
