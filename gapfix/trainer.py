@@ -439,8 +439,10 @@ class _Run:
                                     allow_config_change=resume_with_changed_config)
         # a resumed run's log continues from the checkpoint; a run that starts over starts it over
         ckpt.rewind_metrics(self.metrics_path, state.get("metrics_bytes", 0) if state else 0)
-        # under FSDP2 the offline phase runs on a whole copy (made before sharding, weightless until then)
-        self.offline_model = _OfflineReplica(model) if _sharded(config, dist) else None
+        # under FSDP2 an offline phase that runs the model runs it on a whole copy (made before sharding,
+        # weightless outside the phase)
+        replica = _sharded(config, dist) and self.method.runs_model
+        self.offline_model = _OfflineReplica(model) if replica else None
         self.trainable = _wrap_distributed(CausalLMLoss(model, config.fused, self.method), config, dist,
                                            self.device)
         trainable_params = [p for p in model.parameters() if p.requires_grad]  # a PEFT model: its adapter
