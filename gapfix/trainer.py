@@ -10,9 +10,10 @@ and writes it as an Arrow shard under `<out>/iterations/iterNNN/` (without out_d
 a temporary folder, removed when train() returns; under torchrun without out_dir
 that folder must be on storage every rank sees, as it is on one machine); every rank
 then reads the union, memory-mapped (gapfix.data.arrow.RowTable). Seeds come from
-the example, never the rank, so any N builds the same rows. Under FSDP the model's
-forwards are collective, so every rank builds all rows (in its own folder). An
-iteration's folder is removed when the iteration ends, unless a kept checkpoint
+the example, never the rank, so any N builds the same rows. Under FSDP the offline
+phase runs on a whole copy of the model on every rank (_OfflineReplica: its forwards
+are local, so ranks may run different numbers of them), split across ranks as under
+DDP. An iteration's folder is removed when the iteration ends, unless a kept checkpoint
 (keep_checkpoints) still refers to it.
 
 The loss is gapfix.linear_cross_entropy on the final hidden states, so the full
@@ -299,9 +300,6 @@ def offline_phase(method, model, tokenizer, examples, config, iteration, device,
 
     folder = folders.folder(iteration)
     rank, world, barrier, reduce = dist.rank, dist.world, dist.barrier, _all_reduce_sum(dist, device)
-    if _sharded(config, dist):  # forwards are collective: every rank builds every row, in its own folder
-        folder = folder if dist.main else os.path.join(folder, f"rank{dist.rank:05d}")
-        rank, world, barrier, reduce = 0, 1, (lambda: None), list
     if dist.main:  # rebuilt from scratch: nothing of an earlier (killed) build is read
         shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
@@ -444,6 +442,10 @@ class _Run:
                                     allow_config_change=resume_with_changed_config)
         # a resumed run's log continues from the checkpoint; a run that starts over starts it over
         ckpt.rewind_metrics(self.metrics_path, state.get("metrics_bytes", 0) if state else 0)
+        # under FSDP2 an offline phase that runs the model runs it on a whole copy (made before sharding,
+        # weightless outside the phase)
+        replica = _sharded(config, dist) and self.method.runs_model
+        self.offline_model = _OfflineReplica(model) if replica else None
         self.trainable = _wrap_distributed(CausalLMLoss(model, config.fused, self.method), config, dist,
                                            self.device)
         trainable_params = [p for p in model.parameters() if p.requires_grad]  # a PEFT model: its adapter
@@ -474,9 +476,12 @@ class _Run:
     def build_rows(self, iteration):
         """The offline phase: the iteration's rows written once, under <out>/iterations/."""
         started = time.perf_counter()
-        self.rows, paths, stats, counters = offline_phase(
-            self.method, self.model, self.tokenizer, self.examples, self.config, iteration, self.device,
-            self.dist, self.folders, self.log, self.trained_rows(iteration))
+        frozen = self.offline_model.gathered(self.model) if self.offline_model else \
+            contextlib.nullcontext(self.model)
+        with frozen as model:
+            self.rows, paths, stats, counters = offline_phase(
+                self.method, model, self.tokenizer, self.examples, self.config, iteration, self.device,
+                self.dist, self.folders, self.log, self.trained_rows(iteration))
         self.rows_reference = ckpt.rows_reference(self.out, paths, len(self.rows)) if (
             self.out and self.dist.main) else None
         seconds = time.perf_counter() - started
@@ -614,6 +619,50 @@ def _full_state_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class _OfflineReplica:
+    """The offline phase's model under FSDP2: a copy of the model made before fully_shard, whose
+    parameters are meta tensors (no memory) except inside `gathered`, which fills them with the
+    trained weights, whole on every rank, and empties them again.
+
+    Why not the sharded model itself: its forwards are collective. The root (CausalLMLoss) owns
+    the embedding, final norm and head, which are all-gathered only by the root's own forward,
+    so a forward of the inner model meets sharded DTensors ("mixed torch.Tensor and DTensor");
+    the layers' hooks all-gather per forward, so ranks running different numbers of forwards
+    (an uneven share of BASH's chunks, RAC's generate calls of different lengths) would pair
+    mismatched collectives; and forwards outside the root's leave FSDP's backward-prefetch
+    order (per rank) behind. Here the only collective is one gather of the full state dict per
+    offline phase, taken by every rank at the same point; the forwards then are local and give
+    the bits of an unsharded model with these weights. Memory: the whole model on every rank
+    for the duration of the offline phase (as FSDP's unshard would), released after it."""
+
+    def __init__(self, model):
+        import copy
+
+        # the memo maps each parameter to a weightless stand-in: the deep copy allocates nothing for
+        # them (a tied parameter stays one), while buffers (rotary tables, not all in the state dict)
+        # are copied as they are
+        memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                for p in model.parameters()}
+        self.module = copy.deepcopy(model, memo)
+
+    @contextlib.contextmanager
+    def gathered(self, sharded_model):
+        """The replica with `sharded_model`'s weights (collective: every rank enters it together)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(sharded_model, options=StateDictOptions(full_state_dict=True))
+        self.module.load_state_dict(state, assign=True)  # keeps requires_grad=False: no graph is built
+        del state
+        try:
+            yield self.module
+        finally:
+            for module in self.module.modules():  # parameters back to meta: the gathered copy is freed
+                for name, param in list(module._parameters.items()):
+                    if param is not None:
+                        module._parameters[name] = torch.nn.Parameter(
+                            torch.empty_like(param, device="meta"), requires_grad=False)
 
 
 def _full_model_state(model, config, dist):

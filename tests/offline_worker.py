@@ -1,7 +1,8 @@
 """Run by tests/test_offline_sharding.py under torchrun: one iteration of METHOD, writing its
 rows under OUT/run/iterations/ and this rank's count of model passes to OUT/counts-RANK.json.
 
-    offline_worker.py OUT METHOD          (METHOD "rac-per-prompt": RAC seeding each prompt alone)
+    offline_worker.py OUT METHOD [STRATEGY]   (METHOD "rac-per-prompt": RAC seeding each prompt alone;
+                                               STRATEGY ddp (default) or fsdp)
 
 BASH predicts in chunks of 8 rows and RAC generates in chunks of 4 prompts here, so that a
 small set still has several chunks to share out.
@@ -18,7 +19,7 @@ from gapfix.models import tiny_llama
 from gapfix.trainer import train
 
 
-def main(out, method):
+def main(out, method, strategy="ddp"):
     rank = int(os.environ.get("RANK", "0"))
     counts = {"forwards": 0, "forward_rows": 0, "generated_prompts": 0}
     predict, generate = bash.predict_alternatives, generation.generate
@@ -43,7 +44,8 @@ def main(out, method):
     train(model, tokenizer, examples, method=method, iterations=1, steps_per_iteration=1, batch_size=8,
           progress=False, out_dir=os.path.join(out, "run"), bash_rows=32, bash_mode="sample",
           bash_temperature=2.0, rac_prompts=16, rac_temperature=1.0, max_new_tokens=12,
-          generation_backend="hf", save_every=1, keep_checkpoints=2)  # a kept checkpoint keeps the rows
+          generation_backend="hf", distributed=strategy,
+          save_every=1, keep_checkpoints=2)  # a kept checkpoint keeps the rows
     with open(os.path.join(out, f"counts-{rank}.json"), "w") as handle:
         json.dump(counts, handle)
 

@@ -1,6 +1,8 @@
-"""DDP and FSDP2 through torchrun (gloo, two CPU processes) give the loss of one
-process on the same global batch, for SFT and for BASH (whose mixing is seeded per row,
-never by the rank)."""
+"""DDP and FSDP2 through torchrun (gloo, two CPU processes) give the losses and the trained
+parameters of one process on the same global batch, for SFT, BASH (whose mixing is seeded per
+row, never by the rank) and RAC (answers sampled by the transformers backend, seeded per
+chunk of prompts). Under FSDP the offline phase (BASH's prediction pass, RAC's generation)
+runs split across the ranks, as under DDP."""
 import json
 import os
 import subprocess
@@ -23,14 +25,30 @@ def _run(tmp_path, nproc, strategy, *extra, method="sft"):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("strategy,method", [("ddp", "sft"), ("fsdp", "sft"), ("ddp", "bash")])
+def _parameters(tmp_path, nproc, strategy, method="sft"):
+    """The trained parameters the last _run with these arguments saved (whole, gathered under FSDP)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(tmp_path / f"{method}-{strategy}-{nproc}-0.json.safetensors"))
+
+
+@pytest.mark.parametrize("strategy,method", [("ddp", "sft"), ("fsdp", "sft"), ("ddp", "bash"),
+                                             ("fsdp", "bash"), ("fsdp", "rac")])
 def test_two_processes_match_one(tmp_path, strategy, method):
+    """BASH predicts the 24 rows the steps draw in one chunk and RAC answers 16 prompts in one
+    chunk, so at world 2 rank 1 runs no offline forward at all: under FSDP the ranks' offline
+    phases are uneven, and the training that follows must still pair its collectives."""
     single = _run(tmp_path, 1, strategy, method=method)
     double = _run(tmp_path, 2, strategy, method=method)
     assert len(single) == len(double) == 3
     for a, b in zip(single, double):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (single, double)
     assert single[-1] < single[0]  # the steps trained
+    one, two = _parameters(tmp_path, 1, strategy, method), _parameters(tmp_path, 2, strategy, method)
+    assert one.keys() == two.keys() and one
+    for name in one:
+        gap = (one[name] - two[name]).abs().max().item()
+        assert gap <= 1e-4 * max(1.0, one[name].abs().max().item()), (name, gap)
 
 
 def test_fsdp_checkpoint_resumes_across_processes(tmp_path):

@@ -16,10 +16,10 @@ pytestmark = pytest.mark.slow  # torchrun processes: minutes of CPU
 WORKER = os.path.join(os.path.dirname(__file__), "offline_worker.py")
 
 
-def _run(folder, nproc, method):
+def _run(folder, nproc, method, strategy="ddp"):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               WORKER, str(folder), method]
+               WORKER, str(folder), method, strategy]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     iteration = folder / "run" / "iterations" / "iter000"
@@ -30,10 +30,13 @@ def _run(folder, nproc, method):
     return open(canonical, "rb").read(), counts
 
 
-@pytest.mark.parametrize("method", ["sft", "bash", "rac", "rac-per-prompt"])
-def test_two_ranks_build_the_rows_of_one_with_half_the_passes_each(tmp_path, method):
+@pytest.mark.parametrize("method,strategy", [("sft", "ddp"), ("bash", "ddp"), ("rac", "ddp"),
+                                             ("rac-per-prompt", "ddp"), ("bash", "fsdp"), ("rac", "fsdp")])
+def test_two_ranks_build_the_rows_of_one_with_half_the_passes_each(tmp_path, method, strategy):
+    """Under FSDP too: each rank runs its share of the passes on the gathered model (one process
+    never shards: world 1 is the reference for both)."""
     one, (alone,) = _run(tmp_path / "one", 1, method)
-    two, (first, second) = _run(tmp_path / "two", 2, method)
+    two, (first, second) = _run(tmp_path / "two", 2, method, strategy)
     assert one == two  # byte-identical rows
     if method == "bash":  # 32 rows in 4 chunks of 8: two forwards of 8 rows per rank
         assert alone["forwards"] == 4 and alone["forward_rows"] == 32

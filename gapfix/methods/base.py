@@ -88,7 +88,12 @@ def row_seed(*parts) -> int:
 @dataclass
 class OfflineContext:
     """What an offline phase is given. `examples` is a sequence of gapfix.data.Example
-    (an ExampleTable reads them from a memory-mapped dataset: prefer `gather`)."""
+    (an ExampleTable reads them from a memory-mapped dataset: prefer `gather`).
+
+    `model` is the frozen model, whole on this rank (under FSDP2 a copy gathered for the
+    phase, where the method's `runs_model`): its forwards and generate calls are local, never
+    collective, so ranks may run different numbers of them. Its weights are freed when the
+    phase ends: keep no reference to them past `finish`."""
     model: object
     tokenizer: object
     examples: Sequence
@@ -140,6 +145,9 @@ class Method:
     batch_fields: Tuple[str, ...] = ()  # fields its rows add beyond input_ids / labels (targets)
     uses_row_seeds: bool = False  # whether loss_inputs needs per-row seeds
     generates: bool = False  # whether the offline phase generates from the prompts (prompts must leave room)
+    # whether the offline phase runs the model (forwards, generation); under FSDP2 the trainer then
+    # gathers a whole copy for it, and otherwise spares that gather (ctx.model is then the sharded model)
+    runs_model: bool = True
 
     def validate(self, config) -> None:
         """Raises ValueError naming a TrainConfig field this method cannot use. TrainConfig.validate

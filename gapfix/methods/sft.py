@@ -20,6 +20,7 @@ def write_sft_shard(ctx: OfflineContext) -> int:
 @register
 class SFT(Method):
     name = "sft"
+    runs_model = False
 
     def build_shard(self, ctx: OfflineContext) -> dict:
         write_sft_shard(ctx)
