@@ -35,7 +35,7 @@ def main(out, backend, temperature, tp, iterations, distributed="ddp"):
 
     def keeping_finish(self, ctx):  # the iteration's rows, kept (a run removes them as it goes)
         paths = finish(self, ctx)
-        if rank == 0:  # (under FSDP every rank builds every row and is its context's main)
+        if rank == 0:
             RowTable.open(paths).write_to(os.path.join(out, f"rows-{ctx.iteration}.arrow"))
         return paths
 

@@ -65,8 +65,7 @@ class TPShare:
 
 def tp_share(rank: int, world: int, tp: int, num_chunks: int) -> TPShare:
     """The share of `num_chunks` chunks that `rank` of `world` generates when groups of `tp`
-    consecutive ranks share an engine. world 1 (one process, or FSDP where every rank builds
-    every row in its own folder) builds every chunk whatever tp is."""
+    consecutive ranks share an engine. world 1 (one process) builds every chunk whatever tp is."""
     from gapfix.data.arrow import shard_range
 
     _check_tp(tp, world if world > 1 else tp)
