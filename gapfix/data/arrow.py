@@ -34,6 +34,7 @@ columns cost 4 bytes a token on disk and only the pages being read in memory):
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -384,6 +385,28 @@ def _drop_unusable(
     return dataset.remove_columns(["error", "line", "malformed"])
 
 
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Under torch.distributed (a process group of more than one rank), rank 0 runs the body
+    first while the other ranks wait at a barrier, then they run it: a `load_tokenized` there
+    finds rank 0's cache (datasets' cache hit) and tokenizes nothing. Without a process group
+    the body just runs. Should rank 0 fail, the others are released and meet the same error
+    themselves, rather than waiting for a barrier rank 0 never reaches."""
+    import sys
+
+    distributed = sys.modules.get("torch.distributed")  # no process group without torch imported
+    active = (distributed is not None and distributed.is_available() and distributed.is_initialized()
+              and distributed.get_world_size() > 1)
+    first = not active or distributed.get_rank() == 0
+    if not first:
+        distributed.barrier()
+    try:
+        yield
+    finally:
+        if active and first:
+            distributed.barrier()
+
+
 def dataset_from_examples(examples: Sequence[Example]) -> "datasets.Dataset":
     """An in-memory Dataset of `examples` (the same columns as `load_tokenized` returns)."""
     import datasets
@@ -433,7 +456,10 @@ class ExampleTable(Sequence[Example]):
 
     def __getitem__(self, index: Union[int, slice]) -> Union[Example, List[Example]]:
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+            start, stop, step = index.indices(len(self))
+            if step == 1:  # one Arrow slice (evaluation reads its micro-batches so)
+                return self._decode(self._arrow[start:stop]) if start < stop else []
+            return self.gather(range(start, stop, step))
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"index must be an int or a slice, got {type(index).__name__}")
         if not -len(self) <= index < len(self):
@@ -453,6 +479,12 @@ class ExampleTable(Sequence[Example]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         for start in range(0, len(self), batch_size):
             yield self._decode(self._arrow[start:start + batch_size])
+
+    def __iter__(self) -> Iterator[Example]:
+        """The examples in order, decoded a batch at a time (Sequence's default decodes one row per
+        Arrow read); only one batch of Python examples exists at a time."""
+        for batch in self.batches():
+            yield from batch
 
 
 # ---------------------------------------------------------------------- rows
@@ -893,6 +925,6 @@ def write_sft_rows(path: Union[str, os.PathLike], examples: Union["datasets.Data
     return writer.path
 
 
-__all__ = ["ExampleTable", "RowTable", "RowWriter", "dataset_from_examples", "load_tokenized", "shard_range",
-           "write_rows", "write_sft_rows"]
+__all__ = ["ExampleTable", "RowTable", "RowWriter", "dataset_from_examples", "load_tokenized",
+           "main_process_first", "shard_range", "write_rows", "write_sft_rows"]
 
