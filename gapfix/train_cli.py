@@ -413,10 +413,10 @@ def run(args) -> int:
     eval_examples, eval_report = (
         load_data(args.eval, tokenizer, **limits, max_prompt_length=_prompt_limit(context, config.max_new_tokens))
         if args.eval else (None, None))
-    if eval_examples is not None:  # an eval set is small: evaluate() takes Examples
+    if eval_examples is not None:  # evaluate() reads its Examples a batch at a time from the table
         from gapfix.data.arrow import ExampleTable
 
-        eval_examples = list(ExampleTable(eval_examples))
+        eval_examples = ExampleTable(eval_examples)
     evaluations = []
 
     sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1 and config.distributed == "fsdp"

@@ -37,7 +37,8 @@ def main(out_path, strategy, iterations="1", checkpoints="", stop_at="0"):
         method = os.environ.get("GAPFIX_WORKER_METHOD", "sft")
         train(model, tokenizer, examples, method=method, iterations=int(iterations), steps_per_iteration=3,
               batch_size=8, lr=1e-2, progress=False, distributed=strategy, out_dir=checkpoints or None,
-              save_every=2, on_step=on_step, beta=0.5, bash_mode="sample")
+              save_every=2, on_step=on_step, beta=0.5, bash_mode="sample", rac_prompts=16, max_new_tokens=12,
+              generation_backend="hf")
     except Stop:
         pass
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:

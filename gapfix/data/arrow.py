@@ -30,6 +30,9 @@ columns cost 4 bytes a token on disk and only the pages being read in memory):
   in row order whatever the order and number of the shards; `gather` returns rows
   as the dicts of Python lists the trainer's `collate` and `pack_rows` take.
 
+Under torch.distributed, `main_process_first()` around `load_tokenized` lets rank 0 tokenize
+into the shared cache while the other ranks wait, then read it (gapfix train, eval, compare).
+
 `datasets` and `pyarrow` are imported where used, never by `import gapfix`.
 """
 from __future__ import annotations
