@@ -78,6 +78,10 @@ def _example_features(with_record: bool) -> datasets.Features:
 
 
 _LINES_PER_CHUNK = 256
+_CHUNKS_PER_WRITE = 4
+# a row of JSONL is a chunk of lines: one chunk per tokenizing call keeps a call's Python lists of
+# ids (the peak of resident memory while tokenizing) to 256 records (and rows of a table to 256)
+_CHUNKS_PER_CALL = 1
 
 
 def _jsonl_lines(path: str, stamp: str) -> Iterator[Dict[str, list]]:
@@ -145,6 +149,10 @@ def _raw_dataset(
                                   "why": datasets.List(datasets.Value("string"))})
     raw = datasets.Dataset.from_generator(
         _jsonl_lines, features=features, cache_dir=cache_dir,
+        # chunks written as they come: datasets' default (1000 rows) would hold 256k lines, a
+        # whole file of long records, as Python strings before writing any (resident memory
+        # the allocator then keeps)
+        writer_batch_size=_CHUNKS_PER_WRITE,
         gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}:{stat.st_mtime_ns}"})
     return raw, path, "line"
 
@@ -306,7 +314,7 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
             _tokenize_batch, with_indices=True, batched=True, num_proc=num_proc,
             cache_file_name=_cache_file(raw, cache_dir, "tokenized", tokenizer, keep_records, _tokenize_batch,
                                         _encoding_fingerprint()),
-            batch_size=4 if kind == "line" else 1000,  # a row of JSONL is a chunk of lines
+            batch_size=_CHUNKS_PER_CALL if kind == "line" else _CHUNKS_PER_CALL * _LINES_PER_CHUNK,
             remove_columns=raw.column_names, features=_example_features(keep_records),
             fn_kwargs=dict(tokenizer=tokenizer, source=name, kind=kind, with_record=keep_records,
                            encoding=_encoding_fingerprint()),
@@ -327,6 +335,9 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
     first_problem = counts.pop("first_problem", None)
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()  # the tokenizing's buffers: written out, not needed
     if report is not None:
         report.update(examples=len(dataset), **counts)
     if len(dataset) == 0:
@@ -432,6 +443,8 @@ class ExampleTable(Sequence[Example]):
     Nothing is held beyond the Dataset's memory map.
     """
 
+    ITER_BATCH = 128  # examples decoded per Arrow read when iterating (a few MiB of Python ints)
+
     def __init__(self, dataset: "datasets.Dataset") -> None:
         missing = [column for column in TOKEN_COLUMNS if column not in dataset.column_names]
         if missing:
@@ -484,9 +497,9 @@ class ExampleTable(Sequence[Example]):
             yield self._decode(self._arrow[start:start + batch_size])
 
     def __iter__(self) -> Iterator[Example]:
-        """The examples in order, decoded a batch at a time (Sequence's default decodes one row per
-        Arrow read); only one batch of Python examples exists at a time."""
-        for batch in self.batches():
+        """The examples in order, decoded `ITER_BATCH` at a time (Sequence's default decodes one row
+        per Arrow read); only one batch of Python examples exists at a time."""
+        for batch in self.batches(self.ITER_BATCH):
             yield from batch
 
 
