@@ -36,3 +36,22 @@ def test_rank_zero_tokenizes_and_the_other_rank_reads_its_cache(tmp_path):
     assert all(name.startswith(str(out / "data_cache")) for name in first["cache_files"])
     for report in (first["report"], second["report"]):  # both report what was dropped
         assert report["skipped_lines"] == [11] and report["too_long"] == 1
+
+
+def test_train_command_under_torchrun_loads_on_rank_zero_first(tmp_path):
+    """`gapfix train` under torchrun: the process group joined before the data is loaded is the
+    one the trainer then uses (no second init, no unmatched barrier), and both ranks train."""
+    from gapfix.data import math_task
+
+    paths = math_task.write_splits(str(tmp_path / "data"), train=48, test=4, hard=4)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "gapfix.cli", "train", "--model", "tiny", "--tokenizer", "word", "--train", paths["train"],
+               "--method", "sft", "--iterations", "1", "--steps-per-iteration", "2", "--batch-size", "4",
+               "--progress", "false", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["data"]["train"]["examples"] == 48
+    assert list((out / "data_cache").rglob("*.arrow"))  # the memory-mapped tables
