@@ -288,16 +288,29 @@ def _is_table_source(path) -> bool:
 
 
 def _table_records(path):
-    """The records of a Parquet file or saved datasets folder (to build a tokenizer from)."""
+    """The records of a Parquet file or saved datasets folder (to build a tokenizer from), a batch
+    of rows at a time. A Parquet file is read with pyarrow directly: datasets would first convert
+    it into its cache (~/.cache, as --out is not known here). A null is a field the record does not
+    have (as load_tokenized reads table rows)."""
     from gapfix.data import DataError
     from gapfix.data.arrow import TOKEN_COLUMNS, _raw_dataset
 
-    raw, name, _ = _raw_dataset(path, None)
-    if all(column in raw.column_names for column in TOKEN_COLUMNS):
-        raise DataError(f"{name}: already tokenized (prompt_ids/answer_ids): pass --model with its tokenizer")
-    for batch in raw.iter(batch_size=1000):  # a batch of Python records at a time
-        names = list(batch)
-        yield from (dict(zip(names, values)) for values in zip(*(batch[name] for name in names)))
+    if os.path.isfile(path):
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several types; name the file whatever it is
+            raise DataError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+        names, batches = parquet.schema_arrow.names, (batch.to_pylist() for batch in parquet.iter_batches(1000))
+    else:
+        raw, path, _ = _raw_dataset(path, None)
+        names = raw.column_names
+        batches = ([dict(zip(batch, values)) for values in zip(*batch.values())] for batch in raw.iter(1000))
+    if all(column in names for column in TOKEN_COLUMNS):
+        raise DataError(f"{path}: already tokenized (prompt_ids/answer_ids): pass --model with its tokenizer")
+    for batch in batches:
+        yield from ({key: value for key, value in row.items() if value is not None} for row in batch)
 
 
 def data_cache_dir(out: str) -> str:

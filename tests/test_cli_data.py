@@ -151,3 +151,32 @@ def test_tokenizer_texts_are_read_lazily_and_errors_name_the_line(tmp_path):
     empty.write_text(json.dumps({"neither": 1}) + "\n")
     with pytest.raises(DataError, match="no prompt/response or chat records"):
         _tokenizer_from_data(str(empty), 300, "word", on_error="skip")
+
+
+def test_tokenizer_from_parquet_or_a_saved_folder_is_the_jsonl_one(tmp_path, monkeypatch):
+    """Table sources stream their rows too (Parquet through pyarrow, writing nothing to datasets'
+    own cache); nulls are fields a record lacks, as load_tokenized reads them."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gapfix.train_cli import _tokenizer_from_data
+
+    problems = [{"prompt": p["prompt"], "response": p["response"]} for p in math_task.make_split("train", 300)]
+    chat = {"messages": [{"role": "user", "content": "7 + 8"}, {"role": "assistant", "content": "15"}]}
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in problems + [chat]))
+    rows = problems + [{"prompt": None, "response": None, **chat}]
+    table = pa.Table.from_pylist([{"messages": None, **row} for row in rows])
+    pq.write_table(table, tmp_path / "train.parquet")
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "saved"))
+    home_cache = tmp_path / "hf_cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home_cache)
+    expected = _tokenizer_from_data(str(jsonl), 300, "word").backend_tokenizer.to_str()
+    for source in ("train.parquet", "saved"):
+        assert _tokenizer_from_data(str(tmp_path / source), 300, "word").backend_tokenizer.to_str() == expected
+    assert not home_cache.exists()
+    tokenized = tmp_path / "tokenized.parquet"
+    pq.write_table(pa.table({"prompt_ids": [[1, 2]], "answer_ids": [[3]]}), tokenized)
+    with pytest.raises(DataError, match="already tokenized"):
+        _tokenizer_from_data(str(tokenized), 300, "word")
