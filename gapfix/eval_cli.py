@@ -1,8 +1,10 @@
-"""`gapfix eval`: accuracy and exposure-bias diagnostics of a model on JSONL data.
+"""`gapfix eval`: accuracy and exposure-bias diagnostics of a model on held-out data.
 
     gapfix eval --model runs/sft/final --data test.jsonl --answer-regex '#### (\\S+)' --out eval/
 
---data holds prompt/response or chat records. Writes report.json and report.png
+--data holds prompt/response or chat records (JSONL, Parquet or a saved datasets folder),
+tokenized as `gapfix train` tokenizes --eval: into a memory-mapped cache under --out
+(data_cache/), read a batch of examples at a time. Writes report.json and report.png
 into --out (see gapfix.evaluation for what each number means) and prints a
 one-line summary.
 """
