@@ -18,6 +18,11 @@ Reported per token: RssAnon after minus before (and the peak, sampled every
 10 ms). Memory-mapped pages are file-backed (RssFile), which the kernel drops
 under pressure; RssAnon is what the process cannot give back.
 
+`gapfix eval --data`: the same measure for loading a 10M-token JSONL (records of a 32k-word
+word-level tokenizer) as `gapfix eval` did (`load_examples`, the baseline) and does
+(`eval_cli.load_eval_examples`: load_tokenized into a fresh cache, an ExampleTable), then one pass
+over the examples.
+
 Throughput: `load_tokenized` of math-task JSONL (fresh cache each round, so it
 tokenizes) with num_proc 1 and 2, beside `gapfix.data.load_examples` on the
 same file, for the bundled word-level tokenizer and a byte-level BPE trained
@@ -131,6 +136,68 @@ def memory_child(path: str, folder: str) -> None:
     }))
 
 
+EVAL_WORDS = [f"w{i}" for i in range(VOCAB - 4)]  # with 4 specials: a VOCAB-word tokenizer
+
+
+def eval_tokenizer():
+    """One token per word of EVAL_WORDS (ids up to 32k, as a real vocabulary's: CPython shares
+    the int objects of small ids only, so a small vocabulary would flatter the lists baseline)."""
+    from gapfix.data import math_task
+
+    return math_task.word_tokenizer(EVAL_WORDS)
+
+
+def make_eval_jsonl(path: str, num_tokens: int, seed: int = 0) -> None:
+    """Prompt/response JSONL of EVAL_WORDS (eval_tokenizer encodes each as one token),
+    TOKENS_PER_EXAMPLE tokens a record with BOS and EOS: prompts of 50-150 tokens."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(num_tokens // TOKENS_PER_EXAMPLE):
+            words = rng.choices(EVAL_WORDS, k=TOKENS_PER_EXAMPLE - 2)  # + BOS and EOS
+            split = rng.randint(49, 149)
+            handle.write(json.dumps({"prompt": " ".join(words[:split]), "response": " ".join(words[split:])})
+                         + "\n")
+
+
+def eval_memory_child(path: str, jsonl: str) -> None:
+    """`gapfix eval`'s loading of `jsonl`: "lists" as it was (gapfix.data.load_examples), "arrow" as it
+    is (eval_cli.load_eval_examples: load_tokenized into a fresh cache under --out, read as an
+    ExampleTable), then one pass over the examples, as the evaluation iterates them (the table
+    decodes them a batch at a time)."""
+    import datasets
+    import pyarrow  # noqa: F401
+
+    from gapfix.data import load_examples
+    from gapfix.eval_cli import load_eval_examples
+
+    datasets.disable_progress_bars()
+    tokenizer = eval_tokenizer()
+    with tempfile.TemporaryDirectory() as warm:  # modules loaded on first use (gapfix eval has loaded
+        small = os.path.join(warm, "one.jsonl")  # torch and transformers for its model by then)
+        make_eval_jsonl(small, TOKENS_PER_EXAMPLE)
+        load_eval_examples(small, tokenizer, out=warm) if path == "arrow" else load_examples(small, tokenizer)
+    before = rss_anon_bytes()
+    started = time.perf_counter()
+    with PeakSampler() as sampler, tempfile.TemporaryDirectory() as out:
+        if path == "arrow":
+            examples = load_eval_examples(jsonl, tokenizer, out=out)
+            loaded = rss_anon_bytes()
+            num_tokens = sum(len(ex.prompt_ids) + len(ex.answer_ids) for ex in examples)
+        else:
+            examples = load_examples(jsonl, tokenizer)
+            loaded = rss_anon_bytes()
+            num_tokens = sum(len(ex.prompt_ids) + len(ex.answer_ids) for ex in examples)
+        after = rss_anon_bytes()
+    print(json.dumps({
+        "tokens": int(num_tokens), "examples": len(examples), "seconds": time.perf_counter() - started,
+        "rss_anon_before_MiB": before / 2**20, "rss_anon_growth_MiB": (after - before) / 2**20,
+        "bytes_per_token": (after - before) / num_tokens, "loaded_bytes_per_token": (loaded - before) / num_tokens,
+        "peak_bytes_per_token": (sampler.peak - before) / num_tokens,
+    }))
+
+
 def _run_child(*args, timeout=1800):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env,
@@ -177,6 +244,32 @@ def test_memory_10m_tokens(benchmark, synthetic, path):
 @pytest.mark.parametrize("path", ["lists", "arrow"])
 def test_memory_50m_tokens(benchmark, synthetic, path):
     _memory_case(benchmark, synthetic, 50_000_000, path)
+
+
+@pytest.fixture(scope="module")
+def eval_jsonl_10m(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("eval") / "eval.jsonl")
+    _run_child("make_jsonl", path, "10000000")
+    return path
+
+
+@pytest.mark.parametrize("path", ["lists", "arrow"])  # the baseline first: arrow reports the ratio
+def test_eval_loading_memory_10m_tokens(benchmark, eval_jsonl_10m, path):
+    """`gapfix eval --data` of a 10M-token JSONL: resident memory per token, before (lists) and after
+    (memory-mapped through load_tokenized)."""
+    measured = benchmark.pedantic(_run_child, args=("eval_memory", path, eval_jsonl_10m), rounds=1,
+                                  iterations=1)
+    _results[("eval", path)] = measured
+    info = {k: round(v, 3) if isinstance(v, float) else v for k, v in measured.items()}
+    baseline = _results.get(("eval", "lists"))
+    if path == "arrow" and baseline:
+        assert measured["tokens"] == baseline["tokens"]
+        info["baseline_bytes_per_token"] = round(baseline["bytes_per_token"], 3)
+        info["ratio_vs_baseline"] = round(baseline["bytes_per_token"] / max(measured["bytes_per_token"], 1e-9), 1)
+    benchmark.extra_info.update(info)
+    assert measured["tokens"] == 10_000_000 // TOKENS_PER_EXAMPLE * TOKENS_PER_EXAMPLE
+    if path == "arrow":
+        assert measured["bytes_per_token"] <= TARGET_BYTES_PER_TOKEN, measured
 
 
 # -------------------------------------------------------------- tokenizing
@@ -279,5 +372,10 @@ if __name__ == "__main__":
     if sys.argv[1] == "make":
         make_synthetic(sys.argv[2], int(sys.argv[3]))
         print("{}")
+    elif sys.argv[1] == "make_jsonl":
+        make_eval_jsonl(sys.argv[2], int(sys.argv[3]))
+        print("{}")
+    elif sys.argv[1] == "eval_memory":
+        eval_memory_child(sys.argv[2], sys.argv[3])
     else:
         memory_child(sys.argv[2], sys.argv[3])

@@ -39,11 +39,12 @@ import math
 import os
 import statistics
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 if TYPE_CHECKING:  # annotations only: these load where they are used
     import argparse
 
+    import datasets
     import torch
     from transformers import PreTrainedTokenizerBase
 
@@ -186,7 +187,7 @@ def analyse(runs: List[dict], *, reference: str = "sft", draws: int = 2000) -> d
 
 
 def run_compare(make_base: Callable[[int], object], tokenizer: PreTrainedTokenizerBase,
-                train_examples: List[Example], *,
+                train_examples: Union[Sequence[Example], datasets.Dataset], *,
                 evaluate: Callable[[object], Dict[str, list]],
                 methods: Sequence[str] = ("sft", "bash", "rac"),
                 seeds: int = 3, extra_steps: int = 300, config: Optional[TrainConfig] = None,
@@ -197,6 +198,8 @@ def run_compare(make_base: Callable[[int], object], tokenizer: PreTrainedTokeniz
     """Continues from the same base with equal extra steps per method; evaluates each run.
 
     make_base(seed): a fresh base model (the same weights for every method of a seed).
+    train_examples: what gapfix.trainer.train takes: Examples, or a tokenized datasets.Dataset
+    (load_tokenized's, read a batch at a time).
     evaluate(model): {metric: [value per eval example]} (see gapfix.evaluation.evaluate_model).
     config: the TrainConfig template of the extra steps (method, steps, seed, out_dir are
     set per run). base_steps > 0: the base is first trained by SFT with base_config;
@@ -259,7 +262,8 @@ def run_compare(make_base: Callable[[int], object], tokenizer: PreTrainedTokeniz
     return analysis
 
 
-def _train_base(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, train_examples: List[Example],
+def _train_base(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                train_examples: Union[Sequence[Example], datasets.Dataset],
                 base_steps: int, base_config: Optional[TrainConfig], seed: int,
                 select_base: Optional[Callable[[object], float]], checkpoints: int, seed_dir: Optional[str],
                 log: Callable[[str], Any]) -> tuple[float, Optional[dict]]:
@@ -412,9 +416,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help='the base: a local model folder (or a gapfix train --out folder with --val), '
                              'a config.json, or "tiny" (these two need --base-steps)')
-    parser.add_argument("--train", required=True, help="JSONL of prompt/response or chat records")
-    parser.add_argument("--eval", required=True, help="held-out JSONL every run is evaluated on")
-    parser.add_argument("--val", default=None, help="validation JSONL: picks the base's best checkpoint")
+    parser.add_argument("--train", required=True,
+                        help="prompt/response or chat records (JSONL, Parquet or a saved datasets folder, "
+                             "as gapfix train --train takes; tokenized into a cache under --out/data_cache)")
+    parser.add_argument("--eval", required=True, help="held-out records every run is evaluated on")
+    parser.add_argument("--val", default=None, help="validation records: picks the base's best checkpoint")
     parser.add_argument("--methods", default="sft,bash,rac",
                         help="comma-separated, must include sft (default %(default)s)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default %(default)s)")
@@ -437,7 +443,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default="bpe", choices=["bpe", "word", "char"],
                         help="for --model tiny / config.json: the tokenizer trained on --train (default bpe)")
     parser.add_argument("--vocab-size", type=int, default=512, help="tokenizer vocabulary cap (default 512)")
-    parser.add_argument("--max-length", type=int, default=None, help="drop examples longer than this")
+    parser.add_argument("--max-length", type=int, default=None, help="drop --train examples longer than this")
+    parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                        help="malformed data lines: stop, or skip them with a warning (default %(default)s)")
     add_threads_flag(parser)
     add_config_flags(parser, skip=("steps_per_iteration", "epochs_per_iteration", "seed"))
 
@@ -457,11 +465,18 @@ def _checkpoint_candidates(folder: str) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gapfix.data import load_examples
+    from gapfix.data import check_input_file
+    from gapfix.data.arrow import ExampleTable
     from gapfix.eval_cli import apply_threads, quiet_third_party
     from gapfix.evaluation import compile_answer_regex, evaluate, evaluate_model
     from gapfix.models import load_model, tiny_llama
-    from gapfix.train_cli import config_values, load_model_and_tokenizer
+    from gapfix.train_cli import (
+        _is_table_source,
+        config_values,
+        data_cache_dir,
+        load_data,
+        load_model_and_tokenizer,
+    )
     from gapfix.trainer import TrainConfig
 
     apply_threads(args.threads)
@@ -478,6 +493,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model}: a randomly initialised base needs --base-steps N "
                          "(SFT first)")
 
+    for flag, path in (("--train", args.train), ("--eval", args.eval), ("--val", args.val)):
+        if path is not None and not _is_table_source(path):
+            check_input_file(path, flag)
     picked_path = None
     is_run_folder = os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "config.json"))
     if not built and is_run_folder:
@@ -488,10 +506,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         candidates = []
     model, tokenizer = load_model_and_tokenizer(picked_path or args.model, args.train, "sdpa", 0,
-                                                args.tokenizer, args.vocab_size)
-    train_examples = load_examples(args.train, tokenizer, max_length=args.max_length)
-    eval_examples = load_examples(args.eval, tokenizer, limit=args.eval_limit)
-    val_examples = load_examples(args.val, tokenizer) if args.val else None
+                                                args.tokenizer, args.vocab_size, on_error=args.on_error)
+    # memory-mapped under <out>/data_cache: training reads the train set a batch at a time, and the
+    # evaluations read theirs through ExampleTables (a batch of rows decoded at a time)
+    cache = dict(cache_dir=data_cache_dir(args.out), on_error=args.on_error)
+    train_examples, _ = load_data(args.train, tokenizer, max_length=args.max_length, **cache)
+    eval_examples = ExampleTable(load_data(args.eval, tokenizer, limit=args.eval_limit, **cache)[0])
+    val_examples = ExampleTable(load_data(args.val, tokenizer, **cache)[0]) if args.val else None
 
     def val_score(candidate: torch.nn.Module) -> float:
         return evaluate(candidate, tokenizer, val_examples, max_new_tokens=config.max_new_tokens,

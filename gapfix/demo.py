@@ -83,7 +83,6 @@ def run_demo(out: str, *, recipe: dict = RECIPE, seeds: int = 1, fused: bool = T
     import dataclasses
 
     from gapfix.compare import run_compare, write_results
-    from gapfix.data import load_examples, read_jsonl
     from gapfix.data.math_task import math_tokenizer, write_splits
     from gapfix.evaluation import embedding_model, evaluate, evaluate_model, evaluate_recovery
     from gapfix.models import tiny_llama
@@ -93,10 +92,7 @@ def run_demo(out: str, *, recipe: dict = RECIPE, seeds: int = 1, fused: bool = T
     paths = write_splits(os.path.join(out, "data"), train=recipe["train_problems"],
                          test=recipe["test_problems"], hard=recipe["hard_problems"])
     tokenizer = math_tokenizer()
-    train_examples = load_examples(paths["train"], tokenizer)
-    test_examples = load_examples(paths["test"], tokenizer)
-    hard_examples = load_examples(paths["hard"], tokenizer)
-    test_problems = read_jsonl(paths["test"])
+    train_examples, test_examples, hard_examples, test_problems = load_splits(paths, tokenizer, out)
     embed = embedding_model()
     budget = recipe["max_new_tokens"]
 
@@ -155,6 +151,20 @@ def run_demo(out: str, *, recipe: dict = RECIPE, seeds: int = 1, fused: bool = T
     log(difference_table(analysis))
     return {"recipe": recipe, "seeds": seeds, "fused": fused, "summary": summary, "runs": runs,
             "comparison": analysis["differences"]}
+
+
+def load_splits(paths: dict, tokenizer: Any, out: str) -> tuple:
+    """(train set as a memory-mapped datasets.Dataset, test and hard sets as ExampleTables, the test
+    records): the splits tokenized by `gapfix train`'s loader into <out>/data_cache. The same
+    examples, in the same order, as gapfix.data.load_examples gives (tests/test_demo.py checks it),
+    so the recorded results stay reproducible."""
+    from gapfix.data.arrow import ExampleTable
+    from gapfix.train_cli import data_cache_dir, load_data
+
+    cache = data_cache_dir(out)
+    train, test, hard = (load_data(paths[name], tokenizer, cache_dir=cache)[0] for name in ("train", "test", "hard"))
+    test_examples = ExampleTable(test)
+    return train, test_examples, ExampleTable(hard), [example.record for example in test_examples]
 
 
 _METRICS = ("test", "hard", "recovery", "carried", "teacher_forced", "free_running", "embedding_distance")

@@ -1,8 +1,10 @@
-"""`gapfix eval`: accuracy and exposure-bias diagnostics of a model on JSONL data.
+"""`gapfix eval`: accuracy and exposure-bias diagnostics of a model on held-out data.
 
     gapfix eval --model runs/sft/final --data test.jsonl --answer-regex '#### (\\S+)' --out eval/
 
---data holds prompt/response or chat records. Writes report.json and report.png
+--data holds prompt/response or chat records (JSONL, Parquet or a saved datasets folder),
+tokenized as `gapfix train` tokenizes --eval: into a memory-mapped cache under --out
+(data_cache/), read a batch of examples at a time. Writes report.json and report.png
 into --out (see gapfix.evaluation for what each number means) and prints a
 one-line summary.
 """
@@ -12,7 +14,9 @@ import argparse
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="a local model folder (save_pretrained, with its tokenizer)")
-    parser.add_argument("--data", required=True, help="JSONL of prompt/response or chat records")
+    parser.add_argument("--data", required=True,
+                        help="prompt/response or chat records: JSONL, Parquet or a saved datasets folder, "
+                             "tokenized into a memory-mapped cache under --out (data_cache/)")
     parser.add_argument("--answer-regex", default=None,
                         help="score the answer this regex captures (group 1, else the whole match; the last "
                              "match counts) instead of exact match of the whole response "
@@ -50,16 +54,32 @@ def apply_threads(threads: int | None) -> None:
 
 
 def quiet_third_party() -> None:
-    """No third-party progress bars (transformers' loading and saving bars)."""
+    """No third-party progress bars (transformers' loading and saving bars, datasets' tokenizing)."""
+    import datasets
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def load_eval_examples(path: str, tokenizer, *, out: str, max_length: int | None = None,
+                       on_error: str = "raise", limit: int | None = None):
+    """--data's examples as an ExampleTable over a memory-mapped dataset (gapfix train's loader,
+    its cache under <out>/data_cache): the evaluation reads them a batch at a time, never the
+    whole file as Python lists of ints."""
+    from gapfix.data.arrow import ExampleTable
+    from gapfix.train_cli import data_cache_dir, load_data
+
+    dataset, _ = load_data(path, tokenizer, cache_dir=data_cache_dir(out), max_length=max_length,
+                           on_error=on_error, limit=limit)
+    return ExampleTable(dataset)
 
 
 def run(args: argparse.Namespace) -> int:
-    from gapfix.data import load_examples
+    from gapfix.data import check_input_file
     from gapfix.evaluation import evaluate_model, summary_line, write_report
     from gapfix.models import load_model
+    from gapfix.train_cli import _is_table_source
 
     apply_threads(args.threads)
     quiet_third_party()
@@ -67,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise ValueError(f"--model {args.model!r} has no tokenizer files: "
                          "save the tokenizer beside the model")
-    examples = load_examples(args.data, tokenizer, max_length=args.max_length, on_error=args.on_error,
-                             limit=args.limit)
+    if not _is_table_source(args.data):
+        check_input_file(args.data, "--data")
+    examples = load_eval_examples(args.data, tokenizer, out=args.out, max_length=args.max_length,
+                                  on_error=args.on_error, limit=args.limit)
     report = evaluate_model(model, tokenizer, examples, answer_regex=args.answer_regex,
                             max_new_tokens=args.max_new_tokens, backend=args.backend, seed=args.seed,
                             top_k=args.top_k)

@@ -50,7 +50,8 @@ def train_tokenizer(
     chat_template: str | None = None,
     model_max_length: int = 512,
 ) -> PreTrainedTokenizerFast:
-    """Train a tokenizer on `texts` (an iterable of str) and wrap it as a
+    """Train a tokenizer on `texts` (an iterable of str, read once, a batch at a time: a
+    generator over a file keeps memory flat) and wrap it as a
     `transformers.PreTrainedTokenizerFast`.
 
     kind="bpe": byte-level BPE (every string encodes, nothing maps to unk);
@@ -68,9 +69,6 @@ def train_tokenizer(
 
     if isinstance(texts, (str, bytes)):
         raise ValueError("texts must be an iterable of strings, not a single string")
-    texts = list(texts)
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise ValueError("texts must be a non-empty iterable of strings")
     specials = [pad_token, bos_token, eos_token, unk_token]
     if len(set(specials)) != 4:
         raise ValueError(f"pad/bos/eos/unk tokens must be distinct, got {specials}")
@@ -108,7 +106,10 @@ def train_tokenizer(
         )
     else:
         raise ValueError(f"kind must be 'bpe', 'word' or 'char', got {kind!r}")
-    tokenizer.train_from_iterator(texts, trainer)
+    seen = [0]
+    tokenizer.train_from_iterator(_checked_batches(texts, seen), trainer)
+    if not seen[0]:
+        raise ValueError("texts must be a non-empty iterable of strings")
     if add_bos:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos_token} $A",
@@ -128,6 +129,23 @@ def train_tokenizer(
     if chat_template is not None:
         wrapped.chat_template = chat_template
     return wrapped
+
+
+def _checked_batches(texts: Iterable[str], seen: list, batch_size: int = 1000) -> Iterable[list]:
+    """`texts` in lists of `batch_size` (train_from_iterator takes batches: fewer crossings into
+    Rust), each checked to be a str; seen[0] counts them. Only one batch is held at a time."""
+    batch = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise ValueError(f"texts must be a non-empty iterable of strings, got a {type(text).__name__} "
+                             f"after {seen[0]} string(s)")
+        batch.append(text)
+        seen[0] += 1
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def tiny_llama(

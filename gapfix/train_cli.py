@@ -193,26 +193,58 @@ def resolve_attention(attn):
 
 
 def _tokenizer_from_data(train_path, vocab_size, kind="bpe", on_error="skip"):
-    import warnings
-
-    from gapfix.data import DataError, read_jsonl, record_problem, split_record
+    """A tokenizer trained on the prompt and response texts of --train's records, streamed:
+    records are read and handed to the trainer a batch at a time (`_record_texts`), so memory
+    does not grow with the file."""
+    from gapfix.data import DataError
     from gapfix.models import train_tokenizer
 
-    texts = []
-    with warnings.catch_warnings():  # skipped lines are reported once, by load_examples
-        warnings.simplefilter("ignore")
-        records = _table_records(train_path) if _is_table_source(train_path) else read_jsonl(
-            train_path, on_error=on_error)
-    for record in records:
-        pair = split_record(record) if record_problem(record) is None else None  # load_examples names it
-        if pair:
-            texts.extend(pair)
-    if not texts:
-        raise DataError(f"{train_path}: no prompt/response or chat records to build a tokenizer from"
-                        + ("" if records else " (the file holds no records)"))
     if kind == "bpe":
         vocab_size = max(vocab_size, 260)  # a byte-level BPE needs its 256 bytes and 4 specials
-    return train_tokenizer(texts, vocab_size=vocab_size, kind=kind, add_bos=True)
+    seen = {"records": 0, "texts": 0}
+    try:
+        return train_tokenizer(_record_texts(train_path, on_error, seen), vocab_size=vocab_size, kind=kind,
+                               add_bos=True)
+    except ValueError as exc:
+        if seen["texts"] or isinstance(exc, DataError):  # only "no texts at all" is rephrased
+            raise
+        raise DataError(f"{train_path}: no prompt/response or chat records to build a tokenizer from"
+                        + ("" if seen["records"] else " (the file holds no records)")) from None
+
+
+def _record_texts(train_path, on_error, seen):
+    """The prompt and response text of each usable record of a JSONL file (read line by line),
+    a Parquet file or a saved datasets folder (read a batch of rows at a time); seen counts the
+    records and texts. A malformed JSONL line raises DataError (on_error="raise") or is passed
+    over silently: load_tokenized reports it once, when the data is loaded."""
+    from gapfix.data import (
+        DataError,
+        check_input_file,
+        not_a_record,
+        parse_jsonl_lines,
+        record_problem,
+        split_record,
+    )
+
+    if _is_table_source(train_path):
+        records = _table_records(train_path)
+    else:
+        def records_of_file():
+            check_input_file(train_path, "--train")
+            for line, record, why in parse_jsonl_lines(train_path):
+                why = why if why is not None else not_a_record(record)
+                if why is None:
+                    yield record
+                elif on_error == "raise":
+                    raise DataError(f"{train_path}:{line}: malformed JSONL line: {why}")
+
+        records = records_of_file()
+    for record in records:
+        seen["records"] += 1
+        pair = split_record(record) if record_problem(record) is None else None  # load_tokenized names it
+        if pair:
+            seen["texts"] += len(pair)
+            yield from pair
 
 
 def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0, tokenizer="bpe", vocab_size=512,
@@ -259,14 +291,29 @@ def _is_table_source(path) -> bool:
 
 
 def _table_records(path):
-    """The records of a Parquet file or saved datasets folder (to build a tokenizer from)."""
+    """The records of a Parquet file or saved datasets folder (to build a tokenizer from), a batch
+    of rows at a time. A Parquet file is read with pyarrow directly: datasets would first convert
+    it into its cache (~/.cache, as --out is not known here). A null is a field the record does not
+    have (as load_tokenized reads table rows)."""
     from gapfix.data import DataError
     from gapfix.data.arrow import TOKEN_COLUMNS, _raw_dataset
 
-    raw, name, _ = _raw_dataset(path, None)
-    if all(column in raw.column_names for column in TOKEN_COLUMNS):
-        raise DataError(f"{name}: already tokenized (prompt_ids/answer_ids): pass --model with its tokenizer")
-    return iter(raw)
+    if os.path.isfile(path):
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several types; name the file whatever it is
+            raise DataError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+        names, batches = parquet.schema_arrow.names, (batch.to_pylist() for batch in parquet.iter_batches(1000))
+    else:
+        raw, path, _ = _raw_dataset(path, None)
+        names = raw.column_names
+        batches = ([dict(zip(batch, values)) for values in zip(*batch.values())] for batch in raw.iter(1000))
+    if all(column in names for column in TOKEN_COLUMNS):
+        raise DataError(f"{path}: already tokenized (prompt_ids/answer_ids): pass --model with its tokenizer")
+    for batch in batches:
+        yield from ({key: value for key, value in row.items() if value is not None} for row in batch)
 
 
 def data_cache_dir(out: str) -> str:
@@ -279,19 +326,24 @@ def data_cache_dir(out: str) -> str:
     return os.path.join(out, "data_cache")
 
 
-def _load_data(path, tokenizer, *, max_length, max_length_source, max_prompt_length, on_error, cache_dir):
+def load_data(path, tokenizer, *, cache_dir, max_length=None, max_length_source="--max-length",
+              max_prompt_length=None, on_error="raise", limit=None):
     """Examples of a JSONL or Parquet file or a saved datasets folder, tokenized by load_tokenized
     into a memory-mapped datasets.Dataset under cache_dir (malformed lines, unusable records and
-    too-long examples dropped and counted), and a report of what was dropped and why (also printed)."""
+    too-long examples dropped and counted), and a report of what was dropped and why (also printed).
+    The CLI's one loader (train, eval, compare, demo). Under torchrun (a process group already
+    joined, see join_process_group) rank 0 tokenizes first and the other ranks then read its cache:
+    no rank tokenizes what rank 0 already has, and no two write the same cache files at once."""
     import sys
 
-    from gapfix.data.arrow import load_tokenized
+    from gapfix.data.arrow import load_tokenized, main_process_first
 
     report = {"file": path, "max_length": max_length, "max_length_from": max_length_source,
               "max_prompt_length": max_prompt_length}
     try:
-        return load_tokenized(path, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                              on_error=on_error, cache_dir=cache_dir, report=report), report
+        with main_process_first():
+            return load_tokenized(path, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                                  on_error=on_error, cache_dir=cache_dir, limit=limit, report=report), report
     finally:
         if report.get("too_long"):
             print(f"{path}: dropped {report['too_long']} example(s) longer than {max_length} tokens "
@@ -301,6 +353,15 @@ def _load_data(path, tokenizer, *, max_length, max_length_source, max_prompt_len
                   f"{max_prompt_length} tokens (the context less --max-new-tokens)", file=sys.stderr)
         if report.get("skipped_lines"):
             print(f"{path}: skipped malformed line(s) {report['skipped_lines'][:20]}", file=sys.stderr)
+
+
+def join_process_group(device_name):
+    """Under torchrun (WORLD_SIZE > 1), joins the process group now, as train() would (the same
+    backend and device), so that loading the data can already wait on rank 0 (load_data)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from gapfix.trainer import _Dist, _pick_device
+
+        _Dist(_pick_device(device_name))
 
 
 def _length_limits(model, max_length):
@@ -361,16 +422,17 @@ def run(args) -> int:
     from gapfix.methods.base import get_method
 
     generated = get_method(config.method).generates  # RAC generates from the training prompts
-    examples, train_report = _load_data(
+    join_process_group(config.device)
+    examples, train_report = load_data(
         args.train, tokenizer, **limits,
         max_prompt_length=_prompt_limit(context, config.max_new_tokens) if generated else None)
     eval_examples, eval_report = (
-        _load_data(args.eval, tokenizer, **limits, max_prompt_length=_prompt_limit(context, config.max_new_tokens))
+        load_data(args.eval, tokenizer, **limits, max_prompt_length=_prompt_limit(context, config.max_new_tokens))
         if args.eval else (None, None))
-    if eval_examples is not None:  # an eval set is small: evaluate() takes Examples
+    if eval_examples is not None:  # evaluate() reads its Examples a batch at a time from the table
         from gapfix.data.arrow import ExampleTable
 
-        eval_examples = list(ExampleTable(eval_examples))
+        eval_examples = ExampleTable(eval_examples)
     evaluations = []
 
     sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1 and config.distributed == "fsdp"

@@ -48,6 +48,26 @@ def main(out, method, strategy="ddp"):
           save_every=1, keep_checkpoints=2)  # a kept checkpoint keeps the rows
     with open(os.path.join(out, f"counts-{rank}.json"), "w") as handle:
         json.dump(counts, handle)
+    if method == "rac" and rank == 0:  # the mixed rows as one list, as one file: the pre-sharding path
+        write_mixed_reference(out, examples)
+
+
+def write_mixed_reference(out, examples):
+    """OUT/reference.arrow: mix_with_sft over the whole lists of RAC rows (from the iteration's RAC
+    shards) and SFT rows, written as one file: what rank 0 alone wrote before every rank wrote
+    its share of the mixed order."""
+    import glob
+
+    from gapfix.data import sft_row
+    from gapfix.data.arrow import RowTable, write_rows
+    from gapfix.methods.base import row_seed
+    from gapfix.methods.rac import mix_with_sft
+
+    folder = os.path.join(out, "run", "iterations", "iter000")
+    rac = RowTable.open(sorted(glob.glob(os.path.join(folder, "rac-*.arrow"))))
+    mixed = mix_with_sft(rac.gather(range(len(rac))), [sft_row(ex) for ex in examples], 1.0,
+                         seed=row_seed(0, 0, "mix", 0, 0))
+    write_rows(os.path.join(out, "reference.arrow"), mixed)
 
 
 if __name__ == "__main__":

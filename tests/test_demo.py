@@ -47,3 +47,29 @@ def test_demo_recipe_is_the_shared_named_recipe():
     for key in ("beta", "bash_mode", "bash_temperature", "bash_rows", "rac_mode", "rac_temperature",
                 "rac_prompts", "rac_sft_ratio", "batch_size", "max_new_tokens"):
         assert RECIPE[key] == shared[key], key
+
+
+@pytest.mark.slow
+def test_demo_results_do_not_depend_on_the_loader(tmp_path, monkeypatch, capsys):
+    """docs/demo-results.json stays reproducible: `gapfix demo --quick` on the memory-mapped
+    loader gives every number (timings aside) that it gives on Python lists from load_examples."""
+    import gapfix.demo as demo
+    from gapfix.cli import main
+    from gapfix.data import load_examples, read_jsonl
+
+    def untimed(value):
+        if isinstance(value, dict):
+            return {k: untimed(v) for k, v in value.items() if "seconds" not in k}
+        return [untimed(v) for v in value] if isinstance(value, list) else value
+
+    assert main(["demo", "--quick", "--out", str(tmp_path / "arrow")]) == 0
+
+    def lists(paths, tokenizer, out):  # the demo's loading before the memory-mapped loader
+        return (*(load_examples(paths[name], tokenizer) for name in ("train", "test", "hard")),
+                read_jsonl(paths["test"]))
+
+    monkeypatch.setattr(demo, "load_splits", lists)
+    assert main(["demo", "--quick", "--out", str(tmp_path / "lists")]) == 0
+    capsys.readouterr()
+    arrow, listed = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("arrow", "lists"))
+    assert untimed(arrow) == untimed(listed)

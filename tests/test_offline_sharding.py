@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 
 from gapfix.data.arrow import RowTable
@@ -23,10 +24,14 @@ def _run(folder, nproc, method, strategy="ddp"):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     iteration = folder / "run" / "iterations" / "iter000"
-    files = glob.glob(str(iteration / "rows.arrow")) or sorted(glob.glob(str(iteration / "part-*.arrow")))
-    assert len(files) == (1 if method.startswith("rac") else nproc)
+    files = sorted(glob.glob(str(iteration / ("mix-*.arrow" if method.startswith("rac") else "part-*.arrow"))))
+    assert len(files) == nproc  # every rank wrote a shard (RAC: its share of the mixed rows)
+    if method.startswith("rac"):  # each rank wrote its share of the 16 RAC + 16 SFT rows
+        assert [pa.ipc.open_file(file).read_all().num_rows for file in files] == [32 // nproc] * nproc
     canonical = RowTable.open(files).write_to(folder / "canonical.arrow")
     counts = [json.loads((folder / f"counts-{rank}.json").read_text()) for rank in range(nproc)]
+    if method.startswith("rac"):  # the union is, byte for byte, the one file rank 0 alone used to write
+        assert open(canonical, "rb").read() == (folder / "reference.arrow").read_bytes()
     return open(canonical, "rb").read(), counts
 
 
@@ -49,10 +54,10 @@ def test_two_ranks_build_the_rows_of_one_with_half_the_passes_each(tmp_path, met
         assert alone == first == second == {"forwards": 0, "forward_rows": 0, "generated_prompts": 0}
 
 
-def _losses(tmp_path, nproc, *extra, name):
+def _losses(tmp_path, nproc, *extra, name, method="bash"):
     """tests/distributed_worker.py (BASH, DDP, 2 iterations of 3 steps, a checkpoint every 2)."""
     out = tmp_path / f"{name}.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GAPFIX_WORKER_METHOD": "bash"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GAPFIX_WORKER_METHOD": method}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(os.path.dirname(__file__), "distributed_worker.py"), str(out), "ddp", "2", *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -67,6 +72,27 @@ def test_bash_resumes_mid_iteration_at_another_world_size(tmp_path):
     checkpoints = str(tmp_path / "ckpt")
     killed = _losses(tmp_path, 2, checkpoints, "3", name="killed")
     resumed = _losses(tmp_path, 1, checkpoints, name="resumed")
+    assert len(straight) == 6 and len(killed) == 3 and len(resumed) == 4
+    for a, b in zip(straight, killed[:2] + resumed):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (straight, killed, resumed)
+
+
+def test_rac_resumes_mid_iteration_at_another_world_size(tmp_path):
+    """RAC's mixed rows are written by every rank as its share (two shards at world size 2): the
+    checkpoint taken mid-iteration refers to both, and one process resumed from it loses what one
+    process run straight loses."""
+    from gapfix.checkpoint import STATE_JSON
+
+    straight = _losses(tmp_path, 1, name="straight", method="rac")
+    checkpoints = tmp_path / "ckpt"
+    killed = _losses(tmp_path, 2, str(checkpoints), "3", name="killed", method="rac")
+    states = [json.loads(path.read_text())["state"]
+              for path in (checkpoints / "checkpoints").glob(f"*/{STATE_JSON}")]
+    mid_iteration = [state["rows"] for state in states if state["rows"] is not None]
+    assert mid_iteration and all(
+        sorted(rows["files"]) == [f"iterations/iter000/mix-{r:05d}-of-00002.arrow" for r in range(2)]
+        for rows in mid_iteration), mid_iteration
+    resumed = _losses(tmp_path, 1, str(checkpoints), name="resumed", method="rac")
     assert len(straight) == 6 and len(killed) == 3 and len(resumed) == 4
     for a, b in zip(straight, killed[:2] + resumed):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (straight, killed, resumed)

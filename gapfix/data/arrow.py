@@ -30,10 +30,14 @@ columns cost 4 bytes a token on disk and only the pages being read in memory):
   in row order whatever the order and number of the shards; `gather` returns rows
   as the dicts of Python lists the trainer's `collate` and `pack_rows` take.
 
+Under torch.distributed, `main_process_first()` around `load_tokenized` lets rank 0 tokenize
+into the shared cache while the other ranks wait, then read it (gapfix train, eval, compare).
+
 `datasets` and `pyarrow` are imported where used, never by `import gapfix`.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -74,6 +78,10 @@ def _example_features(with_record: bool) -> datasets.Features:
 
 
 _LINES_PER_CHUNK = 256
+_CHUNKS_PER_WRITE = 4
+# a row of JSONL is a chunk of lines: one chunk per tokenizing call keeps a call's Python lists of
+# ids (the peak of resident memory while tokenizing) to 256 records (and rows of a table to 256)
+_CHUNKS_PER_CALL = 1
 
 
 def _jsonl_lines(path: str, stamp: str) -> Iterator[Dict[str, list]]:
@@ -141,6 +149,10 @@ def _raw_dataset(
                                   "why": datasets.List(datasets.Value("string"))})
     raw = datasets.Dataset.from_generator(
         _jsonl_lines, features=features, cache_dir=cache_dir,
+        # chunks written as they come: datasets' default (1000 rows) would hold 256k lines, a
+        # whole file of long records, as Python strings before writing any (resident memory
+        # the allocator then keeps)
+        writer_batch_size=_CHUNKS_PER_WRITE,
         gen_kwargs={"path": os.path.abspath(path), "stamp": f"{stat.st_size}:{stat.st_mtime_ns}"})
     return raw, path, "line"
 
@@ -302,7 +314,7 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
             _tokenize_batch, with_indices=True, batched=True, num_proc=num_proc,
             cache_file_name=_cache_file(raw, cache_dir, "tokenized", tokenizer, keep_records, _tokenize_batch,
                                         _encoding_fingerprint()),
-            batch_size=4 if kind == "line" else 1000,  # a row of JSONL is a chunk of lines
+            batch_size=_CHUNKS_PER_CALL if kind == "line" else _CHUNKS_PER_CALL * _LINES_PER_CHUNK,
             remove_columns=raw.column_names, features=_example_features(keep_records),
             fn_kwargs=dict(tokenizer=tokenizer, source=name, kind=kind, with_record=keep_records,
                            encoding=_encoding_fingerprint()),
@@ -323,6 +335,9 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
     first_problem = counts.pop("first_problem", None)
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()  # the tokenizing's buffers: written out, not needed
     if report is not None:
         report.update(examples=len(dataset), **counts)
     if len(dataset) == 0:
@@ -384,6 +399,28 @@ def _drop_unusable(
     return dataset.remove_columns(["error", "line", "malformed"])
 
 
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Under torch.distributed (a process group of more than one rank), rank 0 runs the body
+    first while the other ranks wait at a barrier, then they run it: a `load_tokenized` there
+    finds rank 0's cache (datasets' cache hit) and tokenizes nothing. Without a process group
+    the body just runs. Should rank 0 fail, the others are released and meet the same error
+    themselves, rather than waiting for a barrier rank 0 never reaches."""
+    import sys
+
+    distributed = sys.modules.get("torch.distributed")  # no process group without torch imported
+    active = (distributed is not None and distributed.is_available() and distributed.is_initialized()
+              and distributed.get_world_size() > 1)
+    first = not active or distributed.get_rank() == 0
+    if not first:
+        distributed.barrier()
+    try:
+        yield
+    finally:
+        if active and first:
+            distributed.barrier()
+
+
 def dataset_from_examples(examples: Sequence[Example]) -> "datasets.Dataset":
     """An in-memory Dataset of `examples` (the same columns as `load_tokenized` returns)."""
     import datasets
@@ -405,6 +442,8 @@ class ExampleTable(Sequence[Example]):
     Indexing decodes one row; `batches` reads `batch_size` rows per Arrow slice.
     Nothing is held beyond the Dataset's memory map.
     """
+
+    ITER_BATCH = 128  # examples decoded per Arrow read when iterating (a few MiB of Python ints)
 
     def __init__(self, dataset: "datasets.Dataset") -> None:
         missing = [column for column in TOKEN_COLUMNS if column not in dataset.column_names]
@@ -433,7 +472,10 @@ class ExampleTable(Sequence[Example]):
 
     def __getitem__(self, index: Union[int, slice]) -> Union[Example, List[Example]]:
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+            start, stop, step = index.indices(len(self))
+            if step == 1:  # one Arrow slice (evaluation reads its micro-batches so)
+                return self._decode(self._arrow[start:stop]) if start < stop else []
+            return self.gather(range(start, stop, step))
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"index must be an int or a slice, got {type(index).__name__}")
         if not -len(self) <= index < len(self):
@@ -453,6 +495,12 @@ class ExampleTable(Sequence[Example]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         for start in range(0, len(self), batch_size):
             yield self._decode(self._arrow[start:start + batch_size])
+
+    def __iter__(self) -> Iterator[Example]:
+        """The examples in order, decoded `ITER_BATCH` at a time (Sequence's default decodes one row
+        per Arrow read); only one batch of Python examples exists at a time."""
+        for batch in self.batches(self.ITER_BATCH):
+            yield from batch
 
 
 # ---------------------------------------------------------------------- rows
@@ -893,6 +941,6 @@ def write_sft_rows(path: Union[str, os.PathLike], examples: Union["datasets.Data
     return writer.path
 
 
-__all__ = ["ExampleTable", "RowTable", "RowWriter", "dataset_from_examples", "load_tokenized", "shard_range",
-           "write_rows", "write_sft_rows"]
+__all__ = ["ExampleTable", "RowTable", "RowWriter", "dataset_from_examples", "load_tokenized",
+           "main_process_first", "shard_range", "write_rows", "write_sft_rows"]
 

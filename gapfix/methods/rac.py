@@ -444,12 +444,12 @@ class RAC(Method):
     answers become RAC rows (build_rac_rows), mixed with rac_sft_ratio SFT rows per RAC row.
 
     The drawn prompts are cut into chunks of `generate_prompts`, the same chunks at any world
-    size; rank r generates its contiguous share and writes its RAC rows as a shard; then rank 0
-    writes the mixed rows (one file). Sampled answers: one generate call per chunk, seeded from
-    (seed, iteration, the chunk's first example), so that they do not depend on the world size
-    (the chunks do not); with `seed_per_prompt`, one call per prompt seeded from its own example,
-    so that they do not depend on the chunking either, at the cost of batching (several times
-    slower generation)."""
+    size; rank r generates its contiguous share and writes its RAC rows as a shard; then rank r
+    writes its share of the mixed rows (a shard of mix_with_sft's order). Sampled answers: one
+    generate call per chunk, seeded from (seed, iteration, the chunk's first example), so that they
+    do not depend on the world size (the chunks do not); with `seed_per_prompt`, one call per
+    prompt seeded from its own example, so that they do not depend on the chunking either, at the
+    cost of batching (several times slower generation)."""
 
     name = "rac"
     generates = True
@@ -599,29 +599,30 @@ class RAC(Method):
         return config.generation_backend
 
     def finish(self, ctx: OfflineContext) -> List[str]:
-        """Rank 0 mixes the RAC rows of every shard with SFT rows (mix_with_sft's order) into one file."""
-        import os
-
-        path = os.path.join(ctx.folder, "rows.arrow")
-        if ctx.main:
-            self._write_mixed(ctx, path)
+        """Every rank writes its contiguous share (shard_range) of the mixed order of the RAC rows
+        of every shard and the SFT rows (mix_with_sft's order) as a shard; the shards' union is the
+        iteration's rows, the same rows in the same order for any world size."""
+        self._write_mixed(ctx, ctx.shard_path("mix"))
         ctx.barrier()
-        return [path]
+        return ctx.shard_paths("mix")
 
     def _write_mixed(self, ctx: OfflineContext, path: str, chunk_rows: int = 1024) -> None:
+        """This rank's share of the mixed rows, written to `path` (its first row is the share's first)."""
         from gapfix.data import sft_row
-        from gapfix.data.arrow import RowTable, RowWriter
+        from gapfix.data.arrow import RowTable, RowWriter, shard_range
 
         config = ctx.config
         rac = RowTable.open(ctx.shard_paths("rac"))
-        # the mixed order of mix_with_sft, computed on references (tuples pass through it)
+        # the mixed order of mix_with_sft, computed on references (tuples pass through it): every
+        # rank computes the whole order (two ints a row) and writes the rows of its share of it
         order = mix_with_sft([("rac", i) for i in range(len(rac))],
                              [("sft", i) for i in range(len(ctx.examples))], config.rac_sft_ratio,
                              seed=row_seed(config.seed, ctx.iteration, "mix", 0, 0))
+        mine = shard_range(len(order), ctx.rank, ctx.world)
         width = next((f.width for f in rac.fields if f.name == "target_ids"), None)
-        with RowWriter(path) as writer:
-            for start in range(0, len(order), chunk_rows):
-                part = order[start:start + chunk_rows]
+        with RowWriter(path, first_row=mine.start) as writer:
+            for start in range(mine.start, mine.stop, chunk_rows):
+                part = order[start:min(start + chunk_rows, mine.stop)]
                 rac_rows = iter(rac.gather([i for kind, i in part if kind == "rac"]))
                 sft_rows = iter(ctx.gather([i for kind, i in part if kind == "sft"]))
                 rows = []
