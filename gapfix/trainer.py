@@ -32,6 +32,7 @@ size does not grow with the dataset, resume is exact, and never runs code from a
 """
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -444,6 +445,8 @@ class _Run:
         ckpt.rewind_metrics(self.metrics_path, state.get("metrics_bytes", 0) if state else 0)
         # under FSDP2 an offline phase that runs the model runs it on a whole copy (made before sharding,
         # weightless outside the phase)
+        if _sharded(config, dist):
+            _broadcast_from_rank0(model)  # DDP does this itself when it wraps; fully_shard does not
         replica = _sharded(config, dist) and self.method.runs_model
         self.offline_model = _OfflineReplica(model) if replica else None
         self.trainable = _wrap_distributed(CausalLMLoss(model, config.fused, self.method), config, dist,
@@ -713,6 +716,19 @@ def _wrap_distributed(loss_module, config, dist, device):
         fully_shard(layer)
     fully_shard(loss_module)
     return loss_module
+
+
+def _broadcast_from_rank0(model):
+    """Every rank's parameters and buffers made rank 0's (collective), before fully_shard.
+
+    fully_shard keeps each rank's own slice of its local tensors, so ranks that built different
+    weights (a PEFT adapter's random lora_A drawn from an unseeded or rank-seeded RNG, any model
+    built without a fixed seed) would silently train a model stitched from their inits, one that no
+    rank built. DDP broadcasts rank 0's parameters and buffers at wrap time; this gives FSDP the
+    same start: the model trained is rank 0's at any world size."""
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            torch.distributed.broadcast(tensor.detach(), src=0)
 
 
 def _decoder_layers(model):
