@@ -21,7 +21,10 @@ logits never exist; `fused=False` switches every op to its PyTorch reference.
 Gradient accumulation divides by the true number of trained tokens of the
 whole optimizer step (every rank knows the global batch, so no all-reduce is
 needed for it). Under torchrun the model runs under DDP or FSDP2 (gloo on CPU,
-NCCL on GPU); every rank draws the same global batch and takes its share.
+NCCL on GPU); every rank draws the same global batch and takes its share, and starts
+from rank 0's weights (DDP broadcasts them; before fully_shard, _broadcast_from_rank0 does).
+Dropout masks (a PEFT adapter's lora_dropout) are drawn per rank's micro-batch: with
+dropout, N processes match one in distribution only.
 
 Checkpoints (gapfix.checkpoint) are directories written whole and then published
 by atomically replacing a `latest` pointer, so a failed save (disk full) leaves the
