@@ -731,7 +731,12 @@ def _broadcast_from_rank0(model):
     same start: the model trained is rank 0's at any world size."""
     with torch.no_grad():
         for tensor in itertools.chain(model.parameters(), model.buffers()):
-            torch.distributed.broadcast(tensor.detach(), src=0)
+            if tensor.is_contiguous():
+                torch.distributed.broadcast(tensor.detach(), src=0)
+            else:  # a collective takes contiguous tensors only
+                received = tensor.detach().contiguous()
+                torch.distributed.broadcast(received, src=0)
+                tensor.copy_(received)
 
 
 def _decoder_layers(model):
