@@ -47,8 +47,9 @@ def main(out_path, strategy, iterations="1", checkpoints="", stop_at="0"):
         # each rank draws its own adapter init (lora_A is random), as an unseeded job's ranks would; rank 0's
         # is the one-process job's: the trained model must be that of rank 0's init at any world size
         torch.manual_seed(1000 + int(os.environ.get("RANK", "0")))
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                           lora_dropout=float(lora_dropout)))
+        adapter = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                  lora_dropout=float(lora_dropout))
+        model = peft.get_peft_model(model, adapter)
     losses = []
 
     def on_step(record):

@@ -62,7 +62,8 @@ def test_two_processes_match_one(tmp_path, strategy, method):
                           _parameters(tmp_path, 2, strategy, method))
 
 
-@pytest.mark.parametrize("strategy,method", [("ddp", "sft"), ("fsdp", "sft"), ("fsdp", "bash"), ("fsdp", "rac")])
+@pytest.mark.parametrize("strategy,method", [("ddp", "sft"), ("fsdp", "sft"), ("fsdp", "bash"),
+                                             ("fsdp", "rac")])
 def test_lora_two_processes_match_one(tmp_path, strategy, method):
     """A PEFT LoRA model whose adapter init (lora_A is random) differs between the ranks, as in a
     job whose ranks did not seed alike, trains as rank 0's model does in one process: DDP
