@@ -21,7 +21,10 @@ logits never exist; `fused=False` switches every op to its PyTorch reference.
 Gradient accumulation divides by the true number of trained tokens of the
 whole optimizer step (every rank knows the global batch, so no all-reduce is
 needed for it). Under torchrun the model runs under DDP or FSDP2 (gloo on CPU,
-NCCL on GPU); every rank draws the same global batch and takes its share.
+NCCL on GPU); every rank draws the same global batch and takes its share, and starts
+from rank 0's weights (DDP broadcasts them; before fully_shard, _broadcast_from_rank0 does).
+Dropout masks (a PEFT adapter's lora_dropout) are drawn per rank's micro-batch: with
+dropout, N processes match one in distribution only.
 
 Checkpoints (gapfix.checkpoint) are directories written whole and then published
 by atomically replacing a `latest` pointer, so a failed save (disk full) leaves the
@@ -32,6 +35,7 @@ size does not grow with the dataset, resume is exact, and never runs code from a
 """
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -444,6 +448,8 @@ class _Run:
         ckpt.rewind_metrics(self.metrics_path, state.get("metrics_bytes", 0) if state else 0)
         # under FSDP2 an offline phase that runs the model runs it on a whole copy (made before sharding,
         # weightless outside the phase)
+        if _sharded(config, dist):
+            _broadcast_from_rank0(model)  # DDP does this itself when it wraps; fully_shard does not
         replica = _sharded(config, dist) and self.method.runs_model
         self.offline_model = _OfflineReplica(model) if replica else None
         self.trainable = _wrap_distributed(CausalLMLoss(model, config.fused, self.method), config, dist,
@@ -713,6 +719,24 @@ def _wrap_distributed(loss_module, config, dist, device):
         fully_shard(layer)
     fully_shard(loss_module)
     return loss_module
+
+
+def _broadcast_from_rank0(model):
+    """Every rank's parameters and buffers made rank 0's (collective), before fully_shard.
+
+    fully_shard keeps each rank's own slice of its local tensors, so ranks that built different
+    weights (a PEFT adapter's random lora_A drawn from an unseeded or rank-seeded RNG, any model
+    built without a fixed seed) would silently train a model stitched from their inits, one that no
+    rank built. DDP broadcasts rank 0's parameters and buffers at wrap time; this gives FSDP the
+    same start: the model trained is rank 0's at any world size."""
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.is_contiguous():
+                torch.distributed.broadcast(tensor.detach(), src=0)
+            else:  # a collective takes contiguous tensors only
+                received = tensor.detach().contiguous()
+                torch.distributed.broadcast(received, src=0)
+                tensor.copy_(received)
 
 
 def _decoder_layers(model):

@@ -5,6 +5,8 @@ and the trained parameters (whole, gathered under FSDP) to OUT.safetensors.
 
 With STOP_AT_STEP the job stops after that optimizer step, as if killed
 (checkpoints are written every 2 steps). GAPFIX_WORKER_METHOD picks the method (default sft).
+GAPFIX_WORKER_LORA set trains a PEFT LoRA adapter (r 4 on q_proj/v_proj) with that dropout,
+initialised differently on each rank.
 """
 import json
 import os
@@ -38,6 +40,16 @@ def main(out_path, strategy, iterations="1", checkpoints="", stop_at="0"):
     examples = [encode_example(tokenizer, p["prompt"], p["response"], p)
                 for p in math_task.make_split("train", 64, seed=7)]
     model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0).train()
+    lora_dropout = os.environ.get("GAPFIX_WORKER_LORA")
+    if lora_dropout is not None:
+        import peft
+
+        # each rank draws its own adapter init (lora_A is random), as an unseeded job's ranks would; rank 0's
+        # is the one-process job's: the trained model must be that of rank 0's init at any world size
+        torch.manual_seed(1000 + int(os.environ.get("RANK", "0")))
+        adapter = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                  lora_dropout=float(lora_dropout))
+        model = peft.get_peft_model(model, adapter)
     losses = []
 
     def on_step(record):

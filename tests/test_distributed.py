@@ -15,9 +15,14 @@ pytestmark = pytest.mark.slow  # torchrun processes: minutes of CPU
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
 
-def _run(tmp_path, nproc, strategy, *extra, method="sft"):
-    out = tmp_path / f"{method}-{strategy}-{nproc}-{len(extra)}.json"
+def _run(tmp_path, nproc, strategy, *extra, method="sft", lora_dropout=None):
+    """lora_dropout: train a LoRA adapter (with that dropout) whose init differs per rank."""
+    kind = method if lora_dropout is None else f"{method}-lora"
+    out = tmp_path / f"{kind}-{strategy}-{nproc}-{len(extra)}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GAPFIX_WORKER_METHOD": method}
+    env.pop("GAPFIX_WORKER_LORA", None)
+    if lora_dropout is not None:
+        env["GAPFIX_WORKER_LORA"] = str(lora_dropout)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", WORKER, str(out), strategy, *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -26,10 +31,23 @@ def _run(tmp_path, nproc, strategy, *extra, method="sft"):
 
 
 def _parameters(tmp_path, nproc, strategy, method="sft"):
-    """The trained parameters the last _run with these arguments saved (whole, gathered under FSDP)."""
+    """The trained parameters the last _run with these arguments saved (whole, gathered under FSDP);
+    method "<method>-lora" for a LoRA run."""
     from safetensors.torch import load_file
 
     return load_file(str(tmp_path / f"{method}-{strategy}-{nproc}-0.json.safetensors"))
+
+
+def _assert_same_training(single, double, one, two):
+    """Losses (one per step) and trained parameters of a one- and a two-process job agree."""
+    assert len(single) == len(double) == 3
+    for a, b in zip(single, double):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (single, double)
+    assert single[-1] < single[0]  # the steps trained
+    assert one.keys() == two.keys() and one
+    for name in one:
+        gap = (one[name] - two[name]).abs().max().item()
+        assert gap <= 1e-4 * max(1.0, one[name].abs().max().item()), (name, gap)
 
 
 @pytest.mark.parametrize("strategy,method", [("ddp", "sft"), ("fsdp", "sft"), ("ddp", "bash"),
@@ -40,15 +58,25 @@ def test_two_processes_match_one(tmp_path, strategy, method):
     phases are uneven, and the training that follows must still pair its collectives."""
     single = _run(tmp_path, 1, strategy, method=method)
     double = _run(tmp_path, 2, strategy, method=method)
-    assert len(single) == len(double) == 3
-    for a, b in zip(single, double):
-        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (single, double)
-    assert single[-1] < single[0]  # the steps trained
-    one, two = _parameters(tmp_path, 1, strategy, method), _parameters(tmp_path, 2, strategy, method)
-    assert one.keys() == two.keys() and one
-    for name in one:
-        gap = (one[name] - two[name]).abs().max().item()
-        assert gap <= 1e-4 * max(1.0, one[name].abs().max().item()), (name, gap)
+    _assert_same_training(single, double, _parameters(tmp_path, 1, strategy, method),
+                          _parameters(tmp_path, 2, strategy, method))
+
+
+@pytest.mark.parametrize("strategy,method", [("ddp", "sft"), ("fsdp", "sft"), ("fsdp", "bash"),
+                                             ("fsdp", "rac")])
+def test_lora_two_processes_match_one(tmp_path, strategy, method):
+    """A PEFT LoRA model whose adapter init (lora_A is random) differs between the ranks, as in a
+    job whose ranks did not seed alike, trains as rank 0's model does in one process: DDP
+    broadcasts rank 0's weights when it wraps, and gapfix does so before fully_shard, which on
+    its own would train a model stitched from the ranks' slices of their different inits."""
+    single = _run(tmp_path, 1, strategy, method=method, lora_dropout=0.0)
+    double = _run(tmp_path, 2, strategy, method=method, lora_dropout=0.0)
+    one = _parameters(tmp_path, 1, strategy, f"{method}-lora")
+    two = _parameters(tmp_path, 2, strategy, f"{method}-lora")
+    assert any("lora_A" in name for name in one)
+    # B starts at zero: the adapter moved from there (trained)
+    assert any("lora_B" in name and one[name].abs().max() > 0 for name in one)
+    _assert_same_training(single, double, one, two)
 
 
 def test_fsdp_checkpoint_resumes_across_processes(tmp_path):
