@@ -66,6 +66,23 @@ def test_engine_refuses_a_tp_that_does_not_divide_the_world(monkeypatch):
         ColocatedEngine(_model(), tensor_parallel_size=3, llm_class=_never_built)
 
 
+def test_a_world_of_one_is_not_a_job(monkeypatch):
+    """An in-process vLLM engine initialises torch.distributed with a world of one in its host
+    process: RAC must not then take the process for a torchrun rank (external_launcher would look
+    for RANK and fail). Found when gapfix compare ran after a vLLM engine in the same process."""
+    import torch
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 1)
+    assert colocate.world_position() == (0, 1, False)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    assert colocate.world_position() == (1, 2, True)
+
+
 def test_tp_above_one_needs_torchrun(monkeypatch):
     monkeypatch.setattr(colocate, "world_position", lambda: (0, 1, False))
     with pytest.raises(ValueError, match="vllm_tensor_parallel_size 2 .*torchrun"):

@@ -198,7 +198,7 @@ def test_rac_rows_of_a_lora_model_are_the_same_through_vllm_and_hf(need_vllm):
     torch.manual_seed(7)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                       init_lora_weights=False))
-    assert RAC._backend(model, TrainConfig()) == "auto"
+    assert RAC()._backend(model, TrainConfig()) == "auto"
     rows = {backend: build_rows("rac", model, tokenizer, examples,
                                 TrainConfig(max_new_tokens=24, generation_backend=backend))
             for backend in ("hf", "vllm")}

@@ -98,15 +98,19 @@ def _check_options(tensor_parallel_size, gpu_memory_utilization, sleep_level) ->
 
 
 def world_position() -> Tuple[int, int, bool]:
-    """(rank, world size, whether this process is part of a torchrun job): torch.distributed's
-    when it is initialised, else torchrun's environment, else (0, 1, False)."""
+    """(rank, world size, whether this process is one of several in a job): torch.distributed's
+    when it is initialised, else torchrun's environment, else (0, 1, False). A world of one is
+    not a job: an in-process vLLM engine initialises torch.distributed with a world of one in
+    its host process, and one process needs no external launcher."""
     import torch
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), True
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), True
-    return 0, 1, False
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    else:
+        rank, world = 0, 1
+    return rank, world, world > 1
 
 
 def sleep_mode_available() -> bool:
