@@ -455,7 +455,8 @@ def run(args) -> int:
                    on_iteration_end=on_iteration_end)
     summary = {"method": config.method, "steps": result.steps, "phase_seconds": result.phase_seconds,
                "evaluations": evaluations, "data": {"train": train_report, "eval": eval_report}}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer: the ranks would race on one file
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps(summary))
     return 0

@@ -54,4 +54,5 @@ def test_train_command_under_torchrun_loads_on_rank_zero_first(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["data"]["train"]["examples"] == 48
+    assert done.stdout.count('"phase_seconds"') == 1  # rank 0 alone writes and prints the summary
     assert list((out / "data_cache").rglob("*.arrow"))  # the memory-mapped tables
