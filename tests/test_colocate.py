@@ -313,7 +313,8 @@ def test_two_ranks_generate_half_each_and_build_the_rows_of_one_greedy(runs):
     assert first["generated_prompts"] == second["generated_prompts"] == 16
     expected = _expected_calls(2)
     if expected is not None:
-        assert alone["engine_calls"] == first["engine_calls"] == second["engine_calls"] == expected
+        assert first["engine_calls"] == second["engine_calls"] == expected
+    assert alone["engine_calls"] is None  # a world of one: the ordinary in-process engine, no launcher
     hf, _ = _run(runs, 2, "hf", iterations=2)
     assert hf == two  # float32 greedy: vLLM's answers are transformers', before and after the push
 
