@@ -9,8 +9,12 @@ import sys
 import pytest
 
 from gapfix.data import math_task
+from gapfix.eval_cli import load_eval_examples
+from gapfix.evaluation import evaluate
+from gapfix.train_cli import evaluate_across_ranks, load_model_and_tokenizer
 
 EVAL_EXAMPLES = 40
+WORKER = os.path.join(os.path.dirname(__file__), "eval_ranks_worker.py")
 
 
 def _eval_file(tmp_path):
@@ -58,13 +62,31 @@ def test_eval_split_across_ranks_equals_one_process_under_ddp_and_fsdp(tmp_path)
 
 def test_evaluate_across_ranks_on_one_process_is_evaluate(tmp_path):
     """World 1: the same accuracy and count as gapfix.evaluation.evaluate (no process group)."""
-    from gapfix.evaluation import evaluate
-    from gapfix.train_cli import evaluate_across_ranks, load_model_and_tokenizer
 
     _, evaluation = _eval_file(tmp_path)
     model, tokenizer = load_model_and_tokenizer("tiny", evaluation, tokenizer="word")
-    from gapfix.eval_cli import load_eval_examples
-
     examples = load_eval_examples(evaluation, tokenizer, out=str(tmp_path / "out"), limit=7)
     expected = evaluate(model, tokenizer, examples, max_new_tokens=4, backend="hf", answer_regex="(.)")
     assert evaluate_across_ranks(model, tokenizer, examples, max_new_tokens=4, answer_regex="(.)") == expected
+
+
+@pytest.mark.slow  # three torchrun processes
+def test_more_ranks_than_examples_every_rank_joins_the_one_all_reduce(tmp_path):
+    """3 ranks, 2 examples: rank 2's share is empty, yet it joins the all_reduce (a rank that skipped
+    it would leave the others waiting until the timeout); every rank gets one process's result."""
+
+    _, evaluation = _eval_file(tmp_path)
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(open(evaluation).readlines()[:2]))
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", WORKER,
+               str(out), str(data)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, tokenizer = load_model_and_tokenizer("tiny", str(data), tokenizer="word")
+    examples = load_eval_examples(str(data), tokenizer, out=str(tmp_path / "one"))
+    expected = evaluate(model, tokenizer, examples, max_new_tokens=4, backend="hf", answer_regex="(.)")
+    assert expected["count"] == 2
+    assert [json.loads((out / f"rank-{r}.json").read_text()) for r in range(3)] == [expected] * 3
