@@ -91,7 +91,7 @@ def configure(parser):
                         "written by datasets' save_to_disk, tokenized by datasets.map into a memory-mapped "
                         "cache under --out (data_cache/); Parquet and folders may hold prompt_ids/answer_ids")
     parser.add_argument("--eval", help="held-out records (as --train takes), evaluated by greedy generation "
-                        "after each iteration")
+                        "after each iteration (under torchrun each rank its share)")
     parser.add_argument("--answer-regex", default=None,
                         help="--eval scores the answer this regex captures (group 1; default: exact match)")
     parser.add_argument("--method", default="sft",
@@ -389,10 +389,35 @@ def _prompt_limit(context, max_new_tokens):
     return context - max_new_tokens
 
 
+def evaluate_across_ranks(model, tokenizer, examples, *, max_new_tokens: int, answer_regex=None) -> dict:
+    """Greedy accuracy of `model` on `examples` ({"accuracy", "count"}, as gapfix.evaluation.evaluate
+    gives), split across the ranks of a torchrun job: each rank generates for its contiguous share
+    (gapfix.data.arrow.shard_range), and one all_reduce per call, on every rank whatever its share
+    (empty where the world outnumbers the examples), sums the correct answers and the counts.
+    Greedy answers do not depend on the split, so any world size gives the accuracy of one process.
+    The generation itself runs no collective (ranks run different numbers of generate calls)."""
+    import types
+
+    from gapfix.data.arrow import shard_range
+    from gapfix.evaluation import evaluate
+    from gapfix.trainer import _all_reduce_sum
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    share = shard_range(len(examples), rank, world)
+    correct = 0
+    if len(share):
+        result = evaluate(model, tokenizer, examples[share.start:share.stop], max_new_tokens=max_new_tokens,
+                          backend="hf", return_answers=True, answer_regex=answer_regex)
+        correct = sum(result["correct"])
+    device = next(model.parameters()).device  # NCCL reduces on the GPU the model is on
+    total_correct, count = (int(v) for v in _all_reduce_sum(types.SimpleNamespace(world=world), device)(
+        [correct, len(share)]))
+    return {"accuracy": total_correct / count, "count": count}
+
+
 def run(args) -> int:
     from gapfix.data import check_input_file
     from gapfix.eval_cli import apply_threads, quiet_third_party
-    from gapfix.evaluation import evaluate
     from gapfix.trainer import train
 
     config = config_from_args(args)
@@ -435,20 +460,15 @@ def run(args) -> int:
         eval_examples = ExampleTable(eval_examples)
     evaluations = []
 
-    sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1 and config.distributed == "fsdp"
-    if sharded and eval_examples is not None:
-        # generating on rank 0 alone would wait forever on the other ranks' shards
-        print("--eval is skipped under FSDP: evaluate the saved final model instead")
-        eval_examples = None
-
-    def on_iteration_end(iteration, trained):
-        if eval_examples is None or int(os.environ.get("RANK", "0")) != 0:
+    def on_iteration_end(iteration, trained):  # under FSDP `trained` is a whole copy (the trainer's)
+        if eval_examples is None:
             return
-        result = evaluate(trained, tokenizer, eval_examples, max_new_tokens=config.max_new_tokens,
-                          backend="hf", answer_regex=args.answer_regex)
+        result = evaluate_across_ranks(trained, tokenizer, eval_examples, max_new_tokens=config.max_new_tokens,
+                                       answer_regex=args.answer_regex)
         result["iteration"] = iteration
         evaluations.append(result)
-        print(f"iteration {iteration}: eval accuracy {result['accuracy']:.3f} ({result['count']} examples)")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"iteration {iteration}: eval accuracy {result['accuracy']:.3f} ({result['count']} examples)")
 
     result = train(model, tokenizer, examples, config, resume=not args.no_resume,
                    resume_with_changed_config=args.resume_with_changed_config,

@@ -347,7 +347,8 @@ def train(model, tokenizer, train_examples, config: Optional[TrainConfig] = None
     train_examples: a sequence of gapfix.data.Example, or a tokenized datasets.Dataset
     (gapfix.data.arrow.load_tokenized), read memory-mapped.
     `overrides` set TrainConfig fields (``train(..., method="bash", beta=0.2)``).
-    `on_iteration_end(iteration, model)` runs after each iteration (evaluation);
+    `on_iteration_end(iteration, model)` runs after each iteration (evaluation), on every rank;
+    under FSDP `model` is a whole copy of the trained model, gathered for the call (collective).
     `on_step(record)` after each optimizer step, with the step's metrics.
     With config.out_dir set, writes metrics.jsonl, the iterations' rows, checkpoints and the
     final model, and resumes from the latest checkpoint there when `resume` is true (see
@@ -368,14 +369,15 @@ def train(model, tokenizer, train_examples, config: Optional[TrainConfig] = None
     model.to(device)
     run = _Run(model, tokenizer, examples, config, method, device, dist)
     try:
-        run.start(resume, resume_with_changed_config)
+        run.start(resume, resume_with_changed_config, whole_after_iteration=on_iteration_end is not None)
         while run.position["iteration"] < config.iterations:
             iteration = run.position["iteration"]
             if run.rows is None:
                 run.build_rows(iteration)
             run.train_iteration(iteration, on_step)
             if on_iteration_end is not None:
-                on_iteration_end(iteration, model)
+                with run.whole_model() as whole:
+                    on_iteration_end(iteration, whole)
     except BaseException:
         run.folders.close(wait=False)  # a failing rank must not wait for the others
         raise
@@ -435,7 +437,7 @@ class _Run:
             return self.config.steps_per_iteration
         return max(1, int(self.config.epochs_per_iteration * num_rows // self.config.batch_size))
 
-    def start(self, resume, resume_with_changed_config):
+    def start(self, resume, resume_with_changed_config, whole_after_iteration=False):
         """Optimizer and schedule, restored from the latest checkpoint where there is one."""
         config, model, dist = self.config, self.model, self.dist
         total_steps = config.iterations * self.steps_for(self.method.num_rows(len(self.examples), config))
@@ -446,11 +448,11 @@ class _Run:
                                     allow_config_change=resume_with_changed_config)
         # a resumed run's log continues from the checkpoint; a run that starts over starts it over
         ckpt.rewind_metrics(self.metrics_path, state.get("metrics_bytes", 0) if state else 0)
-        # under FSDP2 an offline phase that runs the model runs it on a whole copy (made before sharding,
-        # weightless outside the phase)
+        # under FSDP2 an offline phase that runs the model, and on_iteration_end, run it on a whole copy (made
+        # before sharding, weightless outside the phase)
         if _sharded(config, dist):
             _broadcast_from_rank0(model)  # DDP does this itself when it wraps; fully_shard does not
-        replica = _sharded(config, dist) and self.method.runs_model
+        replica = _sharded(config, dist) and (self.method.runs_model or whole_after_iteration)
         self.offline_model = _OfflineReplica(model) if replica else None
         self.trainable = _wrap_distributed(CausalLMLoss(model, config.fused, self.method), config, dist,
                                            self.device)
@@ -479,12 +481,15 @@ class _Run:
         return lambda num_rows: _row_order(num_rows, self.steps_for(num_rows) * self.config.batch_size,
                                            self.config.seed, iteration)
 
+    def whole_model(self):
+        """The trained model, whole: under FSDP the replica, filled by one gather (every rank enters)."""
+        return self.offline_model.gathered(self.model) if self.offline_model else \
+            contextlib.nullcontext(self.model)
+
     def build_rows(self, iteration):
         """The offline phase: the iteration's rows written once, under <out>/iterations/."""
         started = time.perf_counter()
-        frozen = self.offline_model.gathered(self.model) if self.offline_model else \
-            contextlib.nullcontext(self.model)
-        with frozen as model:
+        with self.whole_model() as model:
             self.rows, paths, stats, counters = offline_phase(
                 self.method, model, self.tokenizer, self.examples, self.config, iteration, self.device,
                 self.dist, self.folders, self.log, self.trained_rows(iteration))
