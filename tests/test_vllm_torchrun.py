@@ -49,6 +49,7 @@ def test_auto_on_rank_0_alone_generates_with_transformers_and_warns_once(tmp_pat
     assert len(first["hf"]) == 3 and all(len(tokens) > 0 for tokens in first["hf"])
     assert len(first["warnings"]) == 1 and "under torchrun generates with transformers" in first["warnings"][0]
     assert second["tokens"] is None  # rank 1 did not generate
+    assert first["told_by_group"] and second["told_by_group"]  # a world of 2, WORLD_SIZE unset
 
 
 @pytest.mark.slow
@@ -75,9 +76,6 @@ def distributed(monkeypatch):
 
 @pytest.mark.parametrize("world,expected", [("2", True), ("1", False), ("x", False), (None, False)])
 def test_a_distributed_job_is_told_by_world_size(monkeypatch, world, expected):
-    import torch.distributed as dist
-
-    assert not dist.is_initialized()
     if world is None:
         monkeypatch.delenv("WORLD_SIZE", raising=False)
     else:
@@ -85,16 +83,19 @@ def test_a_distributed_job_is_told_by_world_size(monkeypatch, world, expected):
     assert vllm_backend.in_distributed_job() is expected
 
 
-def test_an_initialised_process_group_of_one_is_a_distributed_job(monkeypatch, tmp_path):
+def test_a_process_group_of_one_is_not_a_distributed_job(monkeypatch, tmp_path):
+    """An ordinary vLLM engine initialises torch.distributed itself, with a world of one: the
+    engines after it in the same process must not be refused."""
     import torch.distributed as dist
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:
+        assert not vllm_backend.in_distributed_job()
+        monkeypatch.setenv("WORLD_SIZE", "2")
         assert vllm_backend.in_distributed_job()
     finally:
         dist.destroy_process_group()
-    assert not vllm_backend.in_distributed_job()
 
 
 def _tiny():

@@ -3,7 +3,8 @@ with BACKEND ("auto" or "vllm") from a process of a 2-process job, by every rank
 user's script) or by rank 0 alone while the other waits at a barrier (CALLERS "rank0": evaluation
 during training). Writes OUT/result-RANK.json: the token ids generated (or null), the error
 raised (type and message, or null), the warnings' messages, transformers' greedy answers, and for
-BACKEND "vllm" those of the process's colocated engine, made and used afterwards by both ranks.
+BACKEND "vllm" those of the process's colocated engine, made and used afterwards by both ranks; and
+whether in_distributed_job tells the job from its process group alone (WORLD_SIZE unset).
 
     vllm_torchrun_worker.py OUT BACKEND CALLERS
 
@@ -31,7 +32,12 @@ def main(out, backend, callers):
     model = tiny_llama(tokenizer, hidden_size=128, num_layers=1, num_heads=4, seed=0).eval()
     prompts = [tokenizer.encode(text) for text in ("1+2=", "7*3=", "9-4=")]
     options = dict(tokenizer=False, max_new_tokens=6, temperature=0.0)
-    result = {"tokens": None, "error": None, "warnings": [],
+    from gapfix.generation.vllm_backend import in_distributed_job
+
+    world_size = os.environ.pop("WORLD_SIZE")  # the process group alone tells the job
+    told_by_group = in_distributed_job()
+    os.environ["WORLD_SIZE"] = world_size
+    result = {"tokens": None, "error": None, "warnings": [], "told_by_group": told_by_group,
               "hf": [g.token_ids for g in generate(model, prompts, backend="hf", **options)]}
     if callers == "all" or rank == 0:
         with warnings.catch_warnings(record=True) as caught:

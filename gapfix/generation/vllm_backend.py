@@ -78,17 +78,17 @@ def _config_fingerprint(path: Path):
 
 
 def in_distributed_job() -> bool:
-    """Whether this process is one rank of a multi-process job: torch.distributed is initialised
-    (any world size), or torchrun's WORLD_SIZE is above 1. There an ordinary in-process vLLM engine
-    is not safe: its set-up joins torch.distributed (vLLM's parallel groups are made with new_group
-    on the job's world, a collective), so a rank that starts one alone, as an evaluation on rank 0
-    does, waits for the others forever; and its shutdown destroys process groups the trainer
-    still uses."""
+    """Whether this process is one rank of a multi-process job: torch.distributed's world, or
+    torchrun's WORLD_SIZE, is above 1. There an ordinary in-process vLLM engine is not safe: its
+    set-up joins torch.distributed (vLLM's parallel groups are made with new_group on the job's
+    world, a collective), so a rank that starts one alone, as an evaluation on rank 0 does, waits
+    for the others forever; and its shutdown destroys process groups the trainer still uses.
+    A process group of one is not such a job: an ordinary engine makes one itself."""
     import sys
 
     torch = sys.modules.get("torch")  # a process that never imported torch has no process group
     dist = getattr(torch, "distributed", None)
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return True
     try:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -97,7 +97,7 @@ def in_distributed_job() -> bool:
 
 
 DISTRIBUTED_REFUSAL = (
-    "backend='vllm' in a process of a torchrun job (torch.distributed initialised or WORLD_SIZE > 1): "
+    "backend='vllm' in a process of a torchrun job (a torch.distributed world or WORLD_SIZE above 1): "
     "gapfix does not start an ordinary vLLM engine there, as its set-up joins the job's process group "
     "and hangs unless every rank starts one in step. Generate with vLLM through the process's "
     "colocated engine, created and used by every rank together: engine = gapfix.generation.colocate."
