@@ -18,7 +18,15 @@ from gapfix.generation.common import (
     _torch_dtype,
 )
 from gapfix.generation.hf_backend import _HFBackend
-from gapfix.generation.vllm_backend import _VLLM_REFUSED, _refusal_key, _VLLMBackend
+from gapfix.generation.vllm_backend import (
+    _VLLM_REFUSED,
+    DISTRIBUTED_REFUSAL,
+    _refusal_key,
+    _VLLMBackend,
+    in_distributed_job,
+)
+
+_WARNED_DISTRIBUTED: list = []  # non-empty once "auto" has warned that it uses transformers under torchrun
 
 
 def vllm_available() -> bool:
@@ -101,6 +109,21 @@ class _Run:
         if self.backend_name == "hf":
             return self._hf_backend()
         if self._requested == "auto" and _refusal_key(self._model) in _VLLM_REFUSED:
+            self.backend_name = "hf"
+            return self._hf_backend()
+        if in_distributed_job():
+            # no ordinary engine under torchrun (it would hang): the colocated engine, handed in
+            # as backend, is vLLM's way there; "auto" uses transformers, "vllm" is refused
+            if self._requested != "auto":
+                raise ValueError(DISTRIBUTED_REFUSAL)
+            if not _WARNED_DISTRIBUTED:
+                import warnings
+
+                _WARNED_DISTRIBUTED.append(True)
+                warnings.warn("backend='auto' under torchrun generates with transformers: an ordinary vLLM "
+                              "engine would join the job's process group and hang (vLLM there: pass the "
+                              "colocated engine, gapfix.generation.colocate.colocated_engine, as backend, "
+                              "on every rank)", RuntimeWarning, stacklevel=4)
             self.backend_name = "hf"
             return self._hf_backend()
         try:

@@ -77,6 +77,34 @@ def _config_fingerprint(path: Path):
     return hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
 
 
+def in_distributed_job() -> bool:
+    """Whether this process is one rank of a multi-process job: torch.distributed's world, or
+    torchrun's WORLD_SIZE, is above 1. There an ordinary in-process vLLM engine is not safe: its
+    set-up joins torch.distributed (vLLM's parallel groups are made with new_group on the job's
+    world, a collective), so a rank that starts one alone, as an evaluation on rank 0 does, waits
+    for the others forever; and its shutdown destroys process groups the trainer still uses.
+    A process group of one is not such a job: an ordinary engine makes one itself."""
+    import sys
+
+    torch = sys.modules.get("torch")  # a process that never imported torch has no process group
+    dist = getattr(torch, "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return True
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+DISTRIBUTED_REFUSAL = (
+    "backend='vllm' in a process of a torchrun job (a torch.distributed world or WORLD_SIZE above 1): "
+    "gapfix does not start an ordinary vLLM engine there, as its set-up joins the job's process group "
+    "and hangs unless every rank starts one in step. Generate with vLLM through the process's "
+    "colocated engine, created and used by every rank together: engine = gapfix.generation.colocate."
+    "colocated_engine(model); engine.begin(model); gapfix.generate(model, prompts, backend=engine); "
+    "or generate on one rank with backend='hf' (or 'auto', which then uses transformers)")
+
+
 class _ProcessStateGuard:
     """Restores what an in-process vLLM engine changes in its host process:
     the global RNGs (it seeds them), torch's thread count (it drops it to 1)
@@ -300,6 +328,8 @@ class _Engine:
     def __init__(self, path: Path, dtype, engine_kwargs, pushed: bool = False):
         import torch
 
+        if in_distributed_job():  # would hang (see in_distributed_job): the colocated engine serves there
+            raise ValueError(DISTRIBUTED_REFUSAL)
         if not torch.cuda.is_available():
             for name, value in _VLLM_CPU_ENV.items():
                 os.environ.setdefault(name, value)

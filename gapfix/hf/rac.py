@@ -95,9 +95,11 @@ def _resolve_backend(backend: str, model: torch.nn.Module) -> str:
     if backend != "auto":
         return backend
     from gapfix.generation import vllm_available
+    from gapfix.generation.vllm_backend import in_distributed_job
 
     on_gpu = next(model.parameters()).device.type == "cuda"
-    return "vllm" if on_gpu and vllm_available() else "hf"
+    # under torchrun an ordinary vLLM engine would hang (gapfix.generation.vllm_backend.in_distributed_job)
+    return "vllm" if on_gpu and vllm_available() and not in_distributed_job() else "hf"
 
 
 def iteration_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: _Sources,
