@@ -150,6 +150,8 @@ def evaluate(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Exam
              max_new_tokens: int = 128, backend: str = "auto", return_answers: bool = False,
              answer_regex: AnswerRegex = None) -> dict:
     """Greedy accuracy on examples (each with its source record)."""
+    if len(examples) == 0:
+        raise ValueError("examples is empty: nothing to evaluate")
     regex = compile_answer_regex(answer_regex) if isinstance(answer_regex, str) else answer_regex
     answers = greedy_answers(model, tokenizer, [ex.prompt_ids for ex in examples],
                              max_new_tokens=max_new_tokens, backend=backend,

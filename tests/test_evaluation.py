@@ -256,3 +256,13 @@ def test_bash_offline_log_counts_only_the_scheduled_rows(copy_setup, tmp_path):
     offline = next(e for e in events if e["event"] == "offline")
     assert offline["rows"] == 40 and offline["predicted_rows"] == 8
     assert next(e for e in events if e["event"] == "bash_offline")["predicted_rows"] == 8
+
+
+def test_evaluating_no_examples_is_a_named_error(copy_setup):
+    """An empty eval set is a ValueError naming it, not a ZeroDivisionError."""
+    from gapfix.evaluation import evaluate, evaluate_model
+
+    model, tokenizer = copy_setup[0], copy_setup[1]
+    for fn in (evaluate, evaluate_model):
+        with pytest.raises(ValueError, match="examples is empty"):
+            fn(model, tokenizer, [], max_new_tokens=4, backend="hf")
