@@ -1,10 +1,13 @@
 """Builders shared by tests/test_hf_*.py, and their torchrun worker.
 
-    hf_worker.py OUT KIND         (under torchrun: KIND in patch, bash, rac)
+    hf_worker.py OUT KIND         (under torchrun: KIND in patch, bash, rac, rac-vllm, rac-vllm-tp2, rac-hf)
 
 trains a tiny Llama with the gapfix.hf integration of KIND through a real
 transformers Trainer (gloo under torchrun) and writes, from every rank,
-a checksum of each parameter to OUT.rank<r>.json.
+a checksum of each parameter to OUT.rank<r>.json. rac-vllm and rac-hf: RAC greedy over two
+iterations on a Llama vLLM's CPU attention runs (head_dim 32, float32), generating with the
+colocated vLLM engine (rac-vllm-tp2: one engine both ranks share,
+tensor-parallel) / with transformers.
 """
 from __future__ import annotations
 
@@ -82,7 +85,7 @@ def checksums(module) -> dict:
     return {name: float(p.detach().double().sum()) for name, p in module.named_parameters()}
 
 
-def torchrun(tmp_path, kind: str, nproc: int = 2) -> list:
+def torchrun(tmp_path, kind: str, nproc: int = 2, timeout: float = 600) -> list:
     """Run this file under torchrun with `nproc` gloo processes; the per-rank results."""
     import subprocess
 
@@ -90,7 +93,7 @@ def torchrun(tmp_path, kind: str, nproc: int = 2) -> list:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                __file__, str(out), kind]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((tmp_path / f"{kind}-{nproc}.rank{r}.json").read_text()) for r in range(nproc)]
 
@@ -101,11 +104,13 @@ def bash_config():
     return hf.BashConfig(beta=0.5, mode="sample", temperature=2.0, refresh=2, prediction_batch_size=3)
 
 
-def rac_config():
+def rac_config(**overrides):
     import gapfix.hf as hf
 
-    return hf.RacConfig(samples=2, max_new_tokens=8, prompts_per_iteration=5, backend="hf", sft_ratio=1.0,
-                        refresh=2, generation_batch_size=2)
+    options = dict(samples=2, max_new_tokens=8, prompts_per_iteration=5, backend="hf", sft_ratio=1.0,
+                   refresh=2, generation_batch_size=2)
+    options.update(overrides)
+    return hf.RacConfig(**options)
 
 
 def _train(kind: str, out_dir: str):
@@ -130,21 +135,32 @@ def _train(kind: str, out_dir: str):
             first.setdefault("alt_ids", trainer._bash_alt_ids.tolist())
 
         trainer._bash_refresh = recording
-    elif kind == "rac":
-        trainer = hf.RacTrainer(model=net, processing_class=tok, rac_config=rac_config(), **common)
+    elif kind.startswith("rac"):
+        config = rac_config()
+        if kind != "rac":  # rac-vllm / rac-hf: greedy, two iterations of 2 steps, head_dim 32
+            net = model(tok, hidden_size=128, num_heads=4)
+            common["args"] = args(out_dir, max_steps=4, per_device_train_batch_size=2)
+            tp = 2 if kind.endswith("-tp2") else 1  # rac-vllm-tp2: both ranks share one engine
+            config = rac_config(backend=kind.split("-")[1], temperature=0.0, vllm_tensor_parallel_size=tp)
+        trainer = hf.RacTrainer(model=net, processing_class=tok, rac_config=config, **common)
         rows_for = trainer._rac_rows_for
 
         def recording(iteration):
             rows = rows_for(iteration)
             first.setdefault("rows", rows)
+            first.setdefault("iterations", {}).setdefault(str(iteration), rows)
             return rows
 
         trainer._rac_rows_for = recording
     else:
-        raise ValueError(f"KIND must be patch, bash or rac, got {kind!r}")
+        raise ValueError(f"KIND must be patch, bash, rac, rac-vllm, rac-vllm-tp2 or rac-hf, got {kind!r}")
     trainer.train()
-    if kind == "rac":
+    if kind.startswith("rac"):
         first["history"] = trainer.rac_history
+        from gapfix.generation import colocate
+
+        engine = colocate._ACTIVE.get("engine")
+        first["engine_calls"] = list(engine.calls) if engine is not None else None
     return {"weights": checksums(net), "first": first, "losses": losses(trainer), "world": trainer.args.world_size,
             "wrapper": type(trainer.model_wrapped).__name__}
 

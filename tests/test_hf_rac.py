@@ -177,6 +177,19 @@ def test_two_gloo_processes_split_generation_and_stay_equal(tmp_path):
     assert rows == ranks[0]["first"]["rows"]
 
 
+def test_vllm_options_are_checked_by_name():
+    for bad in (0, -1, 1.5, True, None):
+        with pytest.raises(ValueError, match="vllm_tensor_parallel_size"):
+            hf.RacConfig(vllm_tensor_parallel_size=bad)
+    for bad in (0, 0.0, 1.5, -0.2, float("nan"), "0.4"):
+        with pytest.raises(ValueError, match="vllm_gpu_memory_utilization"):
+            hf.RacConfig(vllm_gpu_memory_utilization=bad)
+    tok = W.tokenizer()
+    config = W.rac_config(backend="vllm", vllm_tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="vllm_tensor_parallel_size 2 needs torchrun"):
+        hf.build_rac_dataset(W.model(tok), tok, W.dataset(tok, 4), config=config)
+
+
 def test_fsdp_is_refused_by_name(tmp_path):
     tok = W.tokenizer()
     trainer = _rac_trainer(tmp_path, tok, W.model(tok), _config())
@@ -200,3 +213,26 @@ def test_the_end_token_is_the_stop_token_each_reference_ends_with():
     assert reference_ends([[7, 8, 5], [9, 5]], tok, answer_stop_ids(net, tok)) == [(3, eos), (2, eos)]
     net.generation_config.eos_token_id = [eos, 5]
     assert reference_ends([[7, 8, 5], [9, 5], [3, 2]], tok, answer_stop_ids(net, tok)) == [(2, 5), (1, 5), (1, eos)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["rac-vllm", "rac-vllm-tp2"])
+def test_two_gloo_processes_generate_with_the_colocated_vllm_engine(tmp_path, kind):
+    """Under torchrun backend "vllm" generates with each process's colocated engine (an ordinary
+    one would hang): float32 greedy, its answers are transformers', so world 2 builds the rows of
+    backend "hf" in both iterations (the second after a weight push) and ends with its weights.
+    rac-vllm-tp2: the two ranks hold one tensor-parallel engine and both generate every chunk."""
+    pytest.importorskip("vllm")
+    vllm_ranks = W.torchrun(tmp_path, kind, timeout=300)
+    hf_ranks = W.torchrun(tmp_path, "rac-hf", timeout=300)
+    for ranks in (vllm_ranks, hf_ranks):
+        assert [r["world"] for r in ranks] == [2, 2]
+        assert ranks[0]["weights"] == ranks[1]["weights"]
+        assert ranks[0]["first"]["iterations"] == ranks[1]["first"]["iterations"]
+        assert sorted(ranks[0]["first"]["iterations"]) == ["0", "1"]
+    assert vllm_ranks[0]["first"]["iterations"] == hf_ranks[0]["first"]["iterations"]
+    for rank in vllm_ranks:  # each iteration pushed the trained weights into this process's engine
+        calls = [c for c in rank["first"]["engine_calls"] if c == "push"]
+        assert calls == ["push", "push"]
+    assert hf_ranks[0]["first"]["engine_calls"] is None
+    assert vllm_ranks[0]["weights"] == hf_ranks[0]["weights"]  # the same rows, the same training

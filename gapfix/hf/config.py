@@ -73,6 +73,10 @@ class RacConfig:
         "hf" or "vllm".
     refresh: optimizer steps per iteration (None: one pass over the iteration's rows).
     max_new_tokens: the generation limit; an answer cut there is "length", not finished.
+    generation_batch_size: prompts per generation chunk (None: 8).
+    vllm_tensor_parallel_size, vllm_gpu_memory_utilization: the colocated vLLM engine's, under
+        torchrun (gapfix.generation.colocate): ranks per engine (groups of that many ranks
+        generate the same chunks), and the fraction of the GPU it may take.
     """
 
     mode: str = "path"
@@ -84,6 +88,8 @@ class RacConfig:
     refresh: int | None = None
     max_new_tokens: int = 128
     generation_batch_size: int | None = None
+    vllm_tensor_parallel_size: int = 1
+    vllm_gpu_memory_utilization: float = 0.4
 
     def __post_init__(self) -> None:
         if self.mode not in RAC_MODES:
@@ -98,6 +104,8 @@ class RacConfig:
         _positive_int("refresh", self.refresh, optional=True)
         _positive_int("max_new_tokens", self.max_new_tokens)
         _positive_int("generation_batch_size", self.generation_batch_size, optional=True)
+        _positive_int("vllm_tensor_parallel_size", self.vllm_tensor_parallel_size)
+        _number("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0.0, 1.0, open_low=True)
 
     def to_dict(self) -> dict:
         return asdict(self)

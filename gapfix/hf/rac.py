@@ -95,11 +95,29 @@ def _resolve_backend(backend: str, model: torch.nn.Module) -> str:
     if backend != "auto":
         return backend
     from gapfix.generation import vllm_available
-    from gapfix.generation.vllm_backend import in_distributed_job
 
     on_gpu = next(model.parameters()).device.type == "cuda"
-    # under torchrun an ordinary vLLM engine would hang (gapfix.generation.vllm_backend.in_distributed_job)
-    return "vllm" if on_gpu and vllm_available() and not in_distributed_job() else "hf"
+    return "vllm" if on_gpu and vllm_available() else "hf"
+
+
+def _colocated(model: torch.nn.Module, config: RacConfig, backend: str):
+    """This process's colocated vLLM engine (gapfix.generation.colocate) when a torchrun job generates
+    with vLLM, else None: an ordinary engine would hang there (vllm_backend.in_distributed_job).
+    Every rank makes it (a collective). backend "auto" falls back to transformers (None) where
+    vLLM refuses the model."""
+    from gapfix.generation.colocate import colocated_engine, world_position
+
+    tp = config.vllm_tensor_parallel_size
+    if backend != "vllm":
+        return None
+    if not world_position()[2]:
+        if tp > 1:
+            raise ValueError(f"RacConfig.vllm_tensor_parallel_size {tp} needs torchrun (one process per "
+                             "rank of the group)")
+        return None
+    return colocated_engine(model, tensor_parallel_size=tp,
+                            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                            fall_back=config.backend == "auto")
 
 
 def iteration_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: _Sources,
@@ -108,6 +126,7 @@ def iteration_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, s
     """(rows, stats, answers) of one RAC iteration: rows in the Hugging Face convention (RAC rows
     and SFT rows mixed and shuffled), build_rac_rows' stats, and the Generation objects."""
     from gapfix.generation import Generation, generate
+    from gapfix.generation.colocate import tp_share, world_position
     from gapfix.methods.rac import (
         answer_stop_ids,
         build_rac_rows_to_ends,
@@ -125,14 +144,31 @@ def iteration_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, s
     # and generation stops on it
     ends = dict(zip(chosen, reference_ends([sources.pairs[i][1] for i in chosen], tokenizer,
                                            answer_stop_ids(model, tokenizer))))
-    mine = {}
     stops = [end for _, end in ends.values()]
-    for c in range(rank, len(chunks), world):
-        prompts = [sources.pairs[i][0] for i in chunks[c]]
-        mine[c] = [(g.token_ids, g.finish_reason, g.stop_token_id) for g in generate(
-            model, prompts, tokenizer=tokenizer, n=config.samples, temperature=config.temperature,
-            max_new_tokens=config.max_new_tokens, seed=step_seed(seed, iteration, c + 1), backend=backend,
-            stop_token_ids=stops)]
+    engine = _colocated(model, config, backend)
+    if backend == "vllm" and engine is None and world_position()[2]:
+        backend = "hf"  # "auto", and vLLM refused the model (colocated_engine warned)
+    mine = {}
+    if engine is not None and engine.tensor_parallel_size > 1:
+        # the ranks of a group feed their shared engine the same chunks in the same calls; one keeps them
+        share = tp_share(rank, world, engine.tensor_parallel_size, len(chunks))
+        assigned, keeps = share.chunks, share.writes
+    else:
+        assigned, keeps = range(rank, len(chunks), world), True
+    if engine is not None:
+        engine.begin(model)  # every rank: the trained weights, in memory (through DDP; LoRA merged)
+    try:
+        for c in assigned:
+            prompts = [sources.pairs[i][0] for i in chunks[c]]
+            answers = [(g.token_ids, g.finish_reason, g.stop_token_id) for g in generate(
+                model, prompts, tokenizer=tokenizer, n=config.samples, temperature=config.temperature,
+                max_new_tokens=config.max_new_tokens, seed=step_seed(seed, iteration, c + 1),
+                backend=engine if engine is not None else backend, stop_token_ids=stops)]
+            if keeps:
+                mine[c] = answers
+    finally:
+        if engine is not None:
+            engine.end()  # its device memory goes back to training, where vLLM can sleep
     results = {}
     for part in (gather(mine) if gather is not None else [mine]):
         results.update(part)
