@@ -161,6 +161,7 @@ def _train(kind: str, out_dir: str):
 
         engine = colocate._ACTIVE.get("engine")
         first["engine_calls"] = list(engine.calls) if engine is not None else None
+        first["engine_tp"] = engine.tensor_parallel_size if engine is not None else None
     return {"weights": checksums(net), "first": first, "losses": losses(trainer), "world": trainer.args.world_size,
             "wrapper": type(trainer.model_wrapped).__name__}
 

@@ -234,5 +234,6 @@ def test_two_gloo_processes_generate_with_the_colocated_vllm_engine(tmp_path, ki
     for rank in vllm_ranks:  # each iteration pushed the trained weights into this process's engine
         calls = [c for c in rank["first"]["engine_calls"] if c == "push"]
         assert calls == ["push", "push"]
+        assert rank["first"]["engine_tp"] == (2 if kind.endswith("-tp2") else 1)
     assert hf_ranks[0]["first"]["engine_calls"] is None
     assert vllm_ranks[0]["weights"] == hf_ranks[0]["weights"]  # the same rows, the same training

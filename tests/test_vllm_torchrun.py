@@ -135,15 +135,25 @@ def test_auto_in_a_distributed_job_uses_transformers_with_one_warning(distribute
         runner.generate(model, [[1, 2, 3]], tokenizer=False, max_new_tokens=3, backend="auto")
 
 
-def test_hf_rac_does_not_pick_vllm_under_torchrun(distributed, monkeypatch):
-    """gapfix.hf's RAC picks vLLM for a model on a GPU; not under torchrun, where it would hang."""
+def test_hf_rac_generates_with_the_colocated_engine_under_torchrun(distributed, monkeypatch):
+    """gapfix.hf's RAC picks vLLM for a model on a GPU; under torchrun it takes the process's colocated
+    engine (an ordinary one would hang), "auto" with fall_back (transformers where vLLM refuses)."""
     from types import SimpleNamespace
 
     import gapfix.generation
-    from gapfix.hf import rac
+    from gapfix.generation import colocate
+    from gapfix.hf import RacConfig, rac
 
     monkeypatch.setattr(gapfix.generation, "vllm_available", lambda: True)
+    monkeypatch.setenv("RANK", "0")
     on_gpu = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=SimpleNamespace(type="cuda"))]))
-    assert rac._resolve_backend("auto", on_gpu) == "hf"
+    assert rac._resolve_backend("auto", on_gpu) == "vllm"
+    made = []
+    monkeypatch.setattr(colocate, "colocated_engine", lambda model, **options: made.append(options) or "engine")
+    config = RacConfig(vllm_gpu_memory_utilization=0.3)
+    assert rac._colocated(on_gpu, config, "vllm") == "engine"
+    assert made == [dict(tensor_parallel_size=1, gpu_memory_utilization=0.3, fall_back=True)]
+    assert rac._colocated(on_gpu, config, "hf") is None
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert rac._resolve_backend("auto", on_gpu) == "vllm"  # the same model in one process
+    assert rac._colocated(on_gpu, config, "vllm") is None  # one process: the ordinary engine serves
+    assert len(made) == 1

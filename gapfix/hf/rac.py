@@ -24,6 +24,10 @@ answers that ended with EOS, from their finish reasons), rac_exact_match,
 rac_label_agreement, rac_mean_edit_distance, rac_rows. The iteration's rows are
 saved in Trainer's checkpoints (gapfix_rac.json), so a resumed run continues the
 iteration it stopped in on the same rows.
+
+With vLLM under torchrun every rank generates on its process's colocated engine
+(gapfix.generation.colocate): each iteration pushes the trained weights into it in
+memory before generating, and puts it to sleep after, where the platform can.
 """
 from __future__ import annotations
 
