@@ -123,6 +123,29 @@ def test_resume_mid_iteration_gives_the_uninterrupted_weights(tmp_path):
     assert W.checksums(resumed_net) == W.checksums(straight_net)
 
 
+def test_a_checkpoint_saved_before_the_vllm_fields_resumes_with_their_defaults(tmp_path):
+    """gapfix_rac.json of a version without vllm_tensor_parallel_size / vllm_gpu_memory_utilization:
+    resumed with those at their defaults, it continues on its rows; with another value it is refused."""
+    import json
+
+    tok = W.tokenizer()
+    config = _config(refresh=3)
+    _rac_trainer(tmp_path / "a", tok, _eager_model(tok), config, max_steps=2, save_strategy="steps",
+                 save_steps=2).train()
+    state_file = tmp_path / "a" / "checkpoint-2" / hf_rac.STATE_FILE
+    state = json.loads(state_file.read_text())
+    for key in ("vllm_tensor_parallel_size", "vllm_gpu_memory_utilization"):
+        del state["config"][key]
+    state_file.write_text(json.dumps(state))
+    resumed = _rac_trainer(tmp_path / "b", tok, _eager_model(tok), config, max_steps=3)
+    resumed.train(resume_from_checkpoint=str(state_file.parent))
+    assert resumed.rac_history == []  # iteration 0's rows came from the checkpoint
+    other = hf.RacConfig(**{**config.to_dict(), "vllm_gpu_memory_utilization": 0.5})
+    refused = _rac_trainer(tmp_path / "c", tok, _eager_model(tok), other, max_steps=3)
+    with pytest.raises(ValueError, match="saved with RacConfig"):
+        refused.train(resume_from_checkpoint=str(state_file.parent))
+
+
 def test_rac_sft_trainer_trains_a_lora_adapter(tmp_path):
     peft = pytest.importorskip("peft")
     trl = pytest.importorskip("trl")

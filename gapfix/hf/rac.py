@@ -313,7 +313,10 @@ class _RacMixin:
                           "with the resumed weights", stacklevel=2)
             return
         state = read_json(path)
-        if state.get("config") != self.rac_config.to_dict():
+        saved = state.get("config")
+        if isinstance(saved, dict):  # a field added since the checkpoint was saved has its default there
+            saved = {**{k: v for k, v in RacConfig().to_dict().items() if k not in saved}, **saved}
+        if saved != self.rac_config.to_dict():
             raise ValueError(f"{path}: line 1: saved with RacConfig {state.get('config')}, "
                              f"resumed with {self.rac_config.to_dict()}")
         rows = state.get("rows")
