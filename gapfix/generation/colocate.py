@@ -43,8 +43,8 @@ from gapfix.generation.vllm_backend import (
     push_weights,
 )
 
-__all__ = ["ColocatedEngine", "TPShare", "colocated_engine", "release_colocated", "sleep_mode_available",
-           "tp_share", "world_position"]
+__all__ = ["ColocatedEngine", "TPShare", "check_engine_options", "colocated_engine", "release_colocated",
+           "sleep_mode_available", "tp_share", "world_position"]
 
 SLEEP_LEVELS = (1, 2)
 _STAMPED = ("transformers_version", "dtype", "torch_dtype", "name_or_path", "architectures")
@@ -83,16 +83,22 @@ def _check_tp(tp, world: int) -> None:
                          "each group of that many ranks shares one vLLM engine")
 
 
+def check_engine_options(tensor_parallel_size, gpu_memory_utilization) -> None:
+    """The colocated engine's two knobs, each refused by name when out of range (a trainer's
+    config checks them before any engine starts)."""
+    _check_tp(tensor_parallel_size, tensor_parallel_size if isinstance(tensor_parallel_size, int) else 1)
+    if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float)) \
+            or not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+
+
 def _check_options(tensor_parallel_size, gpu_memory_utilization, sleep_level) -> None:
     _, world, launched = world_position()
-    _check_tp(tensor_parallel_size, tensor_parallel_size if isinstance(tensor_parallel_size, int) else 1)
+    check_engine_options(tensor_parallel_size, gpu_memory_utilization)
     if tensor_parallel_size > 1 and not launched:
         raise ValueError(f"vllm_tensor_parallel_size {tensor_parallel_size} needs torchrun (one process "
                          "per rank of the group)")
     _check_tp(tensor_parallel_size, world)
-    if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float)) \
-            or not 0 < gpu_memory_utilization <= 1:
-        raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
     if sleep_level not in SLEEP_LEVELS:
         raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level!r}")
 

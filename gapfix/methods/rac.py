@@ -464,12 +464,10 @@ class RAC(Method):
             raise ValueError(f"rac_prompts must be >= 1 or None, got {config.rac_prompts}")
         if config.rac_sft_ratio < 0:
             raise ValueError(f"rac_sft_ratio must be >= 0, got {config.rac_sft_ratio}")
-        tp = getattr(config, "vllm_tensor_parallel_size", 1)
-        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-            raise ValueError(f"vllm_tensor_parallel_size must be an int >= 1, got {tp!r}")
-        share = getattr(config, "vllm_gpu_memory_utilization", 0.4)
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {share!r}")
+        from gapfix.generation.colocate import check_engine_options
+
+        check_engine_options(getattr(config, "vllm_tensor_parallel_size", 1),
+                             getattr(config, "vllm_gpu_memory_utilization", 0.4))
 
     def label_mode(self, config) -> str:
         return "all" if self.soft else config.rac_mode
