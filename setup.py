@@ -49,7 +49,6 @@ def native_extension() -> Extension:
 setup(
     packages=["gapfix", "gapfix.ops", "gapfix.ops.cross_entropy", "gapfix.methods", "gapfix.kernels",
               "gapfix.data", "gapfix.hf", "gapfix.generation"],
-    package_dir={"gapfix": "gapfix", "gapfix.kernels": "kernels"},
     package_data={"gapfix.data": ["*.jsonl", "*.json"]},
     ext_modules=[native_extension()],
     cmdclass={"build_ext": BuildExtension},
