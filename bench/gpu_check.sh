@@ -71,8 +71,9 @@ if [ "$DRY_RUN" = 1 ]; then
   # CPU: Triton under the interpreter, a tiny selection (a few tests that take the
   # triton_device fixture, one CPU benchmark), small budget
   export TRITON_INTERPRET=1
-  BUDGET="${GAPFIX_CHECK_BUDGET:-360}"  # a cap: the dry run takes ~1-2 minutes on a shared CPU
-  TEST_SHARDS=2 BENCH_SHARDS=1 TESTS_RESERVE=60 BENCH_RESERVE=60 TABLE_RESERVE=15
+  # a cap: the dry run takes 2-5 minutes on a shared 2-core CPU (each step imports torch)
+  BUDGET="${GAPFIX_CHECK_BUDGET:-900}" COLLECT_LIMIT=300  # collecting everything: 1-3 minutes here
+  TEST_SHARDS=2 BENCH_SHARDS=1 TESTS_RESERVE=120 BENCH_RESERVE=120 TABLE_RESERVE=15
   if [ "${GAPFIX_CHECK_DRY_FULL:-0}" = 1 ]; then  # every test of the GPU run, under the interpreter
     BUDGET="${GAPFIX_CHECK_BUDGET:-2400}" TESTS_RESERVE=900 BENCH_RESERVE=300
     TEST_SEL=(tests -m cuda)
@@ -83,7 +84,7 @@ if [ "$DRY_RUN" = 1 ]; then
                --benchmark-max-time=0.02 --benchmark-min-rounds=1 --benchmark-warmup=off)
   fi
 else
-  BUDGET="${GAPFIX_CHECK_BUDGET:-455}"  # + up to 3 x 5 s of kill grace + the table: < 8 minutes
+  BUDGET="${GAPFIX_CHECK_BUDGET:-455}" COLLECT_LIMIT=120  # + 3 x 5 s of kill grace + the table: < 8 minutes
   TEST_SHARDS="${GAPFIX_CHECK_TEST_SHARDS:-6}" BENCH_SHARDS="${GAPFIX_CHECK_BENCH_SHARDS:-2}"
   # what the tests step needs even when warm uses all of its limit: ~25 s of start-up and
   # collection, the tests' own run time, a cache load per kernel (bench/gpu_check_tools.py)
@@ -193,7 +194,7 @@ step build_verify 60 "${TOOLS[@]}" build-check after ||
   stop "gapfix._C cannot serve the GPU (see BUILD CHECK FAILED above)"
 step env 60 "${TOOLS[@]}" env "$OUT_DIR"
 # every test and benchmark the GPU run selects must import: the dry run checks the same list
-step collect "$(before_warm 120)" "${PYTEST[@]}" --collect-only -m cuda tests bench ||
+step collect "$(before_warm "$COLLECT_LIMIT")" "${PYTEST[@]}" --collect-only -m cuda tests bench ||
   grep -E '^ERROR |^E  ' "$LOG" | tail -n 20
 
 # ---------------------------------------------------------------- warm the caches

@@ -26,6 +26,10 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="bash script")
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in ("GAPFIX_GPU_CHECK_FAKE", "OUT")}
     env["PYTHONPATH"] = str(BENCH) + os.pathsep + env.get("PYTHONPATH", "")
+    # the script's python3 is this interpreter, as in an activated virtualenv
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # a run that is not dry installs the carried wheels into python3's environment: never here
+    env["GAPFIX_DEVICE_WHEELS"] = str(ROOT / "no-carried-wheels-in-tests")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
@@ -38,7 +42,7 @@ def _run_check(out, *args, **env):
         env=_env(**env),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
         check=False,
     )
 
@@ -98,7 +102,8 @@ def test_refuses_a_toolkit_whose_major_version_differs_from_torchs(tmp_path):
     done = _run_check(tmp_path, GAPFIX_GPU_CHECK_FAKE=json.dumps(fake), GAPFIX_CHECK_BUILD_LIMIT="1")
     assert done.returncode == 1
     table = _table(tmp_path)
-    assert table["status"] == "failed" and [s["step"] for s in table["steps"]][-1] == "build_check"
+    assert table["status"] == "failed" and [s["step"] for s in table["steps"]] == ["carry", "build_check"]
+    assert table["carried"]["wheels"].endswith("no-carried-wheels-in-tests")  # nothing was installed
     log = (tmp_path / "gpu_check.log").read_text()
     assert "12.8 but torch was built with CUDA 13.0" in log and "STOPPED" in log
 
