@@ -533,7 +533,7 @@ def test_cli_trains_from_an_adapter_folder(tmp_path):
     assert peft.PeftConfig.from_pretrained(str(out / "final")).r == 4
 
 
-# ------------------------------------------------------------------ (g) the README's DDP recipe
+# ------------------------------------------------------------------ (g) the DDP recipe of docs/ops.md
 
 def run_recipe(tmp_path, recipe):
     import json
@@ -552,7 +552,7 @@ def run_recipe(tmp_path, recipe):
 
 
 def test_ddp_recipe_keeps_replicas_identical(tmp_path):
-    """Two gloo processes follow the README's recipe on different shards: their parameters are
+    """Two gloo processes follow the recipe of docs/ops.md on different shards: their parameters are
     equal after training (and did train)."""
     result = run_recipe(tmp_path, "inside")
     assert result["moved"] > 1e-3
@@ -560,7 +560,7 @@ def test_ddp_recipe_keeps_replicas_identical(tmp_path):
 
 
 def test_trunk_beside_ddp_lets_replicas_drift(tmp_path):
-    """Why the recipe runs the trunk inside the DDP-wrapped forward: called beside it (the old
-    README recipe), the replicas silently drift apart."""
+    """Why the recipe runs the trunk inside the DDP-wrapped forward: with the trunk called beside
+    it, the replicas silently drift apart."""
     result = run_recipe(tmp_path, "outside")
     assert result["max_rank_difference"] > 1e-3, result
