@@ -19,14 +19,21 @@ WORK="${1:-${TMPDIR:-/tmp}/gapfix-cuda-link}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 if [ -z "${CUDA_HOME:-}" ]; then
-  nvcc_path="$(command -v nvcc || true)"
-  if [ -z "$nvcc_path" ]; then
-    echo "link_cuda_extension: no nvcc on PATH and CUDA_HOME unset" >&2
-    exit 1
-  fi
-  CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")"
+  # the toolkit's folder, with its headers: /usr/local/bin/nvcc may be a wrapper script
+  nvcc_path="$(command -v nvcc || echo /nonexistent/bin/nvcc)"
+  for candidate in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")"; do
+    if [ -x "$candidate/bin/nvcc" ] && [ -f "$candidate/include/cuda_runtime_api.h" ]; then
+      CUDA_HOME="$candidate"
+      break
+    fi
+  done
+fi
+if [ -z "${CUDA_HOME:-}" ]; then
+  echo "link_cuda_extension: no CUDA toolkit (bin/nvcc and include/cuda_runtime_api.h) found; set CUDA_HOME" >&2
+  exit 1
 fi
 export CUDA_HOME
+echo "link_cuda_extension: CUDA_HOME=$CUDA_HOME"
 mkdir -p "$WORK"
 VENV="$WORK/venv"
 if ! "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '${TORCH_SPEC#torch==}')" 2>/dev/null; then
@@ -37,7 +44,7 @@ fi
 PY="$VENV/bin/python"
 "$PY" -c "import torch; print('link_cuda_extension: torch', torch.__version__, 'cuda', torch.version.cuda)"
 "$CUDA_HOME/bin/nvcc" --version | tail -n 2
-rm -rf "$WORK/lib" "$WORK/tmp"
+rm -rf "$WORK/lib"  # WORK/tmp stays: ninja rebuilds what changed, flags included
 start=$SECONDS
 # from the checkout (setup.py names its sources relative to it), into WORK only
 (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-1}" "$PY" setup.py -q build_ext --build-lib "$WORK/lib" --build-temp "$WORK/tmp")
