@@ -351,7 +351,7 @@ def evaluate_across_ranks(model, tokenizer, examples, *, max_new_tokens: int, an
     device = next(model.parameters()).device  # NCCL reduces on the GPU the model is on
     total_correct, count = _all_reduce_sum(types.SimpleNamespace(world=world), device)([float(correct), len(share)])
     count = int(count)
-    return {"accuracy": total_correct / count, "count": count}
+    return {"accuracy": total_correct / count, "count": count, "backend": "hf"}
 
 
 def run(args) -> int:

@@ -120,3 +120,18 @@ def test_evaluation_and_the_cli_modules_import_no_task_and_no_circle():
             "'gapfix.methods.rac')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_train_eval_scores_with_the_users_scorer(tmp_path):
+    """gapfix train --eval --scorer: evaluate_across_ranks averages the scorer's grades (not counts)."""
+    from gapfix.data.loading import load_eval_examples
+    from gapfix.models import load_model
+    from gapfix.train_cli import evaluate_across_ranks
+
+    folder = _tiny_saved_model(tmp_path)
+    model, tokenizer = load_model(folder)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "a to d", "response": "a-b-d"}) + "\n" for _ in range(4)))
+    examples = load_eval_examples(str(data), tokenizer, out=str(tmp_path / "out"))
+    result = evaluate_across_ranks(model, tokenizer, examples, max_new_tokens=3, scorer=lambda record, text: 0.25)
+    assert result == {"accuracy": 0.25, "count": 4, "backend": "hf"}
