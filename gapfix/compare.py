@@ -728,7 +728,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "else hf (default %(default)s)")
     parser.add_argument("--out", default="gapfix-compare", help="output folder (default %(default)s)")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N eval examples")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws of a one-seed interval (several seeds: Student t, no draws; "
+    parser.add_argument("--bootstrap", type=int, default=2000,
+                        help="bootstrap draws of a one-seed interval (several seeds: Student t, no draws; "
                              "default %(default)s)")
     parser.add_argument("--tokenizer", default="bpe", choices=["bpe", "word", "char"],
                         help="for --model tiny / config.json: the tokenizer trained on --train (default bpe)")

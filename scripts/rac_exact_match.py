@@ -32,7 +32,8 @@ def measure(model, tokenizer, examples):
             logits = model(input_ids=ids).logits[0, len(ex.prompt_ids) - 1:-1].float().log_softmax(-1)
             logps.append(logits.gather(-1, torch.tensor(ex.answer_ids)[:, None]).mean().item())
         model.train()
-    return {"greedy_exact": statistics.fmean(float(g.finished and g.token_ids == r) for g, r in zip(greedy, references)),
+    return {"greedy_exact": statistics.fmean(float(g.finished and g.token_ids == r)
+                                             for g, r in zip(greedy, references)),
             "sampled_exact": statistics.fmean(float(g.finished and g.token_ids == r)
                                               for g, r in zip(sampled, references)),
             "reference_logp_per_token": statistics.fmean(logps)}
