@@ -170,7 +170,9 @@ def test_train_help_shows_every_flag_with_a_meaning_and_default(capsys):
         flag = "--" + field.name.replace("_", "-")
         assert "(default" in entries[flag] and len(entries[flag].split()) > 4, flag
     text = " ".join(raw.split())
-    assert "demo recipe 0.3" in text and "demo recipe 2.0" in text  # beta, bash temperature
+    # beta, and bash mode: the demo recipe mixes argmax predictions (sampling at temperature 2, its
+    # earlier setting, measured as noise: docs/compare.md)
+    assert "demo recipe 0.3" in text and "demo recipe argmax" in text
 
 
 def test_train_recipe_demo_and_explicit_flags():
