@@ -5,8 +5,14 @@ fused linear cross-entropy on (last hidden state, lm_head weight): the (B, T, V)
 logits never exist and ``output.logits`` is None. Everything happens inside the
 model's own forward, so DDP/FSDP hooks, gradient checkpointing and PEFT see an
 ordinary forward. Without labels (generation, evaluation of logits) and for
-calls that ask for TRL's fused head (``fused_lm_head=True``), the original
-forward runs unchanged.
+for calls without labels, the original forward runs unchanged.
+
+TRL's fused LM head (trl >= 1.16: ``model(..., labels=..., fused_lm_head=True)`` returns a
+FusedCausalLMOutput of per-token log_probs, entropy, ... instead of logits) is served by
+gapfix's kernel too: when a TRL trainer calls ``trl.trainer.utils.add_fused_lm_head`` on a
+patched model, gapfix records TRL's settings (temperature, cast_lm_head_to_fp32, outputs)
+instead of letting TRL wrap the forward, and the patched forward computes those fields with
+gapfix.ops.cross_entropy.linear_log_probs (gapfix/hf/trl_head.py has the contract).
 
 Conventions, as transformers' own causal-LM loss:
     labels (B, T) unshifted: position t is trained to predict labels[t + 1];
@@ -66,7 +72,23 @@ def _check_loss_options(options: dict) -> dict:
                              "(from the config, the labels and num_items_in_batch)")
         if name not in allowed:
             raise ValueError(f"unknown loss option {name!r}; allowed: {sorted(allowed)}")
+    check_loss_option_values(options)
     return dict(options)
+
+
+def check_loss_option_values(options: dict) -> None:
+    """The values linear_cross_entropy would refuse at the first forward, refused now
+    (ValueError naming the option); device-dependent choices (impl) are checked by name only."""
+    from gapfix.ops.cross_entropy.validation import FLOAT_DTYPES, check_options
+
+    check_options(options.get("ignore_index", -100), options.get("label_smoothing", 0.0), options.get("z_loss", 0.0),
+                  None, "mean", None, options.get("impl", "auto"), options.get("chunk_size"))
+    dtype = options.get("grad_weight_dtype")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"grad_weight_dtype must be a floating dtype, got {dtype!r}")
+    eps = options.get("filter_eps")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0):
+        raise ValueError(f"filter_eps must be None or a number >= 0, got {eps!r}")
 
 
 def fused_causal_lm_loss(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None, *,
@@ -132,15 +154,24 @@ def patch(model: nn.Module, **loss_options: Any) -> nn.Module:
 
     _trunk(lm), output_head(lm)  # refuse models the fused loss cannot serve, now rather than at the first step
     options = _check_loss_options(loss_options)
+    from gapfix.hf import trl_head
+
+    trl_head.refuse_wrapped(lm)
+    trl_head.install()
+    previous_head = lm.__dict__[_STATE].get("trl_head") if is_patched(lm) else None
     if is_patched(lm):
-        unpatch(lm)
+        unpatch(lm, keep_trl_head=False)
     original = lm.forward  # the bound class forward (or a caller's own instance forward)
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("fused_lm_head") or ("labels" not in kwargs and "shift_labels" not in kwargs
-                                           and len(args) <= _position(signature, "labels")):
+        fused_head = kwargs.pop("fused_lm_head", False)
+        if fused_head:
+            from gapfix.hf.trl_head import fused_head_forward
+
+            return fused_head_forward(lm, signature, args, kwargs, lm.__dict__[_STATE].get("trl_head"))
+        if "labels" not in kwargs and "shift_labels" not in kwargs and len(args) <= _position(signature, "labels"):
             return original(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         call = dict(bound.arguments)
@@ -174,6 +205,7 @@ def patch(model: nn.Module, **loss_options: Any) -> nn.Module:
         "had_forward": had_forward,
         "had_accepts": "accepts_loss_kwargs" in lm.__dict__,
         "previous_accepts": lm.__dict__.get("accepts_loss_kwargs"),
+        "trl_head": previous_head,  # TRL's fused-head settings, once a TRL trainer asked for its head
     }
     lm.forward = forward
     # Trainer passes num_items_in_batch to a forward that declares it handles it; this one does
@@ -200,8 +232,10 @@ def is_patched(model: nn.Module) -> bool:
     return _STATE in _causal_lm(model).__dict__
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo ``patch``: the model's own forward and loss again; returns ``model``."""
+def unpatch(model: nn.Module, *, keep_trl_head: bool = True) -> nn.Module:
+    """Undo ``patch``: the model's own forward and loss again; returns ``model``. A model whose
+    TRL fused head gapfix served gets TRL's own head back (same settings), so its trainer goes
+    on working; keep_trl_head=False leaves the bare forward."""
     lm = _causal_lm(model)
     state = lm.__dict__.get(_STATE)
     if state is None:
@@ -220,4 +254,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         lm.accepts_loss_kwargs = state["previous_accepts"]
     else:
         del lm.accepts_loss_kwargs
+    if keep_trl_head and state.get("trl_head") is not None:
+        from gapfix.hf.trl_head import add_trl_head
+
+        add_trl_head(lm, state["trl_head"])
     return model
