@@ -35,7 +35,6 @@ import inspect
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["is_patched", "patch", "unpatch"]
@@ -63,78 +62,35 @@ def _trunk(lm: nn.Module) -> nn.Module:
 
 
 def _check_loss_options(options: dict) -> dict:
-    from gapfix.ops.cross_entropy import linear_cross_entropy
+    from gapfix.lm_loss import check_loss_options
 
-    allowed = set(inspect.signature(linear_cross_entropy).parameters) - set(_RESERVED)
     for name in options:
         if name in _RESERVED:
             raise ValueError(f"loss option {name!r} is set by gapfix.hf.patch itself "
                              "(from the config, the labels and num_items_in_batch)")
-        if name not in allowed:
-            raise ValueError(f"unknown loss option {name!r}; allowed: {sorted(allowed)}")
-    check_loss_option_values(options)
-    return dict(options)
-
-
-def check_loss_option_values(options: dict) -> None:
-    """The values linear_cross_entropy would refuse at the first forward, refused now
-    (ValueError naming the option); device-dependent choices (impl) are checked by name only."""
-    from gapfix.ops.cross_entropy.validation import FLOAT_DTYPES, check_options
-
-    check_options(options.get("ignore_index", -100), options.get("label_smoothing", 0.0), options.get("z_loss", 0.0),
-                  None, "mean", None, options.get("impl", "auto"), options.get("chunk_size"))
-    dtype = options.get("grad_weight_dtype")
-    if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise ValueError(f"grad_weight_dtype must be a floating dtype, got {dtype!r}")
-    eps = options.get("filter_eps")
-    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0):
-        raise ValueError(f"filter_eps must be None or a number >= 0, got {eps!r}")
+    return check_loss_options(options)
 
 
 def fused_causal_lm_loss(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None, *,
                          shift_labels: torch.Tensor | None = None,
                          num_items_in_batch: torch.Tensor | int | None = None,
                          loss_options: dict | None = None) -> torch.Tensor:
-    """The causal-LM loss of hidden states (B, T, H) against HF-convention labels, through
-    gapfix.linear_cross_entropy on the model's lm_head (scale and soft cap from its config)."""
-    from gapfix.models import output_head
-    from gapfix.ops.cross_entropy import cross_entropy, linear_cross_entropy
+    """The causal-LM loss of hidden states (B, T, H) against HF-convention labels (or
+    shift_labels): gapfix.lm_loss.causal_lm_loss, the reference trainer's loss too."""
+    from gapfix.lm_loss import causal_lm_loss
+    from gapfix.lm_loss import shift_labels as shifted
 
     options = dict(loss_options or {})
-    ignore_index = options.pop("ignore_index", -100)
+    ignore_index = options.setdefault("ignore_index", -100)
     if shift_labels is None:
         if labels.shape != hidden.shape[:-1]:
             raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (batch, sequence), "
                              f"got {tuple(labels.shape)}")
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = shifted(labels, ignore_index)
     elif shift_labels.shape != hidden.shape[:-1]:
         raise ValueError(f"shift_labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)}")
-    head = output_head(lm)
-    if head.is_linear:
-        hidden, weight, bias = head.linear_loss_inputs(hidden)
-        loss_fn = functools.partial(linear_cross_entropy, lm_weight=weight, bias=bias)
-    else:  # a LoRA-wrapped (or custom) lm_head: its logits are formed, the loss still fused
-        weight = next(head.module.parameters())
-        loss_fn = cross_entropy
-    device_type = hidden.device.type
-    autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
-    if not autocast and hidden.dtype != weight.dtype:
-        # a bf16 trunk with an fp32 head (or the reverse): the head's dtype decides, as it
-        # would for the logits of a model that keeps its head in fp32
-        hidden = hidden.to(weight.dtype)
-    if not head.is_linear:
-        hidden = head.scaled_logits(hidden)
-    target = shift_labels.to(hidden.device)
-    softcap = head.softcap
-    if num_items_in_batch is None:
-        return loss_fn(hidden, target=target, ignore_index=ignore_index, softcap=softcap, reduction="mean",
-                       **options)
-    # the step's token count from Trainer: sum / count, as transformers' own loss (a tensor
-    # count stays on the device: no host sync); a step without any token gives 0, not NaN
-    total = loss_fn(hidden, target=target, ignore_index=ignore_index, softcap=softcap, reduction="sum", **options)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        return total / num_items_in_batch.to(device=total.device, dtype=total.dtype).clamp_min(1)
-    return total / max(float(num_items_in_batch), 1.0)
+    return causal_lm_loss(lm, hidden, shift_labels, reduction="mean", num_items_in_batch=num_items_in_batch,
+                          **options)
 
 
 def patch(model: nn.Module, **loss_options: Any) -> nn.Module:

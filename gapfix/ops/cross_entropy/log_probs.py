@@ -157,8 +157,8 @@ def _chunked_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], row
         if want_sq:
             out["log_sum_sq_probs"][sel] = torch.einsum("nv,nv->n", e, e).log() - 2.0 * log_s
         if want_entropy:
-            # H = log s - sum e (z - max) / s; an all -inf row has d = -inf where e = 0
-            ed = torch.where(e != 0, e * d, torch.zeros((), dtype=cdt, device=dev)).sum(dim=1)
+            # H = log s - sum e (z - max) / s; a -inf logit has e = 0: clamped, it adds 0, not NaN
+            ed = torch.einsum("nv,nv->n", e, d.clamp_(min=torch.finfo(cdt).min))
             out["entropy"][sel] = log_s - ed / s
     counted = rows.counted
     zero = torch.zeros((), dtype=cdt, device=dev)
