@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from gapfix.kernels.common import next_pow2  # noqa: F401  (shared with the kernels; triton-free)
+
 __all__ = [
     "IMPLS", "INDEX_DTYPES", "INT64_MAX", "INT64_MIN",
     "triton_available", "triton_runs_on", "check_triton_device",
@@ -80,9 +82,6 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def next_pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1): tl.arange sizes must be powers of two."""
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 # --------------------------------------------------------------------------------------
