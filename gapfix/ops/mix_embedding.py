@@ -525,6 +525,8 @@ def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor
         embeds (..., D) in weight's dtype, and mixed (...) bool, the mask applied.
         The gradient flows to `weight` (duplicates summed) and `alt_probs`.
     """
+    _common.refuse_functorch("mix_embedding", "it checks the ids and draws its mask from their values",
+                             weight, ids, alt_ids, alt_probs, mask, eligible)
     _check_tensor(weight, "weight", floating=True)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (num_embeddings, dim), got shape {tuple(weight.shape)}")

@@ -314,7 +314,11 @@ def _setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]
     ctx.has_bias = args["bias"] is not None
     _, entropy, _, _, _, lse, dx, dw, db = output
     ctx.save_for_backward(args["hidden"], args["weight"], args["bias"], args["ids"], lse,
-                          entropy if args["want_entropy"] else None, dx, dw, db)
+                          entropy if args["want_entropy"] else None)
+    # the precomputed gradients are consumed (scaled in place, handed out as the gradients)
+    # by the first backward that can use them; held detached: no reference cycle, no
+    # saved-tensor version check for that in-place scaling
+    ctx.precomputed_grads = (dx.detach(), dw.detach(), db.detach()) if ctx.precomputed else None
 
 
 def _host_reads_ok(t: Tensor) -> bool:
@@ -326,7 +330,7 @@ def _backward(ctx: Any, grad_log_probs: Optional[Tensor], grad_entropy: Optional
     if torch.is_grad_enabled():
         raise NotImplementedError("second-order gradients through gapfix's linear_log_probs are not supported "
                                   "by impl='torch_fast' or impl='triton'; use impl='torch'")
-    hidden, weight, bias, ids, lse, entropy, dx_pre, dw_pre, db_pre = ctx.saved_tensors
+    hidden, weight, bias, ids, lse, entropy = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_db = need_db and ctx.has_bias
     if grad_log_probs is None:
@@ -336,13 +340,15 @@ def _backward(ctx: Any, grad_log_probs: Optional[Tensor], grad_entropy: Optional
         grad_entropy = None
     rows_counted = ids[:, 0] != ctx.args["ignore_index"]
     a = grad_log_probs.reshape(-1)
-    if ctx.precomputed and grad_entropy is None and _host_reads_ok(a):
+    if ctx.precomputed_grads is not None and grad_entropy is None and _host_reads_ok(a):
+        dx_pre, dw_pre, db_pre = ctx.precomputed_grads
+        ctx.precomputed_grads = None  # a second backward (retain_graph) recomputes
         counted_a = a[rows_counted]
         uniform = counted_a.numel() == 0 or bool((counted_a == counted_a[0]).all())
         if uniform:
             # the forward's gradients are those of a = -1 on every counted row
             scale = -(counted_a[0] if counted_a.numel() else a.new_zeros(()))
-            grads = [t * scale.to(t.dtype) if need else None
+            grads = [t.mul_(scale.to(t.dtype)) if need else None
                      for t, need in ((dx_pre, need_dx), (dw_pre, need_dw), (db_pre, need_db))]
             return _input_grads(grads)
         if need_dx:
@@ -412,7 +418,7 @@ def linear_log_probs(hidden: Tensor, lm_weight: Tensor, target: Tensor, *, bias:
     lead_shape = hidden.shape[:-1]
     n_rows = math.prod(lead_shape)
     ids, _ = check_target(target, n_rows, hidden.device, lead_shape)
-    impl = resolve_impl(impl, hidden.device, hidden.dtype, "linear_log_probs")
+    impl = resolve_impl(impl, hidden.device, hidden.dtype, "linear_log_probs", hidden, lm_weight, bias)
     wanted = {name: name in outputs for name in STATS}
     flat = hidden.reshape(n_rows, hdim)
     if impl == "torch":
