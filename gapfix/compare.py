@@ -409,13 +409,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     from gapfix.eval_cli import add_threads_flag
     from gapfix.recipes import RECIPES
-    from gapfix.train_cli import add_config_flags
+    from gapfix.train_cli import add_config_flags, add_lora_flags
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 2)[2]
     parser.add_argument("--model", required=True,
                         help='the base: a local model folder (or a gapfix train --out folder with --val), '
-                             'a config.json, or "tiny" (these two need --base-steps)')
+                             'a *.gguf file, "smollm2-135m-instruct", a config.json, or "tiny" (these two '
+                             'need --base-steps)')
     parser.add_argument("--train", required=True,
                         help="prompt/response or chat records (JSONL, Parquet or a saved datasets folder, "
                              "as gapfix train --train takes; tokenized into a cache under --out/data_cache)")
@@ -439,6 +440,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="score the answer this regex captures (default: exact match of the response)")
     parser.add_argument("--out", default="gapfix-compare", help="output folder (default %(default)s)")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N eval examples")
+    parser.add_argument("--eval-backend", default="hf", choices=["hf", "vllm", "auto"],
+                        help="generation backend of the evaluations (default %(default)s)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws (default %(default)s)")
     parser.add_argument("--tokenizer", default="bpe", choices=["bpe", "word", "char"],
                         help="for --model tiny / config.json: the tokenizer trained on --train (default bpe)")
@@ -447,6 +450,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                         help="malformed data lines: stop, or skip them with a warning (default %(default)s)")
     add_threads_flag(parser)
+    add_lora_flags(parser)
     add_config_flags(parser, skip=("steps_per_iteration", "epochs_per_iteration", "seed"))
 
 
@@ -516,7 +520,7 @@ def run(args: argparse.Namespace) -> int:
 
     def val_score(candidate: torch.nn.Module) -> float:
         return evaluate(candidate, tokenizer, val_examples, max_new_tokens=config.max_new_tokens,
-                        backend="hf", answer_regex=regex)["accuracy"]
+                        backend=args.eval_backend, answer_regex=regex)["accuracy"]
 
     if val_examples is not None and len(candidates) > 1 and not args.base_steps:
         scored = []
@@ -527,21 +531,40 @@ def run(args: argparse.Namespace) -> int:
         picked_path = max(scored)[1]
         model, _ = load_model(picked_path)
         print(f"base: {picked_path}")
+    if args.lora_r is not None and hasattr(model, "peft_config"):
+        raise ValueError(f"--lora-r: --model {args.model!r} is already an adapter; it is trained as it is")
     initial_state = copy.deepcopy(model.state_dict())
 
     def make_base(seed: int) -> torch.nn.Module:
         if built and args.model == "tiny":
-            return tiny_llama(tokenizer, seed=seed)
+            return with_lora(tiny_llama(tokenizer, seed=seed), seed)
         if built:
             fresh, _ = load_model_and_tokenizer(args.model, args.train, "sdpa", seed, args.tokenizer,
                                                 args.vocab_size)
-            return fresh
-        model.load_state_dict(initial_state)
+            return with_lora(fresh, seed)
+        base = model.unload() if hasattr(model, "peft_config") and args.lora_r is not None else model
+        base.load_state_dict(initial_state)
+        return with_lora(base, seed)
+
+    def with_lora(base: torch.nn.Module, seed: int) -> torch.nn.Module:
+        """With --lora-r: `base` frozen under a fresh LoRA adapter, its initial weights drawn from seed
+        (every method of a seed starts from the same adapter)."""
+        nonlocal model
+        if args.lora_r is None:
+            return base
+        import torch
+
+        from gapfix.models import apply_lora
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = apply_lora(base, r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets,
+                               dropout=args.lora_dropout)
         return model
 
     def evaluate_run(trained: torch.nn.Module) -> Dict[str, list]:
         report = evaluate_model(trained, tokenizer, eval_examples, answer_regex=regex,
-                                max_new_tokens=config.max_new_tokens, backend="hf")
+                                max_new_tokens=config.max_new_tokens, backend=args.eval_backend)
         keep = ("accuracy", "teacher_forced", "free_running", "recovery_ends_right", "recovery_distance",
                 "embedding_distance")
         return {k: v for k, v in report["per_example"].items() if k in keep}

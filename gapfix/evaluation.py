@@ -581,8 +581,8 @@ def embedding_model() -> Optional[EmbedFn]:
     folder = os.path.join(os.path.dirname(package.__file__), "model")
     if not os.path.exists(os.path.join(folder, "config.json")):
         return None
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    model = AutoModel.from_pretrained(folder, local_files_only=True, trust_remote_code=False).eval()
 
     @torch.no_grad()
     def embed(texts: List[str]) -> torch.Tensor:
