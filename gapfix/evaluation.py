@@ -529,8 +529,9 @@ def _recovery(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Exa
     perturbed_prompts = [examples[i].prompt_ids + examples[i].answer_ids[:k] + [w] for i, k, w in chosen]
     clean_prompts = [examples[i].prompt_ids + examples[i].answer_ids[:k] for i, k, _ in chosen]
     budget = max_new_tokens  # the continuation gets the whole budget: the answer's remainder fits
-    perturbed = _greedy(model, tokenizer, perturbed_prompts, budget, backend, stops)
-    clean = _greedy(model, tokenizer, clean_prompts, budget, backend, stops)
+    # one generation call for both sets: one batch schedule, and one weight push to a vLLM engine
+    both = _greedy(model, tokenizer, perturbed_prompts + clean_prompts, budget, backend, stops)
+    perturbed, clean = both[:len(chosen)], both[len(chosen):]
 
     def strip(ids: List[int]) -> List[int]:
         return _without_stop(ids, stops)
