@@ -137,3 +137,34 @@ def test_cache_dir_is_documented_and_overridable(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert models.model_cache_dir() == tmp_path / "xdg" / "gapfix" / "models"
     assert "GAPFIX_CACHE_DIR" in models.model_cache_dir.__doc__
+
+
+def test_compare_with_lora_flags_trains_adapters_from_a_saved_folder(saved, tmp_path):
+    """compare --lora-r on a model folder: every run trains a fresh adapter over the same frozen base."""
+    import hashlib
+
+    from gapfix.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "a b", "response": f"{c} 1"}) + "\n" for c in "abcabcab"))
+    weights = (saved / "model.safetensors").read_bytes()
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(saved), "--train", str(data), "--eval", str(data), "--methods", "sft",
+                 "--seeds", "2", "--extra-steps", "1", "--batch-size", "4", "--max-new-tokens", "3",
+                 "--lora-r", "2", "--lora-targets", "q_proj,v_proj", "--eval-limit", "2", "--bootstrap", "50",
+                 "--progress", "false", "--threads", "1", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"]["lora_r"] == 2 and {r["method"] for r in results["runs"]} >= {"base", "sft"}
+    assert hashlib.sha256((saved / "model.safetensors").read_bytes()).digest() == hashlib.sha256(weights).digest()
+
+
+def test_smollm2_demo_is_a_compare_command_line_on_chat_turns(tmp_path):
+    from gapfix.cli import build_parser
+    from gapfix.demo import SMOLLM2_RECIPE, smollm2_compare_argv
+
+    argv = smollm2_compare_argv(str(tmp_path), SMOLLM2_RECIPE, 3, "auto", 2)
+    args = build_parser().parse_args(argv)
+    assert args.model == "smollm2-135m-instruct" and args.lora_r == SMOLLM2_RECIPE["lora_r"] and args.seeds == 3
+    record = json.loads((tmp_path / "data" / "train.chat.jsonl").read_text().splitlines()[0])
+    roles = [m["role"] for m in record["messages"]]
+    assert roles == ["user", "assistant"] and record["messages"][1]["content"].endswith(f"answer {record['final']}")
