@@ -446,6 +446,7 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
         raise ValueError("examples is empty: nothing to evaluate")
     regex = compile_answer_regex(answer_regex) if isinstance(answer_regex, str) else answer_regex
     rng = random.Random(seed)
+    clock = _PhaseClock()
     contents, stops = _answer_ends(model, tokenizer, examples)
     references_text = [_reference_text(ex, tokenizer) for ex in examples]
     greedy = _greedy(model, tokenizer, [ex.prompt_ids for ex in examples], max_new_tokens, backend, stops)
@@ -456,6 +457,7 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
 
     # recovery positions: any answer token but the end token (EOS or end-of-turn) and what follows it
     positions = [rng.randrange(n) if n > 0 else None for n in contents]
+    clock.lap("greedy")
     hits, tops = _teacher_forced(model, examples, positions if recovery else [None] * len(examples), top_k)
     curve = divergence_curve(hits, generated, [ex.answer_ids for ex in examples])
     per_example = {
@@ -476,12 +478,14 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
         "notes": [],
         "answers": answers,
     }
+    clock.lap("teacher_forced")
     if recovery:
         report["recovery"] = _recovery(model, tokenizer, examples, positions, tops, regex, references_text,
                                        max_new_tokens, backend, top_k, rng, contents, stops)
         per_example.update(report["recovery"].pop("per_example"))
         if regex is None:
             report["notes"].append("recovery: whether answers still end right needs --answer-regex")
+        clock.lap("recovery")
     if embed == "auto":
         embed = embedding_model()
         if embed is None:
@@ -490,14 +494,33 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
         distances = embedding_distances(answers, references_text, embed)
         report["embedding_distance"] = {"mean": statistics.fmean(distances), "values": distances}
         per_example["embedding_distance"] = distances
+        clock.lap("embedding")
     if labels:
         stripped = [_without_stop(g, stops) for g in generated]
         refs = [ex.answer_ids[:n] for ex, n in zip(examples, contents)]
         # eos_id only names the label after a covered reference, which no generated token is compared to
         report["rac_labels"] = label_diagnostic(stripped, refs, eos_id=stops[0],
                                                 correct=[bool(c) for c in correct])
+        clock.lap("rac_labels")
     report["per_example"] = per_example
+    report["phase_seconds"] = clock.seconds  # what each diagnostic cost, wall time
     return report
+
+
+class _PhaseClock:
+    """Wall seconds per named phase, each lap measured from the previous one."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._now = time.perf_counter
+        self._last = self._now()
+        self.seconds: dict = {}
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 3)
+        self._last = now
 
 
 def _without_stop(ids: List[int], stops: Sequence[int]) -> List[int]:
