@@ -79,7 +79,10 @@ def test_pushed_weights_give_hf_greedy_tokens_after_each_training_step(need_vllm
     assert weight_files(folder) == [] and (folder / "config.json").is_file()
 
 
-def test_a_parameter_vllm_does_not_know_is_named(need_vllm, tok):
+def test_a_parameter_vllm_does_not_know_is_named(need_vllm, tok, monkeypatch):
+    from gapfix.generation import runner
+
+    monkeypatch.setattr(runner, "_on_gpu", lambda model: True)  # "auto" tries vLLM only on a GPU
     model = tiny_llama(tok, seed=4, max_position_embeddings=CONTEXT)
     model.model.extra_scale = torch.nn.Parameter(torch.ones(3))  # not part of vLLM's Llama
     prompts = prompts_of(tok, 3)
@@ -184,8 +187,8 @@ def test_lora_model_served_by_vllm_gives_hf_greedy_tokens(need_vllm, tok):
 
 
 def test_rac_rows_of_a_lora_model_are_the_same_through_vllm_and_hf(need_vllm):
-    """RAC no longer sends a PEFT model to transformers: through vLLM (the merged weights
-    pushed) its greedy answers, hence its rows, are those of the hf backend."""
+    """RAC generates for a PEFT model through vLLM (the merged weights pushed): its greedy
+    answers, hence its rows, are those of the hf backend."""
     peft = pytest.importorskip("peft")
     from gapfix.data import encode_example, math_task
     from gapfix.methods.rac import RAC
