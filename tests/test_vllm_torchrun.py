@@ -124,6 +124,7 @@ def test_an_engine_is_not_started_in_a_distributed_job_even_directly(distributed
 
 def test_auto_in_a_distributed_job_uses_transformers_with_one_warning(distributed, monkeypatch):
     monkeypatch.setattr(runner, "vllm_available", lambda: True)
+    monkeypatch.setattr(runner, "_on_gpu", lambda model: True)  # where "auto" would pick vLLM
     monkeypatch.setattr(vllm_backend._VLLMBackend, "__init__", _never)
     model = _tiny()
     expected = runner.generate(model, [[1, 2, 3]], tokenizer=False, max_new_tokens=3, backend="hf")

@@ -26,6 +26,11 @@ def main(out, backend, callers):
     from gapfix.data import math_task
     from gapfix.models import tiny_llama
 
+    from gapfix.generation import runner
+
+    # "auto" picks vLLM for a model on a GPU: this CPU model stands for one, so that the guard
+    # that keeps an ordinary engine out of a torchrun job is what sends "auto" to transformers
+    runner._on_gpu = lambda model: True
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank = dist.get_rank()
     tokenizer = math_task.math_tokenizer()
