@@ -151,7 +151,7 @@ def analyse(runs: List[dict], *, reference: str = "sft", draws: int = 2000) -> d
             if stats is not None:
                 entry["metrics"][metric] = stats
         for phase in ("offline", "train"):
-            entry[f"{phase}_seconds"] = statistics.fmean(r["seconds"].get(phase, 0.0) for r in mine)
+            entry[f"{phase}_seconds"] = statistics.fmean([r["seconds"].get(phase, 0.0) for r in mine] or [0.0])
         summary[method] = entry
     pairs = [(m, reference) for m in methods if m != reference]
     if "bash" in methods and "bash_noise" in methods:
@@ -179,8 +179,11 @@ def analyse(runs: List[dict], *, reference: str = "sft", draws: int = 2000) -> d
                                           "continued SFT" if against == "sft" else against)
             result[metric] = interval
         differences[f"{method} - {against}"] = result
+    failed = [{"seed": r["seed"], "method": r["method"], "why": r["failed"]} for r in runs if r.get("failed")]
+    for method in methods:
+        summary[method]["failed_seeds"] = [f["seed"] for f in failed if f["method"] == method]
     return {"summary": summary, "differences": differences, "metrics": metrics, "seeds": seeds,
-            "reference": reference}
+            "reference": reference, "failed": failed}
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -206,6 +209,7 @@ def run_compare(make_base: Callable[[int], object], tokenizer: PreTrainedTokeniz
     select_base(model) -> score (higher better) then picks the best of base_checkpoints
     equally spaced points of that run.
     """
+    from gapfix.checkpoint import NonFiniteTrainingError
     from gapfix.trainer import TrainConfig, train
 
     config = config or TrainConfig()
@@ -244,7 +248,11 @@ def run_compare(make_base: Callable[[int], object], tokenizer: PreTrainedTokeniz
                     seed=seed, out_dir=os.path.join(seed_dir, name) if seed_dir else None)
                 if name == "bash_noise":
                     run_config.bash_mode = "random"
-                result = train(model, tokenizer, train_examples, run_config, resume=False)
+                try:
+                    result = train(model, tokenizer, train_examples, run_config, resume=False)
+                except NonFiniteTrainingError as err:  # a diverged run is reported failed, never scored
+                    runs.append(failed_run(seed, name, err, log))
+                    continue
                 seconds = dict(result.phase_seconds)
             started = time.perf_counter()
             per_example = evaluate(model)
@@ -260,6 +268,13 @@ def run_compare(make_base: Callable[[int], object], tokenizer: PreTrainedTokeniz
     analysis = analyse(runs, draws=draws)
     analysis["runs"] = runs
     return analysis
+
+
+def failed_run(seed: int, method: str, error: Exception, log: Callable[[str], Any]) -> dict:
+    """The record of a run whose training failed (diverged): no metrics, so that it is left out
+    of every mean and difference, and `failed` saying why (analyse lists it, markdown marks it)."""
+    log(f"seed {seed}: {method:<10} FAILED: {error}")
+    return {"seed": seed, "method": method, "seconds": {}, "per_example": {}, "failed": str(error)}
 
 
 def _train_base(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -338,7 +353,9 @@ def markdown(analysis: dict) -> str:
                 cells = (f"{scale * diff['mean']:+.2f} "
                          f"[{scale * diff['low']:+.2f}, {scale * diff['high']:+.2f}]",
                          diff["verdict"])
-            lines.append(f"| {_label(method)} | {_cell(entry['metrics'].get(metric), percent)} | "
+            failed = entry.get("failed_seeds")
+            name = _label(method) + (f" (FAILED: seed {', '.join(map(str, failed))})" if failed else "")
+            lines.append(f"| {name} | {_cell(entry['metrics'].get(metric), percent)} | "
                          f"{cells[0]} | {cells[1]} |")
         lines.append("")
     lines += ["| method | offline s | train s |", "| --- | --- | --- |"]
@@ -346,6 +363,9 @@ def markdown(analysis: dict) -> str:
         lines.append(f"| {_label(method)} | {entry['offline_seconds']:.1f} | {entry['train_seconds']:.1f} |")
     seeds = len(analysis["seeds"])
     lines += ["", f"{seeds} seed(s); intervals: paired bootstrap over seeds and eval examples."]
+    for failure in analysis.get("failed", []):
+        lines.append(f"FAILED: {failure['method']} seed {failure['seed']}, left out of every row above: "
+                     f"{failure['why']}")
     return "\n".join(lines)
 
 
