@@ -773,10 +773,11 @@ def _row_order(num_rows, needed, seed, iteration):
     """Row indices for an iteration: reshuffled epochs, as many as the steps need.
     A pure function of (seed, iteration), so a resumed run sees the same order."""
     generator = torch.Generator().manual_seed(seed * 7919 + iteration)
-    order = []
-    while len(order) < needed:
-        order += torch.randperm(num_rows, generator=generator).tolist()
-    return order[:needed]
+    parts, have = [], 0
+    while have < needed:  # int64 permutations, cut to what the steps draw before they become a list
+        parts.append(torch.randperm(num_rows, generator=generator)[:needed - have])
+        have += len(parts[-1])
+    return torch.cat(parts).tolist() if parts else []
 
 
 def _row_mix_seeds(seed, iteration, step, row_indices):

@@ -583,3 +583,31 @@ def test_iteration_rows_are_fsynced_before_a_checkpoint_referring_to_them_is_pub
         synced = {e[1] for e in events[:publish] if e[0] == "fsync"}
         for path in rows:
             assert path in synced and os.path.dirname(path) in synced, path
+
+
+# ---------------------------------------------------------------- item 18: memory that grows with the data
+
+
+def test_the_rows_a_bash_step_draws_cost_memory_of_the_steps_not_of_the_data():
+    """The row order of an iteration and BASH's rows-to-examples map hold no Python object per row
+    of the data (a list of n ints is 36 bytes a row: about 1 byte a training token, twice over)."""
+    import tracemalloc
+    import types
+
+    from gapfix.methods.base import get_method
+    from gapfix.trainer import _row_order
+
+    rows = 2_000_000
+    ctx = types.SimpleNamespace(examples=range(rows), iteration=0,
+                                config=types.SimpleNamespace(bash_rows=None, seed=0))
+    bash = get_method("bash")
+    _row_order(10, 4, 0, 0)  # whatever a first call loads
+    tracemalloc.start()
+    try:
+        order = _row_order(rows, 16, 0, 0)
+        owners = bash._subset(ctx)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(order) == 16 and len(owners) == rows and owners[rows - 1] == rows - 1
+    assert peak < 2**20, peak
