@@ -8,9 +8,9 @@ word, ids up to 32k as a real vocabulary's), 50 tokens a record, and a model fol
 with that tokenizer). Each size runs `gapfix train --method bash --steps-per-iteration 1` in a
 fresh process, which reports its peak resident memory (ru_maxrss: file-backed pages of the
 memory-mapped Arrow files included, which the kernel can drop), the peak of RssAnon sampled every
-10 ms, and RssAnon when the command returns. The figure is the growth between the smallest and the largest file, divided by the
-tokens between them: what the run holds per token of data (a constant, such as the model and the
-libraries, cancels out).
+10 ms, and RssAnon when the command returns. The figure is the growth between the smallest and
+the largest file, divided by the tokens between them: what the run holds per token of data (a
+constant, such as the model and the libraries, cancels out). Numbers: docs/failures.md.
 """
 import json
 import os
