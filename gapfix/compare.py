@@ -710,13 +710,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from gapfix.eval_cli import add_scorer_flag
     from gapfix.recipes import RECIPES
     from gapfix.threads import add_threads_flag
-    from gapfix.train_cli import add_config_flags
+    from gapfix.train_cli import add_config_flags, add_lora_flags
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 2)[2]
     parser.add_argument("--model", required=True,
                         help='the base: a local model folder (or a gapfix train --out folder with --val), '
-                             'a config.json, or "tiny" (these two need --base-steps)')
+                             'a *.gguf file, "smollm2-135m-instruct", a config.json, or "tiny" (these two '
+                             'need --base-steps)')
     parser.add_argument("--train", required=True,
                         help="prompt/response or chat records (JSONL, Parquet or a saved datasets folder, "
                              "as gapfix train --train takes; tokenized into a cache under --out/data_cache)")
@@ -758,6 +759,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                         help="malformed data lines: stop, or skip them with a warning (default %(default)s)")
     add_threads_flag(parser)
+    add_lora_flags(parser)
     add_config_flags(parser, skip=("steps_per_iteration", "epochs_per_iteration", "seed"))
 
 
@@ -873,6 +875,8 @@ class _Setup:
             self.picked_path = max(scored)[1]
             self.model, _ = load_model(self.picked_path)
             print(f"base: {self.picked_path}")
+        if args.lora_r is not None and hasattr(self.model, "peft_config"):
+            raise ValueError(f"--lora-r: --model {args.model!r} is already an adapter; it is trained as it is")
         self.initial_state = copy.deepcopy(self.model.state_dict())
 
     def val_score(self, candidate: torch.nn.Module) -> float:
@@ -887,13 +891,33 @@ class _Setup:
 
         args = self.args
         if self.built and args.model == "tiny":
-            return tiny_llama(self.tokenizer, seed=seed)
+            return self.with_lora(tiny_llama(self.tokenizer, seed=seed), seed)
         if self.built:
             fresh, _ = load_model_and_tokenizer(args.model, args.train, "sdpa", seed, args.tokenizer,
                                                 args.vocab_size)
-            return fresh
+            return self.with_lora(fresh, seed)
+        if args.lora_r is not None and hasattr(self.model, "peft_config"):
+            self.model = self.model.unload()  # the previous seed's adapter removed: the plain base again
         self.model.load_state_dict(self.initial_state)
-        return self.model
+        return self.with_lora(self.model, seed)
+
+    def with_lora(self, base: torch.nn.Module, seed: int) -> torch.nn.Module:
+        """With --lora-r: `base` frozen under a fresh LoRA adapter, its initial weights drawn from seed
+        (every method of a seed starts from the same adapter)."""
+        args = self.args
+        if args.lora_r is None:
+            return base
+        import torch
+
+        from gapfix.models import apply_lora
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            adapted = apply_lora(base, r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets,
+                                 dropout=args.lora_dropout)
+        if base is self.model:
+            self.model = adapted
+        return adapted
 
     def evaluate_run(self, trained: torch.nn.Module) -> Dict[str, Any]:
         from gapfix.evaluation import evaluate_model

@@ -53,16 +53,87 @@ ROWS = ("base",) + METHODS + ("bash_noise",)
 ANSWER_REGEX = r"answer (\d+)\s*$"
 
 
+# `gapfix demo --recipe smollm2`: `gapfix compare` on the pretrained SmolLM2-135M-Instruct
+# (gapfix[real]) with a LoRA adapter, on the math task as chat turns. Sized to finish in about half
+# an hour on a 2-core CPU: a few hundred training problems seen, 64 test problems, vLLM evaluation
+# where installed.
+SMOLLM2_RECIPE = dict(
+    train_problems=2000, test_problems=64, extra_steps=40, iterations=2, batch_size=8, lr=5e-4,
+    lora_r=16, beta=0.2, bash_rows=160, rac_prompts=96, rac_sft_ratio=1.0, max_new_tokens=64,
+)
+SMOLLM2_QUICK = dict(train_problems=64, test_problems=4, extra_steps=2, iterations=1, batch_size=2,
+                     bash_rows=4, rac_prompts=4, max_new_tokens=40)
+SMOLLM2_INSTRUCTION = ("Work out the arithmetic step by step, one operation per step written as "
+                       "'a + b = c ;', and end with 'answer' and the final value.")
+
+
+def chat_record(problem: dict) -> dict:
+    """A math-task problem as one user turn and one assistant turn (its `final` kept for scoring)."""
+    return {"messages": [{"role": "user", "content": f"{SMOLLM2_INSTRUCTION}\n{problem['prompt']}"},
+                         {"role": "assistant", "content": problem["response"]}],
+            "final": problem["final"]}
+
+
+def write_chat_splits(folder: str, *, train: int, test: int) -> dict:
+    """The math task's train and test splits as chat JSONL files in folder: {split: path}."""
+    from gapfix.data.math_task import make_split
+
+    os.makedirs(folder, exist_ok=True)
+    train_problems = make_split("train", train)
+    splits = {"train": train_problems,
+              "test": make_split("test", test, exclude=[p["prompt"] for p in train_problems])}
+    paths = {}
+    for name, problems in splits.items():
+        paths[name] = os.path.join(folder, f"{name}.chat.jsonl")
+        with open(paths[name] + ".tmp", "w") as f:
+            for problem in problems:
+                f.write(json.dumps(chat_record(problem)) + "\n")
+        os.replace(paths[name] + ".tmp", paths[name])
+    return paths
+
+
+def smollm2_compare_argv(out: str, recipe: dict, seeds: int, backend: str, threads: int) -> list:
+    """The `gapfix compare` command line of the smollm2 recipe."""
+    paths = write_chat_splits(os.path.join(out, "data"), train=recipe["train_problems"],
+                              test=recipe["test_problems"])
+    return ["compare", "--model", "smollm2-135m-instruct", "--train", paths["train"], "--eval", paths["test"],
+            "--methods", "sft,bash,rac", "--seeds", str(seeds), "--extra-steps", str(recipe["extra_steps"]),
+            "--iterations", str(recipe["iterations"]), "--batch-size", str(recipe["batch_size"]),
+            "--lr", str(recipe["lr"]), "--warmup-steps", "0", "--lora-r", str(recipe["lora_r"]),
+            "--beta", str(recipe["beta"]), "--bash-rows", str(recipe["bash_rows"]),
+            "--rac-prompts", str(recipe["rac_prompts"]), "--rac-sft-ratio", str(recipe["rac_sft_ratio"]),
+            "--max-new-tokens", str(recipe["max_new_tokens"]), "--generation-backend", backend,
+            "--eval-backend", backend, "--scorer", "gapfix.data.math_task:score", "--threads", str(threads),
+            "--out", out]
+
+
+def run_smollm2(args: argparse.Namespace) -> int:
+    from gapfix.cli import main
+
+    recipe = dict(SMOLLM2_RECIPE)
+    if args.quick:
+        recipe.update(SMOLLM2_QUICK)
+    argv = smollm2_compare_argv(args.out, recipe, args.seeds, args.backend, args.threads)
+    print("gapfix " + " ".join(argv))
+    started = time.perf_counter()
+    code = main(argv)
+    print(f"demo finished in {time.perf_counter() - started:.0f} s; results in {args.out}")
+    return code
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default="tiny", choices=["tiny", "smollm2"],
+                        help="tiny: a tiny Llama trained here (default); smollm2: the pretrained "
+                             "SmolLM2-135M-Instruct with LoRA, the math task as chat turns (gapfix[real])")
     parser.add_argument("--out", default="gapfix-demo", help="output folder")
     parser.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests use it)")
     parser.add_argument("--fused", type=lambda s: s.lower() != "false", default=True,
                         help="false: every op's PyTorch reference")
     parser.add_argument("--backend", default="hf", help="generation backend: hf, vllm or auto")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: the demo's model is too small to gain "
-                             "from more, and extra threads only contend)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 1 for the tiny recipe: its model is too small to "
+                             "gain from more, and extra threads only contend; 2 for smollm2)")
     for key, value in RECIPE.items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
                             help=f"default {value}")
@@ -225,11 +296,15 @@ def table(summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is None:
+        args.threads = 2 if args.recipe == "smollm2" else 1
     for flag, value in (("--threads", args.threads), ("--seeds", args.seeds)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     from gapfix.threads import apply_threads, quiet_third_party
 
+    if args.recipe == "smollm2":
+        return run_smollm2(args)
     quiet_third_party()  # the demo prints its own progress
     apply_threads(args.threads)
     recipe = recipe_from_args(args)

@@ -18,7 +18,8 @@ __all__ = ["add_threads_flag", "apply_threads", "configure", "load_eval_examples
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="a local model folder (save_pretrained, with its tokenizer)")
+                        help="a local model folder (save_pretrained, with its tokenizer), a *.gguf file or "
+                             '"smollm2-135m-instruct"')
     parser.add_argument("--data", required=True,
                         help="prompt/response or chat records: JSONL, Parquet or a saved datasets folder, "
                              "tokenized into a memory-mapped cache under --out (data_cache/)")

@@ -558,6 +558,7 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
         raise ValueError("examples is empty: nothing to evaluate")
     regex = compile_answer_regex(answer_regex)
     rng = random.Random(seed)
+    clock = _PhaseClock()
     contents, stops = (answer_ends or reference_answer_ends)(model, tokenizer, examples)
     references_text = [_reference_text(ex, tokenizer) for ex in examples]
     used: dict = {}
@@ -569,6 +570,7 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
 
     # recovery positions: any answer token but the end token (EOS or end-of-turn) and what follows it
     positions = [rng.randrange(n) if n > 0 else None for n in contents]
+    clock.lap("greedy")
     hits, tops = _teacher_forced(model, examples, positions if recovery else [None] * len(examples), top_k)
     curve = divergence_curve(hits, generated, [ex.answer_ids for ex in examples])
     per_example = {
@@ -593,6 +595,7 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
         "answers": answers,
         "generations": [{"example": i, "text": a, "score": c} for i, (a, c) in enumerate(zip(answers, correct))],
     }
+    clock.lap("teacher_forced")
     if recovery:
         probe = _RecoveryProbe(model, tokenizer, examples, regex, scorer, references_text, max_new_tokens,
                                backend, stops)
@@ -603,15 +606,35 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
         if scorer is not None:
             per_example.pop("recovery_distance", None)
             report["notes"].append(RECOVERY_DISTANCE_LEFT_OUT)
+        clock.lap("recovery")
     _add_embedding_distances(report, per_example, answers, references_text, embed)
+    clock.lap("embedding")
     if labels:
         stripped = [_without_stop(g, stops) for g in generated]
         refs = [ex.answer_ids[:n] for ex, n in zip(examples, contents)]
         # eos_id only names the label after a covered reference, which no generated token is compared to
         report["rac_labels"] = label_diagnostic(stripped, refs, eos_id=stops[0],
                                                 correct=[c > 0 for c in correct])
+        clock.lap("rac_labels")
     report["per_example"] = per_example
+    report["phase_seconds"] = clock.seconds  # what each diagnostic cost, wall time
     return report
+
+
+class _PhaseClock:
+    """Wall seconds per named phase, each lap measured from the previous one."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._now = time.perf_counter
+        self._last = self._now()
+        self.seconds: dict = {}
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 3)
+        self._last = now
 
 
 # why recovery_distance is left out of a scored task's metrics
@@ -670,11 +693,12 @@ class _RecoveryProbe:
                 chosen.append((i, k, wrong))
         if not chosen:
             return {"count": 0, "per_example": {}}
-        # the continuation gets the whole budget: the answer's remainder fits
-        perturbed = [_without_stop(ids, stops) for _, ids in self._continue(
-            [examples[i].prompt_ids + examples[i].answer_ids[:k] + [w] for i, k, w in chosen])]
-        clean = [_without_stop(ids, stops) for _, ids in self._continue(
-            [examples[i].prompt_ids + examples[i].answer_ids[:k] for i, k, _ in chosen])]
+        # the continuation gets the whole budget: the answer's remainder fits; both sets in one
+        # generation call (one batch schedule, one weight push to a vLLM engine)
+        both = [_without_stop(ids, stops) for _, ids in self._continue(
+            [examples[i].prompt_ids + examples[i].answer_ids[:k] + [w] for i, k, w in chosen]
+            + [examples[i].prompt_ids + examples[i].answer_ids[:k] for i, k, _ in chosen])]
+        perturbed, clean = both[:len(chosen)], both[len(chosen):]
         ends_right = clean_right = None
         if self.regex is not None or self.scorer is not None:
             ends_right = [self._ends_right(i, examples[i].answer_ids[:k] + [w] + p)
@@ -724,8 +748,8 @@ def embedding_model() -> Optional[EmbedFn]:
     folder = os.path.join(os.path.dirname(package.__file__), "model")
     if not os.path.exists(os.path.join(folder, "config.json")):
         return None
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    model = AutoModel.from_pretrained(folder, local_files_only=True, trust_remote_code=False).eval()
 
     @torch.no_grad()
     def embed(texts: List[str]) -> torch.Tensor:

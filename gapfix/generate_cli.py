@@ -13,7 +13,8 @@ import os
 
 
 def configure(parser):
-    parser.add_argument("--model", required=True, help="local model folder (save_pretrained)")
+    parser.add_argument("--model", required=True, help="local model folder (save_pretrained), a *.gguf file or "
+                        '"smollm2-135m-instruct"')
     parser.add_argument("--prompts", required=True, help="JSONL file of prompts")
     parser.add_argument("--out", required=True, help="JSONL file of answers to write")
     parser.add_argument("--n", type=int, default=1, help="answers per prompt (default 1)")
@@ -45,6 +46,9 @@ def run(args) -> int:
 
     if os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is a directory: name the JSONL file to write")
+    from gapfix.models import resolve_model
+
+    args.model = str(resolve_model(args.model))  # smollm2-135m-instruct or a *.gguf file: its cached folder
     if not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} is not a local model folder")
     apply_threads(args.threads)

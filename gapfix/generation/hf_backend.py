@@ -24,8 +24,10 @@ class _HFBackend:
         if _is_model_path(model):
             from transformers import AutoModelForCausalLM
 
+            from gapfix.models import LOCAL_ONLY
+
             model = AutoModelForCausalLM.from_pretrained(
-                _model_dir(model), local_files_only=True,
+                _model_dir(model), **LOCAL_ONLY,
                 dtype="auto" if dtype is None else _torch_dtype(dtype),
             )
         elif dtype is not None and next(model.parameters()).dtype != _torch_dtype(dtype):

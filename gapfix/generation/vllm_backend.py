@@ -353,6 +353,7 @@ class _Engine:
                 # folder without tokenizer files serves as well.
                 skip_tokenizer_init=not has_tokenizer(path),
                 seed=0,
+                trust_remote_code=False,  # a model folder's own code never runs
             )
             if torch.cuda.is_available():
                 # Leave room for the trainer that shares the GPU.

@@ -150,7 +150,10 @@ class _BashMixin:
 
     def __init__(self, *args: Any, bash_config: BashConfig | None = None, **kwargs: Any) -> None:
         bash_config = checked_config("bash_config", bash_config, BashConfig)
-        super().__init__(*args, **kwargs)
+        from gapfix.hf.trl_head import serve_trl_head
+
+        with serve_trl_head():  # under trl.SFTTrainer, TRL's fused head runs on gapfix's kernel
+            super().__init__(*args, **kwargs)
         self.bash_config = bash_config
         if ROW_COLUMN in require_dataset(self, "BASH predicts every row once per window").column_names:
             raise ValueError(f"train_dataset already has a {ROW_COLUMN!r} column")

@@ -244,7 +244,10 @@ class _RacMixin:
 
     def __init__(self, *args: Any, rac_config: RacConfig | None = None, **kwargs: Any) -> None:
         rac_config = checked_config("rac_config", rac_config, RacConfig)
-        super().__init__(*args, **kwargs)
+        from gapfix.hf.trl_head import serve_trl_head
+
+        with serve_trl_head():  # under trl.SFTTrainer, TRL's fused head runs on gapfix's kernel
+            super().__init__(*args, **kwargs)
         self.rac_config = rac_config
         self._rac_sources = _Sources(require_dataset(self, "of prompt/answer rows"))
         if self.processing_class is None or getattr(self.processing_class, "eos_token_id", None) is None:
