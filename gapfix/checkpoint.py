@@ -27,6 +27,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -48,6 +49,10 @@ _TAGS = ("__tensor__", "__tuple__", "__items__")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
+
+
+class NonFiniteTrainingError(ValueError):
+    """Training reached a non-finite loss, gradient or weight; nothing non-finite was saved."""
 
 
 # ---------------------------------------------------------------- state <-> JSON + tensors
@@ -202,8 +207,10 @@ def rewind_metrics(metrics_path: str | None, size: int) -> None:
     logged twice and a resumed run's log reads like an uninterrupted one's."""
     if not metrics_path or not os.path.isfile(metrics_path):
         return
+    from gapfix.outdir import open_file
+
     if os.path.getsize(metrics_path) > size:
-        with open(metrics_path, "r+b") as handle:
+        with open_file(metrics_path, "r+b") as handle:  # never through a link to a file elsewhere
             handle.truncate(size)
 
 
@@ -290,6 +297,10 @@ def rows_reference(out_dir: str, paths, num_rows: int) -> dict:
         if not _inside(path, out_dir):
             raise CheckpointError(f"{path}: row file outside {out_dir}")
         relative.append(os.path.relpath(os.path.realpath(path), os.path.realpath(out_dir)))
+    for path in paths:  # durable before any checkpoint that refers to them is published
+        _fsync_path(path)
+    for folder in sorted({os.path.dirname(os.path.abspath(path)) for path in paths}):
+        _fsync_path(folder)
     return {"files": relative, "rows": int(num_rows), "sha256": _files_digest(paths)}
 
 
@@ -425,7 +436,133 @@ def read_trainer_state(path: str) -> dict:
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{json_path}: trainer state lacks {', '.join(missing)}")
+    _check_state_fields(state, json_path)
     return state
+
+
+def _check_state_fields(state: dict, json_path: str) -> None:
+    """The state's fields are of the types the trainer reads (the position's ranges are checked
+    by check_position, against the run's settings)."""
+    expected = {"optimizer": dict, "scheduler": dict, "rng": dict, "position": dict, "config": dict,
+                "fingerprint": str}
+    for key, kind in expected.items():
+        if not isinstance(state[key], kind):
+            raise CheckpointError(f"{json_path}: field {key} is a {type(state[key]).__name__}, not a "
+                                  f"{kind.__name__}; start over with --no-resume")
+    if state["rows"] is not None and not isinstance(state["rows"], dict):
+        raise CheckpointError(f"{json_path}: field rows is a {type(state['rows']).__name__}, not an object "
+                              "or null; start over with --no-resume")
+    metrics_bytes = state.get("metrics_bytes", 0)
+    if isinstance(metrics_bytes, bool) or not isinstance(metrics_bytes, int) or metrics_bytes < 0:
+        raise CheckpointError(f"{json_path}: field metrics_bytes is {metrics_bytes!r}, not a byte count "
+                              "(an int >= 0); start over with --no-resume")
+
+
+POSITION_FIELDS = ("iteration", "step_in_iteration", "global_step")
+
+
+def check_position(state: dict, checkpoint: str, *, iterations: int, steps: int, exact: bool = True) -> dict:
+    """The checkpoint's position ({iteration, step_in_iteration, global_step}), refused
+    (CheckpointError naming the file and field) unless it is one this run can be at: ints
+    within its --iterations and the steps of an iteration (`steps`), mid-iteration exactly when
+    the checkpoint refers to an iteration's rows, and (`exact`, when the settings are those
+    it was written with) a global step equal to the steps before it."""
+    where = os.path.join(checkpoint, STATE_JSON)
+    position = state["position"]
+    if set(position) != set(POSITION_FIELDS):
+        raise CheckpointError(f"{where}: field position holds {sorted(position)}, not "
+                              f"{list(POSITION_FIELDS)}; start over with --no-resume")
+    for key in POSITION_FIELDS:
+        value = position[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
+            raise CheckpointError(f"{where}: field position.{key} is {value!r}, not a step count "
+                                  "(an int >= 0); start over with --no-resume")
+
+    def outside(key, low, high, why):
+        raise CheckpointError(f"{where}: field position.{key} is {position[key]}, outside [{low}, {high}] "
+                              f"({why}); start over with --no-resume")
+
+    mid_iteration = state["rows"] is not None
+    last = iterations - 1 if mid_iteration else iterations
+    if position["iteration"] > last:
+        outside("iteration", 0, last, f"this run has {iterations} iteration(s)")
+    if mid_iteration and position["step_in_iteration"] > steps:
+        outside("step_in_iteration", 0, steps, f"an iteration of this run has {steps} step(s)")
+    if not mid_iteration and position["step_in_iteration"] != 0:
+        outside("step_in_iteration", 0, 0, "the checkpoint refers to no iteration's rows, so it was "
+                "written between iterations")
+    expected = position["iteration"] * steps + position["step_in_iteration"]
+    if exact and position["global_step"] != expected:
+        outside("global_step", expected, expected, f"{position['iteration']} iteration(s) of {steps} "
+                f"step(s) and {position['step_in_iteration']} step(s) into the next")
+    if position["global_step"] < position["step_in_iteration"]:
+        outside("global_step", position["step_in_iteration"], 2**53 - 1, "at least the steps of this "
+                "iteration")
+    return dict(position)
+
+
+def restoring(checkpoint: str, field: str):
+    """A context in which restoring the state's `field` (optimizer, scheduler, rng) turns the
+    errors a crafted value gives (TypeError, KeyError, ...) into a CheckpointError naming it."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except (TypeError, KeyError, ValueError, IndexError, RuntimeError, AttributeError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(f"{os.path.join(checkpoint, STATE_JSON)}: field {field} cannot be "
+                                  f"restored ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+                                  "start over with --no-resume") from None
+
+    return guard()
+
+
+def check_restored(optimizer, scheduler, checkpoint: str, *, sharded: bool = False) -> None:
+    """Refuses (CheckpointError naming the field) a restored optimizer or scheduler state that
+    loaded but would fail (or mislead) at the next step: moment tensors whose shape is not their
+    parameter's, a step count that is not a number, a schedule position that is not an int."""
+    where = os.path.join(checkpoint, STATE_JSON)
+    if not sharded:  # under FSDP the state is a sharded copy, checked by torch's own loading
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                for key, value in optimizer.state.get(param, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        if value.dim() and value.shape != param.shape:
+                            raise CheckpointError(f"{where}: field optimizer ({key}) has shape {tuple(value.shape)} "
+                                                  f"for a parameter of shape {tuple(param.shape)}; start over with "
+                                                  "--no-resume")
+                    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                        raise CheckpointError(f"{where}: field optimizer ({key}) is {value!r}, not a number; "
+                                              "start over with --no-resume")
+    last = getattr(scheduler, "last_epoch", 0)
+    if isinstance(last, bool) or not isinstance(last, int) or last < 0:
+        raise CheckpointError(f"{where}: field scheduler.last_epoch is {last!r}, not a step count; start over "
+                              "with --no-resume")
+    for lr in getattr(scheduler, "base_lrs", []):
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+            raise CheckpointError(f"{where}: field scheduler.base_lrs holds {lr!r}, not a learning rate; "
+                                  "start over with --no-resume")
+
+
+def check_finite_weights(model, *, dist=None, device=None, where: str = "the model") -> None:
+    """Refuses (NonFiniteTrainingError) to go on with a model holding a NaN or infinite
+    parameter, before it is saved: one reduction over the parameters and one read of its
+    result (under torchrun, the ranks' results summed, so that every rank stops alike)."""
+    flags = []
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param  # a sharded parameter's shard
+        if local.numel():
+            flags.append(torch.isfinite(local.detach()).all())
+    bad = torch.zeros((), dtype=torch.float32, device=device) if device is not None else torch.zeros(())
+    if flags:
+        bad = (~torch.stack([f.to(bad.device) for f in flags]).all()).to(torch.float32)
+    if dist is not None and getattr(dist, "world", 1) > 1:
+        torch.distributed.all_reduce(bad)
+    if float(bad):
+        raise NonFiniteTrainingError(f"{where} holds NaN or infinite weights: not saved")
 
 
 def config_differences(saved: dict, current: dict) -> list:

@@ -35,13 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        # argparse %-formats help strings (for %(default)s): a literal % is written %%
+        command = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="print tracebacks for every error")
         module.configure(command)
         command.set_defaults(_module=module)
     return parser
 
+
+# commands whose --out is a folder: claimed for the command's duration (gapfix.outdir.claim)
+OUT_FOLDER_COMMANDS = ("train", "eval", "compare", "demo")
 
 # what a user can fix (arguments, files, disk, installation): one line, not a traceback
 USER_ERRORS = (ValueError, OSError, ImportError)
@@ -51,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("GAPFIX_DEBUG", "") not in ("", "0")
     try:
+        if args.command in OUT_FOLDER_COMMANDS and isinstance(getattr(args, "out", None), str):
+            from gapfix.outdir import claim
+
+            with claim(args.out):
+                return args._module.run(args) or 0
         return args._module.run(args) or 0
     except USER_ERRORS as err:
         if debug:

@@ -267,7 +267,7 @@ def analyse(runs: List[dict], *, reference: str = "sft", draws: int = 2000, leve
             if stats is not None:
                 entry["metrics"][metric] = stats
         for phase in ("offline", "train"):
-            entry[f"{phase}_seconds"] = statistics.fmean(r["seconds"].get(phase, 0.0) for r in mine)
+            entry[f"{phase}_seconds"] = statistics.fmean([r["seconds"].get(phase, 0.0) for r in mine] or [0.0])
         summary[method] = entry
     swept = [m for m in methods if "[" in m]
     comparisons = len([m for m in methods if m not in (reference, "base", "bash_noise")]) if swept else 1
@@ -287,8 +287,11 @@ def analyse(runs: List[dict], *, reference: str = "sft", draws: int = 2000, leve
                 interval["adjusted"] = adjusted
             result[metric] = interval
         differences[f"{method} - {against}"] = result
+    failed = [{"seed": r["seed"], "method": r["method"], "why": r["failed"]} for r in runs if r.get("failed")]
+    for method in methods:
+        summary[method]["failed_seeds"] = [f["seed"] for f in failed if f["method"] == method]
     return {"summary": summary, "differences": differences, "metrics": metrics, "seeds": seeds,
-            "reference": reference, "level": level, "comparisons": comparisons}
+            "reference": reference, "level": level, "comparisons": comparisons, "failed": failed}
 
 
 def _against_name(against: str) -> str:
@@ -318,6 +321,7 @@ def run_compare(make_base: Callable[[int], object], tokenizer: PreTrainedTokeniz
     select_base(model) -> score (higher better) then picks the best of base_checkpoints
     equally spaced points of that run.
     """
+    from gapfix.checkpoint import NonFiniteTrainingError
     from gapfix.trainer import TrainConfig, train
 
     config = config or TrainConfig()
@@ -355,7 +359,11 @@ def run_compare(make_base: Callable[[int], object], tokenizer: PreTrainedTokeniz
                     config, method=method, steps_per_iteration=extra_steps // config.iterations,
                     seed=seed, out_dir=os.path.join(seed_dir, _folder_name(name)) if seed_dir else None,
                     **overrides)
-                result = train(model, tokenizer, train_examples, run_config, resume=False)
+                try:
+                    result = train(model, tokenizer, train_examples, run_config, resume=False)
+                except NonFiniteTrainingError as err:  # a diverged run is reported failed, never scored
+                    runs.append(failed_run(seed, name, err, log))
+                    continue
                 seconds = dict(result.phase_seconds)
             started = time.perf_counter()
             evaluated = evaluate(model)
@@ -381,6 +389,13 @@ def run_compare(make_base: Callable[[int], object], tokenizer: PreTrainedTokeniz
 
         analysis["generations_file"] = write_generations(generations, out)
     return analysis
+
+
+def failed_run(seed: int, method: str, error: Exception, log: Callable[[str], Any]) -> dict:
+    """The record of a run whose training failed (diverged): no metrics, so that it is left out
+    of every mean and difference, and `failed` saying why (analyse lists it, markdown marks it)."""
+    log(f"seed {seed}: {method:<10} FAILED: {error}")
+    return {"seed": seed, "method": method, "seconds": {}, "per_example": {}, "failed": str(error)}
 
 
 # the TrainConfig fields a run records beside its results (what a sweep varies, and the generation backend)
@@ -547,7 +562,9 @@ def markdown(analysis: dict) -> str:
             cells = ("reference", "") if method == reference else ("-", "")
             if diff is not None:
                 cells = (_interval_text(diff, metric, digits), _verdict_text(diff, analysis))
-            lines.append(f"| {_label(method)} | {_cell(entry['metrics'].get(metric), metric, digits)} | "
+            failed = entry.get("failed_seeds")
+            name = _label(method) + (f" (FAILED: seed {', '.join(map(str, failed))})" if failed else "")
+            lines.append(f"| {name} | {_cell(entry['metrics'].get(metric), metric, digits)} | "
                          f"{cells[0]} | {cells[1]} |")
         others = [(pair, result[metric]) for pair, result in analysis["differences"].items()
                   if metric in result and not pair.endswith(f" - {reference}")]
@@ -566,6 +583,9 @@ def markdown(analysis: dict) -> str:
     for method, entry in analysis["summary"].items():
         lines.append(f"| {_label(method)} | {entry['offline_seconds']:.1f} | {entry['train_seconds']:.1f} |")
     lines += ["", *_footnotes(analysis, notes)]
+    for failure in analysis.get("failed", []):
+        lines.append(f"FAILED: {failure['method']} seed {failure['seed']}, left out of every row above: "
+                     f"{failure['why']}")
     return "\n".join(lines)
 
 

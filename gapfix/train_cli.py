@@ -409,6 +409,9 @@ def run(args) -> int:
     examples, train_report = load_data(
         args.train, tokenizer, **limits,
         max_prompt_length=_prompt_limit(context, config.max_new_tokens) if generated else None)
+    from gapfix.data.arrow import check_token_ids
+
+    check_token_ids(examples, model, args.train)  # named by its file before train() checks it again
     eval_examples, eval_report = (
         load_data(args.eval, tokenizer, **limits, max_prompt_length=_prompt_limit(context, config.max_new_tokens))
         if args.eval else (None, None))
@@ -434,7 +437,9 @@ def run(args) -> int:
     summary = {"method": config.method, "steps": result.steps, "phase_seconds": result.phase_seconds,
                "evaluations": evaluations, "data": {"train": train_report, "eval": eval_report}}
     if int(os.environ.get("RANK", "0")) == 0:  # one writer: the ranks would race on one file
-        with open(os.path.join(args.out, "summary.json"), "w") as f:
+        from gapfix.outdir import open_file
+
+        with open_file(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(json.dumps(summary))
     return 0

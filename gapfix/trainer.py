@@ -52,8 +52,10 @@ from gapfix import checkpoint as ckpt
 from gapfix._progress import step_progress as _progress
 from gapfix.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint  # noqa: F401 (API)
 from gapfix.data import IGNORE_INDEX, collate, label_field, pack_rows
+from gapfix.data.arrow import check_token_ids
 from gapfix.methods.base import OfflineContext, get_method, method_for_batch, method_names, row_seed
 from gapfix.models import decoder_trunk, unwrap_model
+from gapfix.outdir import claims_out_dir, open_file
 
 METHODS = method_names()  # the built-in ones; gapfix.methods.base.register adds more
 
@@ -370,6 +372,7 @@ def build_rows(method, model, tokenizer, examples, config, iteration=0, device="
 # ---------------------------------------------------------------- training
 
 
+@claims_out_dir  # one run at a time per out_dir, and no symbolic link in it
 def train(model, tokenizer, train_examples, config: Optional[TrainConfig] = None,
           *, resume: bool = True, resume_with_changed_config: bool = False, on_iteration_end=None,
           on_step=None, **overrides) -> TrainResult:
@@ -392,6 +395,7 @@ def train(model, tokenizer, train_examples, config: Optional[TrainConfig] = None
     examples = _example_sequence(train_examples)
     if not len(examples):
         raise ValueError("train_examples is empty")
+    check_token_ids(examples, model, "train_examples")  # once, for every method: no IndexError mid-step
     _check_packing(model, config)
     device = _pick_device(config.device)
     dist = _Dist(device)
@@ -460,7 +464,7 @@ class _Run:
 
     def log(self, record):
         if self.metrics_path:
-            with open(self.metrics_path, "a") as f:
+            with open_file(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def steps_for(self, num_rows):
@@ -496,10 +500,16 @@ class _Run:
             self.optimizer, _lr_lambda(config.warmup_steps, total_steps, config.min_lr_ratio))
         if state is None:
             return
-        _load_optimizer_state(model, self.optimizer, state["optimizer"], config, dist)
-        self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        self.position = state["position"]
+        self.position = ckpt.check_position(  # ranges and schema, naming the field
+            state, checkpoint, iterations=config.iterations,
+            steps=self.steps_for(self.method.num_rows(len(self.examples), config)), exact=not state["config_changes"])
+        for field, restore in (("optimizer", lambda: _load_optimizer_state(model, self.optimizer, state["optimizer"],
+                                                                           config, dist)),
+                               ("scheduler", lambda: self.scheduler.load_state_dict(state["scheduler"])),
+                               ("rng", lambda: ckpt.set_rng_state(state["rng"]))):
+            with ckpt.restoring(checkpoint, field):
+                restore()
+        ckpt.check_restored(self.optimizer, self.scheduler, checkpoint, sharded=_sharded(config, dist))
         if state["rows"] is not None:
             expected = self.method.num_rows(len(self.examples), config)
             self.rows = ckpt.open_rows(self.out, state["rows"], expected_rows=expected)
@@ -596,10 +606,15 @@ class _Run:
         if dist.world > 1:
             total_loss = total_loss.clone()
             torch.distributed.all_reduce(total_loss)
-        loss_value = float(total_loss) / num_tokens
+        loss_value, grad_value = float(total_loss) / num_tokens, float(grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):  # read for the record anyway
+            raise ckpt.NonFiniteTrainingError(
+                f"training diverged: the loss is {loss_value}, the gradient norm {grad_value} at global step "
+                f"{self.position['global_step'] + 1} (iteration {iteration}, step {step + 1}); stopped, and "
+                f"nothing was saved after the last checkpoint; try a lower --lr (now {config.lr:g})")
         seconds = time.perf_counter() - step_started
         record = dict(event="step", iteration=iteration, step=None, loss=loss_value,
-                      lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm), tokens=num_tokens,
+                      lr=self.scheduler.get_last_lr()[0], grad_norm=grad_value, tokens=num_tokens,
                       tokens_per_s=num_tokens / seconds, peak_memory_mb=_peak_memory_mb(device))
         for name, (numerator, denominator) in stat_sums.items():
             if int(denominator):
@@ -607,6 +622,7 @@ class _Run:
         return record
 
     def save(self):
+        ckpt.check_finite_weights(self.model, dist=self.dist, device=self.device, where="the trained model")
         _save(self.out, self.model, self.tokenizer, self.optimizer, self.scheduler, self.position,
               self.rows_reference, self.config, self.dist)
 
@@ -616,6 +632,7 @@ class _Run:
                        train_seconds=self.phase_seconds["train"])
         self.log(summary)
         if self.out:
+            ckpt.check_finite_weights(self.model, dist=self.dist, device=self.device, where="the trained model")
             final_state = _full_model_state(self.model, self.config, self.dist)
             if self.dist.main:
                 self.model.save_pretrained(os.path.join(self.out, "final"), state_dict=final_state)
@@ -787,10 +804,11 @@ def _row_order(num_rows, needed, seed, iteration):
     """Row indices for an iteration: reshuffled epochs, as many as the steps need.
     A pure function of (seed, iteration), so a resumed run sees the same order."""
     generator = torch.Generator().manual_seed(seed * 7919 + iteration)
-    order = []
-    while len(order) < needed:
-        order += torch.randperm(num_rows, generator=generator).tolist()
-    return order[:needed]
+    parts, have = [], 0
+    while have < needed:  # int64 permutations, cut to what the steps draw before they become a list
+        parts.append(torch.randperm(num_rows, generator=generator)[:needed - have])
+        have += len(parts[-1])
+    return torch.cat(parts).tolist() if parts else []
 
 
 def _row_mix_seeds(seed, iteration, step, row_indices):

@@ -360,3 +360,156 @@ def test_fuzzed_jsonl_is_read_or_refused_naming_file_and_line(tmp_path, reader):
 
 def test_data_errors_are_value_errors():
     assert issubclass(DataError, ValueError)
+
+
+# ---------------------------------------------------------------- fuzz: the data cache and chat templates
+
+
+def load_tokenized_with_cache(cache_dir):
+    def load(path, on_error):
+        from gapfix.data.arrow import load_tokenized
+
+        return list(load_tokenized(path, _math_tokenizer(), on_error=on_error, cache_dir=cache_dir))
+
+    return load
+
+
+def _math_tokenizer():
+    from gapfix.data import math_task
+
+    return math_task.math_tokenizer()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fuzzed_jsonl_through_the_data_cache_is_read_or_refused_naming_file_and_line(tmp_path):
+    """load_tokenized (the cache `gapfix train` tokenizes into) on the fuzzed files, twice each:
+    tokenized, then read back from the cache, with the same outcome."""
+    path = tmp_path / "fuzz.jsonl"
+    load = load_tokenized_with_cache(str(tmp_path / "cache"))
+    outcomes = {"read": 0, "refused": 0}
+    for index, data in enumerate(fuzz_inputs(count=36, seed=77)):
+        path.write_bytes(data)
+        for on_error in ("raise", "skip"):
+            results = []
+            for _ in range(2):  # the second time from the cache
+                try:
+                    results.append(("read", [(e["prompt_ids"], e["answer_ids"]) for e in load(path, on_error)]))
+                except ValueError as err:
+                    message = str(err)
+                    assert str(path) in message, (index, data[:80], message)
+                    assert re.search(r"(:\d+|no usable|no records|empty file)", message), (index, message)
+                    results.append(("refused", message))
+            assert results[0] == results[1], (index, data[:80])
+            outcomes[results[0][0]] += 1
+    assert outcomes["read"] and outcomes["refused"]
+
+
+HOSTILE_TEMPLATES = [
+    "{{ raise_exception('no system turn') }}",
+    "{% set x = [] %}{{ x.append(1) }}",  # the sandbox refuses
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",  # never ends
+    "{% for i in range(10**9) %}{% endfor %}",  # a range too large for the sandbox
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",  # unbounded recursion
+    "{{ messages[0]['content'] + 1 }}",  # a type error
+    "{{ messages[99]['content'] }}",  # an index the record has not
+    "{{ undefined_name.attribute }}",
+    "{% for m in messages %}{{ m.content | int // 0 }}{% endfor %}",  # division by zero
+    "{% for m in messages %}",  # a syntax error
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+]
+
+
+def fuzz_chat_records(rng, count):
+    lines = []
+    for _ in range(count):
+        roles = rng.choice([["user", "assistant"], ["system", "user", "assistant"],
+                            ["user", "assistant", "user", "assistant"], ["assistant"], ["user"]])
+        turns = [{"role": role, "content": rng.choice(["1 + 2 =", "3", "", "7 7 7", "\u00e9\u4e2d"])}
+                 for role in roles]
+        lines.append(json.dumps({"messages": turns}))
+    return lines
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fuzzed_chat_templates_are_read_or_refused_in_bounded_time_naming_file_and_line(tmp_path, monkeypatch):
+    """Templates that refuse, loop, recurse or fail, each guarding an assistant-first conversation (so
+    that some records render and others meet the hostile part), on fuzzed chat records: the records are
+    tokenized, or refused (DataError naming file:line), within the template time limit per record."""
+    import time
+
+    from gapfix import data
+    from gapfix.data import load_examples
+    from gapfix.data.arrow import load_tokenized
+    from gapfix.models import train_tokenizer
+
+    monkeypatch.setattr(data, "CHAT_TEMPLATE_SECONDS", 0.3)
+    rng = random.Random(5)
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+            "{% if add_generation_prompt %}assistant: {% endif %}"
+    outcomes = {"read": 0, "refused": 0}
+    for index, hostile in enumerate(HOSTILE_TEMPLATES):
+        template = "{% if messages[0]['role'] == 'system' %}" + hostile + "{% endif %}" + plain
+        try:
+            tok = train_tokenizer(["user assistant system : 1 2 3 7 + ="], kind="word", add_bos=True,
+                                  chat_template=template)
+        except Exception:  # a template transformers refuses to compile is refused when set, not later
+            continue
+        path = write(tmp_path / f"chat{index}.jsonl", fuzz_chat_records(rng, 6))
+        for on_error in ("raise", "skip"):
+            for load in (load_examples, lambda p, t, **k: load_tokenized(p, t, cache_dir=str(tmp_path / "c"), **k)):
+                started = time.monotonic()
+                try:
+                    load(path, tok, on_error=on_error)
+                    outcomes["read"] += 1
+                except DataError as err:
+                    assert str(err).startswith(path), (hostile, str(err))
+                    assert re.search(r":\d+: |no usable", str(err)), (hostile, str(err))
+                    outcomes["refused"] += 1
+                assert time.monotonic() - started < 6 * 0.3 * 3 + 15, hostile
+    assert outcomes["read"] and outcomes["refused"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fuzzed_damage_to_the_data_cache_is_refused_naming_the_file(tmp_path):
+    """Random damage (a flipped byte, a truncation, appended bytes, an emptied file, another cache
+    file's bytes) to any Arrow file of a data cache: the next load refuses it, naming that file;
+    undone, the cache is read back as before."""
+    import glob
+
+    from gapfix.data.arrow import load_tokenized
+
+    rng = random.Random(11)
+    data = write(tmp_path / "data.jsonl", records(40) + ["not json"])
+    cache = str(tmp_path / "cache")
+
+    def load():
+        return [(e["prompt_ids"], e["answer_ids"]) for e in
+                load_tokenized(data, _math_tokenizer(), on_error="skip", max_length=20, cache_dir=cache)]
+
+    expected = load()
+    files = sorted(f for f in glob.glob(os.path.join(cache, "**", "*.arrow"), recursive=True)
+                   if f"{os.sep}fingerprints{os.sep}" not in f)
+    assert len(files) >= 3  # the JSONL's text, its tokens, the usable rows' and the short ones' indices
+    assert load() == expected
+    for trial in range(24):
+        path = rng.choice(files)
+        original = open(path, "rb").read()
+        kind = trial % 5
+        if kind == 0:
+            damaged = bytearray(original)
+            damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            damaged = original[:rng.randrange(len(original))]
+        elif kind == 2:
+            damaged = original + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+        elif kind == 3:
+            damaged = b""
+        else:
+            damaged = open(rng.choice([f for f in files if f != path]), "rb").read()
+        with open(path, "wb") as handle:
+            handle.write(bytes(damaged))
+        with pytest.raises(DataError, match=re.escape(path)):
+            load()
+        with open(path, "wb") as handle:
+            handle.write(original)
+        assert load() == expected, (trial, path)

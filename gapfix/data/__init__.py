@@ -31,9 +31,12 @@ both is refused, and `labels` whose content is recognisably shifted (see
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
@@ -44,6 +47,8 @@ if TYPE_CHECKING:  # annotations only: torch and transformers load where they ar
 
 IGNORE_INDEX = -100
 RESPONSE_KEYS = ("response", "completion", "answer")
+# the longest a chat template may take to render one record (all its renderings together)
+CHAT_TEMPLATE_SECONDS = 5.0
 
 
 @dataclass
@@ -142,10 +147,108 @@ def read_jsonl(path: str, *, on_error: str = "raise") -> List[dict]:
     return [record for _line, record in read_jsonl_lines(path, on_error=on_error)]
 
 
+class _TemplateTimeout(BaseException):
+    """Raised inside a thread whose chat template rendering ran past its time limit (a
+    BaseException, so that no `except Exception` on the way swallows it)."""
+
+
+class _Watchdog:
+    """One daemon thread that raises _TemplateTimeout in a thread still inside `limit` when
+    its deadline passes (PyThreadState_SetAsyncExc: the exception is raised at the thread's
+    next bytecode, which a template's loops, pure Python, reach at once). Unlike SIGALRM it
+    works in any thread and leaves the process's signal handlers and timers alone."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._deadlines: dict = {}  # thread id -> [deadline, fired]
+        self._thread: Optional[threading.Thread] = None
+        self._pid = None
+
+    def _start(self) -> None:  # once per process: a forked worker has no watchdog thread
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._pid = os.getpid()
+            self._deadlines.clear()
+            self._thread = threading.Thread(target=self._run, name="gapfix-template-watchdog", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        import ctypes
+
+        with self._condition:
+            while True:
+                now = time.monotonic()
+                waiting = [entry[0] for entry in self._deadlines.values() if not entry[1]]
+                for ident, entry in self._deadlines.items():
+                    if not entry[1] and entry[0] <= now:
+                        entry[1] = True
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
+                                                                   ctypes.py_object(_TemplateTimeout))
+                self._condition.wait(max(0.0, min(waiting) - now) if waiting else None)
+
+    @contextlib.contextmanager
+    def limit(self, seconds: float) -> Iterator[None]:
+        """Raises _TemplateTimeout in this thread once `seconds` have passed inside the block."""
+        import ctypes
+
+        ident = threading.get_ident()
+        entry = [time.monotonic() + seconds, False]
+        with self._condition:
+            self._start()
+            self._deadlines[ident] = entry
+            self._condition.notify()
+        try:
+            yield
+        finally:
+            with self._condition:
+                if self._deadlines.get(ident) is entry:
+                    del self._deadlines[ident]
+            if entry[1]:  # fired: clear a still pending exception, then raise it here
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
+                raise _TemplateTimeout()
+
+
+_WATCHDOG = _Watchdog()
+
+
+@contextlib.contextmanager
+def chat_template_guard(where: str) -> Iterator[None]:
+    """Runs a record's chat template renderings (tokenizer.apply_chat_template) so that whatever
+    the template does is a DataError naming `where` (file:line): its own refusals
+    (`raise_exception`, as templates that take no system turn do), the sandbox's (SecurityError),
+    any other error, and a rendering running past CHAT_TEMPLATE_SECONDS (loops nested too deep to
+    finish). Guards nest: an inner guard is part of the outer one's time."""
+    if getattr(_GUARDED, "active", False):
+        yield
+        return
+    _GUARDED.active = True
+    try:
+        with _WATCHDOG.limit(CHAT_TEMPLATE_SECONDS):
+            yield
+    except _TemplateTimeout:
+        raise DataError(f"{where}: the chat template did not finish rendering the record within "
+                        f"{CHAT_TEMPLATE_SECONDS:g} s (loops too large?)") from None
+    except DataError:
+        raise
+    except Exception as exc:  # the template's code: whatever it raises is about this record
+        name = type(exc).__name__
+        if name == "TemplateError":  # raise_exception("...") in the template: its message is the reason
+            reason = str(exc)
+        else:
+            reason = f"{name}: {exc}"
+        raise DataError(f"{where}: the chat template refused the record ({' '.join(reason.split())[:300]})") \
+            from None
+    finally:
+        _GUARDED.active = False
+
+
+_GUARDED = threading.local()
+
+
 def split_record(
-    record: dict, tokenizer: Optional[PreTrainedTokenizerBase] = None
+    record: dict, tokenizer: Optional[PreTrainedTokenizerBase] = None, where: str = "record"
 ) -> Optional[tuple[str, str]]:
-    """(prompt text, response text) of a record, or None when it has neither form."""
+    """(prompt text, response text) of a record, or None when it has neither form. A chat
+    template's failure is a DataError naming `where` (chat_template_guard)."""
     if "messages" in record:
         messages = record["messages"]
         if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
@@ -154,7 +257,8 @@ def split_record(
         response = messages[-1].get("content")
         context = messages[:-1]
         if getattr(tokenizer, "chat_template", None):
-            prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+            with chat_template_guard(where):
+                prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
         else:
             prompt = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in context) + "\nassistant:"
         return (prompt, response) if isinstance(response, str) else None
@@ -228,10 +332,12 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], record
                 where: str = "record") -> Example:
     """An Example of a conversation: every assistant turn trained, with the template's own
     end-of-turn; the last one is the answer, the earlier ones labelled in prompt_labels."""
-    found = _chat_with_mask(tokenizer, messages)
+    with chat_template_guard(where):
+        found = _chat_with_mask(tokenizer, messages)
+        segments = None if found is not None else _chat_segments(tokenizer, messages, where)
     if found is None:
         ids, mask = [], []
-        for text, trained in _chat_segments(tokenizer, messages, where):
+        for text, trained in segments:
             piece = [tokenizer.eos_token_id] if text is None else \
                 tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
@@ -304,7 +410,7 @@ def encode_record(record: dict, tokenizer: PreTrainedTokenizerBase, where: str) 
             raise DataError(f"{where}: record has neither prompt/response nor messages that end "
                             "with an assistant turn")
         return encode_chat(tokenizer, messages, record, where=where)
-    pair = split_record(record, tokenizer)
+    pair = split_record(record, tokenizer, where)
     if pair is None:
         raise DataError(f"{where}: record has neither prompt/response nor messages")
     return encode_example(tokenizer, *pair, record=record)

@@ -38,6 +38,8 @@ into the shared cache while the other ranks wait, then read it (gapfix train, ev
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import itertools
 import json
 import os
@@ -47,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List,
 
 import numpy as np
 
+from gapfix.data import IGNORE_INDEX as IGNORE
 from gapfix.data import DataError, Example
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -242,6 +245,102 @@ def _prompt_within_length(prompt_ids: pa.ChunkedArray, *, max_prompt_length: int
     return pc.less_equal(pc.list_value_length(prompt_ids), max_prompt_length)
 
 
+_TOKEN_ID_LIMIT = 2**31  # ids are stored as int32
+
+
+def _first_bad_id(dataset: "datasets.Dataset", column: str, high: int,
+                  allowed: Optional[int] = None) -> Optional[tuple[int, int]]:
+    """(row, value) of the first value of list column `column` outside [0, high) (but `allowed`),
+    or None; read `_CHECK_ROWS` rows at a time through the dataset's own row order and filters."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = dataset.select_columns([column]).with_format("arrow")
+    for start in range(0, len(dataset), _CHECK_ROWS):
+        values = table[start:start + _CHECK_ROWS].column(column)
+        values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        flat = pc.list_flatten(values)
+        if len(flat) == 0:
+            continue
+        bad = pc.or_(pc.less(flat, 0), pc.greater_equal(flat, high))
+        if allowed is not None:
+            bad = pc.and_(bad, pc.not_equal(flat, allowed))
+        if not pc.any(bad).as_py():
+            continue
+        position = pc.index(bad, True).as_py()
+        row = pc.list_parent_indices(values)[position].as_py()
+        return start + row, flat[position].as_py()
+    return None
+
+
+_CHECK_ROWS = 1024
+
+
+def _check_token_column(raw: "datasets.Dataset", column: str, name: str) -> None:
+    """Refuses (DataError naming the source, column and row) a pre-tokenized column that is not
+    lists of integers, or holds an id outside [0, 2**31) (prompt_labels may also hold -100)."""
+    import datasets
+
+    feature = raw.features[column]
+    inner = getattr(feature, "feature", None)
+    if not isinstance(inner, datasets.Value) or not inner.dtype.startswith(("int", "uint")):
+        raise DataError(f"{name}: column {column} holds {feature}, not lists of integer token ids")
+    bad = _first_bad_id(raw, column, _TOKEN_ID_LIMIT, allowed=IGNORE if column == PROMPT_LABELS else None)
+    if bad is not None:
+        row, value = bad
+        raise DataError(f"{name}: column {column}, row {row}: token id {value} is outside [0, 2**31)")
+
+
+def _vocabulary_size(model: Any) -> Optional[int]:
+    """The rows of the model's input embedding, or its output head's where fewer (the ids a
+    model can take and predict); None where neither can be told."""
+    sizes = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            continue
+        rows = getattr(module, "num_embeddings", None)
+        if rows is None and getattr(module, "weight", None) is not None:
+            rows = module.weight.shape[0]
+        if isinstance(rows, int):
+            sizes.append(rows)
+    if not sizes:
+        size = getattr(getattr(model, "config", None), "vocab_size", None)
+        return size if isinstance(size, int) else None
+    return min(sizes)
+
+
+def check_token_ids(examples: Any, model: Any, source: str) -> None:
+    """Refuses (DataError) examples holding a token id the model has no embedding (or output) row
+    for, naming `source`, the example and the field, before anything is trained: an id past the
+    embedding would otherwise surface as an IndexError deep in a forward. examples: a tokenized
+    datasets.Dataset, an ExampleTable or a sequence of Example; read a batch at a time."""
+    vocab = _vocabulary_size(model)
+    if vocab is None:
+        return
+    dataset = examples.dataset if isinstance(examples, ExampleTable) else examples
+    if hasattr(dataset, "with_format") and hasattr(dataset, "column_names"):
+        columns = [c for c in (*TOKEN_COLUMNS, PROMPT_LABELS) if c in dataset.column_names]
+        found = [(bad, column) for column in columns
+                 if (bad := _first_bad_id(dataset, column, vocab, IGNORE if column == PROMPT_LABELS else None))]
+        if not found:
+            return
+        (index, value), column = min(found)
+    else:
+        found = next(((index, value, column) for index, example in enumerate(examples)
+                      for column, ids in (("prompt_ids", example.prompt_ids), ("answer_ids", example.answer_ids),
+                                          (PROMPT_LABELS, example.prompt_labels or ()))
+                      for value in ids
+                      if not 0 <= value < vocab and not (column == PROMPT_LABELS and value == IGNORE)), None)
+        if found is None:
+            return
+        index, value, column = found
+    raise DataError(f"{source}: example {index} ({column}) holds token id {value}, outside the model's "
+                    f"vocabulary [0, {vocab}) (a tokenizer larger than the model's embedding, or ids "
+                    "tokenized for another model)")
+
+
 def _positive_or_none(value: Any, name: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{name} must be a positive int or None, got {value!r}")
@@ -295,7 +394,8 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
     for value, argument in ((max_length, "max_length"), (max_prompt_length, "max_prompt_length"),
                             (limit, "limit"), (num_proc, "num_proc")):
         _positive_or_none(value, argument)
-    raw, name, kind = _raw_dataset(source, cache_dir)
+    cache = _SealedCache(cache_dir, source)
+    raw, name, kind = cache.run(lambda: _raw_dataset(source, cache_dir))
     if len(raw) == 0:
         raise DataError(f"{name}: no records")
     counts = {"skipped_lines": [], "unusable_records": 0, "too_long": 0, "prompt_too_long": 0}
@@ -304,22 +404,24 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
         for column in (*TOKEN_COLUMNS, PROMPT_LABELS):
             if column not in features:
                 continue
+            _check_token_column(raw, column, name)
             features[column] = datasets.List(datasets.Value("int32"))
-        dataset = raw if features == raw.features else raw.cast(
-            features, num_proc=num_proc, cache_file_name=_cache_file(raw, cache_dir, "cast", features))
+        file = _cache_file(raw, cache_dir, "cast", features)
+        dataset = raw if features == raw.features else cache.run(lambda: raw.cast(
+            features, num_proc=num_proc, cache_file_name=file), file)
     else:
         if tokenizer is None:
             raise ValueError(f"tokenizer is required: {name} has no prompt_ids/answer_ids columns")
-        dataset = raw.map(
-            _tokenize_batch, with_indices=True, batched=True, num_proc=num_proc,
-            cache_file_name=_cache_file(raw, cache_dir, "tokenized", tokenizer, keep_records, _tokenize_batch,
-                                        _encoding_fingerprint()),
+        file = _cache_file(raw, cache_dir, "tokenized", tokenizer, keep_records, _tokenize_batch,
+                           _encoding_fingerprint())
+        dataset = cache.run(lambda: raw.map(
+            _tokenize_batch, with_indices=True, batched=True, num_proc=num_proc, cache_file_name=file,
             batch_size=_CHUNKS_PER_CALL if kind == "line" else _CHUNKS_PER_CALL * _LINES_PER_CHUNK,
             remove_columns=raw.column_names, features=_example_features(keep_records),
             fn_kwargs=dict(tokenizer=tokenizer, source=name, kind=kind, with_record=keep_records,
                            encoding=_encoding_fingerprint()),
-            desc="tokenize")
-        dataset = _drop_unusable(dataset, name, on_error, num_proc, counts, cache_dir)
+            desc="tokenize"), file)
+        dataset = _drop_unusable(dataset, name, on_error, num_proc, counts, cache_dir, cache)
     for limit_value, count, keep, columns in (
             (max_length, "too_long", _within_length, list(TOKEN_COLUMNS)),
             (max_prompt_length, "prompt_too_long", _prompt_within_length, ["prompt_ids"])):
@@ -327,10 +429,10 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
             continue
         before = len(dataset)
         argument = "max_length" if count == "too_long" else "max_prompt_length"
-        dataset = dataset.with_format("arrow").filter(
-            keep, batched=True, input_columns=columns, fn_kwargs={argument: limit_value}, num_proc=num_proc,
-            cache_file_name=_cache_file(dataset, cache_dir, argument, limit_value), desc=argument,
-        ).with_format(None)
+        file = _cache_file(dataset, cache_dir, argument, limit_value)
+        dataset = cache.run(functools.partial(
+            _filtered, dataset, keep, input_columns=columns, fn_kwargs={argument: limit_value}, num_proc=num_proc,
+            cache_file_name=file, desc=argument), file)
         counts[count] = before - len(dataset)
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
@@ -350,16 +452,18 @@ def load_tokenized(source: Union[str, os.PathLike, "datasets.Dataset"],
     return dataset
 
 
+def _filtered(dataset: datasets.Dataset, keep: Callable, **options: Any) -> datasets.Dataset:
+    """dataset.filter(keep, batched=True, **options) over Arrow batches."""
+    return dataset.with_format("arrow").filter(keep, batched=True, **options).with_format(None)
+
+
 def _cache_file(dataset: datasets.Dataset, cache_dir: Optional[str], step: str, *key: Any) -> Optional[str]:
-    """Where a map/filter/cast of `dataset` writes its result: under cache_dir whenever one is
-    given and `dataset`'s own files lie elsewhere, since datasets would write it beside them, into
-    the user's saved folder (and it would keep the result of an in-memory Dataset in RAM, not
-    memory-mapped). None (datasets' own naming, beside the input's files) otherwise."""
+    """Where a map/filter/cast of `dataset` writes its result: a file named by `dataset`'s
+    fingerprint and `key` under cache_dir whenever one is given (datasets would write it beside
+    the input's files, into the user's saved folder, and keep the result of an in-memory Dataset
+    in RAM, not memory-mapped); the name is known before the step runs, so that a cached result
+    is checked (_SealedCache) before datasets reads it. None (datasets' own naming) otherwise."""
     if cache_dir is None:
-        return None
-    root = os.path.abspath(cache_dir)
-    files = [os.path.abspath(entry["filename"]) for entry in dataset.cache_files]
-    if files and all(os.path.commonpath([root, name]) == root for name in files):
         return None
     from datasets.fingerprint import Hasher
 
@@ -369,7 +473,7 @@ def _cache_file(dataset: datasets.Dataset, cache_dir: Optional[str], step: str, 
 
 def _drop_unusable(
     dataset: datasets.Dataset, name: str, on_error: str, num_proc: Optional[int], counts: dict,
-    cache_dir: Optional[str],
+    cache_dir: Optional[str], cache: Optional["_SealedCache"] = None,
 ) -> datasets.Dataset:
     """`dataset` without its rows that hold an error (on_error="skip"; the first error is raised
     with "raise"), malformed JSONL lines listed in counts["skipped_lines"] and unusable records
@@ -394,9 +498,154 @@ def _drop_unusable(
             shown = "; ".join(unusable[:5]) + (" ..." if len(unusable) > 5 else "")
             warnings.warn(f"{name}: skipped {len(unusable)} unusable record(s): {shown}", stacklevel=3)
         counts["first_problem"] = unusable[0] if unusable else None
-        dataset = dataset.filter(_is_usable, batched=True, input_columns=["error"], num_proc=num_proc,
-                                 cache_file_name=_cache_file(dataset, cache_dir, "usable"), desc="skip unusable")
+        file = _cache_file(dataset, cache_dir, "usable")
+        cache = cache or _SealedCache(cache_dir, name)
+        dataset = cache.run(lambda: dataset.filter(_is_usable, batched=True, input_columns=["error"],
+                                                   num_proc=num_proc, cache_file_name=file,
+                                                   desc="skip unusable"), file)
     return dataset.remove_columns(["error", "line", "malformed"])
+
+
+# ------------------------------------------------------------------ the data cache's fingerprints
+
+
+SEALS_FOLDER = "fingerprints"  # <cache_dir>/fingerprints/<path of the Arrow file>.sha256
+
+
+def disk_full(exc: Optional[BaseException]) -> Optional[BaseException]:
+    """The exception of `exc`'s chain (its causes and contexts) that says the disk is full, or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return exc
+        text = str(exc)
+        if "No space left on device" in text or "[Errno 28]" in text or "errno 28" in text:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def no_space_error(exc: BaseException, what: str) -> OSError:
+    """OSError(ENOSPC) saying, in one line, what was being written when the disk filled."""
+    cause = disk_full(exc)
+    filename = getattr(cause, "filename", None)
+    return OSError(errno.ENOSPC, f"no space left on device while writing {what}"
+                   + (f" ({filename})" if filename and str(filename) not in what else ""))
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _SealedCache:
+    """The Arrow files of a data cache folder, each with a SHA-256 written beside it (under
+    `<cache_dir>/fingerprints/`) when gapfix's loading writes it, and checked before it is read
+    back: a cache file changed since (edited, truncated, corrupted) is a DataError naming it,
+    never tokenized data read back silently. A cache file without a fingerprint (written by a
+    gapfix without them, or a run killed between writing and fingerprinting) is fingerprinted
+    as it is found. Like the rows' references in checkpoints, this detects changes, not someone
+    who rewrites the fingerprints too. Disk full while a step writes the cache is an
+    OSError(ENOSPC) naming the folder (and the file, where the error says which)."""
+
+    def __init__(self, cache_dir: Optional[str], source: Any) -> None:
+        self.root = os.path.abspath(cache_dir) if cache_dir else None
+        self.source = source if isinstance(source, (str, os.PathLike)) else "a dataset"
+        self.checked: set = set()
+        if self.root and os.path.isdir(self.root):
+            from gapfix.outdir import check_no_links
+
+            check_no_links(self.root, "cache_dir")
+
+    def _inside(self, path: str) -> bool:
+        return self.root is not None and os.path.commonpath([self.root, os.path.abspath(path)]) == self.root
+
+    def _seal_path(self, path: str) -> str:
+        return os.path.join(self.root, SEALS_FOLDER, os.path.relpath(os.path.abspath(path), self.root) + ".sha256")
+
+    def _files(self) -> set:
+        found = set()
+        if self.root is None or not os.path.isdir(self.root):
+            return found
+        for parent, dirs, files in os.walk(self.root):
+            if parent == self.root and SEALS_FOLDER in dirs:
+                dirs.remove(SEALS_FOLDER)
+            found.update(os.path.join(parent, f) for f in files if f.endswith(".arrow"))
+        return found
+
+    def seal(self, path: str) -> None:
+        seal = self._seal_path(path)
+        os.makedirs(os.path.dirname(seal), exist_ok=True)
+        record = json.dumps({"sha256": _sha256(path), "bytes": os.path.getsize(path)})
+        with open(seal + ".tmp", "w") as handle:
+            handle.write(record)
+        os.replace(seal + ".tmp", seal)
+        self.checked.add(path)
+
+    def verify(self, path: str, adopt: bool = True) -> None:
+        """Refuses (DataError) a cache file whose bytes are not those fingerprinted; one without a
+        fingerprint is fingerprinted now (adopt) or left alone."""
+        if path in self.checked:
+            return
+        seal = self._seal_path(path)
+        if not os.path.isfile(seal):
+            if adopt:
+                self.seal(path)
+            return
+        remedy = f"remove it (or the cache folder {self.root}) to tokenize {self.source} again"
+        try:
+            with open(seal, "rb") as handle:
+                expected = json.loads(handle.read(4096).decode("utf-8"))
+            digest, size = str(expected["sha256"]), int(expected["bytes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DataError(f"{seal}: not a readable data cache fingerprint; {remedy}") from None
+        if os.path.getsize(path) != size or _sha256(path) != digest:
+            raise DataError(f"{path}: the data cache file changed since it was written (its SHA-256 "
+                            f"differs from {seal}); {remedy}")
+        self.checked.add(path)
+
+    def run(self, make: Callable[[], Any], known: Optional[str] = None) -> Any:
+        """make()'s result (a Dataset, or a tuple holding one first), with the cache files it reads
+        checked and the ones it writes fingerprinted. `known`: the file the step writes, or reads
+        back when it exists (checked before the step reads it)."""
+        import datasets
+
+        if known and self._inside(known) and os.path.isfile(known):
+            self.verify(known)
+        before = self._files()
+        try:
+            result = make()
+        except DataError:
+            raise
+        except Exception as exc:
+            if disk_full(exc):
+                raise no_space_error(exc, f"the data cache {self.root or '(datasets default)'} while "
+                                          f"loading {self.source}") from None
+            for path in sorted(before):  # a damaged cache file that the step could not read: name it
+                self.verify(path, adopt=False)
+            raise
+        dataset = result[0] if isinstance(result, tuple) else result
+        if self.root is not None and isinstance(dataset, datasets.Dataset):
+            try:
+                for entry in dataset.cache_files:
+                    path = os.path.abspath(entry["filename"])
+                    if not self._inside(path) or path in self.checked:
+                        continue
+                    if path in before:
+                        self.verify(path)
+                    else:
+                        self.seal(path)
+            except OSError as exc:
+                if disk_full(exc):
+                    raise no_space_error(exc, f"the data cache {self.root}") from None
+                raise
+        return result
 
 
 @contextlib.contextmanager
@@ -657,8 +906,19 @@ class RowWriter:
 
         self._fields = fields
         self._schema = _schema(fields, self.first_row, self.batch_rows)
-        self._sink = pa.OSFile(self._tmp, "wb")
-        self._writer = pa.ipc.new_file(self._sink, self._schema)
+        with self._naming_a_full_disk():
+            self._sink = pa.OSFile(self._tmp, "wb")
+            self._writer = pa.ipc.new_file(self._sink, self._schema)
+
+    @contextlib.contextmanager
+    def _naming_a_full_disk(self) -> Iterator[None]:
+        """Disk full (Arrow's error names no file) as OSError(ENOSPC) naming this file."""
+        try:
+            yield
+        except OSError as exc:
+            if disk_full(exc):
+                raise no_space_error(exc, self.path) from None
+            raise
 
     def _check_fields(self, rows: Sequence[dict]) -> None:
         names = [f.name for f in self._fields]
@@ -701,18 +961,22 @@ class RowWriter:
         return pa.RecordBatch.from_arrays(arrays, schema=_schema(self._fields, self.first_row, self.batch_rows))
 
     def _flush(self, rows: Sequence[dict]) -> None:
-        self._writer.write_batch(self._encode(rows))
+        batch = self._encode(rows)
+        with self._naming_a_full_disk():
+            self._writer.write_batch(batch)
         self.num_rows += len(rows)
 
     def write_batch(self, batch: "pa.RecordBatch") -> None:
         """Appends an Arrow record batch of this file's schema (used to re-chunk shards)."""
         if self._pending:
             raise ValueError("write_batch after write: row dicts are still pending")
-        self._writer.write_batch(batch)
+        with self._naming_a_full_disk():
+            self._writer.write_batch(batch)
         self.num_rows += batch.num_rows
 
     def close(self) -> str:
-        """Writes the last rows and renames the file into place; returns its path."""
+        """Writes the last rows, fsyncs the file and renames it into place (the folder fsynced
+        too: a checkpoint that refers to the file never outlives it in a crash); returns its path."""
         import pyarrow as pa
 
         if self._closed:
@@ -721,12 +985,15 @@ class RowWriter:
             if self._pending:
                 self._flush(self._pending)
                 self._pending = []
-            if self._writer is None:  # no rows: a file with an empty schema and the metadata
-                self._sink = pa.OSFile(self._tmp, "wb")
-                self._writer = pa.ipc.new_file(self._sink, _schema([], self.first_row, self.batch_rows))
-            self._writer.close()
-            self._sink.close()
+            with self._naming_a_full_disk():
+                if self._writer is None:  # no rows: a file with an empty schema and the metadata
+                    self._sink = pa.OSFile(self._tmp, "wb")
+                    self._writer = pa.ipc.new_file(self._sink, _schema([], self.first_row, self.batch_rows))
+                self._writer.close()
+                self._sink.close()
+                _fsync(self._tmp)
             os.replace(self._tmp, self.path)
+            _fsync(os.path.dirname(os.path.abspath(self.path)))
         except BaseException:
             self.abort()
             raise
@@ -744,6 +1011,15 @@ class RowWriter:
                 pass
         if os.path.exists(self._tmp):
             os.remove(self._tmp)
+
+
+def _fsync(path: str) -> None:
+    """fsyncs a file or folder (the inode: whichever process wrote it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_rows(path: Union[str, os.PathLike], rows: Iterable[dict], *, first_row: int = 0,

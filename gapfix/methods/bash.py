@@ -379,13 +379,14 @@ class BASH(Method):
     def num_rows(self, num_examples: int, config) -> int:
         return min(config.bash_rows, num_examples) if config.bash_rows else num_examples
 
-    def _subset(self, ctx: OfflineContext) -> List[int]:
-        """The example behind each row: all of them, or bash_rows drawn afresh each iteration."""
+    def _subset(self, ctx: OfflineContext) -> Sequence[int]:
+        """The example behind each row: all of them (a range: no list as long as the data), or
+        bash_rows drawn afresh each iteration."""
         import random
 
         n, config = len(ctx.examples), ctx.config
         if not config.bash_rows:
-            return list(range(n))
+            return range(n)
         rng = random.Random(f"{config.seed}/{ctx.iteration}/rows")  # str seeds are hashed stably
         return rng.sample(range(n), min(config.bash_rows, n))
 
