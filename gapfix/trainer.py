@@ -52,55 +52,50 @@ from gapfix import checkpoint as ckpt
 from gapfix._progress import step_progress as _progress
 from gapfix.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint  # noqa: F401 (API)
 from gapfix.data import IGNORE_INDEX, collate, label_field, pack_rows
-from gapfix.methods.base import OfflineContext, get_method, method_for_batch, method_names, row_seed
+from gapfix.methods.base import (
+    OfflineContext,
+    check_number,
+    flag_fields,
+    get_method,
+    method_for_batch,
+    method_names,
+    setting,
+)
 from gapfix.models import decoder_trunk, unwrap_model
 
 METHODS = method_names()  # the built-in ones; gapfix.methods.base.register adds more
 
 
+MAX_EPOCHS_PER_ITERATION = 10_000.0  # the steps of an iteration are epochs x rows / batch_size
+
+
 @dataclass
-class TrainConfig:
-    method: str = "sft"
-    iterations: int = 1
-    steps_per_iteration: Optional[int] = None  # None: epochs_per_iteration over the rows
-    epochs_per_iteration: float = 1.0
-    batch_size: int = 32  # rows per optimizer step, over all ranks
-    micro_batch_size: Optional[int] = None  # rows per forward on one rank; None: all of its share
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    # BASH
-    beta: float = 0.2
-    bash_mode: str = "sample"  # argmax | sample | topk | random (a noise control: uniform random tokens)
-    bash_temperature: float = 1.0
-    bash_top_k: int = 4
-    bash_rows: Optional[int] = None  # examples predicted and trained per iteration; None: all the steps draw
-    # RAC
-    rac_mode: str = "path"  # path | first | last | all
-    rac_sft_ratio: float = 1.0  # SFT rows mixed in per RAC row
-    rac_temperature: float = 0.0
-    rac_samples: int = 1
-    rac_prompts: Optional[int] = None  # prompts regenerated each iteration; None: all
-    rac_only_until_divergence: bool = False
-    max_new_tokens: int = 128
-    generation_backend: str = "auto"
-    # RAC's vLLM engine under torchrun, colocated with training (gapfix.generation.colocate)
-    vllm_tensor_parallel_size: int = 1  # ranks per engine; divides the world size
-    vllm_gpu_memory_utilization: float = 0.4  # the GPU fraction the engine may take (CUDA only)
-    # ops and runtime
-    fused: bool = True
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool = True  # autocast on GPU
-    packing: bool = False  # one packed row per micro-batch (where packing_supported(model))
-    distributed: str = "ddp"  # ddp | fsdp, under torchrun
-    out_dir: Optional[str] = None
-    save_every: int = 0  # steps; a checkpoint is also written at the end of each iteration
-    keep_checkpoints: int = 1
-    log_every: int = 10
-    progress: bool = True
+class _RunSettings:
+    """The settings of the reference trainer that belong to no one method."""
+
+    method: str = setting("sft", 'sft, bash, rac, or a registered method')
+    iterations: int = setting(1, 'offline phase + training rounds')
+    steps_per_iteration: Optional[int] = setting(
+        None, "optimizer steps per iteration (unset: --epochs-per-iteration over the rows)")
+    epochs_per_iteration: float = setting(1.0, "passes over the iteration's rows when --steps-per-iteration is unset")
+    batch_size: int = setting(32, 'rows per optimizer step, over all ranks')
+    micro_batch_size: Optional[int] = setting(None, "rows per forward on one rank (unset: the rank's whole share)")
+    lr: float = setting(1e-3, 'peak learning rate (AdamW)')
+    min_lr_ratio: float = setting(0.1, 'the cosine schedule decays to lr * this')
+    warmup_steps: int = setting(0, 'linear warm-up steps')
+    weight_decay: float = setting(0.0, 'AdamW weight decay')
+    max_grad_norm: float = setting(1.0, 'gradient clipping norm')
+    fused: bool = setting(True, "false: every op's pure-PyTorch reference instead of the fused kernels")
+    seed: int = setting(0, 'seed of the initial weights, the row order, BASH masks and RAC sampling')
+    device: str = setting("auto", 'auto (the GPU where there is one), cpu, cuda, cuda:N')
+    bf16: bool = setting(True, 'bf16 autocast on a GPU')
+    packing: bool = setting(False, 'one packed row per micro-batch (FlashAttention varlen only)')
+    distributed: str = setting("ddp", 'under torchrun: ddp or fsdp')
+    out_dir: Optional[str] = setting(None, 'output folder')
+    save_every: int = setting(0, 'checkpoint every N steps (0: only at the end of each iteration)')
+    keep_checkpoints: int = setting(1, 'checkpoints kept in --out')
+    log_every: int = setting(10, 'metrics.jsonl gets a step record every N steps')
+    progress: bool = setting(True, "progress bars (false also silences transformers' loading/saving bars)")
 
     def validate(self):
         get_method(self.method)  # refuses an unknown name, listing the registered ones
@@ -113,6 +108,24 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps_per_iteration is not None and self.steps_per_iteration < 1:
             raise ValueError(f"steps_per_iteration must be >= 1, got {self.steps_per_iteration}")
+        check_number("epochs_per_iteration", self.epochs_per_iteration, 0.0, MAX_EPOCHS_PER_ITERATION,
+                     open_low=True)
+
+
+def _method_settings() -> list:
+    """The TrainConfig fields of the built-in methods' config dataclasses (one per flag)."""
+    from gapfix.methods.bash import BashConfig
+    from gapfix.methods.rac import RacConfig
+
+    return flag_fields(BashConfig) + flag_fields(RacConfig)
+
+
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig", _method_settings(), bases=(_RunSettings,),
+    namespace={"__module__": __name__,
+               "__doc__": "The reference trainer's settings: its own (_RunSettings) and each built-in "
+               "method's, by flag name (gapfix.methods.bash.BashConfig, gapfix.methods.rac.RacConfig); "
+               "`gapfix train` has a flag per field."})
 
 
 @dataclass
@@ -763,10 +776,10 @@ def _row_order(num_rows, needed, seed, iteration):
 
 
 def _row_mix_seeds(seed, iteration, step, row_indices):
-    """BASH's mixing seeds, one per row: a function of (seed, iteration, step, the row's index in
-    the iteration's row table), never of the rank or the micro-batch, as int64 in [0, 2**56)."""
-    return torch.tensor([row_seed(seed, iteration, step, "row", index) for index in row_indices],
-                        dtype=torch.int64)
+    """BASH's mixing seeds, one per row (gapfix.methods.bash.mixing_seeds)."""
+    from gapfix.methods.bash import mixing_seeds
+
+    return mixing_seeds(seed, iteration, step, row_indices)
 
 
 def _pad_id(tokenizer):

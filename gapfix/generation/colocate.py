@@ -336,6 +336,29 @@ def colocated_engine(model, *, tensor_parallel_size: int = 1, gpu_memory_utiliza
     return engine
 
 
+def generation_engine(model, backend: str, *, tensor_parallel_size: int = 1,
+                      gpu_memory_utilization: float = 0.4) -> Optional[ColocatedEngine]:
+    """The engine a RAC iteration generates on, for both drivers: this process's colocated vLLM
+    engine when a torchrun job generates with vLLM (an ordinary engine would hang there), else
+    None (gapfix.generate then runs `backend` itself). backend "vllm": the engine under torchrun
+    (an error where vLLM cannot start), and tensor_parallel_size > 1 without torchrun is refused;
+    "auto" (gapfix.generate's rule, vLLM where installed): the engine under torchrun where vLLM
+    starts on the model, else None (transformers); "hf": None. Every rank calls it (a collective
+    where an engine starts)."""
+    from gapfix.generation import vllm_available
+
+    check_engine_options(tensor_parallel_size, gpu_memory_utilization)
+    if backend == "hf" or (backend == "auto" and not vllm_available()):
+        return None
+    if not world_position()[2]:
+        if tensor_parallel_size > 1 and backend == "vllm":
+            raise ValueError(f"vllm_tensor_parallel_size {tensor_parallel_size} needs torchrun (one process per "
+                             "rank of the group)")
+        return None
+    return colocated_engine(model, tensor_parallel_size=tensor_parallel_size,
+                            gpu_memory_utilization=gpu_memory_utilization, fall_back=backend == "auto")
+
+
 def release_colocated() -> bool:
     """Shuts this process's colocated engine down (and, through vLLM, torch.distributed's default
     process group); True when there was one."""

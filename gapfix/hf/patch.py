@@ -109,10 +109,27 @@ def fused_causal_lm_loss(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tens
                        **options)
     # the step's token count from Trainer: sum / count, as transformers' own loss (a tensor
     # count stays on the device: no host sync); a step without any token gives 0, not NaN
+    _check_item_count(num_items_in_batch)
     total = loss_fn(hidden, target=target, ignore_index=ignore_index, softcap=softcap, reduction="sum", **options)
     if isinstance(num_items_in_batch, torch.Tensor):
         return total / num_items_in_batch.to(device=total.device, dtype=total.dtype).clamp_min(1)
     return total / max(float(num_items_in_batch), 1.0)
+
+
+def _check_item_count(num_items_in_batch: torch.Tensor | int | float) -> None:
+    """num_items_in_batch divides the summed loss: a count of 0 or below would give the sum (or
+    its negative) as the loss. Refused by name where reading it costs no device sync (a number, a
+    CPU tensor); a count on an accelerator is divided as given."""
+    count = num_items_in_batch
+    if isinstance(count, torch.Tensor):
+        if count.device.type != "cpu":
+            return
+        if count.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be one count, got a tensor of shape {tuple(count.shape)}")
+        count = count.item()
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or not count > 0:
+        raise ValueError(f"num_items_in_batch must be a positive token count (the trained tokens of the step), "
+                         f"got {num_items_in_batch!r}")
 
 
 def patch(model: nn.Module, **loss_options: Any) -> nn.Module:
