@@ -207,6 +207,10 @@ class _RacMixin:
         if self.rac_config.mode == "all":
             raise ValueError("rac_config.mode 'all' (soft targets) is the reference trainer's: Trainer's labels "
                              "carry one token per position; use path, first or last")
+        if self.rac_config.backend == "vllm":
+            from gapfix.generation.colocate import check_vllm_head_size
+
+            check_vllm_head_size(self.model)
         self._rac_sources = _Sources(require_dataset(self, "of prompt/answer rows"))
         if self.processing_class is None or getattr(self.processing_class, "eos_token_id", None) is None:
             raise ValueError("processing_class must be the tokenizer (RAC needs its eos_token_id and pad_token_id)")
