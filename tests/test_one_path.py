@@ -18,6 +18,15 @@ from gapfix.methods.rac import RacConfig, mix_with_sft
 from gapfix.trainer import TrainConfig, build_rows
 
 
+def _patch_module():
+    """gapfix.hf.patch the module, reached after hf.patch the function has been looked up (importing the
+    submodule first would bind the name gapfix.hf.patch to the module)."""
+    import sys
+
+    assert callable(hf.patch)
+    return sys.modules["gapfix.hf.patch"]
+
+
 def _examples(tok, count):
     rows = W.rows(tok, count)
     return [Example(prompt_ids=[t for t, lab in zip(r["input_ids"], r["labels"]) if lab == -100],
@@ -116,8 +125,7 @@ def test_gapfix_hf_bounds():
 
     with pytest.raises(ValueError, match="row 2: labels has"):
         hf.build_rac_dataset(net, tok, datasets.Dataset.from_list(short), config=RacConfig(backend="hf"))
-    from gapfix.hf.patch import _check_item_count
-
+    _check_item_count = _patch_module()._check_item_count
     for bad in (0, -3, torch.tensor(0), torch.tensor(-1.0), 0.0):
         with pytest.raises(ValueError, match="num_items_in_batch"):
             _check_item_count(bad)
@@ -126,9 +134,7 @@ def test_gapfix_hf_bounds():
 
 def test_num_items_in_batch_of_zero_is_refused_by_the_patched_model():
     tok = W.tokenizer()
-    from gapfix.hf.patch import patch
-
-    net = patch(W.model(tok))
+    net = hf.patch(W.model(tok))
     row = W.rows(tok, 1)[0]
     ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
     for bad in (0, -2, torch.tensor(0)):

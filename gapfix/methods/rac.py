@@ -36,16 +36,8 @@ import numpy as np
 import torch
 
 from gapfix.data import IGNORE_INDEX
-from gapfix.methods.base import (
-    Method,
-    OfflineContext,
-    check_choice,
-    check_int,
-    check_number,
-    register,
-    row_seed,
-    setting,
-)
+from gapfix.methods import base
+from gapfix.methods.base import Method, OfflineContext, register, row_seed, setting
 
 __all__ = ["RAC", "RacConfig", "answer_stop_ids", "build_rac_rows", "build_rac_rows_to_ends", "drawn_prompts",
            "generation_seed", "mix_with_sft", "reference_ends", "to_soft_row"]
@@ -88,17 +80,17 @@ class RacConfig:
     def __post_init__(self) -> None:
         from gapfix.generation.colocate import check_engine_options
 
-        check_choice("mode", self.mode, RAC_MODES)
-        check_number("temperature", self.temperature, 0.0, float("inf"))
-        check_int("samples", self.samples, 1, MAX_SAMPLES)
-        check_int("prompts_per_iteration", self.prompts_per_iteration, optional=True)
-        check_number("sft_ratio", self.sft_ratio, 0.0, MAX_SFT_RATIO)
+        base.check_choice("mode", self.mode, RAC_MODES)
+        base.check_number("temperature", self.temperature, 0.0, float("inf"))
+        base.check_int("samples", self.samples, 1, MAX_SAMPLES)
+        base.check_int("prompts_per_iteration", self.prompts_per_iteration, optional=True)
+        base.check_number("sft_ratio", self.sft_ratio, 0.0, MAX_SFT_RATIO)
         if not isinstance(self.only_until_divergence, bool):
             raise ValueError(f"only_until_divergence must be a bool, got {self.only_until_divergence!r}")
-        check_choice("backend", self.backend, BACKENDS)
-        check_int("max_new_tokens", self.max_new_tokens)
-        check_int("refresh", self.refresh, optional=True)
-        check_int("generation_batch_size", self.generation_batch_size, optional=True)
+        base.check_choice("backend", self.backend, BACKENDS)
+        base.check_int("max_new_tokens", self.max_new_tokens)
+        base.check_int("refresh", self.refresh, optional=True)
+        base.check_int("generation_batch_size", self.generation_batch_size, optional=True)
         check_engine_options(self.vllm_tensor_parallel_size, self.vllm_gpu_memory_utilization)
 
     def to_dict(self) -> dict:
