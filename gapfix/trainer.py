@@ -61,6 +61,7 @@ from gapfix.methods.base import (
     method_names,
     setting,
 )
+from gapfix.methods.bash import mixing_seeds
 from gapfix.models import decoder_trunk, unwrap_model
 
 METHODS = method_names()  # the built-in ones; gapfix.methods.base.register adds more
@@ -453,7 +454,6 @@ class _Run:
     def start(self, resume, resume_with_changed_config, whole_after_iteration=False):
         """Optimizer and schedule, restored from the latest checkpoint where there is one."""
         config, model, dist = self.config, self.model, self.dist
-        total_steps = config.iterations * self.steps_for(self.method.num_rows(len(self.examples), config))
         state = None
         checkpoint = latest_checkpoint(self.out) if (self.out and resume) else None
         if checkpoint:  # weights load before any sharding, on every rank
@@ -469,21 +469,30 @@ class _Run:
         self.offline_model = _OfflineReplica(model) if replica else None
         self.trainable = _wrap_distributed(CausalLMLoss(model, config.fused, self.method), config, dist,
                                            self.device)
-        trainable_params = [p for p in model.parameters() if p.requires_grad]  # a PEFT model: its adapter
+        self._make_optimizer()
+        if state is not None:
+            self._restore(state, checkpoint)
+
+    def _make_optimizer(self):
+        """AdamW over the trainable parameters and the warm-up + cosine schedule of the whole run."""
+        config = self.config
+        total_steps = config.iterations * self.steps_for(self.method.num_rows(len(self.examples), config))
+        trainable_params = [p for p in self.model.parameters() if p.requires_grad]  # a PEFT model: its adapter
         if not trainable_params:
             raise ValueError("model has no parameter that requires grad: nothing to train (a PEFT adapter "
                              "loaded for inference? load it with is_trainable=True)")
         self.optimizer = torch.optim.AdamW(trainable_params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(config.warmup_steps, total_steps, config.min_lr_ratio))
-        if state is None:
-            return
-        _load_optimizer_state(model, self.optimizer, state["optimizer"], config, dist)
+
+    def _restore(self, state, checkpoint):
+        """The optimizer, schedule, RNG, position and the iteration's rows of a checkpoint's state."""
+        _load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.config, self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.position = state["position"]
         if state["rows"] is not None:
-            expected = self.method.num_rows(len(self.examples), config)
+            expected = self.method.num_rows(len(self.examples), self.config)
             self.rows = ckpt.open_rows(self.out, state["rows"], expected_rows=expected)
             self.rows_reference = state["rows"]
         self.log(dict(event="resume", checkpoint=checkpoint, **self.position,
@@ -546,6 +555,22 @@ class _Run:
                 ckpt.prune_rows(self.out)
             self.dist.barrier()
 
+    def micro_step(self, rows, row_index, iteration, step, num_tokens):
+        """Forward and backward of one micro-batch of this rank; (its detached summed loss, the
+        method's step statistics)."""
+        config, device = self.config, self.device
+        batch = pack_rows(rows) if config.packing else collate(rows, pad_id=_pad_id(self.tokenizer))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        # per-row seeds: a row mixes alike at any world size and micro-batch size (a packed
+        # micro-batch is one row: its seed follows the rows packed into it)
+        seeds = mixing_seeds(config.seed, iteration, step, [tuple(row_index)] if config.packing else row_index
+                             ).to(device) if self.method.uses_row_seeds else None
+        with self.autocast:
+            loss_sum, stats = self.trainable(batch, **self.method.loss_inputs(config, seeds))
+        # the loss of the whole step is sum / num_tokens; DDP/FSDP average over ranks
+        (loss_sum * (self.dist.world / num_tokens)).backward()
+        return loss_sum.detach(), stats
+
     def train_step(self, iteration, step, global_index):
         """One optimizer step on the global batch `global_index`; its metrics record."""
         config, dist, device = self.config, self.dist, self.device
@@ -556,19 +581,9 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, stat_sums = 0.0, {}
         for start in range(0, len(mine), self.micro):
-            chunk = mine[start:start + self.micro]
-            batch = pack_rows(chunk) if config.packing else collate(chunk, pad_id=_pad_id(self.tokenizer))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            # per-row seeds: a row mixes alike at any world size and micro-batch size (a packed
-            # micro-batch is one row: its seed follows the rows packed into it)
-            index = my_index[start:start + self.micro]
-            seeds = _row_mix_seeds(config.seed, iteration, step, [tuple(index)] if config.packing else index
-                                   ).to(device) if self.method.uses_row_seeds else None
-            with self.autocast:
-                loss_sum, stats = self.trainable(batch, **self.method.loss_inputs(config, seeds))
-            # the loss of the whole step is sum / num_tokens; DDP/FSDP average over ranks
-            (loss_sum * (dist.world / num_tokens)).backward()
-            total_loss += loss_sum.detach()
+            loss_sum, stats = self.micro_step(mine[start:start + self.micro], my_index[start:start + self.micro],
+                                              iteration, step, num_tokens)
+            total_loss += loss_sum
             for name, (numerator, denominator) in (stats or {}).items():  # summed on device, read once
                 old = stat_sums.get(name, (0, 0))
                 stat_sums[name] = (old[0] + numerator, old[1] + denominator)
@@ -775,11 +790,7 @@ def _row_order(num_rows, needed, seed, iteration):
     return order[:needed]
 
 
-def _row_mix_seeds(seed, iteration, step, row_indices):
-    """BASH's mixing seeds, one per row (gapfix.methods.bash.mixing_seeds)."""
-    from gapfix.methods.bash import mixing_seeds
-
-    return mixing_seeds(seed, iteration, step, row_indices)
+_row_mix_seeds = mixing_seeds  # BASH's per-row mixing seeds, the rule both drivers follow
 
 
 def _pad_id(tokenizer):
