@@ -1,10 +1,10 @@
-"""Run by tests/test_seams.py under torchrun: the README's in-loop BASH recipe, then every
+"""Run by tests/test_seams.py under torchrun: the in-loop BASH recipe of docs/ops.md, then every
 parameter gathered from every rank into a JSON file.
 
-    distributed_recipe_worker.py OUT RECIPE       RECIPE: "inside" (the README's: trunk and loss
+    distributed_recipe_worker.py OUT RECIPE       RECIPE: "inside" (docs/ops.md's: trunk and loss
                                                   inside the DDP-wrapped module's forward) or
-                                                  "outside" (the old recipe: the trunk called
-                                                  beside DDP, its gradients never synchronised)
+                                                  "outside" (the trunk called beside DDP, its
+                                                  gradients never synchronised)
 """
 import json
 import sys

@@ -43,7 +43,7 @@ def copy_run(source, target):
     return str(target)
 
 
-# ---------------------------------------------------------------- item 1: nothing unpickled
+# ---------------------------------------------------------------- nothing unpickled
 
 
 class RunsCode:
@@ -113,7 +113,7 @@ def test_damaged_trainer_state_is_refused_naming_the_file(tokenizer, finished_ru
         load_checkpoint(checkpoint, tiny_model(tokenizer))
 
 
-# ---------------------------------------------------------------- item 2: the latest pointer
+# ---------------------------------------------------------------- the latest pointer
 
 
 @pytest.mark.parametrize("pointer", ["../../elsewhere/ck", "absolute", "symlinked-checkpoint",
@@ -146,7 +146,7 @@ def test_latest_pointer_must_name_a_checkpoint_inside_out(tokenizer, examples, f
               out_dir=out, **FAST)
 
 
-# ---------------------------------------------------------------- item 13: same settings
+# ---------------------------------------------------------------- same settings
 
 
 def test_resume_with_other_settings_is_refused_naming_them(tokenizer, examples, finished_run, tmp_path):
@@ -167,7 +167,7 @@ def test_resume_with_other_settings_is_refused_naming_them(tokenizer, examples, 
     assert resumed[-1]["config_changes"] == ["iterations: 1 -> 2"]
 
 
-# ---------------------------------------------------------------- item 14: metrics after resume
+# ---------------------------------------------------------------- metrics after resume
 
 
 def test_metrics_after_a_resume_read_like_an_uninterrupted_run(tokenizer, examples, tmp_path):
@@ -194,7 +194,7 @@ def test_a_run_that_starts_over_starts_its_log_over(tokenizer, examples, finishe
     assert [e["step"] for e in events if e["event"] == "step"] == [1]
 
 
-# ---------------------------------------------------------------- item 15: disk full, fsync
+# ---------------------------------------------------------------- disk full, fsync
 
 
 def test_disk_full_while_writing_trainer_state_names_it_and_keeps_previous(tokenizer, examples,

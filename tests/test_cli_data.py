@@ -113,8 +113,8 @@ def test_eval_and_compare_name_the_file_and_line_of_a_malformed_record(saved_mod
 
 @pytest.mark.parametrize("kind", ["bpe", "word", "char"])
 def test_tokenizer_streamed_from_the_file_is_the_one_from_a_list(tmp_path, monkeypatch, kind):
-    """The same vocabulary (and merges) as training on the whole list of texts at once, the
-    pre-streaming path, on the bundled math data plus chat records."""
+    """The same vocabulary (and merges) as training on the whole list of texts at once, on the
+    bundled math data plus chat records."""
     import gapfix.models as models
     from gapfix.train_cli import _tokenizer_from_data
 
@@ -126,7 +126,7 @@ def test_tokenizer_streamed_from_the_file_is_the_one_from_a_list(tmp_path, monke
     streamed = _tokenizer_from_data(str(path), 512, kind)
     texts = [text for record in read_jsonl(str(path)) for text in split_record(record)]
 
-    def whole_list(items, seen):  # what train_tokenizer did before: the list handed over at once
+    def whole_list(items, seen):  # the list handed over at once, not in batches
         seen[0] = len(items)
         return items
 

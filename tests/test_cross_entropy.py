@@ -426,9 +426,8 @@ def test_bad_logits_input():
     (dict(token_weight=-torch.ones(6)), "token_weight"),
 ])
 def test_bad_logits_options_raise_for_every_impl(impl, change, word):
-    # issue 11 items 4, 9, 10: impl="torch" validates like the fast path; chunk_size <= 0
-    # and a count num_tokens <= 0 are refused (a zero count gave inf, a negative one a
-    # negative loss)
+    # impl="torch" validates like the fast path; chunk_size <= 0 and a count num_tokens <= 0
+    # are refused (a zero count would give inf, a negative one a negative loss)
     logits = torch.randn(6, 30, requires_grad=True)
     args = dict(target=torch.randint(0, 30, (6,)), impl=impl)
     args.update(change)
@@ -439,7 +438,7 @@ def test_bad_logits_options_raise_for_every_impl(impl, change, word):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("impl", ["torch_fast", "torch"])
 def test_num_tokens_tensor_in_every_dtype(impl, dtype):
-    # issue 11 item 4: a tensor count in fp32/bf16/fp16 raised "may not alias" (only fp64 worked)
+    # num_tokens as a tensor in any floating dtype gives the loss of the same count as a number
     hidden, weight, bias, _, _, gen, n = _linear_case(torch.float32, (2, 9), 8, 30)
     target = _make_targets(gen, (2, 9), 30, "hard")
     by_number = _run_linear(hidden, weight, bias, target, None, gapfix.linear_cross_entropy, impl=impl,
@@ -488,7 +487,7 @@ def test_invalid_values_give_nan_where_they_cannot_be_read(monkeypatch, impl):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_second_order_gradients_are_refused_not_zero(dtype, reduction):
-    # issue 11 item 5: create_graph=True through the fast path gave a second-order gradient of 0
+    # create_graph=True through the fast path is refused, never a silent second-order gradient of 0
     logits = torch.randn(5, 7, dtype=dtype, requires_grad=True)
     target = torch.randint(0, 7, (5,))
     ref = F.cross_entropy(logits.float(), target, reduction=reduction).sum()
@@ -521,8 +520,8 @@ def _weight_grads(fn, inputs, ids, soft_w, token_weight, grad_none, **kw):
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0}],
                          ids=["plain", "all"])
 def test_target_and_token_weight_gradients_match_the_reference(dtype, reduction, options):
-    # issue 11 item 6: soft-target weights and token_weight that require grad got no
-    # gradient on the fast path (.grad None); now as the reference's, linear and logits forms
+    # soft-target weights and token_weight that require grad get the reference's gradient on
+    # the fast path, in the linear and the logits forms
     hidden, weight, bias, grad_none, token_weight, gen, n = _linear_case(dtype, (3, 17), 16, 50)
     ids, soft_w = _make_targets(gen, (3, 17), 50, "soft")
     kw = dict(options, reduction=reduction)
@@ -617,7 +616,7 @@ def test_linear_triton_all_ignored(triton_device):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_zero_rows(triton_device, reduction):
-    # issue 14: N = 0 raised ZeroDivisionError in the vocabulary-split heuristic
+    # N = 0 rows (the vocabulary-split heuristic must not divide by N)
     dev = triton_device
     for impl in ("triton", "torch_fast", "torch"):
         hidden = torch.randn(0, 16, device=dev, requires_grad=True)
@@ -899,7 +898,7 @@ except ImportError:
 
 
 def test_softcap_tanh_is_accurate_near_zero(triton_device):
-    # issue 14: 1 - 2 / (exp(2u) + 1) cancels for small |u| (relative error ~eps / |u|,
+    # 1 - 2 / (exp(2u) + 1) cancels for small |u| (relative error ~eps / |u|,
     # 1.3e-5 at u = 1e-3), which the soft cap multiplies; the kernels' tanh stays within a
     # few fp32 ulp relative of the exact value over the whole range
     u = torch.cat([torch.logspace(-8, 1.5, 2000), torch.linspace(-1, 1, 2001), torch.tensor([0.0, 0.5, 40.0])])
@@ -915,7 +914,7 @@ def test_softcap_tanh_is_accurate_near_zero(triton_device):
 
 
 def test_every_launch_enters_the_tensors_device_context(monkeypatch, triton_device):
-    # issue 14: Triton launches on the current CUDA device; with a model spread over GPUs the
+    # Triton launches on the current CUDA device; with a model spread over GPUs the
     # tensors may be on another one. Every kernel launch happens inside
     # _common.device_guard(the tensors' device), which enters torch.cuda.device(that device)
     # (faked here where there is no GPU)
@@ -967,7 +966,7 @@ class _LaunchSpy:
 
 
 def test_backward_allocates_only_the_accumulators_it_needs(monkeypatch, triton_device):
-    # issue 14: the fp32 (N, H) dx accumulator was allocated even when dx is not needed
+    # each fp32 accumulator (dx, dW, db) is allocated only when its gradient is needed
     from gapfix.kernels import cross_entropy as K
 
     launches, depth = [], [0]

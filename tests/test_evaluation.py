@@ -53,7 +53,7 @@ def test_recovery_scores_hand_worked():
 
 
 def test_label_diagnostic_hand_worked():
-    # gen "a b X c" against ref "a b c": path labels a b c c EOS (README example)
+    # gen "a b X c" against ref "a b c": path labels a b c c EOS (docs/design.md's example)
     a, b, c, x, eos = 1, 2, 3, 9, 0
     result = label_diagnostic([[a, b, x, c]], [[a, b, c]], eos_id=eos, correct=[True])
     path = result["path"]

@@ -1,5 +1,5 @@
-"""Hostile and careless input on the command line and in files (issue 11): every failure is
-named in one line (exit 2), nothing runs from the current directory, nothing is left behind."""
+"""Hostile and careless input on the command line and in files: every failure is named in one
+line (exit 2), nothing runs from the current directory, nothing is left behind (docs/failures.md)."""
 import json
 import os
 import random
@@ -46,7 +46,7 @@ def records(n, seed=0):
 TRAIN = ["--model", "tiny", "--steps-per-iteration", "1", "--batch-size", "2", "--progress", "false"]
 
 
-# ---------------------------------------------------------------- item 3: bench
+# ---------------------------------------------------------------- gapfix bench: the installed suite only
 
 
 def test_bench_runs_the_installed_suite_never_the_current_directorys(tmp_path, monkeypatch):
@@ -68,7 +68,7 @@ def test_bench_runs_the_installed_suite_never_the_current_directorys(tmp_path, m
     assert f"--benchmark-json={tmp_path / 'out.json'}" in command
 
 
-# ---------------------------------------------------------------- item 11: bad data, named
+# ---------------------------------------------------------------- bad data, named
 
 
 def test_train_names_an_empty_file(tmp_path, capsys):
@@ -119,7 +119,7 @@ def test_generate_names_a_non_utf8_line_and_skips_it_when_asked(tmp_path, model_
     assert sorted({a.prompt_index for a in answers}) == [0, 1]
 
 
-# ---------------------------------------------------------------- item 12: overlong examples
+# ---------------------------------------------------------------- overlong examples
 
 
 def test_an_example_longer_than_the_context_is_dropped_and_reported(tmp_path, capsys):
@@ -148,7 +148,7 @@ def test_eval_prompts_that_leave_no_room_to_generate_are_dropped_and_named(tmp_p
     assert evals in line and "no usable examples (3 prompt too long)" in line
 
 
-# ---------------------------------------------------------------- item 13: resume, other flags
+# ---------------------------------------------------------------- resume, other flags
 
 
 def test_resume_with_other_flags_is_refused_naming_them(tmp_path, capsys):
@@ -166,7 +166,7 @@ def test_resume_with_other_flags_is_refused_naming_them(tmp_path, capsys):
     assert main([*again, "--resume-with-changed-config"]) == 0
 
 
-# ---------------------------------------------------------------- item 16: vLLM model copies
+# ---------------------------------------------------------------- vLLM model copies
 
 
 KILLED_COPY = textwrap.dedent("""
@@ -205,7 +205,7 @@ def test_a_killed_runs_model_copy_is_removed_by_the_next_run(tmp_path, monkeypat
     assert not fresh.exists()
 
 
-# ---------------------------------------------------------------- item 17: generate's files
+# ---------------------------------------------------------------- generate's files
 
 
 @pytest.mark.parametrize("case", ["out-is-a-directory", "prompts-is-a-directory", "empty-prompts",
@@ -227,7 +227,7 @@ def test_generate_names_bad_files(tmp_path, capsys, case):
     assert expected in line and (out if case == "out-is-a-directory" else prompts) in line
 
 
-# ---------------------------------------------------------------- item 18: one line, exit 2
+# ---------------------------------------------------------------- one line, exit 2
 
 
 @pytest.mark.parametrize("argv, needle", [

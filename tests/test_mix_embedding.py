@@ -615,7 +615,7 @@ except ImportError:
 
 
 def test_soft_index_is_int64_past_2_to_the_31(triton_device):
-    """issue 14: the (N, K) alt_ids / alt_probs are indexed n * K + k; n is a program id
+    """The (N, K) alt_ids / alt_probs are indexed n * K + k; n is a program id
     times BLOCK_N plus a lane (int32), and N * K may pass 2**31 (a 2**31-element tensor is too
     big for a test: the index helper runs on positions near 2**30 instead)."""
     first, k, block = 2**30 + 5, 4, 8
@@ -667,7 +667,7 @@ print("ok")
 @pytest.mark.slow
 def test_soft_kernels_index_alt_ids_in_int64_when_lowered_for_sm90():
     """The soft forward and atomic backward, lowered for an H100: the alt_probs loads take
-    int64 offsets (issue 14; the TTIR of the real kernels, not only the helper)."""
+    int64 offsets (the TTIR of the real kernels, not only the helper)."""
     from sm90_lowering import run_lowering_script
 
     assert run_lowering_script(_LOWER_SOFT_SM90).strip().endswith("ok")

@@ -30,7 +30,7 @@ def _run(folder, nproc, method, strategy="ddp"):
         assert [pa.ipc.open_file(file).read_all().num_rows for file in files] == [32 // nproc] * nproc
     canonical = RowTable.open(files).write_to(folder / "canonical.arrow")
     counts = [json.loads((folder / f"counts-{rank}.json").read_text()) for rank in range(nproc)]
-    if method.startswith("rac"):  # the union is, byte for byte, the one file rank 0 alone used to write
+    if method.startswith("rac"):  # the union is, byte for byte, mix_with_sft over all the rows in one process
         assert open(canonical, "rb").read() == (folder / "reference.arrow").read_bytes()
     return open(canonical, "rb").read(), counts
 

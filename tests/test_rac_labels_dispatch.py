@@ -1,5 +1,5 @@
 """rac_labels(impl="auto") on CPU tensors aligns with align's "auto" (the native kernel), not
-the O(Tg * Tr) PyTorch reference: "auto" resolving to the "torch" labels on CPU once dragged the
+the O(Tg * Tr) PyTorch reference: "auto" resolving to the "torch" labels on CPU would drag the
 alignment down to the reference too (~100x slower at 256 x 256 tokens; bench/RESULTS.md,
 "0.1.0 vs this version"). Only an explicit impl="torch" means the reference alignment.
 """

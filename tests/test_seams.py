@@ -1,4 +1,4 @@
-"""The seams between gapfix and the components on its other side (issue 9): the model's own
+"""The seams between gapfix and the components on its other side: the model's own
 logit post-processing, packed batches, PEFT models, the label convention, EOS in generated
 answers, chat templates, DDP. Every test runs the real counterpart (transformers models,
 peft LoRA, tokenizers with chat templates, torchrun)."""
@@ -262,7 +262,7 @@ def finishing_model():
 
 def test_rac_statistics_see_finished_answers(finishing_model, tmp_path):
     """`gapfix train --method rac`'s offline statistics: finished and exact_match counted from
-    what the model really generated (before the fix: 0.0 and 0.0, every answer taken as cut)."""
+    what the model really generated (not 0.0 and 0.0, as when every answer is taken as cut)."""
     import copy
     import json
 
@@ -507,8 +507,8 @@ def test_cli_trains_a_lora_adapter_in_peft_format(tmp_path):
 
 
 def test_cli_trains_from_an_adapter_folder(tmp_path):
-    """`gapfix train --model <adapter folder>`: the adapter on its base, trainable (before: "element 0 of
-    tensors does not require grad"), saved back as an adapter."""
+    """`gapfix train --model <adapter folder>`: the adapter on its base, trainable (its parameters
+    require grad), saved back as an adapter."""
     peft = pytest.importorskip("peft")
     from safetensors.torch import load_file
 
@@ -533,7 +533,7 @@ def test_cli_trains_from_an_adapter_folder(tmp_path):
     assert peft.PeftConfig.from_pretrained(str(out / "final")).r == 4
 
 
-# ------------------------------------------------------------------ (g) the README's DDP recipe
+# ------------------------------------------------------------------ (g) the DDP recipe of docs/ops.md
 
 def run_recipe(tmp_path, recipe):
     import json
@@ -552,7 +552,7 @@ def run_recipe(tmp_path, recipe):
 
 
 def test_ddp_recipe_keeps_replicas_identical(tmp_path):
-    """Two gloo processes follow the README's recipe on different shards: their parameters are
+    """Two gloo processes follow the recipe of docs/ops.md on different shards: their parameters are
     equal after training (and did train)."""
     result = run_recipe(tmp_path, "inside")
     assert result["moved"] > 1e-3
@@ -560,7 +560,7 @@ def test_ddp_recipe_keeps_replicas_identical(tmp_path):
 
 
 def test_trunk_beside_ddp_lets_replicas_drift(tmp_path):
-    """Why the recipe runs the trunk inside the DDP-wrapped forward: called beside it (the old
-    README recipe), the replicas silently drift apart."""
+    """Why the recipe runs the trunk inside the DDP-wrapped forward: with the trunk called beside
+    it, the replicas silently drift apart."""
     result = run_recipe(tmp_path, "outside")
     assert result["max_rank_difference"] > 1e-3, result

@@ -184,8 +184,8 @@ def test_lora_model_served_by_vllm_gives_hf_greedy_tokens(need_vllm, tok):
 
 
 def test_rac_rows_of_a_lora_model_are_the_same_through_vllm_and_hf(need_vllm):
-    """RAC no longer sends a PEFT model to transformers: through vLLM (the merged weights
-    pushed) its greedy answers, hence its rows, are those of the hf backend."""
+    """RAC generates for a PEFT model through vLLM (the merged weights pushed): its greedy
+    answers, hence its rows, are those of the hf backend."""
     peft = pytest.importorskip("peft")
     from gapfix.data import encode_example, math_task
     from gapfix.methods.rac import RAC

