@@ -28,7 +28,9 @@ def native_extension() -> Extension:
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     with_cuda = bool(CUDA_HOME) and torch.version.cuda is not None and not _flag("GAPFIX_NO_CUDA")
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # no -std= here: torch's BuildExtension adds the standard its headers need (C++17 up to
+    # torch 2.13, C++20 from 2.14 on); a fixed one breaks the build against the other
+    cxx = ["-O3", "-fopenmp"]
     if not _flag("GAPFIX_PORTABLE"):
         cxx.append("-march=native")
     define_macros = []
@@ -40,7 +42,7 @@ def native_extension() -> Extension:
     )
     if with_cuda:
         define_macros.append(("GAPFIX_WITH_CUDA", "1"))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
         return CUDAExtension(sources=cpp_sources + cuda_sources,
                              extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
     return CppExtension(sources=cpp_sources, extra_compile_args={"cxx": cxx}, **kwargs)

@@ -6,16 +6,25 @@
 #   bash bench/gpu_check.sh --dry-run [OUT_DIR]   on CPU: every step, tiny selection
 #
 # Steps (each under `timeout`, each recorded in OUT/steps.jsonl when it ends):
+#   carry        installs what the image lacks (bench/device-requirements.txt) from the
+#                carried wheels, $GAPFIX_DEVICE_WHEELS (default .device-wheels, made by
+#                scripts/download_device_wheels.sh), no index; lists what it installed
+#                (OUT/carried.json). The dry run installs nothing and lists what is there.
 #   build_check  torch present; with a GPU visible: CUDA_HOME/nvcc found and the
 #                toolkit's major version equal to torch.version.cuda's. Else stop.
 #   build        pip install --no-build-isolation --no-deps -e . (CUDA extension)
 #   build_verify with a GPU visible, gapfix._C must report cuda=yes. Else stop.
 #   env          card name (torch and nvidia-smi, read only), versions -> OUT/env.json
+#   collect      pytest --collect-only of the whole selection (tests -m cuda, bench -m cuda),
+#                the dry run included: any collection error fails the run. The later steps
+#                pass --continue-on-collection-errors, so a module that fails to import
+#                costs its own tests, never the whole step.
 #   warm         compiles every kernel the tests and benchmarks launch by running
 #                them once, in parallel shards (Triton and inductor on-disk caches);
 #                counts and times every Triton compilation
 #   tests        pytest tests -m cuda   (explicit `cuda` marks and every test using
-#                the triton_device fixture), against the warm caches
+#                the triton_device fixture), against the warm caches; pytest-timeout
+#                ends a test stuck in Python after GAPFIX_CHECK_TEST_TIMEOUT seconds
 #   bench        pytest bench -m cuda   (every benchmark marked cuda, new files too)
 #   table        OUT/gpu_results.json: steps, card, compilations, each test's
 #                outcome, each benchmark's row, and the tests that never finished
@@ -25,14 +34,16 @@
 # the warm step started and never finished runs last in its step, so a second
 # hang cannot cost the results of the tests after it.
 # GAPFIX_CHECK_BUDGET seconds in all (default 455: with the kill grace periods and
-# the table, under 8 minutes).
+# the table, under 8 minutes). Every step before warm is capped so that the tests, bench
+# and table reserves stay whole; warm gets what is left above them.
 #
 # While it runs, bench/stream_results.py (a pytest plugin) writes one JSON line
 # per test, benchmark and Triton compilation to OUT/stream/<step>.jsonl and
 # flushes it: a step killed by its limit leaves its finished results, and the
 # test it was running is the one with a "start" line and no "result".
-# Never changes the card's settings. Expects torch (a CUDA build), triton,
-# pytest and pytest-benchmark installed; installs nothing else.
+# Never changes the card's settings. Expects python3 with torch (a CUDA build), triton,
+# pytest, pytest-benchmark and pytest-timeout (the device image has them); installs
+# only the carried wheels. docs/gpu.md: how to prepare and read a run.
 set -uo pipefail
 
 DRY_RUN=0
@@ -52,27 +63,47 @@ cd "$ROOT"
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT/bench${PYTHONPATH:+:$PYTHONPATH}"   # for `-p stream_results`
 export GAPFIX_GPU_CHECK_DRY_RUN="$DRY_RUN"
-TOOLS=(python "$ROOT/bench/gpu_check_tools.py")
+TOOLS=(python3 "$ROOT/bench/gpu_check_tools.py")
+WHEELS="${GAPFIX_DEVICE_WHEELS:-$ROOT/.device-wheels}"
 CORES="$(nproc 2>/dev/null || echo 4)"
 
 if [ "$DRY_RUN" = 1 ]; then
   # CPU: Triton under the interpreter, a tiny selection (a few tests that take the
   # triton_device fixture, one CPU benchmark), small budget
   export TRITON_INTERPRET=1
-  BUDGET="${GAPFIX_CHECK_BUDGET:-360}"  # a cap: the dry run takes ~1-2 minutes on a shared CPU
-  TEST_SHARDS=2 BENCH_SHARDS=1 TESTS_RESERVE=60 BENCH_RESERVE=60 TABLE_RESERVE=15
-  TEST_SEL=(tests/test_rac_labels.py -m cuda -k "test_triton_empty or test_paper_examples_given_alignment")
-  BENCH_SEL=(bench/test_bench_rac_labels.py -k "batched_vs_per_pair and path"
-             --benchmark-max-time=0.02 --benchmark-min-rounds=1 --benchmark-warmup=off)
+  # a cap: the dry run takes 2-5 minutes on a shared 2-core CPU (each step imports torch)
+  BUDGET="${GAPFIX_CHECK_BUDGET:-900}" COLLECT_LIMIT=300  # collecting everything: 1-3 minutes here
+  TEST_SHARDS=2 BENCH_SHARDS=1 TESTS_RESERVE=120 BENCH_RESERVE=120 TABLE_RESERVE=15
+  if [ "${GAPFIX_CHECK_DRY_FULL:-0}" = 1 ]; then  # every test of the GPU run, under the interpreter
+    BUDGET="${GAPFIX_CHECK_BUDGET:-2400}" TESTS_RESERVE=900 BENCH_RESERVE=300
+    TEST_SEL=(tests -m cuda)
+    BENCH_SEL=(bench -m cuda)
+  else  # the collect step still checks the whole selection
+    TEST_SEL=(tests/test_rac_labels.py -m cuda -k "test_triton_empty or test_paper_examples_given_alignment")
+    BENCH_SEL=(bench/test_bench_rac_labels.py -k "batched_vs_per_pair and path"
+               --benchmark-max-time=0.02 --benchmark-min-rounds=1 --benchmark-warmup=off)
+  fi
 else
-  BUDGET="${GAPFIX_CHECK_BUDGET:-455}"  # + up to 3 x 5 s of kill grace + the table: < 8 minutes
+  BUDGET="${GAPFIX_CHECK_BUDGET:-455}" COLLECT_LIMIT=120  # + 3 x 5 s of kill grace + the table: < 8 minutes
   TEST_SHARDS="${GAPFIX_CHECK_TEST_SHARDS:-6}" BENCH_SHARDS="${GAPFIX_CHECK_BENCH_SHARDS:-2}"
-  TESTS_RESERVE=60 BENCH_RESERVE=120 TABLE_RESERVE=15
+  # what the tests step needs even when warm uses all of its limit: ~25 s of start-up and
+  # collection, the tests' own run time, a cache load per kernel (bench/gpu_check_tools.py)
+  TESTS_RESERVE=120 BENCH_RESERVE=100 TABLE_RESERVE=15
   TEST_SEL=(tests -m cuda)
   BENCH_SEL=(bench -m cuda)
 fi
 BUILD_LIMIT="${GAPFIX_CHECK_BUILD_LIMIT:-180}"
-PYTEST=(python -m pytest -q -ra -p no:cacheprovider -p stream_results)
+PYTEST=(python3 -m pytest -q -ra -p no:cacheprovider -p stream_results)
+# the steps that run tests: a module that fails to import costs its own tests only (the
+# collect step has already failed the run for it)
+RUN_OPTS=(--continue-on-collection-errors)
+if python3 -c "import pytest_timeout" 2>/dev/null; then
+  # a test stuck in Python ends with its stack in the log, and the step goes on; a hang
+  # inside a CUDA call is not interruptible this way, and the step's own limit stays for it
+  RUN_OPTS+=(--timeout="${GAPFIX_CHECK_TEST_TIMEOUT:-120}" --timeout-method=signal)
+else
+  echo "gpu_check: pytest-timeout is not installed: no per-test timeout" >>"$LOG"
+fi
 if [ "$DRY_RUN" = 1 ]; then  # plugins no test here uses, ~2 s of start-up each on a busy CPU
   PYTEST+=(-p no:hypothesispytest -p no:anyio)
 fi
@@ -88,11 +119,18 @@ fi
 
 STATUS=0
 left() { echo $((BUDGET - SECONDS)); }
+# the limit of a step before warm: its own, but never eating what tests, bench and table need
+# (a hang there cuts the run's results, not its 8 minutes)
+before_warm() {
+  local room=$(($(left) - TESTS_RESERVE - BENCH_RESERVE - TABLE_RESERVE))
+  if [ "$room" -lt 10 ]; then room=10; fi
+  if [ "$1" -lt "$room" ]; then echo "$1"; else echo "$room"; fi
+}
 say() { echo "$*" | tee -a "$LOG"; }  # progress on stdout too: a caller cut short still sees it
 record() {  # record STEP RC SECONDS LIMIT: one line of OUT/steps.jsonl (with $NOTE, if set)
   local timed_out=false
   if [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then timed_out=true; fi
-  python - "$OUT_DIR/steps.jsonl" "$1" "$2" "$3" "$4" "$timed_out" "${NOTE:-}" <<'EOF'
+  python3 - "$OUT_DIR/steps.jsonl" "$1" "$2" "$3" "$4" "$timed_out" "${NOTE:-}" <<'EOF'
 import json, sys
 path, step, rc, seconds, limit, timed_out, note = sys.argv[1:]
 with open(path, "a") as f:
@@ -131,6 +169,15 @@ stop() {  # a step that makes the rest meaningless: say why, write the table, st
   echo "CUDA_HOME=${CUDA_HOME:-unset}"
 } >>"$LOG"
 
+# ---------------------------------------------------------------- carry
+if [ "$DRY_RUN" = 1 ]; then
+  NOTE="dry run: nothing installed, what the environment has" step carry 120 "${TOOLS[@]}" carry - "$OUT_DIR"
+else
+  # PIP_NO_INDEX is set above: nothing is fetched, only the carried folder is read
+  NOTE="from $WHEELS" step carry "$(before_warm 120)" "${TOOLS[@]}" carry "$WHEELS" "$OUT_DIR"
+fi
+grep '^carried: \|^CARRY FAILED\|^pip check' "$LOG" | tail -n 20
+
 # ---------------------------------------------------------------- build
 step build_check 60 "${TOOLS[@]}" build-check before ||
   stop "the CUDA build cannot work here (see BUILD CHECK FAILED above)"
@@ -139,13 +186,16 @@ if [ "$DRY_RUN" = 1 ]; then
   NOTE="dry run: no build, gapfix as installed" step build 60 echo "dry run: no build" ||
     stop "the dry run's build step failed"
 else
-  python -c "import torch" >>"$LOG" 2>&1 || stop "torch is not installed"
-  MAX_JOBS="${MAX_JOBS:-$CORES}" step build "$BUILD_LIMIT" \
-    python -m pip install --no-build-isolation --no-deps -e . || stop "the build failed"
+  python3 -c "import torch" >>"$LOG" 2>&1 || stop "torch is not installed"
+  MAX_JOBS="${MAX_JOBS:-$CORES}" step build "$(before_warm "$BUILD_LIMIT")" \
+    python3 -m pip install --no-build-isolation --no-deps -e . || stop "the build failed"
 fi
 step build_verify 60 "${TOOLS[@]}" build-check after ||
   stop "gapfix._C cannot serve the GPU (see BUILD CHECK FAILED above)"
 step env 60 "${TOOLS[@]}" env "$OUT_DIR"
+# every test and benchmark the GPU run selects must import: the dry run checks the same list
+step collect "$(before_warm "$COLLECT_LIMIT")" "${PYTEST[@]}" --collect-only -m cuda tests bench ||
+  grep -E '^ERROR |^E  ' "$LOG" | tail -n 20
 
 # ---------------------------------------------------------------- warm the caches
 shard() {  # shard NAME LIMIT CMD...: one warm process; its wall time goes to OUT/stream/NAME.wall
@@ -159,12 +209,12 @@ shard() {  # shard NAME LIMIT CMD...: one warm process; its wall time goes to OU
 warm() {  # every test and benchmark once, in parallel shards; compilations land in the caches
   local limit="$1" pids=() i rc=0 r
   for ((i = 0; i < TEST_SHARDS; i++)); do
-    shard "warm_tests_$i" "$limit" "${PYTEST[@]}" "${TEST_SEL[@]}" --stream-step warm \
+    shard "warm_tests_$i" "$limit" "${PYTEST[@]}" "${RUN_OPTS[@]}" "${TEST_SEL[@]}" --stream-step warm \
       --stream-jsonl "$OUT_DIR/stream/warm_tests_$i.jsonl" --stream-shard "$i/$TEST_SHARDS" &
     pids+=($!)
   done
   for ((i = 0; i < BENCH_SHARDS; i++)); do
-    shard "warm_bench_$i" "$limit" "${PYTEST[@]}" "${BENCH_SEL[@]}" "${WARM_BENCH_OPTS[@]}" \
+    shard "warm_bench_$i" "$limit" "${PYTEST[@]}" "${RUN_OPTS[@]}" "${BENCH_SEL[@]}" "${WARM_BENCH_OPTS[@]}" \
       --stream-step warm \
       --stream-jsonl "$OUT_DIR/stream/warm_bench_$i.jsonl" --stream-shard "$i/$BENCH_SHARDS" &
     pids+=($!)
@@ -198,11 +248,11 @@ NOTE="$TEST_SHARDS test shards, $BENCH_SHARDS benchmark shards" \
 
 # ---------------------------------------------------------------- tests and benchmarks, warm
 TESTS_LIMIT=$("${TOOLS[@]}" limit "$OUT_DIR" tests $(( $(left) - BENCH_RESERVE - TABLE_RESERVE )) 2>>"$LOG")
-step tests "${TESTS_LIMIT:-$TESTS_RESERVE}" "${PYTEST[@]}" "${TEST_SEL[@]}" --stream-step tests \
+step tests "${TESTS_LIMIT:-$TESTS_RESERVE}" "${PYTEST[@]}" "${RUN_OPTS[@]}" "${TEST_SEL[@]}" --stream-step tests \
   --stream-jsonl "$OUT_DIR/stream/tests.jsonl" --stream-last "$OUT_DIR/stream/tests.last" \
   --junitxml="$OUT_DIR/tests_cuda.xml"
 BENCH_LIMIT=$("${TOOLS[@]}" limit "$OUT_DIR" bench $(( $(left) - TABLE_RESERVE )) 2>>"$LOG")
-step bench "${BENCH_LIMIT:-$BENCH_RESERVE}" "${PYTEST[@]}" "${BENCH_SEL[@]}" --stream-step bench \
+step bench "${BENCH_LIMIT:-$BENCH_RESERVE}" "${PYTEST[@]}" "${RUN_OPTS[@]}" "${BENCH_SEL[@]}" --stream-step bench \
   --stream-jsonl "$OUT_DIR/stream/bench.jsonl" --stream-last "$OUT_DIR/stream/bench.last" \
   --benchmark-json="$OUT_DIR/bench_cuda.json"
 

@@ -1,5 +1,7 @@
 """The Python half of bench/gpu_check.sh (the bash half runs the steps under time limits).
 
+    python bench/gpu_check_tools.py carry WHEELS OUT        installs bench/device-requirements.txt from
+                                 the carried wheels (WHEELS, or "-" to install nothing) -> OUT/carried.json
     python bench/gpu_check_tools.py env OUT                 -> OUT/env.json (card, versions)
     python bench/gpu_check_tools.py build-check before|after
                                  exit 1 with the reasons when the CUDA build cannot work
@@ -114,6 +116,95 @@ def cmd_build_check(phase: str) -> int:
     return 1 if problems else 0
 
 
+# ---------------------------------------------------------------------------- carried packages
+
+REQUIREMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "device-requirements.txt")
+IMAGE_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "device-image.txt")
+
+
+def read_pins(path: str) -> list[str]:
+    """The requirement lines of a pinned list ("name==version"), comments and blanks dropped."""
+    pins = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!_-]+", text):
+                raise ValueError(f"{path}:{number}: expected one name==version pin, not {text!r}")
+            pins.append(text)
+    return pins
+
+
+def installed_versions(names: list[str]) -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _pip_install(wheels: str, requirements: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels,
+               "--disable-pip-version-check", "--no-cache-dir", "--no-compile", *requirements]
+    print("$", " ".join(command), flush=True)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    print(done.stdout[-4000:], done.stderr[-4000:], sep="\n", flush=True)
+    return done
+
+
+def cmd_carry(wheels: str, out_dir: str) -> int:
+    """Installs the carried requirements from the folder WHEELS with pip's resolver and no index
+    (an image package that already satisfies a requirement stays; the folder's fallbacks replace
+    one that does not). All at once first; if pip refuses, one requirement at a time, so that one
+    conflict costs only its own package. "-" installs nothing (the dry run: the environment is
+    what it is, and what it lacks is listed, not failed). Writes OUT/carried.json: each
+    requirement, its version now, and where it came from; exit 1 when one is missing after an
+    install (or the folder is missing)."""
+    pins = read_pins(REQUIREMENTS)
+    names = [pin.split("==")[0] for pin in pins]
+    before = installed_versions(names)
+    refused: dict[str, str] = {}
+    if wheels != "-":
+        if not os.path.isdir(wheels):
+            print(f"CARRY FAILED: no carried wheels at {wheels}: run scripts/download_device_wheels.sh "
+                  "and carry .device-wheels", file=sys.stderr)
+        elif _pip_install(wheels, pins).returncode != 0:
+            for pin in pins:
+                done = _pip_install(wheels, [pin])
+                if done.returncode != 0:
+                    refused[pin] = (done.stderr.strip().splitlines() or ["pip failed"])[-1][:500]
+    after = installed_versions(names)
+    rows = []
+    for pin, name in zip(pins, names):
+        wanted = pin.split("==")[1]
+        source = "image" if before[name] is not None and before[name] == after[name] else "carried"
+        rows.append({"requirement": pin, "installed": after[name], "source": source if after[name] else None,
+                     "matches_pin": after[name] == wanted, "refused": refused.get(pin)})
+    check = subprocess.run([sys.executable, "-m", "pip", "check", "--disable-pip-version-check"],
+                           capture_output=True, text=True, timeout=300, check=False)
+    record = {"wheels": wheels, "packages": rows, "pip_check": check.stdout.strip().splitlines()}
+    with open(os.path.join(out_dir, "carried.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    missing = [r["requirement"] for r in rows if r["installed"] is None]
+    for r in rows:
+        print(f"carried: {r['requirement']:<28} installed {r['installed']} ({r['source'] or 'MISSING'})"
+              + (f" refused: {r['refused']}" if r["refused"] else ""))
+    for line in record["pip_check"]:
+        print(f"pip check: {line}")
+    if missing and wheels == "-":
+        print(f"carry: not installed here: {', '.join(missing)} (nothing installed: dry run)")
+        return 0
+    if missing:
+        print(f"CARRY FAILED: not installed: {', '.join(missing)} (their tests and benchmarks skip, "
+              "with the reason, in the table)", file=sys.stderr)
+    return 1 if missing else 0
+
+
 # ---------------------------------------------------------------------------- environment
 
 
@@ -145,6 +236,9 @@ def cmd_env(out_dir: str) -> int:
             env[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             env[dist] = None
+    # the versions of every package bench/device-image.txt pins, to correct that list from a real run
+    image_names = [pin.split("==")[0] for pin in read_pins(IMAGE_LIST)]
+    env["image"] = installed_versions(image_names)
     if env["cuda_available"]:
         env["device_name"] = torch.cuda.get_device_name(0)
         env["device_count"] = torch.cuda.device_count()
@@ -208,6 +302,7 @@ def summarize(events: list[dict]) -> dict:
         "results": list(results.values()),
         "unfinished": [nodeid for nodeid in started if nodeid not in results],
         "compiled": [e for e in compiles if not e.get("cache_hit")],
+        "specializations": [e for e in events if e["event"] == "specialization"],
         "cache_hits": sum(1 for e in compiles if e.get("cache_hit")),
         "selected": selected[-1]["count"] if selected else (ends[-1]["selected"] if ends else None),
         "ended": bool(ends),
@@ -312,6 +407,39 @@ def _benchmark_row(step: str, result: dict) -> dict:
     }
 
 
+def interpreted_compilations(specializations: list[dict]) -> dict | None:
+    """What a dry run under the interpreter says the GPU warm step will compile: each warm
+    process compiles every specialization it launches that the on-disk cache does not hold yet,
+    and parallel processes do not see each other's in time, so the per-process count is the
+    upper bound and the distinct count (over all processes) the lower one."""
+    warm = [e for e in specializations if e["stream"].startswith("warm")]
+    if not warm:
+        return None
+    by_kernel: dict[str, int] = {}
+    for e in {e["key"]: e for e in warm}.values():
+        by_kernel[e["kernel"]] = by_kernel.get(e["kernel"], 0) + 1
+    return {
+        "warm_per_process_total": len(warm),
+        "warm_distinct": len({e["key"] for e in warm}),
+        "by_kernel": dict(sorted(by_kernel.items(), key=lambda item: -item[1])),
+    }
+
+
+def cannot_run(env: dict) -> list[dict]:
+    """What the run could not exercise on this machine, and why: stated in the table, so that a
+    missing row is read as a known gap, not as a pass."""
+    gaps = []
+    if env and env.get("vllm") is None:
+        gaps.append({
+            "what": "vLLM generation on the GPU and the colocated engine (tests/test_colocate.py, "
+                    "tests/test_vllm_push.py, tests/test_vllm_torchrun.py, tests/test_hf_rac.py's vllm "
+                    "tests, the vllm cases of bench/test_bench_generation.py and bench/test_bench_vllm_push.py)",
+            "why": "vllm is not on the device image, and a CUDA vllm with its requirements is hundreds of "
+                   "MB of wheels, far over the device tool's 64 MiB carry limit; those tests skip",
+        })
+    return gaps
+
+
 def build_table(out_dir: str) -> dict:
     env = {}
     if os.path.exists(os.path.join(out_dir, "env.json")):
@@ -324,11 +452,13 @@ def build_table(out_dir: str) -> dict:
     )
     tests, benchmarks, unfinished, compiled, problems = [], [], [], [], []
     cache_hits, listener = 0, []
+    specializations: list[dict] = []
     for name, events in streams(out_dir).items():
         s = summarize(events)
         step = name
         cache_hits += s["cache_hits"]
         compiled += [dict(c, stream=name) for c in s["compiled"]]
+        specializations += [dict(e, stream=name) for e in s["specializations"]]
         listener.append(s["compile_listener"])
         unfinished += [{"stream": name, "nodeid": nodeid} for nodeid in s["unfinished"]]
         problems += [f"{name}: unreadable line {u['line']}" for u in s["unreadable"]]
@@ -359,6 +489,14 @@ def build_table(out_dir: str) -> dict:
         k["compiled"] += 1
         k["seconds"] = round(k["seconds"] + c["seconds"], 3)
         k["max_s"] = max(k["max_s"], c["seconds"])
+    carried = None
+    if os.path.exists(os.path.join(out_dir, "carried.json")):
+        with open(os.path.join(out_dir, "carried.json")) as f:
+            carried = json.load(f)
+    skipped: dict[str, list[str]] = {}
+    for t in tests:
+        if t["outcome"] == "skipped" and not t["stream"].startswith("warm"):
+            skipped.setdefault(t["message"] or "no reason given", []).append(t["nodeid"])
     failed_steps = [s["step"] for s in steps if s.get("rc") not in (0, None)]
     bad_tests = [
         t
@@ -379,8 +517,12 @@ def build_table(out_dir: str) -> dict:
             "triton_cache_hits": cache_hits,
             "listener": all(x for x in listener if x is not None) if listener else None,
             "by_kernel": by_kernel,
+            "interpreted": interpreted_compilations(specializations),
         },
         "counts": counts,
+        "carried": carried,
+        "cannot_run": cannot_run(env),
+        "skipped_by_reason": {reason: len(ids) for reason, ids in sorted(skipped.items())},
         "unfinished": unfinished,
         "problems": problems,
         "benchmarks": benchmarks,
@@ -405,6 +547,18 @@ def cmd_table(out_dir: str) -> int:
         f"  triton: {comp['triton_compiled']} compiled in {comp['triton_compile_s']}s, "
         f"{comp['triton_cache_hits']} from the cache"
     )
+    if comp["interpreted"]:
+        print(
+            f"  interpreter: the warm step launched {comp['interpreted']['warm_distinct']} distinct "
+            f"specializations ({comp['interpreted']['warm_per_process_total']} summed over its processes): "
+            "what a GPU warm step compiles"
+        )
+    for row in (table["carried"] or {}).get("packages", []):
+        print(f"  carried {row['requirement']:<28} -> {row['installed']} ({row['source'] or 'MISSING'})")
+    for gap in table["cannot_run"]:
+        print(f"  CANNOT RUN HERE: {gap['what']}: {gap['why']}")
+    for reason, count in table["skipped_by_reason"].items():
+        print(f"  skipped {count:>4} x {reason[:150]}")
     for u in table["unfinished"]:
         print(f"  UNFINISHED (hung or killed): {u['stream']}: {u['nodeid']}")
     for t in table["tests"]:
@@ -417,6 +571,7 @@ def cmd_table(out_dir: str) -> int:
 
 def main(argv: list[str]) -> int:
     commands = {
+        "carry": (cmd_carry, 2),
         "env": (cmd_env, 1),
         "build-check": (cmd_build_check, 1),
         "limit": (cmd_limit, 3),

@@ -15,6 +15,8 @@ test that was running when the step died (a "start" line without its
   {"event": "moved_last", "nodeids"}                                   with --stream-last
   {"event": "start", "nodeid"}                                         a test begins
   {"event": "compile", "nodeid", "kernel", "cache_hit", "seconds"}     a Triton compilation
+  {"event": "specialization", "nodeid", "kernel", "key"}   under TRITON_INTERPRET=1: a launch
+                                   whose specialization this process had not launched before
   {"event": "result", "nodeid", "outcome", "duration", "phase", "message",
    "compiles", "compile_s", "cache_hits", "inductor_graphs", "benchmark"}   a test ends
   {"event": "end", "exitstatus", "selected"}                           the session ends
@@ -23,8 +25,12 @@ Compilations are counted by Triton's compilation listener (triton.knobs.compilat
 cache_hit is false when the kernel was really compiled (seconds = its compile time), true when
 it came from the on-disk cache. torch.compile graphs compiled by inductor are counted from
 torch._dynamo's counters (inductor compiles their Triton kernels in worker processes, which
-this listener does not see). "benchmark" holds pytest-benchmark's statistics and extra_info
-when the test used the `benchmark` fixture.
+this listener does not see). Under the interpreter nothing compiles; the plugin then records each
+launch's specialization key instead (the kernel, each tensor's dtype and 16-byte alignment, each
+integer's value class, the constexpr values, num_warps/num_stages: what Triton's JIT keys its
+cache on), so a dry run counts the compilations the same tests would cost on a GPU.
+"benchmark" holds pytest-benchmark's statistics and extra_info when the test used the
+`benchmark` fixture.
 
 --stream-shard i/k keeps every k-th selected test starting at the i-th (0-based), in nodeid
 order: k processes with i = 0..k-1 share one selection without overlap. --stream-last FILE
@@ -83,6 +89,8 @@ class StreamResults:
         self._duration = 0.0
         self._graphs_before = 0
         self.has_listener = self._install_listener()
+        self.specializations: set = set()
+        self._interpreter_patch = self._install_specialization_counter()
 
     # ---------------------------------------------------------------- output
 
@@ -122,6 +130,63 @@ class StreamResults:
             self._previous_listener(
                 src=src, metadata=metadata, metadata_group=metadata_group, times=times, cache_hit=cache_hit
             )
+
+    def _install_specialization_counter(self):
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return None
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+        except ImportError:
+            return None
+        original = InterpretedFunction.run
+        plugin = self
+
+        def run(fn_self, *args, grid, warmup, **kwargs):
+            plugin._on_interpreted_launch(fn_self, args, kwargs)
+            return original(fn_self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        InterpretedFunction.run = run
+        return InterpretedFunction, original
+
+    @staticmethod
+    def _arg_class(value):
+        if hasattr(value, "data_ptr") and hasattr(value, "dtype"):
+            return (str(value.dtype), value.data_ptr() % 16 == 0)
+        if isinstance(value, bool) or value is None:
+            return value
+        if isinstance(value, int):
+            return ("int", value == 1, value % 16 == 0, -(2**31) <= value < 2**31)
+        if isinstance(value, float):
+            return "float"
+        if isinstance(value, tuple):
+            return tuple(StreamResults._arg_class(v) for v in value)
+        return repr(value)[:80]
+
+    def _on_interpreted_launch(self, fn_self, args, kwargs) -> None:
+        fn = getattr(fn_self, "fn", None)
+        name = getattr(fn, "__name__", "?")
+        import inspect
+
+        try:
+            annotations = inspect.get_annotations(fn) if fn is not None else {}
+        except TypeError:
+            annotations = {}
+        names = list(getattr(fn_self, "arg_names", []))
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        key = [getattr(fn, "__module__", ""), name]
+        for arg_name in sorted(bound):
+            value = bound[arg_name]
+            constexpr = "constexpr" in str(annotations.get(arg_name, ""))
+            if constexpr or arg_name in ("num_warps", "num_stages", "num_ctas"):
+                key.append((arg_name, repr(value)[:80]))
+            else:
+                key.append((arg_name, self._arg_class(value)))
+        key_text = repr(tuple(key))
+        if key_text in self.specializations:
+            return
+        self.specializations.add(key_text)
+        self.write("specialization", nodeid=self.current, kernel=name, key=key_text[:2000])
 
     @staticmethod
     def _inductor_graphs() -> int | None:
@@ -244,6 +309,9 @@ class StreamResults:
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         if self.has_listener:
             self._knobs.compilation.listener = self._previous_listener
+        if self._interpreter_patch is not None:
+            interpreted_function, original = self._interpreter_patch
+            interpreted_function.run = original
         self.file.close()
 
 

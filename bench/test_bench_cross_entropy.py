@@ -127,8 +127,15 @@ def _run_all(steps, rounds, device, warmup=1):
     return results
 
 
+# baseline -> why it is not in this run's rows (its package missing or failing to import):
+# written into every row's extra_info, so a missing column reads as a named gap in the table
+MISSING_BASELINES: dict[str, str] = {}
+
+
 def _record(benchmark, results, label):
     info = benchmark.extra_info
+    if MISSING_BASELINES:
+        info["baselines_missing"] = dict(MISSING_BASELINES)
     ours_t, ours_m, ours_c = results["gapfix"]
     lines = [f"{label}: implementation, median wall ms, median process-CPU ms, peak MiB, "
              "gapfix/it wall, gapfix/it CPU, gapfix/it memory"]
@@ -190,6 +197,7 @@ def _cce_torch_compile():
         from cut_cross_entropy import linear_cross_entropy as cce
     except ImportError as exc:  # recorded, not hidden
         print(f"cut-cross-entropy unavailable: {exc}")
+        MISSING_BASELINES["cce_torch_compile"] = f"cut-cross-entropy unavailable: {exc}"
         return None
     return lambda h, w, t: cce(h, w, t, impl="torch_compile")
 
@@ -244,12 +252,14 @@ def _gpu_steps(hidden, weight, target):
         steps["liger"] = lambda: liger(weight, hidden, target)
     except ImportError as exc:
         print(f"liger-kernel unavailable: {exc}")
+        MISSING_BASELINES["liger"] = f"liger-kernel unavailable: {exc}"
     try:
         from cut_cross_entropy import linear_cross_entropy as cce
 
         steps["cce"] = lambda: cce(hidden, weight, target, impl="cce")
     except ImportError as exc:
         print(f"cut-cross-entropy unavailable: {exc}")
+        MISSING_BASELINES["cce"] = f"cut-cross-entropy unavailable: {exc}"
     return {name: _grads_step(fn, hidden, weight) for name, fn in steps.items()}
 
 

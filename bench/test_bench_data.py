@@ -38,6 +38,9 @@ import time
 
 import pytest
 
+pytest.importorskip("datasets", reason="every benchmark here reads or writes a datasets.Dataset")
+pytest.importorskip("pyarrow")
+
 TOKENS_PER_EXAMPLE = 500
 VOCAB = 32000
 TARGET_BYTES_PER_TOKEN = 2.0

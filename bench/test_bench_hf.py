@@ -89,6 +89,7 @@ def _run_child(device, ops):
 
 
 def _bench(benchmark, device, ops):
+    pytest.importorskip("datasets", reason="the Trainer of the child process reads a datasets.Dataset")
     measured = benchmark.pedantic(_run_child, args=(device, ops), rounds=1, iterations=1)
     _results[(device, ops)] = measured
     vocab, hidden, layers, rows, width, bf16 = SHAPES[device]

@@ -79,10 +79,11 @@ def recipe_from_args(args: argparse.Namespace) -> dict:
 
 
 def run_demo(out: str, *, recipe: dict = RECIPE, seeds: int = 1, fused: bool = True, backend: str = "hf",
-             log: Callable[[str], Any] = print, draws: int = 2000) -> dict:
+             log: Callable[[str], Any] = print, draws: int = 2000, methods: Sequence[str] = METHODS) -> dict:
     import dataclasses
 
     from gapfix.compare import run_compare, write_results
+    from gapfix.data import math_task
     from gapfix.data.math_task import math_tokenizer, write_splits
     from gapfix.evaluation import embedding_model, evaluate, evaluate_model, evaluate_recovery
     from gapfix.models import tiny_llama
@@ -101,8 +102,9 @@ def run_demo(out: str, *, recipe: dict = RECIPE, seeds: int = 1, fused: bool = T
                                 max_new_tokens=budget,
                                 backend=backend, embed=embed, recovery=False, labels=False)
         hard = evaluate(model, tokenizer, hard_examples, max_new_tokens=budget, backend=backend,
-                        return_answers=True)
-        recovery = evaluate_recovery(model, tokenizer, test_problems, max_new_tokens=budget, backend=backend,
+                        return_answers=True, scorer=math_task.score)
+        recovery = evaluate_recovery(model, tokenizer, test_problems, corrupt=math_task.corrupt_prefix,
+                                     outcome=math_task.recovery_outcome, max_new_tokens=budget, backend=backend,
                                      return_per_example=True)
         per = report["per_example"]
         scores = {"test": per["accuracy"], "hard": [float(c) for c in hard["correct"]],
@@ -128,7 +130,7 @@ def run_demo(out: str, *, recipe: dict = RECIPE, seeds: int = 1, fused: bool = T
         return tiny_llama(tokenizer, hidden_size=recipe["hidden_size"], num_layers=recipe["num_layers"],
                           num_heads=recipe["num_heads"], max_position_embeddings=256, seed=seed)
 
-    analysis = run_compare(make_base, tokenizer, train_examples, evaluate=evaluate_all, methods=METHODS,
+    analysis = run_compare(make_base, tokenizer, train_examples, evaluate=evaluate_all, methods=methods,
                            seeds=seeds, extra_steps=recipe["extra_steps"], config=config,
                            base_steps=recipe["base_steps"], base_config=base_config, out=out, log=log,
                            draws=draws)
@@ -159,7 +161,7 @@ def load_splits(paths: dict, tokenizer: Any, out: str) -> tuple:
     examples, in the same order, as gapfix.data.load_examples gives (tests/test_demo.py checks it),
     so the recorded results stay reproducible."""
     from gapfix.data.arrow import ExampleTable
-    from gapfix.train_cli import data_cache_dir, load_data
+    from gapfix.data.loading import data_cache_dir, load_data
 
     cache = data_cache_dir(out)
     train, test, hard = (load_data(paths[name], tokenizer, cache_dir=cache)[0] for name in ("train", "test", "hard"))
@@ -226,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--threads", args.threads), ("--seeds", args.seeds)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    from gapfix.eval_cli import apply_threads, quiet_third_party
+    from gapfix.threads import apply_threads, quiet_third_party
 
     quiet_third_party()  # the demo prints its own progress
     apply_threads(args.threads)

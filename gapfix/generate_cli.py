@@ -39,9 +39,9 @@ def configure(parser):
 
 def run(args) -> int:
     """Errors (bad arguments or files) reach gapfix.cli.main, which prints them in one line."""
-    from gapfix.eval_cli import apply_threads
     from gapfix.generation import generate_to_jsonl, read_prompts_jsonl, with_prefixes
     from gapfix.generation.common import _resolve_tokenizer
+    from gapfix.threads import apply_threads
 
     if os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is a directory: name the JSONL file to write")

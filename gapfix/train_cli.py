@@ -18,6 +18,10 @@ import json
 import os
 import typing
 
+from gapfix.data.loading import data_cache_dir, load_data
+from gapfix.data.loading import is_table_source as _is_table_source
+from gapfix.data.loading import length_limits as _length_limits
+from gapfix.data.loading import prompt_limit as _prompt_limit
 from gapfix.trainer import TrainConfig
 
 _SKIP = {"out_dir", "method", "iterations"}
@@ -55,6 +59,9 @@ def configure(parser):
                         "after each iteration (under torchrun each rank its share)")
     parser.add_argument("--answer-regex", default=None,
                         help="--eval scores the answer this regex captures (group 1; default: exact match)")
+    from gapfix.eval_cli import add_scorer_flag
+
+    add_scorer_flag(parser)
     parser.add_argument("--method", default="sft",
                         help="sft, bash, rac, or a method registered with gapfix.methods.base.register "
                         "(default sft)")
@@ -246,11 +253,6 @@ def load_model_and_tokenizer(spec, train_path, attn="sdpa", seed=0, tokenizer="b
     return model, tokenizer
 
 
-def _is_table_source(path) -> bool:
-    """A Parquet file or a saved datasets folder (read by gapfix.data.arrow.load_tokenized)."""
-    return os.path.isdir(path) or str(path).endswith(".parquet")
-
-
 def _table_records(path):
     """The records of a Parquet file or saved datasets folder (to build a tokenizer from), a batch
     of rows at a time. A Parquet file is read with pyarrow directly: datasets would first convert
@@ -277,45 +279,6 @@ def _table_records(path):
         yield from ({key: value for key, value in row.items() if value is not None} for row in batch)
 
 
-def data_cache_dir(out: str) -> str:
-    """Where `gapfix train` keeps datasets' cache of its --train/--eval data (the Arrow files
-    that tokenized JSONL or Parquet lands in, and every filtered copy): under --out, so that
-    nothing is written beside the user's data or into ~/.cache, a rerun into the same --out
-    tokenizes nothing, and removing the run removes its cache."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out!r} is a file, not a folder")
-    return os.path.join(out, "data_cache")
-
-
-def load_data(path, tokenizer, *, cache_dir, max_length=None, max_length_source="--max-length",
-              max_prompt_length=None, on_error="raise", limit=None):
-    """Examples of a JSONL or Parquet file or a saved datasets folder, tokenized by load_tokenized
-    into a memory-mapped datasets.Dataset under cache_dir (malformed lines, unusable records and
-    too-long examples dropped and counted), and a report of what was dropped and why (also printed).
-    The CLI's one loader (train, eval, compare, demo). Under torchrun (a process group already
-    joined, see join_process_group) rank 0 tokenizes first and the other ranks then read its cache:
-    no rank tokenizes what rank 0 already has, and no two write the same cache files at once."""
-    import sys
-
-    from gapfix.data.arrow import load_tokenized, main_process_first
-
-    report = {"file": path, "max_length": max_length, "max_length_from": max_length_source,
-              "max_prompt_length": max_prompt_length}
-    try:
-        with main_process_first():
-            return load_tokenized(path, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                                  on_error=on_error, cache_dir=cache_dir, limit=limit, report=report), report
-    finally:
-        if report.get("too_long"):
-            print(f"{path}: dropped {report['too_long']} example(s) longer than {max_length} tokens "
-                  f"({max_length_source})", file=sys.stderr)
-        if report.get("prompt_too_long"):
-            print(f"{path}: dropped {report['prompt_too_long']} example(s) whose prompt is longer than "
-                  f"{max_prompt_length} tokens (the context less --max-new-tokens)", file=sys.stderr)
-        if report.get("skipped_lines"):
-            print(f"{path}: skipped malformed line(s) {report['skipped_lines'][:20]}", file=sys.stderr)
-
-
 def join_process_group(device_name):
     """Under torchrun (WORLD_SIZE > 1), joins the process group now, as train() would (the same
     backend and device), so that loading the data can already wait on rank 0 (load_data)."""
@@ -325,32 +288,8 @@ def join_process_group(device_name):
         _Dist(_pick_device(device_name))
 
 
-def _length_limits(model, max_length):
-    """(max_length, where it comes from, the model's context): the context bounds the
-    length, so that an overlong example is dropped, never allocated."""
-    from gapfix.generation import _context_length
-
-    if max_length is not None and max_length < 2:
-        raise ValueError(f"--max-length must be >= 2, got {max_length}")
-    context = _context_length(model.config)
-    source = "--max-length"
-    if context is not None and (max_length is None or max_length > context):
-        source = "the model's context length" + (" (--max-length is larger)" if max_length else "")
-        max_length = context
-    return max_length, source, context
-
-
-def _prompt_limit(context, max_new_tokens):
-    """The longest prompt that leaves room for --max-new-tokens generated tokens."""
-    if context is None:
-        return None
-    if max_new_tokens >= context:
-        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
-                         f"model's context of {context} tokens")
-    return context - max_new_tokens
-
-
-def evaluate_across_ranks(model, tokenizer, examples, *, max_new_tokens: int, answer_regex=None) -> dict:
+def evaluate_across_ranks(model, tokenizer, examples, *, max_new_tokens: int, answer_regex=None,
+                          scorer=None) -> dict:
     """Greedy accuracy of `model` on `examples` ({"accuracy", "count"}, as gapfix.evaluation.evaluate
     gives), split across the ranks of a torchrun job: each rank generates for its contiguous share
     (gapfix.data.arrow.shard_range), and one all_reduce per call, on every rank whatever its share
@@ -368,21 +307,23 @@ def evaluate_across_ranks(model, tokenizer, examples, *, max_new_tokens: int, an
     correct = 0
     if len(share):
         result = evaluate(model, tokenizer, examples[share.start:share.stop], max_new_tokens=max_new_tokens,
-                          backend="hf", return_answers=True, answer_regex=answer_regex)
+                          backend="hf", return_answers=True, answer_regex=answer_regex, scorer=scorer)
         correct = sum(result["correct"])
     device = next(model.parameters()).device  # NCCL reduces on the GPU the model is on
-    total_correct, count = (int(v) for v in _all_reduce_sum(types.SimpleNamespace(world=world), device)(
-        [correct, len(share)]))
-    return {"accuracy": total_correct / count, "count": count}
+    total_correct, count = _all_reduce_sum(types.SimpleNamespace(world=world), device)([float(correct), len(share)])
+    count = int(count)
+    return {"accuracy": total_correct / count, "count": count, "backend": "hf"}
 
 
 def run(args) -> int:
     from gapfix.data import check_input_file
-    from gapfix.eval_cli import apply_threads, quiet_third_party
+    from gapfix.eval_cli import scoring_args
+    from gapfix.threads import apply_threads, quiet_third_party
     from gapfix.trainer import train
 
     config = config_from_args(args)
     apply_threads(args.threads)
+    scoring = scoring_args(args)
     if not config.progress:
         quiet_third_party()
     attention = resolve_attention(args.attn)
@@ -425,7 +366,7 @@ def run(args) -> int:
         if eval_examples is None:
             return
         result = evaluate_across_ranks(trained, tokenizer, eval_examples, max_new_tokens=config.max_new_tokens,
-                                       answer_regex=args.answer_regex)
+                                       **scoring)
         result["iteration"] = iteration
         evaluations.append(result)
         if int(os.environ.get("RANK", "0")) == 0:

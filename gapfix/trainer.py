@@ -87,6 +87,14 @@ class _RunSettings:
     weight_decay: float = setting(0.0, 'AdamW weight decay')
     max_grad_norm: float = setting(1.0, 'gradient clipping norm')
     fused: bool = setting(True, "false: every op's pure-PyTorch reference instead of the fused kernels")
+    # the loss's options (gapfix.lm_loss, the same loss as gapfix.hf.patch)
+    label_smoothing: float = setting(0.0, "loss: label smoothing eps in [0, 1]")
+    z_loss: float = setting(0.0, "loss: weight of the z-loss (lse^2) term")
+    loss_chunk_size: Optional[int] = setting(None, "loss: rows per chunk of the CPU path (unset: about 2**24 / "
+                                             "vocabulary)")
+    loss_filter_eps: Optional[float] = setting(None, "loss: Triton path's gradient filter threshold (unset: off)")
+    loss_grad_weight_dtype: Optional[str] = setting(None, "loss: Triton path's lm-head gradient accumulator dtype: "
+                                                    "float32, bfloat16 or float16")
     seed: int = setting(0, 'seed of the initial weights, the row order, BASH masks and RAC sampling')
     device: str = setting("auto", 'auto (the GPU where there is one), cpu, cuda, cuda:N')
     bf16: bool = setting(True, 'bf16 autocast on a GPU')
@@ -111,6 +119,7 @@ class _RunSettings:
             raise ValueError(f"steps_per_iteration must be >= 1, got {self.steps_per_iteration}")
         check_number("epochs_per_iteration", self.epochs_per_iteration, 0.0, MAX_EPOCHS_PER_ITERATION,
                      open_low=True)
+        loss_options(self)
 
 
 def _method_settings() -> list:
@@ -127,6 +136,29 @@ TrainConfig = dataclasses.make_dataclass(
                "__doc__": "The reference trainer's settings: its own (_RunSettings) and each built-in "
                "method's, by flag name (gapfix.methods.bash.BashConfig, gapfix.methods.rac.RacConfig); "
                "`gapfix train` has a flag per field."})
+
+_GRAD_WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def loss_options(config) -> dict:
+    """The loss options of a TrainConfig, checked (ValueError naming the setting)."""
+    from gapfix.lm_loss import check_loss_options
+
+    dtype = config.loss_grad_weight_dtype
+    if dtype is not None and dtype not in _GRAD_WEIGHT_DTYPES:
+        raise ValueError(f"loss_grad_weight_dtype must be one of {sorted(_GRAD_WEIGHT_DTYPES)}, got {dtype!r}")
+    options = {"label_smoothing": config.label_smoothing, "z_loss": config.z_loss,
+               "chunk_size": config.loss_chunk_size, "filter_eps": config.loss_filter_eps,
+               "grad_weight_dtype": None if dtype is None else _GRAD_WEIGHT_DTYPES[dtype]}
+    options = {k: v for k, v in options.items() if v is not None}
+    try:
+        return check_loss_options(options)
+    except ValueError as error:
+        names = {"chunk_size": "loss_chunk_size", "filter_eps": "loss_filter_eps"}
+        message = str(error)
+        for old, new in names.items():
+            message = message.replace(old, new)
+        raise ValueError(message) from None
 
 
 @dataclass
@@ -190,15 +222,19 @@ class CausalLMLoss(torch.nn.Module):
     None. model may be wrapped by PEFT.
     """
 
-    def __init__(self, model, fused: bool = True, method=None):
+    def __init__(self, model, fused: bool = True, method=None, loss_options=None):
+        from gapfix.lm_loss import check_loss_options
+
         super().__init__()
         self.model = model
         self.fused = fused
         self.method = method  # a gapfix.methods Method; None: found from the batch's fields
+        # label_smoothing, z_loss, ... (gapfix.lm_loss.LOSS_OPTIONS); impl follows `fused`
+        self.loss_options = check_loss_options(dict(loss_options or {}))
 
     def forward(self, batch, **loss_inputs):
-        from gapfix.models import decoder_trunk, output_head
-        from gapfix.ops.cross_entropy import cross_entropy, linear_cross_entropy
+        from gapfix.lm_loss import causal_lm_loss
+        from gapfix.models import decoder_trunk
 
         impl = "auto" if self.fused else "torch"
         kwargs = {"use_cache": False}  # a cache would also turn off transformers' packed-sequence masks
@@ -212,17 +248,13 @@ class CausalLMLoss(torch.nn.Module):
         else:
             inputs, stats = method.model_inputs(self.model, batch, impl=impl, **loss_inputs)
         kwargs.update(inputs)
-        trunk, head = decoder_trunk(self.model), output_head(self.model)
+        trunk = decoder_trunk(self.model)
         if trunk is None:
             raise ValueError(f"model: {type(self.model).__name__} has no separate trunk (base_model)")
         hidden = trunk(**kwargs).last_hidden_state.flatten(0, 1)
-        target = shifted_targets(batch)
-        options = dict(ignore_index=IGNORE_INDEX, softcap=head.softcap, reduction="sum", impl=impl)
-        if head.is_linear:  # the (N, V) logits are never formed
-            hidden, weight, bias = head.linear_loss_inputs(hidden)
-            loss = linear_cross_entropy(hidden, weight, target, bias=bias, **options)
-        else:  # a wrapped head (a LoRA adapter on lm_head): its logits, then the same loss
-            loss = cross_entropy(head.scaled_logits(hidden), target, **options)
+        options = {"impl": impl, **self.loss_options, "ignore_index": IGNORE_INDEX}
+        # the (N, V) logits are never formed (a LoRA-wrapped head forms its own)
+        loss = causal_lm_loss(self.model, hidden, shifted_targets(batch), reduction="sum", **options)
         return loss, stats
 
 
@@ -467,8 +499,8 @@ class _Run:
             _broadcast_from_rank0(model)  # DDP does this itself when it wraps; fully_shard does not
         replica = _sharded(config, dist) and (self.method.runs_model or whole_after_iteration)
         self.offline_model = _OfflineReplica(model) if replica else None
-        self.trainable = _wrap_distributed(CausalLMLoss(model, config.fused, self.method), config, dist,
-                                           self.device)
+        loss_module = CausalLMLoss(model, config.fused, self.method, loss_options(config))
+        self.trainable = _wrap_distributed(loss_module, config, dist, self.device)
         self._make_optimizer()
         if state is not None:
             self._restore(state, checkpoint)

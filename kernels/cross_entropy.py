@@ -116,11 +116,16 @@ def _logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_x, stri
 def linear_ce_forward_kernel(
     x_ptr, w_ptr, b_ptr, ids_ptr, slot_w_ptr,
     part_max_ptr, part_sum_ptr, part_target_ptr, part_logit_sum_ptr,
+    part_xs_ptr, part_sq_ptr, part_before_ptr,
     N, V, H, stride_x, stride_w, v_per_split, softcap,
     NUM_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
+    ENTROPY: tl.constexpr, SQ: tl.constexpr, TOP1: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    # ENTROPY / SQ / TOP1 (linear_log_probs): also the online sums of exp(z - m) z and
+    # exp(z - m)^2 (rescaled with the running max m as the sum of exp is) and the max of
+    # the logits before the target id; no extra traffic, a few FLOPs per logit
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -132,6 +137,11 @@ def linear_ce_forward_kernel(
     run_sum = tl.zeros((BLOCK_N,), tl.float32)
     target = tl.zeros((BLOCK_N,), tl.float32)
     logit_sum = tl.zeros((BLOCK_N,), tl.float32)
+    run_xs = tl.zeros((BLOCK_N,), tl.float32)
+    run_sq = tl.zeros((BLOCK_N,), tl.float32)
+    before = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    if TOP1:
+        first_id = tl.load(ids_ptr + rows * NUM_SLOTS, mask=row_mask, other=0)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < v_end
@@ -149,10 +159,19 @@ def linear_ce_forward_kernel(
         if SMOOTH:
             logit_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, float("-inf"))
+        if TOP1:
+            early = cols[None, :] < first_id[:, None]
+            before = tl.maximum(before, tl.max(tl.where(early, z, float("-inf")), axis=1))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         # rows whose logits are all -inf so far shift by 0: exp gives 0, never NaN
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
+        rescale = tl.exp(run_max - shift)
+        e = tl.exp(z - shift[:, None])
+        run_sum = run_sum * rescale + tl.sum(e, axis=1)
+        if ENTROPY:
+            run_xs = run_xs * rescale + tl.sum(tl.where(e != 0.0, e * z, 0.0), axis=1)
+        if SQ:
+            run_sq = run_sq * rescale * rescale + tl.sum(e * e, axis=1)
         run_max = new_max
 
     out = pid_s.to(tl.int64) * N + rows
@@ -161,14 +180,22 @@ def linear_ce_forward_kernel(
     tl.store(part_target_ptr + out, target, mask=row_mask)
     if SMOOTH:
         tl.store(part_logit_sum_ptr + out, logit_sum, mask=row_mask)
+    if ENTROPY:
+        tl.store(part_xs_ptr + out, run_xs, mask=row_mask)
+    if SQ:
+        tl.store(part_sq_ptr + out, run_sq, mask=row_mask)
+    if TOP1:
+        tl.store(part_before_ptr + out, before, mask=row_mask)
 
 
 @triton.jit
 def linear_ce_backward_kernel(
     x_ptr, w_ptr, b_ptr, ids_ptr, slot_w_ptr, lse_ptr, coef_p_ptr, coef_t_ptr, coef_s_ptr, row_scale_ptr,
+    entropy_ptr, coef_e_ptr,
     dx_ptr, dw_ptr, db_ptr,
     N, V, H, stride_x, stride_w, softcap, filter_eps,
     NUM_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
+    ENTROPY: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, FILTER: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
@@ -190,8 +217,13 @@ def linear_ce_backward_kernel(
     col_mask = cols < V
     coef_p = tl.load(coef_p_ptr + rows, mask=row_mask, other=0.0)
     coef_t = tl.load(coef_t_ptr + rows, mask=row_mask, other=0.0)
-    # both are exactly 0 for ignored rows (r = 0): a tile of such rows has no gradient
-    if (tl.max(tl.abs(coef_p), axis=0) == 0.0) & (tl.max(tl.abs(coef_t), axis=0) == 0.0):
+    # ENTROPY (linear_log_probs): dL/dz_v also has b p_v (lse - H - z_v), b = coef_e
+    coef_e = tl.zeros((BLOCK_N,), tl.float32)
+    if ENTROPY:
+        coef_e = tl.load(coef_e_ptr + rows, mask=row_mask, other=0.0)
+    # all are exactly 0 for ignored rows (r = 0): a tile of such rows has no gradient
+    active = tl.max(tl.abs(coef_p), axis=0) + tl.max(tl.abs(coef_t), axis=0) + tl.max(tl.abs(coef_e), axis=0)
+    if active == 0.0:
         return
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
 
@@ -202,8 +234,12 @@ def linear_ce_backward_kernel(
     if SOFTCAP:
         t = _tanh(z / softcap)
         z = softcap * t
-    live = row_mask[:, None] & col_mask[None, :] & ((coef_p != 0.0) | (coef_t != 0.0))[:, None]
-    g = coef_p[:, None] * tl.exp(z - lse[:, None])
+    live = row_mask[:, None] & col_mask[None, :] & ((coef_p != 0.0) | (coef_t != 0.0) | (coef_e != 0.0))[:, None]
+    p = tl.exp(z - lse[:, None])
+    g = coef_p[:, None] * p
+    if ENTROPY:
+        ent = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
+        g += coef_e[:, None] * tl.where(p != 0.0, p * (lse[:, None] - ent[:, None] - z), 0.0)
     for k in tl.static_range(NUM_SLOTS):
         tid = tl.load(ids_ptr + rows * NUM_SLOTS + k, mask=row_mask, other=-1)
         tw = tl.load(slot_w_ptr + rows * NUM_SLOTS + k, mask=row_mask, other=0.0)

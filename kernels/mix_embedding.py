@@ -37,11 +37,10 @@ dtype, with the sum kept in fp32, and needs no fp32 copy of the gradient).
 import triton
 import triton.language as tl
 
-from gapfix.ops._common import next_pow2
-from gapfix.ops.mix_embedding import MASK_BITS
+from .common import MASK_BITS, next_pow2
 
-# the decision keeps the top MASK_BITS bits of the Philox word (defined once, by the op,
-# whose CPU path draws the same bits)
+# the decision keeps the top MASK_BITS bits of the Philox word (common.py: shared with the
+# op, whose CPU path draws the same bits)
 _MASK_SHIFT = tl.constexpr(32 - MASK_BITS)
 
 # launch configuration

@@ -23,7 +23,7 @@ int64 id (+ one float32 weight when SOFT), so it runs at memory bandwidth; the
 import triton
 import triton.language as tl
 
-from gapfix.ops._common import next_pow2
+from .common import next_pow2
 
 
 def launch_config(k: int, soft: bool, block_rows=None) -> tuple:

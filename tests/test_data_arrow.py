@@ -6,9 +6,13 @@ import re
 import subprocess
 import sys
 
-import datasets
-import pyarrow as pa
 import pytest
+
+pytest.importorskip("datasets")
+pytest.importorskip("pyarrow")
+
+import datasets  # noqa: E402  (after the skip: an image without datasets skips this module)
+import pyarrow as pa  # noqa: E402
 
 from gapfix import data as gapfix_data
 from gapfix.data import DataError, Example, collate, load_examples, math_task, sft_row

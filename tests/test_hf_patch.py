@@ -195,9 +195,12 @@ def test_two_gloo_processes_end_with_equal_parameters(tmp_path):
     assert ranks[0]["losses"][-1] < ranks[0]["losses"][0]
 
 
-def test_sft_trainer_keeps_its_own_fused_head_on_a_patched_model(tmp_path):
-    """TRL's SFTTrainer wraps the forward with its own fused LM head (fused_lm_head=True): the
-    patched model trains there unchanged, and unpatch refuses to strip TRL's wrapper."""
+def test_sft_trainer_trains_a_patched_model_on_gapfix_head(tmp_path):
+    """TRL's SFTTrainer asks for its fused LM head (fused_lm_head=True); on a patched model
+    gapfix serves it (tests/test_trl_head.py has the field-by-field checks). The first step
+    sees the same weights: the same loss; later steps agree to Adam's amplification of
+    last-bit gradient differences. unpatch still refuses to strip a wrapper added on top
+    (accelerate's, while training)."""
     trl = pytest.importorskip("trl")
     tok = W.tokenizer()
     runs = []
@@ -210,7 +213,8 @@ def test_sft_trainer_keeps_its_own_fused_head_on_a_patched_model(tmp_path):
                                  train_dataset=W.prompt_completion_dataset(12))
         trainer.train()
         runs.append(W.losses(trainer))
-    assert runs[0] == runs[1]
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
+    assert runs[0] == pytest.approx(runs[1], rel=1e-3)
     with pytest.raises(ValueError, match="wrapped again"):
         hf.unpatch(net)
     assert hf.is_patched(net)

@@ -79,7 +79,10 @@ def test_pushed_weights_give_hf_greedy_tokens_after_each_training_step(need_vllm
     assert weight_files(folder) == [] and (folder / "config.json").is_file()
 
 
-def test_a_parameter_vllm_does_not_know_is_named(need_vllm, tok):
+def test_a_parameter_vllm_does_not_know_is_named(need_vllm, tok, monkeypatch):
+    from gapfix.generation import runner
+
+    monkeypatch.setattr(runner, "_on_gpu", lambda model: True)  # "auto" tries vLLM only on a GPU
     model = tiny_llama(tok, seed=4, max_position_embeddings=CONTEXT)
     model.model.extra_scale = torch.nn.Parameter(torch.ones(3))  # not part of vLLM's Llama
     prompts = prompts_of(tok, 3)

@@ -15,7 +15,9 @@ what training on self-generated tokens is meant to teach. Splits: "train" and
 "test" with 2-5 steps, "hard" with 6 steps (longer than anything trained on).
 
 `corrupt_prefix` builds the self-correction probe: the answer's first step with
-a wrong result, which the model must continue from.
+a wrong result, which the model must continue from. `score` and `recovery_outcome` are the
+task's pieces that gapfix.evaluation takes as arguments (its scorer, and the outcome of
+`evaluate_recovery`'s probe).
 """
 from __future__ import annotations
 
@@ -103,6 +105,22 @@ def corrupt_prefix(problem: dict, rng: random.Random) -> str:
     result = int(result)
     candidates = [result + d for d in (-3, -2, -1, 1, 2, 3) if 0 <= result + d <= MAX_VALUE]
     return f"{lhs} = {rng.choice(candidates)} ;"
+
+
+def score(record: dict, text: str) -> float:
+    """The task's scorer (gapfix.evaluation's `scorer`): 1.0 where the answer states the record's
+    final value, else 0.0 (records without "final" are scored 0)."""
+    return float("final" in record and final_answer(text) == record["final"])
+
+
+def recovery_outcome(problem: dict, prefix: str, continuation: str) -> dict:
+    """What a continuation of corrupt_prefix's prefix reached: "recovery" (the right final value)
+    and "carried" (the final value off by exactly the injected error: the error was copied on)."""
+    final = final_answer(prefix + " " + continuation)
+    wrong = int(prefix.rstrip(" ;").rsplit(" = ", 1)[1])
+    right = int(problem["response"].split(" ; ")[0].rsplit(" = ", 1)[1])
+    return {"recovery": float(final == problem["final"]),
+            "carried": float(final == problem["final"] + (wrong - right))}
 
 
 def write_jsonl(problems: list, path: str) -> None:

@@ -36,9 +36,23 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _on_gpu(model) -> bool:
+    """Whether `model` generates on a GPU: an in-memory model's parameters are on CUDA, or a model
+    folder is loaded where CUDA is available."""
+    if _is_model_path(model):
+        import torch
+
+        return torch.cuda.is_available()
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return parameter is not None and parameter.device.type == "cuda"
+
+
 def _resolve_backend(backend, model) -> str:
+    """"auto" is vLLM for a model on a GPU where vLLM is installed, else transformers (vLLM's CPU
+    engine is slower than transformers for the models gapfix evaluates, and starts processes of
+    its own)."""
     if backend == "auto":
-        return "vllm" if vllm_available() else "hf"
+        return "vllm" if vllm_available() and _on_gpu(model) else "hf"
     if backend == "vllm" and not vllm_available():
         raise ValueError(
             "backend='vllm' but vllm is not installed (pip install 'gapfix[vllm]'; "
@@ -198,6 +212,7 @@ def generate(
     reload: bool = False,
     progress: bool = False,
     stop_token_ids=(),
+    report: dict | None = None,
 ) -> list:
     """Generate `n` answers per prompt; returns a flat list of `Generation`
     ordered by (prompt_index, sample_index), len(prompts) * n long.
@@ -210,7 +225,7 @@ def generate(
         takes the model folder's own, if any; False turns text off.
     temperature 0 is greedy (the n samples are then identical); logprobs=True
         fills `.logprobs` (the model's raw distribution, temperature 1).
-    backend: "auto" (vLLM where installed, else hf), "vllm" or "hf"; or a running engine
+    backend: "auto" (vLLM for a model on a GPU where installed, else hf), "vllm" or "hf"; or a running engine
         (gapfix.generation.colocate.ColocatedEngine), used as it is.
     batch_size: prompts per backend call (default 32 for hf, 256 for vllm).
     dtype: None keeps the checkpoint's dtype; compare backends in float32.
@@ -218,6 +233,8 @@ def generate(
     reload: rebuild the cached vLLM engine for this model folder.
     stop_token_ids: token ids that end an answer besides the model's EOS ids (a chat template's
         end-of-turn); for this call only: the model and its generation config are not changed.
+    report: a dict, filled with {"backend": "vllm" or "hf"}, the backend that generated (auto's
+        choice, after any fall-back).
     """
     run = _Run(model, prompts, tokenizer=tokenizer, n=n, temperature=temperature, top_p=top_p,
                max_new_tokens=max_new_tokens, seed=seed, backend=backend, logprobs=logprobs,
@@ -231,6 +248,8 @@ def generate(
             bar.update(len(batch))
     finally:
         bar.close()
+    if report is not None:
+        report["backend"] = run.backend_name
     return results
 
 

@@ -178,7 +178,10 @@ class _BashMixin:
                  resume_with_changed_config: bool = False, **kwargs: Any) -> None:
         if bash_config is not None:
             checked_config("bash_config", bash_config, BashConfig)
-        super().__init__(*args, **kwargs)
+        from gapfix.hf.trl_head import serve_trl_head
+
+        with serve_trl_head():  # under trl.SFTTrainer, TRL's fused head runs on gapfix's kernel
+            super().__init__(*args, **kwargs)
         self.bash_config = resolved_config(self, "bash_config", bash_config, BashConfig)
         if self.bash_config.rows is not None:
             raise ValueError("bash_config.rows is the reference trainer's (gapfix train --bash-rows); under "

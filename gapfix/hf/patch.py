@@ -5,8 +5,14 @@ fused linear cross-entropy on (last hidden state, lm_head weight): the (B, T, V)
 logits never exist and ``output.logits`` is None. Everything happens inside the
 model's own forward, so DDP/FSDP hooks, gradient checkpointing and PEFT see an
 ordinary forward. Without labels (generation, evaluation of logits) and for
-calls that ask for TRL's fused head (``fused_lm_head=True``), the original
-forward runs unchanged.
+for calls without labels, the original forward runs unchanged.
+
+TRL's fused LM head (trl >= 1.16: ``model(..., labels=..., fused_lm_head=True)`` returns a
+FusedCausalLMOutput of per-token log_probs, entropy, ... instead of logits) is served by
+gapfix's kernel too: when a TRL trainer calls ``trl.trainer.utils.add_fused_lm_head`` on a
+patched model, gapfix records TRL's settings (temperature, cast_lm_head_to_fp32, outputs)
+instead of letting TRL wrap the forward, and the patched forward computes those fields with
+gapfix.ops.cross_entropy.linear_log_probs (gapfix/hf/trl_head.py has the contract).
 
 Conventions, as transformers' own causal-LM loss:
     labels (B, T) unshifted: position t is trained to predict labels[t + 1];
@@ -29,7 +35,6 @@ import inspect
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["is_patched", "patch", "unpatch"]
@@ -57,63 +62,37 @@ def _trunk(lm: nn.Module) -> nn.Module:
 
 
 def _check_loss_options(options: dict) -> dict:
-    from gapfix.ops.cross_entropy import linear_cross_entropy
+    from gapfix.lm_loss import check_loss_options
 
-    allowed = set(inspect.signature(linear_cross_entropy).parameters) - set(_RESERVED)
     for name in options:
         if name in _RESERVED:
             raise ValueError(f"loss option {name!r} is set by gapfix.hf.patch itself "
                              "(from the config, the labels and num_items_in_batch)")
-        if name not in allowed:
-            raise ValueError(f"unknown loss option {name!r}; allowed: {sorted(allowed)}")
-    return dict(options)
+    return check_loss_options(options)
 
 
 def fused_causal_lm_loss(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None, *,
                          shift_labels: torch.Tensor | None = None,
                          num_items_in_batch: torch.Tensor | int | None = None,
                          loss_options: dict | None = None) -> torch.Tensor:
-    """The causal-LM loss of hidden states (B, T, H) against HF-convention labels, through
-    gapfix.linear_cross_entropy on the model's lm_head (scale and soft cap from its config)."""
-    from gapfix.models import output_head
-    from gapfix.ops.cross_entropy import cross_entropy, linear_cross_entropy
+    """The causal-LM loss of hidden states (B, T, H) against HF-convention labels (or
+    shift_labels): gapfix.lm_loss.causal_lm_loss, the reference trainer's loss too."""
+    from gapfix.lm_loss import causal_lm_loss
+    from gapfix.lm_loss import shift_labels as shifted
 
     options = dict(loss_options or {})
-    ignore_index = options.pop("ignore_index", -100)
+    ignore_index = options.setdefault("ignore_index", -100)
     if shift_labels is None:
         if labels.shape != hidden.shape[:-1]:
             raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (batch, sequence), "
                              f"got {tuple(labels.shape)}")
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = shifted(labels, ignore_index)
     elif shift_labels.shape != hidden.shape[:-1]:
         raise ValueError(f"shift_labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)}")
-    head = output_head(lm)
-    if head.is_linear:
-        hidden, weight, bias = head.linear_loss_inputs(hidden)
-        loss_fn = functools.partial(linear_cross_entropy, lm_weight=weight, bias=bias)
-    else:  # a LoRA-wrapped (or custom) lm_head: its logits are formed, the loss still fused
-        weight = next(head.module.parameters())
-        loss_fn = cross_entropy
-    device_type = hidden.device.type
-    autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
-    if not autocast and hidden.dtype != weight.dtype:
-        # a bf16 trunk with an fp32 head (or the reverse): the head's dtype decides, as it
-        # would for the logits of a model that keeps its head in fp32
-        hidden = hidden.to(weight.dtype)
-    if not head.is_linear:
-        hidden = head.scaled_logits(hidden)
-    target = shift_labels.to(hidden.device)
-    softcap = head.softcap
-    if num_items_in_batch is None:
-        return loss_fn(hidden, target=target, ignore_index=ignore_index, softcap=softcap, reduction="mean",
-                       **options)
-    # the step's token count from Trainer: sum / count, as transformers' own loss (a tensor
-    # count stays on the device: no host sync); a step without any token gives 0, not NaN
-    _check_item_count(num_items_in_batch)
-    total = loss_fn(hidden, target=target, ignore_index=ignore_index, softcap=softcap, reduction="sum", **options)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        return total / num_items_in_batch.to(device=total.device, dtype=total.dtype).clamp_min(1)
-    return total / max(float(num_items_in_batch), 1.0)
+    if num_items_in_batch is not None:
+        _check_item_count(num_items_in_batch)
+    return causal_lm_loss(lm, hidden, shift_labels, reduction="mean", num_items_in_batch=num_items_in_batch,
+                          **options)
 
 
 def _check_item_count(num_items_in_batch: torch.Tensor | int | float) -> None:
@@ -149,15 +128,24 @@ def patch(model: nn.Module, **loss_options: Any) -> nn.Module:
 
     _trunk(lm), output_head(lm)  # refuse models the fused loss cannot serve, now rather than at the first step
     options = _check_loss_options(loss_options)
+    from gapfix.hf import trl_head
+
+    trl_head.refuse_wrapped(lm)
+    trl_head.install()
+    previous_head = lm.__dict__[_STATE].get("trl_head") if is_patched(lm) else None
     if is_patched(lm):
-        unpatch(lm)
+        unpatch(lm, keep_trl_head=False)
     original = lm.forward  # the bound class forward (or a caller's own instance forward)
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("fused_lm_head") or ("labels" not in kwargs and "shift_labels" not in kwargs
-                                           and len(args) <= _position(signature, "labels")):
+        fused_head = kwargs.pop("fused_lm_head", False)
+        if fused_head:
+            from gapfix.hf.trl_head import fused_head_forward
+
+            return fused_head_forward(lm, signature, args, kwargs, lm.__dict__[_STATE].get("trl_head"))
+        if "labels" not in kwargs and "shift_labels" not in kwargs and len(args) <= _position(signature, "labels"):
             return original(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         call = dict(bound.arguments)
@@ -191,6 +179,7 @@ def patch(model: nn.Module, **loss_options: Any) -> nn.Module:
         "had_forward": had_forward,
         "had_accepts": "accepts_loss_kwargs" in lm.__dict__,
         "previous_accepts": lm.__dict__.get("accepts_loss_kwargs"),
+        "trl_head": previous_head,  # TRL's fused-head settings, once a TRL trainer asked for its head
     }
     lm.forward = forward
     # Trainer passes num_items_in_batch to a forward that declares it handles it; this one does
@@ -217,8 +206,10 @@ def is_patched(model: nn.Module) -> bool:
     return _STATE in _causal_lm(model).__dict__
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo ``patch``: the model's own forward and loss again; returns ``model``."""
+def unpatch(model: nn.Module, *, keep_trl_head: bool = True) -> nn.Module:
+    """Undo ``patch``: the model's own forward and loss again; returns ``model``. A model whose
+    TRL fused head gapfix served gets TRL's own head back (same settings), so its trainer goes
+    on working; keep_trl_head=False leaves the bare forward."""
     lm = _causal_lm(model)
     state = lm.__dict__.get(_STATE)
     if state is None:
@@ -237,4 +228,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         lm.accepts_loss_kwargs = state["previous_accepts"]
     else:
         del lm.accepts_loss_kwargs
+    if keep_trl_head and state.get("trl_head") is not None:
+        from gapfix.hf.trl_head import add_trl_head
+
+        add_trl_head(lm, state["trl_head"])
     return model

@@ -201,7 +201,10 @@ class _RacMixin:
                  resume_with_changed_config: bool = False, **kwargs: Any) -> None:
         if rac_config is not None:
             checked_config("rac_config", rac_config, RacConfig)
-        super().__init__(*args, **kwargs)
+        from gapfix.hf.trl_head import serve_trl_head
+
+        with serve_trl_head():  # under trl.SFTTrainer, TRL's fused head runs on gapfix's kernel
+            super().__init__(*args, **kwargs)
         self.rac_config = resolved_config(self, "rac_config", rac_config, RacConfig)
         self.resume_with_changed_config = resume_with_changed_config
         if self.rac_config.mode == "all":

@@ -26,10 +26,12 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from gapfix.kernels.common import next_pow2  # noqa: F401  (shared with the kernels; triton-free)
+
 __all__ = [
     "IMPLS", "INDEX_DTYPES", "INT64_MAX", "INT64_MIN",
     "triton_available", "triton_runs_on", "check_triton_device",
-    "cdiv", "next_pow2",
+    "cdiv", "next_pow2", "FunctorchTransformError", "under_functorch", "refuse_functorch",
     "resolve_impl", "device_guard", "launch",
     "is_int", "check_int", "check_ids", "check_lengths", "check_length_values",
 ]
@@ -80,9 +82,31 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def next_pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1): tl.arange sizes must be powers of two."""
-    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------
+# torch.func transforms
+# --------------------------------------------------------------------------------------
+
+
+class FunctorchTransformError(NotImplementedError):
+    """An op called under a torch.func transform (grad, vmap, jvp, ...) that it cannot run in."""
+
+
+def under_functorch(*tensors: Any) -> bool:
+    """Some tensor is a torch.func wrapper (a grad or vmap level is tracking it). False while
+    torch.compile traces (it handles the transforms itself, and cannot trace this query)."""
+    if torch.compiler.is_compiling():
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(isinstance(t, Tensor) and wrapped(t) for t in tensors)
+
+
+def refuse_functorch(op: str, why: str, *tensors: Any) -> None:
+    """FunctorchTransformError naming the op when its inputs come from a torch.func transform."""
+    if under_functorch(*tensors):
+        raise FunctorchTransformError(f"gapfix.{op} does not run under torch.func transforms (grad, vmap, jvp, ...): "
+                                      f"{why}; call it outside the transform")
 
 
 # --------------------------------------------------------------------------------------

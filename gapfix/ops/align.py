@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from gapfix.ops import _common
 from gapfix.ops._common import check_ids, check_int, check_lengths, resolve_impl
 
 # Row lengths as the public functions take them: None (the full width), a (B,) tensor or ints.
@@ -279,6 +280,8 @@ def align(
     ~(Tr + 2.5 Tg) * Tr / 8 bytes per pair, in chunks of at most 2 GiB
     (GAPFIX_ALIGN_SCRATCH_MB).
     """
+    _common.refuse_functorch("align", "each row's dynamic program reads its lengths and ids", gen, ref, gen_lens,
+                             ref_lens)
     gen, ref, gen_lens, ref_lens = _prepare(gen, ref, gen_lens, ref_lens, max_targets)
     impl = resolve_impl(impl, op="align", device=gen.device, supported=IMPLS, auto=_auto_impl)
     if impl == "torch":

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gapfix.kernels.common import MASK_BITS
 from gapfix.ops import _common
 from gapfix.ops._common import cdiv, launch, resolve_impl, triton_runs_on
 
@@ -45,8 +46,7 @@ IMPLS = ("auto", "torch", "torch_fast", "triton")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The decision compares the top MASK_BITS bits of a Philox word with
-# round(beta * 2**MASK_BITS); kernels/mix_embedding.py imports it from here.
-MASK_BITS = 24
+# round(beta * 2**MASK_BITS) (MASK_BITS lives with the kernels, in a triton-free module).
 _MAX_SEED = 2**63  # seeds are split into the two 32-bit Philox key words
 _MAX_POSITIONS = 2**31  # the Philox counter is the int32 flat position
 
@@ -525,6 +525,8 @@ def mix_embedding(weight: torch.Tensor, ids: torch.Tensor, alt_ids: torch.Tensor
         embeds (..., D) in weight's dtype, and mixed (...) bool, the mask applied.
         The gradient flows to `weight` (duplicates summed) and `alt_probs`.
     """
+    _common.refuse_functorch("mix_embedding", "it checks the ids and draws its mask from their values",
+                             weight, ids, alt_ids, alt_probs, mask, eligible)
     _check_tensor(weight, "weight", floating=True)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (num_embeddings, dim), got shape {tuple(weight.shape)}")

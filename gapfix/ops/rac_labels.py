@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from gapfix.ops import _common
 from gapfix.ops._common import (
     INDEX_DTYPES,
     INT64_MAX,
@@ -327,6 +328,8 @@ def rac_labels(
 
     Returns labels (B, Tg+1) int64 for the hard modes; ``RacTargets`` for "all".
     """
+    _common.refuse_functorch("rac_labels", "the alignment under it reads the rows' lengths and ids", gen, ref,
+                             gen_lens, ref_lens)
     check_ids("gen", gen)
     batch, gen_width = gen.shape
     device = gen.device

@@ -51,6 +51,9 @@ token_weight_i * (lse - (1 - eps) z_{id_k} - eps * mean(z)), s_i the reduction's
 Second-order gradients (backward with create_graph=True) are supported by impl="torch" only;
 the fast paths raise NotImplementedError there rather than return a silent 0.
 
+linear_log_probs (log_probs.py): per-token log-probabilities, entropy and the other
+statistics TRL's fused LM head asks for, on the same kernels.
+
 Layout: reference.py (the oracle), validation.py, rows.py (options, row terms, the
 gradient's coefficients), chunked.py, triton_launch.py, registration.py (custom ops and
 autograd), api.py (the public functions and modules).
@@ -61,6 +64,11 @@ from gapfix.ops.cross_entropy.api import (
     cross_entropy,
     linear_cross_entropy,
 )
+from gapfix.ops.cross_entropy.log_probs import (
+    TokenLogProbs,
+    linear_log_probs,
+    linear_log_probs_reference,
+)
 from gapfix.ops.cross_entropy.reference import cross_entropy_reference, linear_cross_entropy_reference
 
 __all__ = [
@@ -70,4 +78,7 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "cross_entropy_reference",
     "linear_cross_entropy_reference",
+    "linear_log_probs",
+    "linear_log_probs_reference",
+    "TokenLogProbs",
 ]

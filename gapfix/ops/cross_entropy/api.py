@@ -124,7 +124,7 @@ def cross_entropy(
     n_rows = math.prod(lead_shape)
     ids, target_weight = check_target(target, n_rows, logits.device, lead_shape)
     token_weight = check_token_weight(token_weight, n_rows, logits.device, lead_shape)
-    impl = resolve_impl(impl, logits.device, logits.dtype, "cross_entropy")
+    impl = resolve_impl(impl, logits.device, logits.dtype, "cross_entropy", logits, target_weight, token_weight)
     flat = logits.reshape(n_rows, vocab)
     if impl == "torch":
         ids, token_weight, num_tokens = reference_inputs(ids, target_weight, token_weight, num_tokens, vocab,
@@ -218,7 +218,8 @@ def linear_cross_entropy(
     n_rows = math.prod(lead_shape)
     ids, target_weight = check_target(target, n_rows, hidden.device, lead_shape)
     token_weight = check_token_weight(token_weight, n_rows, hidden.device, lead_shape)
-    impl = resolve_impl(impl, hidden.device, hidden.dtype, "linear_cross_entropy")
+    impl = resolve_impl(impl, hidden.device, hidden.dtype, "linear_cross_entropy", hidden, lm_weight, bias,
+                        target_weight, token_weight)
     if impl == "triton" and hidden.device.type != "cuda" and grad_weight_dtype == torch.bfloat16:
         raise ValueError("grad_weight_dtype=torch.bfloat16 needs a GPU: Triton's interpreter has no bf16 atomics")
     flat = hidden.reshape(n_rows, hdim)

@@ -62,12 +62,13 @@ def linear_triton_forward(hidden, weight, bias, rows: Rows, opts: LinearOptions)
     launch(K.linear_ce_forward_kernel, (cdiv(n_rows, cfg["BLOCK_N"]), splits),
            hidden, weight, bias if bias is not None else hidden,
            rows.safe_ids, rows.slot_w,
-           part_max, part_sum, part_target, part_logit_sum,
+           part_max, part_sum, part_target, part_logit_sum, part_max, part_max, part_max,
            n_rows, vocab, hdim, hidden.stride(0), weight.stride(0), v_per_split,
            float(opts.softcap or 1.0),
            device=hidden.device,
            NUM_SLOTS=rows.safe_ids.shape[1], HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None,
-           SMOOTH=smooth, DOT_PRECISION=_dot_precision(hidden.dtype), DOT_FP32=_dot_fp32(hidden), **cfg)
+           SMOOTH=smooth, ENTROPY=False, SQ=False, TOP1=False,
+           DOT_PRECISION=_dot_precision(hidden.dtype), DOT_FP32=_dot_fp32(hidden), **cfg)
     top = part_max.amax(dim=0)
     top = torch.where(torch.isfinite(top), top, torch.zeros((), **f32))
     lse = top + (part_sum * torch.exp(part_max - top)).sum(dim=0).log()
@@ -93,16 +94,104 @@ def linear_triton_backward(hidden, weight, bias, rows: Rows, lse, r, opts: Linea
     unused = coef_p
     launch(K.linear_ce_backward_kernel, (cdiv(n_rows, cfg["BLOCK_N"]) * cdiv(vocab, cfg["BLOCK_V"]),),
            hidden, weight, bias if bias is not None else hidden,
-           rows.safe_ids, rows.slot_w, lse, coef_p, coef_t, coef_s, r,
+           rows.safe_ids, rows.slot_w, lse, coef_p, coef_t, coef_s, r, unused, unused,
            unused if dx_acc is None else dx_acc, unused if dw_acc is None else dw_acc,
            unused if db_acc is None else db_acc,
            n_rows, vocab, hdim, hidden.stride(0), weight.stride(0),
            float(opts.softcap or 1.0), float(opts.filter_eps or 0.0),
            device=dev,
            NUM_SLOTS=rows.safe_ids.shape[1], HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None,
-           SMOOTH=bool(opts.label_smoothing), NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
+           SMOOTH=bool(opts.label_smoothing), ENTROPY=False, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
            FILTER=bool(opts.filter_eps), DOT_PRECISION=_dot_precision(hidden.dtype), DOT_FP32=_dot_fp32(hidden),
            **cfg)
+    dx = dx_acc.to(hidden.dtype) if need_dx else None
+    dw = dw_acc.to(weight.dtype) if need_dw else None
+    db = db_acc.to(bias.dtype) if need_db else None
+    return dx, dw, db
+
+
+def log_probs_triton_forward(hidden, weight, bias, rows: Rows, softcap, flags):
+    """linear_log_probs' forward: the cross-entropy forward kernel with its statistics on,
+    partials per vocabulary range merged here. -> (log_probs, entropy, log_sum_sq, mean,
+    top1, lse), unrequested statistics empty."""
+    from gapfix.kernels import cross_entropy as K
+
+    want_entropy, want_sq, want_mean, want_top1 = flags
+    n_rows, hdim = hidden.shape
+    vocab = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    empty = torch.empty(0, **f32)
+    if n_rows == 0:
+        return (empty, empty.clone(), empty.clone(), empty.clone(), torch.empty(0, dtype=torch.bool,
+                                                                               device=hidden.device), empty.clone())
+    cfg = K.linear_config(hidden.dtype, n_rows, vocab, hdim, hidden.device.type == "cuda")
+    sms = _sm_count(hidden.device.index) if hidden.device.type == "cuda" else 1
+    splits, v_per_split = vocab_splits(n_rows, vocab, cfg["BLOCK_N"], cfg["BLOCK_V"], sms)
+    parts = {name: torch.empty((splits, n_rows), **f32) for name in ("max", "sum", "target")}
+    for name, wanted in (("logit_sum", want_mean), ("xs", want_entropy), ("sq", want_sq), ("before", want_top1)):
+        parts[name] = torch.empty((splits, n_rows), **f32) if wanted else parts["max"]
+    launch(K.linear_ce_forward_kernel, (cdiv(n_rows, cfg["BLOCK_N"]), splits),
+           hidden, weight, bias if bias is not None else hidden, rows.safe_ids, rows.slot_w,
+           parts["max"], parts["sum"], parts["target"], parts["logit_sum"], parts["xs"], parts["sq"],
+           parts["before"], n_rows, vocab, hdim, hidden.stride(0), weight.stride(0), v_per_split,
+           float(softcap or 1.0), device=hidden.device,
+           NUM_SLOTS=rows.safe_ids.shape[1], HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+           SMOOTH=want_mean, ENTROPY=want_entropy, SQ=want_sq, TOP1=want_top1,
+           DOT_PRECISION=_dot_precision(hidden.dtype), DOT_FP32=_dot_fp32(hidden), **cfg)
+    top = parts["max"].amax(dim=0)
+    shift = torch.where(torch.isfinite(top), top, torch.zeros((), **f32))
+    weight_s = torch.exp(parts["max"] - shift)  # each range's rescale to the global max
+    total = (parts["sum"] * weight_s).sum(dim=0)
+    lse = shift + total.log()
+    target = parts["target"].sum(dim=0)
+    zero = torch.zeros((), **f32)
+    counted = rows.counted
+    log_probs = torch.where(counted, target - lse, zero)
+    entropy, log_sum_sq, mean = (torch.empty(0, **f32) for _ in range(3))  # outputs never alias
+    top1 = torch.empty(0, dtype=torch.bool, device=hidden.device)
+    if want_entropy:
+        entropy = torch.where(counted, lse - (parts["xs"] * weight_s).sum(dim=0) / total, zero)
+    if want_sq:
+        log_sum_sq = torch.where(counted, (parts["sq"] * weight_s * weight_s).sum(dim=0).log() - 2.0 * total.log(),
+                                 zero)
+    if want_mean:
+        mean = torch.where(counted, parts["logit_sum"].sum(dim=0) / vocab, zero)
+    if want_top1:
+        # the first argmax: at least every logit, above every logit of a smaller id
+        top1 = counted & (target >= top) & (target > parts["before"].amax(dim=0))
+    return log_probs, entropy, log_sum_sq, mean, top1, lse
+
+
+def log_probs_triton_backward(hidden, weight, bias, rows: Rows, lse, entropy, grad_log_probs, grad_entropy, softcap,
+                              need_dx, need_dw, need_db):
+    """linear_log_probs' backward on the cross-entropy backward kernel: dL/dz = a (onehot - p)
+    is coef_p = coef_t = -a; the entropy term comes in with ENTROPY."""
+    from gapfix.kernels import cross_entropy as K
+
+    n_rows, hdim = hidden.shape
+    vocab = weight.shape[0]
+    zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    a = torch.where(rows.counted, grad_log_probs.reshape(-1).float(), zero)
+    a = torch.where(rows.invalid, torch.full((), float("nan"), dtype=torch.float32, device=hidden.device), a)
+    coef = -a
+    coef_e = None if grad_entropy is None else torch.where(rows.counted, grad_entropy.reshape(-1).float(), zero)
+    dev = hidden.device
+    dx_acc = torch.zeros((n_rows, hdim), dtype=torch.float32, device=dev) if need_dx else None
+    dw_acc = torch.zeros((vocab, hdim), dtype=torch.float32, device=dev) if need_dw else None
+    db_acc = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
+    cfg = K.linear_config(hidden.dtype, n_rows, vocab, hdim, dev.type == "cuda", backward=True)
+    unused = coef
+    launch(K.linear_ce_backward_kernel, (cdiv(n_rows, cfg["BLOCK_N"]) * cdiv(vocab, cfg["BLOCK_V"]),),
+           hidden, weight, bias if bias is not None else hidden,
+           rows.safe_ids, rows.slot_w, lse, coef, coef.clone(), unused, unused,
+           unused if coef_e is None else entropy, unused if coef_e is None else coef_e,
+           unused if dx_acc is None else dx_acc, unused if dw_acc is None else dw_acc,
+           unused if db_acc is None else db_acc,
+           n_rows, vocab, hdim, hidden.stride(0), weight.stride(0), float(softcap or 1.0), 0.0,
+           device=dev,
+           NUM_SLOTS=rows.safe_ids.shape[1], HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+           SMOOTH=False, ENTROPY=coef_e is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
+           FILTER=False, DOT_PRECISION=_dot_precision(hidden.dtype), DOT_FP32=_dot_fp32(hidden), **cfg)
     dx = dx_acc.to(hidden.dtype) if need_dx else None
     dw = dw_acc.to(weight.dtype) if need_dw else None
     db = db_acc.to(bias.dtype) if need_db else None

@@ -14,8 +14,8 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from gapfix.ops._common import FunctorchTransformError, triton_available, under_functorch
 from gapfix.ops._common import resolve_impl as _resolve_common
-from gapfix.ops._common import triton_available
 from gapfix.ops.cross_entropy.rows import Rows, compute_dtype, num_tokens_denominator
 
 Target = Union[Tensor, Tuple[Tensor, Tensor], Sequence[Tensor]]
@@ -118,9 +118,16 @@ def check_token_weight(
     return token_weight.reshape(n_rows)
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, op: str) -> str:
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, op: str, *tensors: Tensor) -> str:
     """"torch", "torch_fast" or "triton" (docs/ops.md). "auto": the Triton kernels on CUDA
-    tensors of a dtype they support, else the chunked torch path."""
+    tensors of a dtype they support, else the chunked torch path. Under a torch.func
+    transform (`tensors` wrapped by grad, vmap, ...) "auto" is the reference, plain autograd
+    that the transforms differentiate; the fast paths' custom autograd cannot run there."""
+    if under_functorch(*tensors):
+        if impl in ("auto", "torch"):
+            return "torch"
+        raise FunctorchTransformError(f"{op}: impl={impl!r} does not run under torch.func transforms (grad, vmap, "
+                                      "...); use impl='auto' or impl='torch' there")
 
     def auto(dev: torch.device) -> str:
         return "triton" if dev.type == "cuda" and triton_available() and dtype in TRITON_DTYPES else "torch_fast"
