@@ -364,13 +364,13 @@ def generation_engine(model, backend: str, *, tensor_parallel_size: int = 1,
     engine when a torchrun job generates with vLLM (an ordinary engine would hang there), else
     None (gapfix.generate then runs `backend` itself). backend "vllm": the engine under torchrun
     (an error where vLLM cannot start), and tensor_parallel_size > 1 without torchrun is refused;
-    "auto" (gapfix.generate's rule, vLLM where installed): the engine under torchrun where vLLM
-    starts on the model, else None (transformers); "hf": None. Every rank calls it (a collective
-    where an engine starts)."""
-    from gapfix.generation import vllm_available
+    "auto" (gapfix.generate's rule: vLLM for a model on a GPU where vLLM is installed): the engine
+    under torchrun where vLLM starts on the model, else None (transformers); "hf": None. Every
+    rank calls it (a collective where an engine starts)."""
+    from gapfix.generation.runner import _resolve_backend
 
     check_engine_options(tensor_parallel_size, gpu_memory_utilization)
-    if backend == "hf" or (backend == "auto" and not vllm_available()):
+    if backend == "hf" or (backend == "auto" and _resolve_backend("auto", model) == "hf"):
         return None
     if not world_position()[2]:
         if tensor_parallel_size > 1 and backend == "vllm":

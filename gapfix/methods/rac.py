@@ -65,8 +65,8 @@ class RacConfig:
                                f"{MAX_SFT_RATIO:g})", flag="rac_sft_ratio")
     only_until_divergence: bool = setting(False, "train only the prefixes up to the first divergence",
                                           flag="rac_only_until_divergence")
-    backend: str = setting("auto", "generation backend: auto (vLLM where installed, else transformers), vllm "
-                           "or hf", flag="generation_backend")
+    backend: str = setting("auto", "generation backend: auto (vLLM for a model on a GPU where vLLM is "
+                           "installed, else transformers), vllm or hf", flag="generation_backend")
     max_new_tokens: int = setting(128, "generation budget of RAC answers (and of --eval)", flag="max_new_tokens")
     vllm_tensor_parallel_size: int = setting(1, "under torchrun with vLLM: ranks sharing one tensor-parallel "
                                              "engine (divides the world size)", flag="vllm_tensor_parallel_size")
