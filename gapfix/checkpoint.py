@@ -565,11 +565,14 @@ def check_finite_weights(model, *, dist=None, device=None, where: str = "the mod
         raise NonFiniteTrainingError(f"{where} holds NaN or infinite weights: not saved")
 
 
-def config_differences(saved: dict, current: dict) -> list:
-    """'field: old -> new' for every TrainConfig field that differs and changes what is trained."""
+def config_differences(saved: dict, current: dict, *, defaults: dict | None = None,
+                       free=RESUME_FREE_FIELDS) -> list:
+    """'field: old -> new' for every config field that differs and changes what is trained (every
+    field but `free`). A field the saved config lacks (added since) counts as its default there."""
+    saved = {**(defaults or {}), **saved}
     return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
             for key in sorted(set(saved) | set(current))
-            if key not in RESUME_FREE_FIELDS and saved.get(key) != current.get(key)]
+            if key not in free and saved.get(key) != current.get(key)]
 
 
 def load_checkpoint(path, model, *, config=None, allow_config_change: bool = False) -> dict:
@@ -585,7 +588,8 @@ def load_checkpoint(path, model, *, config=None, allow_config_change: bool = Fal
                               f"(fingerprint {state['fingerprint']} != {model_fingerprint(model)})")
     changes = []
     if config is not None:
-        changes = config_differences(state["config"], dataclasses.asdict(config))
+        changes = config_differences(state["config"], dataclasses.asdict(config),
+                                     defaults=dataclasses.asdict(type(config)()))
         if changes and not allow_config_change:
             raise CheckpointError(
                 f"checkpoint {path} was written by a run with other settings "

@@ -7,9 +7,11 @@
 config.json to build a randomly initialised model from, or "tiny" for a small
 Llama; the last two get a tokenizer trained locally on the training data
 (--tokenizer bpe, word or char). --attn auto (the default) uses FlashAttention-2 with packed
-micro-batches on a GPU where flash-attn is installed, else sdpa. Every TrainConfig field is a flag (--beta, --rac-mode,
---steps-per-iteration, ...). Under torchrun the same command trains with DDP
-(or --distributed fsdp).
+micro-batches on a GPU where flash-attn is installed, else sdpa. Every TrainConfig field is a
+flag (--beta, --rac-mode, --steps-per-iteration, ...), its help text the field's (a method's
+flags come from its config dataclass, gapfix.methods.bash.BashConfig and
+gapfix.methods.rac.RacConfig). Under torchrun the same command trains with DDP (or
+--distributed fsdp).
 """
 import dataclasses
 import json
@@ -32,52 +34,6 @@ def _flag_type(field):
     if origin is typing.Union:  # Optional[X]
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
-
-
-# Every TrainConfig field's flag and what it means (shown by `gapfix train --help`).
-FIELD_HELP = {
-    "steps_per_iteration": "optimizer steps per iteration (unset: --epochs-per-iteration over the rows)",
-    "epochs_per_iteration": "passes over the iteration's rows when --steps-per-iteration is unset",
-    "batch_size": "rows per optimizer step, over all ranks",
-    "micro_batch_size": "rows per forward on one rank (unset: the rank's whole share)",
-    "lr": "peak learning rate (AdamW)",
-    "min_lr_ratio": "the cosine schedule decays to lr * this",
-    "warmup_steps": "linear warm-up steps",
-    "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "gradient clipping norm",
-    "beta": "BASH: probability that an answer input token is replaced by the model's own",
-    "bash_mode": "BASH: the mixed-in token: the model's argmax, a sample, its topk (soft mix), or random "
-                 "(uniform random tokens: the noise control of gapfix compare)",
-    "bash_temperature": "BASH: sampling temperature of the predictions (sample, topk)",
-    "bash_top_k": "BASH: K of topk mode",
-    "bash_rows": "BASH: examples predicted and trained per iteration (unset: those the steps draw)",
-    "rac_mode": "RAC: labels: path, first, last (one optimal reference position) or all (soft)",
-    "rac_sft_ratio": "RAC: SFT rows mixed in per RAC row",
-    "rac_temperature": "RAC: sampling temperature of the model's answers (0: greedy)",
-    "rac_samples": "RAC: answers per prompt",
-    "rac_prompts": "RAC: prompts regenerated per iteration (unset: all)",
-    "rac_only_until_divergence": "RAC: train only the prefixes up to the first divergence",
-    "max_new_tokens": "generation budget of RAC answers and of --eval",
-    "generation_backend": "RAC generation backend: auto, vllm or hf",
-    "vllm_tensor_parallel_size": "RAC under torchrun with vLLM: ranks sharing one tensor-parallel engine "
-                                 "(divides the world size)",
-    "vllm_gpu_memory_utilization": "RAC with vLLM on a GPU: the fraction of GPU memory the engine may take",
-    "fused": "false: every op's pure-PyTorch reference instead of the fused kernels",
-    "label_smoothing": "loss: label smoothing eps in [0, 1]",
-    "z_loss": "loss: weight of the z-loss (lse^2) term",
-    "loss_chunk_size": "loss: rows per chunk of the CPU path (unset: about 2**24 / vocabulary)",
-    "loss_filter_eps": "loss: Triton path's gradient filter threshold (unset: off)",
-    "loss_grad_weight_dtype": "loss: Triton path's lm-head gradient accumulator dtype: float32, bfloat16 or float16",
-    "seed": "seed of the initial weights, the row order, BASH masks and RAC sampling",
-    "device": "auto (the GPU where there is one), cpu, cuda, cuda:N",
-    "bf16": "bf16 autocast on a GPU",
-    "packing": "one packed row per micro-batch (FlashAttention varlen only)",
-    "distributed": "under torchrun: ddp or fsdp",
-    "save_every": "checkpoint every N steps (0: only at the end of each iteration)",
-    "keep_checkpoints": "checkpoints kept in --out",
-    "log_every": "metrics.jsonl gets a step record every N steps",
-    "progress": "progress bars (false also silences transformers' loading/saving bars)",
-}
 
 
 def _show(value):
@@ -157,7 +113,7 @@ def add_config_flags(parser, skip=()):
             continue
         kind = _flag_type(field)
         flag = "--" + field.name.replace("_", "-")
-        text = FIELD_HELP.get(field.name, field.name.replace("_", " "))
+        text = field.metadata.get("help") or field.name.replace("_", " ")
         text += f" (default {_show(field.default)}"
         if field.name in demo and demo[field.name] != field.default:
             text += f"; demo recipe {_show(demo[field.name])}"

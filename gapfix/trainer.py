@@ -53,62 +53,60 @@ from gapfix._progress import step_progress as _progress
 from gapfix.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint  # noqa: F401 (API)
 from gapfix.data import IGNORE_INDEX, collate, label_field, pack_rows
 from gapfix.data.arrow import check_token_ids
-from gapfix.methods.base import OfflineContext, get_method, method_for_batch, method_names, row_seed
+from gapfix.methods.base import (
+    OfflineContext,
+    check_number,
+    flag_fields,
+    get_method,
+    method_for_batch,
+    method_names,
+    setting,
+)
+from gapfix.methods.bash import mixing_seeds
 from gapfix.models import decoder_trunk, unwrap_model
 from gapfix.outdir import claims_out_dir, open_file
 
 METHODS = method_names()  # the built-in ones; gapfix.methods.base.register adds more
 
 
+MAX_EPOCHS_PER_ITERATION = 10_000.0  # the steps of an iteration are epochs x rows / batch_size
+
+
 @dataclass
-class TrainConfig:
-    method: str = "sft"
-    iterations: int = 1
-    steps_per_iteration: Optional[int] = None  # None: epochs_per_iteration over the rows
-    epochs_per_iteration: float = 1.0
-    batch_size: int = 32  # rows per optimizer step, over all ranks
-    micro_batch_size: Optional[int] = None  # rows per forward on one rank; None: all of its share
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    # BASH
-    beta: float = 0.2
-    bash_mode: str = "sample"  # argmax | sample | topk | random (a noise control: uniform random tokens)
-    bash_temperature: float = 1.0
-    bash_top_k: int = 4
-    bash_rows: Optional[int] = None  # examples predicted and trained per iteration; None: all the steps draw
-    # RAC
-    rac_mode: str = "path"  # path | first | last | all
-    rac_sft_ratio: float = 1.0  # SFT rows mixed in per RAC row
-    rac_temperature: float = 0.0
-    rac_samples: int = 1
-    rac_prompts: Optional[int] = None  # prompts regenerated each iteration; None: all
-    rac_only_until_divergence: bool = False
-    max_new_tokens: int = 128
-    generation_backend: str = "auto"
-    # RAC's vLLM engine under torchrun, colocated with training (gapfix.generation.colocate)
-    vllm_tensor_parallel_size: int = 1  # ranks per engine; divides the world size
-    vllm_gpu_memory_utilization: float = 0.4  # the GPU fraction the engine may take (CUDA only)
-    # ops and runtime
-    fused: bool = True
+class _RunSettings:
+    """The settings of the reference trainer that belong to no one method."""
+
+    method: str = setting("sft", 'sft, bash, rac, or a registered method')
+    iterations: int = setting(1, 'offline phase + training rounds')
+    steps_per_iteration: Optional[int] = setting(
+        None, "optimizer steps per iteration (unset: --epochs-per-iteration over the rows)")
+    epochs_per_iteration: float = setting(1.0, "passes over the iteration's rows when --steps-per-iteration is unset")
+    batch_size: int = setting(32, 'rows per optimizer step, over all ranks')
+    micro_batch_size: Optional[int] = setting(None, "rows per forward on one rank (unset: the rank's whole share)")
+    lr: float = setting(1e-3, 'peak learning rate (AdamW)')
+    min_lr_ratio: float = setting(0.1, 'the cosine schedule decays to lr * this')
+    warmup_steps: int = setting(0, 'linear warm-up steps')
+    weight_decay: float = setting(0.0, 'AdamW weight decay')
+    max_grad_norm: float = setting(1.0, 'gradient clipping norm')
+    fused: bool = setting(True, "false: every op's pure-PyTorch reference instead of the fused kernels")
     # the loss's options (gapfix.lm_loss, the same loss as gapfix.hf.patch)
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    loss_chunk_size: Optional[int] = None
-    loss_filter_eps: Optional[float] = None
-    loss_grad_weight_dtype: Optional[str] = None  # float32 | bfloat16 | float16
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool = True  # autocast on GPU
-    packing: bool = False  # one packed row per micro-batch (where packing_supported(model))
-    distributed: str = "ddp"  # ddp | fsdp, under torchrun
-    out_dir: Optional[str] = None
-    save_every: int = 0  # steps; a checkpoint is also written at the end of each iteration
-    keep_checkpoints: int = 1
-    log_every: int = 10
-    progress: bool = True
+    label_smoothing: float = setting(0.0, "loss: label smoothing eps in [0, 1]")
+    z_loss: float = setting(0.0, "loss: weight of the z-loss (lse^2) term")
+    loss_chunk_size: Optional[int] = setting(None, "loss: rows per chunk of the CPU path (unset: about 2**24 / "
+                                             "vocabulary)")
+    loss_filter_eps: Optional[float] = setting(None, "loss: Triton path's gradient filter threshold (unset: off)")
+    loss_grad_weight_dtype: Optional[str] = setting(None, "loss: Triton path's lm-head gradient accumulator dtype: "
+                                                    "float32, bfloat16 or float16")
+    seed: int = setting(0, 'seed of the initial weights, the row order, BASH masks and RAC sampling')
+    device: str = setting("auto", 'auto (the GPU where there is one), cpu, cuda, cuda:N')
+    bf16: bool = setting(True, 'bf16 autocast on a GPU')
+    packing: bool = setting(False, 'one packed row per micro-batch (FlashAttention varlen only)')
+    distributed: str = setting("ddp", 'under torchrun: ddp or fsdp')
+    out_dir: Optional[str] = setting(None, 'output folder')
+    save_every: int = setting(0, 'checkpoint every N steps (0: only at the end of each iteration)')
+    keep_checkpoints: int = setting(1, 'checkpoints kept in --out')
+    log_every: int = setting(10, 'metrics.jsonl gets a step record every N steps')
+    progress: bool = setting(True, "progress bars (false also silences transformers' loading/saving bars)")
 
     def validate(self):
         get_method(self.method)  # refuses an unknown name, listing the registered ones
@@ -121,8 +119,25 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps_per_iteration is not None and self.steps_per_iteration < 1:
             raise ValueError(f"steps_per_iteration must be >= 1, got {self.steps_per_iteration}")
+        check_number("epochs_per_iteration", self.epochs_per_iteration, 0.0, MAX_EPOCHS_PER_ITERATION,
+                     open_low=True)
         loss_options(self)
 
+
+def _method_settings() -> list:
+    """The TrainConfig fields of the built-in methods' config dataclasses (one per flag)."""
+    from gapfix.methods.bash import BashConfig
+    from gapfix.methods.rac import RacConfig
+
+    return flag_fields(BashConfig) + flag_fields(RacConfig)
+
+
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig", _method_settings(), bases=(_RunSettings,),
+    namespace={"__module__": __name__,
+               "__doc__": "The reference trainer's settings: its own (_RunSettings) and each built-in "
+               "method's, by flag name (gapfix.methods.bash.BashConfig, gapfix.methods.rac.RacConfig); "
+               "`gapfix train` has a flag per field."})
 
 _GRAD_WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -475,7 +490,6 @@ class _Run:
     def start(self, resume, resume_with_changed_config, whole_after_iteration=False):
         """Optimizer and schedule, restored from the latest checkpoint where there is one."""
         config, model, dist = self.config, self.model, self.dist
-        total_steps = config.iterations * self.steps_for(self.method.num_rows(len(self.examples), config))
         state = None
         checkpoint = latest_checkpoint(self.out) if (self.out and resume) else None
         if checkpoint:  # weights load before any sharding, on every rank
@@ -491,27 +505,38 @@ class _Run:
         self.offline_model = _OfflineReplica(model) if replica else None
         loss_module = CausalLMLoss(model, config.fused, self.method, loss_options(config))
         self.trainable = _wrap_distributed(loss_module, config, dist, self.device)
-        trainable_params = [p for p in model.parameters() if p.requires_grad]  # a PEFT model: its adapter
+        self._make_optimizer()
+        if state is not None:
+            self._restore(state, checkpoint)
+
+    def _make_optimizer(self):
+        """AdamW over the trainable parameters and the warm-up + cosine schedule of the whole run."""
+        config = self.config
+        total_steps = config.iterations * self.steps_for(self.method.num_rows(len(self.examples), config))
+        trainable_params = [p for p in self.model.parameters() if p.requires_grad]  # a PEFT model: its adapter
         if not trainable_params:
             raise ValueError("model has no parameter that requires grad: nothing to train (a PEFT adapter "
                              "loaded for inference? load it with is_trainable=True)")
         self.optimizer = torch.optim.AdamW(trainable_params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(config.warmup_steps, total_steps, config.min_lr_ratio))
-        if state is None:
-            return
-        self.position = ckpt.check_position(  # ranges and schema, naming the field
-            state, checkpoint, iterations=config.iterations,
-            steps=self.steps_for(self.method.num_rows(len(self.examples), config)), exact=not state["config_changes"])
-        for field, restore in (("optimizer", lambda: _load_optimizer_state(model, self.optimizer, state["optimizer"],
-                                                                           config, dist)),
-                               ("scheduler", lambda: self.scheduler.load_state_dict(state["scheduler"])),
-                               ("rng", lambda: ckpt.set_rng_state(state["rng"]))):
+
+    def _restore(self, state, checkpoint):
+        """The optimizer, schedule, RNG, position and the iteration's rows of a checkpoint's state,
+        each checked (ranges, schema, values that restore) and named in a CheckpointError."""
+        config, steps = self.config, self.steps_for(self.method.num_rows(len(self.examples), self.config))
+        self.position = ckpt.check_position(state, checkpoint, iterations=config.iterations, steps=steps,
+                                            exact=not state["config_changes"])
+        for field, restore in (
+                ("optimizer", lambda: _load_optimizer_state(self.model, self.optimizer, state["optimizer"],
+                                                            config, self.dist)),
+                ("scheduler", lambda: self.scheduler.load_state_dict(state["scheduler"])),
+                ("rng", lambda: ckpt.set_rng_state(state["rng"]))):
             with ckpt.restoring(checkpoint, field):
                 restore()
-        ckpt.check_restored(self.optimizer, self.scheduler, checkpoint, sharded=_sharded(config, dist))
+        ckpt.check_restored(self.optimizer, self.scheduler, checkpoint, sharded=_sharded(config, self.dist))
         if state["rows"] is not None:
-            expected = self.method.num_rows(len(self.examples), config)
+            expected = self.method.num_rows(len(self.examples), self.config)
             self.rows = ckpt.open_rows(self.out, state["rows"], expected_rows=expected)
             self.rows_reference = state["rows"]
         self.log(dict(event="resume", checkpoint=checkpoint, **self.position,
@@ -574,6 +599,22 @@ class _Run:
                 ckpt.prune_rows(self.out)
             self.dist.barrier()
 
+    def micro_step(self, rows, row_index, iteration, step, num_tokens):
+        """Forward and backward of one micro-batch of this rank; (its detached summed loss, the
+        method's step statistics)."""
+        config, device = self.config, self.device
+        batch = pack_rows(rows) if config.packing else collate(rows, pad_id=_pad_id(self.tokenizer))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        # per-row seeds: a row mixes alike at any world size and micro-batch size (a packed
+        # micro-batch is one row: its seed follows the rows packed into it)
+        seeds = mixing_seeds(config.seed, iteration, step, [tuple(row_index)] if config.packing else row_index
+                             ).to(device) if self.method.uses_row_seeds else None
+        with self.autocast:
+            loss_sum, stats = self.trainable(batch, **self.method.loss_inputs(config, seeds))
+        # the loss of the whole step is sum / num_tokens; DDP/FSDP average over ranks
+        (loss_sum * (self.dist.world / num_tokens)).backward()
+        return loss_sum.detach(), stats
+
     def train_step(self, iteration, step, global_index):
         """One optimizer step on the global batch `global_index`; its metrics record."""
         config, dist, device = self.config, self.dist, self.device
@@ -584,19 +625,9 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, stat_sums = 0.0, {}
         for start in range(0, len(mine), self.micro):
-            chunk = mine[start:start + self.micro]
-            batch = pack_rows(chunk) if config.packing else collate(chunk, pad_id=_pad_id(self.tokenizer))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            # per-row seeds: a row mixes alike at any world size and micro-batch size (a packed
-            # micro-batch is one row: its seed follows the rows packed into it)
-            index = my_index[start:start + self.micro]
-            seeds = _row_mix_seeds(config.seed, iteration, step, [tuple(index)] if config.packing else index
-                                   ).to(device) if self.method.uses_row_seeds else None
-            with self.autocast:
-                loss_sum, stats = self.trainable(batch, **self.method.loss_inputs(config, seeds))
-            # the loss of the whole step is sum / num_tokens; DDP/FSDP average over ranks
-            (loss_sum * (dist.world / num_tokens)).backward()
-            total_loss += loss_sum.detach()
+            loss_sum, stats = self.micro_step(mine[start:start + self.micro], my_index[start:start + self.micro],
+                                              iteration, step, num_tokens)
+            total_loss += loss_sum
             for name, (numerator, denominator) in (stats or {}).items():  # summed on device, read once
                 old = stat_sums.get(name, (0, 0))
                 stat_sums[name] = (old[0] + numerator, old[1] + denominator)
@@ -811,11 +842,7 @@ def _row_order(num_rows, needed, seed, iteration):
     return torch.cat(parts).tolist() if parts else []
 
 
-def _row_mix_seeds(seed, iteration, step, row_indices):
-    """BASH's mixing seeds, one per row: a function of (seed, iteration, step, the row's index in
-    the iteration's row table), never of the rank or the micro-batch, as int64 in [0, 2**56)."""
-    return torch.tensor([row_seed(seed, iteration, step, "row", index) for index in row_indices],
-                        dtype=torch.int64)
+_row_mix_seeds = mixing_seeds  # BASH's per-row mixing seeds, the rule both drivers follow
 
 
 def _pad_id(tokenizer):

@@ -183,7 +183,8 @@ def test_train_recipe_demo_and_explicit_flags():
     parser = build_parser()
     base = ["train", "--model", "tiny", "--train", "t", "--out", "o"]
     plain = config_from_args(parser.parse_args(base))
-    assert plain.beta == 0.2 and plain.rac_temperature == 0.0 and plain.iterations == 1
+    # rac_temperature's default is 1.0 (was 0.0): one set of defaults for gapfix train and gapfix.hf
+    assert plain.beta == 0.2 and plain.rac_temperature == 1.0 and plain.iterations == 1
     demo = config_from_args(parser.parse_args(base + ["--recipe", "demo"]))
     for key, value in RECIPES["demo"].items():
         assert getattr(demo, key) == value, key

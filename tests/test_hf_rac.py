@@ -49,7 +49,9 @@ def test_build_rac_dataset_rows_follow_the_answers(spy):
     tok = W.tokenizer()
     net = _eager_model(tok)
     data = W.dataset(tok, 10)
-    out = hf.build_rac_dataset(net, tok, data, config=_config(), seed=3)
+    # seed 0: under the seeding rule both drivers share (gapfix.methods.rac.generation_seed) it draws
+    # finished and cut answers; seed 3, used before that rule, now draws none that finish
+    out = hf.build_rac_dataset(net, tok, data, config=_config(), seed=0)
     answers = [g for call in spy for g in call]
     assert len(answers) == 12  # 6 prompts x 2 samples
     rac = [r for r in out if r["finish_reason"]]
@@ -173,8 +175,12 @@ def test_bad_inputs_are_refused(tmp_path):
 
     tok = W.tokenizer()
     net = W.model(tok)
+    # RacConfig is the reference trainer's too, where soft "all" labels are valid: gapfix.hf refuses
+    # them when it runs, since Trainer's labels carry one token per position
     with pytest.raises(ValueError, match="mode"):
-        hf.RacConfig(mode="all")
+        hf.build_rac_dataset(net, tok, W.dataset(tok, 4), config=hf.RacConfig(mode="all", backend="hf"))
+    with pytest.raises(ValueError, match="mode"):
+        hf.RacConfig(mode="soft")
     with pytest.raises(ValueError, match="samples"):
         hf.RacConfig(samples=0)
     no_prompt = datasets.Dataset.from_list([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}])

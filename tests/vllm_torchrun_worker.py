@@ -24,9 +24,8 @@ import torch.distributed as dist
 def main(out, backend, callers):
     from gapfix import generate
     from gapfix.data import math_task
-    from gapfix.models import tiny_llama
-
     from gapfix.generation import runner
+    from gapfix.models import tiny_llama
 
     # "auto" picks vLLM for a model on a GPU: this CPU model stands for one, so that the guard
     # that keeps an ordinary engine out of a torchrun job is what sends "auto" to transformers

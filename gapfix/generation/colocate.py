@@ -336,6 +336,51 @@ def colocated_engine(model, *, tensor_parallel_size: int = 1, gpu_memory_utiliza
     return engine
 
 
+def check_vllm_head_size(model) -> None:
+    """ValueError naming the head size where vLLM's CPU attention (the backend a CPU model runs
+    on) has no kernel for it, before any engine starts; the list is vLLM's own. GPU backends
+    cover other sizes between them, so a GPU model is left to vLLM."""
+    import torch
+
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except Exception:  # vLLM absent, or laid out otherwise: the engine itself will say
+        return
+    first = next(iter(model.parameters()), None)
+    config = getattr(_base_model(model), "config", None)
+    if first is None or first.device.type != "cpu" or config is None or torch.cuda.is_available():
+        return
+    heads = getattr(config, "num_attention_heads", None)
+    head_size = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_size is not None and head_size not in supported:
+        raise ValueError(f"model: attention head size {head_size} has no kernel in vLLM's CPU attention "
+                         f"(supported: {supported}); generate with backend 'hf' (or 'auto', which falls back)")
+
+
+def generation_engine(model, backend: str, *, tensor_parallel_size: int = 1,
+                      gpu_memory_utilization: float = 0.4) -> Optional[ColocatedEngine]:
+    """The engine a RAC iteration generates on, for both drivers: this process's colocated vLLM
+    engine when a torchrun job generates with vLLM (an ordinary engine would hang there), else
+    None (gapfix.generate then runs `backend` itself). backend "vllm": the engine under torchrun
+    (an error where vLLM cannot start), and tensor_parallel_size > 1 without torchrun is refused;
+    "auto" (gapfix.generate's rule: vLLM for a model on a GPU where vLLM is installed): the engine
+    under torchrun where vLLM starts on the model, else None (transformers); "hf": None. Every
+    rank calls it (a collective where an engine starts)."""
+    from gapfix.generation.runner import _resolve_backend
+
+    check_engine_options(tensor_parallel_size, gpu_memory_utilization)
+    if backend == "hf" or (backend == "auto" and _resolve_backend("auto", model) == "hf"):
+        return None
+    if not world_position()[2]:
+        if tensor_parallel_size > 1 and backend == "vllm":
+            raise ValueError(f"vllm_tensor_parallel_size {tensor_parallel_size} needs torchrun (one process per "
+                             "rank of the group)")
+        return None
+    return colocated_engine(model, tensor_parallel_size=tensor_parallel_size,
+                            gpu_memory_utilization=gpu_memory_utilization, fall_back=backend == "auto")
+
+
 def release_colocated() -> bool:
     """Shuts this process's colocated engine down (and, through vLLM, torch.distributed's default
     process group); True when there was one."""

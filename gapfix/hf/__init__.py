@@ -3,6 +3,8 @@
     gapfix.hf.patch(model)                      fused linear cross-entropy as the model's loss
     BashTrainer / BashSFTTrainer + BashConfig   batch-scheduled sampling (offline predictions)
     RacTrainer / RacSFTTrainer + RacConfig      training on corrected own answers
+    BashSFTConfig / BashTrainingArguments,      the settings inside the training arguments
+    RacSFTConfig / RacTrainingArguments         (TRL's convention: a config class per method)
     build_rac_dataset(model, tokenizer, dataset, ...) -> datasets.Dataset
 
 Importing gapfix.hf loads neither transformers nor TRL; each name loads its module
@@ -16,6 +18,10 @@ _EXPORTS = {
     "is_patched": "gapfix.hf.patch",
     "BashConfig": "gapfix.hf.config",
     "RacConfig": "gapfix.hf.config",
+    "BashSFTConfig": "gapfix.hf.config",
+    "BashTrainingArguments": "gapfix.hf.config",
+    "RacSFTConfig": "gapfix.hf.config",
+    "RacTrainingArguments": "gapfix.hf.config",
     "BashTrainer": "gapfix.hf.bash",
     "BashSFTTrainer": "gapfix.hf.bash",
     "RacTrainer": "gapfix.hf.rac",
@@ -23,8 +29,9 @@ _EXPORTS = {
     "build_rac_dataset": "gapfix.hf.rac",
 }
 
-__all__ = ["BashConfig", "BashSFTTrainer", "BashTrainer", "RacConfig", "RacSFTTrainer", "RacTrainer",
-           "build_rac_dataset", "is_patched", "patch", "unpatch"]
+__all__ = ["BashConfig", "BashSFTConfig", "BashSFTTrainer", "BashTrainer", "BashTrainingArguments", "RacConfig",
+           "RacSFTConfig", "RacSFTTrainer", "RacTrainer", "RacTrainingArguments", "build_rac_dataset", "is_patched",
+           "patch", "unpatch"]
 
 
 def __getattr__(name: str) -> object:

@@ -1,4 +1,4 @@
-"""Pieces shared by the BASH and RAC trainers: ranks, seeds, checkpoint side files."""
+"""Pieces shared by the BASH and RAC trainers: ranks, the method's config, checkpoint side files."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-
-from gapfix.generation import derive_seed
 
 if TYPE_CHECKING:  # annotations only: transformers and datasets load where they are used
     import datasets
@@ -38,22 +36,57 @@ def all_reduce_sum(trainer: Trainer, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def step_seed(seed: int, *parts: int) -> int:
-    """A 63-bit seed from the run's seed and integer parts (step, micro-step, rank, ...)."""
-    for part in parts:
-        seed = derive_seed(seed, int(part))
-    return seed
-
-
 def checkpoint_dir(trainer: Trainer, trial: Any) -> Path:
     """The folder Trainer._save_checkpoint has just written for the current global step."""
     return Path(trainer._get_output_dir(trial=trial)) / f"{CHECKPOINT_PREFIX}-{trainer.state.global_step}"
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+def save_side_state(folder: Path, state_file: str, state: dict, tensor_file: str | None = None,
+                    tensors: dict | None = None) -> None:
+    """A trainer's side files in a Trainer checkpoint folder: `state` as JSON and `tensors` as
+    safetensors, each written whole and fsynced (gapfix.checkpoint.write_file) before it replaces
+    the file's name."""
+    from gapfix.checkpoint import write_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if tensors is not None:
+        from safetensors.torch import save
+
+        data = save({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()})
+        write_file(str(folder / (tensor_file + ".tmp")), data)
+        os.replace(folder / (tensor_file + ".tmp"), folder / tensor_file)
+    write_file(str(folder / (state_file + ".tmp")), json.dumps(state, indent=1, sort_keys=True).encode())
+    os.replace(folder / (state_file + ".tmp"), folder / state_file)
+
+
+def load_side_state(folder: Path, state_file: str, config: Any, name: str, allow_change: bool, *,
+                    tensor_file: str | None = None, missing: str) -> tuple[dict, dict, list] | None:
+    """(state, tensors, the config fields that changed) of a checkpoint's side files, or None
+    (with a warning saying `missing`) where the checkpoint has none. A state saved with other
+    settings than `config` is refused, naming the fields that differ, unless allow_change."""
+    import warnings
+
+    from gapfix.checkpoint import config_differences
+
+    path = folder / state_file
+    if not path.is_file():
+        warnings.warn(f"{folder} holds no {state_file}: {missing}", stacklevel=3)
+        return None
+    state = read_json(path)
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: line 1: 'config' must be an object of {type(config).__name__} settings")
+    changes = config_differences(saved, config.to_dict(), defaults=type(config)().to_dict(), free=())
+    if changes and not allow_change:
+        raise ValueError(f"{path}: line 1: saved with {type(config).__name__} settings other than the resumed "
+                         f"run's {name} ({'; '.join(changes)}): resume with the same settings, or pass "
+                         "resume_with_changed_config=True to the trainer to continue with the new ones")
+    tensors = {}
+    if tensor_file is not None and not changes:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / tensor_file))
+    return state, tensors, changes
 
 
 def read_json(path: Path) -> dict:
@@ -64,6 +97,21 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: line 1: expected a JSON object")
     return data
+
+
+def resolved_config(trainer: Trainer, name: str, given: ConfigT | None, cls: type[ConfigT]) -> ConfigT:
+    """The trainer's method config: `given` (the trainer's keyword argument), else the training
+    arguments' own (BashSFTConfig, RacTrainingArguments, ...: `args.<method>_config()`), else the
+    defaults. Both given and differing: ValueError, the settings belong in one place."""
+    prefix = name.split("_")[0]
+    from_args = getattr(trainer.args, f"{prefix}_config", None)
+    in_args = from_args() if callable(from_args) else None
+    if given is None:
+        return in_args if in_args is not None else cls()
+    if in_args is not None and in_args != cls() and in_args != given:
+        raise ValueError(f"{name} and args ({type(trainer.args).__name__}) both set {cls.__name__} settings, "
+                         "differently: give them in one place")
+    return given
 
 
 def checked_config(name: str, value: ConfigT | None, cls: type[ConfigT]) -> ConfigT:

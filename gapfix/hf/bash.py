@@ -21,9 +21,11 @@ Each index is checked against the real batch's token there: a collator that
 changes tokens is refused, never trained on silently.
 
 Prediction is split across ranks: fixed chunks of rows, chunk c on rank
-c % world_size, each chunk computed identically whatever the world size (its
-"sample"-mode seed depends on (seed, window, chunk) only); one all-reduce shares
-the result. Mixing seeds come from (seed, global step, micro-step, rank).
+c % world_size (gapfix.methods.bash.predict_rows, as the reference trainer runs it);
+one all-reduce shares the result. Seeds follow the reference trainer's rule, with the
+prediction window as the iteration: a row's sampled predictions are seeded by (seed,
+window, row) (prediction_seeds), its mixing mask by (seed, window, step in the window,
+row) (mixing_seeds), never by the rank or the micro-batch.
 The predictions of the current window are saved in Trainer's checkpoints
 (gapfix_bash.safetensors + gapfix_bash.json), so a resumed run trains exactly as
 an uninterrupted one.
@@ -34,7 +36,6 @@ import contextlib
 import hashlib
 import itertools
 import math
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -46,15 +47,15 @@ from gapfix.hf._common import (
     all_reduce_sum,
     checked_config,
     checkpoint_dir,
+    load_side_state,
     rank_and_world,
-    read_json,
     refuse_fsdp,
     require_dataset,
+    resolved_config,
+    save_side_state,
     sft_trainer_class,
-    step_seed,
-    write_json,
 )
-from gapfix.hf.config import BashConfig
+from gapfix.methods.bash import BashConfig
 
 if TYPE_CHECKING:  # annotations only
     import datasets
@@ -63,6 +64,7 @@ __all__ = ["BashTrainer"]
 
 ROW_COLUMN = "gapfix_row"
 INDEX_KEY = "gapfix_token_index"
+ROWS_KEY = "gapfix_rows"  # per batch row: the training rows it holds (a tuple; several where packed)
 STATE_FILE = "gapfix_bash.json"
 TENSOR_FILE = "gapfix_bash.safetensors"
 _INDEX_BASE = 1000  # token index i is collated as -(i + 1000): below any pad or ignore value
@@ -112,6 +114,16 @@ class _Rows:
     def span(self, row: int) -> tuple[int, int]:
         return int(self.offsets[row]), int(self.offsets[row + 1])
 
+    def rows_of(self, index: torch.Tensor) -> list[tuple[int, ...]]:
+        """The training rows whose tokens each batch row holds, in order (index: flat token
+        indices, -1 where none)."""
+        held = []
+        for line in index:
+            known = line[line >= 0]
+            rows = torch.searchsorted(self.offsets, known, right=True) - 1
+            held.append(tuple(torch.unique_consecutive(rows).tolist()))
+        return held
+
 
 class _IndexingCollator:
     """Wraps a data collator: the batch gains INDEX_KEY (B, T) long, the flat token index of
@@ -141,30 +153,50 @@ class _IndexingCollator:
         known = index >= 0
         if bool((self.rows.tokens[index[known]] != ids[known]).any()):
             raise ValueError("data_collator changes token ids; BASH cannot place predictions in its batches")
+        _check_batch_labels(batch)
         batch[INDEX_KEY] = index
+        batch[ROWS_KEY] = self.rows.rows_of(index)
         return batch
+
+
+def _check_batch_labels(batch: dict) -> None:
+    """BASH mixes the answer tokens, those with labels: a batch needs labels in the Hugging Face
+    convention (aligned with input_ids; gapfix.data.check_labels refuses shifted ones)."""
+    from gapfix.data import check_labels
+
+    if "labels" not in batch:
+        raise ValueError("BASH needs labels: the data collator's batches have no 'labels' (BASH replaces the "
+                         f"answer tokens, those with labels != -100); batch keys: {sorted(batch)}")
+    check_labels(batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
+                 position_ids=batch.get("position_ids"), where="BASH batch labels")
 
 
 class _BashMixin:
     """BASH on top of a Trainer class (transformers.Trainer or trl.SFTTrainer)."""
 
-    def __init__(self, *args: Any, bash_config: BashConfig | None = None, **kwargs: Any) -> None:
-        bash_config = checked_config("bash_config", bash_config, BashConfig)
+    def __init__(self, *args: Any, bash_config: BashConfig | None = None,
+                 resume_with_changed_config: bool = False, **kwargs: Any) -> None:
+        if bash_config is not None:
+            checked_config("bash_config", bash_config, BashConfig)
         from gapfix.hf.trl_head import serve_trl_head
 
         with serve_trl_head():  # under trl.SFTTrainer, TRL's fused head runs on gapfix's kernel
             super().__init__(*args, **kwargs)
-        self.bash_config = bash_config
+        self.bash_config = resolved_config(self, "bash_config", bash_config, BashConfig)
+        if self.bash_config.rows is not None:
+            raise ValueError("bash_config.rows is the reference trainer's (gapfix train --bash-rows); under "
+                             "Trainer every row is predicted once per window (see refresh)")
+        self.resume_with_changed_config = resume_with_changed_config
         if ROW_COLUMN in require_dataset(self, "BASH predicts every row once per window").column_names:
             raise ValueError(f"train_dataset already has a {ROW_COLUMN!r} column")
         self._bash_rows = _Rows(self.train_dataset)
+        _check_top_k(self.model, self.bash_config)
         self.train_dataset = self.train_dataset.add_column(ROW_COLUMN, list(range(len(self._bash_rows))))
         self.data_collator = _IndexingCollator(self.data_collator, self._bash_rows)
         self._bash_window = None  # the window whose predictions are held
         self._bash_alt_ids = None  # flat (N,) or (N, K)
         self._bash_alt_probs = None  # flat (N, K) in topk mode
-        self._bash_step = (-1, 0)  # (global step, micro-step) of the last micro-batch
-        self._bash_counts = None  # (mixed, eligible) since the last log
+        self._bash_counts = None  # (mixed, changed, eligible) since the last log
 
     # -- columns ----------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
@@ -181,40 +213,29 @@ class _BashMixin:
             raise ValueError("BASH: the training dataloader has no length; set BashConfig(refresh=N)")
         return max(1, math.ceil(len(loader) / self.args.gradient_accumulation_steps))
 
+    def _bash_chunks(self) -> list[range]:
+        """The prediction chunks of rows (a pack is predicted alone, unpadded)."""
+        rows, size = self._bash_rows, 1 if self._bash_rows.packed else self.bash_config.prediction_batch_size
+        return [range(start, min(len(rows), start + size)) for start in range(0, len(rows), size)]
+
     def _bash_refresh(self, window: int) -> None:
         """Predictions of the model as it is now, for every row; this rank computes its chunks."""
-        from gapfix.methods.bash import predict_alternatives
+        from gapfix.methods.bash import predict_rows, prediction_seeds
 
         refuse_fsdp(self, "the BASH prediction pass")
         cfg, rows = self.bash_config, self._bash_rows
         rank, world = rank_and_world(self)
         device = self.args.device
-        n_tokens = len(rows.tokens)
         topk = cfg.mode == "topk"
-        shape = (n_tokens, cfg.top_k) if topk else (n_tokens,)
+        shape = (len(rows.tokens), cfg.top_k) if topk else (len(rows.tokens),)
         alt_ids = torch.zeros(shape, dtype=torch.long, device=device)
         alt_probs = torch.zeros(shape, dtype=torch.float32, device=device) if topk else None
-        chunk = 1 if rows.packed else cfg.prediction_batch_size  # a pack is predicted alone, unpadded
-        n_chunks = math.ceil(len(rows) / chunk)
-        model = self.model
-        for c in range(rank, n_chunks, world):
-            members = range(c * chunk, min(len(rows), (c + 1) * chunk))
+        for members in self._bash_chunks()[rank::world]:
             spans = [rows.span(r) for r in members]
-            width = max(stop - start for start, stop in spans)
-            ids = torch.zeros((len(spans), width), dtype=torch.long)
-            mask = torch.zeros((len(spans), width), dtype=torch.long)
-            answer = torch.zeros((len(spans), width), dtype=torch.bool)
-            positions = None
-            for i, (start, stop) in enumerate(spans):
-                ids[i, :stop - start] = rows.tokens[start:stop]
-                mask[i, :stop - start] = 1
-                answer[i, :stop - start] = rows.answer[start:stop]
-            if rows.packed:
-                positions = rows.positions[spans[0][0]:spans[0][1]][None].to(device)
-            alts = predict_alternatives(
-                model, ids.to(device), None if rows.packed else mask.to(device), answer.to(device),
-                position_ids=positions, mode=cfg.mode, temperature=cfg.temperature, top_k=cfg.top_k,
-                seed=step_seed(self.args.seed, window, c) if cfg.mode == "sample" else None)
+            positions = rows.positions[spans[0][0]:spans[0][1]][None] if rows.packed else None
+            alts = predict_rows(self.model, [rows.tokens[a:b] for a, b in spans], [rows.answer[a:b] for a, b in spans],
+                                cfg, prediction_seeds(self.args.seed, window, members), device=device,
+                                position_ids=positions)
             for i, (start, stop) in enumerate(spans):
                 alt_ids[start:stop] = alts.alt_ids[i, :stop - start]
                 if topk:
@@ -227,17 +248,23 @@ class _BashMixin:
     # -- training ---------------------------------------------------------------------------------
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-        step = self.state.global_step
-        last_step, micro = self._bash_step
-        self._bash_step = (step, micro + 1 if step == last_step else 0)
-        window = step // self._bash_period()
+        window = self.state.global_step // self._bash_period()
         if window != self._bash_window:
             self._bash_refresh(window)
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def _bash_seeds(self, held: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
+        """The mixing seed of each batch row (gapfix.methods.bash.mixing_seeds, the window as the
+        iteration): a row alone is seeded by its index, a packed row by the tuple of them."""
+        from gapfix.methods.bash import mixing_seeds
+
+        period = self._bash_period()
+        window, step = divmod(self.state.global_step, period)
+        return mixing_seeds(self.args.seed, window, step, [r[0] if len(r) == 1 else r for r in held]).to(device)
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
-        index = inputs.pop(INDEX_KEY, None)
+        index, held = inputs.pop(INDEX_KEY, None), inputs.pop(ROWS_KEY, None)
         if index is None or not model.training or self._bash_alt_ids is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -251,24 +278,21 @@ class _BashMixin:
         alt_probs = None if self._bash_alt_probs is None else self._bash_alt_probs[flat]
         if alt_probs is None:
             alt_ids = torch.where(known, alt_ids, input_ids)
-        rank, _ = rank_and_world(self)
-        step, micro = self._bash_step
-        seed = step_seed(self.args.seed, step, micro, rank)
-        with self._bash_mixing(alt_ids, alt_probs, eligible, seed):
+        with self._bash_mixing(alt_ids, alt_probs, eligible, self._bash_seeds(held, input_ids.device)):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
     @contextlib.contextmanager
     def _bash_mixing(self, alt_ids: torch.Tensor, alt_probs: torch.Tensor | None, eligible: torch.Tensor,
-                     seed: int) -> Iterator[None]:
+                     seed: torch.Tensor) -> Iterator[None]:
         """While active, the model's input embedding returns the mixed embeddings of its ids."""
-        from gapfix.methods.bash import mixed_inputs_embeds
+        from gapfix.methods.bash import changed_inputs, mixed_inputs_embeds
 
         embedding = self.model.get_input_embeddings()
         busy = []
         counts = self._bash_counts
         if counts is None:
-            counts = self._bash_counts = torch.zeros(2, dtype=torch.float64, device=eligible.device)
+            counts = self._bash_counts = torch.zeros(3, dtype=torch.float64, device=eligible.device)
 
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if busy:
@@ -284,7 +308,8 @@ class _BashMixin:
             finally:
                 busy.clear()
             counts[0] += mixed.sum()
-            counts[1] += eligible.sum()
+            counts[1] += changed_inputs(ids, alt_ids, alt_probs, mixed).sum()
+            counts[2] += eligible.sum()
             embeds = embeds.to(output.dtype)
             if output.requires_grad and not embeds.requires_grad:
                 # a frozen embedding whose output was made to require grad (PEFT's hook for
@@ -301,8 +326,9 @@ class _BashMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._bash_counts is not None:
             counts = all_reduce_sum(self, self._bash_counts.clone())
-            if counts[1] > 0:
-                logs["bash_mixed_fraction"] = float(counts[0] / counts[1])
+            if counts[2] > 0:
+                logs["bash_mixed_fraction"] = float(counts[0] / counts[2])
+                logs["bash_changed_fraction"] = float(counts[1] / counts[2])
             self._bash_counts.zero_()
         return super().log(logs, start_time)
 
@@ -311,44 +337,42 @@ class _BashMixin:
         super()._save_checkpoint(model, trial)
         if self._bash_alt_ids is None or not self.args.should_save:
             return
-        from safetensors.torch import save_file
-
-        folder = checkpoint_dir(self, trial)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {"alt_ids": self._bash_alt_ids.cpu().contiguous()}
+        tensors = {"alt_ids": self._bash_alt_ids}
         if self._bash_alt_probs is not None:
-            tensors["alt_probs"] = self._bash_alt_probs.cpu().contiguous()
-        save_file(tensors, str(folder / TENSOR_FILE))
-        write_json(folder / STATE_FILE, {"window": self._bash_window, "period": self._bash_period(),
-                                         "tokens": len(self._bash_rows.tokens), "digest": self._bash_rows.digest,
-                                         "config": self.bash_config.to_dict()})
+            tensors["alt_probs"] = self._bash_alt_probs
+        save_side_state(checkpoint_dir(self, trial), STATE_FILE, {
+            "window": self._bash_window, "period": self._bash_period(), "tokens": len(self._bash_rows.tokens),
+            "digest": self._bash_rows.digest, "config": self.bash_config.to_dict()}, TENSOR_FILE, tensors)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str,
                               model: torch.nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        folder = Path(resume_from_checkpoint)
-        state_path, tensor_path = folder / STATE_FILE, folder / TENSOR_FILE
-        if not state_path.is_file():
-            warnings.warn(f"{folder} holds no BASH predictions ({STATE_FILE}): they are recomputed with the "
-                          "resumed weights, so the run differs from an uninterrupted one", stacklevel=2)
+        loaded = load_side_state(Path(resume_from_checkpoint), STATE_FILE, self.bash_config, "bash_config",
+                                 self.resume_with_changed_config, tensor_file=TENSOR_FILE,
+                                 missing="BASH predictions: they are recomputed with the resumed weights")
+        if loaded is None:
             return
-        from safetensors.torch import load_file
-
-        state = read_json(state_path)
+        state, tensors, changed = loaded
+        path = Path(resume_from_checkpoint) / STATE_FILE
         if state.get("digest") != self._bash_rows.digest or state.get("tokens") != len(self._bash_rows.tokens):
-            raise ValueError(f"{state_path}: line 1: the predictions were made for another train_dataset")
-        if state.get("config") != self.bash_config.to_dict():
-            raise ValueError(f"{state_path}: line 1: saved with BashConfig {state.get('config')}, "
-                             f"resumed with {self.bash_config.to_dict()}")
-        tensors = load_file(str(tensor_path))
+            raise ValueError(f"{path}: line 1: the predictions were made for another train_dataset")
         expected = (len(self._bash_rows.tokens),) + ((self.bash_config.top_k,)
                                                       if self.bash_config.mode == "topk" else ())
+        if changed:  # predictions of other settings: the window is predicted again with the new ones
+            return
         if tuple(tensors.get("alt_ids", torch.empty(0)).shape) != expected:
-            raise ValueError(f"{tensor_path}: alt_ids must have shape {expected}")
+            raise ValueError(f"{Path(resume_from_checkpoint) / TENSOR_FILE}: alt_ids must have shape {expected}")
         device = self.args.device
         self._bash_alt_ids = tensors["alt_ids"].to(device)
         self._bash_alt_probs = tensors["alt_probs"].to(device) if "alt_probs" in tensors else None
         self._bash_window = int(state["window"])
+
+
+def _check_top_k(model: torch.nn.Module, config: BashConfig) -> None:
+    """topk mode keeps top_k ids and probabilities per token: top_k must not exceed the vocabulary."""
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if config.mode == "topk" and isinstance(vocab, int) and config.top_k > vocab:
+        raise ValueError(f"bash_config.top_k {config.top_k} exceeds the model's vocabulary of {vocab} tokens")
 
 
 class BashTrainer(_BashMixin, Trainer):

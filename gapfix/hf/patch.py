@@ -89,8 +89,26 @@ def fused_causal_lm_loss(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tens
         shift_labels = shifted(labels, ignore_index)
     elif shift_labels.shape != hidden.shape[:-1]:
         raise ValueError(f"shift_labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)}")
+    if num_items_in_batch is not None:
+        _check_item_count(num_items_in_batch)
     return causal_lm_loss(lm, hidden, shift_labels, reduction="mean", num_items_in_batch=num_items_in_batch,
                           **options)
+
+
+def _check_item_count(num_items_in_batch: torch.Tensor | int | float) -> None:
+    """num_items_in_batch divides the summed loss: a count of 0 or below would give the sum (or
+    its negative) as the loss. Refused by name where reading it costs no device sync (a number, a
+    CPU tensor); a count on an accelerator is divided as given."""
+    count = num_items_in_batch
+    if isinstance(count, torch.Tensor):
+        if count.device.type != "cpu":
+            return
+        if count.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be one count, got a tensor of shape {tuple(count.shape)}")
+        count = count.item()
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or not count > 0:
+        raise ValueError(f"num_items_in_batch must be a positive token count (the trained tokens of the step), "
+                         f"got {num_items_in_batch!r}")
 
 
 def patch(model: nn.Module, **loss_options: Any) -> nn.Module:

@@ -6,9 +6,10 @@
     trainer.train()
 
 One training epoch is one RAC iteration: at its start the model, as it is then,
-answers `prompts_per_iteration` prompts of the training rows (gapfix.generate;
-the prompts split across ranks in fixed chunks, each chunk seeded from (seed,
-iteration, chunk), so the answers do not depend on the world size); every answer
+answers `prompts_per_iteration` prompts of the training rows, drawn, chunked, seeded
+and answered as the reference trainer does (gapfix.methods.rac.answer_chunk: the
+same model, data, config and seed give the same rows under either, at any world
+size); every answer
 becomes a RAC row (gapfix.methods.rac.build_rac_rows: the answer as input, the
 corrections its alignment to the reference owes as labels, Hugging Face
 convention), `sft_ratio` SFT rows per RAC row are mixed in (the dataset's own
@@ -21,7 +22,8 @@ run. Packed rows have no such split and are refused (SFTConfig(packing=False)).
 
 Logged with the first training step of an iteration: rac_finished (the fraction of
 answers that ended with EOS, from their finish reasons), rac_exact_match,
-rac_label_agreement, rac_mean_edit_distance, rac_rows. The iteration's rows are
+rac_label_agreement, rac_mean_edit_distance, rac_rows (the RAC rows), rac_sft_rows (the SFT
+rows mixed in). The iteration's rows are
 saved in Trainer's checkpoints (gapfix_rac.json), so a resumed run continues the
 iteration it stopped in on the same rows.
 
@@ -32,8 +34,6 @@ memory before generating, and puts it to sleep after, where the platform can.
 from __future__ import annotations
 
 import math
-import random
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -43,15 +43,15 @@ from transformers import Trainer
 from gapfix.hf._common import (
     checked_config,
     checkpoint_dir,
+    load_side_state,
     rank_and_world,
-    read_json,
     refuse_fsdp,
     require_dataset,
+    resolved_config,
+    save_side_state,
     sft_trainer_class,
-    step_seed,
-    write_json,
 )
-from gapfix.hf.config import RacConfig
+from gapfix.methods.rac import RacConfig
 
 if TYPE_CHECKING:  # annotations only
     import datasets
@@ -60,7 +60,6 @@ if TYPE_CHECKING:  # annotations only
 __all__ = ["RacTrainer", "build_rac_dataset"]
 
 STATE_FILE = "gapfix_rac.json"
-_GENERATION_CHUNK = 8  # prompts per generation chunk when RacConfig.generation_batch_size is None
 
 
 def _split(input_ids: Sequence[int], labels: Sequence[int], index: int) -> tuple[list[int], list[int]]:
@@ -88,6 +87,10 @@ class _Sources:
         if "input_ids" not in columns or "labels" not in columns:
             raise ValueError(f"train_dataset must have input_ids and labels columns, it has {columns}")
         ids, labels = dataset["input_ids"], dataset["labels"]
+        for n, (row, lab) in enumerate(zip(ids, labels)):
+            if len(row) != len(lab):
+                raise ValueError(f"train_dataset row {n}: labels has {len(lab)} entries, input_ids {len(row)} "
+                                 "(labels are aligned with input_ids, the Hugging Face convention)")
         self.sft_rows = [{"input_ids": list(i), "labels": list(lab)} for i, lab in zip(ids, labels)]
         self.pairs = [_split(i, lab, n) for n, (i, lab) in enumerate(zip(ids, labels))]
 
@@ -95,106 +98,58 @@ class _Sources:
         return len(self.pairs)
 
 
-def _resolve_backend(backend: str, model: torch.nn.Module) -> str:
-    if backend != "auto":
-        return backend
-    from gapfix.generation import vllm_available
-
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    return "vllm" if on_gpu and vllm_available() else "hf"
-
-
-def _colocated(model: torch.nn.Module, config: RacConfig, backend: str):
-    """This process's colocated vLLM engine (gapfix.generation.colocate) when a torchrun job generates
-    with vLLM, else None: an ordinary engine would hang there (vllm_backend.in_distributed_job).
-    Every rank makes it (a collective). backend "auto" falls back to transformers (None) where
-    vLLM refuses the model."""
-    from gapfix.generation.colocate import colocated_engine, world_position
-
-    tp = config.vllm_tensor_parallel_size
-    if backend != "vllm":
-        return None
-    if not world_position()[2]:
-        if tp > 1:
-            raise ValueError(f"RacConfig.vllm_tensor_parallel_size {tp} needs torchrun (one process per "
-                             "rank of the group)")
-        return None
-    return colocated_engine(model, tensor_parallel_size=tp,
-                            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-                            fall_back=config.backend == "auto")
-
-
 def iteration_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: _Sources,
                    config: RacConfig, *, seed: int, iteration: int, rank: int = 0, world: int = 1,
                    gather: Callable[[dict], list] | None = None) -> tuple[list[dict], dict, list[str]]:
-    """(rows, stats, answers) of one RAC iteration: rows in the Hugging Face convention (RAC rows
-    and SFT rows mixed and shuffled), build_rac_rows' stats, and the Generation objects."""
-    from gapfix.generation import Generation, generate
-    from gapfix.generation.colocate import tp_share, world_position
+    """(rows, stats, finish reasons) of one RAC iteration, as the reference trainer builds them:
+    the same prompts drawn (drawn_prompts), the same chunks and seeds (generation_seed), each
+    chunk answered and turned into rows by gapfix.methods.rac.answer_chunk, the RAC rows mixed
+    with the SFT rows in mix_with_sft's order (mixing_order_seed). Rows are in the Hugging Face
+    convention with a finish_reason ("" for the SFT rows); stats are build_rac_rows'."""
+    from gapfix.generation.colocate import generation_engine, tp_share
     from gapfix.methods.rac import (
-        answer_stop_ids,
-        build_rac_rows_to_ends,
+        RAC,
+        answer_chunk,
+        drawn_prompts,
+        generation_seed,
+        merge_stats,
         mix_with_sft,
-        reference_ends,
+        mixing_order_seed,
     )
 
-    order = list(range(len(sources)))
-    random.Random(step_seed(seed, iteration, 0)).shuffle(order)
-    chosen = order[: config.prompts_per_iteration or len(order)]
-    chunk = config.generation_batch_size or _GENERATION_CHUNK
-    chunks = [chosen[i:i + chunk] for i in range(0, len(chosen), chunk)]
-    backend = _resolve_backend(config.backend, model)
-    # the token each reference ends with (a chat template's end-of-turn, else EOS): RAC labels it,
-    # and generation stops on it
-    ends = dict(zip(chosen, reference_ends([sources.pairs[i][1] for i in chosen], tokenizer,
-                                           answer_stop_ids(model, tokenizer))))
-    stops = [end for _, end in ends.values()]
-    engine = _colocated(model, config, backend)
-    if backend == "vllm" and engine is None and world_position()[2]:
-        backend = "hf"  # "auto", and vLLM refused the model (colocated_engine warned)
+    if config.mode == "all":
+        raise ValueError("rac_config.mode 'all' (soft targets) is the reference trainer's: Trainer's labels "
+                         "carry one token per position; use path, first or last")
+    chosen = drawn_prompts(seed, iteration, len(sources), config.prompts_per_iteration)
+    size = config.generation_batch_size or RAC.generate_prompts
+    chunks = [chosen[i:i + size] for i in range(0, len(chosen), size)]
+    engine = generation_engine(model, config.backend, tensor_parallel_size=config.vllm_tensor_parallel_size,
+                               gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+    share = tp_share(rank, world, engine.tensor_parallel_size if engine is not None else 1, len(chunks))
     mine = {}
-    if engine is not None and engine.tensor_parallel_size > 1:
-        # the ranks of a group feed their shared engine the same chunks in the same calls; one keeps them
-        share = tp_share(rank, world, engine.tensor_parallel_size, len(chunks))
-        assigned, keeps = share.chunks, share.writes
-    else:
-        assigned, keeps = range(rank, len(chunks), world), True
     if engine is not None:
         engine.begin(model)  # every rank: the trained weights, in memory (through DDP; LoRA merged)
     try:
-        for c in assigned:
-            prompts = [sources.pairs[i][0] for i in chunks[c]]
-            answers = [(g.token_ids, g.finish_reason, g.stop_token_id) for g in generate(
-                model, prompts, tokenizer=tokenizer, n=config.samples, temperature=config.temperature,
-                max_new_tokens=config.max_new_tokens, seed=step_seed(seed, iteration, c + 1),
-                backend=engine if engine is not None else backend, stop_token_ids=stops)]
-            if keeps:
-                mine[c] = answers
+        for c in share.chunks:
+            members = chunks[c]
+            rows, stats, outputs = answer_chunk(
+                model, tokenizer, [sources.pairs[i][0] for i in members], [sources.pairs[i][1] for i in members],
+                config, seeds=generation_seed(seed, iteration, members[0]),
+                backend=engine if engine is not None else config.backend)
+            if share.writes:  # the other ranks of a tensor-parallel group generated the same chunk
+                mine[c] = ([{"input_ids": r["input_ids"], "labels": r["labels"], "finish_reason": g.finish_reason}
+                            for r, g in zip(rows, outputs)], stats)
     finally:
         if engine is not None:
             engine.end()  # its device memory goes back to training, where vLLM can sleep
     results = {}
     for part in (gather(mine) if gather is not None else [mine]):
         results.update(part)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    prompts, generated, references, reference_end, reasons = [], [], [], [], []
-    for c, members in enumerate(chunks):
-        for k, (tokens, reason, stop) in enumerate(results[c]):
-            source = members[k // config.samples]
-            prompt, reference = sources.pairs[source]
-            prompts.append(prompt)
-            generated.append(Generation(len(prompts) - 1, 0, list(tokens), reason, stop_token_id=stop))
-            references.append(reference)
-            reference_end.append(ends[source])
-            reasons.append(reason)
-    rows, stats = build_rac_rows_to_ends(prompts, generated, references, reference_end, pad_id=pad,
-                                         mode=config.mode)
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]  # Hugging Face convention
-    for row, reason in zip(rows, reasons):
-        row["finish_reason"] = reason
+    rows = [row for c in range(len(chunks)) for row in results[c][0]]
+    stats = merge_stats([results[c][1] for c in range(len(chunks))])
     sft = [{**r, "finish_reason": ""} for r in sources.sft_rows]
-    mixed = mix_with_sft(rows, sft, config.sft_ratio, step_seed(seed, iteration, 2**31))
-    return mixed, stats, reasons
+    mixed = mix_with_sft(rows, sft, config.sft_ratio, mixing_order_seed(seed, iteration))
+    return mixed, stats, [row["finish_reason"] for row in rows]
 
 
 def build_rac_dataset(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -242,13 +197,23 @@ class _RacStream(torch.utils.data.IterableDataset):
 class _RacMixin:
     """RAC on top of a Trainer class (transformers.Trainer or trl.SFTTrainer)."""
 
-    def __init__(self, *args: Any, rac_config: RacConfig | None = None, **kwargs: Any) -> None:
-        rac_config = checked_config("rac_config", rac_config, RacConfig)
+    def __init__(self, *args: Any, rac_config: RacConfig | None = None,
+                 resume_with_changed_config: bool = False, **kwargs: Any) -> None:
+        if rac_config is not None:
+            checked_config("rac_config", rac_config, RacConfig)
         from gapfix.hf.trl_head import serve_trl_head
 
         with serve_trl_head():  # under trl.SFTTrainer, TRL's fused head runs on gapfix's kernel
             super().__init__(*args, **kwargs)
-        self.rac_config = rac_config
+        self.rac_config = resolved_config(self, "rac_config", rac_config, RacConfig)
+        self.resume_with_changed_config = resume_with_changed_config
+        if self.rac_config.mode == "all":
+            raise ValueError("rac_config.mode 'all' (soft targets) is the reference trainer's: Trainer's labels "
+                             "carry one token per position; use path, first or last")
+        if self.rac_config.backend == "vllm":
+            from gapfix.generation.colocate import check_vllm_head_size
+
+            check_vllm_head_size(self.model)
         self._rac_sources = _Sources(require_dataset(self, "of prompt/answer rows"))
         if self.processing_class is None or getattr(self.processing_class, "eos_token_id", None) is None:
             raise ValueError("processing_class must be the tokenizer (RAC needs its eos_token_id and pad_token_id)")
@@ -258,9 +223,9 @@ class _RacMixin:
         self.rac_history = []  # stats of every iteration this trainer generated
 
     def _rac_rows_per_iteration(self) -> int:
-        prompts = min(self.rac_config.prompts_per_iteration or len(self._rac_sources), len(self._rac_sources))
-        rac = prompts * self.rac_config.samples
-        return rac + round(self.rac_config.sft_ratio * rac)
+        from gapfix.methods.rac import rows_per_iteration
+
+        return rows_per_iteration(len(self._rac_sources), self.rac_config)
 
     def _rac_steps_per_iteration(self) -> int:
         if self.rac_config.refresh is not None:
@@ -286,14 +251,14 @@ class _RacMixin:
             rows, stats, _ = iteration_rows(self.model, self.processing_class, self._rac_sources, self.rac_config,
                                             seed=self.args.seed, iteration=iteration, rank=rank, world=world,
                                             gather=self._rac_gather)
-            stats = {**stats, "iteration": iteration}
+            stats = {**stats, "sft_rows": len(rows) - stats["rows"], "iteration": iteration}
             self._rac_iteration, self._rac_rows, self._rac_pending_stats = iteration, rows, stats
             self.rac_history.append(stats)
         return self._rac_rows
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._rac_pending_stats is not None:
-            for key in ("finished", "exact_match", "label_agreement", "mean_edit_distance", "rows"):
+            for key in ("finished", "exact_match", "label_agreement", "mean_edit_distance", "rows", "sft_rows"):
                 logs[f"rac_{key}"] = self._rac_pending_stats[key]
             self._rac_pending_stats = None
         return super().log(logs, start_time)
@@ -302,26 +267,19 @@ class _RacMixin:
         super()._save_checkpoint(model, trial)
         if self._rac_rows is None or not self.args.should_save:
             return
-        folder = checkpoint_dir(self, trial)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / STATE_FILE, {"iteration": self._rac_iteration, "config": self.rac_config.to_dict(),
-                                         "rows": self._rac_rows})
+        save_side_state(checkpoint_dir(self, trial), STATE_FILE, {
+            "iteration": self._rac_iteration, "config": self.rac_config.to_dict(), "rows": self._rac_rows})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str,
                               model: torch.nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint) / STATE_FILE
-        if not path.is_file():
-            warnings.warn(f"{path.parent} holds no RAC rows ({STATE_FILE}): the iteration is generated again "
-                          "with the resumed weights", stacklevel=2)
+        loaded = load_side_state(Path(resume_from_checkpoint), STATE_FILE, self.rac_config, "rac_config",
+                                 self.resume_with_changed_config,
+                                 missing="the iteration is generated again with the resumed weights")
+        if loaded is None:
             return
-        state = read_json(path)
-        saved = state.get("config")
-        if isinstance(saved, dict):  # a field added since the checkpoint was saved has its default there
-            saved = {**{k: v for k, v in RacConfig().to_dict().items() if k not in saved}, **saved}
-        if saved != self.rac_config.to_dict():
-            raise ValueError(f"{path}: line 1: saved with RacConfig {state.get('config')}, "
-                             f"resumed with {self.rac_config.to_dict()}")
+        state, _, _ = loaded  # with changed settings the saved rows are continued on, as gapfix train does
+        path = Path(resume_from_checkpoint) / STATE_FILE
         rows = state.get("rows")
         if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("input_ids"), list)
                                                  and isinstance(r.get("labels"), list) for r in rows):

@@ -15,16 +15,24 @@ A method says, for each iteration:
   per-row seeds) and `model_inputs` (how a batch becomes the trunk's inputs,
   inside the module DDP wraps), with the step statistics it reports.
 
+A method's settings are one frozen dataclass (`Method.config_class`), each field made
+by `setting(default, help, flag=...)`: the help text and the name of the reference
+trainer's flag (a TrainConfig field, `gapfix train --flag-name`) live on the field, and the
+dataclass validates itself in `__post_init__`. gapfix.hf takes the same dataclass
+(gapfix.hf.BashConfig is gapfix.methods.bash.BashConfig).
+
 Methods are registered by name (`register`, or the built-in table below, imported
 on first use); `get_method(name)` returns an instance. A new method is one file
 that subclasses `Method` and calls `register`.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 # name -> "module:Class" of the built-in methods, imported when first asked for
 _BUILTIN = {
@@ -76,6 +84,61 @@ def method_for_batch(batch) -> Optional["Method"]:
                 cls.model_inputs is not Method.model_inputs:
             return cls()
     return None
+
+
+def setting(default: Any, help: str, *, flag: Optional[str] = None) -> Any:
+    """A field of a method's config dataclass: its default, its help text, and `flag`, the
+    reference trainer's name for it (a TrainConfig field and `gapfix train --<flag>`); None: a
+    setting only gapfix.hf reads."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+def flag_fields(config_class: type) -> List[Tuple[str, Any, Any]]:
+    """(flag, type, dataclasses.field) of each field of `config_class` that has a flag: the
+    reference trainer's TrainConfig fields for the method (dataclasses.make_dataclass's form)."""
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    return [(f.metadata["flag"], hints[f.name], field(default=f.default, metadata={**f.metadata, "of": f.name}))
+            for f in dataclasses.fields(config_class) if f.metadata.get("flag")]
+
+
+def config_from_flags(config_class: type, values: Any, **extra) -> Any:
+    """`config_class` from the flat settings `values` (a TrainConfig, or any object with the
+    flag names as attributes); a refused value is named by its flag too."""
+    given = {f.name: getattr(values, f.metadata["flag"]) for f in dataclasses.fields(config_class)
+             if f.metadata.get("flag") and hasattr(values, f.metadata["flag"])}
+    try:
+        return config_class(**given, **extra)
+    except ValueError as error:
+        flags = {f.name: f.metadata.get("flag") for f in dataclasses.fields(config_class)}
+        name = str(error).split(" ", 1)[0]
+        flag = flags.get(name)
+        if flag and flag != name:
+            raise ValueError(f"{flag} (--{flag.replace('_', '-')}): {error}") from None
+        raise
+
+
+def check_int(name: str, value: Any, low: int = 1, high: Optional[int] = None, *, optional: bool = False) -> None:
+    """ValueError naming `name` unless `value` is an int in [low, high] (or None where optional)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bound}{' or None' if optional else ''}, got {value!r}"[:300])
+
+
+def check_number(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
+    """ValueError naming `name` unless `value` is a finite number in [low, high] ((low, high] if open_low)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value > high or value < low or (open_low and value == low):
+        bound = f"({low}, {high}]" if open_low else f"[{low}, {high}]"
+        raise ValueError(f"{name} must be a number in {bound}, got {value!r}"[:300])
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}"[:300])
 
 
 def row_seed(*parts) -> int:
@@ -142,6 +205,7 @@ class Method:
     """A training method; subclass it, set `name`, and `register` the class."""
 
     name: str = ""
+    config_class: Optional[type] = None  # the method's settings (fields made by `setting`)
     batch_fields: Tuple[str, ...] = ()  # fields its rows add beyond input_ids / labels (targets)
     uses_row_seeds: bool = False  # whether loss_inputs needs per-row seeds
     generates: bool = False  # whether the offline phase generates from the prompts (prompts must leave room)
@@ -149,9 +213,14 @@ class Method:
     # gathers a whole copy for it, and otherwise spares that gather (ctx.model is then the sharded model)
     runs_model: bool = True
 
+    def settings(self, config) -> Any:
+        """This method's config_class instance from a TrainConfig (validated on construction)."""
+        return None if self.config_class is None else config_from_flags(self.config_class, config)
+
     def validate(self, config) -> None:
         """Raises ValueError naming a TrainConfig field this method cannot use. TrainConfig.validate
         runs it for every registered method, whichever runs: check only this method's own fields."""
+        self.settings(config)
 
     def num_rows(self, num_examples: int, config) -> int:
         """Rows one iteration's offline phase yields from `num_examples` examples."""
@@ -181,5 +250,6 @@ class Method:
         return {"input_ids": batch["input_ids"]}, None
 
 
-__all__ = ["Method", "OfflineContext", "get_method", "get_method_class", "method_for_batch", "method_names",
-           "register", "row_seed", "unregister"]
+__all__ = ["Method", "OfflineContext", "check_choice", "check_int", "check_number", "config_from_flags",
+           "flag_fields", "get_method", "get_method_class", "method_for_batch", "method_names", "register",
+           "row_seed", "setting", "unregister"]

@@ -21,7 +21,7 @@ answer tokens (and position 0, which has no prefix) hold the original id.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
@@ -29,14 +29,69 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gapfix.data import check_labels
-from gapfix.methods.base import Method, OfflineContext, register, row_seed
+from gapfix.methods.base import (
+    Method,
+    OfflineContext,
+    check_choice,
+    check_int,
+    check_number,
+    register,
+    row_seed,
+    setting,
+)
 from gapfix.models import decoder_trunk, output_head, unwrap_model
 from gapfix.ops.mix_embedding import mix_embedding
 
-__all__ = ["BASH", "Alternatives", "BashBatch", "build_bash_batch", "mixed_inputs_embeds",
-           "predict_alternatives"]
+__all__ = ["BASH", "Alternatives", "BashBatch", "BashConfig", "build_bash_batch", "mixed_inputs_embeds",
+           "changed_inputs", "mixing_seeds", "predict_alternatives", "predict_rows", "prediction_seeds"]
 
-MODES = ("argmax", "sample", "topk")
+MODES = ("argmax", "sample", "topk")  # predict_alternatives' modes
+BASH_MODES = MODES + ("random",)  # random: the noise control, uniform random tokens
+MAX_TOP_K = 1024  # topk keeps K ids and probabilities per token of the dataset
+
+
+@dataclass(frozen=True)
+class BashConfig:
+    """The settings of BASH, for both drivers (`gapfix train` flags and gapfix.hf's trainers)."""
+
+    beta: float = setting(0.2, "probability that an answer input token is replaced by the model's own",
+                          flag="beta")
+    mode: str = setting("sample", "the mixed-in token: the model's argmax, a sample at the temperature, its "
+                        "topk (the probability-weighted mix of its top_k embeddings), or random (uniform random "
+                        "tokens: the noise control of gapfix compare)", flag="bash_mode")
+    temperature: float = setting(1.0, "sampling temperature of the predictions (sample, topk)",
+                                 flag="bash_temperature")
+    top_k: int = setting(4, f"K of topk mode (at most {MAX_TOP_K} and the vocabulary size)", flag="bash_top_k")
+    rows: Optional[int] = setting(None, "reference trainer: examples predicted and trained per iteration "
+                                  "(unset: those the steps draw)", flag="bash_rows")
+    refresh: Optional[int] = setting(None, "gapfix.hf: optimizer steps per prediction window (unset: an epoch)")
+    prediction_batch_size: int = setting(16, "gapfix.hf: rows per forward of the prediction pass")
+
+    def __post_init__(self) -> None:
+        check_number("beta", self.beta, 0.0, 1.0)
+        check_choice("mode", self.mode, BASH_MODES)
+        check_number("temperature", self.temperature, 0.0, float("inf"), open_low=True)
+        check_int("top_k", self.top_k, 1, MAX_TOP_K)
+        check_int("rows", self.rows, optional=True)
+        check_int("refresh", self.refresh, optional=True)
+        check_int("prediction_batch_size", self.prediction_batch_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prediction_seeds(seed: int, iteration: int, rows: Sequence[int]) -> List[int]:
+    """The sampling seed of each row's predictions (mode sample / random): a function of the run's
+    seed, the iteration (gapfix.hf: the prediction window) and the row's example index, never of
+    the rank or of the rows predicted beside it. Both drivers seed this way."""
+    return [row_seed(seed, iteration, "predict", int(row)) for row in rows]
+
+
+def mixing_seeds(seed: int, iteration: int, step: int, rows: Sequence) -> torch.Tensor:
+    """BASH's mixing seed of each batch row, int64 (B,) in [0, 2**56): a function of the run's seed,
+    the iteration, the step within it and the row (its index in the iteration's rows, or a tuple of
+    them for a packed row), never of the rank or the micro-batch. Both drivers seed this way."""
+    return torch.tensor([row_seed(seed, iteration, step, "row", row) for row in rows], dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------
@@ -111,6 +166,17 @@ def mixed_inputs_embeds(model: nn.Module, input_ids: torch.Tensor, alt_ids: torc
     plain = embedding(input_ids)
     soft = (alt_probs.to(plain.dtype)[..., None] * embedding(alt_ids)).sum(-2)
     return torch.where(mixed[..., None], soft, plain), mixed
+
+
+def changed_inputs(input_ids: torch.Tensor, alt_ids: torch.Tensor, alt_probs: Optional[torch.Tensor],
+                   mixed: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the mixed positions whose input actually changed: another token (hard mixing),
+    or a distribution not wholly on the token itself (soft). A mixed position whose prediction
+    is the reference token feeds what SFT feeds."""
+    if alt_probs is None:
+        return mixed & (alt_ids != input_ids)
+    own = ((alt_ids == input_ids[..., None]) * alt_probs).sum(-1)
+    return mixed & (own < 1.0 - 1e-6)
 
 
 def _num_embeddings(embedding, model):
@@ -324,6 +390,30 @@ def predict_alternatives(model: nn.Module, input_ids: torch.Tensor,
     return Alternatives(alt_ids, None)
 
 
+def predict_rows(model: nn.Module, ids: Sequence[torch.Tensor], eligible: Sequence[torch.Tensor],
+                 config: BashConfig, seeds: Sequence[int], *, device=None,
+                 position_ids: Optional[torch.Tensor] = None) -> Alternatives:
+    """BASH's offline phase on a few rows, as both drivers run it: the rows (1-D id tensors, and
+    the positions whose prediction is used) right-padded into one batch, predicted in
+    config.mode (the "random" noise control draws uniform tokens), row b seeded by seeds[b]
+    (prediction_seeds). position_ids: a single packed row's (then no padding, no mask).
+    Returns Alternatives (B, T) or (B, T, K) on `device`."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    width = max(len(row) for row in ids)
+    batch = torch.zeros((len(ids), width), dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    answer = torch.zeros((len(ids), width), dtype=torch.bool)
+    for i, (row, trained) in enumerate(zip(ids, eligible)):
+        batch[i, :len(row)], mask[i, :len(row)], answer[i, :len(row)] = row, 1, trained
+    if config.mode == "random":
+        return Alternatives(*(None if t is None else t.to(device) for t in random_alternatives(
+            model, {"input_ids": batch, "eligible": answer}, seeds)))
+    return predict_alternatives(
+        model, batch.to(device), None if position_ids is not None else mask.to(device), answer.to(device),
+        position_ids=None if position_ids is None else position_ids.to(device), mode=config.mode,
+        temperature=config.temperature, top_k=config.top_k, row_seeds=seeds)
+
+
 def _pick(logits, mode, temperature, top_k, generator, u=None):
     if mode == "argmax":
         return logits.argmax(-1)
@@ -349,9 +439,6 @@ def _pick(logits, mode, temperature, top_k, generator, u=None):
 # the method, as the reference trainer runs it (gapfix.methods.base.Method)
 # ----------------------------------------------------------------------------
 
-BASH_MODES = ("argmax", "sample", "topk", "random")  # random: the noise control, uniform random tokens
-
-
 @register
 class BASH(Method):
     """Offline: one teacher-forced pass over the rows the steps draw gives the model's own token
@@ -364,17 +451,10 @@ class BASH(Method):
     the same batch, hence the same bits, for any N), sampling from per-example seeds."""
 
     name = "bash"
+    config_class = BashConfig
     batch_fields = ("alt_ids", "eligible")
     uses_row_seeds = True
     predict_rows = 64
-
-    def validate(self, config) -> None:
-        if not 0.0 <= config.beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {config.beta}")
-        if config.bash_mode not in BASH_MODES:
-            raise ValueError(f"bash_mode must be argmax, sample, topk or random, got {config.bash_mode!r}")
-        if config.bash_rows is not None and config.bash_rows < 1:
-            raise ValueError(f"bash_rows must be >= 1 or None, got {config.bash_rows}")
 
     def num_rows(self, num_examples: int, config) -> int:
         return min(config.bash_rows, num_examples) if config.bash_rows else num_examples
@@ -455,31 +535,28 @@ class BASH(Method):
     def _predict(self, ctx: OfflineContext, example_indices: List[int]):
         """The rows of these examples with the frozen model's alternatives, and (predicted
         tokens, predicted tokens equal to the input)."""
-        from gapfix.data import IGNORE_INDEX, collate, sft_row
+        from gapfix.data import IGNORE_INDEX, sft_row
 
         config = ctx.config
         rows = [sft_row(ex) for ex in ctx.gather(example_indices)]
         for row in rows:  # the trained tokens (every assistant turn of a chat)
             row["eligible"] = [label != IGNORE_INDEX for label in row["labels"]]
-        batch = collate(rows, pad_id=0)  # eligible pads with False
-        seeds = [row_seed(config.seed, ctx.iteration, "predict", i) for i in example_indices]
-        if config.bash_mode == "random":  # the noise control: random tokens in place of predictions
-            prediction = random_alternatives(ctx.model, batch, seeds)
-        else:
+        ids = [torch.tensor(row["input_ids"]) for row in rows]
+        eligible = [torch.tensor(row["eligible"], dtype=torch.bool) for row in rows]
+        if config.bash_mode != "random":
             ctx.count("forwards")
-            prediction = predict_alternatives(
-                ctx.model, batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device),
-                batch["eligible"].to(ctx.device), mode=config.bash_mode, temperature=config.bash_temperature,
-                top_k=config.bash_top_k, row_seeds=seeds)
-        eligible = batch["eligible"]
-        alt = prediction.alt_ids if prediction.alt_ids.dim() == 2 else prediction.alt_ids[..., 0]
-        counts = (int(eligible.sum()), int(((alt.cpu() == batch["input_ids"]) & eligible).sum()))
+        prediction = predict_rows(ctx.model, ids, eligible, self.settings(config),
+                                  prediction_seeds(config.seed, ctx.iteration, example_indices), device=ctx.device)
+        alt = (prediction.alt_ids if prediction.alt_ids.dim() == 2 else prediction.alt_ids[..., 0]).cpu()
+        predicted = same = 0
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
+            predicted += int(eligible[i].sum())
+            same += int(((alt[i, :n] == ids[i]) & eligible[i]).sum())
             row["alt_ids"] = prediction.alt_ids[i, :n].tolist()
             if prediction.alt_probs is not None:
                 row["alt_probs"] = prediction.alt_probs[i, :n].tolist()
-        return rows, counts
+        return rows, (predicted, same)
 
     def loss_inputs(self, config, row_seeds) -> dict:
         return {"mix_seed": row_seeds, "beta": config.beta}
@@ -488,7 +565,10 @@ class BASH(Method):
         embeds, mixed = mixed_inputs_embeds(model, batch["input_ids"], batch["alt_ids"], beta=beta,
                                             seed=mix_seed, eligible=batch["eligible"],
                                             alt_probs=batch.get("alt_probs"), impl=impl)
-        return {"inputs_embeds": embeds}, {"mixed_fraction": (mixed.sum(), batch["eligible"].sum())}
+        eligible = batch["eligible"].sum()
+        changed = changed_inputs(batch["input_ids"], batch["alt_ids"], batch.get("alt_probs"), mixed)
+        return {"inputs_embeds": embeds}, {"mixed_fraction": (mixed.sum(), eligible),
+                                           "changed_fraction": (changed.sum(), eligible)}
 
 
 def random_alternatives(model, batch, row_seeds: Sequence[int]) -> Alternatives:

@@ -29,16 +29,95 @@ trained).
 """
 import math
 import random
+from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from gapfix.data import IGNORE_INDEX
-from gapfix.methods.base import Method, OfflineContext, register, row_seed
+from gapfix.methods import base
+from gapfix.methods.base import Method, OfflineContext, register, row_seed, setting
 
-__all__ = ["RAC", "answer_stop_ids", "build_rac_rows", "build_rac_rows_to_ends", "mix_with_sft", "reference_ends",
-           "to_soft_row"]
+__all__ = ["RAC", "RacConfig", "answer_stop_ids", "build_rac_rows", "build_rac_rows_to_ends", "drawn_prompts",
+           "generation_seed", "mix_with_sft", "reference_ends", "to_soft_row"]
+
+RAC_MODES = ("path", "first", "last", "all")
+BACKENDS = ("auto", "hf", "vllm")
+MAX_SFT_RATIO = 1000.0  # SFT rows per RAC row; the mixed order holds (1 + ratio) entries per RAC row
+MAX_SAMPLES = 1024  # answers per prompt
+_AVERAGED = ("label_agreement", "mean_edit_distance", "finished", "exact_match")
+
+
+@dataclass(frozen=True)
+class RacConfig:
+    """The settings of RAC, for both drivers (`gapfix train` flags and gapfix.hf's trainers)."""
+
+    mode: str = setting("path", "the label after each generated prefix: path (the next token of the canonical "
+                        "optimal alignment), first / last (of the first / last optimal reference position), or "
+                        "all (soft, reference trainer only; see gapfix.rac_labels)", flag="rac_mode")
+    temperature: float = setting(1.0, "sampling temperature of the model's answers (0: greedy)",
+                                 flag="rac_temperature")
+    samples: int = setting(1, f"answers per prompt (at most {MAX_SAMPLES})", flag="rac_samples")
+    prompts_per_iteration: Optional[int] = setting(None, "prompts answered per iteration, drawn afresh each "
+                                                   "iteration (unset: all)", flag="rac_prompts")
+    sft_ratio: float = setting(1.0, f"SFT rows (the reference answers) mixed in per RAC row (at most "
+                               f"{MAX_SFT_RATIO:g})", flag="rac_sft_ratio")
+    only_until_divergence: bool = setting(False, "train only the prefixes up to the first divergence",
+                                          flag="rac_only_until_divergence")
+    backend: str = setting("auto", "generation backend: auto (vLLM for a model on a GPU where vLLM is "
+                           "installed, else transformers), vllm or hf", flag="generation_backend")
+    max_new_tokens: int = setting(128, "generation budget of RAC answers (and of --eval)", flag="max_new_tokens")
+    vllm_tensor_parallel_size: int = setting(1, "under torchrun with vLLM: ranks sharing one tensor-parallel "
+                                             "engine (divides the world size)", flag="vllm_tensor_parallel_size")
+    vllm_gpu_memory_utilization: float = setting(0.4, "with vLLM on a GPU: the fraction of GPU memory the engine "
+                                                 "may take", flag="vllm_gpu_memory_utilization")
+    refresh: Optional[int] = setting(None, "gapfix.hf: optimizer steps per iteration (unset: one pass over "
+                                     "the iteration's rows)")
+    generation_batch_size: Optional[int] = setting(None, "gapfix.hf: prompts per generation chunk (unset: "
+                                                   "RAC.generate_prompts, as the reference trainer)")
+
+    def __post_init__(self) -> None:
+        from gapfix.generation.colocate import check_engine_options
+
+        base.check_choice("mode", self.mode, RAC_MODES)
+        base.check_number("temperature", self.temperature, 0.0, float("inf"))
+        base.check_int("samples", self.samples, 1, MAX_SAMPLES)
+        base.check_int("prompts_per_iteration", self.prompts_per_iteration, optional=True)
+        base.check_number("sft_ratio", self.sft_ratio, 0.0, MAX_SFT_RATIO)
+        if not isinstance(self.only_until_divergence, bool):
+            raise ValueError(f"only_until_divergence must be a bool, got {self.only_until_divergence!r}")
+        base.check_choice("backend", self.backend, BACKENDS)
+        base.check_int("max_new_tokens", self.max_new_tokens)
+        base.check_int("refresh", self.refresh, optional=True)
+        base.check_int("generation_batch_size", self.generation_batch_size, optional=True)
+        check_engine_options(self.vllm_tensor_parallel_size, self.vllm_gpu_memory_utilization)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def drawn_prompts(seed: int, iteration: int, num_examples: int, prompts: Optional[int]) -> List[int]:
+    """The examples whose prompts an iteration answers, in generation order: `prompts` of them
+    (None: all) drawn afresh each iteration from (seed, iteration). Both drivers draw this way."""
+    rng = random.Random(f"{seed}/{iteration}/rows")  # str seeds are hashed stably
+    return rng.sample(range(num_examples), min(prompts or num_examples, num_examples))
+
+
+def rows_per_iteration(num_examples: int, config: RacConfig) -> int:
+    """The rows of one iteration: the RAC rows (prompts x samples) and the SFT rows mixed in."""
+    rac = min(config.prompts_per_iteration or num_examples, num_examples) * config.samples
+    return rac + round(rac * config.sft_ratio)
+
+
+def generation_seed(seed: int, iteration: int, first_example: int) -> int:
+    """The sampling seed of the generation chunk whose first prompt is example `first_example`."""
+    return row_seed(seed, iteration, "generate", "chunk", first_example)
+
+
+def mixing_order_seed(seed: int, iteration: int) -> int:
+    """The seed of mix_with_sft's order of an iteration's RAC and SFT rows."""
+    return row_seed(seed, iteration, "mix", 0, 0)
 
 
 def _strip_generated(g: Sequence[int], eos_id: int, finished: Optional[bool] = None):
@@ -388,6 +467,49 @@ def build_rac_rows_to_ends(prompts, generated, references, ends: Sequence[tuple]
     return rows, stats
 
 
+def answer_chunk(model, tokenizer, prompts: Sequence[Sequence[int]], references: Sequence[Sequence[int]],
+                 config: RacConfig, *, seeds, backend, mode: Optional[str] = None, impl: str = "auto"):
+    """RAC's offline step on one chunk of prompts, as both drivers run it: the model's answers
+    (gapfix.generate, config.samples per prompt, stopping on each reference's end token:
+    reference_ends, a chat template's end-of-turn, else EOS) and their RAC rows.
+
+    seeds: the seed of the chunk's one generate call (generation_seed), or a list with one per
+    prompt (one call each); unused at temperature 0. backend: config.backend or a running engine.
+    Returns (rows in prompt order, build_rac_rows' stats, the Generation objects of the rows)."""
+    from gapfix.generation import generate
+
+    ends = reference_ends(references, tokenizer, answer_stop_ids(model, tokenizer))
+    options = dict(tokenizer=tokenizer, n=config.samples, temperature=config.temperature,
+                   max_new_tokens=config.max_new_tokens, backend=backend, stop_token_ids=[end for _, end in ends])
+    sampled = config.temperature > 0
+    if isinstance(seeds, list):
+        outputs, owners = [], []
+        for k, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            got = generate(model, [prompt], seed=seed if sampled else None, **options)
+            outputs += got
+            owners += [k] * len(got)
+    else:
+        outputs = generate(model, list(prompts), seed=seeds if sampled else None, **options)
+        owners = [output.prompt_index for output in outputs]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, stats = build_rac_rows_to_ends(
+        [prompts[k] for k in owners], outputs, [references[k] for k in owners], [ends[k] for k in owners],
+        pad_id=pad_id, mode=mode or config.mode, only_until_divergence=config.only_until_divergence, impl=impl)
+    return rows, stats, outputs
+
+
+def merge_stats(parts: Sequence[dict]) -> dict:
+    """build_rac_rows' stats of several chunks as one: counts summed, label_agreement weighted
+    by trained positions, the other averages by rows (NaN parts left out)."""
+    merged = {"rows": sum(p["rows"] for p in parts), "trained_positions": sum(p["trained_positions"] for p in parts)}
+    for key in _AVERAGED:
+        weights = [(p["trained_positions"] if key == "label_agreement" else p["rows"], p[key]) for p in parts]
+        weights = [(w, v) for w, v in weights if w and v == v]
+        total = sum(w for w, _ in weights)
+        merged[key] = sum(w * v for w, v in weights) / total if total else float("nan")
+    return merged
+
+
 def to_soft_row(row: dict, max_targets: int, ignore_index: int = IGNORE_INDEX) -> dict:
     """A hard-label row (SFT) in the soft layout: its label in slot 0 with weight 1,
     so that it can share a batch with soft RAC rows; the loss is unchanged."""
@@ -408,8 +530,9 @@ def mix_with_sft(rac_rows: Sequence, sft_rows: Sequence, ratio: float, seed: int
     Where the RAC rows are soft (target_ids), the SFT rows are converted with
     ``to_soft_row`` so that every row of a batch has the same fields.
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 0:
-        raise ValueError(f"ratio must be a finite number >= 0, got {ratio!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
+            or not 0 <= ratio <= MAX_SFT_RATIO:
+        raise ValueError(f"ratio must be a number in [0, {MAX_SFT_RATIO:g}], got {ratio!r}")
     wanted = round(ratio * len(rac_rows))
     if wanted and not sft_rows:
         raise ValueError(f"sft_rows is empty but ratio={ratio} asks for {wanted} SFT items")
@@ -434,8 +557,6 @@ def mix_with_sft(rac_rows: Sequence, sft_rows: Sequence, ratio: float, seed: int
 # the method, as the reference trainer runs it (gapfix.methods.base.Method)
 # ----------------------------------------------------------------------------
 
-RAC_MODES = ("path", "first", "last", "all")
-_AVERAGED = ("label_agreement", "mean_edit_distance", "finished", "exact_match")
 
 
 @register
@@ -452,34 +573,20 @@ class RAC(Method):
     cost of batching (several times slower generation)."""
 
     name = "rac"
+    config_class = RacConfig
     generates = True
     generate_prompts = 32
     seed_per_prompt = False
     soft = False  # soft "all" targets regardless of rac_mode (a subclass may set it)
 
-    def validate(self, config) -> None:
-        if config.rac_mode not in RAC_MODES:
-            raise ValueError(f"rac_mode must be path, first, last or all, got {config.rac_mode!r}")
-        if config.rac_prompts is not None and config.rac_prompts < 1:
-            raise ValueError(f"rac_prompts must be >= 1 or None, got {config.rac_prompts}")
-        if config.rac_sft_ratio < 0:
-            raise ValueError(f"rac_sft_ratio must be >= 0, got {config.rac_sft_ratio}")
-        from gapfix.generation.colocate import check_engine_options
-
-        check_engine_options(getattr(config, "vllm_tensor_parallel_size", 1),
-                             getattr(config, "vllm_gpu_memory_utilization", 0.4))
-
     def label_mode(self, config) -> str:
         return "all" if self.soft else config.rac_mode
 
     def num_rows(self, num_examples: int, config) -> int:
-        rac = min(config.rac_prompts or num_examples, num_examples) * config.rac_samples
-        return rac + round(rac * config.rac_sft_ratio)
+        return rows_per_iteration(num_examples, self.settings(config))
 
     def _chosen(self, ctx: OfflineContext) -> List[int]:
-        n, config = len(ctx.examples), ctx.config
-        rng = random.Random(f"{config.seed}/{ctx.iteration}/rows")  # str seeds are hashed stably
-        return rng.sample(range(n), min(config.rac_prompts or n, n))
+        return drawn_prompts(ctx.config.seed, ctx.iteration, len(ctx.examples), ctx.config.rac_prompts)
 
     def build_shard(self, ctx: OfflineContext) -> dict:
         """Generates this rank's share of the chunks and writes their RAC rows. With vLLM under
@@ -539,53 +646,27 @@ class RAC(Method):
     _engine = None  # the colocated engine while build_shard runs
 
     def _colocated(self, ctx: OfflineContext):
-        """The process's colocated vLLM engine when this phase generates with vLLM under torchrun
-        (generation_backend "vllm", or "auto" with vLLM installed and a plain model), else None."""
-        from gapfix.generation import vllm_available
-        from gapfix.generation.colocate import colocated_engine, world_position
+        """The colocated vLLM engine this phase generates on, or None (colocate.generation_engine)."""
+        from gapfix.generation.colocate import generation_engine
 
-        requested = self._backend(ctx.model, ctx.config)
-        backend = ("vllm" if vllm_available() else "hf") if requested == "auto" else requested
-        if backend != "vllm" or not world_position()[2]:
-            return None
-        options = dict(tensor_parallel_size=ctx.config.vllm_tensor_parallel_size,
-                       gpu_memory_utilization=ctx.config.vllm_gpu_memory_utilization)
-        if requested == "vllm":
-            return colocated_engine(ctx.model, **options)
-        return colocated_engine(ctx.model, fall_back=True, **options)  # "auto": None where vLLM refuses
+        return generation_engine(ctx.model, ctx.config.generation_backend,
+                                 tensor_parallel_size=ctx.config.vllm_tensor_parallel_size,
+                                 gpu_memory_utilization=ctx.config.vllm_gpu_memory_utilization)
 
     def _rows(self, ctx: OfflineContext, chunk: List[int]):
         """The RAC rows of the prompts of examples `chunk`, in order, build_rac_rows' stats,
-        and the number of answers generated. Each reference ends with its own end token
-        (reference_ends: a chat template's end-of-turn, else EOS), which generation stops on."""
-        from gapfix.generation import generate
-
-        config, tokenizer = ctx.config, ctx.tokenizer
+        and the number of answers generated (answer_chunk)."""
+        config = ctx.config
         examples = ctx.gather(chunk)
-        ends = reference_ends([ex.answer_ids for ex in examples], tokenizer,
-                              answer_stop_ids(ctx.model, tokenizer))
-        options = dict(tokenizer=tokenizer, n=config.rac_samples, temperature=config.rac_temperature,
-                       max_new_tokens=config.max_new_tokens, backend=self._backend(ctx.model, config),
-                       stop_token_ids=[end for _, end in ends])
         if config.rac_temperature > 0 and self.seed_per_prompt:  # each prompt from its example's seed
-            outputs, owners = [], []
-            for k, (index, example) in enumerate(zip(chunk, examples)):
-                ctx.count("generate_calls")
-                got = generate(ctx.model, [example.prompt_ids],
-                               seed=row_seed(config.seed, ctx.iteration, "generate", index), **options)
-                outputs += got
-                owners += [k] * len(got)
+            seeds = [row_seed(config.seed, ctx.iteration, "generate", index) for index in chunk]
         else:
-            ctx.count("generate_calls")
-            seed = row_seed(config.seed, ctx.iteration, "generate", "chunk", chunk[0])
-            outputs = generate(ctx.model, [ex.prompt_ids for ex in examples],
-                               seed=seed if config.rac_temperature > 0 else None, **options)
-            owners = [output.prompt_index for output in outputs]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        rows, stats = build_rac_rows_to_ends(
-            [examples[k].prompt_ids for k in owners], outputs, [examples[k].answer_ids for k in owners],
-            [ends[k] for k in owners], pad_id=pad_id, mode=self.label_mode(config),
-            only_until_divergence=config.rac_only_until_divergence, impl="auto" if config.fused else "torch")
+            seeds = generation_seed(config.seed, ctx.iteration, chunk[0])
+        ctx.count("generate_calls", len(seeds) if isinstance(seeds, list) else 1)
+        rows, stats, outputs = answer_chunk(
+            ctx.model, ctx.tokenizer, [ex.prompt_ids for ex in examples], [ex.answer_ids for ex in examples],
+            self.settings(config), seeds=seeds, backend=self._backend(ctx.model, config),
+            mode=self.label_mode(config), impl="auto" if config.fused else "torch")
         return rows, stats, len(outputs)
 
     def _backend(self, model, config):
@@ -615,7 +696,7 @@ class RAC(Method):
         # rank computes the whole order (two ints a row) and writes the rows of its share of it
         order = mix_with_sft([("rac", i) for i in range(len(rac))],
                              [("sft", i) for i in range(len(ctx.examples))], config.rac_sft_ratio,
-                             seed=row_seed(config.seed, ctx.iteration, "mix", 0, 0))
+                             seed=mixing_order_seed(config.seed, ctx.iteration))
         mine = shard_range(len(order), ctx.rank, ctx.world)
         width = next((f.width for f in rac.fields if f.name == "target_ids"), None)
         with RowWriter(path, first_row=mine.start) as writer:
