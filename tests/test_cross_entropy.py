@@ -846,19 +846,23 @@ for dt in ("bf16", "fp32"):  # fp16 lowers like bf16
         opts = launch_options(cfg)
         sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "ids_ptr": "*i64", "slot_w_ptr": "*fp32",
                "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_target_ptr": "*fp32",
-               "part_logit_sum_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32",
+               "part_logit_sum_ptr": "*fp32", "part_xs_ptr": "*fp32", "part_sq_ptr": "*fp32",
+               "part_before_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32",
                "stride_w": "i32", "v_per_split": "i32", "softcap": "fp32"}
-        build(K.linear_ce_forward_kernel, sig, dict(flags, **cfg), opts)
+        # the per-token statistics of linear_log_probs (entropy, sum of p^2, top-1) ride along
+        build(K.linear_ce_forward_kernel, sig, dict(flags, ENTROPY=extra, SQ=extra, TOP1=extra, **cfg), opts)
         for dw in ("fp32", dt) if dt != "fp32" else ("fp32",):
             cfg = K.linear_config(TORCH[dt], 8192, 256000, 2304, True, backward=True)
             opts = launch_options(cfg)
             sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "ids_ptr": "*i64",
                    "slot_w_ptr": "*fp32", "lse_ptr": "*fp32", "coef_p_ptr": "*fp32", "coef_t_ptr": "*fp32",
-                   "coef_s_ptr": "*fp32", "row_scale_ptr": "*fp32", "dx_ptr": "*fp32", "dw_ptr": f"*{dw}",
+                   "coef_s_ptr": "*fp32", "row_scale_ptr": "*fp32", "entropy_ptr": "*fp32",
+                   "coef_e_ptr": "*fp32", "dx_ptr": "*fp32", "dw_ptr": f"*{dw}",
                    "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32",
                    "softcap": "fp32", "filter_eps": "fp32"}
             ptx = build(K.linear_ce_backward_kernel, sig,
-                        dict(flags, NEED_DX=True, NEED_DW=True, NEED_DB=extra, FILTER=extra, **cfg), opts)
+                        dict(flags, ENTROPY=extra, NEED_DX=True, NEED_DW=True, NEED_DB=extra, FILTER=extra,
+                             **cfg), opts)
             # the dx/dW/db sums need no ordering: relaxed atomics, no acquire-release fences
             assert ".acq_rel" not in ptx and ".relaxed" in ptx, (dt, dw)
         flags = dict(NUM_SLOTS=slots, SOFTCAP=extra, SMOOTH=extra, BLOCK_V=K.row_block(256000))
