@@ -156,15 +156,17 @@ def _examples(tok, count=16):
 def test_bench_real_model_bash_prediction_pass_per_1000_answer_tokens(benchmark, real):
     import torch
 
-    from gapfix.methods.bash import predict_tokens
+    from gapfix.methods.bash import BashConfig, predict_rows, prediction_seeds
 
     model, tok = real
     examples = _examples(tok)
     answer_tokens = sum(len(ex.answer_ids) for ex in examples)
+    ids = [torch.tensor(list(ex.prompt_ids) + list(ex.answer_ids)) for ex in examples]
+    eligible = [torch.arange(len(row)) >= len(ex.prompt_ids) for row, ex in zip(ids, examples)]
+    config = BashConfig()  # the methods' defaults, as both drivers run them
 
     def run():
-        with torch.no_grad():
-            return predict_tokens(model, examples)
+        return predict_rows(model, ids, eligible, config, prediction_seeds(0, 0, range(len(ids))))
 
     benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
     per_1000 = benchmark.stats.stats.median * 1000 / answer_tokens
