@@ -35,6 +35,8 @@ import shutil
 
 import torch
 
+from gapfix.outdir import fsync_path
+
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 LEGACY_PICKLE = "trainer_state.pt"
@@ -153,21 +155,13 @@ def write_file(path: str, data: bytes) -> None:
         raise
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(folder: str) -> None:
     """fsyncs every file and folder under `folder` (itself included), so that a rename
     that publishes it can never expose a folder whose contents are still in flight."""
     for parent, _dirs, files in os.walk(folder, topdown=False):
         for name in files:
-            _fsync_path(os.path.join(parent, name))
-        _fsync_path(parent)
+            fsync_path(os.path.join(parent, name))
+        fsync_path(parent)
 
 
 def model_fingerprint(model) -> str:
@@ -261,11 +255,11 @@ def save_checkpoint(out_dir, *, model, tokenizer, optimizer_state, scheduler, po
         fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
         pointer_tmp = os.path.join(root, "latest.tmp")
         write_file(pointer_tmp, name.encode("ascii"))
         os.replace(pointer_tmp, os.path.join(root, "latest"))
-        _fsync_path(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -298,9 +292,9 @@ def rows_reference(out_dir: str, paths, num_rows: int) -> dict:
             raise CheckpointError(f"{path}: row file outside {out_dir}")
         relative.append(os.path.relpath(os.path.realpath(path), os.path.realpath(out_dir)))
     for path in paths:  # durable before any checkpoint that refers to them is published
-        _fsync_path(path)
+        fsync_path(path)
     for folder in sorted({os.path.dirname(os.path.abspath(path)) for path in paths}):
-        _fsync_path(folder)
+        fsync_path(folder)
     return {"files": relative, "rows": int(num_rows), "sha256": _files_digest(paths)}
 
 

@@ -181,3 +181,12 @@ def open_file(path: str, mode: str = "a") -> IO:
         os.close(fd)
         raise
     return os.fdopen(fd, {"a": "a", "w": "w", "r+b": "r+b"}[mode])
+
+
+def fsync_path(path: str) -> None:
+    """fsyncs a file or folder by path (its inode, whichever process wrote it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

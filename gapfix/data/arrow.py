@@ -51,6 +51,7 @@ import numpy as np
 
 from gapfix.data import IGNORE_INDEX as IGNORE
 from gapfix.data import DataError, Example
+from gapfix.outdir import fsync_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -991,9 +992,9 @@ class RowWriter:
                     self._writer = pa.ipc.new_file(self._sink, _schema([], self.first_row, self.batch_rows))
                 self._writer.close()
                 self._sink.close()
-                _fsync(self._tmp)
+                fsync_path(self._tmp)
             os.replace(self._tmp, self.path)
-            _fsync(os.path.dirname(os.path.abspath(self.path)))
+            fsync_path(os.path.dirname(os.path.abspath(self.path)))
         except BaseException:
             self.abort()
             raise
@@ -1011,15 +1012,6 @@ class RowWriter:
                 pass
         if os.path.exists(self._tmp):
             os.remove(self._tmp)
-
-
-def _fsync(path: str) -> None:
-    """fsyncs a file or folder (the inode: whichever process wrote it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_rows(path: Union[str, os.PathLike], rows: Iterable[dict], *, first_row: int = 0,
