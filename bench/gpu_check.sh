@@ -182,8 +182,10 @@ grep '^carried: \|^CARRY FAILED\|^pip check' "$LOG" | tail -n 20
 step build_check 60 "${TOOLS[@]}" build-check before ||
   stop "the CUDA build cannot work here (see BUILD CHECK FAILED above)"
 if [ "$DRY_RUN" = 1 ]; then
-  # build_verify below imports the installed gapfix and reads its build_info
-  NOTE="dry run: no build, gapfix as installed" step build 60 echo "dry run: no build" ||
+  # the dry run builds nothing: build_verify and the steps after it import gapfix from this
+  # checkout (its extension as built there), installed or not
+  export PYTHONPATH="$ROOT:$PYTHONPATH"
+  NOTE="dry run: no build, gapfix from the checkout" step build 60 echo "dry run: no build" ||
     stop "the dry run's build step failed"
 else
   python3 -c "import torch" >>"$LOG" 2>&1 || stop "torch is not installed"
