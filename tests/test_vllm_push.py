@@ -188,7 +188,8 @@ def test_lora_model_served_by_vllm_gives_hf_greedy_tokens(need_vllm, tok):
 
 def test_rac_rows_of_a_lora_model_are_the_same_through_vllm_and_hf(need_vllm):
     """RAC generates for a PEFT model through vLLM (the merged weights pushed): its greedy
-    answers, hence its rows, are those of the hf backend."""
+    answers (temperature 0, set here: RAC's default samples), hence its rows, are those of the
+    hf backend."""
     peft = pytest.importorskip("peft")
     from gapfix.data import encode_example, math_task
     from gapfix.methods.rac import RAC
@@ -203,7 +204,7 @@ def test_rac_rows_of_a_lora_model_are_the_same_through_vllm_and_hf(need_vllm):
                                                       init_lora_weights=False))
     assert RAC()._backend(model, TrainConfig()) == "auto"
     rows = {backend: build_rows("rac", model, tokenizer, examples,
-                                TrainConfig(max_new_tokens=24, generation_backend=backend))
+                                TrainConfig(max_new_tokens=24, generation_backend=backend, rac_temperature=0.0))
             for backend in ("hf", "vllm")}
     assert len(rows["vllm"]) == len(rows["hf"]) > 0
     assert rows["vllm"] == rows["hf"]

@@ -137,24 +137,31 @@ def test_auto_in_a_distributed_job_uses_transformers_with_one_warning(distribute
 
 
 def test_hf_rac_generates_with_the_colocated_engine_under_torchrun(distributed, monkeypatch):
-    """gapfix.hf's RAC picks vLLM for a model on a GPU; under torchrun it takes the process's colocated
-    engine (an ordinary one would hang), "auto" with fall_back (transformers where vLLM refuses)."""
+    """gapfix.hf's RAC (as the reference trainer's) takes its engine from colocate.generation_engine:
+    for a model on a GPU under torchrun, the process's colocated engine (an ordinary one would hang),
+    "auto" with fall_back (transformers where vLLM refuses)."""
     from types import SimpleNamespace
 
-    import gapfix.generation
     from gapfix.generation import colocate
-    from gapfix.hf import RacConfig, rac
+    from gapfix.hf import RacConfig
 
-    monkeypatch.setattr(gapfix.generation, "vllm_available", lambda: True)
+    monkeypatch.setattr(runner, "vllm_available", lambda: True)
     monkeypatch.setenv("RANK", "0")
     on_gpu = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=SimpleNamespace(type="cuda"))]))
-    assert rac._resolve_backend("auto", on_gpu) == "vllm"
+    assert runner._resolve_backend("auto", on_gpu) == "vllm"
     made = []
     monkeypatch.setattr(colocate, "colocated_engine", lambda model, **options: made.append(options) or "engine")
     config = RacConfig(vllm_gpu_memory_utilization=0.3)
-    assert rac._colocated(on_gpu, config, "vllm") == "engine"
-    assert made == [dict(tensor_parallel_size=1, gpu_memory_utilization=0.3, fall_back=True)]
-    assert rac._colocated(on_gpu, config, "hf") is None
+
+    def engine(backend):
+        return colocate.generation_engine(on_gpu, backend, tensor_parallel_size=config.vllm_tensor_parallel_size,
+                                          gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+
+    assert engine("auto") == "engine"
+    assert engine("vllm") == "engine"
+    assert made == [dict(tensor_parallel_size=1, gpu_memory_utilization=0.3, fall_back=True),
+                    dict(tensor_parallel_size=1, gpu_memory_utilization=0.3, fall_back=False)]
+    assert engine("hf") is None
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert rac._colocated(on_gpu, config, "vllm") is None  # one process: the ordinary engine serves
-    assert len(made) == 1
+    assert engine("vllm") is None  # one process: the ordinary engine serves
+    assert len(made) == 2
