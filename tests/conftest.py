@@ -4,6 +4,7 @@ Without a GPU, Triton kernels run under the interpreter on CPU tensors; the
 variable must be set before anything imports triton, hence here.
 """
 import os
+import subprocess
 
 import pytest
 import torch
@@ -45,3 +46,16 @@ def triton_device():
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MiB tmpfs under tmp_path, for a real full disk (skips where mounting is not allowed)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)  # lazy: a traceback may hold a file

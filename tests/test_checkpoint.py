@@ -241,18 +241,6 @@ def test_disk_full_while_writing_trainer_state_names_it_and_keeps_previous(token
     assert_same_params(saved[1], params(fresh), rtol=0, atol=0)
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-                          capture_output=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)  # lazy: a traceback may hold a file
-
-
 def folder_blocks(path, block=4096):
     """Bytes the files under `path` take on a filesystem of `block`-byte blocks."""
     return sum(-(-os.path.getsize(os.path.join(p, f)) // block) * block

@@ -453,18 +453,6 @@ def test_disk_full_while_tokenizing_is_one_line_naming_the_cache(tmp_path, capsy
     assert f"no space left on device while writing the data cache {out / 'data_cache'}" in line and data in line
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-                          capture_output=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 def test_a_real_full_disk_while_tokenizing_is_one_line(tmp_path, capsys, small_tmpfs, model_dir):
     problem = " + ".join(["1 2 3 4 5 6 7 8 9"] * 40)
     data = write(tmp_path / "big.jsonl", [json.dumps({"prompt": problem, "response": "7"})] * 8000)  # 10 MB
