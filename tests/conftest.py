@@ -59,3 +59,15 @@ def small_tmpfs(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)  # lazy: a traceback may hold a file
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny model (math tokenizer, one layer) for command-line tests."""
+    from gapfix.data import math_task
+    from gapfix.models import save_model, tiny_llama
+
+    tokenizer = math_task.math_tokenizer()
+    path = tmp_path_factory.mktemp("model")
+    save_model(tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0), tokenizer, path)
+    return str(path)

@@ -94,17 +94,6 @@ def test_train_names_a_non_utf8_line_and_skips_it_when_asked(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["data.jsonl", "run"] and (out / "data_cache").is_dir()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from gapfix.data import math_task
-    from gapfix.models import save_model, tiny_llama
-
-    tokenizer = math_task.math_tokenizer()
-    path = tmp_path_factory.mktemp("model")
-    save_model(tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0), tokenizer, path)
-    return str(path)
-
-
 def test_generate_names_a_non_utf8_line_and_skips_it_when_asked(tmp_path, model_dir, capsys):
     prompts = write(tmp_path / "prompts.jsonl", ['{"prompt": "1 + 2 ="}', b'{"prompt": "\xc3("}',
                                                  '{"prompt": "3 + 4 ="}'])

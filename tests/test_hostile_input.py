@@ -1,4 +1,4 @@
-"""Hostile and careless input, round two (issue 25): help text, the --out folder (links, a second
+"""Hostile and careless input: help text, the --out folder (links, a second
 run), chat templates that refuse or never finish, token ids past the vocabulary, a full disk, the
 data cache's fingerprints, durable rows, crafted checkpoint state, and non-finite training."""
 import errno
@@ -35,7 +35,7 @@ def examples(tokenizer):
             for p in math_task.make_split("train", 32, seed=5)]
 
 
-# ---------------------------------------------------------------- item 1: help
+# ---------------------------------------------------------------- help
 
 
 @pytest.mark.parametrize("command", [None, *sorted(COMMANDS)])
@@ -51,7 +51,7 @@ def test_help_of_gapfix_and_of_every_command_prints(command, capsys):
         assert all(name in out for name in COMMANDS)
 
 
-# ---------------------------------------------------------------- item 3: nothing written through a link
+# ---------------------------------------------------------------- nothing written through a link
 
 
 @pytest.mark.parametrize("name", ["metrics.jsonl", "summary.json", "data_cache", "iterations", "final",
@@ -108,7 +108,7 @@ def test_a_refused_run_leaves_no_out_folder_behind(tmp_path, capsys):
     assert not out.exists()
 
 
-# ---------------------------------------------------------------- item 11: one run per --out
+# ---------------------------------------------------------------- one run per --out
 
 
 HOLD_LOCK = """
@@ -146,7 +146,7 @@ def test_claims_nest_within_one_process(tmp_path):
             pass
 
 
-# ---------------------------------------------------------------- item 12: crafted checkpoint state
+# ---------------------------------------------------------------- crafted checkpoint state
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def test_a_crafted_position_is_one_line_exit_2_on_the_command_line(tmp_path, cap
     assert path in line and "position.iteration" in line
 
 
-# ---------------------------------------------------------------- item 13: non-finite training
+# ---------------------------------------------------------------- non-finite training
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_nothing_after(tokenizer, examples,
@@ -384,17 +384,7 @@ def test_train_honours_on_error_for_a_refusing_chat_template(tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["data"]["train"]["unusable_records"] == 1
 
 
-# ---------------------------------------------------------------- item 6: ids past the vocabulary
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from gapfix.models import save_model, tiny_llama
-
-    tok = math_task.math_tokenizer()
-    path = tmp_path_factory.mktemp("model")
-    save_model(tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0), tok, path)
-    return str(path)
+# ---------------------------------------------------------------- ids past the vocabulary
 
 
 def tokenized_parquet(path, answer):
@@ -435,7 +425,7 @@ def test_train_refuses_examples_past_the_vocabulary_for_every_method(tokenizer, 
         train(model, tokenizer, bad, method=method, steps_per_iteration=1, **FAST)
 
 
-# ---------------------------------------------------------------- item 7: disk full, named
+# ---------------------------------------------------------------- disk full, named
 
 
 def test_disk_full_while_tokenizing_is_one_line_naming_the_cache(tmp_path, capsys, monkeypatch, model_dir):
@@ -473,7 +463,7 @@ def test_disk_full_while_writing_rows_names_the_file(small_tmpfs):
     assert os.listdir(small_tmpfs) == []  # nothing half-written is left
 
 
-# ---------------------------------------------------------------- item 9: the data cache's fingerprints
+# ---------------------------------------------------------------- the data cache's fingerprints
 
 
 def rewrite_arrow(path, edit):
@@ -542,7 +532,7 @@ def test_a_tampered_cache_is_named_on_the_command_line(tmp_path, capsys, model_d
     assert f"{path}: the data cache file changed" in one_line_error(capsys, "train")
 
 
-# ---------------------------------------------------------------- item 10: durable rows
+# ---------------------------------------------------------------- durable rows
 
 
 def test_iteration_rows_are_fsynced_before_a_checkpoint_referring_to_them_is_published(tokenizer, examples,
@@ -573,7 +563,7 @@ def test_iteration_rows_are_fsynced_before_a_checkpoint_referring_to_them_is_pub
             assert path in synced and os.path.dirname(path) in synced, path
 
 
-# ---------------------------------------------------------------- item 18: memory that grows with the data
+# ---------------------------------------------------------------- memory that grows with the data
 
 
 def test_the_rows_a_bash_step_draws_cost_memory_of_the_steps_not_of_the_data():
