@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gapfix.ops.cross_entropy import linear_log_probs, linear_log_probs_reference
+import gapfix.ops.cross_entropy.log_probs as log_probs_module
 from gapfix.ops.cross_entropy.log_probs import STATS, log_probs_of_logits
 
 FACTOR = 3.0
@@ -36,13 +37,13 @@ def _case(dtype, n=45, hdim=24, vocab=157, bias=True, seed=0, scale=1.0):
     return hidden, weight, b, target, upstream
 
 
-def _run(impl, dtype, hidden, weight, b, target, upstream, softcap, uniform=False, device="cpu"):
+def _run(impl, dtype, hidden, weight, b, target, upstream, softcap, uniform=False, device="cpu", chunk_size=None):
     x = hidden.to(device, dtype, copy=True).requires_grad_()
     w = weight.to(device, dtype, copy=True).requires_grad_()
     bb = None if b is None else b.to(device, dtype, copy=True).requires_grad_()
     t = target.to(device)
     fn = linear_log_probs_reference if impl is None else linear_log_probs
-    kw = {} if impl is None else {"impl": impl, "outputs": ALL}
+    kw = {} if impl is None else {"impl": impl, "outputs": ALL, "chunk_size": chunk_size}
     out = fn(x, w, t, bias=bb, softcap=softcap, **kw)
     if uniform:  # the SFT loss: the forward's precomputed gradients serve
         loss = -out.log_probs.sum() / 7.0
@@ -54,24 +55,34 @@ def _run(impl, dtype, hidden, weight, b, target, upstream, softcap, uniform=Fals
     return out, grads
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("softcap", [None, 4.0])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("uniform", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_fast_matches_the_reference(dtype, uniform, bias, softcap):
+def test_torch_fast_matches_the_reference(dtype, uniform, bias, softcap, chunked, monkeypatch):
+    # chunked: 7-row chunks (the last one short), the entropy's scratch 3 rows of a chunk
+    if chunked:
+        monkeypatch.setattr(log_probs_module, "_SCRATCH_ELEMENTS", 3 * 157)
     case = _case(dtype, bias=bias, seed=1 + bias)
-    _check("torch_fast", dtype, case, softcap, uniform)
+    _check("torch_fast", dtype, case, softcap, uniform, chunk_size=7 if chunked else None)
 
 
-def _check(impl, dtype, case, softcap, uniform, device="cpu"):
+def _check(impl, dtype, case, softcap, uniform, device="cpu", chunk_size=None):
     ref64, g64 = _run(None, torch.float64, *case, softcap, uniform)
     same, g_same = _run(None, dtype, *case, softcap, uniform)
-    fast, g_fast = _run(impl, dtype, *case, softcap, uniform, device=device)
-    for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
-        assert_like_reference(getattr(fast, name).cpu(), getattr(same, name), getattr(ref64, name), name)
-    if dtype != torch.bfloat16:  # a bf16 near-tie may pick another argmax than fp64 does
-        assert torch.equal(fast.is_top1.cpu(), ref64.is_top1)
-    assert fast.is_top1.dtype == torch.bool
+    fast, g_fast = _run(impl, dtype, *case, softcap, uniform, device=device, chunk_size=chunk_size)
+    with torch.no_grad():  # the forward without gradients (statistics only)
+        hidden, weight, b, target, _ = case
+        stats = linear_log_probs(hidden.to(device, dtype), weight.to(device, dtype), target.to(device),
+                                 bias=None if b is None else b.to(device, dtype), softcap=softcap, outputs=ALL,
+                                 impl=impl, chunk_size=chunk_size)
+    for out in (fast, stats):
+        for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
+            assert_like_reference(getattr(out, name).cpu(), getattr(same, name), getattr(ref64, name), name)
+        if dtype != torch.bfloat16:  # a bf16 near-tie may pick another argmax than fp64 does
+            assert torch.equal(out.is_top1.cpu(), ref64.is_top1)
+        assert out.is_top1.dtype == torch.bool
     for name, a, b_, c in zip(("dhidden", "dW", "dbias"), g_fast, g_same, g64):
         assert_like_reference(a.cpu(), b_, c, name)
 

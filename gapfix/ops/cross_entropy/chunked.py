@@ -61,6 +61,8 @@ def _chunked_pass(
     row_scale: Optional[Tensor] = None,
     on_grad: Optional[Callable[[RowSelection, Tensor], None]] = None,
     on_probs: Optional[Callable[..., None]] = None,
+    on_logits: Optional[Callable[[RowSelection, Tensor], None]] = None,
+    on_exp: Optional[Callable[[RowSelection, Tensor, Optional[Tensor]], None]] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """One pass over the rows in chunks.
 
@@ -72,6 +74,10 @@ def _chunked_pass(
       on_probs(sel, P, coef_p, coef_t, coef_s) (no soft cap): the softmax P and the row
         coefficients with G = coef_p * P - coef_t-weighted one-hots - coef_s, so that the
         caller can push the cheap terms through its matmuls instead of through P.
+    Per-row statistics read the same live chunk (no second pass over the logits):
+      on_logits(sel, z): the (soft-capped) logits, before the softmax;
+      on_exp(sel, E, s): E = exp(z - row max) with s = sum_v E (E / s is the softmax), or
+        the softmax itself with s None; read-only, before the chunk becomes the gradient.
     """
     label_smoothing, z_loss, softcap = opts.label_smoothing, opts.z_loss, opts.softcap
     chunk_rows = opts.chunk_rows or default_chunk_rows(n_rows, vocab)
@@ -102,6 +108,8 @@ def _chunked_pass(
         target_logit[sel] = torch.where(slot_w != 0, picked * slot_w, zero).sum(dim=1)
         if logit_sum is not None:
             logit_sum[sel] = z.sum(dim=1)
+        if on_logits is not None:
+            on_logits(sel, z)
         if on_probs is not None and row_scale is not None:
             # softmax in place, row by row (a row stays in cache: one read and one write
             # of the chunk); lse from the probability of the row's largest logit, which
@@ -111,6 +119,8 @@ def _chunked_pass(
             chunk_lse = row_max - z.gather(1, arg_max[:, None]).squeeze(1).log()
             chunk_lse = torch.where(row_max == float("-inf"), row_max, chunk_lse)
             lse[sel] = chunk_lse
+            if on_exp is not None:
+                on_exp(sel, z, None)
             r = row_scale[sel]
             mass = rows.mass[sel]
             if visit is None:  # ignored rows are in the chunk: their P (NaN for all -inf) must not reach the matmuls
@@ -127,6 +137,8 @@ def _chunked_pass(
         sumexp = z.sum(dim=1)
         chunk_lse = row_max + sumexp.log()
         lse[sel] = chunk_lse
+        if on_exp is not None:
+            on_exp(sel, z, sumexp)
         if row_scale is None:
             continue
         r = row_scale[sel]
@@ -155,8 +167,11 @@ def linear_chunked(
     need_dw: bool,
     need_db: bool,
     all_rows: bool = False,
+    on_logits: Optional[Callable[[RowSelection, Tensor], None]] = None,
+    on_exp: Optional[Callable[[RowSelection, Tensor, Optional[Tensor]], None]] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """-> (lse, target_logit, logit_sum, dx, dw, db); the gradients only with row_scale."""
+    """-> (lse, target_logit, logit_sum, dx, dw, db); the gradients only with row_scale.
+    on_logits, on_exp: per-row statistics of each live chunk (_chunked_pass)."""
     n_rows, _ = hidden.shape
     vocab = weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
@@ -241,7 +256,7 @@ def linear_chunked(
                 db.add_(g.sum(dim=0))
 
     lse, tl_, ls = _chunked_pass(fill, visit, n_rows, vocab, cdt, hidden.device, rows, opts, row_scale,
-                                 on_grad, on_probs)
+                                 on_grad, on_probs, on_logits, on_exp)
     if factored and dw is not None and not dw_started[0]:
         dw.zero_()  # no row was visited
     if factored and opts.label_smoothing:

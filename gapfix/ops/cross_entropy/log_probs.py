@@ -23,12 +23,14 @@ A temperature T and a logit scale s fold into the inputs: (s/T) hidden, (s/T) bi
 cap c/T give c/T tanh(s x / c) = softcap(s x) / T.
 
 Implementations (docs/ops.md): "torch" materializes the logits (the oracle); "torch_fast"
-streams chunks of rows (CPU: ignored rows are skipped) and, when a gradient is wanted, also
-computes in the forward the gradient for a uniform upstream a (the SFT loss, a sum of
-log-probabilities over a count): the backward uses it when a is the same on every counted
-row and b is 0 (read on the host: CPU only), scales the rows of dhidden when only b is 0,
-and otherwise recomputes; "triton" streams vocabulary tiles (kernels/cross_entropy.py) and
-recomputes in the backward.
+streams chunks of rows (CPU: ignored rows are skipped) in one pass: each chunk's logits are
+formed once, its statistics read while it is live, and, when a gradient is wanted, the chunk
+then becomes the gradient for a uniform upstream a (the SFT loss, a sum of log-probabilities
+over a count), accumulated into dhidden, dW and dbias in the forward. The backward uses
+those when a is the same on every counted row and b is 0 (read on the host: CPU only),
+scales the rows of dhidden when only b is 0, and otherwise recomputes, chunk by chunk, in
+reused buffers; "triton" streams vocabulary tiles (kernels/cross_entropy.py) and recomputes
+in the backward.
 """
 from __future__ import annotations
 
@@ -106,63 +108,78 @@ def log_probs_of_logits(logits: Tensor, target: Tensor, *, ignore_index: int = -
 # --------------------------------------------------------------------------------------
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sel: Any, softcap: Optional[float],
-                  cdt: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
-    """-> (z, tanh or None) of the rows `sel`, in the compute dtype (logits formed in the
-    inputs' dtype, as an eager model forms them)."""
-    x = hidden[sel]
-    z = torch.nn.functional.linear(x, weight, bias)
-    if z.dtype != cdt:
-        z = z.to(cdt)
-    if softcap is None:
-        return z, None
-    t = torch.tanh(z / softcap)
-    return t * softcap, t
+# entropy's sum_v E log E runs over sub-blocks of a chunk's rows through a scratch of at
+# most this many elements (8 MiB in fp32) beside the chunk, instead of a chunk-sized one
+_SCRATCH_ELEMENTS = 1 << 21
 
 
-def _chunked_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Rows, softcap: Optional[float],
-                     chunk_rows: int, flags: Sequence[bool]) -> Tuple[Tensor, ...]:
-    """-> (log_probs, entropy, log_sum_sq, mean, top1, lse), (N,) each; unrequested stats empty."""
+def _stat_hooks(out: dict, ids: Tensor, vocab: int, flags: Sequence[bool]) -> Tuple[Any, Any]:
+    """-> (on_logits, on_exp) for linear_chunked, writing the requested statistics of each
+    live chunk into `out` (the module docstring's formulas). With E = exp(z - max) and
+    s = sum_v E (s = 1 when the chunk holds the softmax P itself):
+        H = log s - sum_v E log E / s            (E log E read as 0 where E underflows to 0)
+        log sum_v p_v^2 = log sum_v E^2 - 2 log s
+    Each reads the chunk once more (row dot products: a batched matmul, no chunk-sized
+    temporary; E log E through the scratch), and writes (rows,) floats."""
     want_entropy, want_sq, want_mean, want_top1 = flags
+    scratch = []
+
+    def on_logits(sel: Any, z: Tensor) -> None:
+        if want_top1:
+            out["is_top1"][sel] = z.argmax(dim=1) == ids[sel]
+        if want_mean:
+            out["mean_logits"][sel] = z.sum(dim=1) / vocab
+
+    def on_exp(sel: Any, e: Tensor, s: Optional[Tensor]) -> None:
+        log_s = None if s is None else s.log()
+        if want_sq:
+            sq = torch.bmm(e.unsqueeze(1), e.unsqueeze(2)).view(-1).log()
+            out["log_sum_sq_probs"][sel] = sq if log_s is None else sq - 2.0 * log_s
+        if want_entropy:
+            n = e.shape[0]
+            if not scratch:
+                scratch.append(e.new_empty(min(n, max(1, _SCRATCH_ELEMENTS // vocab)), vocab))
+            buf = scratch[0]
+            e_log_e = e.new_empty(n)
+            for r0 in range(0, n, buf.shape[0]):
+                r1 = min(n, r0 + buf.shape[0])
+                part = buf[: r1 - r0]
+                torch.special.xlogy(e[r0:r1], e[r0:r1], out=part)
+                torch.sum(part, dim=1, out=e_log_e[r0:r1])
+            out["entropy"][sel] = -e_log_e if s is None else log_s - e_log_e / s
+
+    return (on_logits if (want_top1 or want_mean) else None), (on_exp if (want_sq or want_entropy) else None)
+
+
+def _chunked_fields(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Rows, ignore_index: int,
+                    softcap: Optional[float], chunk_rows: int, flags: Sequence[bool], precompute: bool,
+                    need_dx: bool, need_dw: bool, need_db: bool) -> Tuple[Optional[Tensor], ...]:
+    """-> (log_probs, entropy, log_sum_sq, mean, top1, lse, dx, dw, db), fields (N,) each
+    (unrequested stats empty), in one pass over chunks of rows (linear_chunked): each
+    chunk's logits are formed once, its statistics read while it is live, and with
+    `precompute` the chunk then becomes the gradient of sum over counted rows of
+    -log_probs (the cross-entropy's "sum" gradient; gradients None otherwise). Memory: one
+    (chunk rows, V) buffer (two with a soft cap and a gradient), the entropy scratch, dW."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     dev = hidden.device
-    out = {name: torch.zeros(n_rows, dtype=cdt, device=dev) for name in ("log_probs", "lse")}
+    out = {}
     for name, wanted in zip(STATS, flags):
         if wanted:
             out[name] = torch.zeros(n_rows, dtype=torch.bool if name == "is_top1" else cdt, device=dev)
-    visit = _rows_to_visit(rows, False)
-    n_visit = n_rows if visit is None else visit.numel()
-    step = max(1, min(chunk_rows or default_chunk_rows(n_rows, vocab), n_visit or 1))
-    ids = rows.safe_ids[:, 0]
-    for start in range(0, n_visit, step):
-        end = min(n_visit, start + step)
-        sel = slice(start, end) if visit is None else visit[start:end]
-        z, _ = _chunk_logits(hidden, weight, bias, sel, softcap, cdt)
-        t = ids[sel]
-        zt = z.gather(1, t[:, None]).squeeze(1)
-        if want_top1:
-            out["is_top1"][sel] = z.argmax(dim=1) == t
-        if want_mean:
-            out["mean_logits"][sel] = z.sum(dim=1) / vocab
-        row_max = z.amax(dim=1)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros((), dtype=cdt, device=dev))
-        d = z.sub_(row_max[:, None])  # z - max, in place
-        e = torch.exp(d)
-        s = e.sum(dim=1)
-        log_s = s.log()
-        lse = row_max + log_s
-        out["lse"][sel] = lse
-        out["log_probs"][sel] = zt - lse
-        if want_sq:
-            out["log_sum_sq_probs"][sel] = torch.einsum("nv,nv->n", e, e).log() - 2.0 * log_s
-        if want_entropy:
-            # H = log s - sum e (z - max) / s; a -inf logit has e = 0: clamped, it adds 0, not NaN
-            ed = torch.einsum("nv,nv->n", e, d.clamp_(min=torch.finfo(cdt).min))
-            out["entropy"][sel] = log_s - ed / s
+    on_logits, on_exp = _stat_hooks(out, rows.safe_ids[:, 0], vocab, flags)
+    opts = LinearOptions(ignore_index, 0.0, 0.0, softcap, "sum", "torch_fast", chunk_rows)
+    scale = None
+    if precompute:
+        scale = torch.where(rows.counted, torch.ones((), dtype=rows.mass.dtype, device=dev),
+                            torch.zeros((), dtype=rows.mass.dtype, device=dev))
+    else:
+        need_dx = need_dw = need_db = False
+    lse, target_logit, _, dx, dw, db = linear_chunked(hidden, weight, bias, rows, opts, scale, need_dx, need_dw,
+                                                      need_db, on_logits=on_logits, on_exp=on_exp)
     counted = rows.counted
     zero = torch.zeros((), dtype=cdt, device=dev)
-    results = [torch.where(counted, out["log_probs"], zero)]
+    results = [torch.where(counted, target_logit - lse, zero)]
     for name, wanted in zip(STATS, flags):
         if not wanted:
             results.append(hidden.new_empty(_EMPTY, dtype=torch.bool if name == "is_top1" else cdt))
@@ -170,62 +187,68 @@ def _chunked_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], row
             results.append(out[name] & counted)
         else:
             results.append(torch.where(counted, out[name], zero))
-    return tuple(results) + (out["lse"],)
+    return tuple(results) + (lse, dx, dw, db)
 
 
 def _chunked_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Rows, lse: Tensor,
                       entropy: Optional[Tensor], a: Tensor, b: Optional[Tensor], softcap: Optional[float],
                       chunk_rows: int, need_dx: bool, need_dw: bool, need_db: bool
                       ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """The module docstring's gradient, recomputing each chunk's logits."""
+    """The module docstring's gradient, recomputing each chunk's logits into a reused
+    (chunk rows, V) buffer and turning it into G in place: one such buffer, plus one for p
+    when b (the entropy's upstream) is given and one for tanh with a soft cap."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
+    same = hidden.dtype == cdt
+    dev = hidden.device
     visit = _rows_to_visit(rows, False)
     n_visit = n_rows if visit is None else visit.numel()
     step = max(1, min(chunk_rows or default_chunk_rows(n_rows, vocab), n_visit or 1))
-    dx = torch.zeros(hidden.shape, dtype=cdt, device=hidden.device) if need_dx else None
+    # dhidden row by row in the inputs' dtype (G rounded to it first, as the forward's
+    # precomputed gradient is); dW and dbias accumulate over chunks in the compute dtype
+    dx = torch.zeros_like(hidden) if need_dx else None
     dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_dw else None
     db = torch.zeros(vocab, dtype=cdt, device=weight.device) if need_db else None
-    zero = torch.zeros((), dtype=cdt, device=hidden.device)
+    zero = torch.zeros((), dtype=cdt, device=dev)
     a = torch.where(rows.counted, a.to(cdt), zero)
     b = None if b is None else torch.where(rows.counted, b.to(cdt), zero)
     ids = rows.safe_ids[:, 0]
+    weight_t = weight.t()
+    buf = torch.empty(step, vocab, dtype=cdt, device=dev)
+    p_buf = torch.empty_like(buf) if b is not None else None
+    cap_buf = torch.empty_like(buf) if softcap is not None else None
     for start in range(0, n_visit, step):
         end = min(n_visit, start + step)
         sel = slice(start, end) if visit is None else visit[start:end]
-        z, tanh = _chunk_logits(hidden, weight, bias, sel, softcap, cdt)
+        x = hidden[sel]
+        z = buf[: end - start]
+        if same:
+            torch.mm(x, weight_t, out=z) if bias is None else torch.addmm(bias, x, weight_t, out=z)
+        else:
+            z.copy_(torch.nn.functional.linear(x, weight, bias))
+        tanh = None
+        if softcap is not None:
+            tanh = cap_buf[: end - start]
+            tanh.copy_(z.div_(softcap).tanh_())
+            z.mul_(softcap)
         chunk_lse = lse[sel][:, None]
-        p = torch.exp(z - chunk_lse)
         ra = a[sel][:, None]
         if b is not None:
             # a (onehot - p) + b p (lse - H - z) = p (b (lse - H - z) - a) + a onehot
-            g = p * (b[sel][:, None] * (chunk_lse - entropy[sel][:, None] - z) - ra)
+            p = torch.sub(z, chunk_lse, out=p_buf[: end - start]).exp_()
+            g = z.neg_().add_(chunk_lse - entropy[sel][:, None]).mul_(b[sel][:, None]).sub_(ra).mul_(p)
         else:
-            g = p.mul_(-ra)
+            g = z.sub_(chunk_lse).exp_().mul_(-ra)
         g.scatter_add_(1, ids[sel][:, None], ra)
         if tanh is not None:
-            g.mul_(1.0 - tanh * tanh)
-        x = hidden[sel]
+            g.mul_(tanh.mul_(tanh).neg_().add_(1.0))
         if dx is not None:
-            dx[sel] = g @ weight.to(cdt)
+            dx[sel] = g @ weight if same else g.to(weight.dtype) @ weight
         if dw is not None:
-            dw.addmm_(g.t(), x.to(cdt))
+            dw.addmm_(g.t(), x if same else x.to(cdt))
         if db is not None:
             db.add_(g.sum(dim=0))
-    return (None if dx is None else dx.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
-
-
-def _unit_gradients(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Rows, ignore_index: int,
-                    softcap: Optional[float], chunk_rows: int, need_dx: bool, need_dw: bool, need_db: bool
-                    ) -> Tuple[Optional[Tensor], ...]:
-    """Gradients of sum over counted rows of -log_probs: the cross-entropy's "sum" gradient
-    (the chunked cross-entropy path computes it, factored where it can)."""
-    opts = LinearOptions(ignore_index, 0.0, 0.0, softcap, "sum", "torch_fast", chunk_rows)
-    scale = torch.where(rows.counted, torch.ones((), dtype=rows.mass.dtype, device=rows.mass.device),
-                        torch.zeros((), dtype=rows.mass.dtype, device=rows.mass.device))
-    _, _, _, dx, dw, db = linear_chunked(hidden, weight, bias, rows, opts, scale, need_dx, need_dw, need_db)
-    return dx, dw, db
+    return dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -243,18 +266,16 @@ def _fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, ig
     rows = Rows(ids, None, None, vocab, ignore_index, compute_dtype(hidden.dtype))
     check_values(rows, hidden.device)
     flags = (want_entropy, want_sq, want_mean, want_top1)
+    dx = dw = db = None
     if impl == "triton":
         from gapfix.ops.cross_entropy.triton_launch import log_probs_triton_forward
 
         fields = log_probs_triton_forward(hidden, weight, bias, rows, softcap, flags)
     else:
-        fields = _chunked_forward(hidden, weight, bias, rows, softcap, chunk_rows, flags)
+        *fields, dx, dw, db = _chunked_fields(hidden, weight, bias, rows, ignore_index, softcap, chunk_rows, flags,
+                                              precompute, need_dx, need_dw, need_db)
     nan = torch.full((), float("nan"), dtype=fields[0].dtype, device=hidden.device)
     fields = (torch.where(rows.invalid, nan, fields[0]),) + tuple(fields[1:])
-    dx = dw = db = None
-    if precompute:
-        dx, dw, db = _unit_gradients(hidden, weight, bias, rows, ignore_index, softcap, chunk_rows, need_dx, need_dw,
-                                     need_db)
     empty = [hidden.new_empty(_EMPTY) if t is None else t for t in (dx, dw, db)]
     return tuple(fields) + tuple(empty)
 
