@@ -328,6 +328,9 @@ def _(grad_log_probs: Tensor, grad_entropy: Optional[Tensor], hidden: Tensor, we
 
 
 def _setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
+    # the backward takes None for an output without a gradient: no zeros of the (V, H)
+    # precomputed-gradient output's shape are filled for it
+    ctx.set_materialize_grads(False)
     args = dict(zip(_FWD_INPUTS, inputs, strict=True))
     ctx.args = {k: args[k] for k in ("ignore_index", "softcap", "impl", "chunk_rows")}
     ctx.precomputed = args["precompute"]
