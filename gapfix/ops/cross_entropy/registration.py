@@ -174,6 +174,9 @@ def _(
 
 
 def _linear_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
+    # outputs without a gradient reach the backward as None: no zeros of the (V, H)
+    # precomputed-gradient output's shape are filled for it
+    ctx.set_materialize_grads(False)
     args = dict(zip(_LINEAR_FWD_INPUTS, inputs, strict=True))
     _, lse, denom, dx, dw, db, _, _ = output
     ctx.opts = LinearOptions.from_args(args)
@@ -186,8 +189,10 @@ def _linear_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tenso
                               args["token_weight"], lse, denom)
 
 
-def _linear_backward(ctx: Any, grad_loss: Tensor, *unused: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+def _linear_backward(ctx: Any, grad_loss: Optional[Tensor], *unused: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     _refuse_double_backward()
+    if grad_loss is None:  # the loss has no gradient: nor have the inputs
+        return _input_grads(_LINEAR_FWD_INPUTS)
     need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_db = need_db and ctx.has_bias
     if ctx.precomputed:
@@ -278,6 +283,9 @@ def _(
 
 
 def _logits_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
+    # outputs without a gradient reach the backward as None: no (N, V) zeros are filled for
+    # the precomputed dlogits output
+    ctx.set_materialize_grads(False)
     args = dict(zip(_LOGITS_FWD_INPUTS, inputs, strict=True))
     _, lse, denom, dlogits, _, _ = output
     ctx.opts = Options.from_args(args)
@@ -288,8 +296,10 @@ def _logits_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tenso
         ctx.save_for_backward(args["logits"], args["ids"], args["target_weight"], args["token_weight"], lse, denom)
 
 
-def _logits_backward(ctx: Any, grad_loss: Tensor, *unused: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+def _logits_backward(ctx: Any, grad_loss: Optional[Tensor], *unused: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     _refuse_double_backward()
+    if grad_loss is None:  # the loss has no gradient: nor have the logits
+        return _input_grads(_LOGITS_FWD_INPUTS)
     if ctx.precomputed:
         (dlogits,) = ctx.saved_tensors
         (dlogits,) = _scale_precomputed(grad_loss, dlogits)
