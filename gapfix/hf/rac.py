@@ -5,8 +5,9 @@
                          rac_config=RacConfig(samples=2, sft_ratio=0.5))
     trainer.train()
 
-One training epoch is one RAC iteration: at its start the model, as it is then,
-answers `prompts_per_iteration` prompts of the training rows, drawn, chunked, seeded
+RacTrainer is gapfix.hf.method's driver for any registered method, with RAC's rows
+built from the dataset's own rows. One training epoch is one RAC iteration: at its
+start the model, as it is then, answers `prompts_per_iteration` prompts of the training rows, drawn, chunked, seeded
 and answered as the reference trainer does (gapfix.methods.rac.answer_chunk: the
 same model, data, config and seed give the same rows under either, at any world
 size); every answer
