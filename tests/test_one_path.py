@@ -19,12 +19,11 @@ from gapfix.trainer import TrainConfig, build_rows
 
 
 def _patch_module():
-    """gapfix.hf.patch the module, reached after hf.patch the function has been looked up (importing the
-    submodule first would bind the name gapfix.hf.patch to the module)."""
-    import sys
+    """The module behind gapfix.hf.patch (gapfix.hf.patching: a module of the function's own name would
+    replace the function on the package once something imported it)."""
+    import gapfix.hf.patching
 
-    assert callable(hf.patch)
-    return sys.modules["gapfix.hf.patch"]
+    return gapfix.hf.patching
 
 
 def _examples(tok, count):

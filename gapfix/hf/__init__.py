@@ -15,9 +15,9 @@ on first use (the SFT trainers import trl, the others transformers only).
 import importlib
 
 _EXPORTS = {
-    "patch": "gapfix.hf.patch",
-    "unpatch": "gapfix.hf.patch",
-    "is_patched": "gapfix.hf.patch",
+    "patch": "gapfix.hf.patching",
+    "unpatch": "gapfix.hf.patching",
+    "is_patched": "gapfix.hf.patching",
     "BashConfig": "gapfix.hf.config",
     "RacConfig": "gapfix.hf.config",
     "BashSFTConfig": "gapfix.hf.config",
