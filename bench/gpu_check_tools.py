@@ -9,9 +9,11 @@
                                  (and writes OUT/stream/STEP.last: tests to run last)
     python bench/gpu_check_tools.py table OUT              -> OUT/gpu_results.json
 
-Files under OUT: stream/<step>[_<shard>].jsonl (bench/stream_results.py, one JSON line per
-test, benchmark and Triton compilation, written as they happen) and steps.jsonl (one line per
-finished step, written by gpu_check.sh).
+Files under OUT: stream/<step>.jsonl and, for a step run under pytest-xdist, one
+stream/<step>_gw<i>.jsonl per worker (bench/stream_results.py, one JSON line per test,
+benchmark and Triton compilation, written as they happen); stream/warm_<tests|bench>.wall (the
+warm sessions' wall time and exit); steps.jsonl (one line per finished step, written by
+gpu_check.sh).
 
 GAPFIX_GPU_CHECK_FAKE (a JSON object) replaces facts of `build-check` (cuda_available,
 torch_cuda, toolkit, cuda_home, build_info): the script's own tests use it to check the
@@ -298,6 +300,8 @@ def summarize(events: list[dict]) -> dict:
     sessions = [e for e in events if e["event"] == "session"]
     ends = [e for e in events if e["event"] == "end"]
     selected = [e for e in events if e["event"] == "selected"]
+    # an xdist controller runs no test and installs no listener (None): its workers' lines say
+    listeners = [s["compile_listener"] for s in sessions if s.get("compile_listener") is not None]
     return {
         "results": list(results.values()),
         "unfinished": [nodeid for nodeid in started if nodeid not in results],
@@ -306,7 +310,7 @@ def summarize(events: list[dict]) -> dict:
         "cache_hits": sum(1 for e in compiles if e.get("cache_hit")),
         "selected": selected[-1]["count"] if selected else (ends[-1]["selected"] if ends else None),
         "ended": bool(ends),
-        "compile_listener": all(s.get("compile_listener") for s in sessions) if sessions else None,
+        "compile_listener": all(listeners) if listeners else None,
         "unreadable": [e for e in events if e["event"] == "unreadable"],
     }
 
@@ -320,28 +324,30 @@ UNKNOWN_ITEM_S = 10.0  # a test the warm step did not finish: its compilations a
 
 
 def size_limit(out_dir: str, step: str, cap: float) -> tuple[int, str]:
-    """Time limit of STEP ("tests" or "bench") from what the warm step measured for the same
-    selection: the slowest shard's time outside its tests (start-up, collection, exit), the run
-    time of each warm test without its compile time, one cache load per kernel it compiled or
-    loaded, a dynamo re-trace per torch.compile graph, and for every test the warm step did not
-    finish (or start) the mean compile time of those it did (at least UNKNOWN_ITEM_S).
+    """Time limit of STEP ("tests" or "bench", run serially in one process) from what the warm
+    step measured for the same selection (one process, or one pytest-xdist session: a controller
+    stream and one stream per worker): the warm session's time outside its tests (start-up,
+    collection, exit: its wall time less its busiest process's test time), the run time of each
+    warm test without its compile time, one cache load per kernel it compiled or loaded, a dynamo
+    re-trace per torch.compile graph, and for every test the warm step did not finish (or start)
+    the mean compile time of those it did (at least UNKNOWN_ITEM_S).
     Capped at CAP, the budget left; the reason is returned with the number."""
-    warm = streams(out_dir, f"warm_{step}")
-    summaries = [summarize(events) for events in warm.values()]
-    # per-process cost outside the tests (start-up, collection, exit), measured on each warm shard
-    # that ended by itself (a killed one's wall time holds the hang); STARTUP_S is the floor
-    overheads = []
-    for name, summary in zip(warm, summaries):
-        wall_path = os.path.join(out_dir, "stream", f"{name}.wall")
-        if summary["ended"] and os.path.exists(wall_path):
-            with open(wall_path) as f:
-                wall = json.load(f)["seconds"]
-            overheads.append(wall - sum(r.get("duration", 0.0) for r in summary["results"]))
-    startup = max([STARTUP_S, *overheads])
+    summaries = [summarize(events) for events in streams(out_dir, f"warm_{step}").values()]
+    # outside the tests: measured on a warm session that ended by itself (a killed one's wall time
+    # holds the hang); STARTUP_S is the floor
+    startup = STARTUP_S
+    wall_path = os.path.join(out_dir, "stream", f"warm_{step}.wall")
+    if summaries and all(s["ended"] for s in summaries) and os.path.exists(wall_path):
+        with open(wall_path) as f:
+            wall = json.load(f)
+        if wall.get("rc") not in (124, 137):
+            busiest = max(sum(r.get("duration", 0.0) for r in s["results"]) for s in summaries)
+            startup = max(STARTUP_S, wall["seconds"] - busiest)
     results = [r for s in summaries for r in s["results"]]
-    unfinished = sum(len(s["unfinished"]) for s in summaries)
-    selected = sum(s["selected"] or 0 for s in summaries)
-    not_started = max(0, selected - len(results) - unfinished)
+    unfinished = len({n for s in summaries for n in s["unfinished"]})
+    # each xdist worker collects the whole selection and runs its part of it
+    selected = max([s["selected"] or 0 for s in summaries], default=0)
+    not_started = max(0, selected - len({r["nodeid"] for r in results}) - unfinished)
     run_s = sum(max(0.0, r.get("duration", 0.0) - r.get("compile_s", 0.0)) for r in results)
     compiled = sum(r.get("compiles", 0) for r in results)
     loads = compiled + sum(r.get("cache_hits", 0) for r in results)
@@ -369,9 +375,9 @@ def cmd_limit(out_dir: str, step: str, cap: str) -> int:
     """Prints STEP's limit; also writes OUT/stream/STEP.last, the tests the warm step started and
     did not finish, which gpu_check.sh passes to --stream-last (they run after all others)."""
     limit, why = size_limit(out_dir, step, float(cap))
-    unfinished = [
+    unfinished = sorted({
         n for events in streams(out_dir, f"warm_{step}").values() for n in summarize(events)["unfinished"]
-    ]
+    })
     with open(os.path.join(out_dir, "stream", f"{step}.last"), "w") as f:
         f.writelines(f"{nodeid}\n" for nodeid in unfinished)
     if unfinished:

@@ -66,16 +66,18 @@ def test_dry_run_runs_every_step_and_writes_the_table(tmp_path):
                            "bench"]
     assert all(s["rc"] == 0 and not s["timed_out"] and 0 < s["limit_s"] for s in steps.values())
     assert table["failed_steps"] == [] and table["unfinished"] == [] and table["problems"] == []
-    # the warm step ran the same tests in two shards, without overlap, and the benchmark once
+    # the warm step ran the same tests under pytest-xdist, each once, each worker with a stream of
+    # its own, and the benchmark once
     warm = sorted(t["nodeid"] for t in table["tests"] if t["stream"].startswith("warm_tests"))
     tests = sorted(t["nodeid"] for t in table["tests"] if t["stream"] == "tests")
     assert warm == tests and len(tests) == 3
     # a triton_device test: selected by -m cuda (its added marker) and run, not skipped, on CPU
     assert any(t["nodeid"].endswith("test_triton_empty") and t["outcome"] == "passed" for t in table["tests"])
-    assert {t["stream"] for t in table["tests"] if t["stream"].startswith("warm_tests")} == {
-        "warm_tests_0",
-        "warm_tests_1",
+    assert {t["stream"] for t in table["tests"] if t["stream"].startswith("warm_tests")} <= {
+        "warm_tests_gw0",
+        "warm_tests_gw1",
     }
+    assert (tmp_path / "stream" / "warm_tests.jsonl").exists() and steps["warm"]["note"].startswith("tests: -n 2")
     assert table["counts"]["tests"] == {"passed": 3} and table["counts"]["warm"] == {"passed": 4}
     bench = [b for b in table["benchmarks"] if b["step"] == "bench"]
     assert len(bench) == 1 and bench[0]["time_s"] > 0 and bench[0]["rounds"] >= 1
@@ -208,41 +210,70 @@ def _pytest_with_stream(tmp_path, stream, *args):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a process group of its own, as under `timeout`
     )
 
 
-def test_a_killed_step_keeps_its_results_and_names_the_test_that_hung(tmp_path):
+def _all_streams(folder):
+    """Every stream in FOLDER (one process's, or an xdist controller's and its workers'), by name."""
+    return {path.stem: tools.read_lines(str(path)) for path in sorted(folder.glob("*.jsonl"))}
+
+
+@pytest.mark.parametrize("workers", [None, 2], ids=["one-process", "xdist"])
+def test_a_killed_step_keeps_its_results_and_names_the_test_that_hung(tmp_path, workers):
     stream = tmp_path / "stream" / "demo.jsonl"
-    proc = _pytest_with_stream(tmp_path, stream)
+    proc = _pytest_with_stream(tmp_path, stream, *(["-n", str(workers)] if workers else []))
+    finished = {"test_passes", "test_skips", "test_fails"}
+
+    def state():
+        summaries = {name: tools.summarize(events) for name, events in _all_streams(stream.parent).items()}
+        done = {r["nodeid"].split("::")[1] for s in summaries.values() for r in s["results"]}
+        return summaries, done, [n for s in summaries.values() for n in s["unfinished"]]
+
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # wait until the hanging test has started, then kill -9
-        if stream.exists() and "test_hangs" in stream.read_text():
+    while time.monotonic() < deadline:  # the hanging test started, the others done or never started
+        _, done, unfinished = state()
+        if finished <= done and unfinished == ["test_sample.py::test_hangs"]:
             break
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # as `timeout` does: the whole process group, xdist's workers too
     proc.wait(timeout=60)
-    summary = tools.summarize(tools.read_lines(str(stream)))
-    outcomes = {r["nodeid"].split("::")[1]: r["outcome"] for r in summary["results"]}
+    summaries, done, unfinished = state()
+    if workers:  # the controller's session lines, and one stream per worker with its tests
+        assert sorted(summaries) == ["demo", "demo_gw0", "demo_gw1"]
+        assert [e["event"] for e in tools.read_lines(str(stream))] == ["session", "selected"]
+    else:
+        assert list(summaries) == ["demo"]
+    results = [r for s in summaries.values() for r in s["results"]]
+    outcomes = {r["nodeid"].split("::")[1]: r["outcome"] for r in results}
+    assert len(results) == len(outcomes)  # each test once
+    # test_never_reached runs after the hang in one process; under xdist, if the other worker got it
+    assert outcomes.pop("test_never_reached", "passed") == "passed"
     assert outcomes == {"test_passes": "passed", "test_skips": "skipped", "test_fails": "failed"}
-    assert summary["unfinished"] == ["test_sample.py::test_hangs"] and not summary["ended"]
-    failed = next(r for r in summary["results"] if r["outcome"] == "failed")
+    assert unfinished == ["test_sample.py::test_hangs"]
+    assert not [name for name, s in summaries.items() if s["unfinished"] and s["ended"]]
+    failed = next(r for r in results if r["outcome"] == "failed")
     assert "assert 1 == 2" in failed["message"]
 
 
-def test_shards_split_the_selection_without_overlap(tmp_path):
-    seen = []
-    for index in range(2):
-        stream = tmp_path / f"shard{index}.jsonl"
-        proc = _pytest_with_stream(tmp_path, stream, "-k", "not hangs", "--stream-shard", f"{index}/2")
-        proc.communicate(timeout=300)
-        summary = tools.summarize(tools.read_lines(str(stream)))
-        assert summary["ended"] and summary["selected"] == len(summary["results"]) == 2
-        seen += [r["nodeid"] for r in summary["results"]]
-    assert sorted(seen) == sorted(
-        f"test_sample.py::{name}"
-        for name in ("test_passes", "test_skips", "test_fails", "test_never_reached")
-    )
+def test_xdist_workers_stream_each_test_once_and_the_controller_the_session(tmp_path):
+    stream = tmp_path / "stream" / "demo.jsonl"
+    proc = _pytest_with_stream(tmp_path, stream, "-k", "not hangs", "-n", "2")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out  # test_fails
+    streams = _all_streams(stream.parent)
+    assert sorted(streams) == ["demo", "demo_gw0", "demo_gw1"]
+    controller = tools.summarize(streams.pop("demo"))
+    assert controller["ended"] and controller["selected"] == 4 and controller["results"] == []
+    assert controller["compile_listener"] is None
+    workers = [tools.summarize(events) for events in streams.values()]
+    assert all(s["ended"] and s["selected"] == 4 for s in workers)  # each collects the whole selection
+    ran = sorted(r["nodeid"] for s in workers for r in s["results"])
+    assert ran == sorted(f"test_sample.py::{name}"
+                         for name in ("test_passes", "test_skips", "test_fails", "test_never_reached"))
+    assert {e.get("worker") for events in streams.values() for e in events if e["event"] == "session"} == {
+        "gw0", "gw1"}
 
 
 def test_tests_left_unfinished_before_run_last(tmp_path):
@@ -278,11 +309,16 @@ def test_limits_are_sized_from_the_warm_steps_measurements(tmp_path):
             "inductor_graphs": graphs,
         }
 
+    # an xdist session: the controller's stream, and each worker's (every worker collects all 5)
     _write_stream(
-        tmp_path / "stream" / "warm_tests_0.jsonl",
+        tmp_path / "stream" / "warm_tests.jsonl",
+        [{"event": "session", "compile_listener": None, "workers": 2}, {"event": "selected", "count": 5}],
+    )
+    _write_stream(
+        tmp_path / "stream" / "warm_tests_gw0.jsonl",
         [
-            {"event": "session", "compile_listener": True},
-            {"event": "selected", "count": 5},  # a, b, c and two never started
+            {"event": "session", "compile_listener": True, "worker": "gw0"},
+            {"event": "selected", "count": 5},  # a, b, c (here), d (gw1) and one never started
             {"event": "start", "nodeid": "a"},
             result("a", 30.0, 10, 28.0),  # 2 s of work, 10 kernels compiled
             {"event": "start", "nodeid": "b"},
@@ -291,23 +327,27 @@ def test_limits_are_sized_from_the_warm_steps_measurements(tmp_path):
         ],
     )
     _write_stream(
-        tmp_path / "stream" / "warm_tests_1.jsonl",
+        tmp_path / "stream" / "warm_tests_gw1.jsonl",
         [
-            {"event": "session", "compile_listener": True},
-            {"event": "selected", "count": 1},
+            {"event": "session", "compile_listener": True, "worker": "gw1"},
+            {"event": "selected", "count": 5},
             {"event": "start", "nodeid": "d"},
             result("d", 1.0, 0, 0.0, graphs=2),
-            {"event": "end", "exitstatus": 0, "selected": 1},
+            {"event": "end", "exitstatus": 0, "selected": 5},
         ],
     )
-    # wall times of the shards: the killed one's (500 s, a hang) says nothing about start-up;
-    # the other spent 40 - 1 = 39 s outside its one test
-    (tmp_path / "stream" / "warm_tests_0.wall").write_text('{"seconds": 500, "rc": 124}')
-    (tmp_path / "stream" / "warm_tests_1.wall").write_text('{"seconds": 40, "rc": 0}')
+    # the session was killed at its limit: its wall time (500 s, a hang) says nothing about start-up
+    (tmp_path / "stream" / "warm_tests.wall").write_text('{"seconds": 500, "rc": 124}')
     limit, why = tools.size_limit(str(tmp_path), "tests", cap=1000)
     per_unknown = max(tools.UNKNOWN_ITEM_S, (28.0 + 2.0) / 2)
-    expected = 39 + 1.5 * (2.0 + 3.0 + 1.0) + tools.LOAD_S * 16 + tools.GRAPH_S * 2 + 3 * per_unknown
-    assert limit == int(-(-expected // 1)) and "3 tests not finished warm" in why
+    run = 1.5 * (2.0 + 3.0 + 1.0) + tools.LOAD_S * 16 + tools.GRAPH_S * 2 + 2 * per_unknown
+    assert limit == int(-(-(tools.STARTUP_S + run) // 1)) and "2 tests not finished warm" in why
+    # a session that ended by itself: its wall time less its busiest worker's test time (35 s)
+    for name in ("warm_tests", "warm_tests_gw0"):
+        with open(tmp_path / "stream" / f"{name}.jsonl", "a") as f:
+            f.write(json.dumps({"event": "end", "exitstatus": 1, "selected": 5}) + "\n")
+    (tmp_path / "stream" / "warm_tests.wall").write_text('{"seconds": 100, "rc": 1}')
+    assert tools.size_limit(str(tmp_path), "tests", cap=1000)[0] == int(-(-(65 + run) // 1))
     assert tools.size_limit(str(tmp_path), "tests", cap=40) == (
         40,
         tools.size_limit(str(tmp_path), "tests", 40)[1],
