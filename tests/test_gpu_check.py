@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -411,7 +412,7 @@ def test_table_merges_steps_streams_and_names_what_never_finished(tmp_path):
         "extra_info": {"speedup": 1.5, "throughput": 9e4, "throughput_unit": "tokens/s", "tflops": 3.0},
     }
     _write_stream(
-        tmp_path / "stream" / "warm_tests_0.jsonl",
+        tmp_path / "stream" / "warm_tests_gw0.jsonl",
         [
             {"event": "compile", "nodeid": "t.py::a", "kernel": "k_fwd", "cache_hit": False, "seconds": 2.5},
             {"event": "compile", "nodeid": "t.py::a", "kernel": "k_fwd", "cache_hit": True, "seconds": 0.01},
@@ -516,6 +517,7 @@ def test_carry_records_what_is_there_and_what_is_missing(tmp_path, monkeypatch, 
     requirements = tmp_path / "requirements.txt"
     requirements.write_text(f"pytest=={metadata.version('pytest')}\nno-such-package-gapfix==1.0\n")
     monkeypatch.setattr(tools, "REQUIREMENTS", str(requirements))
+    monkeypatch.setenv("GAPFIX_DEVICE_WHEELS", str(tmp_path / "no-folder"))  # nothing to choose from
     # "-": install nothing (the dry run): what is missing is listed, not failed
     assert tools.cmd_carry("-", str(tmp_path)) == 0
     record = json.loads((tmp_path / "carried.json").read_text())
@@ -535,6 +537,69 @@ def test_carry_records_what_is_there_and_what_is_missing(tmp_path, monkeypatch, 
     # no folder at all: said, not an exception
     assert tools.cmd_carry(str(tmp_path / "absent"), str(tmp_path)) == 1
     assert "no carried wheels at" in capsys.readouterr().err
+
+
+def _fake_wheel(folder, name, version, requires):
+    dist = f"{name.replace('-', '_')}-{version}"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    metadata += "".join(f"Requires-Dist: {line}\n" for line in requires)
+    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"{dist}.dist-info/METADATA", metadata)
+
+
+def _carried_folder(folder):
+    """The carried folder's datasets, trl and fsspec wheels, with their real requirements."""
+    folder.mkdir(exist_ok=True)
+    _fake_wheel(folder, "datasets", "5.2.0", ["pyarrow>=24.0.0", "dill<0.4.2,>=0.3.0", "fsspec<=2026.9.0,>=2023.1.0",
+                                               "huggingface-hub<3.0,>=1.31.0", 'pytest-xdist; extra == "tests"'])
+    _fake_wheel(folder, "datasets", "5.0.0", ["pyarrow>=21.0.0", "dill<0.4.2,>=0.3.0",
+                                               "fsspec[http]<=2026.4.0,>=2023.1.0", "huggingface-hub<2.0,>=0.25.0"])
+    _fake_wheel(folder, "dill", "0.4.1", [])
+    _fake_wheel(folder, "trl", "1.16.0", ["datasets>=4.7.0", "pyarrow>=21.0.0", "huggingface_hub>=0.34.0"])
+    for version in ("2026.9.0", "2026.4.0"):
+        _fake_wheel(folder, "fsspec", version, [])
+    return ["datasets==5.2.0", "dill==0.4.1", "trl==1.16.0"], ["datasets==5.0.0", "fsspec==2026.9.0",
+                                                               "fsspec==2026.4.0"]
+
+
+@pytest.mark.parametrize(
+    "pyarrow, hub, datasets, unmet",
+    [
+        ("26.0.1", "1.33.0", "datasets==5.2.0", {}),
+        ("24.0.0", "1.33.0", "datasets==5.2.0", {}),
+        ("22.0.0", "1.33.0", "datasets==5.0.0", {"datasets==5.2.0": "datasets==5.0.0"}),
+        # no carried datasets fits: the pin stays (pip refuses it, the table says so)
+        ("22.0.0", "2.1.0", "datasets==5.2.0", {"datasets==5.2.0": None}),
+        ("20.0.0", "1.33.0", "datasets==5.2.0", {"datasets==5.2.0": None, "trl==1.16.0": None}),
+        (None, "1.33.0", "datasets==5.2.0", {"datasets==5.2.0": None, "trl==1.16.0": None}),
+    ],
+)
+def test_carry_chooses_the_datasets_the_images_pyarrow_can_take(tmp_path, pyarrow, hub, datasets, unmet):
+    pins, fallbacks = _carried_folder(tmp_path)
+    image = {"pyarrow": pyarrow, "huggingface-hub": hub}
+    chosen, changes = tools.choose_pins(pins, fallbacks, str(tmp_path), image.get)
+    assert chosen == [datasets, "dill==0.4.1", "trl==1.16.0"]
+    assert {pin: change["instead"] for pin, change in changes.items()} == unmet
+    if "datasets==5.2.0" in changes:
+        assert f"pyarrow>=24.0.0 (the image has {pyarrow or 'none'})" in changes["datasets==5.2.0"]["because"]
+
+
+def test_the_dry_run_carry_records_the_choice_from_the_carried_folder(tmp_path, monkeypatch, capsys):
+    pins, fallbacks = _carried_folder(tmp_path / "wheels")
+    (tmp_path / "requirements.txt").write_text("\n".join(pins) + "\n")
+    (tmp_path / "fallbacks.txt").write_text("\n".join(fallbacks) + "\n")
+    monkeypatch.setattr(tools, "REQUIREMENTS", str(tmp_path / "requirements.txt"))
+    monkeypatch.setattr(tools, "FALLBACKS", str(tmp_path / "fallbacks.txt"))
+    monkeypatch.setattr(tools, "_image_version", {"pyarrow": "23.0.1", "huggingface-hub": "1.33.0"}.get)
+    monkeypatch.setenv("GAPFIX_DEVICE_WHEELS", str(tmp_path / "wheels"))
+    assert tools.cmd_carry("-", str(tmp_path)) == 0  # "-": chooses, installs nothing
+    record = json.loads((tmp_path / "carried.json").read_text())
+    assert record["chosen_from"] == str(tmp_path / "wheels")
+    row = record["packages"][0]
+    assert (row["requirement"], row["pinned"], row["changed"]["instead"]) == (
+        "datasets==5.0.0", "datasets==5.2.0", "datasets==5.0.0")
+    assert "installing datasets==5.0.0 instead" in capsys.readouterr().out
+    assert all(r["changed"] is None for r in record["packages"][1:])
 
 
 def test_the_table_says_what_cannot_run_and_counts_skips_by_reason(tmp_path):
@@ -581,7 +646,7 @@ def test_launches():
 def test_the_interpreter_counts_the_specializations_a_gpu_would_compile(tmp_path):
     pytest.importorskip("triton")
     (tmp_path / "test_kernel_sample.py").write_text(_KERNEL_SAMPLE)
-    stream = tmp_path / "warm_tests_0.jsonl"
+    stream = tmp_path / "warm_tests_gw0.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "stream_results",
          "--stream-jsonl", str(stream), "--stream-step", "warm", "test_kernel_sample.py"],
