@@ -81,13 +81,14 @@ def offline_child(out: str) -> None:
         counts["forward_rows"] += int(input_ids.shape[0])
         return predict(model, input_ids, *args, **kwargs)
 
-    bash.predict_alternatives, bash.BASH.predict_rows = counting, 32
+    bash.predict_alternatives = counting
     tokenizer = math_task.math_tokenizer()
     examples = [encode_example(tokenizer, p["prompt"], p["response"], p)
                 for p in math_task.make_split("train", 256, seed=1)]
     model = tiny_llama(VOCAB, hidden_size=256, num_layers=2, num_heads=4, seed=0)
     result = train(model, tokenizer, examples, method="bash", steps_per_iteration=1, batch_size=8,
-                   bash_rows=256, bash_mode="sample", progress=False, out_dir=os.path.join(out, "run"),
+                   bash_rows=256, bash_prediction_batch_size=32, bash_mode="sample", progress=False,
+                   out_dir=os.path.join(out, "run"),
                    save_every=1, keep_checkpoints=2)  # a kept checkpoint refers to the rows: they stay
     counts["offline_s"] = result.phase_seconds["offline"]
     with open(os.path.join(out, f"counts-{rank}.json"), "w") as handle:

@@ -34,7 +34,7 @@ def main(out, method, strategy="ddp"):
         return generate(model, prompts, *args, **kwargs)
 
     bash.predict_alternatives, generation.generate = counting_predict, counting_generate
-    bash.BASH.predict_rows, RAC.generate_prompts = 8, 4
+    RAC.generate_prompts = 4
     if method == "rac-per-prompt":
         method, RAC.seed_per_prompt = "rac", True
     tokenizer = math_task.math_tokenizer()
@@ -43,7 +43,7 @@ def main(out, method, strategy="ddp"):
     model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0).train()
     train(model, tokenizer, examples, method=method, iterations=1, steps_per_iteration=1, batch_size=8,
           progress=False, out_dir=os.path.join(out, "run"), bash_rows=32, bash_mode="sample",
-          bash_temperature=2.0, rac_prompts=16, rac_temperature=1.0, max_new_tokens=12,
+          bash_prediction_batch_size=8, bash_temperature=2.0, rac_prompts=16, rac_temperature=1.0, max_new_tokens=12,
           generation_backend="hf", distributed=strategy,
           save_every=1, keep_checkpoints=2)  # a kept checkpoint keeps the rows
     with open(os.path.join(out, f"counts-{rank}.json"), "w") as handle:

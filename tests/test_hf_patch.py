@@ -44,6 +44,15 @@ def test_import_gapfix_hf_is_light():
     assert done.stdout.strip() == "False"
 
 
+def test_patch_stays_the_function_whatever_is_imported_first():
+    """Importing the module that implements patch, before gapfix.hf.patch is looked up, leaves
+    gapfix.hf.patch the function (a module named like the function would replace it)."""
+    code = ("import gapfix.hf.patching, gapfix.hf.trl_head, gapfix.hf as hf; "
+            "assert callable(hf.patch) and hf.patch is gapfix.hf.patching.patch, hf.patch")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("num_items", [None, 37])
 def test_loss_and_gradients_match_the_model_own(num_items):
     tok = W.tokenizer()

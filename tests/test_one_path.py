@@ -19,12 +19,11 @@ from gapfix.trainer import TrainConfig, build_rows
 
 
 def _patch_module():
-    """gapfix.hf.patch the module, reached after hf.patch the function has been looked up (importing the
-    submodule first would bind the name gapfix.hf.patch to the module)."""
-    import sys
+    """The module behind gapfix.hf.patch (gapfix.hf.patching: a module of the function's own name would
+    replace the function on the package once something imported it)."""
+    import gapfix.hf.patching
 
-    assert callable(hf.patch)
-    return sys.modules["gapfix.hf.patch"]
+    return gapfix.hf.patching
 
 
 def _examples(tok, count):
@@ -140,3 +139,85 @@ def test_num_items_in_batch_of_zero_is_refused_by_the_patched_model():
     for bad in (0, -2, torch.tensor(0)):
         with pytest.raises(ValueError, match="num_items_in_batch"):
             net(input_ids=ids, labels=labels, num_items_in_batch=bad)
+
+
+# -- any registered method, by its one file: gapfix train and gapfix.hf.MethodTrainer ----------------
+
+@pytest.fixture
+def first_half():
+    """tests/test_methods.py's toy method (SFT on the first half of each answer), registered."""
+    from test_methods import FirstHalf
+
+    from gapfix.methods.base import register, unregister
+
+    register(FirstHalf)
+    yield FirstHalf.name
+    unregister(FirstHalf.name)
+
+
+def _method_trainer(tmp_path, tok, method, count=6, **kwargs):
+    return hf.MethodTrainer(model=W.model(tok), args=W.args(tmp_path, seed=5, max_steps=2), processing_class=tok,
+                            train_dataset=W.dataset(tok, count), data_collator=W.collator(tok), method=method,
+                            **kwargs)
+
+
+@pytest.mark.parametrize("method", ["first_half", "bash"])
+def test_a_method_builds_the_same_rows_under_both_drivers(tmp_path, first_half, method):
+    tok = W.tokenizer()
+    config = BashConfig(beta=0.5, temperature=3.0) if method == "bash" else None
+    flags = dict(beta=0.5, bash_temperature=3.0) if method == "bash" else {}
+    reference = build_rows(method, W.model(tok), tok, _examples(tok, 6), TrainConfig(seed=5, **flags), iteration=1)
+    trainer = _method_trainer(tmp_path, tok, method, method_config=config)
+    rows, stats = trainer._build_iteration(1)
+    assert rows == reference and stats["rows"] == 6
+    if method == "first_half":
+        assert stats["halved"] == 6
+    else:
+        assert any(row["alt_ids"] != row["input_ids"] for row in rows)
+
+
+def test_both_drivers_predict_bash_in_chunks_of_one_setting(tmp_path, monkeypatch):
+    """gapfix train and gapfix.hf cut BASH's prediction pass into chunks of BashConfig.prediction_batch_size."""
+    from gapfix.methods import bash
+
+    assert TrainConfig().bash_prediction_batch_size == BashConfig().prediction_batch_size == \
+        bash.PREDICTION_BATCH_SIZE
+    sizes = {}
+    real = bash.predict_rows
+
+    def recording(model, ids, *args, **kwargs):
+        sizes.setdefault(driver, []).append(len(ids))
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(bash, "predict_rows", recording)
+    tok = W.tokenizer()
+    driver = "train"
+    build_rows("bash", W.model(tok), tok, _examples(tok, 7), TrainConfig(bash_prediction_batch_size=3))
+    driver = "hf"
+    trainer = hf.BashTrainer(model=W.model(tok), bash_config=BashConfig(prediction_batch_size=3),
+                             train_dataset=W.dataset(tok, 7), data_collator=W.collator(tok),
+                             args=W.args(tmp_path, max_steps=1))
+    trainer._bash_refresh(0)
+    assert sizes == {"train": [3, 3, 1], "hf": [3, 3, 1]}
+
+
+def test_a_registered_method_trains_under_trainer_and_sft_trainer(tmp_path, first_half):
+    trl = pytest.importorskip("trl")
+    tok = W.tokenizer()
+    trainer = _method_trainer(tmp_path / "hf", tok, first_half, count=8)
+    trainer.train()
+    assert len(W.losses(trainer)) == 2 and all(loss > 0 for loss in W.losses(trainer))
+    assert W.logged(trainer, "first_half_halved") == [8] and W.logged(trainer, "first_half_rows") == [8]
+
+    mixed = _method_trainer(tmp_path / "bash", tok, "bash", count=8,
+                            method_config=BashConfig(beta=0.5, temperature=3.0))
+    mixed.train()  # the batch transform (BASH's mixing) in the model's input embedding
+    assert len(W.losses(mixed)) == 2 and all(0 < f <= 1 for f in W.logged(mixed, "bash_mixed_fraction"))
+
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=2, per_device_train_batch_size=4,
+                         learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                         seed=0, disable_tqdm=True, max_length=64, completion_only_loss=True)
+    sft = hf.MethodSFTTrainer(model=W.model(tok), args=args, train_dataset=W.prompt_completion_dataset(8),
+                              processing_class=tok, method=first_half)
+    sft.train()
+    assert len(W.losses(sft)) == 2 and W.logged(sft, "first_half_rows") == [8]

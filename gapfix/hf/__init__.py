@@ -6,6 +6,8 @@
     BashSFTConfig / BashTrainingArguments,      the settings inside the training arguments
     RacSFTConfig / RacTrainingArguments         (TRL's convention: a config class per method)
     build_rac_dataset(model, tokenizer, dataset, ...) -> datasets.Dataset
+    MethodTrainer / MethodSFTTrainer            any registered method (gapfix.methods), by name:
+                                                MethodTrainer(..., method="name", method_config=...)
 
 Importing gapfix.hf loads neither transformers nor TRL; each name loads its module
 on first use (the SFT trainers import trl, the others transformers only).
@@ -13,9 +15,9 @@ on first use (the SFT trainers import trl, the others transformers only).
 import importlib
 
 _EXPORTS = {
-    "patch": "gapfix.hf.patch",
-    "unpatch": "gapfix.hf.patch",
-    "is_patched": "gapfix.hf.patch",
+    "patch": "gapfix.hf.patching",
+    "unpatch": "gapfix.hf.patching",
+    "is_patched": "gapfix.hf.patching",
     "BashConfig": "gapfix.hf.config",
     "RacConfig": "gapfix.hf.config",
     "BashSFTConfig": "gapfix.hf.config",
@@ -27,11 +29,13 @@ _EXPORTS = {
     "RacTrainer": "gapfix.hf.rac",
     "RacSFTTrainer": "gapfix.hf.rac",
     "build_rac_dataset": "gapfix.hf.rac",
+    "MethodTrainer": "gapfix.hf.method",
+    "MethodSFTTrainer": "gapfix.hf.method",
 }
 
-__all__ = ["BashConfig", "BashSFTConfig", "BashSFTTrainer", "BashTrainer", "BashTrainingArguments", "RacConfig",
-           "RacSFTConfig", "RacSFTTrainer", "RacTrainer", "RacTrainingArguments", "build_rac_dataset", "is_patched",
-           "patch", "unpatch"]
+__all__ = ["BashConfig", "BashSFTConfig", "BashSFTTrainer", "BashTrainer", "BashTrainingArguments",
+           "MethodSFTTrainer", "MethodTrainer", "RacConfig", "RacSFTConfig", "RacSFTTrainer", "RacTrainer",
+           "RacTrainingArguments", "build_rac_dataset", "is_patched", "patch", "unpatch"]
 
 
 def __getattr__(name: str) -> object:

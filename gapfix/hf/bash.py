@@ -37,7 +37,7 @@ import hashlib
 import itertools
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from gapfix.hf._common import (
     load_side_state,
     rank_and_world,
     refuse_fsdp,
+    replaced_embeddings,
     require_dataset,
     resolved_config,
     save_side_state,
@@ -282,46 +283,27 @@ class _BashMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
-    @contextlib.contextmanager
     def _bash_mixing(self, alt_ids: torch.Tensor, alt_probs: torch.Tensor | None, eligible: torch.Tensor,
-                     seed: torch.Tensor) -> Iterator[None]:
+                     seed: torch.Tensor) -> contextlib.AbstractContextManager:
         """While active, the model's input embedding returns the mixed embeddings of its ids."""
         from gapfix.methods.bash import changed_inputs, mixed_inputs_embeds
 
-        embedding = self.model.get_input_embeddings()
-        busy = []
         counts = self._bash_counts
         if counts is None:
             counts = self._bash_counts = torch.zeros(3, dtype=torch.float64, device=eligible.device)
 
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if busy:
-                return None  # the id-level fallback calls the module itself
-            ids = args[0] if args else None
+        def mix(module: torch.nn.Module, ids: torch.Tensor | None) -> torch.Tensor:
             if not isinstance(ids, torch.Tensor) or ids.shape != alt_ids.shape[:ids.dim()]:
                 raise ValueError("BASH: the model embedded ids of another shape than the batch's input_ids "
                                  "(pass input_ids, not inputs_embeds, to a BashTrainer)")
-            busy.append(True)
-            try:
-                embeds, mixed = mixed_inputs_embeds(module, ids, alt_ids, beta=self.bash_config.beta, seed=seed,
-                                                    eligible=eligible, alt_probs=alt_probs)
-            finally:
-                busy.clear()
+            embeds, mixed = mixed_inputs_embeds(module, ids, alt_ids, beta=self.bash_config.beta, seed=seed,
+                                                eligible=eligible, alt_probs=alt_probs)
             counts[0] += mixed.sum()
             counts[1] += changed_inputs(ids, alt_ids, alt_probs, mixed).sum()
             counts[2] += eligible.sum()
-            embeds = embeds.to(output.dtype)
-            if output.requires_grad and not embeds.requires_grad:
-                # a frozen embedding whose output was made to require grad (PEFT's hook for
-                # reentrant gradient checkpointing): keep that for the mixed embeddings too
-                embeds.requires_grad_(True)
             return embeds
 
-        handle = embedding.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
+        return replaced_embeddings(self.model, mix)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._bash_counts is not None:

@@ -5,8 +5,9 @@
                          rac_config=RacConfig(samples=2, sft_ratio=0.5))
     trainer.train()
 
-One training epoch is one RAC iteration: at its start the model, as it is then,
-answers `prompts_per_iteration` prompts of the training rows, drawn, chunked, seeded
+RacTrainer is gapfix.hf.method's driver for any registered method, with RAC's rows
+built from the dataset's own rows. One training epoch is one RAC iteration: at its
+start the model, as it is then, answers `prompts_per_iteration` prompts of the training rows, drawn, chunked, seeded
 and answered as the reference trainer does (gapfix.methods.rac.answer_chunk: the
 same model, data, config and seed give the same rows under either, at any world
 size); every answer
@@ -33,24 +34,13 @@ memory before generating, and puts it to sleep after, where the platform can.
 """
 from __future__ import annotations
 
-import math
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from transformers import Trainer
 
-from gapfix.hf._common import (
-    checked_config,
-    checkpoint_dir,
-    load_side_state,
-    rank_and_world,
-    refuse_fsdp,
-    require_dataset,
-    resolved_config,
-    save_side_state,
-    sft_trainer_class,
-)
+from gapfix.hf._common import dataset_examples, rank_and_world, require_dataset, sft_trainer_class
+from gapfix.hf.method import _MethodMixin
 from gapfix.methods.rac import RacConfig
 
 if TYPE_CHECKING:  # annotations only
@@ -62,37 +52,14 @@ __all__ = ["RacTrainer", "build_rac_dataset"]
 STATE_FILE = "gapfix_rac.json"
 
 
-def _split(input_ids: Sequence[int], labels: Sequence[int], index: int) -> tuple[list[int], list[int]]:
-    """(prompt, reference) of a training row: the last run of labels != -100 is the answer."""
-    trained = [i for i, lab in enumerate(labels) if lab != -100]
-    if not trained:
-        raise ValueError(f"train_dataset row {index} has no trained token (labels all -100)")
-    stop = trained[-1] + 1
-    start = stop
-    while start > 0 and labels[start - 1] != -100:
-        start -= 1
-    if start == 0:
-        raise ValueError(f"train_dataset row {index} has no prompt (every token is trained): RAC needs "
-                         "prompt/answer rows (labels -100 on the prompt, or TRL's completion_only_loss)")
-    return list(input_ids[:start]), list(input_ids[start:stop])
-
-
 class _Sources:
-    """The training rows as (prompt, reference) pairs and as SFT rows."""
+    """The training rows as (prompt, reference) pairs (gapfix.hf._common.split_row) and as SFT rows."""
 
     def __init__(self, dataset: datasets.Dataset) -> None:
-        columns = dataset.column_names
-        if "seq_lengths" in columns:
-            raise ValueError("train_dataset is packed; RAC needs one prompt/answer per row (packing=False)")
-        if "input_ids" not in columns or "labels" not in columns:
-            raise ValueError(f"train_dataset must have input_ids and labels columns, it has {columns}")
-        ids, labels = dataset["input_ids"], dataset["labels"]
-        for n, (row, lab) in enumerate(zip(ids, labels)):
-            if len(row) != len(lab):
-                raise ValueError(f"train_dataset row {n}: labels has {len(lab)} entries, input_ids {len(row)} "
-                                 "(labels are aligned with input_ids, the Hugging Face convention)")
-        self.sft_rows = [{"input_ids": list(i), "labels": list(lab)} for i, lab in zip(ids, labels)]
-        self.pairs = [_split(i, lab, n) for n, (i, lab) in enumerate(zip(ids, labels))]
+        examples = dataset_examples(dataset)
+        self.sft_rows = [{"input_ids": list(i), "labels": list(lab)}
+                         for i, lab in zip(dataset["input_ids"], dataset["labels"])]
+        self.pairs = [(example.prompt_ids, example.answer_ids) for example in examples]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -170,43 +137,17 @@ def build_rac_dataset(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
     return datasets.Dataset.from_list(rows)
 
 
-class _RacStream(torch.utils.data.IterableDataset):
-    """This rank's micro-batches of one iteration per pass (one Trainer epoch)."""
+class _RacMixin(_MethodMixin):
+    """RAC on top of a Trainer class (transformers.Trainer or trl.SFTTrainer): the generic driver
+    (gapfix.hf.method) with RAC's rows built from the dataset's rows by iteration_rows, in their
+    mixed order."""
 
-    def __init__(self, trainer: _RacMixin) -> None:
-        self.trainer = trainer
-
-    def __len__(self) -> int:
-        return self.trainer._rac_steps_per_iteration() * self.trainer.args.gradient_accumulation_steps
-
-    def __iter__(self) -> Iterator[dict]:
-        trainer = self.trainer
-        args = trainer.args
-        rank, world = rank_and_world(trainer)
-        steps = trainer._rac_steps_per_iteration()
-        iteration = trainer.state.global_step // steps
-        rows = trainer._rac_rows_for(iteration)
-        per_rank = args.per_device_train_batch_size
-        order = list(range(len(rows)))
-        for micro in range(len(self)):
-            first = (micro * world + rank) * per_rank
-            batch = [rows[order[(first + i) % len(rows)]] for i in range(per_rank)]
-            yield trainer.data_collator([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in batch])
-
-
-class _RacMixin:
-    """RAC on top of a Trainer class (transformers.Trainer or trl.SFTTrainer)."""
+    method_name = "rac"
 
     def __init__(self, *args: Any, rac_config: RacConfig | None = None,
                  resume_with_changed_config: bool = False, **kwargs: Any) -> None:
-        if rac_config is not None:
-            checked_config("rac_config", rac_config, RacConfig)
-        from gapfix.hf.trl_head import serve_trl_head
-
-        with serve_trl_head():  # under trl.SFTTrainer, TRL's fused head runs on gapfix's kernel
-            super().__init__(*args, **kwargs)
-        self.rac_config = resolved_config(self, "rac_config", rac_config, RacConfig)
-        self.resume_with_changed_config = resume_with_changed_config
+        super().__init__(*args, method_config=rac_config, resume_with_changed_config=resume_with_changed_config,
+                         **kwargs)
         if self.rac_config.mode == "all":
             raise ValueError("rac_config.mode 'all' (soft targets) is the reference trainer's: Trainer's labels "
                              "carry one token per position; use path, first or last")
@@ -214,28 +155,28 @@ class _RacMixin:
             from gapfix.generation.colocate import check_vllm_head_size
 
             check_vllm_head_size(self.model)
-        self._rac_sources = _Sources(require_dataset(self, "of prompt/answer rows"))
         if self.processing_class is None or getattr(self.processing_class, "eos_token_id", None) is None:
             raise ValueError("processing_class must be the tokenizer (RAC needs its eos_token_id and pad_token_id)")
-        self._rac_iteration = None
-        self._rac_rows = None
-        self._rac_pending_stats = None
-        self.rac_history = []  # stats of every iteration this trainer generated
 
-    def _rac_rows_per_iteration(self) -> int:
+    def _read_train_dataset(self) -> None:
+        self._rac_sources = _Sources(require_dataset(self, "of prompt/answer rows"))
+
+    @property
+    def rac_config(self) -> RacConfig:
+        return self.method_config
+
+    @property
+    def rac_history(self) -> list:
+        """Stats of every iteration this trainer generated."""
+        return self.method_history
+
+    def _rows_per_iteration(self) -> int:
         from gapfix.methods.rac import rows_per_iteration
 
         return rows_per_iteration(len(self._rac_sources), self.rac_config)
 
-    def _rac_steps_per_iteration(self) -> int:
-        if self.rac_config.refresh is not None:
-            return self.rac_config.refresh
-        _, world = rank_and_world(self)
-        global_batch = self.args.per_device_train_batch_size * world * self.args.gradient_accumulation_steps
-        return max(1, math.ceil(self._rac_rows_per_iteration() / global_batch))
-
-    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(_RacStream(self), batch_size=None, num_workers=0)
+    def _row_order(self, num_rows: int, iteration: int) -> list[int]:
+        return list(range(num_rows))  # mix_with_sft has shuffled them
 
     def _rac_gather(self, mine: dict) -> list:
         if rank_and_world(self)[1] > 1 and torch.distributed.is_initialized():
@@ -244,47 +185,22 @@ class _RacMixin:
             return parts
         return [mine]
 
+    def _rows_for(self, iteration: int) -> list:
+        return self._rac_rows_for(iteration)
+
     def _rac_rows_for(self, iteration: int) -> list:
-        if self._rac_iteration != iteration:
-            refuse_fsdp(self, "RAC generation")
-            rank, world = rank_and_world(self)
-            rows, stats, _ = iteration_rows(self.model, self.processing_class, self._rac_sources, self.rac_config,
-                                            seed=self.args.seed, iteration=iteration, rank=rank, world=world,
-                                            gather=self._rac_gather)
-            stats = {**stats, "sft_rows": len(rows) - stats["rows"], "iteration": iteration}
-            self._rac_iteration, self._rac_rows, self._rac_pending_stats = iteration, rows, stats
-            self.rac_history.append(stats)
-        return self._rac_rows
+        return _MethodMixin._rows_for(self, iteration)
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._rac_pending_stats is not None:
-            for key in ("finished", "exact_match", "label_agreement", "mean_edit_distance", "rows", "sft_rows"):
-                logs[f"rac_{key}"] = self._rac_pending_stats[key]
-            self._rac_pending_stats = None
-        return super().log(logs, start_time)
+    def _build_iteration(self, iteration: int) -> tuple[list[dict], dict]:
+        rank, world = rank_and_world(self)
+        rows, stats, _ = iteration_rows(self.model, self.processing_class, self._rac_sources, self.rac_config,
+                                        seed=self.args.seed, iteration=iteration, rank=rank, world=world,
+                                        gather=self._rac_gather)
+        return rows, {**stats, "sft_rows": len(rows) - stats["rows"]}
 
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        if self._rac_rows is None or not self.args.should_save:
-            return
-        save_side_state(checkpoint_dir(self, trial), STATE_FILE, {
-            "iteration": self._rac_iteration, "config": self.rac_config.to_dict(), "rows": self._rac_rows})
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str,
-                              model: torch.nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        loaded = load_side_state(Path(resume_from_checkpoint), STATE_FILE, self.rac_config, "rac_config",
-                                 self.resume_with_changed_config,
-                                 missing="the iteration is generated again with the resumed weights")
-        if loaded is None:
-            return
-        state, _, _ = loaded  # with changed settings the saved rows are continued on, as gapfix train does
-        path = Path(resume_from_checkpoint) / STATE_FILE
-        rows = state.get("rows")
-        if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("input_ids"), list)
-                                                 and isinstance(r.get("labels"), list) for r in rows):
-            raise ValueError(f"{path}: line 1: 'rows' must be a list of {{input_ids, labels}} objects")
-        self._rac_iteration, self._rac_rows = int(state["iteration"]), rows
+    def _logged_stats(self, stats: dict) -> dict:
+        keys = ("finished", "exact_match", "label_agreement", "mean_edit_distance", "rows", "sft_rows")
+        return {key: stats[key] for key in keys if key in stats}
 
 
 class RacTrainer(_RacMixin, Trainer):

@@ -96,7 +96,7 @@ def _wrap(original: Any) -> Any:
 
     @functools.wraps(original)
     def add_fused_lm_head(*args: Any, **kwargs: Any) -> Any:
-        from gapfix.hf.patch import _STATE, _causal_lm, is_patched, patch
+        from gapfix.hf.patching import _STATE, _causal_lm, is_patched, patch
 
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
@@ -245,7 +245,7 @@ def _router_loss(lm: nn.Module, text_config: Any, trunk_outputs: Any, attention_
 def fused_head_forward(lm: nn.Module, signature: inspect.Signature, args: tuple, kwargs: dict,
                        settings: dict | None) -> Any:
     """The forward of a patched model called with fused_lm_head=True (module docstring)."""
-    from gapfix.hf.patch import _STATE, _trunk, _var_keyword
+    from gapfix.hf.patching import _STATE, _trunk, _var_keyword
     from gapfix.models import output_head
     from gapfix.ops.cross_entropy.log_probs import linear_log_probs, log_probs_of_logits
 

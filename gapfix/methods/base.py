@@ -23,7 +23,8 @@ dataclass validates itself in `__post_init__`. gapfix.hf takes the same dataclas
 
 Methods are registered by name (`register`, or the built-in table below, imported
 on first use); `get_method(name)` returns an instance. A new method is one file
-that subclasses `Method` and calls `register`.
+that subclasses `Method` and calls `register`; both drivers then run it by name:
+`gapfix train --method <name>` and gapfix.hf.MethodTrainer / MethodSFTTrainer.
 """
 from __future__ import annotations
 

@@ -48,6 +48,7 @@ __all__ = ["BASH", "Alternatives", "BashBatch", "BashConfig", "build_bash_batch"
 MODES = ("argmax", "sample", "topk")  # predict_alternatives' modes
 BASH_MODES = MODES + ("random",)  # random: the noise control, uniform random tokens
 MAX_TOP_K = 1024  # topk keeps K ids and probabilities per token of the dataset
+PREDICTION_BATCH_SIZE = 64  # rows per forward of the prediction pass, under either driver
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,9 @@ class BashConfig:
     rows: Optional[int] = setting(None, "reference trainer: examples predicted and trained per iteration "
                                   "(unset: those the steps draw)", flag="bash_rows")
     refresh: Optional[int] = setting(None, "gapfix.hf: optimizer steps per prediction window (unset: an epoch)")
-    prediction_batch_size: int = setting(16, "gapfix.hf: rows per forward of the prediction pass")
+    prediction_batch_size: int = setting(PREDICTION_BATCH_SIZE, "rows per forward of the prediction pass (the "
+                                         "same chunks of rows under either driver)",
+                                         flag="bash_prediction_batch_size")
 
     def __post_init__(self) -> None:
         check_number("beta", self.beta, 0.0, 1.0)
@@ -446,7 +449,7 @@ class BASH(Method):
     carry their own ids (eligible all False). Training: each eligible input token is replaced by
     its alternative with probability beta inside the embedding gather, seeded per row.
 
-    The predicted rows are cut into chunks of `predict_rows` in row order, the same chunks at
+    The predicted rows are cut into chunks of `prediction_batch_size` in row order, the same chunks at
     any world size; rank r predicts its contiguous share of the chunks (so a row's forward has
     the same batch, hence the same bits, for any N), sampling from per-example seeds."""
 
@@ -454,7 +457,6 @@ class BASH(Method):
     config_class = BashConfig
     batch_fields = ("alt_ids", "eligible")
     uses_row_seeds = True
-    predict_rows = 64
 
     def num_rows(self, num_examples: int, config) -> int:
         return min(config.bash_rows, num_examples) if config.bash_rows else num_examples
@@ -477,7 +479,8 @@ class BASH(Method):
         num_rows = len(owners)
         scheduled = not ctx.config.bash_rows  # predict only the rows the steps draw
         todo = sorted(set(ctx.trained_rows(num_rows))) if scheduled else list(range(num_rows))
-        chunks = [todo[i:i + self.predict_rows] for i in range(0, len(todo), self.predict_rows)]
+        size = self.settings(ctx.config).prediction_batch_size
+        chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
         mine = shard_range(len(chunks), ctx.rank, ctx.world)
 
         def boundary(chunk):  # the first row of the rank whose first chunk is `chunk`
