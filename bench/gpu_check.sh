@@ -91,8 +91,8 @@ else
   # what the tests step needs even when warm uses all of its limit (then 120 - 5 s of warm's
   # kill grace = 115 s): start-up and collection plus the tests' own run time, a cache load per
   # kernel (bench/gpu_check_tools.py). The dry run of the whole selection in the image stand-in
-  # measured 34 s of the first and 49 s of the second on a 2-core CPU under the interpreter
-  # (docs/gpu.md); the 24 CUDA-only tests it skips are not in that figure.
+  # measured at most 34 s of the first and 49 s of the second on a loaded 2-core CPU under the
+  # interpreter (docs/gpu.md); the 24 CUDA-only tests it skips are not in that figure.
   TESTS_RESERVE=120 BENCH_RESERVE=100 TABLE_RESERVE=15
   TEST_SEL=(tests -m cuda)
   BENCH_SEL=(bench -m cuda)
