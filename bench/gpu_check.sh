@@ -20,8 +20,9 @@
 #                pass --continue-on-collection-errors, so a module that fails to import
 #                costs its own tests, never the whole step.
 #   warm         compiles every kernel the tests and benchmarks launch by running
-#                them once, in parallel shards (Triton and inductor on-disk caches);
-#                counts and times every Triton compilation
+#                them once (Triton and inductor on-disk caches): the tests under
+#                pytest-xdist (-n $GAPFIX_CHECK_TEST_WORKERS, default 6), the benchmarks
+#                beside them in one process; counts and times every Triton compilation
 #   tests        pytest tests -m cuda   (explicit `cuda` marks and every test using
 #                the triton_device fixture), against the warm caches; pytest-timeout
 #                ends a test stuck in Python after GAPFIX_CHECK_TEST_TIMEOUT seconds
@@ -35,14 +36,15 @@
 # hang cannot cost the results of the tests after it.
 # GAPFIX_CHECK_BUDGET seconds in all (default 455: with the kill grace periods and
 # the table, under 8 minutes). Every step before warm is capped so that the tests, bench
-# and table reserves stay whole; warm gets what is left above them.
+# and table reserves stay whole; warm gets what is left above them, and a warm step cut
+# at its limit leaves the tests step TESTS_RESERVE less 5 s of kill grace.
 #
 # While it runs, bench/stream_results.py (a pytest plugin) writes one JSON line
 # per test, benchmark and Triton compilation to OUT/stream/<step>.jsonl and
 # flushes it: a step killed by its limit leaves its finished results, and the
 # test it was running is the one with a "start" line and no "result".
 # Never changes the card's settings. Expects python3 with torch (a CUDA build), triton,
-# pytest, pytest-benchmark and pytest-timeout (the device image has them); installs
+# pytest, pytest-benchmark, pytest-timeout and pytest-xdist (the device image has them); installs
 # only the carried wheels. docs/gpu.md: how to prepare and read a run.
 set -uo pipefail
 
@@ -73,7 +75,7 @@ if [ "$DRY_RUN" = 1 ]; then
   export TRITON_INTERPRET=1
   # a cap: the dry run takes 2-5 minutes on a shared 2-core CPU (each step imports torch)
   BUDGET="${GAPFIX_CHECK_BUDGET:-900}" COLLECT_LIMIT=300  # collecting everything: 1-3 minutes here
-  TEST_SHARDS=2 BENCH_SHARDS=1 TESTS_RESERVE=120 BENCH_RESERVE=120 TABLE_RESERVE=15
+  TEST_WORKERS=2 TESTS_RESERVE=120 BENCH_RESERVE=120 TABLE_RESERVE=15
   if [ "${GAPFIX_CHECK_DRY_FULL:-0}" = 1 ]; then  # every test of the GPU run, under the interpreter
     BUDGET="${GAPFIX_CHECK_BUDGET:-2400}" TESTS_RESERVE=900 BENCH_RESERVE=300
     TEST_SEL=(tests -m cuda)
@@ -85,9 +87,12 @@ if [ "$DRY_RUN" = 1 ]; then
   fi
 else
   BUDGET="${GAPFIX_CHECK_BUDGET:-455}" COLLECT_LIMIT=120  # + 3 x 5 s of kill grace + the table: < 8 minutes
-  TEST_SHARDS="${GAPFIX_CHECK_TEST_SHARDS:-6}" BENCH_SHARDS="${GAPFIX_CHECK_BENCH_SHARDS:-2}"
-  # what the tests step needs even when warm uses all of its limit: ~25 s of start-up and
-  # collection, the tests' own run time, a cache load per kernel (bench/gpu_check_tools.py)
+  TEST_WORKERS="${GAPFIX_CHECK_TEST_WORKERS:-6}"
+  # what the tests step needs even when warm uses all of its limit (then 120 - 5 s of warm's
+  # kill grace = 115 s): start-up and collection plus the tests' own run time, a cache load per
+  # kernel (bench/gpu_check_tools.py). The dry run of the whole selection in the image stand-in
+  # measured at most 34 s of the first and 49 s of the second on a loaded 2-core CPU under the
+  # interpreter (docs/gpu.md); the 24 CUDA-only tests it skips are not in that figure.
   TESTS_RESERVE=120 BENCH_RESERVE=100 TABLE_RESERVE=15
   TEST_SEL=(tests -m cuda)
   BENCH_SEL=(bench -m cuda)
@@ -109,6 +114,12 @@ if [ "$DRY_RUN" = 1 ]; then  # plugins no test here uses, ~2 s of start-up each 
 fi
 # the warm pass times nothing: one round of what pytest-benchmark calibrates
 WARM_BENCH_OPTS=(--benchmark-min-rounds=1 --benchmark-max-time=0 --benchmark-warmup=off)
+WARM_TEST_OPTS=()
+if python3 -c "import xdist" 2>/dev/null; then
+  WARM_TEST_OPTS=(-n "$TEST_WORKERS")
+else
+  echo "gpu_check: pytest-xdist is not installed: the warm step runs the tests in one process" >>"$LOG"
+fi
 
 if [ -z "${CUDA_HOME:-}" ]; then
   NVCC_PATH="$(command -v nvcc 2>/dev/null || echo /x/x/x)"
@@ -176,10 +187,10 @@ else
   # PIP_NO_INDEX is set above: nothing is fetched, only the carried folder is read
   NOTE="from $WHEELS" step carry "$(before_warm 120)" "${TOOLS[@]}" carry "$WHEELS" "$OUT_DIR"
 fi
-grep '^carried: \|^CARRY FAILED\|^pip check' "$LOG" | tail -n 20
+grep '^carried: \|^carry: \|^CARRY FAILED\|^pip check' "$LOG" | tail -n 20
 
 # ---------------------------------------------------------------- build
-step build_check 60 "${TOOLS[@]}" build-check before ||
+step build_check "$(before_warm 60)" "${TOOLS[@]}" build-check before ||
   stop "the CUDA build cannot work here (see BUILD CHECK FAILED above)"
 if [ "$DRY_RUN" = 1 ]; then
   # the dry run builds nothing: build_verify and the steps after it import gapfix from this
@@ -192,15 +203,23 @@ else
   MAX_JOBS="${MAX_JOBS:-$CORES}" step build "$(before_warm "$BUILD_LIMIT")" \
     python3 -m pip install --no-build-isolation --no-deps -e . || stop "the build failed"
 fi
-step build_verify 60 "${TOOLS[@]}" build-check after ||
+step build_verify "$(before_warm 60)" "${TOOLS[@]}" build-check after ||
   stop "gapfix._C cannot serve the GPU (see BUILD CHECK FAILED above)"
-step env 60 "${TOOLS[@]}" env "$OUT_DIR"
+step env "$(before_warm 60)" "${TOOLS[@]}" env "$OUT_DIR"
 # every test and benchmark the GPU run selects must import: the dry run checks the same list
 step collect "$(before_warm "$COLLECT_LIMIT")" "${PYTEST[@]}" --collect-only -m cuda tests bench ||
   grep -E '^ERROR |^E  ' "$LOG" | tail -n 20
 
 # ---------------------------------------------------------------- warm the caches
-shard() {  # shard NAME LIMIT CMD...: one warm process; its wall time goes to OUT/stream/NAME.wall
+# Two pytest sessions at once, each under the warm limit (timeout ends a session's whole process
+# group, xdist's workers included):
+#  - the tests under pytest-xdist, -n TEST_WORKERS: each worker streams its own tests, kernels
+#    and unfinished test to OUT/stream/warm_tests_gw<i>.jsonl (bench/stream_results.py);
+#  - the benchmarks serially, in one process, one calibrated round each: pytest-benchmark turns
+#    itself off under xdist, and a benchmark off leaves `benchmark.stats` None, which
+#    test_bench_rac_labels.py and test_bench_real_model.py read after the timed call.
+# Their wall times and exits go to OUT/stream/warm_<tests|bench>.wall (the limit step reads them).
+warm_session() {  # warm_session NAME LIMIT CMD...
   local name="$1" limit="$2" start=$SECONDS r
   shift 2
   timeout --kill-after=5 "$limit" "$@" >"$OUT_DIR/logs/$name.log" 2>&1
@@ -208,24 +227,19 @@ shard() {  # shard NAME LIMIT CMD...: one warm process; its wall time goes to OU
   echo "{\"seconds\": $((SECONDS - start)), \"rc\": $r}" >"$OUT_DIR/stream/$name.wall"
   return "$r"
 }
-warm() {  # every test and benchmark once, in parallel shards; compilations land in the caches
-  local limit="$1" pids=() i rc=0 r
-  for ((i = 0; i < TEST_SHARDS; i++)); do
-    shard "warm_tests_$i" "$limit" "${PYTEST[@]}" "${RUN_OPTS[@]}" "${TEST_SEL[@]}" --stream-step warm \
-      --stream-jsonl "$OUT_DIR/stream/warm_tests_$i.jsonl" --stream-shard "$i/$TEST_SHARDS" &
-    pids+=($!)
-  done
-  for ((i = 0; i < BENCH_SHARDS; i++)); do
-    shard "warm_bench_$i" "$limit" "${PYTEST[@]}" "${RUN_OPTS[@]}" "${BENCH_SEL[@]}" "${WARM_BENCH_OPTS[@]}" \
-      --stream-step warm \
-      --stream-jsonl "$OUT_DIR/stream/warm_bench_$i.jsonl" --stream-shard "$i/$BENCH_SHARDS" &
-    pids+=($!)
-  done
-  for i in "${!pids[@]}"; do
-    wait "${pids[$i]}"
+warm() {
+  local limit="$1" rc=0 r pid pid_tests pid_bench
+  warm_session warm_tests "$limit" "${PYTEST[@]}" "${RUN_OPTS[@]}" "${WARM_TEST_OPTS[@]}" "${TEST_SEL[@]}" \
+    --stream-step warm --stream-jsonl "$OUT_DIR/stream/warm_tests.jsonl" &
+  pid_tests=$!
+  warm_session warm_bench "$limit" "${PYTEST[@]}" "${RUN_OPTS[@]}" "${BENCH_SEL[@]}" "${WARM_BENCH_OPTS[@]}" \
+    --stream-step warm --stream-jsonl "$OUT_DIR/stream/warm_bench.jsonl" &
+  pid_bench=$!
+  for pid in "$pid_tests" "$pid_bench"; do
+    wait "$pid"
     r=$?
-    echo "warm shard $i: exit $r"
-    # failing tests (1) or an empty shard (5) do not stop the warming; a kill at the limit does
+    echo "warm session $pid: exit $r"
+    # failing tests (1) or an empty selection (5) do not stop the warming; a kill at the limit does
     if [ "$r" -eq 124 ] || [ "$r" -eq 137 ]; then
       rc=124
     elif [ "$r" -ne 0 ] && [ "$r" -ne 1 ] && [ "$r" -ne 5 ] && [ "$rc" -eq 0 ]; then
@@ -237,14 +251,14 @@ warm() {  # every test and benchmark once, in parallel shards; compilations land
 }
 WARM_LIMIT=$(( $(left) - TESTS_RESERVE - BENCH_RESERVE - TABLE_RESERVE ))
 if [ "$WARM_LIMIT" -lt 10 ]; then WARM_LIMIT=10; fi
-# each shard has the limit itself (timeout), so the wait ends by WARM_LIMIT + 5 s
-say "=== warm (limit ${WARM_LIMIT}s, $(left)s of the budget left):" \
-  "$TEST_SHARDS test and $BENCH_SHARDS benchmark shards"
+# each session has the limit itself (timeout), so the wait ends by WARM_LIMIT + 5 s
+say "=== warm (limit ${WARM_LIMIT}s, $(left)s of the budget left): tests ${WARM_TEST_OPTS[*]:-serially}," \
+  "benchmarks serially"
 WARM_START=$SECONDS
 warm "$WARM_LIMIT" >>"$LOG" 2>&1
 RC=$?
 say "=== warm: exit $RC after $((SECONDS - WARM_START))s"
-NOTE="$TEST_SHARDS test shards, $BENCH_SHARDS benchmark shards" \
+NOTE="tests: ${WARM_TEST_OPTS[*]:-one process}; benchmarks: one process" \
   record warm "$RC" "$((SECONDS - WARM_START))" "$WARM_LIMIT"
 [ "$RC" -ne 0 ] && STATUS=1
 

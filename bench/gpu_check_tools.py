@@ -9,9 +9,11 @@
                                  (and writes OUT/stream/STEP.last: tests to run last)
     python bench/gpu_check_tools.py table OUT              -> OUT/gpu_results.json
 
-Files under OUT: stream/<step>[_<shard>].jsonl (bench/stream_results.py, one JSON line per
-test, benchmark and Triton compilation, written as they happen) and steps.jsonl (one line per
-finished step, written by gpu_check.sh).
+Files under OUT: stream/<step>.jsonl and, for a step run under pytest-xdist, one
+stream/<step>_gw<i>.jsonl per worker (bench/stream_results.py, one JSON line per test,
+benchmark and Triton compilation, written as they happen); stream/warm_<tests|bench>.wall (the
+warm sessions' wall time and exit); steps.jsonl (one line per finished step, written by
+gpu_check.sh).
 
 GAPFIX_GPU_CHECK_FAKE (a JSON object) replaces facts of `build-check` (cuda_available,
 torch_cuda, toolkit, cuda_home, build_info): the script's own tests use it to check the
@@ -120,6 +122,8 @@ def cmd_build_check(phase: str) -> int:
 
 REQUIREMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "device-requirements.txt")
 IMAGE_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "device-image.txt")
+FALLBACKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "device-fallback-wheels.txt")
+DEFAULT_WHEELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".device-wheels")
 
 
 def read_pins(path: str) -> list[str]:
@@ -148,6 +152,84 @@ def installed_versions(names: list[str]) -> dict[str, str | None]:
     return versions
 
 
+def _packaging():
+    try:
+        from packaging import requirements, utils, version
+    except ImportError:  # pip's own copy: pip is there whenever this runs
+        from pip._vendor.packaging import requirements, utils, version
+    return requirements, utils, version
+
+
+def wheel_index(wheels: str) -> dict[tuple[str, str], str]:
+    """The folder's wheels: (canonical name, version) -> path."""
+    _, utils, _ = _packaging()
+    index = {}
+    for path in sorted(glob.glob(os.path.join(wheels, "*.whl"))):
+        name, version, _, _ = utils.parse_wheel_filename(os.path.basename(path))
+        index[(name, str(version))] = path
+    return index
+
+
+def wheel_requirements(path: str) -> list[str]:
+    """The Requires-Dist lines of a wheel's METADATA."""
+    import email
+    import zipfile
+
+    with zipfile.ZipFile(path) as wheel:
+        name = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA") and n.count("/") == 1)
+        return email.message_from_bytes(wheel.read(name)).get_all("Requires-Dist") or []
+
+
+def unmet_image_requirements(path: str, held: set[str], installed) -> list[str]:
+    """What the wheel at PATH requires of packages the carried folder does not hold (those only the
+    image can give) that the image's versions (installed: canonical name -> version or None) do not
+    meet: pip cannot install that wheel here."""
+    requirements, utils, version = _packaging()
+    unmet = []
+    for line in wheel_requirements(path):
+        requirement = requirements.Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue  # an extra's requirement, or another platform's
+        name = utils.canonicalize_name(requirement.name)
+        if name in held:
+            continue  # pip takes a fitting version from the folder
+        have = installed(name)
+        if have is None or not requirement.specifier.contains(version.Version(have), prereleases=True):
+            unmet.append(f"{requirement} (the image has {have or 'none'})")
+    return unmet
+
+
+def choose_pins(pins: list[str], fallbacks: list[str], wheels: str, installed) -> tuple[list[str], dict]:
+    """The pins to install from the folder WHEELS: each pin, unless its wheel needs a version of an
+    image package (one the folder does not carry, pyarrow for datasets) that the image does not have;
+    then the first fallback of the same package (bench/device-fallback-wheels.txt) whose wheel the
+    image can take. Returns the chosen pins and, by pin, why another was chosen (or why none fits)."""
+    _, utils, _ = _packaging()
+    index = wheel_index(wheels)
+    held = {name for name, _ in index}
+
+    def unmet(pin):
+        name, wanted = pin.split("==")
+        path = index.get((utils.canonicalize_name(name), wanted))
+        return None if path is None else unmet_image_requirements(path, held, installed)
+
+    chosen, changes = [], {}
+    for pin in pins:
+        why = unmet(pin)
+        if not why:  # fits, or no wheel to read (pip then says what is missing)
+            chosen.append(pin)
+            continue
+        name = utils.canonicalize_name(pin.split("==")[0])
+        fitting = [f for f in fallbacks if utils.canonicalize_name(f.split("==")[0]) == name and unmet(f) == []]
+        chosen.append(fitting[0] if fitting else pin)
+        changes[pin] = {"instead": fitting[0] if fitting else None, "because": why}
+    return chosen, changes
+
+
+def _image_version(name: str) -> str | None:
+    return installed_versions([name])[name]
+
+
 def _pip_install(wheels: str, requirements: list[str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels,
                "--disable-pip-version-check", "--no-cache-dir", "--no-compile", *requirements]
@@ -160,12 +242,25 @@ def _pip_install(wheels: str, requirements: list[str]) -> subprocess.CompletedPr
 def cmd_carry(wheels: str, out_dir: str) -> int:
     """Installs the carried requirements from the folder WHEELS with pip's resolver and no index
     (an image package that already satisfies a requirement stays; the folder's fallbacks replace
-    one that does not). All at once first; if pip refuses, one requirement at a time, so that one
+    one that does not). A pin whose wheel needs what the image lacks (datasets 5.2.0 needs pyarrow
+    >= 24, which the image may not have) is replaced by a fallback that fits (choose_pins). All at
+    once first; if pip refuses, one requirement at a time, so that one
     conflict costs only its own package. "-" installs nothing (the dry run: the environment is
     what it is, and what it lacks is listed, not failed). Writes OUT/carried.json: each
     requirement, its version now, and where it came from; exit 1 when one is missing after an
-    install (or the folder is missing)."""
-    pins = read_pins(REQUIREMENTS)
+    install (or the folder is missing). Each row also says what was pinned and, where a fallback
+    replaced it, why ("changed")."""
+    pinned = read_pins(REQUIREMENTS)
+    pins, changes = list(pinned), {}
+    # the dry run chooses as the device would, from the folder it would carry, when there is one
+    chosen_from = wheels if wheels != "-" else os.environ.get("GAPFIX_DEVICE_WHEELS", DEFAULT_WHEELS)
+    if os.path.isdir(chosen_from):
+        pins, changes = choose_pins(pinned, read_pins(FALLBACKS), chosen_from, _image_version)
+    else:
+        chosen_from = None
+    for pin, change in changes.items():
+        print(f"carry: {pin} needs {'; '.join(change['because'])}: "
+              + (f"installing {change['instead']} instead" if change["instead"] else "no carried version fits"))
     names = [pin.split("==")[0] for pin in pins]
     before = installed_versions(names)
     refused: dict[str, str] = {}
@@ -180,14 +275,16 @@ def cmd_carry(wheels: str, out_dir: str) -> int:
                     refused[pin] = (done.stderr.strip().splitlines() or ["pip failed"])[-1][:500]
     after = installed_versions(names)
     rows = []
-    for pin, name in zip(pins, names):
+    for original, pin, name in zip(pinned, pins, names):
         wanted = pin.split("==")[1]
         source = "image" if before[name] is not None and before[name] == after[name] else "carried"
         rows.append({"requirement": pin, "installed": after[name], "source": source if after[name] else None,
-                     "matches_pin": after[name] == wanted, "refused": refused.get(pin)})
+                     "matches_pin": after[name] == wanted, "refused": refused.get(pin),
+                     "pinned": original, "changed": changes.get(original)})
     check = subprocess.run([sys.executable, "-m", "pip", "check", "--disable-pip-version-check"],
                            capture_output=True, text=True, timeout=300, check=False)
-    record = {"wheels": wheels, "packages": rows, "pip_check": check.stdout.strip().splitlines()}
+    record = {"wheels": wheels, "chosen_from": chosen_from, "packages": rows,
+              "pip_check": check.stdout.strip().splitlines()}
     with open(os.path.join(out_dir, "carried.json"), "w") as f:
         json.dump(record, f, indent=2)
     missing = [r["requirement"] for r in rows if r["installed"] is None]
@@ -298,6 +395,8 @@ def summarize(events: list[dict]) -> dict:
     sessions = [e for e in events if e["event"] == "session"]
     ends = [e for e in events if e["event"] == "end"]
     selected = [e for e in events if e["event"] == "selected"]
+    # an xdist controller runs no test and installs no listener (None): its workers' lines say
+    listeners = [s["compile_listener"] for s in sessions if s.get("compile_listener") is not None]
     return {
         "results": list(results.values()),
         "unfinished": [nodeid for nodeid in started if nodeid not in results],
@@ -306,7 +405,7 @@ def summarize(events: list[dict]) -> dict:
         "cache_hits": sum(1 for e in compiles if e.get("cache_hit")),
         "selected": selected[-1]["count"] if selected else (ends[-1]["selected"] if ends else None),
         "ended": bool(ends),
-        "compile_listener": all(s.get("compile_listener") for s in sessions) if sessions else None,
+        "compile_listener": all(listeners) if listeners else None,
         "unreadable": [e for e in events if e["event"] == "unreadable"],
     }
 
@@ -320,28 +419,30 @@ UNKNOWN_ITEM_S = 10.0  # a test the warm step did not finish: its compilations a
 
 
 def size_limit(out_dir: str, step: str, cap: float) -> tuple[int, str]:
-    """Time limit of STEP ("tests" or "bench") from what the warm step measured for the same
-    selection: the slowest shard's time outside its tests (start-up, collection, exit), the run
-    time of each warm test without its compile time, one cache load per kernel it compiled or
-    loaded, a dynamo re-trace per torch.compile graph, and for every test the warm step did not
-    finish (or start) the mean compile time of those it did (at least UNKNOWN_ITEM_S).
+    """Time limit of STEP ("tests" or "bench", run serially in one process) from what the warm
+    step measured for the same selection (one process, or one pytest-xdist session: a controller
+    stream and one stream per worker): the warm session's time outside its tests (start-up,
+    collection, exit: its wall time less its busiest process's test time), the run time of each
+    warm test without its compile time, one cache load per kernel it compiled or loaded, a dynamo
+    re-trace per torch.compile graph, and for every test the warm step did not finish (or start)
+    the mean compile time of those it did (at least UNKNOWN_ITEM_S).
     Capped at CAP, the budget left; the reason is returned with the number."""
-    warm = streams(out_dir, f"warm_{step}")
-    summaries = [summarize(events) for events in warm.values()]
-    # per-process cost outside the tests (start-up, collection, exit), measured on each warm shard
-    # that ended by itself (a killed one's wall time holds the hang); STARTUP_S is the floor
-    overheads = []
-    for name, summary in zip(warm, summaries):
-        wall_path = os.path.join(out_dir, "stream", f"{name}.wall")
-        if summary["ended"] and os.path.exists(wall_path):
-            with open(wall_path) as f:
-                wall = json.load(f)["seconds"]
-            overheads.append(wall - sum(r.get("duration", 0.0) for r in summary["results"]))
-    startup = max([STARTUP_S, *overheads])
+    summaries = [summarize(events) for events in streams(out_dir, f"warm_{step}").values()]
+    # outside the tests: measured on a warm session that ended by itself (a killed one's wall time
+    # holds the hang); STARTUP_S is the floor
+    startup = STARTUP_S
+    wall_path = os.path.join(out_dir, "stream", f"warm_{step}.wall")
+    if summaries and all(s["ended"] for s in summaries) and os.path.exists(wall_path):
+        with open(wall_path) as f:
+            wall = json.load(f)
+        if wall.get("rc") not in (124, 137):
+            busiest = max(sum(r.get("duration", 0.0) for r in s["results"]) for s in summaries)
+            startup = max(STARTUP_S, wall["seconds"] - busiest)
     results = [r for s in summaries for r in s["results"]]
-    unfinished = sum(len(s["unfinished"]) for s in summaries)
-    selected = sum(s["selected"] or 0 for s in summaries)
-    not_started = max(0, selected - len(results) - unfinished)
+    unfinished = len({n for s in summaries for n in s["unfinished"]})
+    # each xdist worker collects the whole selection and runs its part of it
+    selected = max([s["selected"] or 0 for s in summaries], default=0)
+    not_started = max(0, selected - len({r["nodeid"] for r in results}) - unfinished)
     run_s = sum(max(0.0, r.get("duration", 0.0) - r.get("compile_s", 0.0)) for r in results)
     compiled = sum(r.get("compiles", 0) for r in results)
     loads = compiled + sum(r.get("cache_hits", 0) for r in results)
@@ -369,9 +470,9 @@ def cmd_limit(out_dir: str, step: str, cap: str) -> int:
     """Prints STEP's limit; also writes OUT/stream/STEP.last, the tests the warm step started and
     did not finish, which gpu_check.sh passes to --stream-last (they run after all others)."""
     limit, why = size_limit(out_dir, step, float(cap))
-    unfinished = [
+    unfinished = sorted({
         n for events in streams(out_dir, f"warm_{step}").values() for n in summarize(events)["unfinished"]
-    ]
+    })
     with open(os.path.join(out_dir, "stream", f"{step}.last"), "w") as f:
         f.writelines(f"{nodeid}\n" for nodeid in unfinished)
     if unfinished:
@@ -554,7 +655,9 @@ def cmd_table(out_dir: str) -> int:
             "what a GPU warm step compiles"
         )
     for row in (table["carried"] or {}).get("packages", []):
-        print(f"  carried {row['requirement']:<28} -> {row['installed']} ({row['source'] or 'MISSING'})")
+        changed = row.get("changed") or {}
+        print(f"  carried {row['requirement']:<28} -> {row['installed']} ({row['source'] or 'MISSING'})"
+              + (f" instead of {row['pinned']}: {'; '.join(changed['because'])}" if changed else ""))
     for gap in table["cannot_run"]:
         print(f"  CANNOT RUN HERE: {gap['what']}: {gap['why']}")
     for reason, count in table["skipped_by_reason"].items():

@@ -2,16 +2,16 @@
 
 Loaded by bench/gpu_check.sh with `-p stream_results` (bench/ on PYTHONPATH):
 
-    python -m pytest tests -m cuda -p stream_results --stream-jsonl OUT/stream/tests.jsonl \\
-        [--stream-step tests] [--stream-shard 2/6]
+    python3 -m pytest tests -m cuda -p stream_results --stream-jsonl OUT/stream/tests.jsonl \\
+        [--stream-step tests] [-n 6]
 
 A step killed by its time limit (SIGKILL included) leaves every line written
 before it, so the JSON lines file holds each finished test's outcome and the
 test that was running when the step died (a "start" line without its
 "result"). Lines (all with "t", seconds since the epoch, and "step"):
 
-  {"event": "session", "pid", "shard", "triton", "compile_listener"}  at start
-  {"event": "selected", "count", "shard"}                              after collection
+  {"event": "session", "pid", "worker", "workers", "triton", "compile_listener"}  at start
+  {"event": "selected", "count"}                                       after collection
   {"event": "moved_last", "nodeids"}                                   with --stream-last
   {"event": "start", "nodeid"}                                         a test begins
   {"event": "compile", "nodeid", "kernel", "cache_hit", "seconds"}     a Triton compilation
@@ -32,9 +32,15 @@ cache on), so a dry run counts the compilations the same tests would cost on a G
 "benchmark" holds pytest-benchmark's statistics and extra_info when the test used the
 `benchmark` fixture.
 
---stream-shard i/k keeps every k-th selected test starting at the i-th (0-based), in nodeid
-order: k processes with i = 0..k-1 share one selection without overlap. --stream-last FILE
-runs the node ids listed in FILE (those an earlier step left unfinished) after all others.
+Under pytest-xdist (`-n N`) the tests run in worker processes, and each worker writes the lines
+above for its own tests to a file of its own: OUT/stream/tests.jsonl becomes tests_gw0.jsonl,
+tests_gw1.jsonl, ... (the worker's PYTEST_XDIST_WORKER id). Each of them holds its tests,
+its compilations and its unfinished test, as a single process's file does. The controller writes
+OUT/stream/tests.jsonl itself with the session lines only ("session" with "workers", "selected"
+when the first worker has collected, "end"), never a test's: those are the workers'.
+
+--stream-last FILE runs the node ids listed in FILE (those an earlier step left unfinished)
+after all others (under xdist, in the order the workers are handed the tests).
 """
 
 from __future__ import annotations
@@ -52,7 +58,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("stream_results", "JSON lines of results, written as they happen")
     group.addoption("--stream-jsonl", default=None, help="append one JSON line per event to this file")
     group.addoption("--stream-step", default="", help="step name written into every line")
-    group.addoption("--stream-shard", default=None, help="i/k: run the i-th of k shards of the selection")
     group.addoption(
         "--stream-last",
         default=None,
@@ -60,25 +65,68 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _parse_shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise pytest.UsageError(f"--stream-shard {text!r}: expected i/k, e.g. 0/4") from None
-    if not 0 <= index < count:
-        raise pytest.UsageError(f"--stream-shard {text!r}: need 0 <= i < k")
-    return index, count
+def worker_path(path: str, worker: str) -> str:
+    """The file of one xdist worker: OUT/stream/tests.jsonl -> OUT/stream/tests_gw0.jsonl."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}_{worker}{ext or '.jsonl'}"
 
 
-class StreamResults:
+class _Stream:
+    """One JSON lines file, open for the whole session (closed in pytest_unconfigure),
+    line-buffered and fsync'ed per event."""
+
     def __init__(self, config: pytest.Config, path: str) -> None:
         self.config = config
         self.step = config.getoption("--stream-step")
-        shard = config.getoption("--stream-shard")
-        self.shard = _parse_shard(shard) if shard else None
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        # open for the whole session (closed in pytest_unconfigure); line-buffered, fsync'ed per event
         self.file = open(path, "a", buffering=1)  # noqa: SIM115
+
+    def write(self, event: str, **fields) -> None:
+        line = {"event": event, "t": round(time.time(), 3), "step": self.step, **fields}
+        self.file.write(json.dumps(line, default=str) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())  # survives the SIGKILL of `timeout --kill-after`
+
+    @staticmethod
+    def _triton_version() -> str | None:
+        try:
+            import triton
+        except ImportError:
+            return None
+        return triton.__version__
+
+
+class XdistController(_Stream):
+    """The controller of a pytest-xdist session: it runs no test, so it writes the session's
+    lines only; its workers write the tests' (StreamResults, each to worker_path)."""
+
+    def __init__(self, config: pytest.Config, path: str) -> None:
+        super().__init__(config, path)
+        self.selected: int | None = None
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.write("session", pid=os.getpid(), worker=None, workers=self.config.getoption("numprocesses"),
+                   triton=self._triton_version(), compile_listener=None)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids) -> None:
+        if self.selected is None:  # every worker collects the same selection
+            self.selected = len(ids)
+            self.write("selected", count=self.selected)
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
+        self.write("end", exitstatus=int(exitstatus), selected=self.selected)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.file.close()
+
+
+class StreamResults(_Stream):
+    """The process that runs the tests: pytest without xdist, or one xdist worker."""
+
+    def __init__(self, config: pytest.Config, path: str, worker: str | None = None) -> None:
+        super().__init__(config, path)
+        self.worker = worker
         self.current: str | None = None
         self.compiles: list[dict] = []
         self.listener_error: str | None = None
@@ -91,14 +139,6 @@ class StreamResults:
         self.has_listener = self._install_listener()
         self.specializations: set = set()
         self._interpreter_patch = self._install_specialization_counter()
-
-    # ---------------------------------------------------------------- output
-
-    def write(self, event: str, **fields) -> None:
-        line = {"event": event, "t": round(time.time(), 3), "step": self.step, **fields}
-        self.file.write(json.dumps(line, default=str) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())  # survives the SIGKILL of `timeout --kill-after`
 
     # ---------------------------------------------------------------- compilations
 
@@ -212,31 +252,12 @@ class StreamResults:
             if moved:
                 items[:] = [item for item in items if item.nodeid not in last] + moved
                 self.write("moved_last", nodeids=[item.nodeid for item in moved])
-        if self.shard is not None:
-            index, count = self.shard
-            ordered = sorted(items, key=lambda item: item.nodeid)
-            keep = {id(item) for item in ordered[index::count]}
-            dropped = [item for item in items if id(item) not in keep]
-            items[:] = [item for item in items if id(item) in keep]
-            if dropped:
-                config.hook.pytest_deselected(items=dropped)
         self.selected = len(items)
-        self.write("selected", count=self.selected, shard=config.getoption("--stream-shard"))
+        self.write("selected", count=self.selected)
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        try:
-            import triton
-
-            triton_version = triton.__version__
-        except ImportError:
-            triton_version = None
-        self.write(
-            "session",
-            pid=os.getpid(),
-            shard=self.config.getoption("--stream-shard"),
-            triton=triton_version,
-            compile_listener=self.has_listener,
-        )
+        self.write("session", pid=os.getpid(), worker=self.worker, workers=None, triton=self._triton_version(),
+                   compile_listener=self.has_listener)
 
     def pytest_runtest_logstart(self, nodeid: str, location) -> None:
         self.current = nodeid
@@ -317,5 +338,13 @@ class StreamResults:
 
 def pytest_configure(config: pytest.Config) -> None:
     path = config.getoption("--stream-jsonl")
-    if path:
-        config.pluginmanager.register(StreamResults(config, path), "stream_results_instance")
+    if not path:
+        return
+    worker = getattr(config, "workerinput", {}).get("workerid") or os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        plugin = StreamResults(config, worker_path(path, worker), worker)
+    elif config.getoption("dist", "no") != "no":  # an xdist controller (-n N with N >= 1)
+        plugin = XdistController(config, path)
+    else:
+        plugin = StreamResults(config, path)
+    config.pluginmanager.register(plugin, "stream_results_instance")

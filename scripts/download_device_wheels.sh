@@ -8,7 +8,7 @@
 #   device run: carry [".device-wheels"], command "bash bench/gpu_check.sh"
 #
 # bench/gpu_check.sh installs from that folder before anything else. The folder is made
-# anew each time (two versions of one package would stop pip there), and the script fails
+# anew each time (a wheel of an earlier pin would stay beside the new one), and the script fails
 # when the folder and the tracked tree together pass the device tool's 64 MiB carry limit.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -22,10 +22,12 @@ for tag in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux
 done
 fresh="$(mktemp -d "${DIR%/}.partial.XXXXXX")"
 trap 'rm -rf "$fresh"' EXIT
-for list in bench/device-requirements.txt bench/device-fallback-wheels.txt; do
-  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
-    --implementation cp "${PLATFORMS[@]}" -d "$fresh" -r "$ROOT/$list"
-done
+DOWNLOAD=(python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12
+  --implementation cp "${PLATFORMS[@]}" -d "$fresh")
+"${DOWNLOAD[@]}" -r "$ROOT/bench/device-requirements.txt"
+# the fallbacks one at a time: they hold several versions of one package, which one pip call refuses
+grep -Ev '^[[:space:]]*(#|$)' "$ROOT/bench/device-fallback-wheels.txt" | sed 's/[[:space:]]*#.*//' |
+  while read -r pin; do "${DOWNLOAD[@]}" "$pin"; done
 rm -rf "$DIR"
 mv "$fresh" "$DIR"
 trap - EXIT

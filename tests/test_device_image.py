@@ -101,3 +101,33 @@ def test_triton_kernels_run_under_the_images_triton_in_the_interpreter(image_ven
                       _env(image_venv), timeout=1500)
     assert done.returncode == 0, text
     assert " passed" in done.stdout and " failed" not in done.stdout, text
+
+
+_CHOOSE = """
+import json, sys
+sys.path.insert(0, "bench")
+import gpu_check_tools as tools
+wheels, pyarrow = sys.argv[1], sys.argv[2]
+image = tools._image_version if pyarrow == "-" else (lambda n: pyarrow if n == "pyarrow" else tools._image_version(n))
+pins, fallbacks = tools.read_pins(tools.REQUIREMENTS), tools.read_pins(tools.FALLBACKS)
+chosen, changes = tools.choose_pins(pins, fallbacks, wheels, image)
+print(json.dumps({"chosen": chosen, "changes": changes}))
+"""
+
+
+def test_the_carry_step_chooses_a_datasets_the_images_pyarrow_can_take(image_venv, tmp_path):
+    """The carried folder as scripts/download_device_wheels.sh makes it, read with the image's other
+    versions: its pyarrow (26.0.1 here) takes datasets 5.2.0; a pyarrow of 22 takes the fallback 5.0.0."""
+    wheels = tmp_path / "wheels"
+    done, text = _run(["bash", str(ROOT / "scripts" / "download_device_wheels.sh"), str(wheels)], os.environ.copy(),
+                      timeout=600)
+    assert done.returncode == 0, text
+    picked = {}
+    for pyarrow in ("-", "22.0.0"):
+        done, text = _run([str(image_venv / "bin" / "python"), "-c", _CHOOSE, str(wheels), pyarrow],
+                          _env(image_venv), timeout=300)
+        assert done.returncode == 0, text
+        picked[pyarrow] = json.loads(done.stdout)
+    assert "datasets==5.2.0" in picked["-"]["chosen"] and picked["-"]["changes"] == {}
+    assert "datasets==5.0.0" in picked["22.0.0"]["chosen"]
+    assert picked["22.0.0"]["changes"]["datasets==5.2.0"]["instead"] == "datasets==5.0.0"

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -66,16 +67,18 @@ def test_dry_run_runs_every_step_and_writes_the_table(tmp_path):
                            "bench"]
     assert all(s["rc"] == 0 and not s["timed_out"] and 0 < s["limit_s"] for s in steps.values())
     assert table["failed_steps"] == [] and table["unfinished"] == [] and table["problems"] == []
-    # the warm step ran the same tests in two shards, without overlap, and the benchmark once
+    # the warm step ran the same tests under pytest-xdist, each once, each worker with a stream of
+    # its own, and the benchmark once
     warm = sorted(t["nodeid"] for t in table["tests"] if t["stream"].startswith("warm_tests"))
     tests = sorted(t["nodeid"] for t in table["tests"] if t["stream"] == "tests")
     assert warm == tests and len(tests) == 3
     # a triton_device test: selected by -m cuda (its added marker) and run, not skipped, on CPU
     assert any(t["nodeid"].endswith("test_triton_empty") and t["outcome"] == "passed" for t in table["tests"])
-    assert {t["stream"] for t in table["tests"] if t["stream"].startswith("warm_tests")} == {
-        "warm_tests_0",
-        "warm_tests_1",
+    assert {t["stream"] for t in table["tests"] if t["stream"].startswith("warm_tests")} <= {
+        "warm_tests_gw0",
+        "warm_tests_gw1",
     }
+    assert (tmp_path / "stream" / "warm_tests.jsonl").exists() and steps["warm"]["note"].startswith("tests: -n 2")
     assert table["counts"]["tests"] == {"passed": 3} and table["counts"]["warm"] == {"passed": 4}
     bench = [b for b in table["benchmarks"] if b["step"] == "bench"]
     assert len(bench) == 1 and bench[0]["time_s"] > 0 and bench[0]["rounds"] >= 1
@@ -208,41 +211,70 @@ def _pytest_with_stream(tmp_path, stream, *args):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a process group of its own, as under `timeout`
     )
 
 
-def test_a_killed_step_keeps_its_results_and_names_the_test_that_hung(tmp_path):
+def _all_streams(folder):
+    """Every stream in FOLDER (one process's, or an xdist controller's and its workers'), by name."""
+    return {path.stem: tools.read_lines(str(path)) for path in sorted(folder.glob("*.jsonl"))}
+
+
+@pytest.mark.parametrize("workers", [None, 2], ids=["one-process", "xdist"])
+def test_a_killed_step_keeps_its_results_and_names_the_test_that_hung(tmp_path, workers):
     stream = tmp_path / "stream" / "demo.jsonl"
-    proc = _pytest_with_stream(tmp_path, stream)
+    proc = _pytest_with_stream(tmp_path, stream, *(["-n", str(workers)] if workers else []))
+    finished = {"test_passes", "test_skips", "test_fails"}
+
+    def state():
+        summaries = {name: tools.summarize(events) for name, events in _all_streams(stream.parent).items()}
+        done = {r["nodeid"].split("::")[1] for s in summaries.values() for r in s["results"]}
+        return summaries, done, [n for s in summaries.values() for n in s["unfinished"]]
+
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # wait until the hanging test has started, then kill -9
-        if stream.exists() and "test_hangs" in stream.read_text():
+    while time.monotonic() < deadline:  # the hanging test started, the others done or never started
+        _, done, unfinished = state()
+        if finished <= done and unfinished == ["test_sample.py::test_hangs"]:
             break
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # as `timeout` does: the whole process group, xdist's workers too
     proc.wait(timeout=60)
-    summary = tools.summarize(tools.read_lines(str(stream)))
-    outcomes = {r["nodeid"].split("::")[1]: r["outcome"] for r in summary["results"]}
+    summaries, done, unfinished = state()
+    if workers:  # the controller's session lines, and one stream per worker with its tests
+        assert sorted(summaries) == ["demo", "demo_gw0", "demo_gw1"]
+        assert [e["event"] for e in tools.read_lines(str(stream))] == ["session", "selected"]
+    else:
+        assert list(summaries) == ["demo"]
+    results = [r for s in summaries.values() for r in s["results"]]
+    outcomes = {r["nodeid"].split("::")[1]: r["outcome"] for r in results}
+    assert len(results) == len(outcomes)  # each test once
+    # test_never_reached runs after the hang in one process; under xdist, if the other worker got it
+    assert outcomes.pop("test_never_reached", "passed") == "passed"
     assert outcomes == {"test_passes": "passed", "test_skips": "skipped", "test_fails": "failed"}
-    assert summary["unfinished"] == ["test_sample.py::test_hangs"] and not summary["ended"]
-    failed = next(r for r in summary["results"] if r["outcome"] == "failed")
+    assert unfinished == ["test_sample.py::test_hangs"]
+    assert not [name for name, s in summaries.items() if s["unfinished"] and s["ended"]]
+    failed = next(r for r in results if r["outcome"] == "failed")
     assert "assert 1 == 2" in failed["message"]
 
 
-def test_shards_split_the_selection_without_overlap(tmp_path):
-    seen = []
-    for index in range(2):
-        stream = tmp_path / f"shard{index}.jsonl"
-        proc = _pytest_with_stream(tmp_path, stream, "-k", "not hangs", "--stream-shard", f"{index}/2")
-        proc.communicate(timeout=300)
-        summary = tools.summarize(tools.read_lines(str(stream)))
-        assert summary["ended"] and summary["selected"] == len(summary["results"]) == 2
-        seen += [r["nodeid"] for r in summary["results"]]
-    assert sorted(seen) == sorted(
-        f"test_sample.py::{name}"
-        for name in ("test_passes", "test_skips", "test_fails", "test_never_reached")
-    )
+def test_xdist_workers_stream_each_test_once_and_the_controller_the_session(tmp_path):
+    stream = tmp_path / "stream" / "demo.jsonl"
+    proc = _pytest_with_stream(tmp_path, stream, "-k", "not hangs", "-n", "2")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out  # test_fails
+    streams = _all_streams(stream.parent)
+    assert sorted(streams) == ["demo", "demo_gw0", "demo_gw1"]
+    controller = tools.summarize(streams.pop("demo"))
+    assert controller["ended"] and controller["selected"] == 4 and controller["results"] == []
+    assert controller["compile_listener"] is None
+    workers = [tools.summarize(events) for events in streams.values()]
+    assert all(s["ended"] and s["selected"] == 4 for s in workers)  # each collects the whole selection
+    ran = sorted(r["nodeid"] for s in workers for r in s["results"])
+    assert ran == sorted(f"test_sample.py::{name}"
+                         for name in ("test_passes", "test_skips", "test_fails", "test_never_reached"))
+    assert {e.get("worker") for events in streams.values() for e in events if e["event"] == "session"} == {
+        "gw0", "gw1"}
 
 
 def test_tests_left_unfinished_before_run_last(tmp_path):
@@ -278,11 +310,16 @@ def test_limits_are_sized_from_the_warm_steps_measurements(tmp_path):
             "inductor_graphs": graphs,
         }
 
+    # an xdist session: the controller's stream, and each worker's (every worker collects all 5)
     _write_stream(
-        tmp_path / "stream" / "warm_tests_0.jsonl",
+        tmp_path / "stream" / "warm_tests.jsonl",
+        [{"event": "session", "compile_listener": None, "workers": 2}, {"event": "selected", "count": 5}],
+    )
+    _write_stream(
+        tmp_path / "stream" / "warm_tests_gw0.jsonl",
         [
-            {"event": "session", "compile_listener": True},
-            {"event": "selected", "count": 5},  # a, b, c and two never started
+            {"event": "session", "compile_listener": True, "worker": "gw0"},
+            {"event": "selected", "count": 5},  # a, b, c (here), d (gw1) and one never started
             {"event": "start", "nodeid": "a"},
             result("a", 30.0, 10, 28.0),  # 2 s of work, 10 kernels compiled
             {"event": "start", "nodeid": "b"},
@@ -291,23 +328,27 @@ def test_limits_are_sized_from_the_warm_steps_measurements(tmp_path):
         ],
     )
     _write_stream(
-        tmp_path / "stream" / "warm_tests_1.jsonl",
+        tmp_path / "stream" / "warm_tests_gw1.jsonl",
         [
-            {"event": "session", "compile_listener": True},
-            {"event": "selected", "count": 1},
+            {"event": "session", "compile_listener": True, "worker": "gw1"},
+            {"event": "selected", "count": 5},
             {"event": "start", "nodeid": "d"},
             result("d", 1.0, 0, 0.0, graphs=2),
-            {"event": "end", "exitstatus": 0, "selected": 1},
+            {"event": "end", "exitstatus": 0, "selected": 5},
         ],
     )
-    # wall times of the shards: the killed one's (500 s, a hang) says nothing about start-up;
-    # the other spent 40 - 1 = 39 s outside its one test
-    (tmp_path / "stream" / "warm_tests_0.wall").write_text('{"seconds": 500, "rc": 124}')
-    (tmp_path / "stream" / "warm_tests_1.wall").write_text('{"seconds": 40, "rc": 0}')
+    # the session was killed at its limit: its wall time (500 s, a hang) says nothing about start-up
+    (tmp_path / "stream" / "warm_tests.wall").write_text('{"seconds": 500, "rc": 124}')
     limit, why = tools.size_limit(str(tmp_path), "tests", cap=1000)
     per_unknown = max(tools.UNKNOWN_ITEM_S, (28.0 + 2.0) / 2)
-    expected = 39 + 1.5 * (2.0 + 3.0 + 1.0) + tools.LOAD_S * 16 + tools.GRAPH_S * 2 + 3 * per_unknown
-    assert limit == int(-(-expected // 1)) and "3 tests not finished warm" in why
+    run = 1.5 * (2.0 + 3.0 + 1.0) + tools.LOAD_S * 16 + tools.GRAPH_S * 2 + 2 * per_unknown
+    assert limit == int(-(-(tools.STARTUP_S + run) // 1)) and "2 tests not finished warm" in why
+    # a session that ended by itself: its wall time less its busiest worker's test time (35 s)
+    for name in ("warm_tests", "warm_tests_gw0"):
+        with open(tmp_path / "stream" / f"{name}.jsonl", "a") as f:
+            f.write(json.dumps({"event": "end", "exitstatus": 1, "selected": 5}) + "\n")
+    (tmp_path / "stream" / "warm_tests.wall").write_text('{"seconds": 100, "rc": 1}')
+    assert tools.size_limit(str(tmp_path), "tests", cap=1000)[0] == int(-(-(65 + run) // 1))
     assert tools.size_limit(str(tmp_path), "tests", cap=40) == (
         40,
         tools.size_limit(str(tmp_path), "tests", 40)[1],
@@ -371,7 +412,7 @@ def test_table_merges_steps_streams_and_names_what_never_finished(tmp_path):
         "extra_info": {"speedup": 1.5, "throughput": 9e4, "throughput_unit": "tokens/s", "tflops": 3.0},
     }
     _write_stream(
-        tmp_path / "stream" / "warm_tests_0.jsonl",
+        tmp_path / "stream" / "warm_tests_gw0.jsonl",
         [
             {"event": "compile", "nodeid": "t.py::a", "kernel": "k_fwd", "cache_hit": False, "seconds": 2.5},
             {"event": "compile", "nodeid": "t.py::a", "kernel": "k_fwd", "cache_hit": True, "seconds": 0.01},
@@ -476,6 +517,7 @@ def test_carry_records_what_is_there_and_what_is_missing(tmp_path, monkeypatch, 
     requirements = tmp_path / "requirements.txt"
     requirements.write_text(f"pytest=={metadata.version('pytest')}\nno-such-package-gapfix==1.0\n")
     monkeypatch.setattr(tools, "REQUIREMENTS", str(requirements))
+    monkeypatch.setenv("GAPFIX_DEVICE_WHEELS", str(tmp_path / "no-folder"))  # nothing to choose from
     # "-": install nothing (the dry run): what is missing is listed, not failed
     assert tools.cmd_carry("-", str(tmp_path)) == 0
     record = json.loads((tmp_path / "carried.json").read_text())
@@ -495,6 +537,69 @@ def test_carry_records_what_is_there_and_what_is_missing(tmp_path, monkeypatch, 
     # no folder at all: said, not an exception
     assert tools.cmd_carry(str(tmp_path / "absent"), str(tmp_path)) == 1
     assert "no carried wheels at" in capsys.readouterr().err
+
+
+def _fake_wheel(folder, name, version, requires):
+    dist = f"{name.replace('-', '_')}-{version}"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    metadata += "".join(f"Requires-Dist: {line}\n" for line in requires)
+    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"{dist}.dist-info/METADATA", metadata)
+
+
+def _carried_folder(folder):
+    """The carried folder's datasets, trl and fsspec wheels, with their real requirements."""
+    folder.mkdir(exist_ok=True)
+    _fake_wheel(folder, "datasets", "5.2.0", ["pyarrow>=24.0.0", "dill<0.4.2,>=0.3.0", "fsspec<=2026.9.0,>=2023.1.0",
+                                               "huggingface-hub<3.0,>=1.31.0", 'pytest-xdist; extra == "tests"'])
+    _fake_wheel(folder, "datasets", "5.0.0", ["pyarrow>=21.0.0", "dill<0.4.2,>=0.3.0",
+                                               "fsspec[http]<=2026.4.0,>=2023.1.0", "huggingface-hub<2.0,>=0.25.0"])
+    _fake_wheel(folder, "dill", "0.4.1", [])
+    _fake_wheel(folder, "trl", "1.16.0", ["datasets>=4.7.0", "pyarrow>=21.0.0", "huggingface_hub>=0.34.0"])
+    for version in ("2026.9.0", "2026.4.0"):
+        _fake_wheel(folder, "fsspec", version, [])
+    return ["datasets==5.2.0", "dill==0.4.1", "trl==1.16.0"], ["datasets==5.0.0", "fsspec==2026.9.0",
+                                                               "fsspec==2026.4.0"]
+
+
+@pytest.mark.parametrize(
+    "pyarrow, hub, datasets, unmet",
+    [
+        ("26.0.1", "1.33.0", "datasets==5.2.0", {}),
+        ("24.0.0", "1.33.0", "datasets==5.2.0", {}),
+        ("22.0.0", "1.33.0", "datasets==5.0.0", {"datasets==5.2.0": "datasets==5.0.0"}),
+        # no carried datasets fits: the pin stays (pip refuses it, the table says so)
+        ("22.0.0", "2.1.0", "datasets==5.2.0", {"datasets==5.2.0": None}),
+        ("20.0.0", "1.33.0", "datasets==5.2.0", {"datasets==5.2.0": None, "trl==1.16.0": None}),
+        (None, "1.33.0", "datasets==5.2.0", {"datasets==5.2.0": None, "trl==1.16.0": None}),
+    ],
+)
+def test_carry_chooses_the_datasets_the_images_pyarrow_can_take(tmp_path, pyarrow, hub, datasets, unmet):
+    pins, fallbacks = _carried_folder(tmp_path)
+    image = {"pyarrow": pyarrow, "huggingface-hub": hub}
+    chosen, changes = tools.choose_pins(pins, fallbacks, str(tmp_path), image.get)
+    assert chosen == [datasets, "dill==0.4.1", "trl==1.16.0"]
+    assert {pin: change["instead"] for pin, change in changes.items()} == unmet
+    if "datasets==5.2.0" in changes:
+        assert f"pyarrow>=24.0.0 (the image has {pyarrow or 'none'})" in changes["datasets==5.2.0"]["because"]
+
+
+def test_the_dry_run_carry_records_the_choice_from_the_carried_folder(tmp_path, monkeypatch, capsys):
+    pins, fallbacks = _carried_folder(tmp_path / "wheels")
+    (tmp_path / "requirements.txt").write_text("\n".join(pins) + "\n")
+    (tmp_path / "fallbacks.txt").write_text("\n".join(fallbacks) + "\n")
+    monkeypatch.setattr(tools, "REQUIREMENTS", str(tmp_path / "requirements.txt"))
+    monkeypatch.setattr(tools, "FALLBACKS", str(tmp_path / "fallbacks.txt"))
+    monkeypatch.setattr(tools, "_image_version", {"pyarrow": "23.0.1", "huggingface-hub": "1.33.0"}.get)
+    monkeypatch.setenv("GAPFIX_DEVICE_WHEELS", str(tmp_path / "wheels"))
+    assert tools.cmd_carry("-", str(tmp_path)) == 0  # "-": chooses, installs nothing
+    record = json.loads((tmp_path / "carried.json").read_text())
+    assert record["chosen_from"] == str(tmp_path / "wheels")
+    row = record["packages"][0]
+    assert (row["requirement"], row["pinned"], row["changed"]["instead"]) == (
+        "datasets==5.0.0", "datasets==5.2.0", "datasets==5.0.0")
+    assert "installing datasets==5.0.0 instead" in capsys.readouterr().out
+    assert all(r["changed"] is None for r in record["packages"][1:])
 
 
 def test_the_table_says_what_cannot_run_and_counts_skips_by_reason(tmp_path):
@@ -541,7 +646,7 @@ def test_launches():
 def test_the_interpreter_counts_the_specializations_a_gpu_would_compile(tmp_path):
     pytest.importorskip("triton")
     (tmp_path / "test_kernel_sample.py").write_text(_KERNEL_SAMPLE)
-    stream = tmp_path / "warm_tests_0.jsonl"
+    stream = tmp_path / "warm_tests_gw0.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "stream_results",
          "--stream-jsonl", str(stream), "--stream-step", "warm", "test_kernel_sample.py"],
