@@ -266,7 +266,7 @@ def analyse(runs: List[dict], *, reference: str = "sft", draws: int = 2000, leve
             stats = _mean_sd(per_seed)
             if stats is not None:
                 entry["metrics"][metric] = stats
-        for phase in ("offline", "train"):
+        for phase in ("offline", "train", "eval"):
             entry[f"{phase}_seconds"] = statistics.fmean([r["seconds"].get(phase, 0.0) for r in mine] or [0.0])
         summary[method] = entry
     swept = [m for m in methods if "[" in m]
@@ -368,6 +368,8 @@ def run_compare(make_base: Callable[[int], object], tokenizer: PreTrainedTokeniz
             started = time.perf_counter()
             evaluated = evaluate(model)
             seconds["eval"] = time.perf_counter() - started
+            if evaluated.get("_phase_seconds"):  # what each diagnostic of the evaluation cost
+                seconds["eval_phases"] = evaluated["_phase_seconds"]
             per_example = {k: v for k, v in evaluated.items() if not k.startswith("_")}
             run = {"seed": seed, "method": name, "seconds": seconds, "per_example": per_example,
                    "generation": evaluated.get("_generation")}
@@ -579,9 +581,10 @@ def markdown(analysis: dict) -> str:
                          "(more than half of the interval's variance): the interval is wide because of it; "
                          "run more seeds (--seeds 5 or more) to narrow it")
         lines.append("")
-    lines += ["| method | offline s | train s |", "| --- | --- | --- |"]
+    lines += ["| method | offline s | train s | eval s |", "| --- | --- | --- | --- |"]
     for method, entry in analysis["summary"].items():
-        lines.append(f"| {_label(method)} | {entry['offline_seconds']:.1f} | {entry['train_seconds']:.1f} |")
+        lines.append(f"| {_label(method)} | {entry['offline_seconds']:.1f} | {entry['train_seconds']:.1f} "
+                     f"| {entry.get('eval_seconds', 0.0):.1f} |")
     lines += ["", *_footnotes(analysis, notes)]
     for failure in analysis.get("failed", []):
         lines.append(f"FAILED: {failure['method']} seed {failure['seed']}, left out of every row above: "
@@ -927,4 +930,5 @@ class _Setup:
         scores = {k: v for k, v in report["per_example"].items() if k in self.KEEP}
         scores["_generations"] = report["generations"]
         scores["_generation"] = report["generation"]
+        scores["_phase_seconds"] = report["phase_seconds"]
         return scores

@@ -47,6 +47,7 @@ import statistics
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Pattern, Sequence, Tuple, Union
 
 from gapfix.data import Example
+from gapfix.models import merged_for_inference
 
 if TYPE_CHECKING:  # annotations only: torch and transformers load where they are used
     import torch
@@ -251,6 +252,7 @@ def evaluate(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Exam
     if len(examples) == 0:
         raise ValueError("examples is empty: nothing to evaluate")
     regex = compile_answer_regex(answer_regex)
+    model = merged_for_inference(model)
     used: dict = {}
     answers = [text for text, _ in _greedy(model, tokenizer, [ex.prompt_ids for ex in examples],
                                            max_new_tokens, backend,
@@ -559,6 +561,8 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
     regex = compile_answer_regex(answer_regex)
     rng = random.Random(seed)
     clock = _PhaseClock()
+    model = merged_for_inference(model)  # a LoRA model's adapter merged in a copy: one plain forward
+    clock.lap("merge")
     contents, stops = (answer_ends or reference_answer_ends)(model, tokenizer, examples)
     references_text = [_reference_text(ex, tokenizer) for ex in examples]
     used: dict = {}

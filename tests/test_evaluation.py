@@ -117,6 +117,40 @@ def test_copying_model_agrees_near_one(copy_setup):
         assert examples[probe["example"]].answer_ids[probe["position"]] != probe["wrong_token"]
 
 
+def test_a_lora_model_is_evaluated_merged_and_left_unchanged(copy_setup):
+    """A PEFT model is scored through a merged copy (one plain forward per layer): the same answers
+    and teacher-forced hits as the adapted model, and the caller's adapter and weights untouched."""
+    import copy
+
+    import torch
+
+    from gapfix.evaluation import evaluate_model
+    from gapfix.models import apply_lora, merged_for_inference
+
+    model, tokenizer, examples = copy_setup
+    adapted = apply_lora(copy.deepcopy(model), r=4)
+    with torch.no_grad():  # a non-zero adapter, so that merging changes the weights
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    before = {k: v.clone() for k, v in adapted.state_dict().items()}
+    merged = merged_for_inference(adapted)
+    assert not hasattr(merged, "peft_config") and merged is not adapted
+    assert merged_for_inference(model) is model
+    ids = torch.tensor([examples[0].prompt_ids + examples[0].answer_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-5)
+    report = evaluate_model(adapted, tokenizer, examples[:8], max_new_tokens=8, backend="hf", embed=None,
+                            recovery=False)
+    unmerged = evaluate_model(adapted.base_model.model, tokenizer, examples[:8], max_new_tokens=8,
+                              backend="hf", embed=None, recovery=False)  # the LoRA layers in place, unwrapped
+    assert report["answers"] == unmerged["answers"]
+    assert report["teacher_forced_accuracy"] == unmerged["teacher_forced_accuracy"]
+    assert "merge" in report["phase_seconds"]
+    after = adapted.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_random_model_agrees_near_chance(copy_setup):
     from gapfix.evaluation import evaluate_model
     from gapfix.models import tiny_llama

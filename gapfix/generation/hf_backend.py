@@ -35,7 +35,9 @@ class _HFBackend:
                              f"{next(model.parameters()).dtype}; cast the model instead")
         if not hasattr(model, "generate"):
             raise ValueError(f"model must be a transformers causal LM, got {type(model).__name__}")
-        self.model = model
+        from gapfix.models import merged_for_inference
+
+        self.model = merged_for_inference(model)  # a PEFT model: its adapter merged, in a copy
         self.config = model.config
         self.generation_config = getattr(model, "generation_config", None)
         self.torch = torch
