@@ -7,8 +7,8 @@ small multiple of the reference's own error in that dtype (plus a few fp32 ulps)
 import pytest
 import torch
 
-from gapfix.ops.cross_entropy import linear_log_probs, linear_log_probs_reference
 import gapfix.ops.cross_entropy.log_probs as log_probs_module
+from gapfix.ops.cross_entropy import linear_log_probs, linear_log_probs_reference
 from gapfix.ops.cross_entropy.log_probs import STATS, log_probs_of_logits
 
 FACTOR = 3.0
