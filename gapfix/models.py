@@ -607,6 +607,8 @@ def merged_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     slower unmerged (docs/real-model.md)."""
     if not callable(getattr(model, "merge_and_unload", None)):
         return model
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return model  # sharded (FSDP2): each rank holds a shard, there is no whole weight to merge into
     import copy
 
     return copy.deepcopy(model).merge_and_unload()
