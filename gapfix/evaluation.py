@@ -252,7 +252,6 @@ def evaluate(model: Any, tokenizer: PreTrainedTokenizerBase, examples: List[Exam
     if len(examples) == 0:
         raise ValueError("examples is empty: nothing to evaluate")
     regex = compile_answer_regex(answer_regex)
-    model = merged_for_inference(model)
     used: dict = {}
     answers = [text for text, _ in _greedy(model, tokenizer, [ex.prompt_ids for ex in examples],
                                            max_new_tokens, backend,
@@ -561,7 +560,10 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
     regex = compile_answer_regex(answer_regex)
     rng = random.Random(seed)
     clock = _PhaseClock()
-    model = merged_for_inference(model)  # a LoRA model's adapter merged in a copy: one plain forward
+    # the teacher-forced passes run on a LoRA model's merged copy (one plain forward per layer);
+    # generation gets the model itself: the hf backend merges in its own copy, and vLLM merges on
+    # each weight push into the one engine it keeps per model (a copy would start an engine each time)
+    scored = merged_for_inference(model)
     clock.lap("merge")
     contents, stops = (answer_ends or reference_answer_ends)(model, tokenizer, examples)
     references_text = [_reference_text(ex, tokenizer) for ex in examples]
@@ -575,7 +577,8 @@ def evaluate_model(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Lis
     # recovery positions: any answer token but the end token (EOS or end-of-turn) and what follows it
     positions = [rng.randrange(n) if n > 0 else None for n in contents]
     clock.lap("greedy")
-    hits, tops = _teacher_forced(model, examples, positions if recovery else [None] * len(examples), top_k)
+    hits, tops = _teacher_forced(scored, examples, positions if recovery else [None] * len(examples), top_k)
+    del scored  # the copy is not needed past the teacher-forced pass
     curve = divergence_curve(hits, generated, [ex.answer_ids for ex in examples])
     per_example = {
         "accuracy": correct,
