@@ -186,6 +186,25 @@ def test_lora_model_served_by_vllm_gives_hf_greedy_tokens(need_vllm, tok):
     assert tokens(second) != tokens(first)
 
 
+def test_evaluating_a_lora_model_again_reuses_its_engine(need_vllm, tok):
+    """evaluate_model generates through the model itself (vLLM merges the adapter on each push),
+    so repeated evaluations of one model keep one engine: an engine per evaluation ran a 3-seed
+    study out of memory."""
+    from gapfix.data import Example
+    from gapfix.evaluation import evaluate_model
+
+    model = lora_model(tok)
+    model.eval()
+    examples = [Example(prompt_ids=p[:-3], answer_ids=p[-3:] + [tok.eos_token_id]) for p in prompts_of(tok)]
+    engines = []
+    for _ in range(2):
+        report = evaluate_model(model, tok, examples, max_new_tokens=6, backend="vllm", embed=None)
+        assert report["generation"]["backend"] == "vllm"
+        engines.append(engine_of(model))
+        train_step(model, tok, lr=5e-2, seed=3)
+    assert engines[0] is engines[1]
+
+
 def test_rac_rows_of_a_lora_model_are_the_same_through_vllm_and_hf(need_vllm):
     """RAC generates for a PEFT model through vLLM (the merged weights pushed): its greedy
     answers (temperature 0, set here: RAC's default samples), hence its rows, are those of the
