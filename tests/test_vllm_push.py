@@ -205,6 +205,25 @@ def test_evaluating_a_lora_model_again_reuses_its_engine(need_vllm, tok):
     assert engines[0] is engines[1]
 
 
+def test_a_second_model_of_the_same_architecture_takes_over_the_engine(need_vllm, tok):
+    """A new in-memory model with the config of a cached one (compare's next seed) is served by that
+    engine, its weights pushed; the first model's collection then closes nothing it needs. A second
+    engine in the process broke when the first closed (vLLM's parallel groups are process-wide)."""
+    import gc
+
+    first = lora_model(tok, seed=6)
+    prompts = prompts_of(tok)
+    generate(first, prompts, tokenizer=tok, backend="vllm", max_new_tokens=8)
+    engine = engine_of(first)
+    second = lora_model(tok, seed=7)
+    expected = tokens(generate(second, prompts, tokenizer=tok, backend="hf", max_new_tokens=8))
+    assert tokens(generate(second, prompts, tokenizer=tok, backend="vllm", max_new_tokens=8)) == expected
+    assert engine_of(second) is engine
+    del first
+    gc.collect()
+    assert tokens(generate(second, prompts, tokenizer=tok, backend="vllm", max_new_tokens=8)) == expected
+
+
 def test_rac_rows_of_a_lora_model_are_the_same_through_vllm_and_hf(need_vllm):
     """RAC generates for a PEFT model through vLLM (the merged weights pushed): its greedy
     answers (temperature 0, set here: RAC's default samples), hence its rows, are those of the

@@ -334,6 +334,7 @@ class _Engine:
             for name, value in _VLLM_CPU_ENV.items():
                 os.environ.setdefault(name, value)
         self.path = path
+        self.pushed = pushed  # weights come from memory (push_weights) on every call, never from files
         self.dtype = dtype
         self.engine_kwargs = dict(engine_kwargs)
         from gapfix.models import has_tokenizer
@@ -448,6 +449,18 @@ def _model_dtype(model) -> str:
     return "float32"
 
 
+def _adopted_engine(key, config):
+    """A cached engine that another in-memory model of the same architecture (config, dtype,
+    engine options) had, taken out of the cache, or None. Every call pushes all weights, so the
+    engine serves the new model as well; and it must: a second engine in one process shares
+    vLLM's process-wide parallel state with the first, and closing the first (when its model is
+    collected) breaks the second."""
+    for other, engine in list(_ENGINES.items()):
+        if other[1:] == key[1:] and getattr(engine, "pushed", False) and engine.config == config:
+            return _ENGINES.pop(other)
+    return None
+
+
 def _pushed_engine_for(model, path: Path, dtype, engine_kwargs, reload: bool):
     """(cache key, engine) for in-memory `model` whose architecture folder is `path`: the
     cached engine (a new one where the config changed, or for reload=True), holding the
@@ -458,6 +471,8 @@ def _pushed_engine_for(model, path: Path, dtype, engine_kwargs, reload: bool):
         dtype = _model_dtype(model)
     key = _engine_key(path, dtype, engine_kwargs)
     engine = _ENGINES.pop(key, None)
+    if engine is None and not reload:
+        engine = _adopted_engine(key, _config_fingerprint(path))
     if engine is not None and (reload or engine.config != _config_fingerprint(path)):
         engine.close()
         engine = None
