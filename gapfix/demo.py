@@ -55,8 +55,8 @@ ANSWER_REGEX = r"answer (\d+)\s*$"
 
 
 # `gapfix demo --recipe smollm2`: `gapfix compare` on the pretrained SmolLM2-135M-Instruct
-# (gapfix[real]) with a LoRA adapter, on the math task as chat turns. Sized to finish one seed in
-# about half an hour on a 2-core CPU (docs/real-model.md has the measured phase costs): 192 training
+# (gapfix[real]) with a LoRA adapter, on the math task as chat turns. Sized to finish one seed well
+# inside half an hour on a 2-core CPU (12 minutes measured; docs/real-model.md has the costs): 192 training
 # chats seen per method, 48 test chats, vLLM generation where vllm is installed (2.4x faster than
 # transformers' generate on 64 prompts here).
 SMOLLM2_RECIPE = dict(

@@ -463,17 +463,18 @@ def _adopted_engine(key, config):
 
 def _pushed_engine_for(model, path: Path, dtype, engine_kwargs, reload: bool):
     """(cache key, engine) for in-memory `model` whose architecture folder is `path`: the
-    cached engine (a new one where the config changed, or for reload=True), holding the
+    cached engine, its own or that of an earlier model of the same architecture (a new one where
+    the config changed, or for reload=True), holding the
     model's current weights, pushed from memory."""
     import gc
 
     if dtype is None:  # what the model computes in, so that both backends compute the same
         dtype = _model_dtype(model)
-    key = _engine_key(path, dtype, engine_kwargs)
+    key, config = _engine_key(path, dtype, engine_kwargs), _config_fingerprint(path)
     engine = _ENGINES.pop(key, None)
     if engine is None and not reload:
-        engine = _adopted_engine(key, _config_fingerprint(path))
-    if engine is not None and (reload or engine.config != _config_fingerprint(path)):
+        engine = _adopted_engine(key, config)
+    if engine is not None and (reload or engine.config != config):
         engine.close()
         engine = None
     if engine is None:
