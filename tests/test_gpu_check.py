@@ -222,6 +222,8 @@ def _all_streams(folder):
 
 @pytest.mark.parametrize("workers", [None, 2], ids=["one-process", "xdist"])
 def test_a_killed_step_keeps_its_results_and_names_the_test_that_hung(tmp_path, workers):
+    if workers:
+        pytest.importorskip("xdist", reason="pytest-xdist is not installed (the `test` extra has it)")
     stream = tmp_path / "stream" / "demo.jsonl"
     proc = _pytest_with_stream(tmp_path, stream, *(["-n", str(workers)] if workers else []))
     finished = {"test_passes", "test_skips", "test_fails"}
@@ -259,6 +261,7 @@ def test_a_killed_step_keeps_its_results_and_names_the_test_that_hung(tmp_path, 
 
 
 def test_xdist_workers_stream_each_test_once_and_the_controller_the_session(tmp_path):
+    pytest.importorskip("xdist", reason="pytest-xdist is not installed (the `test` extra has it)")
     stream = tmp_path / "stream" / "demo.jsonl"
     proc = _pytest_with_stream(tmp_path, stream, "-k", "not hangs", "-n", "2")
     out, _ = proc.communicate(timeout=300)
