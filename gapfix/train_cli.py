@@ -398,4 +398,7 @@ def run(args) -> int:
         with open_file(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(json.dumps(summary))
+    from gapfix.trainer import leave_process_group
+
+    leave_process_group()
     return 0

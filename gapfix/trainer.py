@@ -35,6 +35,7 @@ size does not grow with the dataset, resume is exact, and never runs code from a
 """
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import math
@@ -191,6 +192,19 @@ class _Dist:
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
+
+
+def leave_process_group() -> None:
+    """Ends this process's part in a torchrun job that finished: waits for every rank, then destroys
+    the process group while the interpreter is whole (no-op outside a job). A DDP wrapper sits in a
+    reference cycle and holds the group through its reducer; left to interpreter teardown, gloo's
+    threads can then abort a run that succeeded ("terminate called without an active exception",
+    about 1 run in 30 here) and NCCL warns. Call it on success only: a rank that failed must not
+    wait in a collective for the others."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()  # frees wrappers in reference cycles, so that destroying drops the group's last reference
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _pick_device(name):

@@ -12,11 +12,10 @@ import json
 import os
 import sys
 
-import torch
-
 import gapfix.data as gapfix_data
 from gapfix.data import math_task
 from gapfix.train_cli import data_cache_dir, join_process_group, load_data
+from gapfix.trainer import leave_process_group
 
 
 def main(out, data):
@@ -40,8 +39,7 @@ def main(out, data):
         json.dump({"encoded": encoded[0], "rows": len(dataset), "sha256": digest.hexdigest(),
                    "cache_files": sorted(entry["filename"] for entry in dataset.cache_files),
                    "fingerprint": dataset._fingerprint, "report": report}, handle)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import gapfix
 from gapfix.data import collate, encode_example, math_task, sft_row
 from gapfix.methods.bash import mixed_inputs_embeds, predict_alternatives
 from gapfix.models import tiny_llama
-from gapfix.trainer import CausalLMLoss
+from gapfix.trainer import CausalLMLoss, leave_process_group
 
 
 def main(out_path, recipe):
@@ -62,8 +62,8 @@ def main(out_path, recipe):
         with open(out_path, "w") as f:
             json.dump({"max_rank_difference": max(float((g - gathered[0]).abs().max()) for g in gathered),
                        "moved": float((gathered[0] - initial).abs().max())}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    del loss_module, optimizer  # the DDP wrapper holds the process group: it goes before the group
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from gapfix.data import encode_example, math_task
 from gapfix.models import tiny_llama
-from gapfix.trainer import train
+from gapfix.trainer import leave_process_group, train
 
 
 class Stop(Exception):
@@ -72,9 +72,7 @@ def main(out_path, strategy, iterations="1", checkpoints="", stop_at="0"):
         with open(out_path, "w") as f:
             json.dump(losses, f)
         save_file(parameters, out_path + ".safetensors")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # no rank tears down while another still has collectives in flight
-        torch.distributed.destroy_process_group()
+    leave_process_group()  # no rank tears down while another still has collectives in flight
 
 
 if __name__ == "__main__":

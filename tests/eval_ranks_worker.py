@@ -12,6 +12,7 @@ import torch
 
 from gapfix.eval_cli import load_eval_examples
 from gapfix.train_cli import evaluate_across_ranks, load_model_and_tokenizer
+from gapfix.trainer import leave_process_group
 
 
 def main(out, data):
@@ -26,7 +27,7 @@ def main(out, data):
     result = evaluate_across_ranks(model, tokenizer, examples, max_new_tokens=4, answer_regex="(.)")
     with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:
         json.dump(result, f)
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ import json
 import os
 import sys
 
-import torch
-
 from gapfix.data import math_task
 from gapfix.models import tiny_llama
+from gapfix.trainer import leave_process_group
 
 
 def tokenizer():
@@ -171,9 +170,7 @@ def main(out_path: str, kind: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     with open(f"{out_path}.rank{rank}.json", "w") as f:
         json.dump(result, f)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -90,3 +90,23 @@ def test_more_ranks_than_examples_every_rank_joins_the_one_all_reduce(tmp_path):
     expected = evaluate(model, tokenizer, examples, max_new_tokens=4, backend="hf", answer_regex="(.)")
     assert expected["count"] == 2
     assert [json.loads((out / f"rank-{r}.json").read_text()) for r in range(3)] == [expected] * 3
+
+
+def test_a_finished_train_command_destroys_its_process_group(tmp_path, monkeypatch):
+    """`gapfix train` leaves no process group for interpreter teardown, where gloo's threads can
+    abort a run that succeeded (a one-process gloo group stands in for torchrun's)."""
+    import torch.distributed as dist
+
+    from gapfix.cli import main
+
+    paths = math_task.write_splits(str(tmp_path / "data"), train=8, test=2, hard=1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert main(["train", "--model", "tiny", "--tokenizer", "word", "--train", paths["train"],
+                     "--method", "sft", "--iterations", "1", "--steps-per-iteration", "1", "--batch-size", "2",
+                     "--progress", "false", "--threads", "1", "--out", str(tmp_path / "out")]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
