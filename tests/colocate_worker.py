@@ -17,7 +17,7 @@ from gapfix.data import encode_example, math_task
 from gapfix.data.arrow import RowTable
 from gapfix.methods.rac import RAC
 from gapfix.models import tiny_llama
-from gapfix.trainer import train
+from gapfix.trainer import leave_process_group, train
 
 
 def main(out, backend, temperature, tp, iterations, distributed="ddp"):
@@ -55,6 +55,8 @@ def main(out, backend, temperature, tp, iterations, distributed="ddp"):
     counts["engine_calls"] = list(engine.calls) if engine is not None else None
     with open(os.path.join(out, f"counts-{rank}.json"), "w") as handle:
         json.dump(counts, handle)
+    if backend != "vllm":  # else the colocated engine's shutdown at exit ends it (vLLM's cleanup)
+        leave_process_group()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import gapfix.methods.bash as bash
 from gapfix.data import encode_example, math_task
 from gapfix.methods.rac import RAC
 from gapfix.models import tiny_llama
-from gapfix.trainer import train
+from gapfix.trainer import leave_process_group, train
 
 
 def main(out, method, strategy="ddp"):
@@ -50,6 +50,7 @@ def main(out, method, strategy="ddp"):
         json.dump(counts, handle)
     if method == "rac" and rank == 0:  # the mixed rows as one list, as one file: the pre-sharding path
         write_mixed_reference(out, examples)
+    leave_process_group()
 
 
 def write_mixed_reference(out, examples):
