@@ -331,7 +331,7 @@ def run(args) -> int:
     from gapfix.data import check_input_file
     from gapfix.eval_cli import scoring_args
     from gapfix.threads import apply_threads, quiet_third_party
-    from gapfix.trainer import train
+    from gapfix.trainer import leave_process_group, train
 
     config = config_from_args(args)
     apply_threads(args.threads)
@@ -398,7 +398,5 @@ def run(args) -> int:
         with open_file(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(json.dumps(summary))
-    from gapfix.trainer import leave_process_group
-
     leave_process_group()
     return 0
